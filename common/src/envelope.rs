@@ -1,0 +1,232 @@
+//! The batch envelope: one AMQP message carries one batch of records.
+//!
+//! The body is MessagePack with named fields (rmp-serde), so that a field added in a later
+//! version is ignored by older readers and the format is readable from any language.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The envelope format this build writes and reads.
+pub const FORMAT_VERSION: u16 = 1;
+
+/// MIME type of the body, set as the message's `content_type`.
+pub const CONTENT_TYPE: &str = "application/msgpack";
+
+/// Default limit on a message body; larger batches are split by the producer and refused by
+/// the worker (dead-lettered). RabbitMQ's own limit is far higher, but a message this big
+/// already holds a worker's core for too long.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Header that counts attempts: 1 for the first delivery of a batch, +1 for each retry.
+pub const HEADER_ATTEMPT: &str = "x-taskmill-attempt";
+/// Dead-letter header: the error text.
+pub const HEADER_ERROR: &str = "x-taskmill-error";
+/// Dead-letter header: the error kind (see `DeadKind`).
+pub const HEADER_ERROR_KIND: &str = "x-taskmill-error-kind";
+/// Dead-letter header: attempts made before the batch was given up.
+pub const HEADER_ATTEMPTS: &str = "x-taskmill-attempts";
+/// Dead-letter header: the work queue the batch came from (full name).
+pub const HEADER_ORIGINAL_QUEUE: &str = "x-taskmill-original-queue";
+/// Dead-letter header: when it was dead-lettered, in ms since the epoch.
+pub const HEADER_DEAD_AT: &str = "x-taskmill-dead-at-ms";
+
+/// One batch of records for one task, as published by the producer.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// Format version; a reader refuses versions it does not know.
+    pub v: u16,
+    /// Job this batch belongs to.
+    pub job: String,
+    /// Sequence number of the batch within its job, from 0.
+    pub batch: u64,
+    /// Name of the task that analyses the records.
+    pub task: String,
+    /// Task parameters, as given with `--param KEY=VALUE`.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    /// The records: arbitrary JSON-like values.
+    pub records: Vec<Value>,
+    /// When the batch was created, in ms since the epoch (for latency figures).
+    pub created_ms: u64,
+}
+
+/// Why a message body could not be turned into an envelope.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The body is larger than the configured limit.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Body size in bytes.
+        size: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// The body is not a MessagePack envelope (garbage, a missing field, a wrong type).
+    #[error("undecodable message: {0}")]
+    Malformed(String),
+    /// The envelope was written by a format version this worker does not read.
+    #[error("unsupported envelope version {0} (this build reads version {FORMAT_VERSION})")]
+    UnsupportedVersion(u16),
+}
+
+/// The minimal header read first, so that a future version with other fields is reported as
+/// such rather than as malformed.
+#[derive(Deserialize)]
+struct VersionOnly {
+    v: u16,
+}
+
+impl Envelope {
+    /// Message id: stable across redeliveries and retries.
+    pub fn message_id(&self) -> String {
+        message_id(&self.job, self.batch)
+    }
+}
+
+/// `"{job}:{batch}"`, the AMQP message id of a batch.
+pub fn message_id(job: &str, batch: u64) -> String {
+    format!("{job}:{batch}")
+}
+
+/// Splits a message id back into job and batch, for messages whose body cannot be decoded.
+pub fn parse_message_id(id: &str) -> Option<(String, u64)> {
+    let (job, batch) = id.rsplit_once(':')?;
+    if job.is_empty() {
+        return None;
+    }
+    Some((job.to_string(), batch.parse().ok()?))
+}
+
+/// Encodes an envelope as MessagePack with named fields.
+pub fn encode(envelope: &Envelope) -> Vec<u8> {
+    // Serialising a struct of strings, maps and JSON values into a Vec cannot fail:
+    // serde_json::Value never fails to serialise and the writer is infallible.
+    rmp_serde::to_vec_named(envelope).unwrap_or_default()
+}
+
+/// Decodes a message body, checking its size and version.
+pub fn decode(body: &[u8], max_bytes: usize) -> Result<Envelope, DecodeError> {
+    if body.len() > max_bytes {
+        return Err(DecodeError::TooLarge {
+            size: body.len(),
+            limit: max_bytes,
+        });
+    }
+    let head: VersionOnly =
+        rmp_serde::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if head.v != FORMAT_VERSION {
+        return Err(DecodeError::UnsupportedVersion(head.v));
+    }
+    rmp_serde::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn sample() -> Envelope {
+        Envelope {
+            v: FORMAT_VERSION,
+            job: "j1".into(),
+            batch: 7,
+            task: "post-stats".into(),
+            params: BTreeMap::from([("k".to_string(), "v".to_string())]),
+            records: vec![json!({"title": "a", "body": "b", "n": [1, 2.5, null, true]})],
+            created_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let e = sample();
+        assert_eq!(decode(&encode(&e), usize::MAX), Ok(e));
+    }
+
+    #[test]
+    fn too_large_is_refused() {
+        let bytes = encode(&sample());
+        let err = decode(&bytes, 10).unwrap_err();
+        assert!(matches!(err, DecodeError::TooLarge { limit: 10, .. }));
+    }
+
+    #[test]
+    fn other_version_is_refused() {
+        let mut e = sample();
+        e.v = 99;
+        let bytes = rmp_serde::to_vec_named(&e).unwrap();
+        assert_eq!(
+            decode(&bytes, usize::MAX),
+            Err(DecodeError::UnsupportedVersion(99))
+        );
+    }
+
+    #[test]
+    fn missing_field_is_malformed() {
+        #[derive(Serialize)]
+        struct Partial {
+            v: u16,
+            job: String,
+        }
+        let bytes = rmp_serde::to_vec_named(&Partial {
+            v: 1,
+            job: "x".into(),
+        })
+        .unwrap();
+        assert!(matches!(
+            decode(&bytes, usize::MAX),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn message_ids() {
+        assert_eq!(parse_message_id("abc:12"), Some(("abc".into(), 12)));
+        assert_eq!(parse_message_id("a:b:3"), Some(("a:b".into(), 3)));
+        assert_eq!(parse_message_id("abc"), None);
+        assert_eq!(parse_message_id(":3"), None);
+        assert_eq!(parse_message_id("abc:x"), None);
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1e12f64..1e12).prop_map(Value::from),
+            ".{0,20}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,8}", inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn codec_round_trips(
+            job in "[a-z0-9-]{1,40}",
+            batch in any::<u64>(),
+            task in "[a-z-]{1,20}",
+            params in prop::collection::btree_map(".{0,10}", ".{0,10}", 0..5),
+            records in prop::collection::vec(json_value(), 0..20),
+            created_ms in any::<u64>(),
+        ) {
+            let e = Envelope { v: FORMAT_VERSION, job, batch, task, params, records, created_ms };
+            prop_assert_eq!(decode(&encode(&e), usize::MAX), Ok(e));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&bytes, 1024);
+        }
+    }
+}

@@ -1,0 +1,569 @@
+//! Jobs and results in Redis.
+//!
+//! All keys live under `{ns}:` and expire after the result TTL:
+//! - `{ns}:job:{job}` hash: state, task, counters and times (see [`NUMERIC_FIELDS`]);
+//! - `{ns}:job:{job}:results` hash: batch number → result (JSON text);
+//! - `{ns}:job:{job}:dead` hash: batch number → why it was dead-lettered (JSON text);
+//! - `{ns}:jobs` sorted set: job ids by creation time.
+//!
+//! Every change to a job is one Lua script, so that it is atomic and idempotent: a result is
+//! stored with `HSETNX`, and the counters move only when that stored something. A batch that is
+//! delivered twice therefore never counts twice.
+
+use std::collections::BTreeMap;
+
+use redis::aio::ConnectionManager;
+use serde_json::{json, Map, Value};
+
+use crate::config::redact;
+
+/// Fields of the job hash whose values are numbers.
+pub const NUMERIC_FIELDS: &[&str] = &[
+    "batches_total",
+    "batches_published",
+    "batches_done",
+    "batches_dead",
+    "records_total",
+    "records_done",
+    "records_invalid",
+    "retries",
+    "sources_failed",
+    "created_ms",
+    "started_ms",
+    "finished_ms",
+];
+
+/// Fields of the job hash that hold JSON text.
+const JSON_FIELDS: &[&str] = &["params", "problems"];
+
+/// Lua: decides whether a job is finished and sets its state and finish time.
+/// Expects `job` (key) and `now` (ms) in scope.
+const FINISH_LUA: &str = r#"
+local function finish(job, now)
+  local f = redis.call('HMGET', job, 'batches_total', 'batches_done', 'batches_dead', 'state')
+  if not f[1] then return end
+  local total = tonumber(f[1])
+  local done = tonumber(f[2] or '0')
+  local dead = tonumber(f[3] or '0')
+  if f[4] == 'cancelled' then return end
+  local state = f[4]
+  if done + dead >= total then
+    if dead > 0 then state = 'completed_with_errors' else state = 'completed' end
+  elseif done + dead > 0 then
+    state = 'running'
+  end
+  if state ~= f[4] then
+    redis.call('HSET', job, 'state', state)
+    if state == 'completed' or state == 'completed_with_errors' then
+      redis.call('HSET', job, 'finished_ms', now)
+    end
+  end
+end
+local function expire_all(ttl)
+  for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
+end
+"#;
+
+/// Lua: store one batch's result once and move the counters.
+/// KEYS: job, results, dead. ARGV: batch, result, records_done, records_invalid, now, ttl.
+/// Returns 1 when stored, 0 when the batch was already done.
+const RECORD_DONE_LUA: &str = r#"
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
+if redis.call('HDEL', KEYS[3], ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'batches_dead', -1)
+end
+redis.call('HINCRBY', KEYS[1], 'batches_done', 1)
+redis.call('HINCRBY', KEYS[1], 'records_done', ARGV[3])
+if ARGV[4] ~= '0' then redis.call('HINCRBY', KEYS[1], 'records_invalid', ARGV[4]) end
+redis.call('HSETNX', KEYS[1], 'started_ms', ARGV[5])
+if redis.call('HGET', KEYS[1], 'state') == 'pending' then
+  redis.call('HSET', KEYS[1], 'state', 'running')
+end
+finish(KEYS[1], ARGV[5])
+expire_all(ARGV[6])
+return 1
+"#;
+
+/// Lua: mark one batch dead once. KEYS: job, results, dead. ARGV: batch, reason, now, ttl.
+/// Returns 1 when marked, 0 when it was already done or already dead.
+const RECORD_DEAD_LUA: &str = r#"
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'batches_dead', 1)
+redis.call('HSETNX', KEYS[1], 'started_ms', ARGV[3])
+finish(KEYS[1], ARGV[3])
+expire_all(ARGV[4])
+return 1
+"#;
+
+/// Lua: publishing ended. KEYS: job. ARGV: batches_total, records_total, records_invalid,
+/// sources_failed, problems, now, ttl.
+const FINISH_PUBLISHING_LUA: &str = r#"
+redis.call('HSET', KEYS[1], 'batches_total', ARGV[1], 'batches_published', ARGV[1],
+  'records_total', ARGV[2], 'sources_failed', ARGV[4], 'problems', ARGV[5])
+if ARGV[3] ~= '0' then redis.call('HINCRBY', KEYS[1], 'records_invalid', ARGV[3]) end
+finish(KEYS[1], ARGV[6])
+expire_all(ARGV[7])
+return 1
+"#;
+
+/// Lua: register a new job unless the id is taken. KEYS: job, jobs. ARGV: id, task, queue,
+/// params, now, ttl. Returns 1 when registered, 0 when the id already exists.
+const REGISTER_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'pending', 'task', ARGV[2], 'queue', ARGV[3],
+  'params', ARGV[4], 'created_ms', ARGV[5], 'batches_published', 0, 'batches_done', 0,
+  'batches_dead', 0, 'records_total', 0, 'records_done', 0, 'records_invalid', 0,
+  'retries', 0, 'sources_failed', 0)
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+return 1
+"#;
+
+/// Errors talking to Redis.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Redis could not be reached or answered with an error.
+    #[error("Redis at {url}: {source}")]
+    Redis {
+        /// The URL without its password.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// A job id given by the user is taken.
+    #[error("job {0} already exists; choose another --job id")]
+    JobExists(String),
+}
+
+impl StoreError {
+    /// True when retrying later may succeed (connection trouble, a restarting server).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Redis { source, .. } => {
+                source.is_io_error()
+                    || source.is_connection_dropped()
+                    || source.is_connection_refusal()
+                    || source.is_timeout()
+                    || source.code() == Some("LOADING")
+                    || source.code() == Some("NOSCRIPT")
+            }
+            StoreError::JobExists(_) => false,
+        }
+    }
+}
+
+/// The key names of one namespace.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    ns: String,
+}
+
+impl Keys {
+    /// Keys under namespace `ns`.
+    pub fn new(ns: &str) -> Self {
+        Self { ns: ns.into() }
+    }
+    /// The job hash.
+    pub fn job(&self, job: &str) -> String {
+        format!("{}:job:{job}", self.ns)
+    }
+    /// Batch number → result.
+    pub fn results(&self, job: &str) -> String {
+        format!("{}:job:{job}:results", self.ns)
+    }
+    /// Batch number → dead-letter reason.
+    pub fn dead(&self, job: &str) -> String {
+        format!("{}:job:{job}:dead", self.ns)
+    }
+    /// Job ids by creation time.
+    pub fn jobs(&self) -> String {
+        format!("{}:jobs", self.ns)
+    }
+}
+
+/// A new job, as the producer registers it before its first batch.
+#[derive(Debug, Clone)]
+pub struct NewJob<'a> {
+    /// Job id.
+    pub id: &'a str,
+    /// Task name.
+    pub task: &'a str,
+    /// Short name of the work queue.
+    pub queue: &'a str,
+    /// Task parameters.
+    pub params: &'a BTreeMap<String, String>,
+}
+
+/// What the producer knows once publishing has ended.
+#[derive(Debug, Clone, Default)]
+pub struct PublishTotals {
+    /// Batches published (and confirmed).
+    pub batches: u64,
+    /// Records in those batches.
+    pub records: u64,
+    /// Records the producer skipped (unparseable, not an object, too large).
+    pub records_invalid: u64,
+    /// Sources (URLs, files) that could not be read at all.
+    pub sources_failed: u64,
+    /// The first few problems, one sentence each, with source and line.
+    pub problems: Vec<String>,
+}
+
+/// One batch's outcome to store.
+#[derive(Debug, Clone)]
+pub struct DoneBatch {
+    /// Job id.
+    pub job: String,
+    /// Batch number.
+    pub batch: u64,
+    /// The task's result, as JSON text.
+    pub result: String,
+    /// Records the task used.
+    pub records_done: u64,
+    /// Records the task skipped.
+    pub records_invalid: u64,
+}
+
+/// A job's hash as read from Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobStatus {
+    /// Job id.
+    pub job: String,
+    /// The raw fields.
+    pub fields: BTreeMap<String, String>,
+}
+
+impl JobStatus {
+    /// A numeric field, 0 when absent.
+    pub fn num(&self, field: &str) -> u64 {
+        self.fields
+            .get(field)
+            .and_then(|v| v.parse::<i64>().ok())
+            .map(|v| v.max(0) as u64)
+            .unwrap_or(0)
+    }
+    /// A numeric field that may be unknown yet (e.g. `batches_total`).
+    pub fn opt_num(&self, field: &str) -> Option<u64> {
+        self.fields.get(field).and_then(|v| v.parse().ok())
+    }
+    /// The state: pending, running, completed, completed_with_errors or cancelled.
+    pub fn state(&self) -> &str {
+        self.fields.get("state").map(String::as_str).unwrap_or("")
+    }
+    /// The task name.
+    pub fn task(&self) -> &str {
+        self.fields.get("task").map(String::as_str).unwrap_or("")
+    }
+    /// Finished: completed, completed with errors, or cancelled.
+    pub fn is_finished(&self) -> bool {
+        matches!(
+            self.state(),
+            "completed" | "completed_with_errors" | "cancelled"
+        )
+    }
+    /// The problems the producer reported (first few).
+    pub fn problems(&self) -> Vec<String> {
+        self.fields
+            .get("problems")
+            .and_then(|p| serde_json::from_str(p).ok())
+            .unwrap_or_default()
+    }
+    /// The hash as one JSON object: numbers as numbers, JSON fields parsed, plus `job`.
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("job".into(), json!(self.job));
+        for (k, v) in &self.fields {
+            let value = if NUMERIC_FIELDS.contains(&k.as_str()) {
+                v.parse::<i64>().map(Value::from).unwrap_or(json!(v))
+            } else if JSON_FIELDS.contains(&k.as_str()) {
+                serde_json::from_str(v).unwrap_or(json!(v))
+            } else {
+                json!(v)
+            };
+            m.insert(k.clone(), value);
+        }
+        Value::Object(m)
+    }
+}
+
+/// The Lua scripts, built once.
+struct Scripts {
+    done: redis::Script,
+    dead: redis::Script,
+    finish_publishing: redis::Script,
+    register: redis::Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let with_finish = |body: &str| redis::Script::new(&format!("{FINISH_LUA}\n{body}"));
+        Self {
+            done: with_finish(RECORD_DONE_LUA),
+            dead: with_finish(RECORD_DEAD_LUA),
+            finish_publishing: with_finish(FINISH_PUBLISHING_LUA),
+            register: redis::Script::new(REGISTER_LUA),
+        }
+    }
+}
+
+/// A handle on one namespace's jobs in Redis. Cheap to clone; reconnects by itself.
+#[derive(Clone)]
+pub struct Store {
+    con: ConnectionManager,
+    keys: Keys,
+    ttl: u64,
+    url: String,
+    scripts: std::sync::Arc<Scripts>,
+}
+
+impl Store {
+    /// Connects to Redis at `url`, for namespace `ns`, keys expiring after `ttl` seconds.
+    pub async fn connect(url: &str, ns: &str, ttl: u64) -> Result<Self, StoreError> {
+        let err = |source| StoreError::Redis {
+            url: redact(url),
+            source,
+        };
+        let client = redis::Client::open(url).map_err(err)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(3)
+            .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(30)));
+        let con = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(err)?;
+        let store = Self {
+            con,
+            keys: Keys::new(ns),
+            ttl: ttl.max(1),
+            url: redact(url),
+            scripts: std::sync::Arc::new(Scripts::new()),
+        };
+        store.load_scripts().await?;
+        Ok(store)
+    }
+
+    /// The key names in use.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    fn err(&self, source: redis::RedisError) -> StoreError {
+        StoreError::Redis {
+            url: self.url.clone(),
+            source,
+        }
+    }
+
+    /// Loads the scripts, so that pipelines can call them by hash (again after a Redis restart).
+    pub async fn load_scripts(&self) -> Result<(), StoreError> {
+        let mut con = self.con.clone();
+        for s in [
+            &self.scripts.done,
+            &self.scripts.dead,
+            &self.scripts.finish_publishing,
+            &self.scripts.register,
+        ] {
+            s.load_async(&mut con).await.map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Registers a job; fails when its id is taken.
+    pub async fn register_job(&self, job: &NewJob<'_>) -> Result<(), StoreError> {
+        let params = serde_json::to_string(job.params).unwrap_or_else(|_| "{}".into());
+        let mut con = self.con.clone();
+        let created: i64 = self
+            .scripts
+            .register
+            .key(self.keys.job(job.id))
+            .key(self.keys.jobs())
+            .arg(job.id)
+            .arg(job.task)
+            .arg(job.queue)
+            .arg(params)
+            .arg(crate::now_ms())
+            .arg(self.ttl)
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        if created == 0 {
+            return Err(StoreError::JobExists(job.id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Records how many batches are confirmed so far (progress while publishing).
+    pub async fn set_published(&self, job: &str, batches: u64) -> Result<(), StoreError> {
+        let mut con = self.con.clone();
+        redis::cmd("HSET")
+            .arg(self.keys.job(job))
+            .arg("batches_published")
+            .arg(batches)
+            .query_async::<()>(&mut con)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Publishing ended: sets the totals, which may finish the job at once.
+    pub async fn finish_publishing(
+        &self,
+        job: &str,
+        totals: &PublishTotals,
+    ) -> Result<(), StoreError> {
+        let problems = serde_json::to_string(&totals.problems).unwrap_or_else(|_| "[]".into());
+        let mut con = self.con.clone();
+        self.scripts
+            .finish_publishing
+            .key(self.keys.job(job))
+            .arg(totals.batches)
+            .arg(totals.records)
+            .arg(totals.records_invalid)
+            .arg(totals.sources_failed)
+            .arg(problems)
+            .arg(crate::now_ms())
+            .arg(self.ttl)
+            .invoke_async::<i64>(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Stores many batches' results in one round trip. Returns, for each, whether it was new
+    /// (false: a redelivered batch whose result was already stored).
+    pub async fn record_done_many(&self, batches: &[DoneBatch]) -> Result<Vec<bool>, StoreError> {
+        if batches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = crate::now_ms();
+        let mut pipe = redis::pipe();
+        for b in batches {
+            pipe.cmd("EVALSHA")
+                .arg(self.scripts.done.get_hash())
+                .arg(3)
+                .arg(self.keys.job(&b.job))
+                .arg(self.keys.results(&b.job))
+                .arg(self.keys.dead(&b.job))
+                .arg(b.batch)
+                .arg(&b.result)
+                .arg(b.records_done)
+                .arg(b.records_invalid)
+                .arg(now)
+                .arg(self.ttl);
+        }
+        let flags: Vec<i64> = self.query_with_scripts(&pipe).await?;
+        Ok(flags.into_iter().map(|f| f == 1).collect())
+    }
+
+    /// Marks a batch dead with its reason. Returns false when it was already done or dead.
+    pub async fn record_dead(
+        &self,
+        job: &str,
+        batch: u64,
+        reason: &Value,
+    ) -> Result<bool, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVALSHA")
+            .arg(self.scripts.dead.get_hash())
+            .arg(3)
+            .arg(self.keys.job(job))
+            .arg(self.keys.results(job))
+            .arg(self.keys.dead(job))
+            .arg(batch)
+            .arg(reason.to_string())
+            .arg(crate::now_ms())
+            .arg(self.ttl);
+        let flags: Vec<i64> = self.query_with_scripts(&pipe).await?;
+        Ok(flags.first() == Some(&1))
+    }
+
+    /// Runs a pipeline of EVALSHA calls, loading the scripts again if Redis lost them.
+    async fn query_with_scripts<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        let mut con = self.con.clone();
+        match pipe.query_async(&mut con).await {
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                self.load_scripts().await?;
+                pipe.query_async(&mut con).await.map_err(|e| self.err(e))
+            }
+            other => other.map_err(|e| self.err(e)),
+        }
+    }
+
+    /// A job's status, or None when no such job is known (or it expired).
+    pub async fn job_status(&self, job: &str) -> Result<Option<JobStatus>, StoreError> {
+        let mut con = self.con.clone();
+        let fields: BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.keys.job(job))
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(JobStatus {
+            job: job.to_string(),
+            fields,
+        }))
+    }
+
+    /// All stored batch results of a job, by batch number.
+    pub async fn results(&self, job: &str) -> Result<Vec<(u64, Value)>, StoreError> {
+        let mut con = self.con.clone();
+        let raw: BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.keys.results(job))
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out: Vec<(u64, Value)> = raw
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let batch = k.parse().ok()?;
+                Some((batch, serde_json::from_str(&v).unwrap_or(Value::String(v))))
+            })
+            .collect();
+        out.sort_by_key(|(b, _)| *b);
+        Ok(out)
+    }
+
+    /// Why each dead batch of a job died, by batch number.
+    pub async fn dead_batches(&self, job: &str) -> Result<Vec<(u64, Value)>, StoreError> {
+        let mut con = self.con.clone();
+        let raw: BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.keys.dead(job))
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out: Vec<(u64, Value)> = raw
+            .into_iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    k.parse().ok()?,
+                    serde_json::from_str(&v).unwrap_or(Value::String(v)),
+                ))
+            })
+            .collect();
+        out.sort_by_key(|(b, _)| *b);
+        Ok(out)
+    }
+
+    /// Job ids, oldest first, with their creation time in ms.
+    pub async fn jobs(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut con = self.con.clone();
+        let raw: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(self.keys.jobs())
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(raw.into_iter().map(|(j, s)| (j, s as u64)).collect())
+    }
+}

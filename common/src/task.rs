@@ -1,0 +1,128 @@
+//! Tasks: named, pure functions from (params, records) to a JSON result, with an aggregate
+//! that folds batch results into a job summary.
+//!
+//! To add a task, implement [`Task`] in one file and register it in your own worker's
+//! [`Registry`] (see `tasks/` for the built-in ones).
+
+use std::{collections::BTreeMap, collections::HashMap, sync::Arc};
+
+use serde_json::Value;
+
+/// What a task knows about the batch it runs on.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskContext<'a> {
+    /// Task parameters from `--param KEY=VALUE`.
+    pub params: &'a BTreeMap<String, String>,
+    /// Job id.
+    pub job: &'a str,
+    /// Batch number within the job.
+    pub batch: u64,
+    /// Attempt number, 1 for the first.
+    pub attempt: u32,
+}
+
+impl TaskContext<'_> {
+    /// A parameter parsed as `T`, or `default` when absent; an unparseable value is a
+    /// permanent error (retrying cannot fix it).
+    pub fn param<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, TaskError> {
+        match self.params.get(key) {
+            None => Ok(default),
+            Some(raw) => raw
+                .trim()
+                .parse()
+                .map_err(|_| TaskError::Permanent(format!("parameter {key}={raw:?} is not valid"))),
+        }
+    }
+}
+
+/// A batch's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskOutput {
+    /// The result stored for the batch.
+    pub result: Value,
+    /// Records the task used.
+    pub records_done: u64,
+    /// Records the task could not use and skipped.
+    pub records_invalid: u64,
+}
+
+/// How a task failed, which tells the worker what to do with the batch.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TaskError {
+    /// Might succeed later: the batch is retried.
+    #[error("{0}")]
+    Transient(String),
+    /// Will never succeed: the batch is dead-lettered at once.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// A named analysis. Implementations must be pure: the same batch gives the same result, so
+/// that a redelivered batch stores what the first delivery would have.
+pub trait Task: Send + Sync + 'static {
+    /// The name that `--task` selects.
+    fn name(&self) -> &'static str;
+
+    /// Analyses one batch. Runs on a rayon thread; may use rayon inside.
+    fn run(&self, ctx: &TaskContext<'_>, records: &[Value]) -> Result<TaskOutput, TaskError>;
+
+    /// Folds the batch results of a job (in batch order) into its summary.
+    fn aggregate(&self, results: &[Value]) -> Value;
+}
+
+/// Tasks by name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    tasks: HashMap<&'static str, Arc<dyn Task>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The built-in tasks: `post-stats`, `text-stats`, `similarity`, `chaos`.
+    pub fn builtin() -> Self {
+        let mut r = Self::new();
+        r.register(crate::tasks::post_stats::PostStats);
+        r.register(crate::tasks::text_stats::TextStats);
+        r.register(crate::tasks::similarity::Similarity);
+        r.register(crate::tasks::chaos::Chaos);
+        r
+    }
+
+    /// Adds (or replaces) a task.
+    pub fn register(&mut self, task: impl Task) -> &mut Self {
+        self.tasks.insert(task.name(), Arc::new(task));
+        self
+    }
+
+    /// The task called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<dyn Task>> {
+        self.tasks.get(name).cloned()
+    }
+
+    /// Names of all tasks, sorted.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut v: Vec<_> = self.tasks.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// A string field of a JSON object record.
+pub fn str_field<'a>(record: &'a Value, field: &str) -> Option<&'a str> {
+    record.get(field)?.as_str()
+}
+
+/// A number from a result object, 0 when absent.
+pub fn f64_of(v: &Value, field: &str) -> f64 {
+    v.get(field).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+/// An unsigned integer from a result object, 0 when absent.
+pub fn u64_of(v: &Value, field: &str) -> u64 {
+    v.get(field).and_then(Value::as_u64).unwrap_or(0)
+}

@@ -1,0 +1,117 @@
+//! `chaos`: a task for testing a deployment's failure handling.
+//!
+//! Params: `fail_rate` (0..1, default 0), `fail` (`transient`, `permanent` or `panic`; default
+//! `transient`), `sleep_ms` (per batch), `spin_us` (CPU per record), `seed`. Whether an attempt
+//! fails is a pure function of seed, job, batch and attempt ([`fails`]), so that a test can
+//! predict which batches fail and how often.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::similarity::mix;
+use crate::task::{u64_of, Task, TaskContext, TaskError, TaskOutput};
+
+/// The `chaos` task.
+pub struct Chaos;
+
+/// A number in [0, 1) drawn from seed, job, batch and attempt.
+pub fn draw(seed: u64, job: &str, batch: u64, attempt: u32) -> f64 {
+    // FNV-1a over the job id, then mixed with the rest.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in job.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let x = mix(mix(mix(h ^ seed) ^ batch) ^ u64::from(attempt));
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Whether this attempt of this batch fails, for the given seed and rate.
+pub fn fails(fail_rate: f64, seed: u64, job: &str, batch: u64, attempt: u32) -> bool {
+    draw(seed, job, batch, attempt) < fail_rate
+}
+
+impl Task for Chaos {
+    fn name(&self) -> &'static str {
+        "chaos"
+    }
+
+    fn run(&self, ctx: &TaskContext<'_>, records: &[Value]) -> Result<TaskOutput, TaskError> {
+        let fail_rate: f64 = ctx.param("fail_rate", 0.0)?;
+        let seed: u64 = ctx.param("seed", 0)?;
+        let sleep_ms: u64 = ctx.param("sleep_ms", 0)?;
+        let spin_us: u64 = ctx.param("spin_us", 0)?;
+        let kind = ctx
+            .params
+            .get("fail")
+            .map(String::as_str)
+            .unwrap_or("transient");
+        if sleep_ms > 0 {
+            // Deliberately holds this rayon thread, as a slow task would.
+            std::thread::sleep(Duration::from_millis(sleep_ms));
+        }
+        if spin_us > 0 {
+            let until = Instant::now() + Duration::from_micros(spin_us * records.len() as u64);
+            let mut x = 0u64;
+            while Instant::now() < until {
+                x = std::hint::black_box(mix(x));
+            }
+        }
+        if fails(fail_rate, seed, ctx.job, ctx.batch, ctx.attempt) {
+            let msg = format!(
+                "chaos: batch {} attempt {} fails (seed {seed}, rate {fail_rate})",
+                ctx.batch, ctx.attempt
+            );
+            return match kind {
+                "permanent" => Err(TaskError::Permanent(msg)),
+                "panic" => panic!("{msg}"),
+                "transient" => Err(TaskError::Transient(msg)),
+                other => Err(TaskError::Permanent(format!(
+                    "chaos: fail={other:?} is not one of transient, permanent, panic"
+                ))),
+            };
+        }
+        Ok(TaskOutput {
+            result: json!({"records": records.len(), "attempt": ctx.attempt}),
+            records_done: records.len() as u64,
+            records_invalid: 0,
+        })
+    }
+
+    fn aggregate(&self, results: &[Value]) -> Value {
+        let records: u64 = results.iter().map(|r| u64_of(r, "records")).sum();
+        json!({"records": records, "batches": results.len()})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_are_deterministic_and_spread() {
+        assert_eq!(draw(1, "job", 3, 1), draw(1, "job", 3, 1));
+        assert_ne!(draw(1, "job", 3, 1), draw(1, "job", 3, 2));
+        let n = 10_000;
+        let failing = (0..n).filter(|&b| fails(0.3, 7, "job", b, 1)).count();
+        assert!((2_700..3_300).contains(&failing), "{failing}");
+    }
+
+    #[test]
+    fn fails_as_predicted() {
+        let params = [("fail_rate", "0.5"), ("seed", "9"), ("fail", "permanent")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for batch in 0..50 {
+            let ctx = TaskContext {
+                params: &params,
+                job: "j",
+                batch,
+                attempt: 1,
+            };
+            let res = Chaos.run(&ctx, &[json!(1)]);
+            assert_eq!(res.is_err(), fails(0.5, 9, "j", batch, 1));
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! `post-stats`: the reference analysis of posts with a `title` and a `body`.
+//!
+//! Titles are trimmed of white space. Per batch and per job:
+//! - `avg_title_length`: mean title length in characters;
+//! - `max_body_length`: longest body in characters;
+//! - `title_entropy`: mean over records of (distinct characters in the lower-cased title /
+//!   title length), 0 for an empty title;
+//! - `processed_count`: records used.
+//!
+//! A batch result also carries the exact sums (`title_chars`, `title_entropy_sum`) so that the
+//! job summary weighs every record equally, however the records fell into batches.
+
+use std::collections::HashSet;
+
+use serde_json::{json, Value};
+
+use crate::task::{f64_of, str_field, u64_of, Task, TaskContext, TaskError, TaskOutput};
+
+/// The `post-stats` task.
+pub struct PostStats;
+
+/// Figures for one post, or None when it lacks a string title or body.
+fn post_figures(record: &Value) -> Option<(u64, u64, f64)> {
+    let title = str_field(record, "title")?.trim();
+    let body = str_field(record, "body")?;
+    let title_len = title.chars().count() as u64;
+    let body_len = body.chars().count() as u64;
+    let entropy = if title_len == 0 {
+        0.0
+    } else {
+        let distinct: HashSet<char> = title.to_lowercase().chars().collect();
+        distinct.len() as f64 / title_len as f64
+    };
+    Some((title_len, body_len, entropy))
+}
+
+fn figures(count: u64, title_chars: u64, max_body: u64, entropy_sum: f64) -> Value {
+    let mean = |x: f64| if count == 0 { 0.0 } else { x / count as f64 };
+    json!({
+        "avg_title_length": mean(title_chars as f64),
+        "max_body_length": max_body,
+        "title_entropy": mean(entropy_sum),
+        "processed_count": count,
+        "title_chars": title_chars,
+        "title_entropy_sum": entropy_sum,
+    })
+}
+
+impl Task for PostStats {
+    fn name(&self) -> &'static str {
+        "post-stats"
+    }
+
+    fn run(&self, _ctx: &TaskContext<'_>, records: &[Value]) -> Result<TaskOutput, TaskError> {
+        let (mut count, mut title_chars, mut max_body, mut entropy_sum) = (0u64, 0u64, 0u64, 0.0);
+        for (t, b, e) in records.iter().filter_map(post_figures) {
+            count += 1;
+            title_chars += t;
+            max_body = max_body.max(b);
+            entropy_sum += e;
+        }
+        Ok(TaskOutput {
+            result: figures(count, title_chars, max_body, entropy_sum),
+            records_done: count,
+            records_invalid: records.len() as u64 - count,
+        })
+    }
+
+    fn aggregate(&self, results: &[Value]) -> Value {
+        let (mut count, mut title_chars, mut max_body, mut entropy_sum) = (0u64, 0u64, 0u64, 0.0);
+        for r in results {
+            count += u64_of(r, "processed_count");
+            title_chars += u64_of(r, "title_chars");
+            max_body = max_body.max(u64_of(r, "max_body_length"));
+            entropy_sum += f64_of(r, "title_entropy_sum");
+        }
+        figures(count, title_chars, max_body, entropy_sum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn run(records: &[Value]) -> TaskOutput {
+        let params = BTreeMap::new();
+        let ctx = TaskContext {
+            params: &params,
+            job: "j",
+            batch: 0,
+            attempt: 1,
+        };
+        PostStats.run(&ctx, records).unwrap()
+    }
+
+    #[test]
+    fn figures_by_hand() {
+        // "  Hello " trims to "Hello": 5 chars, lower "hello" has {h,e,l,o} = 4 distinct → 0.8.
+        // "abab": 4 chars, 2 distinct → 0.5. "" → length 0, entropy 0.
+        let out = run(&[
+            json!({"title": "  Hello ", "body": "xyz"}),
+            json!({"title": "abab", "body": "a longer body"}),
+            json!({"title": "", "body": ""}),
+        ]);
+        assert_eq!(out.records_done, 3);
+        assert_eq!(out.records_invalid, 0);
+        let r = &out.result;
+        assert_eq!(r["processed_count"], 3);
+        assert_eq!(r["max_body_length"], 13);
+        assert!((f64_of(r, "avg_title_length") - 3.0).abs() < 1e-12); // (5 + 4 + 0) / 3
+        assert!((f64_of(r, "title_entropy") - 1.3 / 3.0).abs() < 1e-12); // (0.8 + 0.5 + 0) / 3
+    }
+
+    #[test]
+    fn counts_characters_not_bytes() {
+        // "Ééé" is 3 characters (6 bytes); lower-cased "ééé" has 1 distinct character.
+        let out = run(&[json!({"title": "Ééé", "body": "ñandú"})]);
+        assert_eq!(out.result["max_body_length"], 5);
+        assert!((f64_of(&out.result, "avg_title_length") - 3.0).abs() < 1e-12);
+        assert!((f64_of(&out.result, "title_entropy") - 1.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn unusable_records_are_skipped() {
+        let out = run(&[
+            json!({"title": "ok", "body": "b"}),
+            json!({"title": 5, "body": "b"}),
+            json!({"body": "no title"}),
+            json!("a string"),
+            json!(null),
+        ]);
+        assert_eq!(out.records_done, 1);
+        assert_eq!(out.records_invalid, 4);
+        assert_eq!(out.result["processed_count"], 1);
+    }
+
+    #[test]
+    fn summary_does_not_depend_on_batching() {
+        let posts: Vec<Value> = (0..37)
+            .map(|i| json!({"title": format!("title number {i}"), "body": "b".repeat(i)}))
+            .collect();
+        let whole = run(&posts).result;
+        let parts: Vec<Value> = posts.chunks(5).map(|c| run(c).result).collect();
+        let summary = PostStats.aggregate(&parts);
+        assert_eq!(summary["processed_count"], 37);
+        assert_eq!(summary["max_body_length"], whole["max_body_length"]);
+        assert_eq!(summary["avg_title_length"], whole["avg_title_length"]);
+        assert!(
+            (f64_of(&summary, "title_entropy") - f64_of(&whole, "title_entropy")).abs() < 1e-12
+        );
+    }
+
+    #[test]
+    fn empty_batch() {
+        let out = run(&[]);
+        assert_eq!(out.result["processed_count"], 0);
+        assert_eq!(out.result["avg_title_length"], 0.0);
+    }
+}

@@ -1,0 +1,141 @@
+//! Names of exchanges and queues, and their declaration.
+//!
+//! Both binaries declare the topology at start and after every reconnect, with identical
+//! arguments, so that whichever starts first creates it and nobody's declaration fails.
+//!
+//! - `{ns}.work`: direct exchange; the producer publishes a batch with the short queue name as
+//!   routing key.
+//! - `{ns}.{queue}`: quorum work queue bound to `{ns}.work`; its dead-letter exchange is
+//!   `{ns}.dlx` and it has a delivery limit, so that a batch that kills worker after worker
+//!   still ends among the dead letters.
+//! - `{ns}.dlx`: fanout exchange of dead letters, bound to the quorum queue `{ns}.dead`.
+
+use lapin::{
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+    Channel, ExchangeKind,
+};
+
+/// Default short name of the work queue.
+pub const DEFAULT_QUEUE: &str = "tasks";
+
+/// How many times the broker delivers a batch before it dead-letters it itself. Counts
+/// deliveries that ended without an ack (a worker died or lost its connection); taskmill's
+/// own retries are new messages and do not count here.
+pub const DELIVERY_LIMIT: i64 = 10;
+
+/// Names of one namespace's broker objects.
+#[derive(Debug, Clone)]
+pub struct Names {
+    /// The namespace prefix.
+    pub ns: String,
+}
+
+impl Names {
+    /// Names under namespace `ns`.
+    pub fn new(ns: &str) -> Self {
+        Self { ns: ns.to_string() }
+    }
+    /// The exchange that producers publish batches to.
+    pub fn work_exchange(&self) -> String {
+        format!("{}.work", self.ns)
+    }
+    /// The full name of work queue `queue`.
+    pub fn queue(&self, queue: &str) -> String {
+        format!("{}.{}", self.ns, queue)
+    }
+    /// The dead-letter exchange.
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dlx", self.ns)
+    }
+    /// The dead-letter queue.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.ns)
+    }
+}
+
+/// Checks a short queue name given on the command line.
+pub fn validate_queue(queue: &str) -> Result<(), String> {
+    crate::config::validate_name("queue name", queue)?;
+    if queue == "dead" || queue == "dlx" || queue == "work" {
+        return Err(format!(
+            "queue name {queue:?} is reserved for taskmill's own use"
+        ));
+    }
+    Ok(())
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    args
+}
+
+/// Declares the exchanges, the dead-letter queue and the given work queues (short names).
+pub async fn declare(channel: &Channel, names: &Names, queues: &[String]) -> lapin::Result<()> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            names.work_exchange().into(),
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            names.dead_exchange().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    let queue_opts = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let dead: ShortString = names.dead_queue().into();
+    channel
+        .queue_declare(dead.clone(), queue_opts, quorum_args())
+        .await?;
+    channel
+        .queue_bind(
+            dead,
+            names.dead_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    for queue in queues {
+        let mut args = quorum_args();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(names.dead_exchange().into()),
+        );
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
+        let full: ShortString = names.queue(queue).into();
+        channel
+            .queue_declare(full.clone(), queue_opts, args)
+            .await?;
+        channel
+            .queue_bind(
+                full,
+                names.work_exchange().into(),
+                queue.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
