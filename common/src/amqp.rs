@@ -33,3 +33,72 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> 
             source,
         })
 }
+
+use lapin::{
+    types::{AMQPValue, FieldTable, ShortString},
+    BasicProperties,
+};
+
+use crate::envelope::{Envelope, CONTENT_TYPE, HEADER_ATTEMPT};
+
+/// Properties of a batch message: persistent, MessagePack, stable message id, creation time,
+/// and the attempt counter.
+pub fn batch_properties(envelope: &Envelope, attempt: u32) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        HEADER_ATTEMPT.into(),
+        AMQPValue::LongLongInt(i64::from(attempt)),
+    );
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(CONTENT_TYPE.into())
+        .with_message_id(ShortString::from(envelope.message_id()))
+        .with_timestamp(envelope.created_ms / 1000)
+        .with_headers(headers)
+}
+
+/// An integer header, whatever integer type the sender chose.
+pub fn header_i64(props: &BasicProperties, name: &str) -> Option<i64> {
+    let value = props.headers().as_ref()?.inner().get(name)?;
+    match value {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+/// A string header.
+pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    let value = props.headers().as_ref()?.inner().get(name)?;
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// The attempt number of a delivered batch (1 when the header is missing).
+pub fn attempt_of(props: &BasicProperties) -> u32 {
+    header_i64(props, HEADER_ATTEMPT)
+        .and_then(|a| u32::try_from(a).ok())
+        .filter(|a| *a >= 1)
+        .unwrap_or(1)
+}
+
+/// A copy of `props` with `extra` headers added (replacing same-named ones).
+pub fn with_extra_headers(
+    props: &BasicProperties,
+    extra: impl IntoIterator<Item = (&'static str, AMQPValue)>,
+) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    for (k, v) in extra {
+        headers.insert(k.into(), v);
+    }
+    props.clone().with_headers(headers)
+}

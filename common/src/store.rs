@@ -459,6 +459,19 @@ impl Store {
         Ok(flags.into_iter().map(|f| f == 1).collect())
     }
 
+    /// Counts one retry of a job's batch.
+    pub async fn add_retry(&self, job: &str) -> Result<(), StoreError> {
+        let mut con = self.con.clone();
+        redis::cmd("HINCRBY")
+            .arg(self.keys.job(job))
+            .arg("retries")
+            .arg(1)
+            .query_async::<i64>(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     /// Marks a batch dead with its reason. Returns false when it was already done or dead.
     pub async fn record_dead(
         &self,

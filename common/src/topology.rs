@@ -52,6 +52,14 @@ impl Names {
     pub fn dead_queue(&self) -> String {
         format!("{}.dead", self.ns)
     }
+    /// The delay queue that holds retries of work queue `queue` for `delay_ms`.
+    pub fn delay_queue(&self, queue: &str, delay_ms: u64) -> String {
+        format!("{}.{}.delay.{}", self.ns, queue, delay_ms)
+    }
+    /// The short queue name of a full work-queue name of this namespace.
+    pub fn short_queue<'a>(&self, full: &'a str) -> Option<&'a str> {
+        full.strip_prefix(self.ns.as_str())?.strip_prefix('.')
+    }
 }
 
 /// Checks a short queue name given on the command line.
@@ -72,6 +80,38 @@ fn quorum_args() -> FieldTable {
         AMQPValue::LongString(LongString::from("quorum")),
     );
     args
+}
+
+/// Declares the delay queue for retries of `queue` after `delay_ms`: a quorum queue whose
+/// TTL moves its messages back to the work queue (at-least-once dead-lettering).
+pub async fn declare_delay_queue(
+    channel: &Channel,
+    names: &Names,
+    queue: &str,
+    delay_ms: u64,
+) -> lapin::Result<String> {
+    let name = names.delay_queue(queue, delay_ms);
+    let mut args = quorum_args();
+    let s = |v: &str| AMQPValue::LongString(LongString::from(v.to_string()));
+    args.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(delay_ms as i64),
+    );
+    args.insert("x-dead-letter-exchange".into(), s(&names.work_exchange()));
+    args.insert("x-dead-letter-routing-key".into(), s(queue));
+    args.insert("x-dead-letter-strategy".into(), s("at-least-once"));
+    args.insert("x-overflow".into(), s("reject-publish"));
+    channel
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await?;
+    Ok(name)
 }
 
 /// Declares the exchanges, the dead-letter queue and the given work queues (short names).

@@ -1,1 +1,69 @@
+//! taskmill-producer: reads records, batches them, publishes them, and reports on jobs.
+//!
+//! # Layout
+//! - [`Cli`] and [`run`]: the command line and its dispatch.
+//! - [`cmd`]: one subcommand a file (`enqueue`, `status`, `wait`, `results`, `jobs`).
+//! - [`sources`]: files, stdin and HTTP, streamed into one bounded channel.
+//! - [`publisher`]: confirm-window publishing with republish on nack, return or reconnect.
 
+pub mod cmd;
+pub mod publisher;
+pub mod sources;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use taskmill_common::{config::ConnArgs, logging::LogFormat};
+
+/// The producer's command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "producer",
+    version,
+    about = "taskmill producer: enqueue jobs and follow them"
+)]
+pub struct Cli {
+    /// Broker, Redis and namespace.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+
+    /// Log format on stderr (`RUST_LOG` sets the filter).
+    #[arg(
+        long,
+        env = "TASKMILL_LOG_FORMAT",
+        value_enum,
+        default_value_t,
+        global = true
+    )]
+    pub log_format: LogFormat,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Read records, batch them and publish them as a new job; prints the job id first.
+    Enqueue(cmd::enqueue::EnqueueArgs),
+    /// Show a job's state, counters and summary.
+    Status(cmd::status::StatusArgs),
+    /// Wait for a job to finish: exit 0 completed, 1 with dead batches, 2 on timeout.
+    Wait(cmd::wait::WaitArgs),
+    /// Print each batch's result.
+    Results(cmd::results::ResultsArgs),
+    /// List the namespace's jobs.
+    Jobs(cmd::jobs::JobsArgs),
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Enqueue(a) => cmd::enqueue::run(&cli.conn, a).await,
+        Command::Status(a) => cmd::status::run(&cli.conn, a).await,
+        Command::Wait(a) => cmd::wait::run(&cli.conn, a).await,
+        Command::Results(a) => cmd::results::run(&cli.conn, a).await,
+        Command::Jobs(a) => cmd::jobs::run(&cli.conn, a).await,
+    }
+}

@@ -1,1 +1,20 @@
-fn main() {}
+//! The `producer` binary: parses the command line, sets up logging, runs one command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use taskmill_common::logging;
+use taskmill_producer::Cli;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format, "warn");
+    match taskmill_producer::run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("producer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,196 @@
+//! taskmill-tests: support for the integration tests, the sample data server and (later) the
+//! benchmark harness.
+//!
+//! # Layout
+//! - [`sample`]: deterministic sample posts and a local HTTP server for them.
+//! - [`TestNs`]: a fresh namespace per test, with helpers to run workers and clean up.
 
+pub mod sample;
+
+use std::{sync::Arc, time::Duration};
+
+use taskmill_common::{
+    config::ConnArgs,
+    store::{JobStatus, Store},
+    task::Registry,
+};
+use taskmill_worker::{Stats, WorkerArgs};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Prefix of every test namespace, so that leftovers are easy to find and remove.
+pub const TEST_PREFIX: &str = "tmt-";
+
+/// A namespace of its own for one test.
+pub struct TestNs {
+    /// The namespace.
+    pub ns: String,
+}
+
+/// A worker running inside the test process.
+pub struct RunningWorker {
+    /// Cancel to make it drain and stop.
+    pub shutdown: CancellationToken,
+    /// What it counted.
+    pub stats: Arc<Stats>,
+    /// Its task.
+    pub handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningWorker {
+    /// Asks the worker to drain and waits until it stopped.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.handle.await?
+    }
+}
+
+impl Default for TestNs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestNs {
+    /// A fresh namespace.
+    pub fn new() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        Self {
+            ns: format!("{TEST_PREFIX}{}", &id[..12]),
+        }
+    }
+
+    /// Connection settings for this namespace on the local services.
+    pub fn conn(&self) -> ConnArgs {
+        ConnArgs::local(&self.ns)
+    }
+
+    /// Worker settings for this namespace.
+    pub fn worker_args(&self) -> WorkerArgs {
+        let mut a = WorkerArgs::local(&self.ns);
+        a.threads = 2;
+        a
+    }
+
+    /// The Redis store of this namespace.
+    pub async fn store(&self) -> Store {
+        Store::connect(&self.conn().redis_url, &self.ns, 3600)
+            .await
+            .expect("Redis on 127.0.0.1:6379")
+    }
+
+    /// Starts a worker with the built-in tasks.
+    pub fn spawn_worker(&self, args: WorkerArgs) -> RunningWorker {
+        let shutdown = CancellationToken::new();
+        let stats = Arc::new(Stats::default());
+        let handle = tokio::spawn(taskmill_worker::run_with_stats(
+            args,
+            Registry::builtin(),
+            shutdown.clone(),
+            stats.clone(),
+        ));
+        RunningWorker {
+            shutdown,
+            stats,
+            handle,
+        }
+    }
+
+    /// Waits until the job is finished; panics after `limit` (a hung test, not a timing check).
+    pub async fn wait_finished(&self, store: &Store, job: &str, limit: Duration) -> JobStatus {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(s) = store.job_status(job).await.expect("job status") {
+                if s.is_finished() {
+                    return s;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    panic!("job {job} did not finish within {limit:?}: {:?}", s.fields);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Deletes this namespace's queues, exchanges and Redis keys.
+    pub async fn cleanup(&self) {
+        cleanup_namespace(&self.ns).await;
+    }
+}
+
+/// Deletes every queue and exchange whose name starts with `prefix` (through the management
+/// API) and every Redis key under it.
+pub async fn cleanup_namespace(prefix: &str) {
+    let client = reqwest_lite::Client::new();
+    for kind in ["queues", "exchanges"] {
+        let Ok(list) = client.get_json(&format!("/api/{kind}/%2f")).await else {
+            continue;
+        };
+        for item in list.as_array().into_iter().flatten() {
+            let Some(name) = item["name"].as_str() else {
+                continue;
+            };
+            if name.starts_with(prefix) {
+                let _ = client
+                    .delete(&format!("/api/{kind}/%2f/{}", urlencode(name)))
+                    .await;
+            }
+        }
+    }
+    if let Ok(client) = redis::Client::open("redis://127.0.0.1:6379/0") {
+        if let Ok(mut con) = client.get_multiplexed_async_connection().await {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}*"))
+                .query_async(&mut con)
+                .await
+                .unwrap_or_default();
+            for chunk in keys.chunks(500) {
+                let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut con).await;
+            }
+        }
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A minimal client for the RabbitMQ management API on 127.0.0.1:15672 (guest/guest).
+mod reqwest_lite {
+    use serde_json::Value;
+
+    pub struct Client {
+        http: reqwest::Client,
+    }
+
+    impl Client {
+        pub fn new() -> Self {
+            Self {
+                http: reqwest::Client::new(),
+            }
+        }
+        pub async fn get_json(&self, path: &str) -> reqwest::Result<Value> {
+            self.http
+                .get(format!("http://127.0.0.1:15672{path}"))
+                .basic_auth("guest", Some("guest"))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await
+        }
+        pub async fn delete(&self, path: &str) -> reqwest::Result<()> {
+            self.http
+                .delete(format!("http://127.0.0.1:15672{path}"))
+                .basic_auth("guest", Some("guest"))
+                .send()
+                .await?;
+            Ok(())
+        }
+    }
+}

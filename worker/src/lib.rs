@@ -1,1 +1,400 @@
+//! taskmill-worker: consumes batches from RabbitMQ and analyses them on all cores.
+//!
+//! # Layout
+//! - [`run`]: connects, declares the topology, consumes; reconnects with backoff when the
+//!   broker connection is lost; drains on shutdown.
+//! - [`analyse`]: decoding and running a task, on the rayon pool (never on tokio's threads).
+//! - `sink`: stores results in Redis (many batches a round trip), publishes retries and dead
+//!   letters with confirms, and acks only what is safely stored or re-published.
+//! - [`retry`]: the retry policy (exponential delays with jitter, held in the broker).
+//!
+//! A delivery flows: consumer stream → rayon (`analyse`, result back by a oneshot) → sink
+//! channel → Redis/broker → ack.
 
+pub mod analyse;
+pub mod retry;
+mod sink;
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use futures::{stream::FuturesUnordered, StreamExt};
+use lapin::{
+    message::Delivery,
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions},
+    types::{FieldTable, ShortString},
+};
+use taskmill_common::{
+    amqp,
+    config::{redact, validate_name, ConnArgs},
+    envelope::DEFAULT_MAX_MESSAGE_BYTES,
+    logging::LogFormat,
+    store::Store,
+    task::Registry,
+    topology::{self, Names},
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    analyse::{analyse, BatchId, Outcome},
+    retry::RetryPolicy,
+};
+
+/// The worker's command line; every flag has an environment variable behind it.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "worker",
+    version,
+    about = "taskmill worker: consumes batches and analyses them on all cores"
+)]
+pub struct WorkerArgs {
+    /// Broker, Redis and namespace.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+
+    /// Work queue to consume (short name; repeat or separate with commas for several).
+    #[arg(
+        long = "queue",
+        env = "TASKMILL_QUEUES",
+        value_delimiter = ',',
+        default_value = "tasks"
+    )]
+    pub queues: Vec<String>,
+
+    /// Unacknowledged batches each consumer may hold (per-consumer QoS).
+    #[arg(long, env = "TASKMILL_PREFETCH", default_value_t = 64)]
+    pub prefetch: u16,
+
+    /// Analysis threads (rayon); 0 means one per core.
+    #[arg(long, env = "TASKMILL_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
+    /// On SIGTERM/SIGINT, how long to finish the batches in hand before giving the rest back
+    /// to the broker, in seconds.
+    #[arg(long, env = "TASKMILL_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    pub shutdown_timeout: u64,
+
+    /// Messages larger than this are dead-lettered unread, in bytes.
+    #[arg(long, env = "TASKMILL_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+
+    /// Retries of transient failures.
+    #[command(flatten)]
+    pub retry: RetryPolicy,
+
+    /// Log format on stderr (`RUST_LOG` sets the filter).
+    #[arg(long, env = "TASKMILL_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+impl WorkerArgs {
+    /// Defaults for the local services under namespace `ns` (tests and tools).
+    pub fn local(ns: &str) -> Self {
+        Self {
+            conn: ConnArgs::local(ns),
+            queues: vec![topology::DEFAULT_QUEUE.into()],
+            prefetch: 64,
+            threads: 0,
+            shutdown_timeout: 30,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            retry: RetryPolicy::default(),
+            log_format: LogFormat::Pretty,
+        }
+    }
+}
+
+/// Counters of what this worker did; shared with whoever started it.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Batches whose result this worker stored.
+    pub batches_done: AtomicU64,
+    /// Batches delivered again whose result was already stored (acked, not counted).
+    pub batches_duplicate: AtomicU64,
+    /// Batches sent to a delay queue for another attempt.
+    pub batches_retried: AtomicU64,
+    /// Batches dead-lettered.
+    pub batches_dead: AtomicU64,
+    /// Records in the batches stored.
+    pub records_done: AtomicU64,
+    /// Sessions started (1 + reconnects).
+    pub sessions: AtomicU64,
+}
+
+impl Stats {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    /// A counter's current value.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// One analysed delivery on its way to the sink.
+pub(crate) struct Processed {
+    /// The delivery (its body moved into `body`), for its properties and acker.
+    delivery: Delivery,
+    /// The body, kept for retries and dead letters.
+    body: Vec<u8>,
+    /// Attempt number from the header.
+    attempt: u32,
+    /// Short name of the work queue it came from.
+    queue: String,
+    /// What the analysis found; None if the analysis thread vanished (requeue).
+    analysed: Option<(BatchId, Outcome)>,
+}
+
+/// What a session needs, shared across reconnects.
+struct Shared {
+    args: WorkerArgs,
+    registry: Registry,
+    pool: Arc<rayon::ThreadPool>,
+    names: Names,
+    stats: Arc<Stats>,
+}
+
+/// Runs a worker until `shutdown` is cancelled, then drains and returns.
+pub async fn run(
+    args: WorkerArgs,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_with_stats(args, registry, shutdown, Arc::new(Stats::default())).await
+}
+
+/// [`run`], counting into `stats`.
+pub async fn run_with_stats(
+    args: WorkerArgs,
+    registry: Registry,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+) -> anyhow::Result<()> {
+    validate_name("namespace", &args.conn.namespace).map_err(anyhow::Error::msg)?;
+    for q in &args.queues {
+        topology::validate_queue(q).map_err(anyhow::Error::msg)?;
+    }
+    if args.prefetch == 0 {
+        anyhow::bail!("--prefetch must be at least 1");
+    }
+    let threads = if args.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        args.threads
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("taskmill-rayon-{i}"))
+        .build()
+        .context("cannot start the analysis thread pool")?;
+    info!(
+        namespace = %args.conn.namespace,
+        queues = ?args.queues,
+        threads,
+        prefetch = args.prefetch,
+        amqp = %redact(&args.conn.amqp_url),
+        redis = %redact(&args.conn.redis_url),
+        "worker starting"
+    );
+    let shared = Shared {
+        names: Names::new(&args.conn.namespace),
+        args,
+        registry,
+        pool: Arc::new(pool),
+        stats,
+    };
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        Stats::add(&shared.stats.sessions, 1);
+        match session(&shared, &shutdown, &mut backoff).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                warn!("worker session ended: {e:#}; reconnecting in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Hands a delivery to the rayon pool and returns the future of its outcome.
+    fn process(
+        &self,
+        queue: String,
+        mut delivery: Delivery,
+    ) -> impl std::future::Future<Output = Processed> {
+        let body = std::mem::take(&mut delivery.data);
+        let attempt = amqp::attempt_of(&delivery.properties);
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string());
+        let registry = self.registry.clone();
+        let max = self.args.max_message_bytes;
+        let (tx, rx) = oneshot::channel();
+        self.pool.spawn(move || {
+            let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                analyse(&registry, &body, message_id.as_deref(), attempt, max)
+            }))
+            .ok();
+            let _ = tx.send((analysed, body));
+        });
+        async move {
+            let (analysed, body) = rx.await.unwrap_or((None, Vec::new()));
+            Processed {
+                delivery,
+                body,
+                attempt,
+                queue,
+                analysed,
+            }
+        }
+    }
+}
+
+/// One connection's life: consume until shutdown (Ok) or until the connection fails (Err).
+async fn session(
+    shared: &Shared,
+    shutdown: &CancellationToken,
+    backoff: &mut Duration,
+) -> anyhow::Result<()> {
+    let args = &shared.args;
+    let store = Store::connect(
+        &args.conn.redis_url,
+        &args.conn.namespace,
+        args.conn.result_ttl,
+    )
+    .await?;
+    let conn = amqp::connect(&args.conn.amqp_url, "taskmill-worker").await?;
+    let consume_ch = conn.create_channel().await?;
+    let publish_ch = conn.create_channel().await?;
+    publish_ch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    topology::declare(&consume_ch, &shared.names, &args.queues).await?;
+    let mut consumers = Vec::new();
+    let mut tags: Vec<ShortString> = Vec::new();
+    for q in &args.queues {
+        consume_ch
+            .basic_qos(args.prefetch, BasicQosOptions { global: false })
+            .await?;
+        let consumer = consume_ch
+            .basic_consume(
+                shared.names.queue(q).into(),
+                ShortString::from(""),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tags.push(consumer.tag());
+        let queue = q.clone();
+        consumers.push(consumer.map(move |d| (queue.clone(), d)));
+    }
+
+    info!(queues = ?args.queues, "consuming");
+    *backoff = Duration::from_millis(200);
+
+    let hard_stop = CancellationToken::new();
+    let (tx, rx) = mpsc::channel::<Processed>(usize::from(args.prefetch) * tags.len() + 16);
+    let sink = sink::Sink::new(
+        store,
+        publish_ch,
+        shared.names.clone(),
+        args.retry,
+        shared.stats.clone(),
+        hard_stop.clone(),
+    );
+    let mut sink_task = tokio::spawn(sink.run(rx));
+
+    let mut deliveries = futures::stream::select_all(consumers);
+    let mut inflight = FuturesUnordered::new();
+    let mut draining = false;
+    let mut stream_done = false;
+    let drain_timer = tokio::time::sleep(Duration::from_secs(365 * 24 * 3600));
+    tokio::pin!(drain_timer);
+    let result: anyhow::Result<()> = loop {
+        if draining && stream_done && inflight.is_empty() {
+            break Ok(());
+        }
+        tokio::select! {
+            Some(p) = inflight.next(), if !inflight.is_empty() => {
+                if tx.send(p).await.is_err() {
+                    break Err(anyhow::anyhow!("the result writer stopped"));
+                }
+            }
+            res = &mut sink_task => {
+                break match res {
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the result writer stopped")),
+                    Err(e) => Err(anyhow::anyhow!("the result writer failed: {e}")),
+                };
+            }
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                info!(in_hand = inflight.len(), "shutting down: finishing the batches in hand");
+                drain_timer.as_mut().reset(
+                    tokio::time::Instant::now() + Duration::from_secs(args.shutdown_timeout),
+                );
+                for tag in &tags {
+                    if let Err(e) = consume_ch.basic_cancel(tag.clone(), BasicCancelOptions::default()).await {
+                        warn!("cancelling consumer {tag}: {e}");
+                        stream_done = true;
+                    }
+                }
+            }
+            d = deliveries.next(), if !stream_done => match d {
+                Some((queue, Ok(delivery))) => inflight.push(shared.process(queue, delivery)),
+                Some((_, Err(e))) => break Err(anyhow::Error::new(e).context("consuming")),
+                None if draining => stream_done = true,
+                None => break Err(anyhow::anyhow!("the broker cancelled the consumer")),
+            },
+            _ = &mut drain_timer, if draining => {
+                warn!(
+                    left = inflight.len(),
+                    "shutdown timeout: the batches still in hand go back to the queue"
+                );
+                hard_stop.cancel();
+                break Ok(());
+            }
+        }
+    };
+    drop(tx);
+    if result.is_ok() && !hard_stop.is_cancelled() {
+        // Let the sink store and ack what it holds, within what is left of the timeout.
+        tokio::select! {
+            res = &mut sink_task => {
+                if let Ok(Err(e)) = res {
+                    warn!("result writer: {e:#}");
+                }
+            }
+            _ = &mut drain_timer => {
+                warn!("shutdown timeout while storing results: the rest go back to the queue");
+                hard_stop.cancel();
+            }
+        }
+    } else {
+        hard_stop.cancel();
+        sink_task.abort();
+    }
+    let _ = conn.close(200, "worker shutting down".into()).await;
+    if result.is_ok() {
+        info!("worker stopped");
+    }
+    result
+}

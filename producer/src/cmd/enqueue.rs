@@ -1,0 +1,416 @@
+//! `producer enqueue`: read records from URLs, files and stdin, batch them, publish them.
+
+use std::{collections::BTreeMap, io::Write, path::PathBuf, time::Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use taskmill_common::{
+    amqp::batch_properties,
+    config::{validate_name, ConnArgs},
+    envelope::{encode, Envelope, DEFAULT_MAX_MESSAGE_BYTES, FORMAT_VERSION},
+    now_ms,
+    store::{NewJob, PublishTotals, Store},
+    task::Registry,
+    topology::{self, Names},
+};
+
+use crate::{
+    publisher::Publisher,
+    sources::{self, HttpOptions, ProblemLog, Problems},
+};
+
+/// Arguments of `enqueue`.
+#[derive(Args, Debug, Clone)]
+pub struct EnqueueArgs {
+    /// Fetch records from this URL (repeatable). A response holds one JSON object or an array.
+    #[arg(long = "url")]
+    pub urls: Vec<String>,
+    /// URL with `{id}` in it, fetched once for each number of `--ids`.
+    #[arg(long, requires = "ids")]
+    pub url_template: Option<String>,
+    /// Range of ids for `--url-template`, like `1-10000` (inclusive).
+    #[arg(long, requires = "url_template")]
+    pub ids: Option<String>,
+    /// Read records from a file: JSON Lines, a JSON array, or one JSON document; `-` for stdin.
+    #[arg(long = "file")]
+    pub files: Vec<PathBuf>,
+    /// Task to run on each batch.
+    #[arg(long, default_value = "post-stats")]
+    pub task: String,
+    /// Task parameter (repeatable).
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
+    /// Records per batch (one message each).
+    #[arg(long, default_value_t = 10)]
+    pub batch_size: usize,
+    /// Work queue (short name).
+    #[arg(long, default_value = topology::DEFAULT_QUEUE)]
+    pub queue: String,
+    /// Job id (default: a new UUID).
+    #[arg(long)]
+    pub job: Option<String>,
+    /// HTTP requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Retries of a URL after connection errors, timeouts, 429 and 5xx.
+    #[arg(long, default_value_t = 3)]
+    pub http_retries: u32,
+    /// Timeout of one HTTP request, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub http_timeout: u64,
+    /// Publisher confirms in flight at once.
+    #[arg(long, default_value_t = 256)]
+    pub confirm_window: usize,
+    /// Largest message body; larger batches are split, a larger single record is skipped.
+    #[arg(long, env = "TASKMILL_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+    /// Follow the job until it finishes (progress bar on a terminal) and exit like `wait`.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds (exit 2).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Print the enqueue report (and, with --wait, the final status) as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl EnqueueArgs {
+    /// Arguments with the defaults of the command line and no sources.
+    pub fn new(task: &str) -> Self {
+        Self {
+            urls: Vec::new(),
+            url_template: None,
+            ids: None,
+            files: Vec::new(),
+            task: task.into(),
+            params: Vec::new(),
+            batch_size: 10,
+            queue: topology::DEFAULT_QUEUE.into(),
+            job: None,
+            concurrency: 32,
+            http_retries: 3,
+            http_timeout: 30,
+            confirm_window: 256,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            wait: false,
+            timeout: None,
+            json: false,
+        }
+    }
+}
+
+/// What an enqueue did.
+#[derive(Debug, Clone)]
+pub struct EnqueueReport {
+    /// Job id.
+    pub job: String,
+    /// Batches published and confirmed.
+    pub batches: u64,
+    /// Records in them.
+    pub records: u64,
+    /// What could not be read.
+    pub problems: Problems,
+    /// Seconds from start to the last confirm.
+    pub seconds: f64,
+}
+
+impl EnqueueReport {
+    /// The report as JSON.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "job": self.job,
+            "batches": self.batches,
+            "records": self.records,
+            "records_invalid": self.problems.records_invalid,
+            "sources_failed": self.problems.sources_failed,
+            "problems": self.problems.samples,
+            "more_problems": self.problems.more,
+            "seconds": self.seconds,
+        })
+    }
+
+    /// One paragraph for people, on stderr.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "enqueued job {}: {} records in {} batches in {:.2} s",
+            self.job, self.records, self.batches, self.seconds
+        );
+        let p = &self.problems;
+        if p.records_invalid > 0 || p.sources_failed > 0 {
+            s.push_str(&format!(
+                "\nskipped {} invalid records; {} sources failed:",
+                p.records_invalid, p.sources_failed
+            ));
+            for line in &p.samples {
+                s.push_str("\n  ");
+                s.push_str(line);
+            }
+            if p.more > 0 {
+                s.push_str(&format!("\n  ... and {} more", p.more));
+            }
+        }
+        s
+    }
+}
+
+fn parse_params(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    raw.iter()
+        .map(|p| {
+            let (k, v) = p
+                .split_once('=')
+                .with_context(|| format!("--param {p:?} is not KEY=VALUE"))?;
+            if k.trim().is_empty() {
+                anyhow::bail!("--param {p:?} has an empty key");
+            }
+            Ok((k.trim().to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// Checks arguments before anything is connected.
+fn validate(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<()> {
+    validate_name("namespace", &conn.namespace).map_err(anyhow::Error::msg)?;
+    topology::validate_queue(&args.queue).map_err(anyhow::Error::msg)?;
+    if args.urls.is_empty() && args.url_template.is_none() && args.files.is_empty() {
+        anyhow::bail!("no records to read: give --url, --url-template with --ids, or --file");
+    }
+    if let Some(t) = &args.url_template {
+        if !t.contains("{id}") {
+            anyhow::bail!("--url-template {t:?} has no {{id}} in it");
+        }
+    }
+    if args.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    if args.files.iter().filter(|f| f.as_os_str() == "-").count() > 1 {
+        anyhow::bail!("--file - (stdin) can be given only once");
+    }
+    if let Some(job) = &args.job {
+        validate_name("job id", job).map_err(anyhow::Error::msg)?;
+    }
+    for f in &args.files {
+        if f.as_os_str() != "-" && !f.is_file() {
+            anyhow::bail!("--file {}: no such file", f.display());
+        }
+    }
+    Ok(())
+}
+
+/// Runs an enqueue: registers the job, calls `on_registered` with its id (before the first
+/// batch), reads every source and publishes the batches. Fails when nothing could be read.
+pub async fn enqueue(
+    conn: &ConnArgs,
+    args: &EnqueueArgs,
+    on_registered: impl FnOnce(&str),
+) -> anyhow::Result<EnqueueReport> {
+    validate(conn, args)?;
+    let params = parse_params(&args.params)?;
+    let ids = args
+        .ids
+        .as_deref()
+        .map(sources::parse_ids)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    if Registry::builtin().get(&args.task).is_none() {
+        warn!(
+            task = %args.task,
+            "not a built-in task: make sure the workers on queue {:?} know it",
+            args.queue
+        );
+    }
+    let started = Instant::now();
+    let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
+    let names = Names::new(&conn.namespace);
+    let mut publisher =
+        Publisher::connect(&conn.amqp_url, names, &args.queue, args.confirm_window).await?;
+    let job = args
+        .job
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    store
+        .register_job(&NewJob {
+            id: &job,
+            task: &args.task,
+            queue: &args.queue,
+            params: &params,
+        })
+        .await?;
+    on_registered(&job);
+
+    let problems = ProblemLog::default();
+    let (tx, mut rx) = mpsc::channel::<Value>(4096);
+    let files = args.files.clone();
+    let file_tx = tx.clone();
+    let file_problems = problems.clone();
+    let files_task = tokio::task::spawn_blocking(move || {
+        for f in files {
+            if f.as_os_str() == "-" {
+                sources::read_records(std::io::stdin().lock(), "stdin", &file_tx, &file_problems);
+            } else {
+                let name = f.display().to_string();
+                match std::fs::File::open(&f) {
+                    Ok(file) => {
+                        sources::read_records(file, &name, &file_tx, &file_problems);
+                    }
+                    Err(e) => file_problems.failed(format!("{name}: cannot open: {e}")),
+                }
+            }
+        }
+    });
+    let mut urls: Vec<String> = args.urls.clone();
+    let template = args.url_template.clone();
+    let http = HttpOptions {
+        concurrency: args.concurrency.max(1),
+        retries: args.http_retries,
+        timeout: std::time::Duration::from_secs(args.http_timeout.max(1)),
+        ..HttpOptions::default()
+    };
+    let http_problems = problems.clone();
+    let http_task = tokio::spawn(async move {
+        let (a, b) = ids.unwrap_or((1, 0));
+        let templated = template
+            .into_iter()
+            .flat_map(move |t| (a..=b).map(move |i| t.replace("{id}", &i.to_string())));
+        let all = Box::new(std::mem::take(&mut urls).into_iter().chain(templated));
+        sources::fetch_all(all, &http, tx, http_problems).await
+    });
+
+    let mut batch_no = 0u64;
+    let mut batch: Vec<Value> = Vec::with_capacity(args.batch_size);
+    let ctx = BatchCtx {
+        job: &job,
+        task: &args.task,
+        params: &params,
+        max_bytes: args.max_message_bytes,
+        problems: &problems,
+    };
+    while let Some(record) = rx.recv().await {
+        batch.push(record);
+        if batch.len() >= args.batch_size {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(args.batch_size));
+            ctx.publish(&mut publisher, &mut batch_no, full).await?;
+            if batch_no % 200 == 0 {
+                let _ = store.set_published(&job, publisher.confirmed_batches).await;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        ctx.publish(&mut publisher, &mut batch_no, batch).await?;
+    }
+    files_task.await.context("reading files")?;
+    http_task
+        .await
+        .context("fetching URLs")?
+        .context("starting the HTTP client")?;
+    publisher.finish().await?;
+
+    let p = problems.snapshot();
+    let report = EnqueueReport {
+        job: job.clone(),
+        batches: publisher.confirmed_batches,
+        records: publisher.confirmed_records,
+        problems: p.clone(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    let mut samples = p.samples.clone();
+    if p.more > 0 {
+        samples.push(format!("... and {} more", p.more));
+    }
+    store
+        .finish_publishing(
+            &job,
+            &PublishTotals {
+                batches: report.batches,
+                records: report.records,
+                records_invalid: p.records_invalid,
+                sources_failed: p.sources_failed,
+                problems: samples,
+            },
+        )
+        .await?;
+    Ok(report)
+}
+
+struct BatchCtx<'a> {
+    job: &'a str,
+    task: &'a str,
+    params: &'a BTreeMap<String, String>,
+    max_bytes: usize,
+    problems: &'a ProblemLog,
+}
+
+impl BatchCtx<'_> {
+    /// Publishes `records` as one batch, split in halves while the message is too large.
+    async fn publish(
+        &self,
+        publisher: &mut Publisher,
+        batch_no: &mut u64,
+        records: Vec<Value>,
+    ) -> anyhow::Result<()> {
+        let mut stack = vec![records];
+        while let Some(records) = stack.pop() {
+            let env = Envelope {
+                v: FORMAT_VERSION,
+                job: self.job.to_string(),
+                batch: *batch_no,
+                task: self.task.to_string(),
+                params: self.params.clone(),
+                records,
+                created_ms: now_ms(),
+            };
+            let body = encode(&env);
+            if body.len() > self.max_bytes {
+                let mut records = env.records;
+                if records.len() == 1 {
+                    self.problems.invalid(format!(
+                        "a record of {} bytes exceeds the message limit of {} bytes",
+                        body.len(),
+                        self.max_bytes
+                    ));
+                    continue;
+                }
+                let second = records.split_off(records.len() / 2);
+                stack.push(second);
+                stack.push(records);
+                continue;
+            }
+            let props = batch_properties(&env, 1);
+            let n = env.records.len() as u64;
+            publisher.publish(*batch_no, n, body, props).await?;
+            *batch_no += 1;
+        }
+        Ok(())
+    }
+}
+
+/// The command: prints the job id first, then the report; follows the job with --wait.
+pub async fn run(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<std::process::ExitCode> {
+    let report = enqueue(conn, args, |job| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{job}");
+        let _ = out.flush();
+    })
+    .await?;
+    if args.json {
+        println!("{}", report.to_json());
+    }
+    eprintln!("{}", report.describe());
+    if report.records == 0 {
+        eprintln!("producer: nothing could be read: no record was published");
+        return Ok(std::process::ExitCode::from(1));
+    }
+    if args.wait {
+        let wait = crate::cmd::wait::WaitArgs {
+            job: report.job.clone(),
+            timeout: args.timeout,
+            json: args.json,
+        };
+        return crate::cmd::wait::run(conn, &wait).await;
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

@@ -1,0 +1,7 @@
+//! One subcommand a file.
+
+pub mod enqueue;
+pub mod jobs;
+pub mod results;
+pub mod status;
+pub mod wait;

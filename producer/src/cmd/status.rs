@@ -1,0 +1,127 @@
+//! `producer status JOB`: a job's state, counters, times and (once finished) summary.
+
+use clap::Args;
+use serde_json::Value;
+
+use taskmill_common::{
+    config::ConnArgs,
+    store::{JobStatus, Store},
+    task::Registry,
+};
+
+/// Arguments of `status`.
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// Job id.
+    pub job: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Reads a job, failing with a clear sentence when it is unknown.
+pub async fn load(store: &Store, job: &str) -> anyhow::Result<JobStatus> {
+    store.job_status(job).await?.ok_or_else(|| {
+        anyhow::anyhow!("no job {job:?} in this namespace (wrong --namespace, or it expired)")
+    })
+}
+
+/// The job's summary: its task's aggregate over all stored batch results. None before the job
+/// is finished, or when the task is not built in (a custom worker's task).
+pub async fn summary(store: &Store, status: &JobStatus) -> anyhow::Result<Option<Value>> {
+    if !status.is_finished() {
+        return Ok(None);
+    }
+    let Some(task) = Registry::builtin().get(status.task()) else {
+        return Ok(None);
+    };
+    let results: Vec<Value> = store
+        .results(&status.job)
+        .await?
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    Ok(Some(task.aggregate(&results)))
+}
+
+/// The status as JSON: the job hash with numbers as numbers, plus `job` and `summary`.
+pub async fn status_json(store: &Store, status: &JobStatus) -> anyhow::Result<Value> {
+    let mut v = status.to_json();
+    if let (Some(obj), Some(s)) = (v.as_object_mut(), summary(store, status).await?) {
+        obj.insert("summary".into(), s);
+    }
+    Ok(v)
+}
+
+/// Records per second from creation to finish (or to now).
+pub fn rate(status: &JobStatus) -> (f64, f64) {
+    let end = status
+        .opt_num("finished_ms")
+        .unwrap_or_else(taskmill_common::now_ms);
+    let secs = end.saturating_sub(status.num("created_ms")) as f64 / 1000.0;
+    let rate = if secs > 0.0 {
+        status.num("records_done") as f64 / secs
+    } else {
+        0.0
+    };
+    (secs, rate)
+}
+
+/// The status for people.
+pub fn describe(status: &JobStatus, summary: Option<&Value>) -> String {
+    let total = status
+        .opt_num("batches_total")
+        .map(|t| t.to_string())
+        .unwrap_or_else(|| "? (still publishing)".into());
+    let (secs, rate) = rate(status);
+    let mut s = format!(
+        "job {}: {}\n  task:    {} (queue {})\n  batches: {} done, {} dead of {} ({} published)\n  records: {} done, {} invalid of {} published\n  retries: {}\n  time:    {:.2} s, {:.0} records/s",
+        status.job,
+        status.state(),
+        status.task(),
+        status.fields.get("queue").map(String::as_str).unwrap_or("?"),
+        status.num("batches_done"),
+        status.num("batches_dead"),
+        total,
+        status.num("batches_published"),
+        status.num("records_done"),
+        status.num("records_invalid"),
+        status.num("records_total"),
+        status.num("retries"),
+        secs,
+        rate,
+    );
+    if status.num("sources_failed") > 0 {
+        s.push_str(&format!(
+            "\n  sources failed: {}",
+            status.num("sources_failed")
+        ));
+    }
+    let problems = status.problems();
+    if !problems.is_empty() {
+        s.push_str("\n  problems:");
+        for p in problems {
+            s.push_str("\n    ");
+            s.push_str(&p);
+        }
+    }
+    if let Some(sum) = summary {
+        let pretty = serde_json::to_string_pretty(sum).unwrap_or_default();
+        s.push_str("\n  summary: ");
+        s.push_str(&pretty.replace('\n', "\n  "));
+    }
+    s
+}
+
+/// The command.
+pub async fn run(conn: &ConnArgs, args: &StatusArgs) -> anyhow::Result<std::process::ExitCode> {
+    let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
+    let status = load(&store, &args.job).await?;
+    if args.json {
+        println!("{}", status_json(&store, &status).await?);
+    } else {
+        let sum = summary(&store, &status).await?;
+        println!("{}", describe(&status, sum.as_ref()));
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

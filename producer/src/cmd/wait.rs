@@ -1,0 +1,132 @@
+//! `producer wait JOB`: follow a job until it finishes.
+//!
+//! Exit 0 when every batch is done, 1 when the job finished with dead batches or was
+//! cancelled, 2 on timeout. On a terminal, a progress bar shows the batches done.
+
+use std::{io::IsTerminal, process::ExitCode, time::Duration};
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use taskmill_common::{
+    config::ConnArgs,
+    store::{JobStatus, Store},
+};
+
+use super::status::{describe, load, rate, status_json, summary};
+
+/// How often the job is read while waiting.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Arguments of `wait`.
+#[derive(Args, Debug, Clone)]
+pub struct WaitArgs {
+    /// Job id.
+    pub job: String,
+    /// Give up after this many seconds (exit 2).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Print the final status as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How waiting ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitEnd {
+    /// Every batch done.
+    Completed,
+    /// Finished with dead batches, or cancelled.
+    Failed,
+    /// The timeout came first.
+    TimedOut,
+}
+
+impl WaitEnd {
+    /// The exit code of `wait`.
+    pub fn code(self) -> u8 {
+        match self {
+            WaitEnd::Completed => 0,
+            WaitEnd::Failed => 1,
+            WaitEnd::TimedOut => 2,
+        }
+    }
+}
+
+/// Polls the job until it finishes or `timeout` passes; `progress` draws a bar on stderr.
+pub async fn follow(
+    store: &Store,
+    job: &str,
+    timeout: Option<Duration>,
+    progress: bool,
+) -> anyhow::Result<(JobStatus, WaitEnd)> {
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let bar = progress.then(|| {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} batches {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    loop {
+        let status = load(store, job).await?;
+        if let Some(bar) = &bar {
+            let total = status
+                .opt_num("batches_total")
+                .unwrap_or_else(|| status.num("batches_published"));
+            bar.set_length(total);
+            bar.set_position(status.num("batches_done") + status.num("batches_dead"));
+            let (_, r) = rate(&status);
+            bar.set_message(format!(
+                "{} dead, {} records/s",
+                status.num("batches_dead"),
+                r as u64
+            ));
+        }
+        if status.is_finished() {
+            if let Some(bar) = &bar {
+                bar.finish();
+            }
+            let end = if status.state() == "completed" {
+                WaitEnd::Completed
+            } else {
+                WaitEnd::Failed
+            };
+            return Ok((status, end));
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            if let Some(bar) = &bar {
+                bar.abandon();
+            }
+            return Ok((status, WaitEnd::TimedOut));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The command.
+pub async fn run(conn: &ConnArgs, args: &WaitArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
+    let timeout = match args.timeout {
+        Some(t) if !(t >= 0.0 && t.is_finite()) => {
+            anyhow::bail!("--timeout must be a number of seconds, 0 or more")
+        }
+        Some(t) => Some(Duration::from_secs_f64(t)),
+        None => None,
+    };
+    let progress = std::io::stderr().is_terminal() && !args.json;
+    let (status, end) = follow(&store, &args.job, timeout, progress).await?;
+    if args.json {
+        println!("{}", status_json(&store, &status).await?);
+    } else {
+        let sum = summary(&store, &status).await?;
+        println!("{}", describe(&status, sum.as_ref()));
+        if end == WaitEnd::TimedOut {
+            eprintln!("producer: timed out waiting for job {}", args.job);
+        }
+    }
+    Ok(ExitCode::from(end.code()))
+}

@@ -1,0 +1,226 @@
+//! Publishing batches with a window of publisher confirms.
+//!
+//! Each batch is published persistent and mandatory; up to `window` confirms are in flight at
+//! once instead of one round trip a batch. A batch is counted only when the broker confirmed
+//! it. A nack or a return means the batch is published again; a lost connection means the
+//! publisher reconnects, declares the topology again and republishes every batch that was not
+//! confirmed (the worker's idempotent store makes a duplicate harmless).
+
+use std::{collections::VecDeque, time::Duration};
+
+use anyhow::Context as _;
+use lapin::{
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    BasicProperties, Channel, Connection, PublisherConfirm,
+};
+use tracing::{debug, warn};
+
+use taskmill_common::{
+    amqp,
+    topology::{self, Names},
+};
+
+/// How many times one batch may be refused (nack/return) before enqueue gives up.
+const MAX_REFUSALS: u32 = 5;
+/// How many reconnects in a row before enqueue gives up.
+const MAX_RECONNECTS: u32 = 8;
+
+struct InFlight {
+    batch: u64,
+    records: u64,
+    body: Vec<u8>,
+    props: BasicProperties,
+    confirm: Option<PublisherConfirm>,
+    refusals: u32,
+}
+
+/// A confirm-mode publisher to one work queue.
+pub struct Publisher {
+    amqp_url: String,
+    names: Names,
+    queue: String,
+    window: usize,
+    conn: Connection,
+    channel: Channel,
+    inflight: VecDeque<InFlight>,
+    /// Batches confirmed so far.
+    pub confirmed_batches: u64,
+    /// Records in confirmed batches.
+    pub confirmed_records: u64,
+}
+
+async fn open(amqp_url: &str, names: &Names, queue: &str) -> anyhow::Result<(Connection, Channel)> {
+    let conn = amqp::connect(amqp_url, "taskmill-producer").await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    topology::declare(&channel, names, &[queue.to_string()])
+        .await
+        .context("declaring the topology")?;
+    Ok((conn, channel))
+}
+
+impl Publisher {
+    /// Connects, enables confirms and declares the topology for `queue`.
+    pub async fn connect(
+        amqp_url: &str,
+        names: Names,
+        queue: &str,
+        window: usize,
+    ) -> anyhow::Result<Self> {
+        let (conn, channel) = open(amqp_url, &names, queue).await?;
+        Ok(Self {
+            amqp_url: amqp_url.to_string(),
+            names,
+            queue: queue.to_string(),
+            window: window.max(1),
+            conn,
+            channel,
+            inflight: VecDeque::new(),
+            confirmed_batches: 0,
+            confirmed_records: 0,
+        })
+    }
+
+    async fn send(&self, item: &InFlight) -> lapin::Result<PublisherConfirm> {
+        self.channel
+            .basic_publish(
+                self.names.work_exchange().into(),
+                self.queue.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &item.body,
+                item.props.clone(),
+            )
+            .await
+    }
+
+    /// Publishes one batch; waits for the oldest confirms when the window is full.
+    pub async fn publish(
+        &mut self,
+        batch: u64,
+        records: u64,
+        body: Vec<u8>,
+        props: BasicProperties,
+    ) -> anyhow::Result<()> {
+        let mut item = InFlight {
+            batch,
+            records,
+            body,
+            props,
+            confirm: None,
+            refusals: 0,
+        };
+        match self.send(&item).await {
+            Ok(c) => item.confirm = Some(c),
+            Err(e) => {
+                self.inflight.push_back(item);
+                self.recover(e).await?;
+                return self.settle(self.window - 1).await;
+            }
+        }
+        self.inflight.push_back(item);
+        self.settle(self.window - 1).await
+    }
+
+    /// Waits until all published batches are confirmed.
+    pub async fn finish(&mut self) -> anyhow::Result<()> {
+        self.settle(0).await?;
+        let _ = self.conn.close(200, "producer done".into()).await;
+        Ok(())
+    }
+
+    /// Waits for confirms until at most `keep` are outstanding.
+    async fn settle(&mut self, keep: usize) -> anyhow::Result<()> {
+        while self.inflight.len() > keep {
+            let Some(mut item) = self.inflight.pop_front() else {
+                break;
+            };
+            let outcome = match item.confirm.take() {
+                Some(c) => c.await,
+                None => Err(lapin::Error::from(
+                    lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed),
+                )),
+            };
+            let outcome = outcome.map(|c| c.is_ack() && c.take_message().is_none());
+            match outcome {
+                Ok(true) => {
+                    self.confirmed_batches += 1;
+                    self.confirmed_records += item.records;
+                }
+                Ok(false) => {
+                    item.refusals += 1;
+                    if item.refusals > MAX_REFUSALS {
+                        anyhow::bail!(
+                            "the broker refused batch {} {} times (nacked or unroutable)",
+                            item.batch,
+                            item.refusals
+                        );
+                    }
+                    warn!(
+                        batch = item.batch,
+                        "batch refused by the broker; publishing it again"
+                    );
+                    match self.send(&item).await {
+                        Ok(c) => {
+                            item.confirm = Some(c);
+                            self.inflight.push_back(item);
+                        }
+                        Err(e) => {
+                            self.inflight.push_front(item);
+                            self.recover(e).await?;
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.inflight.push_front(item);
+                    self.recover(e).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reconnects after a connection or channel error and republishes every unconfirmed batch.
+    async fn recover(&mut self, error: lapin::Error) -> anyhow::Result<()> {
+        let mut delay = Duration::from_millis(200);
+        let mut last = anyhow::Error::new(error);
+        for attempt in 1..=MAX_RECONNECTS {
+            warn!(
+                unconfirmed = self.inflight.len(),
+                "broker connection lost ({last:#}); reconnecting in {delay:?} (attempt {attempt})"
+            );
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+            match open(&self.amqp_url, &self.names, &self.queue).await {
+                Ok((conn, channel)) => {
+                    let _ = self.conn.close(200, "reconnecting".into()).await;
+                    self.conn = conn;
+                    self.channel = channel;
+                    let mut ok = true;
+                    for i in 0..self.inflight.len() {
+                        match self.send(&self.inflight[i]).await {
+                            Ok(c) => self.inflight[i].confirm = Some(c),
+                            Err(e) => {
+                                last = anyhow::Error::new(e);
+                                ok = false;
+                                break;
+                            }
+                        }
+                    }
+                    if ok {
+                        debug!(republished = self.inflight.len(), "reconnected");
+                        return Ok(());
+                    }
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last.context(format!(
+            "the broker connection could not be restored after {MAX_RECONNECTS} attempts"
+        )))
+    }
+}

@@ -1,0 +1,322 @@
+//! The sink: where analysed batches are stored, retried or dead-lettered, and then acked.
+//!
+//! Results are written many at a time (one pipelined round trip of idempotent scripts), and a
+//! batch is acked only after Redis said OK. Retries and dead letters are published with
+//! confirms, and the original is acked only after the broker confirmed the copy. While Redis is
+//! unreachable the sink keeps trying with backoff and acks nothing.
+
+use std::{collections::HashSet, future::Future, sync::Arc, time::Duration};
+
+use lapin::{
+    options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions},
+    types::{AMQPValue, LongString},
+    Channel,
+};
+use serde_json::json;
+use taskmill_common::{
+    amqp::with_extra_headers,
+    envelope::{
+        HEADER_ATTEMPT, HEADER_ATTEMPTS, HEADER_DEAD_AT, HEADER_ERROR, HEADER_ERROR_KIND,
+        HEADER_ORIGINAL_QUEUE,
+    },
+    now_ms,
+    store::{DoneBatch, Store, StoreError},
+    topology::{self, Names},
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::{
+    analyse::{BatchId, DeadKind, Outcome},
+    retry::RetryPolicy,
+    Processed, Stats,
+};
+
+/// Most batches stored in one Redis round trip.
+const MAX_GROUP: usize = 256;
+
+pub(crate) struct Sink {
+    store: Store,
+    /// Confirm-mode channel for retries and dead letters.
+    channel: Channel,
+    names: Names,
+    policy: RetryPolicy,
+    stats: Arc<Stats>,
+    /// Cancelled when the shutdown timeout ends: stop retrying Redis, ack nothing more.
+    hard_stop: CancellationToken,
+    /// Delay queues declared in this session.
+    declared: HashSet<String>,
+}
+
+impl Sink {
+    pub(crate) fn new(
+        store: Store,
+        channel: Channel,
+        names: Names,
+        policy: RetryPolicy,
+        stats: Arc<Stats>,
+        hard_stop: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            channel,
+            names,
+            policy,
+            stats,
+            hard_stop,
+            declared: HashSet::new(),
+        }
+    }
+
+    /// Handles analysed batches until the sender side closes.
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Processed>) -> anyhow::Result<()> {
+        while let Some(first) = rx.recv().await {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(p) => group.push(p),
+                    Err(_) => break,
+                }
+            }
+            self.handle(group).await?;
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, group: Vec<Processed>) -> anyhow::Result<()> {
+        let mut done = Vec::new();
+        let mut batches = Vec::new();
+        let mut others = Vec::new();
+        for p in group {
+            match &p.analysed {
+                Some((
+                    BatchId {
+                        job: Some(job),
+                        batch: Some(batch),
+                        ..
+                    },
+                    Outcome::Done(out),
+                )) => {
+                    batches.push(DoneBatch {
+                        job: job.clone(),
+                        batch: *batch,
+                        result: out.result.to_string(),
+                        records_done: out.records_done,
+                        records_invalid: out.records_invalid,
+                    });
+                    done.push(p);
+                }
+                _ => others.push(p),
+            }
+        }
+        if !done.is_empty() {
+            let store = self.store.clone();
+            let fresh = self
+                .redis("storing results", || store.record_done_many(&batches))
+                .await?;
+            for ((p, b), new) in done.iter().zip(&batches).zip(fresh) {
+                if new {
+                    Stats::add(&self.stats.batches_done, 1);
+                    Stats::add(&self.stats.records_done, b.records_done);
+                } else {
+                    Stats::add(&self.stats.batches_duplicate, 1);
+                    debug!(job = %b.job, batch = b.batch, "already stored: a redelivery");
+                }
+                p.delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(|e| anyhow::Error::new(e).context("acking"))?;
+            }
+        }
+        for p in others {
+            self.handle_other(p).await?;
+        }
+        Ok(())
+    }
+
+    /// Retries Redis calls with backoff until they succeed or the hard stop comes.
+    async fn redis<T, F, Fut>(&self, what: &str, mut f: F) -> anyhow::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    warn!("{what}: {e}; trying again in {backoff:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.hard_stop.cancelled() => {
+                            anyhow::bail!("stopped while {what}: {e}");
+                        }
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn handle_other(&mut self, p: Processed) -> anyhow::Result<()> {
+        let Some((id, outcome)) = p.analysed.clone() else {
+            warn!("analysis thread lost a batch; giving it back to the queue");
+            p.delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await?;
+            return Ok(());
+        };
+        match outcome {
+            Outcome::Retry(error) => {
+                let policy = self.policy.for_params(&id.params);
+                if policy.may_retry(p.attempt) {
+                    self.retry(&p, &id, &policy, &error).await
+                } else {
+                    let error = format!("{error} (gave up after {} attempts)", p.attempt);
+                    self.dead(&p, &id, DeadKind::RetriesExhausted, &error).await
+                }
+            }
+            Outcome::Dead(kind, error) => self.dead(&p, &id, kind, &error).await,
+            Outcome::Done(_) => {
+                // A Done without job or batch cannot come out of a decoded envelope.
+                self.dead(&p, &id, DeadKind::Undecodable, "batch without identity")
+                    .await
+            }
+        }
+    }
+
+    /// Publishes with mandatory and waits for the confirm; true when the broker took it.
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: lapin::BasicProperties,
+    ) -> anyhow::Result<bool> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                props,
+            )
+            .await?
+            .await?;
+        Ok(confirm.is_ack() && confirm.take_message().is_none())
+    }
+
+    async fn nack_requeue(p: &Processed) -> anyhow::Result<()> {
+        p.delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn retry(
+        &mut self,
+        p: &Processed,
+        id: &BatchId,
+        policy: &RetryPolicy,
+        error: &str,
+    ) -> anyhow::Result<()> {
+        let job = id.job.clone().unwrap_or_default();
+        let batch = id.batch.unwrap_or(0);
+        let delay = policy.delay_ms(p.attempt, &job, batch);
+        let queue = p.queue.clone();
+        let name = self.names.delay_queue(&queue, delay);
+        if !self.declared.contains(&name) {
+            topology::declare_delay_queue(&self.channel, &self.names, &queue, delay).await?;
+            self.declared.insert(name.clone());
+        }
+        let props = with_extra_headers(
+            &p.delivery.properties,
+            [(
+                HEADER_ATTEMPT,
+                AMQPValue::LongLongInt(i64::from(p.attempt) + 1),
+            )],
+        );
+        if !self.publish_confirmed("", &name, &p.body, props).await? {
+            warn!(%job, batch, "the broker refused a retry copy; the batch goes back to the queue");
+            return Self::nack_requeue(p).await;
+        }
+        let store = self.store.clone();
+        self.redis("counting a retry", || store.add_retry(&job))
+            .await?;
+        Stats::add(&self.stats.batches_retried, 1);
+        warn!(%job, batch, attempt = p.attempt, delay_ms = delay, "transient failure, retrying: {error}");
+        p.delivery.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+
+    async fn dead(
+        &mut self,
+        p: &Processed,
+        id: &BatchId,
+        kind: DeadKind,
+        error: &str,
+    ) -> anyhow::Result<()> {
+        let at = now_ms();
+        let original = self.names.queue(&p.queue);
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s.to_string()));
+        let props = with_extra_headers(
+            &p.delivery.properties,
+            [
+                (HEADER_ERROR, text(error)),
+                (HEADER_ERROR_KIND, text(kind.as_str())),
+                (
+                    HEADER_ATTEMPTS,
+                    AMQPValue::LongLongInt(i64::from(p.attempt)),
+                ),
+                (HEADER_ORIGINAL_QUEUE, text(&original)),
+                (HEADER_DEAD_AT, AMQPValue::LongLongInt(at as i64)),
+            ],
+        );
+        if !self
+            .publish_confirmed(&self.names.dead_exchange(), &original, &p.body, props)
+            .await?
+        {
+            warn!("the broker refused a dead letter; the batch goes back to the queue");
+            return Self::nack_requeue(p).await;
+        }
+        if let (Some(job), Some(batch)) = (&id.job, id.batch) {
+            let reason = json!({
+                "kind": kind.as_str(),
+                "error": error,
+                "attempts": p.attempt,
+                "queue": original,
+                "at_ms": at,
+            });
+            let store = self.store.clone();
+            self.redis("marking a batch dead", || {
+                store.record_dead(job, batch, &reason)
+            })
+            .await?;
+        }
+        Stats::add(&self.stats.batches_dead, 1);
+        warn!(
+            job = id.job.as_deref().unwrap_or("?"),
+            batch = ?id.batch,
+            task = id.task.as_deref().unwrap_or("?"),
+            attempt = p.attempt,
+            kind = kind.as_str(),
+            "dead-lettered: {error}"
+        );
+        p.delivery.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+}
