@@ -194,3 +194,64 @@ mod reqwest_lite {
         }
     }
 }
+
+/// Path of a workspace binary (`producer`, `worker`, `sample-server`) next to the test
+/// executable; `cargo build --workspace --bins` puts them there.
+pub fn bin_path(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/<test> → target/debug/<name>
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// Writes records as JSON Lines into a temporary file and returns its path.
+pub fn write_jsonl(records: impl IntoIterator<Item = serde_json::Value>) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = std::env::temp_dir().join(format!(
+        "taskmill-test-{}.jsonl",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).expect("temp file"));
+    for r in records {
+        writeln!(f, "{r}").expect("write");
+    }
+    f.flush().expect("flush");
+    path
+}
+
+/// Opens a channel on the local broker (for tests that publish or read raw messages).
+pub async fn raw_channel() -> (lapin::Connection, lapin::Channel) {
+    let conn = taskmill_common::amqp::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "test")
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672");
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+/// Takes every message now in `queue` (basic.get until empty), acking each.
+pub async fn drain_queue(ch: &lapin::Channel, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
+    use lapin::options::{BasicAckOptions, BasicGetOptions};
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await
+        .expect("basic.get")
+    {
+        m.delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+        out.push(m);
+    }
+    out
+}

@@ -392,6 +392,7 @@ async fn session(
         hard_stop.cancel();
         sink_task.abort();
     }
+    let _ = consume_ch.close(200, "worker shutting down".into()).await;
     let _ = conn.close(200, "worker shutting down".into()).await;
     if result.is_ok() {
         info!("worker stopped");
