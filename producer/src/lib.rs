@@ -46,7 +46,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Read records, batch them and publish them as a new job; prints the job id first.
-    Enqueue(cmd::enqueue::EnqueueArgs),
+    Enqueue(Box<cmd::enqueue::EnqueueArgs>),
     /// Show a job's state, counters and summary.
     Status(cmd::status::StatusArgs),
     /// Wait for a job to finish: exit 0 completed, 1 with dead batches, 2 on timeout.

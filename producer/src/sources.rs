@@ -76,22 +76,23 @@ fn emit(tx: &mpsc::Sender<Value>, v: Value) -> bool {
 /// Streams the elements of a top-level JSON array without holding the array.
 struct ArrayStreamer<'a> {
     tx: &'a mpsc::Sender<Value>,
+    /// Elements sent, kept when a later element turns out malformed.
+    sent: &'a mut u64,
 }
 
 impl<'de> Visitor<'de> for ArrayStreamer<'_> {
-    type Value = u64;
+    type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a JSON array")
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
-        let mut n = 0;
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while let Some(v) = seq.next_element::<Value>()? {
             if self.tx.blocking_send(v).is_err() {
                 return Err(A::Error::custom("publishing stopped"));
             }
-            n += 1;
+            *self.sent += 1;
         }
-        Ok(n)
+        Ok(())
     }
 }
 
@@ -126,21 +127,25 @@ pub fn read_records(
     };
     if first == b'[' {
         let mut de = serde_json::Deserializer::from_reader(reader);
-        match de.deserialize_seq(ArrayStreamer { tx }) {
-            Ok(n) => {
+        let mut sent = 0;
+        match de.deserialize_seq(ArrayStreamer {
+            tx,
+            sent: &mut sent,
+        }) {
+            Ok(()) => {
                 if de.end().is_err() {
                     problems.invalid(format!(
                         "{source}: content after the JSON array was ignored"
                     ));
                 }
-                n
+                sent
             }
             Err(e) => {
                 problems.invalid(format!(
                     "{source}:{}: malformed JSON array ({e}); the records before it were kept",
                     e.line()
                 ));
-                0
+                sent
             }
         }
     } else {

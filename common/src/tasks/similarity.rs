@@ -115,7 +115,7 @@ impl Task for Similarity {
                 })
             })
             .collect();
-        pairs.sort_by(|x, y| (x.0, x.1).cmp(&(y.0, y.1)));
+        pairs.sort_by_key(|p| (p.0, p.1));
         let listed: Vec<Value> = pairs
             .iter()
             .map(|&(i, j, est)| json!({"a": usable[i].0, "b": usable[j].0, "jaccard": est}))

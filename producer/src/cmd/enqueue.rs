@@ -294,7 +294,7 @@ pub async fn enqueue(
         if batch.len() >= args.batch_size {
             let full = std::mem::replace(&mut batch, Vec::with_capacity(args.batch_size));
             ctx.publish(&mut publisher, &mut batch_no, full).await?;
-            if batch_no % 200 == 0 {
+            if batch_no.is_multiple_of(200) {
                 let _ = store.set_published(&job, publisher.confirmed_batches).await;
             }
         }

@@ -1,0 +1,22 @@
+# taskmill: the two commands of the README, and a few more.
+.PHONY: demo test lint build services clean-test-namespaces
+
+# The demo: services up, release build, two workers, 10,000 posts over local HTTP.
+demo:
+	bash deploy/scripts/demo.sh
+
+# The tests: services up, formatting and lints, then the whole suite against them.
+test: services lint
+	cargo build --workspace --bins
+	./target/debug/tmt-cleanup
+	cargo test --workspace --no-fail-fast
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+build:
+	cargo build --release --workspace --bins
+
+services:
+	bash deploy/scripts/services.sh

@@ -1,0 +1,178 @@
+//! The `producer` and `worker` binaries as users run them: output shapes and exit codes.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+use taskmill_tests::{bin_path, sample, write_jsonl, TestNs};
+
+fn producer(ns: &str, args: &[&str]) -> Output {
+    Command::new(bin_path("producer"))
+        .args(args)
+        .env("TASKMILL_NAMESPACE", ns)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+#[test]
+fn the_command_line_end_to_end() {
+    let t = TestNs::new();
+    let mut worker = Command::new(bin_path("worker"))
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .env("TASKMILL_THREADS", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // enqueue --wait --json: job id first, then the report, then the final status.
+    let file = write_jsonl(sample::posts(95));
+    let f = file.to_str().unwrap();
+    let out = producer(
+        &t.ns,
+        &[
+            "enqueue",
+            "--file",
+            f,
+            "--wait",
+            "--json",
+            "--timeout",
+            "60",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    let job = lines[0].to_string();
+    assert_eq!(job.len(), 32, "first line is the job id: {text}");
+    let report: Value = serde_json::from_str(lines[1]).unwrap();
+    assert_eq!(report["records"], 95);
+    assert_eq!(report["batches"], 10);
+    let final_status: Value = serde_json::from_str(lines[2]).unwrap();
+    assert_eq!(final_status["state"], "completed");
+
+    // status --json: numbers as numbers, summary once finished.
+    let out = producer(&t.ns, &["status", &job, "--json"]);
+    assert!(out.status.success());
+    let s: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(s["job"], job.as_str());
+    assert_eq!(s["batches_done"], s["batches_total"]);
+    assert_eq!(s["batches_total"], 10);
+    assert_eq!(s["records_done"], 95);
+    assert_eq!(s["summary"]["processed_count"], 95);
+    assert!(s["created_ms"].is_u64() && s["finished_ms"].is_u64());
+
+    // results --json: one object a batch, one a line.
+    let out = producer(&t.ns, &["results", &job, "--json"]);
+    let lines: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 10);
+    assert_eq!(lines[9]["batch"], 9);
+    assert_eq!(lines[9]["result"]["processed_count"], 5);
+
+    // wait on a job with dead batches exits 1.
+    let out = producer(
+        &t.ns,
+        &[
+            "enqueue",
+            "--file",
+            f,
+            "--task",
+            "chaos",
+            "--param",
+            "fail_rate=1",
+            "--param",
+            "fail=permanent",
+            "--wait",
+            "--timeout",
+            "60",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let dead_job = stdout(&out).lines().next().unwrap().to_string();
+    let out = producer(&t.ns, &["wait", &dead_job]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("completed_with_errors"));
+
+    // wait times out (exit 2) on a queue that no worker consumes.
+    let out = producer(&t.ns, &["enqueue", "--file", f, "--queue", "idle"]);
+    assert!(out.status.success());
+    let idle_job = stdout(&out).lines().next().unwrap().to_string();
+    let out = producer(&t.ns, &["wait", &idle_job, "--timeout", "0.3"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    // jobs --json lists all three.
+    let out = producer(&t.ns, &["jobs", "--json"]);
+    let ids: Vec<String> = stdout(&out)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["job"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert!(ids.contains(&job) && ids.contains(&dead_job) && ids.contains(&idle_job));
+
+    // User mistakes: one clear sentence on stderr, non-zero exit, no panic.
+    for (args, needle) in [
+        (vec!["status", "no-such-job"], "no job \"no-such-job\""),
+        (vec!["enqueue", "--file", "/no/such/file"], "no such file"),
+        (vec!["enqueue"], "no records to read"),
+        (
+            vec!["enqueue", "--file", f, "--batch-size", "0"],
+            "--batch-size",
+        ),
+        (
+            vec!["enqueue", "--file", f, "--param", "novalue"],
+            "KEY=VALUE",
+        ),
+        (
+            vec!["enqueue", "--file", f, "--queue", "bad name"],
+            "queue name",
+        ),
+    ] {
+        let out = producer(&t.ns, &args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // Nothing readable: exit 1 and say so.
+    let junk = std::env::temp_dir().join(format!("{}-junk.jsonl", t.ns));
+    std::fs::write(&junk, "nope\n{broken\n").unwrap();
+    let out = producer(&t.ns, &["enqueue", "--file", junk.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("nothing could be read"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("junk.jsonl:1: malformed JSON"));
+
+    // SIGTERM: the worker drains and exits 0.
+    let kill = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = worker.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+
+    let _ = std::fs::remove_file(file);
+    let _ = std::fs::remove_file(junk);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(t.cleanup());
+}
