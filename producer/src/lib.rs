@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! - [`Cli`] and [`run`]: the command line and its dispatch.
-//! - [`cmd`]: one subcommand a file (`enqueue`, `status`, `wait`, `results`, `jobs`).
+//! - [`cmd`]: one subcommand a file (`enqueue`, `status`, `wait`, `results`, `jobs`, `dlq`).
 //! - [`sources`]: files, stdin and HTTP, streamed into one bounded channel.
 //! - [`publisher`]: confirm-window publishing with republish on nack, return or reconnect.
 
@@ -55,6 +55,8 @@ pub enum Command {
     Results(cmd::results::ResultsArgs),
     /// List the namespace's jobs.
     Jobs(cmd::jobs::JobsArgs),
+    /// Inspect, replay and purge dead letters.
+    Dlq(cmd::dlq::DlqArgs),
 }
 
 /// Runs one command.
@@ -65,5 +67,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Wait(a) => cmd::wait::run(&cli.conn, a).await,
         Command::Results(a) => cmd::results::run(&cli.conn, a).await,
         Command::Jobs(a) => cmd::jobs::run(&cli.conn, a).await,
+        Command::Dlq(a) => cmd::dlq::run(&cli.conn, a).await,
     }
 }

@@ -3,8 +3,12 @@
 //!
 //! # Layout
 //! - [`sample`]: deterministic sample posts and a local HTTP server for them.
+//! - [`proxy`]: a TCP proxy that cuts and restores connections.
+//! - [`redis_server`]: a private redis-server that a test can kill and restart.
 //! - [`TestNs`]: a fresh namespace per test, with helpers to run workers and clean up.
 
+pub mod proxy;
+pub mod redis_server;
 pub mod sample;
 
 use std::{sync::Arc, time::Duration};
@@ -81,11 +85,16 @@ impl TestNs {
 
     /// Starts a worker with the built-in tasks.
     pub fn spawn_worker(&self, args: WorkerArgs) -> RunningWorker {
+        self.spawn_worker_with(args, Registry::builtin())
+    }
+
+    /// Starts a worker with the given tasks.
+    pub fn spawn_worker_with(&self, args: WorkerArgs, registry: Registry) -> RunningWorker {
         let shutdown = CancellationToken::new();
         let stats = Arc::new(Stats::default());
         let handle = tokio::spawn(taskmill_worker::run_with_stats(
             args,
-            Registry::builtin(),
+            registry,
             shutdown.clone(),
             stats.clone(),
         ));
@@ -100,13 +109,15 @@ impl TestNs {
     pub async fn wait_finished(&self, store: &Store, job: &str, limit: Duration) -> JobStatus {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            if let Some(s) = store.job_status(job).await.expect("job status") {
+            // An error (a Redis that is restarting) is simply read again.
+            let status = store.job_status(job).await;
+            if let Ok(Some(s)) = &status {
                 if s.is_finished() {
-                    return s;
+                    return s.clone();
                 }
-                if tokio::time::Instant::now() > deadline {
-                    panic!("job {job} did not finish within {limit:?}: {:?}", s.fields);
-                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("job {job} did not finish within {limit:?}: {status:?}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -254,4 +265,32 @@ pub async fn drain_queue(ch: &lapin::Channel, queue: &str) -> Vec<lapin::message
         out.push(m);
     }
     out
+}
+
+/// Polls `cond` every 10 ms until it holds; panics after `limit` (a hung test, not a timing
+/// assertion).
+pub async fn until<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {limit:?} for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Batches done of a job so far (0 when unknown).
+pub async fn batches_done(store: &Store, job: &str) -> u64 {
+    store
+        .job_status(job)
+        .await
+        .ok()
+        .flatten()
+        .map(|s| s.num("batches_done"))
+        .unwrap_or(0)
 }

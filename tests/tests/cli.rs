@@ -105,6 +105,28 @@ fn the_command_line_end_to_end() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("completed_with_errors"));
 
+    // dlq list / show / purge on the command line.
+    let out = producer(&t.ns, &["dlq", "list", "--job", &dead_job, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let letters: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 10);
+    assert!(letters
+        .iter()
+        .all(|l| l["kind"] == "permanent" && l["task"] == "chaos"));
+    let out = producer(&t.ns, &["dlq", "show", &format!("{dead_job}:3"), "--json"]);
+    let shown: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(shown["batch"], 3);
+    assert_eq!(shown["records"].as_array().unwrap().len(), 10);
+    let out = producer(&t.ns, &["dlq", "purge", "--job", &dead_job]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--yes"), "{}", stderr(&out));
+    let out = producer(&t.ns, &["dlq", "purge", "--job", &dead_job, "--yes"]);
+    assert!(out.status.success());
+    assert!(stderr(&out).contains("purged 10"), "{}", stderr(&out));
+
     // wait times out (exit 2) on a queue that no worker consumes.
     let out = producer(&t.ns, &["enqueue", "--file", f, "--queue", "idle"]);
     assert!(out.status.success());

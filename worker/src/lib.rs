@@ -127,10 +127,12 @@ pub struct Stats {
     pub records_done: AtomicU64,
     /// Sessions started (1 + reconnects).
     pub sessions: AtomicU64,
+    /// Failed Redis calls (each retried with backoff).
+    pub store_errors: AtomicU64,
 }
 
 impl Stats {
-    fn add(counter: &AtomicU64, n: u64) {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
     /// A counter's current value.

@@ -147,6 +147,7 @@ impl Sink {
             match f().await {
                 Ok(v) => return Ok(v),
                 Err(e) => {
+                    Stats::add(&self.stats.store_errors, 1);
                     warn!("{what}: {e}; trying again in {backoff:?}");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}

@@ -1,5 +1,6 @@
 //! One subcommand a file.
 
+pub mod dlq;
 pub mod enqueue;
 pub mod jobs;
 pub mod results;

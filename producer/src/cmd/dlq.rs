@@ -1,0 +1,462 @@
+//! `producer dlq`: inspect, replay and purge dead letters.
+//!
+//! Dead letters sit in the quorum queue `{ns}.dead`. Reading them without removing them uses
+//! `basic.get` without ack and gives them back (nack with requeue) at the end, so `list` and
+//! `show` change nothing. `replay` republishes matching batches to their original work queue
+//! with the attempt counter reset and the error headers removed, waits for the broker's
+//! confirm, and only then acks the dead letter.
+
+use std::io::{IsTerminal, Write};
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use lapin::{
+    message::BasicGetMessage,
+    options::{
+        BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+        ConfirmSelectOptions,
+    },
+    types::{AMQPValue, FieldTable},
+    BasicProperties, Channel, Connection,
+};
+use serde_json::{json, Value};
+
+use taskmill_common::{
+    amqp::{self, header_i64, header_str},
+    config::ConnArgs,
+    envelope::{
+        self, HEADER_ATTEMPT, HEADER_ATTEMPTS, HEADER_DEAD_AT, HEADER_ERROR, HEADER_ERROR_KIND,
+        HEADER_ORIGINAL_QUEUE,
+    },
+    topology::{self, Names},
+};
+
+/// Arguments of `dlq`.
+#[derive(Args, Debug, Clone)]
+pub struct DlqArgs {
+    /// What to do with the dead letters.
+    #[command(subcommand)]
+    pub action: DlqAction,
+}
+
+/// The `dlq` subcommands.
+#[derive(Subcommand, Debug, Clone)]
+pub enum DlqAction {
+    /// One line a dead letter: job, batch, task, error kind, error, attempts, time.
+    List {
+        /// Only this job's.
+        #[arg(long)]
+        job: Option<String>,
+        /// One JSON object a line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter with its headers and records.
+    Show {
+        /// The batch, as `JOB:BATCH` (its message id).
+        id: String,
+        /// As one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters back to their work queue with attempts reset.
+    Replay {
+        /// Only this job's.
+        #[arg(long)]
+        job: Option<String>,
+        /// All of them.
+        #[arg(long, conflicts_with = "job")]
+        all: bool,
+    },
+    /// Delete dead letters.
+    Purge {
+        /// Only this job's.
+        #[arg(long)]
+        job: Option<String>,
+        /// All of them.
+        #[arg(long, conflicts_with = "job")]
+        all: bool,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// One dead letter as read from the queue.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Job id, from the message id or the envelope.
+    pub job: Option<String>,
+    /// Batch number.
+    pub batch: Option<u64>,
+    /// Task name, when the body decodes.
+    pub task: Option<String>,
+    /// Error kind (`x-taskmill-error-kind`, or `delivery_limit` etc. from the broker's `x-death`).
+    pub kind: String,
+    /// Error text.
+    pub error: String,
+    /// Attempts made.
+    pub attempts: i64,
+    /// When it died, ms since the epoch (0 if unknown).
+    pub at_ms: i64,
+    /// Full name of the work queue it came from.
+    pub queue: Option<String>,
+}
+
+impl DeadLetter {
+    fn from_message(m: &BasicGetMessage) -> Self {
+        let p = &m.delivery.properties;
+        let from_id = p
+            .message_id()
+            .as_ref()
+            .and_then(|id| envelope::parse_message_id(id.as_str()));
+        let env = envelope::decode(&m.delivery.data, usize::MAX).ok();
+        let (job, batch) = match (&env, from_id) {
+            (Some(e), _) => (Some(e.job.clone()), Some(e.batch)),
+            (None, Some((j, b))) => (Some(j), Some(b)),
+            (None, None) => (None, None),
+        };
+        let death = first_death(p);
+        let kind = header_str(p, HEADER_ERROR_KIND)
+            .or_else(|| death.as_ref().and_then(|d| d.0.clone()))
+            .unwrap_or_else(|| "unknown".into());
+        let error = header_str(p, HEADER_ERROR).unwrap_or_else(|| match &death {
+            Some((Some(reason), _)) => format!("dead-lettered by the broker: {reason}"),
+            _ => "no reason given".into(),
+        });
+        DeadLetter {
+            job,
+            batch,
+            task: env.as_ref().map(|e| e.task.clone()),
+            kind,
+            error,
+            attempts: header_i64(p, HEADER_ATTEMPTS)
+                .or_else(|| header_i64(p, HEADER_ATTEMPT))
+                .unwrap_or(1),
+            at_ms: header_i64(p, HEADER_DEAD_AT).unwrap_or(0),
+            queue: header_str(p, HEADER_ORIGINAL_QUEUE).or_else(|| death.and_then(|d| d.1)),
+        }
+    }
+
+    /// As JSON.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "job": self.job, "batch": self.batch, "task": self.task, "kind": self.kind,
+            "error": self.error, "attempts": self.attempts, "at_ms": self.at_ms,
+            "queue": self.queue,
+        })
+    }
+}
+
+/// (reason, queue) of the broker's first `x-death` entry, for messages the broker dead-lettered.
+fn first_death(p: &BasicProperties) -> Option<(Option<String>, Option<String>)> {
+    let reason = header_str(p, "x-first-death-reason");
+    let queue = header_str(p, "x-first-death-queue");
+    (reason.is_some() || queue.is_some()).then_some((reason, queue))
+}
+
+struct DeadQueue {
+    conn: Connection,
+    channel: Channel,
+    names: Names,
+    /// Messages taken but not acked; given back by `release`.
+    held: Vec<BasicGetMessage>,
+}
+
+impl DeadQueue {
+    async fn open(conn_args: &ConnArgs) -> anyhow::Result<Self> {
+        let names = Names::new(&conn_args.namespace);
+        let conn = amqp::connect(&conn_args.amqp_url, "taskmill-producer-dlq").await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        topology::declare(&channel, &names, &[]).await?;
+        Ok(Self {
+            conn,
+            channel,
+            names,
+            held: Vec::new(),
+        })
+    }
+
+    /// The next dead letter not yet taken, or None when none is left.
+    async fn next(&mut self) -> anyhow::Result<Option<BasicGetMessage>> {
+        Ok(self
+            .channel
+            .basic_get(
+                self.names.dead_queue().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await?)
+    }
+
+    /// Gives back every held message (they stay dead letters) and closes.
+    async fn release(self) -> anyhow::Result<()> {
+        if let Some(last) = self.held.last() {
+            last.delivery
+                .acker
+                .nack(BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                })
+                .await?;
+        }
+        let _ = self.channel.close(200, "done".into()).await;
+        let _ = self.conn.close(200, "done".into()).await;
+        Ok(())
+    }
+}
+
+fn matches(d: &DeadLetter, job: Option<&str>) -> bool {
+    job.is_none_or(|j| d.job.as_deref() == Some(j))
+}
+
+fn when(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    let secs = ms / 1000;
+    let (d, s) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = d + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
+/// Lists dead letters (all, or one job's) without removing them.
+pub async fn list(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<Vec<DeadLetter>> {
+    let mut q = DeadQueue::open(conn).await?;
+    let mut out = Vec::new();
+    while let Some(m) = q.next().await? {
+        let d = DeadLetter::from_message(&m);
+        if matches(&d, job) {
+            out.push(d);
+        }
+        q.held.push(m);
+    }
+    q.release().await?;
+    Ok(out)
+}
+
+/// Republishes matching dead letters to their work queue; returns how many.
+pub async fn replay(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<u64> {
+    let mut q = DeadQueue::open(conn).await?;
+    let mut replayed = 0;
+    let mut declared = Vec::new();
+    while let Some(m) = q.next().await? {
+        let d = DeadLetter::from_message(&m);
+        let short = d
+            .queue
+            .as_deref()
+            .and_then(|full| q.names.short_queue(full))
+            .map(str::to_string);
+        let Some(short) = short.filter(|_| matches(&d, job)) else {
+            q.held.push(m);
+            continue;
+        };
+        if !declared.contains(&short) {
+            topology::declare(&q.channel, &q.names, std::slice::from_ref(&short)).await?;
+            declared.push(short.clone());
+        }
+        let props = replay_properties(&m.delivery.properties);
+        let confirm = q
+            .channel
+            .basic_publish(
+                q.names.work_exchange().into(),
+                short.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &m.delivery.data,
+                props,
+            )
+            .await?
+            .await?;
+        if confirm.is_ack() && confirm.take_message().is_none() {
+            m.delivery.acker.ack(BasicAckOptions::default()).await?;
+            replayed += 1;
+        } else {
+            q.held.push(m);
+            anyhow::bail!("the broker refused a replayed batch; it stays a dead letter");
+        }
+    }
+    q.release().await?;
+    Ok(replayed)
+}
+
+/// The original properties with the attempt reset to 1 and the dead-letter headers removed.
+fn replay_properties(p: &BasicProperties) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(old) = p.headers() {
+        for (k, v) in old.inner() {
+            let k = k.as_str();
+            if k.starts_with("x-taskmill-")
+                || k.starts_with("x-death")
+                || k.starts_with("x-first-death")
+                || k.starts_with("x-last-death")
+            {
+                continue;
+            }
+            headers.insert(k.into(), v.clone());
+        }
+    }
+    headers.insert(HEADER_ATTEMPT.into(), AMQPValue::LongLongInt(1));
+    p.clone().with_headers(headers)
+}
+
+/// Deletes matching dead letters; returns how many.
+pub async fn purge(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<u64> {
+    let mut q = DeadQueue::open(conn).await?;
+    let mut purged = 0;
+    while let Some(m) = q.next().await? {
+        if matches(&DeadLetter::from_message(&m), job) {
+            m.delivery.acker.ack(BasicAckOptions::default()).await?;
+            purged += 1;
+        } else {
+            q.held.push(m);
+        }
+    }
+    q.release().await?;
+    Ok(purged)
+}
+
+async fn show(conn: &ConnArgs, id: &str, as_json: bool) -> anyhow::Result<bool> {
+    let mut q = DeadQueue::open(conn).await?;
+    let mut found = None;
+    while let Some(m) = q.next().await? {
+        let d = DeadLetter::from_message(&m);
+        let this = match (&d.job, d.batch) {
+            (Some(j), Some(b)) => envelope::message_id(j, b) == id,
+            _ => false,
+        };
+        if this && found.is_none() {
+            let env = envelope::decode(&m.delivery.data, usize::MAX);
+            let records = match &env {
+                Ok(e) => json!(e.records),
+                Err(e) => json!(format!("<{e}; {} bytes>", m.delivery.data.len())),
+            };
+            let params = env.as_ref().map(|e| json!(e.params)).unwrap_or(Value::Null);
+            let mut v = d.to_json();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("params".into(), params);
+                o.insert("records".into(), records);
+            }
+            found = Some(v);
+        }
+        q.held.push(m);
+    }
+    q.release().await?;
+    let Some(v) = found else {
+        return Ok(false);
+    };
+    if as_json {
+        println!("{v}");
+    } else {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).context("formatting the dead letter")?
+        );
+    }
+    Ok(true)
+}
+
+fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
+    if yes {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("{question}: not on a terminal; add --yes to confirm");
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+/// The command.
+pub async fn run(conn: &ConnArgs, args: &DlqArgs) -> anyhow::Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    match &args.action {
+        DlqAction::List { job, json } => {
+            let letters = list(conn, job.as_deref()).await?;
+            let mut out = String::new();
+            for d in &letters {
+                if *json {
+                    out.push_str(&d.to_json().to_string());
+                } else {
+                    out.push_str(&format!(
+                        "{}:{}  {}  {}  attempts={}  {}  {}",
+                        d.job.as_deref().unwrap_or("?"),
+                        d.batch.map(|b| b.to_string()).unwrap_or_else(|| "?".into()),
+                        d.task.as_deref().unwrap_or("?"),
+                        d.kind,
+                        d.attempts,
+                        when(d.at_ms),
+                        d.error
+                    ));
+                }
+                out.push('\n');
+            }
+            print!("{out}");
+            if !*json {
+                eprintln!("{} dead letters", letters.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqAction::Show { id, json } => {
+            if show(conn, id, *json).await? {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                anyhow::bail!("no dead letter {id:?} (give it as JOB:BATCH, as `dlq list` shows)")
+            }
+        }
+        DlqAction::Replay { job, all } => {
+            if job.is_none() && !all {
+                anyhow::bail!("say which dead letters to replay: --job JOB or --all");
+            }
+            let n = replay(conn, job.as_deref()).await?;
+            eprintln!("replayed {n} dead letters");
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqAction::Purge { job, all, yes } => {
+            if job.is_none() && !all {
+                anyhow::bail!("say which dead letters to purge: --job JOB or --all");
+            }
+            let what = match job {
+                Some(j) => format!("purge the dead letters of job {j}"),
+                None => "purge ALL dead letters".to_string(),
+            };
+            if !confirm(&what, *yes)? {
+                eprintln!("nothing purged");
+                return Ok(ExitCode::from(1));
+            }
+            let n = purge(conn, job.as_deref()).await?;
+            eprintln!("purged {n} dead letters");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dates() {
+        assert_eq!(super::when(0), "-");
+        assert_eq!(super::when(1_700_000_000_000), "2023-11-14T22:13:20Z");
+    }
+}

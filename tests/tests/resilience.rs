@@ -1,0 +1,242 @@
+//! No work lost: cut broker connections, a Redis outage, kill -9 and SIGTERM of workers.
+//! Each test checks that the job completes with every batch counted exactly once.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use lapin::{options::QueueDeclareOptions, types::FieldTable};
+use taskmill_common::{store::Store, topology::Names};
+use taskmill_producer::cmd::enqueue::{enqueue, EnqueueArgs};
+use taskmill_tests::{
+    batches_done, bin_path, proxy::Proxy, raw_channel, redis_server::PrivateRedis, sample, until,
+    write_jsonl, TestNs,
+};
+use taskmill_worker::Stats;
+
+const RABBIT: &str = "127.0.0.1:5672";
+
+fn chaos(file: &std::path::Path, params: &[&str]) -> EnqueueArgs {
+    let mut a = EnqueueArgs::new("chaos");
+    a.files = vec![file.to_path_buf()];
+    a.params = params.iter().map(|p| p.to_string()).collect();
+    a
+}
+
+/// Every batch done once: counters, results and the batch list agree.
+async fn assert_exactly_once(store: &Store, job: &str, batches: u64, records: u64) {
+    let s = store.job_status(job).await.unwrap().unwrap();
+    assert_eq!(s.state(), "completed", "{:?}", s.fields);
+    assert_eq!(s.num("batches_total"), batches);
+    assert_eq!(s.num("batches_done"), batches);
+    assert_eq!(s.num("batches_dead"), 0);
+    assert_eq!(s.num("records_done"), records);
+    let results = store.results(job).await.unwrap();
+    assert_eq!(results.len() as u64, batches);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_survives_a_cut_broker_connection() {
+    let t = TestNs::new();
+    let proxy = Proxy::start(RABBIT.parse::<SocketAddr>().unwrap())
+        .await
+        .unwrap();
+    let mut wargs = t.worker_args();
+    wargs.conn.amqp_url = proxy.amqp_url();
+    wargs.prefetch = 16;
+    let w = t.spawn_worker(wargs);
+    let file = write_jsonl(sample::posts(3000));
+    let report = enqueue(&t.conn(), &chaos(&file, &["spin_us=1000"]), |_| {})
+        .await
+        .unwrap();
+    let store = t.store().await;
+    let job = report.job.clone();
+    until("a fifth of the job", Duration::from_secs(60), || {
+        let (store, job) = (store.clone(), job.clone());
+        async move { batches_done(&store, &job).await >= 60 }
+    })
+    .await;
+    proxy.cut();
+    until(
+        "the worker trying to reconnect",
+        Duration::from_secs(60),
+        || async { proxy.refused() >= 1 },
+    )
+    .await;
+    proxy.restore();
+    t.wait_finished(&store, &job, Duration::from_secs(120))
+        .await;
+    assert_exactly_once(&store, &job, 300, 3000).await;
+    assert!(Stats::get(&w.stats.sessions) >= 2);
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_republishes_what_a_cut_connection_left_unconfirmed() {
+    let t = TestNs::new();
+    let proxy = Proxy::start(RABBIT.parse::<SocketAddr>().unwrap())
+        .await
+        .unwrap();
+    let w = t.spawn_worker(t.worker_args());
+    let file = write_jsonl(sample::posts(40_000));
+    let mut conn = t.conn();
+    conn.amqp_url = proxy.amqp_url();
+    let mut args = chaos(&file, &[]);
+    args.batch_size = 4;
+    let producer = tokio::spawn(async move { enqueue(&conn, &args, |_| {}).await });
+    until(
+        "a part of the batches on the wire",
+        Duration::from_secs(60),
+        || async { proxy.bytes() >= 2_000_000 },
+    )
+    .await;
+    proxy.cut();
+    until(
+        "the producer trying to reconnect",
+        Duration::from_secs(60),
+        || async { proxy.refused() >= 1 },
+    )
+    .await;
+    proxy.restore();
+    let report = producer.await.unwrap().unwrap();
+    assert!(proxy.accepted() >= 2, "the producer reconnected");
+    assert_eq!(report.batches, 10_000);
+    assert_eq!(report.records, 40_000);
+    let store = t.store().await;
+    t.wait_finished(&store, &report.job, Duration::from_secs(180))
+        .await;
+    assert_exactly_once(&store, &report.job, 10_000, 40_000).await;
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_delays_the_job_but_loses_nothing() {
+    let t = TestNs::new();
+    let mut redis = PrivateRedis::start().await;
+    let mut conn = t.conn();
+    conn.redis_url = redis.url();
+    let mut wargs = t.worker_args();
+    wargs.conn.redis_url = redis.url();
+    let w = t.spawn_worker(wargs);
+    let file = write_jsonl(sample::posts(2000));
+    let report = enqueue(&conn, &chaos(&file, &["spin_us=1000"]), |_| {})
+        .await
+        .unwrap();
+    let store = Store::connect(&redis.url(), &t.ns, 3600).await.unwrap();
+    let job = report.job.clone();
+    until("a fifth of the job", Duration::from_secs(60), || {
+        let (store, job) = (store.clone(), job.clone());
+        async move { batches_done(&store, &job).await >= 40 }
+    })
+    .await;
+    redis.kill();
+    until(
+        "the worker failing to store",
+        Duration::from_secs(60),
+        || async { Stats::get(&w.stats.store_errors) >= 1 },
+    )
+    .await;
+    redis.restart().await;
+    t.wait_finished(&store, &job, Duration::from_secs(120))
+        .await;
+    assert_exactly_once(&store, &job, 200, 2000).await;
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
+
+fn worker_process(ns: &str, extra: &[(&str, &str)]) -> std::process::Child {
+    let mut c = Command::new(bin_path("worker"));
+    c.env("TASKMILL_NAMESPACE", ns)
+        .env("TASKMILL_THREADS", "1")
+        .env("TASKMILL_PREFETCH", "10")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in extra {
+        c.env(k, v);
+    }
+    c.spawn().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_one_of_two_workers_loses_nothing() {
+    let t = TestNs::new();
+    let mut a = worker_process(&t.ns, &[]);
+    let mut b = worker_process(&t.ns, &[]);
+    let file = write_jsonl(sample::posts(4000));
+    let report = enqueue(&t.conn(), &chaos(&file, &["spin_us=1000"]), |_| {})
+        .await
+        .unwrap();
+    let store = t.store().await;
+    let job = report.job.clone();
+    until("a quarter of the job", Duration::from_secs(60), || {
+        let (store, job) = (store.clone(), job.clone());
+        async move { batches_done(&store, &job).await >= 100 }
+    })
+    .await;
+    a.kill().unwrap(); // SIGKILL
+    a.wait().unwrap();
+    t.wait_finished(&store, &job, Duration::from_secs(120))
+        .await;
+    assert_exactly_once(&store, &job, 400, 4000).await;
+    b.kill().unwrap();
+    b.wait().unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_0_and_leaves_the_rest_in_the_queue() {
+    let t = TestNs::new();
+    let mut worker = worker_process(&t.ns, &[("TASKMILL_THREADS", "2")]);
+    let file = write_jsonl(sample::posts(2000));
+    let report = enqueue(&t.conn(), &chaos(&file, &["sleep_ms=20"]), |_| {})
+        .await
+        .unwrap();
+    let store = t.store().await;
+    let job = report.job.clone();
+    until("some batches done", Duration::from_secs(60), || {
+        let (store, job) = (store.clone(), job.clone());
+        async move { batches_done(&store, &job).await >= 20 }
+    })
+    .await;
+    let kill = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = worker.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "a clean drain exits 0");
+
+    // Whatever the worker had is done; the rest waits in the queue: none lost.
+    let done = batches_done(&store, &job).await;
+    assert!(done < 200, "SIGTERM came before the end of the job");
+    let (_conn, ch) = raw_channel().await;
+    let q = ch
+        .queue_declare(
+            Names::new(&t.ns).queue("tasks").into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done + u64::from(q.message_count()), 200);
+
+    let w = t.spawn_worker(t.worker_args());
+    t.wait_finished(&store, &job, Duration::from_secs(120))
+        .await;
+    assert_exactly_once(&store, &job, 200, 2000).await;
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
