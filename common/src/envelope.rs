@@ -224,6 +224,28 @@ mod tests {
             prop_assert_eq!(decode(&encode(&e), usize::MAX), Ok(e));
         }
 
+        /// Envelope-shaped maps with fields of arbitrary types (a missing field, a wrong type,
+        /// an extra field): decoding gives an envelope or an error, never a panic, and whatever
+        /// decodes has the current version.
+        #[test]
+        fn arbitrary_envelopes_never_panic(
+            fields in prop::collection::btree_map(
+                prop_oneof![
+                    Just("v".to_string()), Just("job".to_string()), Just("batch".to_string()),
+                    Just("task".to_string()), Just("params".to_string()),
+                    Just("records".to_string()), Just("created_ms".to_string()), ".{0,5}",
+                ],
+                prop_oneof![json_value(), Just(Value::from(FORMAT_VERSION))],
+                0..9,
+            )
+        ) {
+            let map: serde_json::Map<String, Value> = fields.into_iter().collect();
+            let bytes = rmp_serde::to_vec_named(&Value::Object(map)).unwrap();
+            if let Ok(e) = decode(&bytes, usize::MAX) {
+                prop_assert_eq!(e.v, FORMAT_VERSION);
+            }
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode(&bytes, 1024);

@@ -39,7 +39,16 @@ pub struct Proxy {
 impl Proxy {
     /// Starts a proxy to `target` on a free local port.
     pub async fn start(target: SocketAddr) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(
+            "127.0.0.1:0".parse().map_err(std::io::Error::other)?,
+            target,
+        )
+        .await
+    }
+
+    /// Starts a proxy to `target` listening on `bind`.
+    pub async fn start_on(bind: SocketAddr, target: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State::default());
         let st = state.clone();
