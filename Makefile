@@ -1,5 +1,5 @@
 # taskmill: the two commands of the README, and a few more.
-.PHONY: demo test lint build services clean-test-namespaces
+.PHONY: demo test lint build services bench
 
 # The demo: services up, release build, two workers, 10,000 posts over local HTTP.
 demo:
@@ -20,3 +20,8 @@ build:
 
 services:
 	bash deploy/scripts/services.sh
+
+# The benchmark harness: release build, then every workload; writes docs/bench/.
+bench: services
+	cargo build --release --workspace --bins
+	./target/release/bench

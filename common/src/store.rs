@@ -64,24 +64,40 @@ local function expire_all(ttl)
 end
 "#;
 
-/// Lua: store one batch's result once and move the counters.
-/// KEYS: job, results, dead. ARGV: batch, result, records_done, records_invalid, now, ttl.
-/// Returns 1 when stored, 0 when the batch was already done.
+/// Lua: store the results of several batches of one job, each at most once, and move the
+/// counters once for all of them.
+/// KEYS: job, results, dead. ARGV: now, ttl, n, then n × (batch, result, records_done,
+/// records_invalid). Returns one flag a batch: 1 stored, 0 already done.
 const RECORD_DONE_LUA: &str = r#"
-if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
-if redis.call('HDEL', KEYS[3], ARGV[1]) == 1 then
-  redis.call('HINCRBY', KEYS[1], 'batches_dead', -1)
+local now, ttl, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local out = {}
+local batches, records, invalid, undead = 0, 0, 0, 0
+local has_dead = redis.call('EXISTS', KEYS[3]) == 1
+for i = 0, n - 1 do
+  local at = 4 + i * 4
+  if redis.call('HSETNX', KEYS[2], ARGV[at], ARGV[at + 1]) == 1 then
+    out[i + 1] = 1
+    batches = batches + 1
+    records = records + tonumber(ARGV[at + 2])
+    invalid = invalid + tonumber(ARGV[at + 3])
+    if has_dead then undead = undead + redis.call('HDEL', KEYS[3], ARGV[at]) end
+  else
+    out[i + 1] = 0
+  end
 end
-redis.call('HINCRBY', KEYS[1], 'batches_done', 1)
-redis.call('HINCRBY', KEYS[1], 'records_done', ARGV[3])
-if ARGV[4] ~= '0' then redis.call('HINCRBY', KEYS[1], 'records_invalid', ARGV[4]) end
-redis.call('HSETNX', KEYS[1], 'started_ms', ARGV[5])
-if redis.call('HGET', KEYS[1], 'state') == 'pending' then
-  redis.call('HSET', KEYS[1], 'state', 'running')
+if batches > 0 then
+  redis.call('HINCRBY', KEYS[1], 'batches_done', batches)
+  redis.call('HINCRBY', KEYS[1], 'records_done', records)
+  if invalid > 0 then redis.call('HINCRBY', KEYS[1], 'records_invalid', invalid) end
+  if undead > 0 then redis.call('HINCRBY', KEYS[1], 'batches_dead', -undead) end
+  redis.call('HSETNX', KEYS[1], 'started_ms', now)
+  if redis.call('HGET', KEYS[1], 'state') == 'pending' then
+    redis.call('HSET', KEYS[1], 'state', 'running')
+  end
+  finish(KEYS[1], now)
+  expire_all(ttl)
 end
-finish(KEYS[1], ARGV[5])
-expire_all(ARGV[6])
-return 1
+return out
 "#;
 
 /// Lua: mark one batch dead once. KEYS: job, results, dead. ARGV: batch, reason, now, ttl.
@@ -433,30 +449,49 @@ impl Store {
         Ok(())
     }
 
-    /// Stores many batches' results in one round trip. Returns, for each, whether it was new
-    /// (false: a redelivered batch whose result was already stored).
+    /// Stores many batches' results in one round trip (one script call per job). Returns, for
+    /// each, whether it was new (false: a redelivered batch whose result was already stored).
     pub async fn record_done_many(&self, batches: &[DoneBatch]) -> Result<Vec<bool>, StoreError> {
         if batches.is_empty() {
             return Ok(Vec::new());
         }
+        // Group by job, keeping each batch's position in the input.
+        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (i, b) in batches.iter().enumerate() {
+            match groups.iter_mut().find(|(job, _)| *job == b.job) {
+                Some((_, idx)) => idx.push(i),
+                None => groups.push((&b.job, vec![i])),
+            }
+        }
         let now = crate::now_ms();
         let mut pipe = redis::pipe();
-        for b in batches {
-            pipe.cmd("EVALSHA")
+        for (job, idx) in &groups {
+            let cmd = pipe
+                .cmd("EVALSHA")
                 .arg(self.scripts.done.get_hash())
                 .arg(3)
-                .arg(self.keys.job(&b.job))
-                .arg(self.keys.results(&b.job))
-                .arg(self.keys.dead(&b.job))
-                .arg(b.batch)
-                .arg(&b.result)
-                .arg(b.records_done)
-                .arg(b.records_invalid)
+                .arg(self.keys.job(job))
+                .arg(self.keys.results(job))
+                .arg(self.keys.dead(job))
                 .arg(now)
-                .arg(self.ttl);
+                .arg(self.ttl)
+                .arg(idx.len());
+            for &i in idx {
+                let b = &batches[i];
+                cmd.arg(b.batch)
+                    .arg(&b.result)
+                    .arg(b.records_done)
+                    .arg(b.records_invalid);
+            }
         }
-        let flags: Vec<i64> = self.query_with_scripts(&pipe).await?;
-        Ok(flags.into_iter().map(|f| f == 1).collect())
+        let flags: Vec<Vec<i64>> = self.query_with_scripts(&pipe).await?;
+        let mut out = vec![false; batches.len()];
+        for ((_, idx), f) in groups.iter().zip(flags) {
+            for (&i, flag) in idx.iter().zip(f) {
+                out[i] = flag == 1;
+            }
+        }
+        Ok(out)
     }
 
     /// Counts one retry of a job's batch.

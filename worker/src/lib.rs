@@ -113,7 +113,7 @@ impl WorkerArgs {
 }
 
 /// Counters of what this worker did; shared with whoever started it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     /// Batches whose result this worker stored.
     pub batches_done: AtomicU64,
@@ -129,6 +129,27 @@ pub struct Stats {
     pub sessions: AtomicU64,
     /// Failed Redis calls (each retried with backoff).
     pub store_errors: AtomicU64,
+    /// Batch latency in ms: from the batch's creation to its result stored.
+    pub latency_ms: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            batches_done: AtomicU64::new(0),
+            batches_duplicate: AtomicU64::new(0),
+            batches_retried: AtomicU64::new(0),
+            batches_dead: AtomicU64::new(0),
+            records_done: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
+            store_errors: AtomicU64::new(0),
+            // 1 ms to 1 day, 3 significant figures; cannot fail with these bounds.
+            latency_ms: std::sync::Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 86_400_000, 3)
+                    .expect("constant histogram bounds are valid"),
+            ),
+        }
+    }
 }
 
 impl Stats {
@@ -138,6 +159,25 @@ impl Stats {
     /// A counter's current value.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Records batch latencies (ms), for batches stored now.
+    pub(crate) fn record_latencies(&self, latencies: impl Iterator<Item = u64>) {
+        let mut h = self.latency_ms.lock().unwrap_or_else(|e| e.into_inner());
+        for l in latencies {
+            h.saturating_record(l.max(1));
+        }
+    }
+
+    /// (p50, p95, p99, max) batch latency in ms.
+    pub fn latency_quantiles(&self) -> (u64, u64, u64, u64) {
+        let h = self.latency_ms.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.95),
+            h.value_at_quantile(0.99),
+            h.max(),
+        )
     }
 }
 
@@ -149,6 +189,8 @@ pub(crate) struct Processed {
     body: Vec<u8>,
     /// Attempt number from the header.
     attempt: u32,
+    /// Index of the consuming channel (for multiple-acks).
+    chan: usize,
     /// Short name of the work queue it came from.
     queue: String,
     /// What the analysis found; None if the analysis thread vanished (requeue).
@@ -214,13 +256,32 @@ pub async fn run_with_stats(
         stats,
     };
     let mut backoff = Duration::from_millis(200);
+    let report = |stats: &Stats| {
+        let (p50, p95, p99, max) = stats.latency_quantiles();
+        info!(
+            batches_done = Stats::get(&stats.batches_done),
+            batches_duplicate = Stats::get(&stats.batches_duplicate),
+            batches_retried = Stats::get(&stats.batches_retried),
+            batches_dead = Stats::get(&stats.batches_dead),
+            records_done = Stats::get(&stats.records_done),
+            latency_p50_ms = p50,
+            latency_p95_ms = p95,
+            latency_p99_ms = p99,
+            latency_max_ms = max,
+            "worker totals"
+        );
+    };
     loop {
         if shutdown.is_cancelled() {
+            report(&shared.stats);
             return Ok(());
         }
         Stats::add(&shared.stats.sessions, 1);
         match session(&shared, &shutdown, &mut backoff).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                report(&shared.stats);
+                return Ok(());
+            }
             Err(e) => {
                 warn!("worker session ended: {e:#}; reconnecting in {backoff:?}");
                 tokio::select! {
@@ -237,6 +298,7 @@ impl Shared {
     /// Hands a delivery to the rayon pool and returns the future of its outcome.
     fn process(
         &self,
+        chan: usize,
         queue: String,
         mut delivery: Delivery,
     ) -> impl std::future::Future<Output = Processed> {
@@ -263,6 +325,7 @@ impl Shared {
                 delivery,
                 body,
                 attempt,
+                chan,
                 queue,
                 analysed,
             }
@@ -284,19 +347,21 @@ async fn session(
     )
     .await?;
     let conn = amqp::connect(&args.conn.amqp_url, "taskmill-worker").await?;
-    let consume_ch = conn.create_channel().await?;
     let publish_ch = conn.create_channel().await?;
     publish_ch
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    topology::declare(&consume_ch, &shared.names, &args.queues).await?;
+    topology::declare(&publish_ch, &shared.names, &args.queues).await?;
+    // One channel a queue: delivery tags then arrive in order on each channel, which lets the
+    // sink acknowledge many batches with one multiple-ack.
     let mut consumers = Vec::new();
+    let mut channels = Vec::new();
     let mut tags: Vec<ShortString> = Vec::new();
-    for q in &args.queues {
-        consume_ch
-            .basic_qos(args.prefetch, BasicQosOptions { global: false })
+    for (i, q) in args.queues.iter().enumerate() {
+        let ch = conn.create_channel().await?;
+        ch.basic_qos(args.prefetch, BasicQosOptions { global: false })
             .await?;
-        let consumer = consume_ch
+        let consumer = ch
             .basic_consume(
                 shared.names.queue(q).into(),
                 ShortString::from(""),
@@ -305,10 +370,15 @@ async fn session(
             )
             .await?;
         tags.push(consumer.tag());
+        channels.push(ch);
         let queue = q.clone();
-        consumers.push(consumer.map(move |d| (queue.clone(), d)));
+        consumers.push(consumer.map(move |d| (i, queue.clone(), d)));
     }
-
+    let unacked: sink::Unacked = Arc::new(
+        (0..channels.len())
+            .map(|_| std::sync::Mutex::new(std::collections::BTreeSet::new()))
+            .collect(),
+    );
     info!(queues = ?args.queues, "consuming");
     *backoff = Duration::from_millis(200);
 
@@ -317,6 +387,7 @@ async fn session(
     let sink = sink::Sink::new(
         store,
         publish_ch,
+        unacked.clone(),
         shared.names.clone(),
         args.retry,
         shared.stats.clone(),
@@ -353,16 +424,23 @@ async fn session(
                 drain_timer.as_mut().reset(
                     tokio::time::Instant::now() + Duration::from_secs(args.shutdown_timeout),
                 );
-                for tag in &tags {
-                    if let Err(e) = consume_ch.basic_cancel(tag.clone(), BasicCancelOptions::default()).await {
+                for (ch, tag) in channels.iter().zip(&tags) {
+                    if let Err(e) = ch.basic_cancel(tag.clone(), BasicCancelOptions::default()).await {
                         warn!("cancelling consumer {tag}: {e}");
                         stream_done = true;
                     }
                 }
             }
             d = deliveries.next(), if !stream_done => match d {
-                Some((queue, Ok(delivery))) => inflight.push(shared.process(queue, delivery)),
-                Some((_, Err(e))) => break Err(anyhow::Error::new(e).context("consuming")),
+                Some((chan, queue, Ok(delivery))) => {
+                    if let Some(set) = unacked.get(chan) {
+                        set.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(delivery.delivery_tag);
+                    }
+                    inflight.push(shared.process(chan, queue, delivery));
+                }
+                Some((_, _, Err(e))) => break Err(anyhow::Error::new(e).context("consuming")),
                 None if draining => stream_done = true,
                 None => break Err(anyhow::anyhow!("the broker cancelled the consumer")),
             },
@@ -394,7 +472,9 @@ async fn session(
         hard_stop.cancel();
         sink_task.abort();
     }
-    let _ = consume_ch.close(200, "worker shutting down".into()).await;
+    for ch in &channels {
+        let _ = ch.close(200, "worker shutting down".into()).await;
+    }
     let _ = conn.close(200, "worker shutting down".into()).await;
     if result.is_ok() {
         info!("worker stopped");

@@ -5,7 +5,12 @@
 //! confirms, and the original is acked only after the broker confirmed the copy. While Redis is
 //! unreachable the sink keeps trying with backoff and acks nothing.
 
-use std::{collections::HashSet, future::Future, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashSet},
+    future::Future,
+    sync::Arc,
+    time::Duration,
+};
 
 use lapin::{
     options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions},
@@ -36,10 +41,15 @@ use crate::{
 /// Most batches stored in one Redis round trip.
 const MAX_GROUP: usize = 256;
 
+/// Per consuming channel, the delivery tags handed out and not yet acked or nacked.
+pub(crate) type Unacked = Arc<Vec<std::sync::Mutex<BTreeSet<u64>>>>;
+
 pub(crate) struct Sink {
     store: Store,
     /// Confirm-mode channel for retries and dead letters.
     channel: Channel,
+    /// Outstanding delivery tags of each consuming channel.
+    unacked: Unacked,
     names: Names,
     policy: RetryPolicy,
     stats: Arc<Stats>,
@@ -53,6 +63,7 @@ impl Sink {
     pub(crate) fn new(
         store: Store,
         channel: Channel,
+        unacked: Unacked,
         names: Names,
         policy: RetryPolicy,
         stats: Arc<Stats>,
@@ -61,6 +72,7 @@ impl Sink {
         Self {
             store,
             channel,
+            unacked,
             names,
             policy,
             stats,
@@ -115,7 +127,12 @@ impl Sink {
             let fresh = self
                 .redis("storing results", || store.record_done_many(&batches))
                 .await?;
-            for ((p, b), new) in done.iter().zip(&batches).zip(fresh) {
+            let now = now_ms();
+            self.stats.record_latencies(done.iter().filter_map(|p| {
+                let created = p.analysed.as_ref()?.0.created_ms?;
+                Some(now.saturating_sub(created))
+            }));
+            for (b, new) in batches.iter().zip(fresh) {
                 if new {
                     Stats::add(&self.stats.batches_done, 1);
                     Stats::add(&self.stats.records_done, b.records_done);
@@ -123,6 +140,50 @@ impl Sink {
                     Stats::add(&self.stats.batches_duplicate, 1);
                     debug!(job = %b.job, batch = b.batch, "already stored: a redelivery");
                 }
+            }
+            self.ack_group(&done).await?;
+        }
+        for p in others {
+            self.handle_other(p).await?;
+        }
+        Ok(())
+    }
+
+    /// Acks a group of stored batches: on each channel, one multiple-ack up to the highest tag
+    /// below which nothing else is outstanding, single acks for the rest.
+    async fn ack_group(&self, group: &[Processed]) -> anyhow::Result<()> {
+        let mut by_chan: std::collections::BTreeMap<usize, Vec<&Processed>> = Default::default();
+        for p in group {
+            by_chan.entry(p.chan).or_default().push(p);
+        }
+        for (chan, mut items) in by_chan {
+            items.sort_by_key(|p| p.delivery.delivery_tag);
+            let cut = match self.unacked.get(chan) {
+                Some(set) => {
+                    let mut set = set.lock().unwrap_or_else(|e| e.into_inner());
+                    for p in &items {
+                        set.remove(&p.delivery.delivery_tag);
+                    }
+                    // The smallest tag still outstanding that is not in this group.
+                    set.first().copied().unwrap_or(u64::MAX)
+                }
+                None => 0,
+            };
+            let below = items
+                .iter()
+                .take_while(|p| p.delivery.delivery_tag < cut)
+                .count();
+            if below > 0 {
+                items[below - 1]
+                    .delivery
+                    .acker
+                    .ack(BasicAckOptions {
+                        multiple: below > 1,
+                    })
+                    .await
+                    .map_err(|e| anyhow::Error::new(e).context("acking"))?;
+            }
+            for p in &items[below..] {
                 p.delivery
                     .acker
                     .ack(BasicAckOptions::default())
@@ -130,10 +191,16 @@ impl Sink {
                     .map_err(|e| anyhow::Error::new(e).context("acking"))?;
             }
         }
-        for p in others {
-            self.handle_other(p).await?;
-        }
         Ok(())
+    }
+
+    /// Forgets an outstanding tag that is acked or nacked on its own.
+    fn forget(&self, p: &Processed) {
+        if let Some(set) = self.unacked.get(p.chan) {
+            set.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&p.delivery.delivery_tag);
+        }
     }
 
     /// Retries Redis calls with backoff until they succeed or the hard stop comes.
@@ -162,6 +229,7 @@ impl Sink {
     }
 
     async fn handle_other(&mut self, p: Processed) -> anyhow::Result<()> {
+        self.forget(&p);
         let Some((id, outcome)) = p.analysed.clone() else {
             warn!("analysis thread lost a batch; giving it back to the queue");
             p.delivery

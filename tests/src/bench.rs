@@ -1,0 +1,627 @@
+//! The benchmark harness: taskmill against the broker's own limit, on this machine.
+//!
+//! Every workload runs in a fresh namespace with the release `worker` (and `producer`) as
+//! separate processes, like in production. CPU time and peak RSS of each process are read from
+//! `/proc` (utime+stime of the exited process before it is reaped; `VmHWM` while it runs).
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use futures::{FutureExt, StreamExt};
+use lapin::{
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    },
+    types::{AMQPValue, FieldTable, LongString},
+    BasicProperties,
+};
+use serde_json::{json, Value};
+use taskmill_common::{
+    amqp::batch_properties,
+    envelope::{encode, Envelope, FORMAT_VERSION},
+    now_ms,
+    store::{NewJob, PublishTotals, Store},
+    task::{Registry, TaskContext},
+    topology::{self, Names},
+};
+
+use crate::sample;
+
+/// CPU seconds and peak memory of one process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcStats {
+    /// User + system CPU seconds.
+    pub cpu_s: f64,
+    /// Peak resident set size, MiB.
+    pub peak_rss_mib: f64,
+}
+
+/// A child process whose CPU and peak RSS are watched through /proc.
+pub struct Watched {
+    child: Child,
+    peak_kb: Arc<AtomicU64>,
+}
+
+fn proc_cpu_and_state(pid: u32) -> Option<(char, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3 of stat, utime 14 and stime 15 (1-based).
+    let state = f.first()?.chars().next()?;
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some((state, ticks / 100.0))
+}
+
+fn proc_hwm_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+impl Watched {
+    /// Spawns `cmd` and starts watching it.
+    pub fn spawn(cmd: &mut Command) -> anyhow::Result<Self> {
+        let child = cmd.spawn().context("starting a benchmark process")?;
+        let pid = child.id();
+        let peak_kb = Arc::new(AtomicU64::new(0));
+        let peak = peak_kb.clone();
+        std::thread::spawn(move || loop {
+            match proc_hwm_kb(pid) {
+                Some(kb) => {
+                    peak.fetch_max(kb, Ordering::Relaxed);
+                }
+                None => return,
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        });
+        Ok(Self { child, peak_kb })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM.
+    pub fn term(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+    }
+
+    /// Waits for the process to exit and returns its figures and exit success.
+    pub fn finish(
+        mut self,
+    ) -> anyhow::Result<(ProcStats, bool, Option<std::process::ChildStderr>)> {
+        let pid = self.pid();
+        // Until reaped, an exited process stays a zombie whose stat keeps its CPU times.
+        let cpu = loop {
+            match proc_cpu_and_state(pid) {
+                Some(('Z', cpu)) => break cpu,
+                Some(_) => std::thread::sleep(Duration::from_millis(5)),
+                None => break 0.0,
+            }
+        };
+        let stderr = self.child.stderr.take();
+        let status = self.child.wait()?;
+        Ok((
+            ProcStats {
+                cpu_s: cpu,
+                peak_rss_mib: self.peak_kb.load(Ordering::Relaxed) as f64 / 1024.0,
+            },
+            status.success(),
+            stderr,
+        ))
+    }
+}
+
+/// Where the release binaries are.
+pub fn release_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.parent().map(|d| d.join(name)).unwrap_or_default()
+}
+
+/// Posts `1..=n` as a JSON Lines file, generated once and kept.
+pub fn posts_file(dir: &Path, n: u64) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!("posts-{n}.jsonl"));
+    if !path.exists() {
+        let tmp = path.with_extension("tmp");
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        for p in sample::posts(n) {
+            writeln!(f, "{p}")?;
+        }
+        f.flush()?;
+        drop(f);
+        std::fs::rename(tmp, &path)?;
+    }
+    Ok(path)
+}
+
+fn bench_ns(name: &str) -> String {
+    format!(
+        "bench-{name}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// A worker process on namespace `ns`.
+fn start_worker(ns: &str, threads: usize, prefetch: u16) -> anyhow::Result<Watched> {
+    Watched::spawn(
+        Command::new(release_bin("worker"))
+            .env("TASKMILL_NAMESPACE", ns)
+            .env("TASKMILL_THREADS", threads.to_string())
+            .env("TASKMILL_PREFETCH", prefetch.to_string())
+            .env("TASKMILL_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info,lapin=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
+}
+
+/// The worker's closing totals line (JSON log), as fields.
+fn worker_totals(stderr: Option<std::process::ChildStderr>) -> BTreeMap<String, Value> {
+    let Some(stderr) = stderr else {
+        return BTreeMap::new();
+    };
+    let mut last = BTreeMap::new();
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        if let Ok(v) = serde_json::from_str::<Value>(&line) {
+            if v["fields"]["message"] == "worker totals" {
+                if let Some(o) = v["fields"].as_object() {
+                    last = o.clone().into_iter().collect();
+                }
+            }
+        }
+    }
+    last
+}
+
+async fn wait_consumers(ns: &str, queue: &str) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:15672/api/queues/%2f/{ns}.{queue}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(resp) = http
+            .get(&url)
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+        {
+            if let Ok(v) = resp.json::<Value>().await {
+                if v["consumers"].as_u64().unwrap_or(0) >= 1 {
+                    return Ok(());
+                }
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the worker did not start consuming"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_job(store: &Store, job: &str) -> anyhow::Result<taskmill_common::store::JobStatus> {
+    loop {
+        if let Some(s) = store.job_status(job).await? {
+            if s.is_finished() {
+                return Ok(s);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Figures of one end-to-end run.
+#[derive(Debug, Clone, Default)]
+pub struct RunFigures {
+    /// Records.
+    pub records: u64,
+    /// Batches.
+    pub batches: u64,
+    /// Seconds from the job's registration (just before the first publish) to the last result.
+    pub seconds: f64,
+    /// Producer process.
+    pub producer: ProcStats,
+    /// Worker process.
+    pub worker: ProcStats,
+}
+
+impl RunFigures {
+    /// Records a second.
+    pub fn records_per_s(&self) -> f64 {
+        self.records as f64 / self.seconds
+    }
+    /// Batches a second.
+    pub fn batches_per_s(&self) -> f64 {
+        self.batches as f64 / self.seconds
+    }
+    /// As JSON.
+    pub fn to_json(&self) -> Value {
+        let per_k = |cpu: f64| cpu / self.batches.max(1) as f64 * 1000.0;
+        json!({
+            "records": self.records, "batches": self.batches, "seconds": self.seconds,
+            "records_per_s": self.records_per_s(), "batches_per_s": self.batches_per_s(),
+            "producer_cpu_s_per_1000_batches": per_k(self.producer.cpu_s),
+            "worker_cpu_s_per_1000_batches": per_k(self.worker.cpu_s),
+            "producer_peak_rss_mib": self.producer.peak_rss_mib,
+            "worker_peak_rss_mib": self.worker.peak_rss_mib,
+        })
+    }
+}
+
+/// One job through the producer and one worker process (all cores).
+pub async fn end_to_end(
+    file: &Path,
+    batch_size: usize,
+    task: &str,
+    params: &[&str],
+    prefetch: u16,
+) -> anyhow::Result<RunFigures> {
+    let ns = bench_ns("e2e");
+    let worker = start_worker(&ns, 0, prefetch)?;
+    wait_consumers(&ns, "tasks").await?;
+    let job = "bench";
+    let mut cmd = Command::new(release_bin("producer"));
+    cmd.env("TASKMILL_NAMESPACE", &ns)
+        .args(["enqueue", "--file"])
+        .arg(file)
+        .args([
+            "--batch-size",
+            &batch_size.to_string(),
+            "--task",
+            task,
+            "--job",
+            job,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for p in params {
+        cmd.args(["--param", p]);
+    }
+    let producer = Watched::spawn(&mut cmd)?;
+    let store = Store::connect("redis://127.0.0.1:6379/0", &ns, 3600).await?;
+    let (pstats, ok, _) = tokio::task::spawn_blocking(move || producer.finish()).await??;
+    anyhow::ensure!(ok, "the producer failed");
+    let status = wait_job(&store, job).await?;
+    worker.term();
+    let (wstats, _, _) = tokio::task::spawn_blocking(move || worker.finish()).await??;
+    anyhow::ensure!(
+        status.state() == "completed",
+        "the job ended {}",
+        status.state()
+    );
+    let figures = RunFigures {
+        records: status.num("records_done"),
+        batches: status.num("batches_done"),
+        seconds: (status.num("finished_ms") - status.num("created_ms")) as f64 / 1000.0,
+        producer: pstats,
+        worker: wstats,
+    };
+    crate::cleanup_namespace(&ns).await;
+    Ok(figures)
+}
+
+/// The bodies of the throughput workload's messages: `n` posts in batches of `size`.
+fn bodies(n: u64, size: usize) -> Vec<(String, Vec<u8>)> {
+    let posts: Vec<Value> = sample::posts(n).collect();
+    posts
+        .chunks(size)
+        .enumerate()
+        .map(|(i, c)| {
+            let e = Envelope {
+                v: FORMAT_VERSION,
+                job: "raw".into(),
+                batch: i as u64,
+                task: "post-stats".into(),
+                params: BTreeMap::new(),
+                records: c.to_vec(),
+                created_ms: now_ms(),
+            };
+            (e.message_id(), encode(&e))
+        })
+        .collect()
+}
+
+/// The bare round trip: publish with a window of confirms into a quorum queue, consume with a
+/// large prefetch, one pipelined Redis SET a message, multiple ack. Returns messages a second.
+pub async fn raw_round_trip(n_posts: u64, batch_size: usize) -> anyhow::Result<(u64, f64)> {
+    let msgs = bodies(n_posts, batch_size);
+    let n = msgs.len() as u64;
+    let queue = format!("{}.raw", bench_ns("raw"));
+    let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let pconn = taskmill_common::amqp::connect(url, "bench-raw-pub").await?;
+    let cconn = taskmill_common::amqp::connect(url, "bench-raw-con").await?;
+    let pch = pconn.create_channel().await?;
+    let cch = cconn.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    let opts = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    pch.queue_declare(queue.as_str().into(), opts, args).await?;
+    pch.confirm_select(ConfirmSelectOptions::default()).await?;
+    cch.basic_qos(1000, BasicQosOptions { global: false })
+        .await?;
+    let mut consumer = cch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let redis = redis::Client::open("redis://127.0.0.1:6379/0")?;
+    let mut con = redis.get_multiplexed_async_connection().await?;
+    let key_prefix = queue.clone();
+    let started = Instant::now();
+    let consume = tokio::spawn(async move {
+        let mut seen = 0u64;
+        let value = "x".repeat(150);
+        while seen < n {
+            let Some(first) = consumer.next().await else {
+                anyhow::bail!("consumer ended");
+            };
+            let mut batch = vec![first?];
+            while let Some(Some(d)) = consumer.next().now_or_never() {
+                batch.push(d?);
+                if batch.len() >= 1000 {
+                    break;
+                }
+            }
+            let mut pipe = redis::pipe();
+            for d in &batch {
+                let id = d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                pipe.cmd("SET")
+                    .arg(format!("{key_prefix}:{id}"))
+                    .arg(&value)
+                    .arg("EX")
+                    .arg(600)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut con).await?;
+            if let Some(last) = batch.last() {
+                last.acker.ack(BasicAckOptions { multiple: true }).await?;
+            }
+            seen += batch.len() as u64;
+        }
+        Ok(started.elapsed())
+    });
+    let props = BasicProperties::default().with_delivery_mode(2);
+    let mut window = std::collections::VecDeque::new();
+    for (id, body) in &msgs {
+        let c = pch
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                props.clone().with_message_id(id.as_str().into()),
+            )
+            .await?;
+        window.push_back(c);
+        if window.len() >= 256 {
+            if let Some(c) = window.pop_front() {
+                c.await?;
+            }
+        }
+    }
+    for c in window {
+        c.await?;
+    }
+    let elapsed = consume.await??;
+    pch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    let _ = pconn.close(200, "done".into()).await;
+    let _ = cconn.close(200, "done".into()).await;
+    crate::cleanup_namespace(&queue).await;
+    Ok((n, n as f64 / elapsed.as_secs_f64()))
+}
+
+/// The same task code in-process on a rayon pool of all cores: seconds for all batches.
+pub fn in_process(n_posts: u64, batch_size: usize, task: &str) -> anyhow::Result<f64> {
+    use rayon::prelude::*;
+    let posts: Vec<Value> = sample::posts(n_posts).collect();
+    let batches: Vec<&[Value]> = posts.chunks(batch_size).collect();
+    let task = Registry::builtin().get(task).context("unknown task")?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let params = BTreeMap::new();
+    let started = Instant::now();
+    let ok = pool.install(|| {
+        batches
+            .par_iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let ctx = TaskContext {
+                    params: &params,
+                    job: "inproc",
+                    batch: i as u64,
+                    attempt: 1,
+                };
+                task.run(&ctx, b).is_ok()
+            })
+            .filter(|ok| *ok)
+            .count()
+    });
+    anyhow::ensure!(ok == batches.len(), "the task failed in-process");
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Latency at a fixed publish rate (batches a second) for `seconds`: the worker's p50, p95,
+/// p99 and max from a batch's creation to its result stored, in ms.
+pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Result<Value> {
+    let ns = bench_ns("lat");
+    let worker = start_worker(&ns, 0, 64)?;
+    wait_consumers(&ns, "tasks").await?;
+    let store = Store::connect("redis://127.0.0.1:6379/0", &ns, 3600).await?;
+    let job = "latency";
+    let params = BTreeMap::new();
+    store
+        .register_job(&NewJob {
+            id: job,
+            task: "post-stats",
+            queue: "tasks",
+            params: &params,
+        })
+        .await?;
+    let names = Names::new(&ns);
+    let conn = taskmill_common::amqp::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "bench-lat")
+        .await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    topology::declare(&ch, &names, &["tasks".to_string()]).await?;
+    let posts: Vec<Value> = sample::posts(batch_size as u64 * 100).collect();
+    let total = (rate * seconds as f64) as u64;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let (ctx, mut crx) = tokio::sync::mpsc::unbounded_channel::<lapin::PublisherConfirm>();
+    let confirms = tokio::spawn(async move {
+        while let Some(c) = crx.recv().await {
+            c.await?;
+        }
+        anyhow::Ok(())
+    });
+    for b in 0..total {
+        tick.tick().await;
+        let start = (b as usize % 100) * batch_size;
+        let e = Envelope {
+            v: FORMAT_VERSION,
+            job: job.into(),
+            batch: b,
+            task: "post-stats".into(),
+            params: params.clone(),
+            records: posts[start..start + batch_size].to_vec(),
+            created_ms: now_ms(),
+        };
+        let c = ch
+            .basic_publish(
+                names.work_exchange().into(),
+                "tasks".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &encode(&e),
+                batch_properties(&e, 1),
+            )
+            .await?;
+        let _ = ctx.send(c);
+    }
+    drop(ctx);
+    confirms.await??;
+    store
+        .finish_publishing(
+            job,
+            &PublishTotals {
+                batches: total,
+                records: total * batch_size as u64,
+                ..PublishTotals::default()
+            },
+        )
+        .await?;
+    wait_job(&store, job).await?;
+    worker.term();
+    let (_, _, stderr) = tokio::task::spawn_blocking(move || worker.finish()).await??;
+    let totals = worker_totals(stderr);
+    let _ = conn.close(200, "done".into()).await;
+    crate::cleanup_namespace(&ns).await;
+    Ok(json!({
+        "rate_batches_per_s": rate, "seconds": seconds, "batches": total,
+        "p50_ms": totals.get("latency_p50_ms"), "p95_ms": totals.get("latency_p95_ms"),
+        "p99_ms": totals.get("latency_p99_ms"), "max_ms": totals.get("latency_max_ms"),
+    }))
+}
+
+/// The producer alone enqueuing `n` records from a file (no worker): its peak RSS and time.
+pub async fn producer_memory(file: &Path) -> anyhow::Result<(ProcStats, f64)> {
+    let ns = bench_ns("mem");
+    let started = Instant::now();
+    let producer = Watched::spawn(
+        Command::new(release_bin("producer"))
+            .env("TASKMILL_NAMESPACE", &ns)
+            .args(["enqueue", "--file"])
+            .arg(file)
+            .args(["--batch-size", "100", "--task", "post-stats"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    let (stats, ok, _) = tokio::task::spawn_blocking(move || producer.finish()).await??;
+    anyhow::ensure!(ok, "the producer failed");
+    let secs = started.elapsed().as_secs_f64();
+    crate::cleanup_namespace(&ns).await;
+    Ok((stats, secs))
+}
+
+/// Draws records/s against batch size as an SVG line chart.
+pub fn sweep_chart(path: &Path, points: &[(usize, f64)], raw: Option<f64>) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let ymax = points.iter().map(|p| p.1).chain(raw).fold(1.0, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "taskmill throughput by batch size (post-stats, 2 cores)",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((0.5f64..1500f64).log_scale(), 0f64..ymax)?;
+    chart
+        .configure_mesh()
+        .x_desc("records per batch (log scale)")
+        .y_desc("records / s")
+        .draw()?;
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().map(|&(b, r)| (b as f64, r)),
+            &BLUE,
+        ))?
+        .label("taskmill end to end")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    chart.draw_series(
+        points
+            .iter()
+            .map(|&(b, r)| Circle::new((b as f64, r), 4, BLUE.filled())),
+    )?;
+    if let Some(raw) = raw {
+        chart
+            .draw_series(LineSeries::new(
+                [(0.5, raw), (1500.0, raw)],
+                RED.stroke_width(1),
+            ))?
+            .label("bare lapin round trip, batches of 10 (records/s)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

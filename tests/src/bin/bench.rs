@@ -1,0 +1,212 @@
+//! `bench`: runs taskmill's benchmark workloads against the local RabbitMQ and Redis and
+//! prints a Markdown table; writes the figures as JSON and the batch-size sweep as SVG.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde_json::{json, Value};
+use taskmill_tests::bench;
+
+/// Command line of the benchmark harness.
+#[derive(Parser)]
+#[command(name = "bench", about = "taskmill benchmark harness")]
+struct Args {
+    /// Workloads to run (comma-separated): throughput, raw, cpu, latency, sweep, memory.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "throughput,raw,cpu,latency,sweep,memory"
+    )]
+    only: Vec<String>,
+    /// Posts in the throughput workload.
+    #[arg(long, default_value_t = 100_000)]
+    posts: u64,
+    /// Seconds of the latency workload.
+    #[arg(long, default_value_t = 20)]
+    latency_seconds: u64,
+    /// Worker prefetch.
+    #[arg(long, default_value_t = 64)]
+    prefetch: u16,
+    /// Where to write results.json and sweep.svg.
+    #[arg(long, default_value = "docs/bench")]
+    out: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn f(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x >= 100.0 => format!("{x:.0}"),
+        Some(x) => format!("{x:.2}"),
+        None => v.to_string(),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let want = |w: &str| args.only.iter().any(|o| o == w);
+    let data = PathBuf::from("target/bench-data");
+    std::fs::create_dir_all(&args.out)?;
+    let mut results = serde_json::Map::new();
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    results.insert("machine".into(), json!({"cores": threads}));
+
+    let mut throughput = None;
+    if want("throughput") || want("latency") {
+        eprintln!(
+            "bench: throughput ({} posts, batches of 10, post-stats)",
+            args.posts
+        );
+        let file = bench::posts_file(&data, args.posts)?;
+        let r = bench::end_to_end(&file, 10, "post-stats", &[], args.prefetch).await?;
+        let j = r.to_json();
+        rows.push((
+            "throughput".into(),
+            "records/s".into(),
+            f(&j["records_per_s"]),
+        ));
+        rows.push((
+            "throughput".into(),
+            "batches/s".into(),
+            f(&j["batches_per_s"]),
+        ));
+        rows.push((
+            "throughput".into(),
+            "producer CPU s / 1000 batches".into(),
+            f(&j["producer_cpu_s_per_1000_batches"]),
+        ));
+        rows.push((
+            "throughput".into(),
+            "worker CPU s / 1000 batches".into(),
+            f(&j["worker_cpu_s_per_1000_batches"]),
+        ));
+        rows.push((
+            "throughput".into(),
+            "producer peak RSS MiB".into(),
+            f(&j["producer_peak_rss_mib"]),
+        ));
+        rows.push((
+            "throughput".into(),
+            "worker peak RSS MiB".into(),
+            f(&j["worker_peak_rss_mib"]),
+        ));
+        throughput = Some(r.batches_per_s());
+        results.insert("throughput".into(), j);
+    }
+    if want("raw") {
+        eprintln!("bench: raw round trip (same messages)");
+        let (n, rate) = bench::raw_round_trip(args.posts, 10).await?;
+        rows.push(("raw".into(), "messages/s".into(), format!("{rate:.0}")));
+        let mut j = json!({"messages": n, "messages_per_s": rate});
+        if let Some(t) = throughput {
+            j["throughput_over_raw"] = json!(t / rate);
+            rows.push((
+                "raw".into(),
+                "throughput / raw (target ≥ 0.85)".into(),
+                format!("{:.2}", t / rate),
+            ));
+        }
+        results.insert("raw".into(), j);
+    }
+    if want("cpu") {
+        eprintln!("bench: cpu (similarity, 20,000 posts in batches of 100)");
+        let file = bench::posts_file(&data, 20_000)?;
+        let e2e = bench::end_to_end(&file, 100, "similarity", &[], args.prefetch).await?;
+        let inproc = bench::in_process(20_000, 100, "similarity")?;
+        let ratio = inproc / e2e.seconds;
+        rows.push((
+            "cpu".into(),
+            "similarity end to end, s".into(),
+            format!("{:.2}", e2e.seconds),
+        ));
+        rows.push((
+            "cpu".into(),
+            "similarity in-process, s".into(),
+            format!("{inproc:.2}"),
+        ));
+        rows.push((
+            "cpu".into(),
+            "end to end / in-process speed (target ≥ 0.90)".into(),
+            format!("{ratio:.2}"),
+        ));
+        results.insert(
+            "cpu".into(),
+            json!({"end_to_end": e2e.to_json(), "in_process_seconds": inproc, "ratio": ratio}),
+        );
+    }
+    if want("latency") {
+        let rate = throughput.unwrap_or(1000.0) / 2.0;
+        eprintln!(
+            "bench: latency at {rate:.0} batches/s for {} s",
+            args.latency_seconds
+        );
+        let j = bench::latency(rate, args.latency_seconds, 10).await?;
+        for q in ["p50_ms", "p95_ms", "p99_ms", "max_ms"] {
+            rows.push((
+                "latency".into(),
+                format!("{q} at {rate:.0} batches/s"),
+                f(&j[q]),
+            ));
+        }
+        results.insert("latency".into(), j);
+    }
+    if want("sweep") {
+        let mut points = Vec::new();
+        let mut sweep = serde_json::Map::new();
+        for size in [1usize, 10, 100, 1000] {
+            let posts = if size == 1 {
+                args.posts / 5
+            } else {
+                args.posts
+            };
+            eprintln!("bench: sweep, batches of {size} ({posts} posts)");
+            let file = bench::posts_file(&data, posts)?;
+            let r = bench::end_to_end(&file, size, "post-stats", &[], args.prefetch).await?;
+            rows.push((
+                "sweep".into(),
+                format!("records/s, batches of {size}"),
+                format!("{:.0}", r.records_per_s()),
+            ));
+            points.push((size, r.records_per_s()));
+            sweep.insert(size.to_string(), r.to_json());
+        }
+        let raw_records = results
+            .get("raw")
+            .and_then(|r| r["messages_per_s"].as_f64())
+            .map(|m| m * 10.0);
+        bench::sweep_chart(&args.out.join("sweep.svg"), &points, raw_records)?;
+        results.insert("sweep".into(), Value::Object(sweep));
+    }
+    if want("memory") {
+        eprintln!("bench: producer memory enqueuing 1,000,000 records from a file");
+        let file = bench::posts_file(&data, 1_000_000)?;
+        let (stats, secs) = bench::producer_memory(&file).await?;
+        rows.push((
+            "memory".into(),
+            "producer peak RSS MiB, 1,000,000 records".into(),
+            format!("{:.1}", stats.peak_rss_mib),
+        ));
+        results.insert("memory".into(), json!({"records": 1_000_000, "producer_peak_rss_mib": stats.peak_rss_mib, "seconds": secs}));
+    }
+
+    println!("| workload | figure | value |\n|---|---|---|");
+    for (w, k, v) in &rows {
+        println!("| {w} | {k} | {v} |");
+    }
+    let path = args.out.join("results.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&Value::Object(results))?,
+    )?;
+    eprintln!("bench: wrote {}", path.display());
+    Ok(())
+}
