@@ -6,7 +6,7 @@ use clap::Parser;
 use taskmill_common::logging;
 use taskmill_producer::Cli;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format, "warn");

@@ -65,29 +65,60 @@ impl ProblemLog {
     }
 }
 
-/// Sends a parsed document's records: an array gives its elements, anything else one record.
-fn emit(tx: &mpsc::Sender<Value>, v: Value) -> bool {
-    match v {
-        Value::Array(items) => items.into_iter().all(|i| tx.blocking_send(i).is_ok()),
-        other => tx.blocking_send(other).is_ok(),
+/// Records travel in chunks of this many, so that the channel wakes its reader once a chunk
+/// rather than once a record.
+pub const CHUNK: usize = 256;
+
+/// Collects records into chunks and sends full chunks (blocking; for reader threads).
+struct Chunker<'a> {
+    tx: &'a mpsc::Sender<Vec<Value>>,
+    buf: Vec<Value>,
+}
+
+impl<'a> Chunker<'a> {
+    fn new(tx: &'a mpsc::Sender<Vec<Value>>) -> Self {
+        Self {
+            tx,
+            buf: Vec::with_capacity(CHUNK),
+        }
+    }
+    /// Adds a record; false when the receiver is gone.
+    fn push(&mut self, v: Value) -> bool {
+        self.buf.push(v);
+        self.buf.len() < CHUNK || self.flush()
+    }
+    /// Sends what is collected; false when the receiver is gone.
+    fn flush(&mut self) -> bool {
+        if self.buf.is_empty() {
+            return true;
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx.blocking_send(chunk).is_ok()
+    }
+    /// Sends a parsed document's records: an array gives its elements, anything else one.
+    fn emit(&mut self, v: Value) -> bool {
+        match v {
+            Value::Array(items) => items.into_iter().all(|i| self.push(i)),
+            other => self.push(other),
+        }
     }
 }
 
 /// Streams the elements of a top-level JSON array without holding the array.
-struct ArrayStreamer<'a> {
-    tx: &'a mpsc::Sender<Value>,
+struct ArrayStreamer<'a, 'b> {
+    out: &'a mut Chunker<'b>,
     /// Elements sent, kept when a later element turns out malformed.
     sent: &'a mut u64,
 }
 
-impl<'de> Visitor<'de> for ArrayStreamer<'_> {
+impl<'de> Visitor<'de> for ArrayStreamer<'_, '_> {
     type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a JSON array")
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while let Some(v) = seq.next_element::<Value>()? {
-            if self.tx.blocking_send(v).is_err() {
+            if !self.out.push(v) {
                 return Err(A::Error::custom("publishing stopped"));
             }
             *self.sent += 1;
@@ -101,9 +132,16 @@ impl<'de> Visitor<'de> for ArrayStreamer<'_> {
 pub fn read_records(
     reader: impl Read,
     source: &str,
-    tx: &mpsc::Sender<Value>,
+    tx: &mpsc::Sender<Vec<Value>>,
     problems: &ProblemLog,
 ) -> u64 {
+    let mut out = Chunker::new(tx);
+    let n = read_into(reader, source, &mut out, problems);
+    out.flush();
+    n
+}
+
+fn read_into(reader: impl Read, source: &str, out: &mut Chunker<'_>, problems: &ProblemLog) -> u64 {
     let mut reader = BufReader::with_capacity(256 * 1024, reader);
     // Find the first significant byte: '[' means one array, anything else JSON Lines.
     let first = loop {
@@ -129,7 +167,7 @@ pub fn read_records(
         let mut de = serde_json::Deserializer::from_reader(reader);
         let mut sent = 0;
         match de.deserialize_seq(ArrayStreamer {
-            tx,
+            out,
             sent: &mut sent,
         }) {
             Ok(()) => {
@@ -149,14 +187,14 @@ pub fn read_records(
             }
         }
     } else {
-        read_lines(reader, source, tx, problems)
+        read_lines(reader, source, out, problems)
     }
 }
 
 fn read_lines(
     mut reader: impl BufRead,
     source: &str,
-    tx: &mpsc::Sender<Value>,
+    out: &mut Chunker<'_>,
     problems: &ProblemLog,
 ) -> u64 {
     let mut sent = 0u64;
@@ -200,7 +238,7 @@ fn read_lines(
                     } else {
                         1
                     };
-                    if !emit(tx, v) {
+                    if !out.emit(v) {
                         return sent;
                     }
                     sent += n;
@@ -217,7 +255,7 @@ fn read_lines(
                         1
                     };
                     pending.clear();
-                    if !emit(tx, v) {
+                    if !out.emit(v) {
                         return sent;
                     }
                     sent += n;
@@ -342,7 +380,7 @@ async fn fetch(
 pub async fn fetch_all(
     urls: Box<dyn Iterator<Item = String> + Send>,
     opts: &HttpOptions,
-    tx: mpsc::Sender<Value>,
+    tx: mpsc::Sender<Vec<Value>>,
     problems: ProblemLog,
 ) -> Result<(), reqwest::Error> {
     let client = reqwest::Client::builder()
@@ -361,14 +399,12 @@ pub async fn fetch_all(
     while let Some((res, url)) = results.next().await {
         match res {
             Ok(Value::Array(items)) => {
-                for item in items {
-                    if tx.send(item).await.is_err() {
-                        return Ok(());
-                    }
+                if tx.send(items).await.is_err() {
+                    return Ok(());
                 }
             }
             Ok(Value::Object(o)) => {
-                if tx.send(Value::Object(o)).await.is_err() {
+                if tx.send(vec![Value::Object(o)]).await.is_err() {
                     return Ok(());
                 }
             }
@@ -414,7 +450,7 @@ mod tests {
         drop(tx);
         let mut out = Vec::new();
         while let Ok(v) = rx.try_recv() {
-            out.push(v);
+            out.extend(v);
         }
         assert_eq!(n as usize, out.len());
         (out, problems.snapshot())

@@ -25,7 +25,7 @@ use std::{
 
 use anyhow::Context as _;
 use clap::Parser;
-use futures::{stream::FuturesUnordered, StreamExt};
+use futures::{stream::FuturesUnordered, FutureExt, StreamExt};
 use lapin::{
     message::Delivery,
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions},
@@ -48,6 +48,9 @@ use crate::{
     analyse::{analyse, BatchId, Outcome},
     retry::RetryPolicy,
 };
+
+/// Most deliveries handed to the rayon pool as one job.
+const RAYON_GROUP: usize = 64;
 
 /// The worker's command line; every flag has an environment variable behind it.
 #[derive(Parser, Debug, Clone)]
@@ -295,40 +298,60 @@ pub async fn run_with_stats(
 }
 
 impl Shared {
-    /// Hands a delivery to the rayon pool and returns the future of its outcome.
-    fn process(
+    /// Hands a group of deliveries to the rayon pool as one job and returns the future of
+    /// their outcomes. Grouping what arrived together saves a wake-up of the pool per batch
+    /// (small batches take microseconds); inside the group, rayon spreads the batches over
+    /// the threads.
+    fn process_group(
         &self,
-        chan: usize,
-        queue: String,
-        mut delivery: Delivery,
-    ) -> impl std::future::Future<Output = Processed> {
-        let body = std::mem::take(&mut delivery.data);
-        let attempt = amqp::attempt_of(&delivery.properties);
-        let message_id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.to_string());
+        group: Vec<(usize, String, Delivery)>,
+    ) -> impl std::future::Future<Output = Vec<Processed>> {
+        let mut inputs = Vec::with_capacity(group.len());
+        let mut metas = Vec::with_capacity(group.len());
+        for (chan, queue, mut delivery) in group {
+            let body = std::mem::take(&mut delivery.data);
+            let attempt = amqp::attempt_of(&delivery.properties);
+            let message_id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string());
+            inputs.push((body, attempt, message_id));
+            metas.push((chan, queue, delivery, attempt));
+        }
         let registry = self.registry.clone();
         let max = self.args.max_message_bytes;
         let (tx, rx) = oneshot::channel();
         self.pool.spawn(move || {
-            let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                analyse(&registry, &body, message_id.as_deref(), attempt, max)
-            }))
-            .ok();
-            let _ = tx.send((analysed, body));
+            use rayon::prelude::*;
+            let out: Vec<_> = inputs
+                .into_par_iter()
+                .map(|(body, attempt, message_id)| {
+                    let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        analyse(&registry, &body, message_id.as_deref(), attempt, max)
+                    }))
+                    .ok();
+                    (analysed, body)
+                })
+                .collect();
+            let _ = tx.send(out);
         });
         async move {
-            let (analysed, body) = rx.await.unwrap_or((None, Vec::new()));
-            Processed {
-                delivery,
-                body,
-                attempt,
-                chan,
-                queue,
-                analysed,
-            }
+            let mut out = rx.await.unwrap_or_default().into_iter();
+            metas
+                .into_iter()
+                .map(|(chan, queue, delivery, attempt)| {
+                    let (analysed, body) = out.next().unwrap_or((None, Vec::new()));
+                    Processed {
+                        delivery,
+                        body,
+                        attempt,
+                        chan,
+                        queue,
+                        analysed,
+                    }
+                })
+                .collect()
         }
     }
 }
@@ -406,8 +429,15 @@ async fn session(
             break Ok(());
         }
         tokio::select! {
-            Some(p) = inflight.next(), if !inflight.is_empty() => {
-                if tx.send(p).await.is_err() {
+            Some(group) = inflight.next(), if !inflight.is_empty() => {
+                let mut stopped = false;
+                for p in group {
+                    if tx.send(p).await.is_err() {
+                        stopped = true;
+                        break;
+                    }
+                }
+                if stopped {
                     break Err(anyhow::anyhow!("the result writer stopped"));
                 }
             }
@@ -433,12 +463,34 @@ async fn session(
             }
             d = deliveries.next(), if !stream_done => match d {
                 Some((chan, queue, Ok(delivery))) => {
-                    if let Some(set) = unacked.get(chan) {
-                        set.lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(delivery.delivery_tag);
+                    // Take whatever else has already arrived, up to a group.
+                    let mut group = vec![(chan, queue, delivery)];
+                    let mut failed = None;
+                    while group.len() < RAYON_GROUP {
+                        match deliveries.next().now_or_never() {
+                            Some(Some((c, q, Ok(d)))) => group.push((c, q, d)),
+                            Some(Some((_, _, Err(e)))) => {
+                                failed = Some(e);
+                                break;
+                            }
+                            Some(None) => {
+                                stream_done = draining;
+                                break;
+                            }
+                            None => break,
+                        }
                     }
-                    inflight.push(shared.process(chan, queue, delivery));
+                    for (c, _, d) in &group {
+                        if let Some(set) = unacked.get(*c) {
+                            set.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(d.delivery_tag);
+                        }
+                    }
+                    inflight.push(shared.process_group(group));
+                    if let Some(e) = failed {
+                        break Err(anyhow::Error::new(e).context("consuming"));
+                    }
                 }
                 Some((_, _, Err(e))) => break Err(anyhow::Error::new(e).context("consuming")),
                 None if draining => stream_done = true,

@@ -7,7 +7,7 @@ use taskmill_common::{logging, task::Registry};
 use taskmill_worker::WorkerArgs;
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = WorkerArgs::parse();
     logging::init(args.log_format, "info,lapin=warn");

@@ -243,7 +243,7 @@ pub async fn enqueue(
     on_registered(&job);
 
     let problems = ProblemLog::default();
-    let (tx, mut rx) = mpsc::channel::<Value>(4096);
+    let (tx, mut rx) = mpsc::channel::<Vec<Value>>(16);
     let files = args.files.clone();
     let file_tx = tx.clone();
     let file_problems = problems.clone();
@@ -289,14 +289,18 @@ pub async fn enqueue(
         max_bytes: args.max_message_bytes,
         problems: &problems,
     };
-    while let Some(record) = rx.recv().await {
-        batch.push(record);
-        if batch.len() >= args.batch_size {
-            let full = std::mem::replace(&mut batch, Vec::with_capacity(args.batch_size));
-            ctx.publish(&mut publisher, &mut batch_no, full).await?;
-            if batch_no.is_multiple_of(200) {
-                let _ = store.set_published(&job, publisher.confirmed_batches).await;
+    let mut last_progress = 0;
+    while let Some(chunk) = rx.recv().await {
+        for record in chunk {
+            batch.push(record);
+            if batch.len() >= args.batch_size {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(args.batch_size));
+                ctx.publish(&mut publisher, &mut batch_no, full).await?;
             }
+        }
+        if batch_no >= last_progress + 200 {
+            last_progress = batch_no;
+            let _ = store.set_published(&job, publisher.confirmed_batches).await;
         }
     }
     if !batch.is_empty() {
