@@ -98,32 +98,52 @@ impl Publisher {
             .await
     }
 
-    /// Publishes one batch; waits for the oldest confirms when the window is full.
-    pub async fn publish(
+    /// Publishes batches `(batch, records, body, properties)`; waits for the oldest confirms
+    /// when the window is full. The publishes of one call are handed to the connection
+    /// together, so that its I/O thread writes them in one go instead of one wake-up each.
+    pub async fn publish_many(
         &mut self,
-        batch: u64,
-        records: u64,
-        body: Vec<u8>,
-        props: BasicProperties,
+        batches: Vec<(u64, u64, Vec<u8>, BasicProperties)>,
     ) -> anyhow::Result<()> {
-        let mut item = InFlight {
-            batch,
-            records,
-            body,
-            props,
-            confirm: None,
-            refusals: 0,
-        };
-        match self.send(&item).await {
-            Ok(c) => item.confirm = Some(c),
-            Err(e) => {
-                self.inflight.push_back(item);
-                self.recover(e).await?;
-                return self.settle(self.window - 1).await;
+        let mut items: Vec<InFlight> = batches
+            .into_iter()
+            .map(|(batch, records, body, props)| InFlight {
+                batch,
+                records,
+                body,
+                props,
+                confirm: None,
+                refusals: 0,
+            })
+            .collect();
+        for group in items.chunks_mut(self.window.max(1)) {
+            // join_all polls the futures in order, so the broker sees them in order.
+            let sent = futures::future::join_all(group.iter().map(|item| self.send(item))).await;
+            let mut failure = None;
+            for (item, res) in group.iter_mut().zip(sent) {
+                match res {
+                    Ok(c) => item.confirm = Some(c),
+                    Err(e) => failure = failure.or(Some(e)),
+                }
             }
+            let taken: Vec<InFlight> = group
+                .iter_mut()
+                .map(|i| InFlight {
+                    batch: i.batch,
+                    records: i.records,
+                    body: std::mem::take(&mut i.body),
+                    props: i.props.clone(),
+                    confirm: i.confirm.take(),
+                    refusals: 0,
+                })
+                .collect();
+            self.inflight.extend(taken);
+            if let Some(e) = failure {
+                self.recover(e).await?;
+            }
+            self.settle(self.window.saturating_sub(1)).await?;
         }
-        self.inflight.push_back(item);
-        self.settle(self.window - 1).await
+        Ok(())
     }
 
     /// Waits until all published batches are confirmed.

@@ -291,20 +291,24 @@ pub async fn enqueue(
     };
     let mut last_progress = 0;
     while let Some(chunk) = rx.recv().await {
+        let mut ready = Vec::new();
         for record in chunk {
             batch.push(record);
             if batch.len() >= args.batch_size {
                 let full = std::mem::replace(&mut batch, Vec::with_capacity(args.batch_size));
-                ctx.publish(&mut publisher, &mut batch_no, full).await?;
+                ctx.prepare(&mut batch_no, full, &mut ready);
             }
         }
+        publisher.publish_many(ready).await?;
         if batch_no >= last_progress + 200 {
             last_progress = batch_no;
             let _ = store.set_published(&job, publisher.confirmed_batches).await;
         }
     }
     if !batch.is_empty() {
-        ctx.publish(&mut publisher, &mut batch_no, batch).await?;
+        let mut ready = Vec::new();
+        ctx.prepare(&mut batch_no, batch, &mut ready);
+        publisher.publish_many(ready).await?;
     }
     files_task.await.context("reading files")?;
     http_task
@@ -349,13 +353,14 @@ struct BatchCtx<'a> {
 }
 
 impl BatchCtx<'_> {
-    /// Publishes `records` as one batch, split in halves while the message is too large.
-    async fn publish(
+    /// Encodes `records` as one batch (split in halves while the message is too large) and
+    /// adds it to `ready`, numbering from `batch_no`.
+    fn prepare(
         &self,
-        publisher: &mut Publisher,
         batch_no: &mut u64,
         records: Vec<Value>,
-    ) -> anyhow::Result<()> {
+        ready: &mut Vec<(u64, u64, Vec<u8>, lapin::BasicProperties)>,
+    ) {
         let mut stack = vec![records];
         while let Some(records) = stack.pop() {
             let env = Envelope {
@@ -385,10 +390,9 @@ impl BatchCtx<'_> {
             }
             let props = batch_properties(&env, 1);
             let n = env.records.len() as u64;
-            publisher.publish(*batch_no, n, body, props).await?;
+            ready.push((*batch_no, n, body, props));
             *batch_no += 1;
         }
-        Ok(())
     }
 }
 

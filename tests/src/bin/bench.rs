@@ -85,12 +85,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(r) = runs.get(runs.len() / 2) {
         let mut j = r.to_json();
         j["runs_records_per_s"] = json!(runs.iter().map(|r| r.records_per_s()).collect::<Vec<_>>());
-        rows.push(("throughput".into(), "records/s".into(), f(&j["records_per_s"])));
-        rows.push(("throughput".into(), "batches/s".into(), f(&j["batches_per_s"])));
-        rows.push(("throughput".into(), "producer CPU s / 1000 batches".into(), f(&j["producer_cpu_s_per_1000_batches"])));
-        rows.push(("throughput".into(), "worker CPU s / 1000 batches".into(), f(&j["worker_cpu_s_per_1000_batches"])));
-        rows.push(("throughput".into(), "producer peak RSS MiB".into(), f(&j["producer_peak_rss_mib"])));
-        rows.push(("throughput".into(), "worker peak RSS MiB".into(), f(&j["worker_peak_rss_mib"])));
+        rows.push((
+            "throughput".into(),
+            "records/s".into(),
+            f(&j["records_per_s"]),
+        ));
+        rows.push((
+            "throughput".into(),
+            "batches/s".into(),
+            f(&j["batches_per_s"]),
+        ));
+        rows.push((
+            "throughput".into(),
+            "producer CPU s / 1000 batches".into(),
+            f(&j["producer_cpu_s_per_1000_batches"]),
+        ));
+        rows.push((
+            "throughput".into(),
+            "worker CPU s / 1000 batches".into(),
+            f(&j["worker_cpu_s_per_1000_batches"]),
+        ));
+        rows.push((
+            "throughput".into(),
+            "producer peak RSS MiB".into(),
+            f(&j["producer_peak_rss_mib"]),
+        ));
+        rows.push((
+            "throughput".into(),
+            "worker peak RSS MiB".into(),
+            f(&j["worker_peak_rss_mib"]),
+        ));
         throughput = Some(r.batches_per_s());
         results.insert("throughput".into(), j);
     }
@@ -99,7 +123,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mut j = json!({"messages": args.posts / 10, "messages_per_s": rate, "runs_messages_per_s": raw_rates});
         if let Some(t) = throughput {
             j["throughput_over_raw"] = json!(t / rate);
-            rows.push(("raw".into(), "throughput / raw (target ≥ 0.85)".into(), format!("{:.2}", t / rate)));
+            rows.push((
+                "raw".into(),
+                "throughput / raw (target ≥ 0.85)".into(),
+                format!("{:.2}", t / rate),
+            ));
         }
         results.insert("raw".into(), j);
     }
