@@ -10,8 +10,6 @@
 //! A batch result also carries the exact sums (`title_chars`, `title_entropy_sum`) so that the
 //! job summary weighs every record equally, however the records fell into batches.
 
-use std::collections::HashSet;
-
 use serde_json::{json, Value};
 
 use crate::task::{f64_of, str_field, u64_of, Task, TaskContext, TaskError, TaskOutput};
@@ -28,10 +26,35 @@ fn post_figures(record: &Value) -> Option<(u64, u64, f64)> {
     let entropy = if title_len == 0 {
         0.0
     } else {
-        let distinct: HashSet<char> = title.to_lowercase().chars().collect();
-        distinct.len() as f64 / title_len as f64
+        distinct_lowercase_chars(title) as f64 / title_len as f64
     };
     Some((title_len, body_len, entropy))
+}
+
+/// Distinct characters of the lower-cased text: a bit set for ASCII (the common case, no
+/// allocation), a sorted list for the rest.
+fn distinct_lowercase_chars(text: &str) -> usize {
+    let mut ascii: u128 = 0;
+    let mut other: Vec<char> = Vec::new();
+    for c in text.chars() {
+        if c.is_ascii() {
+            ascii |= 1u128 << (c.to_ascii_lowercase() as u32);
+        } else {
+            other.extend(c.to_lowercase());
+        }
+    }
+    // Lower-casing a non-ASCII character can give ASCII ones (e.g. 'K', the Kelvin sign).
+    other.retain(|c| {
+        if c.is_ascii() {
+            ascii |= 1u128 << (*c as u32);
+            false
+        } else {
+            true
+        }
+    });
+    other.sort_unstable();
+    other.dedup();
+    ascii.count_ones() as usize + other.len()
 }
 
 fn figures(count: u64, title_chars: u64, max_body: u64, entropy_sum: f64) -> Value {
@@ -149,6 +172,14 @@ mod tests {
         assert!(
             (f64_of(&summary, "title_entropy") - f64_of(&whole, "title_entropy")).abs() < 1e-12
         );
+    }
+
+    #[test]
+    fn distinct_characters_match_a_hash_set() {
+        for t in ["Hello", "ÉéE e", "\u{212A}k", "İi", "日本日本", ""] {
+            let expected: std::collections::HashSet<char> = t.to_lowercase().chars().collect();
+            assert_eq!(distinct_lowercase_chars(t), expected.len(), "{t}");
+        }
     }
 
     #[test]
