@@ -625,3 +625,139 @@ pub fn sweep_chart(path: &Path, points: &[(usize, f64)], raw: Option<f64>) -> an
     root.present()?;
     Ok(())
 }
+
+/// Waits until queue `name` has a consumer (through the management API).
+async fn wait_queue_consumers(name: &str) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:15672/api/queues/%2f/{name}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(resp) = http
+            .get(&url)
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+        {
+            if let Ok(v) = resp.json::<Value>().await {
+                if v["consumers"].as_u64().unwrap_or(0) >= 1 {
+                    return Ok(());
+                }
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "queue {name} got no consumer");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The Python virtual environment with Celery and Dramatiq, made on first use. Err with the
+/// reason when Python or the packages cannot be installed.
+pub fn peers_venv(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let venv = std::fs::canonicalize(dir)?.join("peers-venv");
+    let python = venv.join("bin/python");
+    if !venv.join("bin/celery").exists() || !venv.join("bin/dramatiq").exists() {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        anyhow::ensure!(ok, "python3 -m venv failed (is python3-venv installed?)");
+        let ok = Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "-q",
+                "celery==5.7.0",
+                "dramatiq[rabbitmq,redis]==2.2.1",
+                "redis",
+            ])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        anyhow::ensure!(ok, "pip could not install celery and dramatiq");
+    }
+    Ok(python)
+}
+
+/// One peer's run of the throughput workload: tasks a second.
+pub async fn peer(
+    venv_python: &Path,
+    which: &str,
+    file: &Path,
+    size: usize,
+) -> anyhow::Result<Value> {
+    let bin = venv_python.with_file_name(which);
+    let queue = format!(
+        "bench-{which}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let peers_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers");
+    let (module, args): (&str, Vec<String>) = match which {
+        "celery" => (
+            "celery_bench.py",
+            [
+                "-A",
+                "celery_bench",
+                "worker",
+                "--pool",
+                "prefork",
+                "--concurrency",
+                "2",
+                "-Q",
+                &queue,
+                "--loglevel",
+                "WARNING",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ),
+        _ => (
+            "dramatiq_bench.py",
+            [
+                "dramatiq_bench",
+                "--processes",
+                "2",
+                "--threads",
+                "4",
+                "--queues",
+                &queue,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ),
+    };
+    let worker = Watched::spawn(
+        Command::new(&bin)
+            .args(&args)
+            .current_dir(&peers_dir)
+            .env("PEER_QUEUE", &queue)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    let result = async {
+        wait_queue_consumers(&queue).await?;
+        let out = Command::new(venv_python)
+            .arg(module)
+            .args(["produce"])
+            .arg(std::fs::canonicalize(file)?)
+            .arg(size.to_string())
+            .current_dir(&peers_dir)
+            .env("PEER_QUEUE", &queue)
+            .stderr(Stdio::inherit())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "the {which} producer failed");
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        let tasks = v["tasks"].as_f64().unwrap_or(0.0);
+        let secs = v["seconds"].as_f64().unwrap_or(f64::NAN);
+        Ok(json!({"tasks": tasks, "seconds": secs, "tasks_per_s": tasks / secs}))
+    }
+    .await;
+    worker.term();
+    let _ = tokio::task::spawn_blocking(move || worker.finish()).await;
+    crate::cleanup_namespace(&queue).await;
+    result
+}

@@ -212,6 +212,47 @@ async fn run(args: Args) -> anyhow::Result<()> {
         results.insert("memory".into(), json!({"records": 1_000_000, "producer_peak_rss_mib": stats.peak_rss_mib, "seconds": secs}));
     }
 
+    if want("peers") {
+        match bench::peers_venv(&data) {
+            Err(e) => {
+                eprintln!("bench: peers SKIPPED: {e:#}");
+                rows.push((
+                    "peers".into(),
+                    "Celery, Dramatiq".into(),
+                    format!("skipped: {e}"),
+                ));
+                results.insert("peers".into(), json!({"skipped": e.to_string()}));
+            }
+            Ok(python) => {
+                let file = bench::posts_file(&data, args.posts)?;
+                let mut peers = serde_json::Map::new();
+                for which in ["celery", "dramatiq"] {
+                    eprintln!(
+                        "bench: peers, {which} ({} posts, batches of 10)",
+                        args.posts
+                    );
+                    let mut j = bench::peer(&python, which, &file, 10).await?;
+                    let rate = j["tasks_per_s"].as_f64().unwrap_or(f64::NAN);
+                    rows.push((
+                        "peers".into(),
+                        format!("{which} tasks (batches)/s"),
+                        format!("{rate:.0}"),
+                    ));
+                    if let Some(t) = throughput {
+                        j["taskmill_over_peer"] = json!(t / rate);
+                        rows.push((
+                            "peers".into(),
+                            format!("taskmill / {which}"),
+                            format!("{:.1}", t / rate),
+                        ));
+                    }
+                    peers.insert(which.into(), j);
+                }
+                results.insert("peers".into(), Value::Object(peers));
+            }
+        }
+    }
+
     println!("| workload | figure | value |\n|---|---|---|");
     for (w, k, v) in &rows {
         println!("| {w} | {k} | {v} |");
