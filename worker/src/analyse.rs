@@ -117,7 +117,10 @@ pub fn analyse(
         attempt,
     };
     let records: &[Value] = &env.records;
+    let started = std::time::Instant::now();
     let result = catch_unwind(AssertUnwindSafe(|| task.run(&ctx, records)));
+    metrics::histogram!("taskmill_task_duration_seconds", "task" => task.name())
+        .record(started.elapsed().as_secs_f64());
     let outcome = match result {
         Ok(Ok(output)) => Outcome::Done(output),
         Ok(Err(TaskError::Transient(e))) => Outcome::Retry(e),

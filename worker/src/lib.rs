@@ -7,11 +7,13 @@
 //! - `sink`: stores results in Redis (many batches a round trip), publishes retries and dead
 //!   letters with confirms, and acks only what is safely stored or re-published.
 //! - [`retry`]: the retry policy (exponential delays with jitter, held in the broker).
+//! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz` (`--metrics-addr`).
 //!
 //! A delivery flows: consumer stream → rayon (`analyse`, result back by a oneshot) → sink
 //! channel → Redis/broker → ack.
 
 pub mod analyse;
+pub mod metrics;
 pub mod retry;
 mod sink;
 
@@ -86,6 +88,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "TASKMILL_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
 
+    /// Serve Prometheus metrics (`/metrics`), `/healthz` and `/readyz` on this address.
+    #[arg(long, env = "TASKMILL_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Messages larger than this are dead-lettered unread, in bytes.
     #[arg(long, env = "TASKMILL_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
@@ -108,6 +114,7 @@ impl WorkerArgs {
             prefetch: 64,
             threads: 0,
             shutdown_timeout: 30,
+            metrics_addr: None,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             retry: RetryPolicy::default(),
             log_format: LogFormat::Pretty,
@@ -207,6 +214,7 @@ struct Shared {
     pool: Arc<rayon::ThreadPool>,
     names: Names,
     stats: Arc<Stats>,
+    health: Arc<metrics::Health>,
 }
 
 /// Runs a worker until `shutdown` is cancelled, then drains and returns.
@@ -251,13 +259,35 @@ pub async fn run_with_stats(
         redis = %redact(&args.conn.redis_url),
         "worker starting"
     );
+    let health = Arc::new(metrics::Health::default());
+    let mut metrics_server = None;
+    if let Some(addr) = args.metrics_addr {
+        let handle = metrics::recorder()?;
+        metrics_server =
+            Some(metrics::serve(addr, handle, health.clone(), shutdown.child_token()).await?);
+        info!(%addr, "serving /metrics, /healthz and /readyz");
+    }
+    ::metrics::gauge!("taskmill_worker_threads").set(threads as f64);
+    health.set_rabbitmq(false);
+    health.set_redis(true);
+    health.set_redis(false);
     let shared = Shared {
         names: Names::new(&args.conn.namespace),
         args,
         registry,
         pool: Arc::new(pool),
         stats,
+        health,
     };
+    let result = sessions(&shared, &shutdown).await;
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
+    result
+}
+
+/// Runs sessions until shutdown, reconnecting with backoff.
+async fn sessions(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(200);
     let report = |stats: &Stats| {
         let (p50, p95, p99, max) = stats.latency_quantiles();
@@ -280,7 +310,10 @@ pub async fn run_with_stats(
             return Ok(());
         }
         Stats::add(&shared.stats.sessions, 1);
-        match session(&shared, &shutdown, &mut backoff).await {
+        let outcome = session(shared, shutdown, &mut backoff).await;
+        shared.health.set_rabbitmq(false);
+        shared.health.set_consuming(false);
+        match outcome {
             Ok(()) => {
                 report(&shared.stats);
                 return Ok(());
@@ -369,6 +402,7 @@ async fn session(
         args.conn.result_ttl,
     )
     .await?;
+    shared.health.set_redis(true);
     let conn = amqp::connect(&args.conn.amqp_url, "taskmill-worker").await?;
     let publish_ch = conn.create_channel().await?;
     publish_ch
@@ -403,6 +437,8 @@ async fn session(
             .collect(),
     );
     info!(queues = ?args.queues, "consuming");
+    shared.health.set_rabbitmq(true);
+    shared.health.set_consuming(true);
     *backoff = Duration::from_millis(200);
 
     let hard_stop = CancellationToken::new();
@@ -414,6 +450,7 @@ async fn session(
         shared.names.clone(),
         args.retry,
         shared.stats.clone(),
+        shared.health.clone(),
         hard_stop.clone(),
     );
     let mut sink_task = tokio::spawn(sink.run(rx));
@@ -450,6 +487,7 @@ async fn session(
             }
             _ = shutdown.cancelled(), if !draining => {
                 draining = true;
+                shared.health.set_consuming(false);
                 info!(in_hand = inflight.len(), "shutting down: finishing the batches in hand");
                 drain_timer.as_mut().reset(
                     tokio::time::Instant::now() + Duration::from_secs(args.shutdown_timeout),
@@ -487,6 +525,7 @@ async fn session(
                                 .insert(d.delivery_tag);
                         }
                     }
+                    ::metrics::gauge!("taskmill_batches_in_flight").increment(group.len() as f64);
                     inflight.push(shared.process_group(group));
                     if let Some(e) = failed {
                         break Err(anyhow::Error::new(e).context("consuming"));

@@ -53,6 +53,8 @@ pub(crate) struct Sink {
     names: Names,
     policy: RetryPolicy,
     stats: Arc<Stats>,
+    /// Readiness, for `/readyz` and `taskmill_connected`.
+    health: Arc<crate::metrics::Health>,
     /// Cancelled when the shutdown timeout ends: stop retrying Redis, ack nothing more.
     hard_stop: CancellationToken,
     /// Delay queues declared in this session.
@@ -67,6 +69,7 @@ impl Sink {
         names: Names,
         policy: RetryPolicy,
         stats: Arc<Stats>,
+        health: Arc<crate::metrics::Health>,
         hard_stop: CancellationToken,
     ) -> Self {
         Self {
@@ -76,6 +79,7 @@ impl Sink {
             names,
             policy,
             stats,
+            health,
             hard_stop,
             declared: HashSet::new(),
         }
@@ -132,8 +136,21 @@ impl Sink {
                 let created = p.analysed.as_ref()?.0.created_ms?;
                 Some(now.saturating_sub(created))
             }));
-            for (b, new) in batches.iter().zip(fresh) {
+            for ((b, new), p) in batches.iter().zip(fresh).zip(&done) {
+                let task = task_label(p);
+                if let Some(created) = p.analysed.as_ref().and_then(|a| a.0.created_ms) {
+                    metrics::histogram!("taskmill_batch_latency_seconds", "task" => task.clone())
+                        .record(now.saturating_sub(created) as f64 / 1000.0);
+                }
                 if new {
+                    metrics::counter!("taskmill_batches_total", "task" => task.clone(), "outcome" => "done")
+                        .increment(1);
+                    metrics::counter!("taskmill_records_total", "task" => task.clone(), "outcome" => "done")
+                        .increment(b.records_done);
+                    if b.records_invalid > 0 {
+                        metrics::counter!("taskmill_records_total", "task" => task, "outcome" => "invalid")
+                            .increment(b.records_invalid);
+                    }
                     Stats::add(&self.stats.batches_done, 1);
                     Stats::add(&self.stats.records_done, b.records_done);
                 } else {
@@ -152,6 +169,7 @@ impl Sink {
     /// Acks a group of stored batches: on each channel, one multiple-ack up to the highest tag
     /// below which nothing else is outstanding, single acks for the rest.
     async fn ack_group(&self, group: &[Processed]) -> anyhow::Result<()> {
+        metrics::gauge!("taskmill_batches_in_flight").decrement(group.len() as f64);
         let mut by_chan: std::collections::BTreeMap<usize, Vec<&Processed>> = Default::default();
         for p in group {
             by_chan.entry(p.chan).or_default().push(p);
@@ -212,9 +230,13 @@ impl Sink {
         let mut backoff = Duration::from_millis(100);
         loop {
             match f().await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    self.health.set_redis(true);
+                    return Ok(v);
+                }
                 Err(e) => {
                     Stats::add(&self.stats.store_errors, 1);
+                    self.health.set_redis(false);
                     warn!("{what}: {e}; trying again in {backoff:?}");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -230,6 +252,7 @@ impl Sink {
 
     async fn handle_other(&mut self, p: Processed) -> anyhow::Result<()> {
         self.forget(&p);
+        metrics::gauge!("taskmill_batches_in_flight").decrement(1.0);
         let Some((id, outcome)) = p.analysed.clone() else {
             warn!("analysis thread lost a batch; giving it back to the queue");
             p.delivery
@@ -327,6 +350,8 @@ impl Sink {
         self.redis("counting a retry", || store.add_retry(&job))
             .await?;
         Stats::add(&self.stats.batches_retried, 1);
+        metrics::counter!("taskmill_batches_total", "task" => task_label(p), "outcome" => "retried")
+            .increment(1);
         warn!(%job, batch, attempt = p.attempt, delay_ms = delay, "transient failure, retrying: {error}");
         p.delivery.acker.ack(BasicAckOptions::default()).await?;
         Ok(())
@@ -377,6 +402,8 @@ impl Sink {
             .await?;
         }
         Stats::add(&self.stats.batches_dead, 1);
+        metrics::counter!("taskmill_batches_total", "task" => task_label(p), "outcome" => "dead")
+            .increment(1);
         warn!(
             job = id.job.as_deref().unwrap_or("?"),
             batch = ?id.batch,
@@ -388,4 +415,12 @@ impl Sink {
         p.delivery.acker.ack(BasicAckOptions::default()).await?;
         Ok(())
     }
+}
+
+/// The `task` label of a batch (`unknown` when its body could not be read).
+fn task_label(p: &Processed) -> String {
+    p.analysed
+        .as_ref()
+        .and_then(|(id, _)| id.task.clone())
+        .unwrap_or_else(|| "unknown".into())
 }

@@ -1,0 +1,157 @@
+//! Operations: the worker's metrics and health endpoints, checked against a real job.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use taskmill_producer::cmd::enqueue::{enqueue, EnqueueArgs};
+use taskmill_tests::{batches_done, bin_path, sample, until, write_jsonl, TestNs};
+
+/// The value of the sample `name{labels...}` whose labels include all of `want`.
+fn sample_value(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(r) => {
+                let (l, v) = r.split_once('}')?;
+                (l, v)
+            }
+            None => ("", rest),
+        };
+        if !value.starts_with(' ') {
+            return None;
+        }
+        let ok = want
+            .iter()
+            .all(|(k, v)| labels.split(',').any(|l| l == format!("{k}=\"{v}\"")));
+        ok.then(|| value.trim().parse().ok()).flatten()
+    })
+}
+
+async fn get(url: &str) -> (u16, String) {
+    let resp = reqwest::get(url).await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_follow_the_job() {
+    let t = TestNs::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut worker = Command::new(bin_path("worker"))
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .env("TASKMILL_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .env("TASKMILL_THREADS", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    until("the worker ready", Duration::from_secs(60), || {
+        let url = format!("{base}/readyz");
+        async move {
+            match reqwest::get(&url).await {
+                Ok(r) => r.status().as_u16() == 200,
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+
+    let file = write_jsonl(sample::posts(2000));
+    let mut args = EnqueueArgs::new("chaos");
+    args.files = vec![file.clone()];
+    args.params = vec!["spin_us=500".into()];
+    let report = enqueue(&t.conn(), &args, |_| {}).await.unwrap();
+    let store = t.store().await;
+    let job = report.job.clone();
+    // Scrape during the job: counters are there and never ahead of Redis.
+    until("some batches done", Duration::from_secs(60), || {
+        let (store, job) = (store.clone(), job.clone());
+        async move { batches_done(&store, &job).await >= 20 }
+    })
+    .await;
+    let (code, text) = get(&format!("{base}/metrics")).await;
+    assert_eq!(code, 200);
+    let during = sample_value(
+        &text,
+        "taskmill_batches_total",
+        &[("task", "chaos"), ("outcome", "done")],
+    )
+    .unwrap();
+    assert!(during >= 1.0 && during <= batches_done(&store, &job).await as f64);
+    assert_eq!(
+        sample_value(&text, "taskmill_worker_threads", &[]),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample_value(&text, "taskmill_connected", &[("to", "rabbitmq")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample_value(&text, "taskmill_connected", &[("to", "redis")]),
+        Some(1.0)
+    );
+
+    let status = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    assert_eq!(status.num("batches_done"), 200);
+    let (_, text) = get(&format!("{base}/metrics")).await;
+    let m = |name: &str, labels: &[(&str, &str)]| sample_value(&text, name, labels).unwrap();
+    assert_eq!(
+        m(
+            "taskmill_batches_total",
+            &[("task", "chaos"), ("outcome", "done")]
+        ),
+        200.0
+    );
+    assert_eq!(
+        m(
+            "taskmill_records_total",
+            &[("task", "chaos"), ("outcome", "done")]
+        ),
+        2000.0
+    );
+    assert_eq!(
+        m("taskmill_batch_latency_seconds_count", &[("task", "chaos")]),
+        200.0
+    );
+    assert_eq!(
+        m("taskmill_task_duration_seconds_count", &[("task", "chaos")]),
+        200.0
+    );
+    assert!(m("taskmill_task_duration_seconds_sum", &[("task", "chaos")]) > 0.0);
+    assert_eq!(m("taskmill_batches_in_flight", &[]), 0.0);
+    assert!(text.contains("taskmill_batch_latency_seconds_bucket{"));
+
+    // A job that dies shows up as dead batches.
+    let mut dead = EnqueueArgs::new("chaos");
+    dead.files = vec![file.clone()];
+    dead.params = vec!["fail_rate=1".into(), "fail=permanent".into()];
+    let report = enqueue(&t.conn(), &dead, |_| {}).await.unwrap();
+    t.wait_finished(&store, &report.job, Duration::from_secs(60))
+        .await;
+    let (_, text) = get(&format!("{base}/metrics")).await;
+    assert_eq!(
+        sample_value(
+            &text,
+            "taskmill_batches_total",
+            &[("task", "chaos"), ("outcome", "dead")]
+        ),
+        Some(200.0)
+    );
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert_eq!(worker.wait().unwrap().code(), Some(0));
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
