@@ -443,16 +443,17 @@ async fn session(
 
     let hard_stop = CancellationToken::new();
     let (tx, rx) = mpsc::channel::<Processed>(usize::from(args.prefetch) * tags.len() + 16);
-    let sink = sink::Sink::new(
+    let sink = sink::Sink {
         store,
-        publish_ch,
-        unacked.clone(),
-        shared.names.clone(),
-        args.retry,
-        shared.stats.clone(),
-        shared.health.clone(),
-        hard_stop.clone(),
-    );
+        channel: publish_ch,
+        unacked: unacked.clone(),
+        names: shared.names.clone(),
+        policy: args.retry,
+        stats: shared.stats.clone(),
+        health: shared.health.clone(),
+        hard_stop: hard_stop.clone(),
+        declared: Default::default(),
+    };
     let mut sink_task = tokio::spawn(sink.run(rx));
 
     let mut deliveries = futures::stream::select_all(consumers);

@@ -45,46 +45,23 @@ const MAX_GROUP: usize = 256;
 pub(crate) type Unacked = Arc<Vec<std::sync::Mutex<BTreeSet<u64>>>>;
 
 pub(crate) struct Sink {
-    store: Store,
+    pub(crate) store: Store,
     /// Confirm-mode channel for retries and dead letters.
-    channel: Channel,
+    pub(crate) channel: Channel,
     /// Outstanding delivery tags of each consuming channel.
-    unacked: Unacked,
-    names: Names,
-    policy: RetryPolicy,
-    stats: Arc<Stats>,
+    pub(crate) unacked: Unacked,
+    pub(crate) names: Names,
+    pub(crate) policy: RetryPolicy,
+    pub(crate) stats: Arc<Stats>,
     /// Readiness, for `/readyz` and `taskmill_connected`.
-    health: Arc<crate::metrics::Health>,
+    pub(crate) health: Arc<crate::metrics::Health>,
     /// Cancelled when the shutdown timeout ends: stop retrying Redis, ack nothing more.
-    hard_stop: CancellationToken,
+    pub(crate) hard_stop: CancellationToken,
     /// Delay queues declared in this session.
-    declared: HashSet<String>,
+    pub(crate) declared: HashSet<String>,
 }
 
 impl Sink {
-    pub(crate) fn new(
-        store: Store,
-        channel: Channel,
-        unacked: Unacked,
-        names: Names,
-        policy: RetryPolicy,
-        stats: Arc<Stats>,
-        health: Arc<crate::metrics::Health>,
-        hard_stop: CancellationToken,
-    ) -> Self {
-        Self {
-            store,
-            channel,
-            unacked,
-            names,
-            policy,
-            stats,
-            health,
-            hard_stop,
-            declared: HashSet::new(),
-        }
-    }
-
     /// Handles analysed batches until the sender side closes.
     pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Processed>) -> anyhow::Result<()> {
         while let Some(first) = rx.recv().await {
