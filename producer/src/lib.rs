@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - [`Cli`] and [`run`]: the command line and its dispatch.
-//! - [`cmd`]: one subcommand a file (`enqueue`, `status`, `wait`, `results`, `jobs`, `dlq`).
+//! - [`cmd`]: one subcommand a file (`enqueue`, `status`, `wait`, `results`, `jobs`, `dlq`, `queues`,
+//!   `workers`).
 //! - [`sources`]: files, stdin and HTTP, streamed into one bounded channel.
 //! - [`publisher`]: confirm-window publishing with republish on nack, return or reconnect.
 
@@ -57,6 +58,10 @@ pub enum Command {
     Jobs(cmd::jobs::JobsArgs),
     /// Inspect, replay and purge dead letters.
     Dlq(cmd::dlq::DlqArgs),
+    /// The namespace's queues: ready and unacked batches, consumers, rates (management API).
+    Queues(cmd::queues::ViewArgs),
+    /// The workers consuming the namespace's queues: connection, address, queue, prefetch.
+    Workers(cmd::queues::ViewArgs),
 }
 
 /// Runs one command.
@@ -68,5 +73,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Results(a) => cmd::results::run(&cli.conn, a).await,
         Command::Jobs(a) => cmd::jobs::run(&cli.conn, a).await,
         Command::Dlq(a) => cmd::dlq::run(&cli.conn, a).await,
+        Command::Queues(a) => cmd::queues::run_queues(&cli.conn, a).await,
+        Command::Workers(a) => cmd::queues::run_workers(&cli.conn, a).await,
     }
 }

@@ -155,3 +155,56 @@ async fn metrics_and_health_follow_the_job() {
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_and_workers_views_show_the_namespace() {
+    let t = TestNs::new();
+    let w = t.spawn_worker(t.worker_args());
+    let conn = t.conn();
+    // The management API refreshes its statistics every few seconds: wait for the consumer.
+    until(
+        "the worker visible in the management API",
+        Duration::from_secs(60),
+        || {
+            let conn = conn.clone();
+            async move {
+                let qs = taskmill_producer::cmd::queues::queues(&conn).await.unwrap();
+                qs.iter().any(|q| {
+                    q["queue"] == format!("{}.tasks", conn.namespace) && q["consumers"] == 1
+                })
+            }
+        },
+    )
+    .await;
+    let qs = taskmill_producer::cmd::queues::queues(&conn).await.unwrap();
+    let names: Vec<&str> = qs.iter().map(|q| q["queue"].as_str().unwrap()).collect();
+    assert_eq!(names, [format!("{}.dead", t.ns), format!("{}.tasks", t.ns)]);
+    let workers = taskmill_producer::cmd::queues::workers(&conn)
+        .await
+        .unwrap();
+    assert_eq!(workers.len(), 1);
+    assert_eq!(workers[0]["prefetch"], 64);
+    assert!(workers[0]["connection"]
+        .as_str()
+        .unwrap()
+        .starts_with("taskmill-worker@"));
+
+    // A management API that cannot be reached is one clear sentence, without the password.
+    let out = Command::new(bin_path("producer"))
+        .args([
+            "--rabbitmq-api-url",
+            "http://guest:s3cret@127.0.0.1:1/api",
+            "queues",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("cannot reach the RabbitMQ management API"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "{err}");
+    w.stop().await.unwrap();
+    t.cleanup().await;
+}

@@ -3,6 +3,7 @@
 pub mod dlq;
 pub mod enqueue;
 pub mod jobs;
+pub mod queues;
 pub mod results;
 pub mod status;
 pub mod wait;
