@@ -7,6 +7,11 @@ use clap::Args;
 /// Where the broker and Redis are, and which namespace this process works in.
 #[derive(Args, Debug, Clone)]
 pub struct ConnArgs {
+    /// TOML file of settings (keys as the flags, with `_`): below flags and the environment,
+    /// above the defaults.
+    #[arg(long, env = "TASKMILL_CONFIG", global = true)]
+    pub config: Option<std::path::PathBuf>,
+
     /// RabbitMQ URL (amqp:// or amqps://); `?heartbeat=N` sets the AMQP heartbeat in seconds.
     #[arg(
         long,
@@ -52,6 +57,7 @@ impl ConnArgs {
     /// Settings for the local services under the given namespace (tests and tools).
     pub fn local(namespace: &str) -> Self {
         Self {
+            config: None,
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             redis_url: "redis://127.0.0.1:6379/0".into(),
             rabbitmq_api_url: "http://guest:guest@127.0.0.1:15672/api".into(),
@@ -59,6 +65,95 @@ impl ConnArgs {
             result_ttl: 24 * 3600,
         }
     }
+}
+
+/// Every setting a config file may hold, and the environment variable it stands for.
+pub const SETTINGS: &[(&str, &str)] = &[
+    ("amqp_url", "AMQP_URL"),
+    ("redis_url", "REDIS_URL"),
+    ("rabbitmq_api_url", "RABBITMQ_API_URL"),
+    ("namespace", "TASKMILL_NAMESPACE"),
+    ("result_ttl", "TASKMILL_RESULT_TTL"),
+    ("log_format", "TASKMILL_LOG_FORMAT"),
+    ("queues", "TASKMILL_QUEUES"),
+    ("prefetch", "TASKMILL_PREFETCH"),
+    ("threads", "TASKMILL_THREADS"),
+    ("shutdown_timeout", "TASKMILL_SHUTDOWN_TIMEOUT"),
+    ("metrics_addr", "TASKMILL_METRICS_ADDR"),
+    ("max_message_bytes", "TASKMILL_MAX_MESSAGE_BYTES"),
+    ("retry_max_attempts", "TASKMILL_RETRY_MAX_ATTEMPTS"),
+    ("retry_base_ms", "TASKMILL_RETRY_BASE_MS"),
+    ("retry_factor", "TASKMILL_RETRY_FACTOR"),
+    ("retry_max_delay_ms", "TASKMILL_RETRY_MAX_DELAY_MS"),
+];
+
+/// The config file named by `--config PATH` / `--config=PATH` in `args`, else by
+/// `TASKMILL_CONFIG`.
+pub fn config_path(args: &[String]) -> Option<std::path::PathBuf> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--config" {
+            return it.next().map(Into::into);
+        }
+        if let Some(p) = a.strip_prefix("--config=") {
+            return Some(p.into());
+        }
+    }
+    std::env::var_os("TASKMILL_CONFIG").map(Into::into)
+}
+
+/// The settings of a TOML config file as (environment variable, value) pairs. Unknown keys
+/// and values that are not strings, numbers, booleans or (for `queues`) arrays are errors.
+pub fn read_config(path: &std::path::Path) -> Result<Vec<(&'static str, String)>, String> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {shown}: {e}"))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("config file {shown} is not valid TOML: {e}"))?;
+    let mut out = Vec::new();
+    for (key, value) in table {
+        let norm = key.replace('-', "_");
+        let Some((_, env)) = SETTINGS.iter().find(|(k, _)| *k == norm) else {
+            let known: Vec<&str> = SETTINGS.iter().map(|(k, _)| *k).collect();
+            return Err(format!(
+                "unknown setting {key:?} in config file {shown}; known: {}",
+                known.join(", ")
+            ));
+        };
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|i| {
+                    i.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| i.to_string())
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            other => return Err(format!("setting {key:?} in {shown} cannot be {other}")),
+        };
+        out.push((*env, text));
+    }
+    Ok(out)
+}
+
+/// Applies the config file (if any) under the environment: each setting becomes its
+/// environment variable unless that is already set. Call before parsing the command line and
+/// before any other thread starts.
+pub fn apply_config_file(args: &[String]) -> Result<(), String> {
+    let Some(path) = config_path(args) else {
+        return Ok(());
+    };
+    for (env, value) in read_config(&path)? {
+        if std::env::var_os(env).is_none() {
+            std::env::set_var(env, value);
+        }
+    }
+    Ok(())
 }
 
 /// A URL with its password replaced by `***`, safe for logs and error messages.
@@ -106,6 +201,47 @@ mod tests {
             "redis://127.0.0.1:6379/0"
         );
         assert!(!redact("rediss://:pw@h/0").contains("pw"));
+    }
+
+    #[test]
+    fn config_files_map_to_environment_variables() {
+        let dir = std::env::temp_dir().join(format!("tm-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(
+            &good,
+            "namespace = \"prod\"\nprefetch = 32\nqueues = [\"a\", \"b\"]\nretry-factor = 1.5\n",
+        )
+        .unwrap();
+        let mut got = read_config(&good).unwrap();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("TASKMILL_NAMESPACE", "prod".to_string()),
+                ("TASKMILL_PREFETCH", "32".to_string()),
+                ("TASKMILL_QUEUES", "a,b".to_string()),
+                ("TASKMILL_RETRY_FACTOR", "1.5".to_string()),
+            ]
+        );
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "nmespace = \"x\"\n").unwrap();
+        assert!(read_config(&bad)
+            .unwrap_err()
+            .contains("unknown setting \"nmespace\""));
+        std::fs::write(&bad, "namespace = \n").unwrap();
+        assert!(read_config(&bad).unwrap_err().contains("not valid TOML"));
+        assert!(read_config(&dir.join("missing.toml")).is_err());
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            config_path(&args(&["worker", "--config", "/x.toml"])),
+            Some("/x.toml".into())
+        );
+        assert_eq!(
+            config_path(&args(&["producer", "--config=/y.toml", "jobs"])),
+            Some("/y.toml".into())
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -198,3 +198,55 @@ fn the_command_line_end_to_end() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(t.cleanup());
 }
+
+#[test]
+fn a_config_file_sits_under_the_environment_and_the_flags() {
+    let t = TestNs::new();
+    let other = TestNs::new();
+    let config = std::env::temp_dir().join(format!("{}.toml", t.ns));
+    std::fs::write(
+        &config,
+        format!("namespace = \"{}\"\nresult_ttl = 600\n", t.ns),
+    )
+    .unwrap();
+    let run = |args: &[&str], env_ns: Option<&str>| {
+        let mut c = Command::new(bin_path("producer"));
+        c.args(args)
+            .env_remove("TASKMILL_NAMESPACE")
+            .env_remove("TASKMILL_CONFIG");
+        if let Some(ns) = env_ns {
+            c.env("TASKMILL_NAMESPACE", ns);
+        }
+        c.output().unwrap()
+    };
+    let file = write_jsonl(sample::posts(3));
+    let f = file.to_str().unwrap();
+    let cfg = config.to_str().unwrap();
+    // The file's namespace is used when nothing else says one.
+    let out = run(&["--config", cfg, "enqueue", "--file", f], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job = stdout(&out).lines().next().unwrap().to_string();
+    let out = run(&["--config", cfg, "jobs", "--json"], None);
+    assert!(stdout(&out).contains(&job));
+    // The environment beats the file; the flag beats both.
+    let out = run(&["--config", cfg, "jobs", "--json"], Some(&other.ns));
+    assert!(!stdout(&out).contains(&job));
+    let out = run(
+        &["--config", cfg, "--namespace", &t.ns, "jobs", "--json"],
+        Some(&other.ns),
+    );
+    assert!(stdout(&out).contains(&job));
+    // A mistake in the file is one clear sentence.
+    std::fs::write(&config, "namespce = \"x\"\n").unwrap();
+    let out = run(&["--config", cfg, "jobs"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("unknown setting \"namespce\""),
+        "{}",
+        stderr(&out)
+    );
+    let _ = std::fs::remove_file(config);
+    let _ = std::fs::remove_file(file);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(t.cleanup());
+}

@@ -2,18 +2,38 @@
 
 use std::process::ExitCode;
 
-/// mimalloc: batches are many small allocations (JSON values), where it is much faster than
-/// the system allocator.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use clap::Parser;
 use taskmill_common::{logging, task::Registry};
 use taskmill_worker::WorkerArgs;
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
+/// mimalloc: batches are many small allocations (JSON values), where it is much faster than
+/// the system allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    // The config file becomes environment variables (under those already set) before the
+    // command line is parsed and before any thread starts.
+    let argv: Vec<String> = std::env::args().collect();
+    if let Err(e) = taskmill_common::config::apply_config_file(&argv) {
+        eprintln!("worker: {e}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("worker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async_main())
+}
+
+async fn async_main() -> ExitCode {
     let args = WorkerArgs::parse();
     logging::init(args.log_format, "info,lapin=warn");
     let shutdown = CancellationToken::new();

@@ -132,7 +132,13 @@ impl Sink {
                     Stats::add(&self.stats.records_done, b.records_done);
                 } else {
                     Stats::add(&self.stats.batches_duplicate, 1);
-                    debug!(job = %b.job, batch = b.batch, "already stored: a redelivery");
+                    debug!(
+                        job = %b.job,
+                        batch = b.batch,
+                        task = %task_label(p),
+                        attempt = p.attempt,
+                        "already stored: a redelivery"
+                    );
                 }
             }
             self.ack_group(&done).await?;
@@ -320,7 +326,8 @@ impl Sink {
             )],
         );
         if !self.publish_confirmed("", &name, &p.body, props).await? {
-            warn!(%job, batch, "the broker refused a retry copy; the batch goes back to the queue");
+            warn!(%job, batch, task = %task_label(p), attempt = p.attempt,
+                "the broker refused a retry copy; the batch goes back to the queue");
             return Self::nack_requeue(p).await;
         }
         let store = self.store.clone();
@@ -329,7 +336,8 @@ impl Sink {
         Stats::add(&self.stats.batches_retried, 1);
         metrics::counter!("taskmill_batches_total", "task" => task_label(p), "outcome" => "retried")
             .increment(1);
-        warn!(%job, batch, attempt = p.attempt, delay_ms = delay, "transient failure, retrying: {error}");
+        warn!(%job, batch, task = %task_label(p), attempt = p.attempt, delay_ms = delay,
+            "transient failure, retrying: {error}");
         p.delivery.acker.ack(BasicAckOptions::default()).await?;
         Ok(())
     }
@@ -361,7 +369,13 @@ impl Sink {
             .publish_confirmed(&self.names.dead_exchange(), &original, &p.body, props)
             .await?
         {
-            warn!("the broker refused a dead letter; the batch goes back to the queue");
+            warn!(
+                job = id.job.as_deref().unwrap_or("?"),
+                batch = ?id.batch,
+                task = %task_label(p),
+                attempt = p.attempt,
+                "the broker refused a dead letter; the batch goes back to the queue"
+            );
             return Self::nack_requeue(p).await;
         }
         if let (Some(job), Some(batch)) = (&id.job, id.batch) {
