@@ -1,0 +1,201 @@
+//! The deployment files: docker-compose.yml, the Dockerfile, the Kubernetes manifests and the
+//! Grafana dashboard agree with the workspace and with each other. (`make test` also runs
+//! `docker-compose config` on the compose file.)
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use serde_yaml::Value as Yaml;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn yaml_docs(path: &Path) -> Vec<Yaml> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
+}
+
+/// The workspace's binary names, from the members' Cargo.toml files.
+fn workspace_bins() -> Vec<String> {
+    let mut bins = Vec::new();
+    for member in ["producer", "worker", "tests"] {
+        let text = std::fs::read_to_string(root().join(member).join("Cargo.toml")).unwrap();
+        let doc: toml::Table = toml::from_str(&text).unwrap();
+        for b in doc
+            .get("bin")
+            .and_then(|b| b.as_array())
+            .into_iter()
+            .flatten()
+        {
+            bins.push(b["name"].as_str().unwrap().to_string());
+        }
+    }
+    bins
+}
+
+#[test]
+fn compose_file_has_the_services_and_their_order() {
+    let doc = &yaml_docs(&root().join("docker-compose.yml"))[0];
+    let services = &doc["services"];
+    for s in ["rabbitmq", "redis", "worker", "sample-data", "producer"] {
+        assert!(services.get(s).is_some(), "service {s} missing");
+    }
+    assert!(services["rabbitmq"]["healthcheck"].is_mapping());
+    assert!(services["redis"]["healthcheck"].is_mapping());
+    // Workers start only when the broker and Redis are healthy, and never pin a container
+    // name or a host port (so that --scale works).
+    let worker = &services["worker"];
+    assert_eq!(
+        worker["depends_on"]["rabbitmq"]["condition"],
+        "service_healthy"
+    );
+    assert_eq!(
+        worker["depends_on"]["redis"]["condition"],
+        "service_healthy"
+    );
+    assert!(worker.get("container_name").is_none() && worker.get("ports").is_none());
+    assert_eq!(worker["build"]["dockerfile"], "deploy/Dockerfile");
+    // The producer is a one-shot behind a profile.
+    assert_eq!(services["producer"]["profiles"][0], "enqueue");
+    // Every mounted file exists.
+    for v in services["rabbitmq"]["volumes"].as_sequence().unwrap() {
+        let src = v.as_str().unwrap().split(':').next().unwrap();
+        assert!(root().join(src).exists(), "{src} missing");
+    }
+    // The user the services log in with is defined for the broker.
+    let defs: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("deploy/rabbitmq/definitions.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(defs["users"][0]["name"], "taskmill");
+    let url = worker["environment"]["AMQP_URL"].as_str().unwrap();
+    assert!(url.starts_with("amqp://taskmill:taskmill@rabbitmq:5672/"));
+}
+
+#[test]
+fn dockerfile_builds_and_ships_the_workspace_binaries() {
+    let text = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    assert!(text.contains("cargo chef cook --release --workspace"));
+    assert!(text.contains("cargo build --release --workspace --bins"));
+    let bins = workspace_bins();
+    for name in ["producer", "worker", "sample-server"] {
+        assert!(
+            bins.iter().any(|b| b == name),
+            "no binary {name} in the workspace"
+        );
+        assert!(
+            text.contains(&format!("target/release/{name}")),
+            "the Dockerfile does not copy {name}"
+        );
+    }
+    assert!(
+        text.contains("USER taskmill"),
+        "the runtime image must not run as root"
+    );
+}
+
+#[test]
+fn kubernetes_manifests_hang_together() {
+    let mut kinds = std::collections::BTreeMap::new();
+    for f in std::fs::read_dir(root().join("deploy/k8s")).unwrap() {
+        for doc in yaml_docs(&f.unwrap().path()) {
+            let kind = doc["kind"].as_str().unwrap().to_string();
+            kinds.insert(kind, doc);
+        }
+    }
+    for k in [
+        "Deployment",
+        "PodDisruptionBudget",
+        "ScaledObject",
+        "TriggerAuthentication",
+        "ConfigMap",
+        "Secret",
+    ] {
+        assert!(kinds.contains_key(k), "no {k}");
+    }
+    let config = &kinds["ConfigMap"]["data"];
+    let shutdown: u64 = config["TASKMILL_SHUTDOWN_TIMEOUT"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pod = &kinds["Deployment"]["spec"]["template"]["spec"];
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace > shutdown,
+        "grace {grace} must exceed the shutdown timeout {shutdown}"
+    );
+    let c = &pod["containers"][0];
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert!(c["resources"]["requests"]["memory"].is_string());
+    assert!(c["resources"]["limits"]["cpu"].is_string());
+    let metrics_port = config["TASKMILL_METRICS_ADDR"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        c["ports"][0]["containerPort"].as_u64().unwrap().to_string(),
+        metrics_port
+    );
+    // KEDA scales the Deployment on the namespace's work queue.
+    let so = &kinds["ScaledObject"]["spec"];
+    assert_eq!(
+        so["scaleTargetRef"]["name"],
+        kinds["Deployment"]["metadata"]["name"]
+    );
+    let ns = config["TASKMILL_NAMESPACE"].as_str().unwrap();
+    let queue = config["TASKMILL_QUEUES"].as_str().unwrap();
+    assert_eq!(
+        so["triggers"][0]["metadata"]["queueName"],
+        format!("{ns}.{queue}").as_str()
+    );
+    // The secret holds every URL the pods and the scaler read.
+    let secret = &kinds["Secret"]["stringData"];
+    for key in ["AMQP_URL", "REDIS_URL", "RABBITMQ_HOST"] {
+        assert!(secret[key].is_string(), "secret lacks {key}");
+    }
+}
+
+#[test]
+fn the_dashboard_shows_every_metric() {
+    let text = std::fs::read_to_string(root().join("deploy/grafana/taskmill.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    for metric in [
+        "taskmill_batches_total",
+        "taskmill_records_total",
+        "taskmill_task_duration_seconds_bucket",
+        "taskmill_batch_latency_seconds_bucket",
+        "taskmill_batches_in_flight",
+        "taskmill_worker_threads",
+        "taskmill_connected",
+    ] {
+        assert!(
+            exprs.iter().any(|e| e.contains(metric)),
+            "no panel shows {metric}"
+        );
+    }
+}
+
+#[test]
+fn the_example_config_file_is_valid() {
+    let path = root().join("deploy/taskmill.toml");
+    let settings = taskmill_common::config::read_config(&path).unwrap();
+    assert!(settings.iter().any(|(env, _)| *env == "AMQP_URL"));
+}
