@@ -15,7 +15,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "throughput,raw,cpu,latency,sweep,memory"
+        default_value = "throughput,raw,cpu,latency,sweep,memory,peers"
     )]
     only: Vec<String>,
     /// Posts in the throughput workload.
@@ -27,8 +27,9 @@ struct Args {
     /// Worker prefetch.
     #[arg(long, default_value_t = 256)]
     prefetch: u16,
-    /// Runs of the throughput and raw workloads (alternating); the median is reported.
-    #[arg(long, default_value_t = 3)]
+    /// Runs of the throughput and raw workloads (alternating) and of the latency workload;
+    /// the median is reported.
+    #[arg(long, default_value_t = 5)]
     runs: usize,
     /// Where to write results.json and sweep.svg.
     #[arg(long, default_value = "docs/bench")]
