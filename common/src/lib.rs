@@ -26,3 +26,28 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// The common start of both binaries: applies the config file (as environment variables,
+/// under those already set) before the command line is parsed and before any thread starts,
+/// then runs `main` on a single-threaded tokio runtime (the async side only does I/O;
+/// analysis runs on rayon).
+pub fn run_binary<F>(name: &str, main: impl FnOnce() -> F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = std::process::ExitCode>,
+{
+    let argv: Vec<String> = std::env::args().collect();
+    if let Err(e) = config::apply_config_file(&argv) {
+        eprintln!("{name}: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(main()),
+        Err(e) => {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

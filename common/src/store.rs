@@ -563,9 +563,19 @@ impl Store {
 
     /// All stored batch results of a job, by batch number.
     pub async fn results(&self, job: &str) -> Result<Vec<(u64, Value)>, StoreError> {
+        self.hash_by_batch(&self.keys.results(job)).await
+    }
+
+    /// Why each dead batch of a job died, by batch number.
+    pub async fn dead_batches(&self, job: &str) -> Result<Vec<(u64, Value)>, StoreError> {
+        self.hash_by_batch(&self.keys.dead(job)).await
+    }
+
+    /// A hash of batch number → JSON text, parsed and in batch order.
+    async fn hash_by_batch(&self, key: &str) -> Result<Vec<(u64, Value)>, StoreError> {
         let mut con = self.con.clone();
         let raw: BTreeMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.keys.results(job))
+            .arg(key)
             .query_async(&mut con)
             .await
             .map_err(|e| self.err(e))?;
@@ -574,27 +584,6 @@ impl Store {
             .filter_map(|(k, v)| {
                 let batch = k.parse().ok()?;
                 Some((batch, serde_json::from_str(&v).unwrap_or(Value::String(v))))
-            })
-            .collect();
-        out.sort_by_key(|(b, _)| *b);
-        Ok(out)
-    }
-
-    /// Why each dead batch of a job died, by batch number.
-    pub async fn dead_batches(&self, job: &str) -> Result<Vec<(u64, Value)>, StoreError> {
-        let mut con = self.con.clone();
-        let raw: BTreeMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.keys.dead(job))
-            .query_async(&mut con)
-            .await
-            .map_err(|e| self.err(e))?;
-        let mut out: Vec<(u64, Value)> = raw
-            .into_iter()
-            .filter_map(|(k, v)| {
-                Some((
-                    k.parse().ok()?,
-                    serde_json::from_str(&v).unwrap_or(Value::String(v)),
-                ))
             })
             .collect();
         out.sort_by_key(|(b, _)| *b);

@@ -22,6 +22,11 @@ pub struct TaskContext<'a> {
 }
 
 impl TaskContext<'_> {
+    /// A text parameter, or `default` when absent.
+    pub fn str_param<'s>(&'s self, key: &str, default: &'s str) -> &'s str {
+        self.params.get(key).map(String::as_str).unwrap_or(default)
+    }
+
     /// A parameter parsed as `T`, or `default` when absent; an unparseable value is a
     /// permanent error (retrying cannot fix it).
     pub fn param<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, TaskError> {

@@ -12,24 +12,7 @@ use taskmill_producer::Cli;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    // The config file becomes environment variables (under those already set) before the
-    // command line is parsed and before any thread starts.
-    let argv: Vec<String> = std::env::args().collect();
-    if let Err(e) = taskmill_common::config::apply_config_file(&argv) {
-        eprintln!("producer: {e}");
-        return ExitCode::FAILURE;
-    }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("producer: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async_main())
+    taskmill_common::run_binary("producer", async_main)
 }
 
 async fn async_main() -> ExitCode {

@@ -189,28 +189,7 @@ fn worker_totals(stderr: Option<std::process::ChildStderr>) -> BTreeMap<String, 
 }
 
 async fn wait_consumers(ns: &str, queue: &str) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:15672/api/queues/%2f/{ns}.{queue}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(resp) = http
-            .get(&url)
-            .basic_auth("guest", Some("guest"))
-            .send()
-            .await
-        {
-            if let Ok(v) = resp.json::<Value>().await {
-                if v["consumers"].as_u64().unwrap_or(0) >= 1 {
-                    return Ok(());
-                }
-            }
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the worker did not start consuming"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_queue_consumers(&format!("{ns}.{queue}")).await
 }
 
 async fn wait_job(store: &Store, job: &str) -> anyhow::Result<taskmill_common::store::JobStatus> {

@@ -296,3 +296,13 @@ pub async fn batches_done(store: &Store, job: &str) -> u64 {
         .map(|s| s.num("batches_done"))
         .unwrap_or(0)
 }
+
+/// Waits until at least `n` batches of the job are done (panics after a minute: a hung test).
+pub async fn wait_batches_done(store: &Store, job: &str, n: u64) {
+    until(
+        &format!("{n} batches of {job} done"),
+        Duration::from_secs(60),
+        || async { batches_done(store, job).await >= n },
+    )
+    .await;
+}

@@ -13,7 +13,9 @@ use std::{
 };
 
 use taskmill_producer::cmd::enqueue::{enqueue, EnqueueArgs};
-use taskmill_tests::{batches_done, bin_path, proxy::Proxy, sample, until, write_jsonl, TestNs};
+use taskmill_tests::{
+    bin_path, proxy::Proxy, sample, until, wait_batches_done, write_jsonl, TestNs,
+};
 
 fn ip(args: &[&str]) -> bool {
     Command::new("ip")
@@ -144,11 +146,7 @@ async fn a_worker_cut_off_the_network_gives_its_batches_to_the_other() {
         || async { proxies[0].0.accepted() >= 1 && proxies[1].0.accepted() >= 1 },
     )
     .await;
-    until("a sixth of the job", Duration::from_secs(60), || {
-        let (store, job) = (store.clone(), job.clone());
-        async move { batches_done(&store, &job).await >= 50 }
-    })
-    .await;
+    wait_batches_done(&store, &job, 50).await;
     a.cut();
     let status = t
         .wait_finished(&store, &job, Duration::from_secs(120))

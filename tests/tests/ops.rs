@@ -7,7 +7,9 @@ use std::{
 };
 
 use taskmill_producer::cmd::enqueue::{enqueue, EnqueueArgs};
-use taskmill_tests::{batches_done, bin_path, sample, until, write_jsonl, TestNs};
+use taskmill_tests::{
+    batches_done, bin_path, sample, until, wait_batches_done, write_jsonl, TestNs,
+};
 
 /// The value of the sample `name{labels...}` whose labels include all of `want`.
 fn sample_value(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
@@ -72,11 +74,7 @@ async fn metrics_and_health_follow_the_job() {
     let store = t.store().await;
     let job = report.job.clone();
     // Scrape during the job: counters are there and never ahead of Redis.
-    until("some batches done", Duration::from_secs(60), || {
-        let (store, job) = (store.clone(), job.clone());
-        async move { batches_done(&store, &job).await >= 20 }
-    })
-    .await;
+    wait_batches_done(&store, &job, 20).await;
     let (code, text) = get(&format!("{base}/metrics")).await;
     assert_eq!(code, 200);
     let during = sample_value(

@@ -13,7 +13,7 @@ use taskmill_common::{store::Store, topology::Names};
 use taskmill_producer::cmd::enqueue::{enqueue, EnqueueArgs};
 use taskmill_tests::{
     batches_done, bin_path, proxy::Proxy, raw_channel, redis_server::PrivateRedis, sample, until,
-    write_jsonl, TestNs,
+    wait_batches_done, write_jsonl, TestNs,
 };
 use taskmill_worker::Stats;
 
@@ -54,11 +54,7 @@ async fn the_worker_survives_a_cut_broker_connection() {
         .unwrap();
     let store = t.store().await;
     let job = report.job.clone();
-    until("a fifth of the job", Duration::from_secs(60), || {
-        let (store, job) = (store.clone(), job.clone());
-        async move { batches_done(&store, &job).await >= 60 }
-    })
-    .await;
+    wait_batches_done(&store, &job, 60).await;
     proxy.cut();
     until(
         "the worker trying to reconnect",
@@ -131,11 +127,7 @@ async fn a_redis_outage_delays_the_job_but_loses_nothing() {
         .unwrap();
     let store = Store::connect(&redis.url(), &t.ns, 3600).await.unwrap();
     let job = report.job.clone();
-    until("a fifth of the job", Duration::from_secs(60), || {
-        let (store, job) = (store.clone(), job.clone());
-        async move { batches_done(&store, &job).await >= 40 }
-    })
-    .await;
+    wait_batches_done(&store, &job, 40).await;
     redis.kill();
     until(
         "the worker failing to store",
@@ -176,11 +168,7 @@ async fn kill_9_of_one_of_two_workers_loses_nothing() {
         .unwrap();
     let store = t.store().await;
     let job = report.job.clone();
-    until("a quarter of the job", Duration::from_secs(60), || {
-        let (store, job) = (store.clone(), job.clone());
-        async move { batches_done(&store, &job).await >= 100 }
-    })
-    .await;
+    wait_batches_done(&store, &job, 100).await;
     a.kill().unwrap(); // SIGKILL
     a.wait().unwrap();
     t.wait_finished(&store, &job, Duration::from_secs(120))
@@ -202,11 +190,7 @@ async fn sigterm_drains_and_exits_0_and_leaves_the_rest_in_the_queue() {
         .unwrap();
     let store = t.store().await;
     let job = report.job.clone();
-    until("some batches done", Duration::from_secs(60), || {
-        let (store, job) = (store.clone(), job.clone());
-        async move { batches_done(&store, &job).await >= 20 }
-    })
-    .await;
+    wait_batches_done(&store, &job, 20).await;
     let kill = Command::new("kill")
         .args(["-TERM", &worker.id().to_string()])
         .status()

@@ -13,24 +13,7 @@ use tokio_util::sync::CancellationToken;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    // The config file becomes environment variables (under those already set) before the
-    // command line is parsed and before any thread starts.
-    let argv: Vec<String> = std::env::args().collect();
-    if let Err(e) = taskmill_common::config::apply_config_file(&argv) {
-        eprintln!("worker: {e}");
-        return ExitCode::FAILURE;
-    }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("worker: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async_main())
+    taskmill_common::run_binary("worker", async_main)
 }
 
 async fn async_main() -> ExitCode {

@@ -238,14 +238,7 @@ impl Sink {
         metrics::gauge!("taskmill_batches_in_flight").decrement(1.0);
         let Some((id, outcome)) = p.analysed.clone() else {
             warn!("analysis thread lost a batch; giving it back to the queue");
-            p.delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await?;
-            return Ok(());
+            return Self::nack_requeue(&p).await;
         };
         match outcome {
             Outcome::Retry(error) => {

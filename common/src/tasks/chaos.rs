@@ -41,11 +41,7 @@ impl Task for Chaos {
         let seed: u64 = ctx.param("seed", 0)?;
         let sleep_ms: u64 = ctx.param("sleep_ms", 0)?;
         let spin_us: u64 = ctx.param("spin_us", 0)?;
-        let kind = ctx
-            .params
-            .get("fail")
-            .map(String::as_str)
-            .unwrap_or("transient");
+        let kind = ctx.str_param("fail", "transient");
         if sleep_ms > 0 {
             // Deliberately holds this rayon thread, as a slow task would.
             std::thread::sleep(Duration::from_millis(sleep_ms));

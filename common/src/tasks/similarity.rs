@@ -71,11 +71,7 @@ impl Task for Similarity {
     }
 
     fn run(&self, ctx: &TaskContext<'_>, records: &[Value]) -> Result<TaskOutput, TaskError> {
-        let field = ctx
-            .params
-            .get("field")
-            .map(String::as_str)
-            .unwrap_or("body");
+        let field = ctx.str_param("field", "body");
         let threshold: f64 = ctx.param("threshold", 0.8)?;
         let k: usize = ctx.param("shingle", 3)?;
         let hashes: usize = ctx.param("hashes", 128)?;

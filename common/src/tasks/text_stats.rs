@@ -75,11 +75,7 @@ impl Task for TextStats {
     }
 
     fn run(&self, ctx: &TaskContext<'_>, records: &[Value]) -> Result<TaskOutput, TaskError> {
-        let field = ctx
-            .params
-            .get("field")
-            .map(String::as_str)
-            .unwrap_or("body");
+        let field = ctx.str_param("field", "body");
         let top: usize = ctx.param("top", 10)?;
         let mut used = 0u64;
         let mut words = 0u64;
