@@ -740,3 +740,120 @@ pub async fn peer(
     crate::cleanup_namespace(&queue).await;
     result
 }
+
+/// The bare round trip at a fixed rate (messages a second) for `seconds`: p50, p95, p99 and
+/// max in ms from publishing to the Redis SET done, for comparison with taskmill's latency.
+pub async fn raw_latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Result<Value> {
+    let queue = format!("{}.rawlat", bench_ns("rawlat"));
+    let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let pconn = taskmill_common::amqp::connect(url, "bench-rawlat-pub").await?;
+    let cconn = taskmill_common::amqp::connect(url, "bench-rawlat-con").await?;
+    let pch = pconn.create_channel().await?;
+    let cch = cconn.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    let opts = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    pch.queue_declare(queue.as_str().into(), opts, args).await?;
+    pch.confirm_select(ConfirmSelectOptions::default()).await?;
+    cch.basic_qos(64, BasicQosOptions { global: false }).await?;
+    let mut consumer = cch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let total = (rate * seconds as f64) as u64;
+    let redis = redis::Client::open("redis://127.0.0.1:6379/0")?;
+    let mut con = redis.get_multiplexed_async_connection().await?;
+    let key_prefix = queue.clone();
+    let consume = tokio::spawn(async move {
+        let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?;
+        let mut seen = 0u64;
+        while seen < total {
+            let Some(first) = consumer.next().await else {
+                anyhow::bail!("consumer ended");
+            };
+            let mut batch = vec![first?];
+            while let Some(Some(d)) = consumer.next().now_or_never() {
+                batch.push(d?);
+            }
+            let mut pipe = redis::pipe();
+            for d in &batch {
+                let id = d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                pipe.cmd("SET")
+                    .arg(format!("{key_prefix}:{id}"))
+                    .arg("x")
+                    .arg("EX")
+                    .arg(600)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut con).await?;
+            let now = now_ms();
+            for d in &batch {
+                let created = d.properties.timestamp().unwrap_or(now);
+                hist.saturating_record(now.saturating_sub(created).max(1));
+            }
+            if let Some(last) = batch.last() {
+                last.acker.ack(BasicAckOptions { multiple: true }).await?;
+            }
+            seen += batch.len() as u64;
+        }
+        anyhow::Ok(hist)
+    });
+    let body = bodies(batch_size as u64, batch_size)
+        .pop()
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let (ctx, mut crx) = tokio::sync::mpsc::unbounded_channel::<lapin::PublisherConfirm>();
+    let confirms = tokio::spawn(async move {
+        while let Some(c) = crx.recv().await {
+            c.await?;
+        }
+        anyhow::Ok(())
+    });
+    for i in 0..total {
+        tick.tick().await;
+        // Timestamp in ms (the AMQP field is seconds by convention; this queue is ours).
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(i.to_string().into())
+            .with_timestamp(now_ms());
+        let c = pch
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await?;
+        let _ = ctx.send(c);
+    }
+    drop(ctx);
+    confirms.await??;
+    let hist = consume.await??;
+    pch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    let _ = pconn.close(200, "done".into()).await;
+    let _ = cconn.close(200, "done".into()).await;
+    Ok(json!({
+        "rate_messages_per_s": rate, "seconds": seconds, "messages": total,
+        "p50_ms": hist.value_at_quantile(0.5), "p95_ms": hist.value_at_quantile(0.95),
+        "p99_ms": hist.value_at_quantile(0.99), "max_ms": hist.max(),
+    }))
+}

@@ -183,6 +183,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ));
         }
         j["runs_p99_ms"] = json!(all.iter().map(|r| r["p99_ms"].clone()).collect::<Vec<_>>());
+        // The same rate through the bare round trip: how much of the tail is the broker's.
+        eprintln!(
+            "bench: raw latency at {rate:.0} messages/s for {} s",
+            args.latency_seconds
+        );
+        let raw = bench::raw_latency(rate, args.latency_seconds, 10).await?;
+        rows.push((
+            "latency".into(),
+            format!("raw round trip p50 / p99 / max ms at {rate:.0}/s"),
+            format!(
+                "{} / {} / {}",
+                f(&raw["p50_ms"]),
+                f(&raw["p99_ms"]),
+                f(&raw["max_ms"])
+            ),
+        ));
+        j["raw"] = raw;
         rows.push((
             "latency".into(),
             "p99 ms of each run".into(),
