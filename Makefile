@@ -10,7 +10,11 @@ test: services lint
 	bash deploy/scripts/validate.sh
 	cargo build --workspace --bins
 	./target/debug/tmt-cleanup
-	cargo test --workspace --no-fail-fast
+	if command -v cargo-nextest >/dev/null; then \
+		cargo nextest run --workspace; \
+	else \
+		cargo test --workspace --no-fail-fast; \
+	fi
 
 lint:
 	cargo fmt --all --check

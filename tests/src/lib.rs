@@ -184,7 +184,10 @@ mod reqwest_lite {
     impl Client {
         pub fn new() -> Self {
             Self {
-                http: reqwest::Client::new(),
+                http: reqwest::Client::builder()
+                    .timeout(std::time::Duration::from_secs(20))
+                    .build()
+                    .unwrap_or_default(),
             }
         }
         pub async fn get_json(&self, path: &str) -> reqwest::Result<Value> {

@@ -224,3 +224,124 @@ async fn sigterm_drains_and_exits_0_and_leaves_the_rest_in_the_queue() {
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_timeout_and_second_signal_give_batches_back_without_an_attempt() {
+    let t = TestNs::new();
+    let names = Names::new(&t.ns);
+    let file = write_jsonl(sample::posts(40));
+    // 4 batches of 10 that take 3 s each: nothing can finish within a 1 s shutdown timeout.
+    let report = enqueue(&t.conn(), &chaos(&file, &["sleep_ms=3000"]), |_| {})
+        .await
+        .unwrap();
+    let (_conn, ch) = raw_channel().await;
+    let ready = |ch: lapin::Channel, names: Names| async move {
+        ch.queue_declare(
+            names.queue("tasks").into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
+    };
+    for signals in [1, 2] {
+        // One signal: the 1 s timeout ends the drain. Two: the second ends a 30 s drain at once.
+        let timeout = if signals == 1 { "1" } else { "30" };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let metrics_addr = format!("127.0.0.1:{port}");
+        let mut worker = worker_process(
+            &t.ns,
+            &[
+                ("TASKMILL_SHUTDOWN_TIMEOUT", timeout),
+                ("TASKMILL_PREFETCH", "4"),
+                ("TASKMILL_METRICS_ADDR", &metrics_addr),
+            ],
+        );
+        // The worker holds all four batches (its in-flight gauge says so).
+        until(
+            "the worker holding the batches",
+            Duration::from_secs(60),
+            || {
+                let url = format!("http://{metrics_addr}/metrics");
+                async move {
+                    let Ok(resp) = reqwest::get(&url).await else {
+                        return false;
+                    };
+                    let text = resp.text().await.unwrap_or_default();
+                    text.lines().any(|l| l == "taskmill_batches_in_flight 4")
+                }
+            },
+        )
+        .await;
+        for n in 0..signals {
+            Command::new("kill")
+                .args(["-TERM", &worker.id().to_string()])
+                .status()
+                .unwrap();
+            if n + 1 < signals {
+                // The first signal was handled once the worker says it is draining (not ready).
+                until("the worker draining", Duration::from_secs(30), || {
+                    let url = format!("http://{metrics_addr}/readyz");
+                    async move {
+                        reqwest::get(&url)
+                            .await
+                            .is_ok_and(|r| r.status().as_u16() == 503)
+                    }
+                })
+                .await;
+            }
+        }
+        let status = worker.wait().unwrap();
+        let expected = if signals == 1 { 0 } else { 130 };
+        assert_eq!(status.code(), Some(expected), "{signals} signal(s)");
+        // Everything is back in the queue, and the attempt was not counted as a failure.
+        until(
+            "the batches back in the queue",
+            Duration::from_secs(30),
+            || {
+                let (ch, names) = (ch.clone(), names.clone());
+                async move { ready(ch, names).await == 4 }
+            },
+        )
+        .await;
+    }
+    let store = t.store().await;
+    assert_eq!(batches_done(&store, &report.job).await, 0);
+    let got = ch
+        .basic_get(names.queue("tasks").into(), Default::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        taskmill_common::amqp::attempt_of(&got.delivery.properties),
+        1
+    );
+    got.delivery
+        .acker
+        .nack(lapin::options::BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let mut args = t.worker_args();
+    args.threads = 4;
+    let w = t.spawn_worker(args);
+    let status = t
+        .wait_finished(&store, &report.job, Duration::from_secs(60))
+        .await;
+    assert_eq!(status.num("batches_done"), 4);
+    assert_eq!(status.num("retries"), 0);
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}

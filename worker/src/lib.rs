@@ -260,11 +260,14 @@ pub async fn run_with_stats(
         "worker starting"
     );
     let health = Arc::new(metrics::Health::default());
+    // The endpoints outlive the drain (so /readyz can say 503 while draining) and stop when
+    // the worker returns.
+    let metrics_stop = CancellationToken::new();
     let mut metrics_server = None;
     if let Some(addr) = args.metrics_addr {
         let handle = metrics::recorder()?;
         metrics_server =
-            Some(metrics::serve(addr, handle, health.clone(), shutdown.child_token()).await?);
+            Some(metrics::serve(addr, handle, health.clone(), metrics_stop.clone()).await?);
         info!(%addr, "serving /metrics, /healthz and /readyz");
     }
     ::metrics::gauge!("taskmill_worker_threads").set(threads as f64);
@@ -280,8 +283,9 @@ pub async fn run_with_stats(
         health,
     };
     let result = sessions(&shared, &shutdown).await;
+    metrics_stop.cancel();
     if let Some(server) = metrics_server {
-        server.abort();
+        let _ = server.await;
     }
     result
 }
@@ -564,10 +568,20 @@ async fn session(
         hard_stop.cancel();
         sink_task.abort();
     }
-    for ch in &channels {
-        let _ = ch.close(200, "worker shutting down".into()).await;
+    // Closing waits for the broker's answer; a broker that does not answer must not keep the
+    // worker from exiting (it requeues everything unacked when the TCP connection ends).
+    let close = async {
+        for ch in &channels {
+            let _ = ch.close(200, "worker shutting down".into()).await;
+        }
+        let _ = conn.close(200, "worker shutting down".into()).await;
+    };
+    if tokio::time::timeout(Duration::from_secs(5), close)
+        .await
+        .is_err()
+    {
+        warn!("the broker did not answer the close within 5 s");
     }
-    let _ = conn.close(200, "worker shutting down".into()).await;
     if result.is_ok() {
         info!("worker stopped");
     }
