@@ -8,6 +8,13 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 log() { echo "services: $*" >&2; }
 
+if ! command -v cargo >/dev/null; then
+  log "no Rust toolchain (cargo) on this machine: install one with rustup,"
+  log "  curl https://sh.rustup.rs -sSf | sh -s -- -y && . \"\$HOME/.cargo/env\""
+  log "(taskmill needs Rust 1.85 or newer; Debian's packaged cargo is too old)"
+  exit 1
+fi
+
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 wait_port() { # port seconds what
