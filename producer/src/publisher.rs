@@ -105,7 +105,7 @@ impl Publisher {
         &mut self,
         batches: Vec<(u64, u64, Vec<u8>, BasicProperties)>,
     ) -> anyhow::Result<()> {
-        let mut items: Vec<InFlight> = batches
+        let mut items = batches
             .into_iter()
             .map(|(batch, records, body, props)| InFlight {
                 batch,
@@ -114,36 +114,27 @@ impl Publisher {
                 props,
                 confirm: None,
                 refusals: 0,
-            })
-            .collect();
-        for group in items.chunks_mut(self.window.max(1)) {
+            });
+        loop {
+            let group: Vec<InFlight> = items.by_ref().take(self.window).collect();
+            if group.is_empty() {
+                return Ok(());
+            }
             // join_all polls the futures in order, so the broker sees them in order.
             let sent = futures::future::join_all(group.iter().map(|item| self.send(item))).await;
             let mut failure = None;
-            for (item, res) in group.iter_mut().zip(sent) {
+            for (mut item, res) in group.into_iter().zip(sent) {
                 match res {
                     Ok(c) => item.confirm = Some(c),
                     Err(e) => failure = failure.or(Some(e)),
                 }
+                self.inflight.push_back(item);
             }
-            let taken: Vec<InFlight> = group
-                .iter_mut()
-                .map(|i| InFlight {
-                    batch: i.batch,
-                    records: i.records,
-                    body: std::mem::take(&mut i.body),
-                    props: i.props.clone(),
-                    confirm: i.confirm.take(),
-                    refusals: 0,
-                })
-                .collect();
-            self.inflight.extend(taken);
             if let Some(e) = failure {
                 self.recover(e).await?;
             }
             self.settle(self.window.saturating_sub(1)).await?;
         }
-        Ok(())
     }
 
     /// Waits until all published batches are confirmed.

@@ -419,7 +419,7 @@ pub async fn fetch_all(
 }
 
 /// Expands `--url-template` over `--ids A-B`: `{id}` becomes each number.
-pub fn expand_template(template: &str, ids: (u64, u64)) -> impl Iterator<Item = String> + '_ {
+pub fn expand_template(template: String, ids: (u64, u64)) -> impl Iterator<Item = String> {
     (ids.0..=ids.1).map(move |i| template.replace("{id}", &i.to_string()))
 }
 
@@ -505,7 +505,7 @@ mod tests {
         assert_eq!(parse_ids("1-3"), Ok((1, 3)));
         assert!(parse_ids("3-1").is_err());
         assert!(parse_ids("x").is_err());
-        let urls: Vec<String> = expand_template("http://h/p/{id}", (1, 2)).collect();
+        let urls: Vec<String> = expand_template("http://h/p/{id}".into(), (1, 2)).collect();
         assert_eq!(urls, ["http://h/p/1", "http://h/p/2"]);
     }
 }

@@ -95,9 +95,7 @@ impl Watched {
 
     /// Sends SIGTERM.
     pub fn term(&self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
+        crate::sigterm(self.pid());
     }
 
     /// Waits for the process to exit and returns its figures and exit success.
@@ -192,16 +190,8 @@ async fn wait_consumers(ns: &str, queue: &str) -> anyhow::Result<()> {
     wait_queue_consumers(&format!("{ns}.{queue}")).await
 }
 
-async fn wait_job(store: &Store, job: &str) -> anyhow::Result<taskmill_common::store::JobStatus> {
-    loop {
-        if let Some(s) = store.job_status(job).await? {
-            if s.is_finished() {
-                return Ok(s);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How long a benchmark job may take before the harness gives up on it.
+const JOB_LIMIT: Duration = Duration::from_secs(600);
 
 /// Figures of one end-to-end run.
 #[derive(Debug, Clone, Default)]
@@ -274,7 +264,7 @@ pub async fn end_to_end(
     let store = Store::connect("redis://127.0.0.1:6379/0", &ns, 3600).await?;
     let (pstats, ok, _) = tokio::task::spawn_blocking(move || producer.finish()).await??;
     anyhow::ensure!(ok, "the producer failed");
-    let status = wait_job(&store, job).await?;
+    let status = crate::job_finished(&store, job, JOB_LIMIT).await?;
     worker.term();
     let (wstats, _, _) = tokio::task::spawn_blocking(move || worker.finish()).await??;
     anyhow::ensure!(
@@ -314,92 +304,175 @@ fn bodies(n: u64, size: usize) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// A quorum queue of its own for the bare round trip, with a confirm-mode publishing channel
+/// and a consumer on another connection.
+struct RawQueue {
+    queue: String,
+    pconn: lapin::Connection,
+    cconn: lapin::Connection,
+    pch: lapin::Channel,
+}
+
+impl RawQueue {
+    async fn open(name: &str, prefetch: u16) -> anyhow::Result<(Self, lapin::Consumer)> {
+        let queue = format!("{}.{name}", bench_ns(name));
+        let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+        let pconn = taskmill_common::amqp::connect(url, &format!("bench-{name}-pub")).await?;
+        let cconn = taskmill_common::amqp::connect(url, &format!("bench-{name}-con")).await?;
+        let pch = pconn.create_channel().await?;
+        let cch = cconn.create_channel().await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        let opts = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        pch.queue_declare(queue.as_str().into(), opts, args).await?;
+        pch.confirm_select(ConfirmSelectOptions::default()).await?;
+        cch.basic_qos(prefetch, BasicQosOptions { global: false })
+            .await?;
+        let consumer = cch
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((
+            Self {
+                queue,
+                pconn,
+                cconn,
+                pch,
+            },
+            consumer,
+        ))
+    }
+
+    /// Publishes one persistent message to the queue (default exchange).
+    async fn publish(
+        &self,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> lapin::Result<lapin::PublisherConfirm> {
+        self.pch
+            .basic_publish(
+                "".into(),
+                self.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                props.with_delivery_mode(2),
+            )
+            .await
+    }
+
+    /// Deletes the queue and its Redis keys, and closes the connections.
+    async fn close(self) -> anyhow::Result<()> {
+        self.pch
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+        let _ = self.pconn.close(200, "done".into()).await;
+        let _ = self.cconn.close(200, "done".into()).await;
+        crate::cleanup_namespace(&self.queue).await;
+        Ok(())
+    }
+}
+
+/// The consuming side of the bare round trip: for `n` messages, one pipelined Redis `SET`
+/// (of `value`) a message, then one multiple ack a group; `stored` sees each group (with the
+/// time it was stored, ms) once Redis said OK.
+async fn consume_raw(
+    mut consumer: lapin::Consumer,
+    n: u64,
+    key_prefix: String,
+    value: String,
+    mut stored: impl FnMut(u64, &[lapin::message::Delivery]),
+) -> anyhow::Result<()> {
+    let redis = redis::Client::open("redis://127.0.0.1:6379/0")?;
+    let mut con = redis.get_multiplexed_async_connection().await?;
+    let mut seen = 0u64;
+    while seen < n {
+        let Some(first) = consumer.next().await else {
+            anyhow::bail!("consumer ended");
+        };
+        let mut batch = vec![first?];
+        while let Some(Some(d)) = consumer.next().now_or_never() {
+            batch.push(d?);
+            if batch.len() >= 1000 {
+                break;
+            }
+        }
+        let mut pipe = redis::pipe();
+        for d in &batch {
+            let id = d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            pipe.cmd("SET")
+                .arg(format!("{key_prefix}:{id}"))
+                .arg(&value)
+                .arg("EX")
+                .arg(600)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut con).await?;
+        stored(now_ms(), &batch);
+        if let Some(last) = batch.last() {
+            last.acker.ack(BasicAckOptions { multiple: true }).await?;
+        }
+        seen += batch.len() as u64;
+    }
+    Ok(())
+}
+
+/// Publishes `total` messages at `rate` a second (`publish(i)` sends message `i`), with the
+/// confirms awaited on the side.
+async fn publish_at_rate<F, Fut>(rate: f64, total: u64, mut publish: F) -> anyhow::Result<()>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = lapin::Result<lapin::PublisherConfirm>>,
+{
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let (ctx, mut crx) = tokio::sync::mpsc::unbounded_channel::<lapin::PublisherConfirm>();
+    let confirms = tokio::spawn(async move {
+        while let Some(c) = crx.recv().await {
+            c.await?;
+        }
+        anyhow::Ok(())
+    });
+    for i in 0..total {
+        tick.tick().await;
+        let _ = ctx.send(publish(i).await?);
+    }
+    drop(ctx);
+    confirms.await?
+}
+
 /// The bare round trip: publish with a window of confirms into a quorum queue, consume with a
 /// large prefetch, one pipelined Redis SET a message, multiple ack. Returns messages a second.
 pub async fn raw_round_trip(n_posts: u64, batch_size: usize) -> anyhow::Result<(u64, f64)> {
     let msgs = bodies(n_posts, batch_size);
     let n = msgs.len() as u64;
-    let queue = format!("{}.raw", bench_ns("raw"));
-    let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
-    let pconn = taskmill_common::amqp::connect(url, "bench-raw-pub").await?;
-    let cconn = taskmill_common::amqp::connect(url, "bench-raw-con").await?;
-    let pch = pconn.create_channel().await?;
-    let cch = cconn.create_channel().await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    let opts = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    pch.queue_declare(queue.as_str().into(), opts, args).await?;
-    pch.confirm_select(ConfirmSelectOptions::default()).await?;
-    cch.basic_qos(1000, BasicQosOptions { global: false })
-        .await?;
-    let mut consumer = cch
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let redis = redis::Client::open("redis://127.0.0.1:6379/0")?;
-    let mut con = redis.get_multiplexed_async_connection().await?;
-    let key_prefix = queue.clone();
+    let (raw, consumer) = RawQueue::open("raw", 1000).await?;
     let started = Instant::now();
-    let consume = tokio::spawn(async move {
-        let mut seen = 0u64;
-        let value = "x".repeat(150);
-        while seen < n {
-            let Some(first) = consumer.next().await else {
-                anyhow::bail!("consumer ended");
-            };
-            let mut batch = vec![first?];
-            while let Some(Some(d)) = consumer.next().now_or_never() {
-                batch.push(d?);
-                if batch.len() >= 1000 {
-                    break;
-                }
-            }
-            let mut pipe = redis::pipe();
-            for d in &batch {
-                let id = d
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default();
-                pipe.cmd("SET")
-                    .arg(format!("{key_prefix}:{id}"))
-                    .arg(&value)
-                    .arg("EX")
-                    .arg(600)
-                    .ignore();
-            }
-            pipe.query_async::<()>(&mut con).await?;
-            if let Some(last) = batch.last() {
-                last.acker.ack(BasicAckOptions { multiple: true }).await?;
-            }
-            seen += batch.len() as u64;
-        }
-        Ok(started.elapsed())
-    });
-    let props = BasicProperties::default().with_delivery_mode(2);
+    let consume = tokio::spawn(consume_raw(
+        consumer,
+        n,
+        raw.queue.clone(),
+        "x".repeat(150),
+        |_, _| {},
+    ));
     let mut window = std::collections::VecDeque::new();
     for (id, body) in &msgs {
-        let c = pch
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                body,
-                props.clone().with_message_id(id.as_str().into()),
-            )
-            .await?;
-        window.push_back(c);
+        let props = BasicProperties::default().with_message_id(id.as_str().into());
+        window.push_back(raw.publish(body, props).await?);
         if window.len() >= 256 {
             if let Some(c) = window.pop_front() {
                 c.await?;
@@ -409,12 +482,9 @@ pub async fn raw_round_trip(n_posts: u64, batch_size: usize) -> anyhow::Result<(
     for c in window {
         c.await?;
     }
-    let elapsed = consume.await??;
-    pch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await?;
-    let _ = pconn.close(200, "done".into()).await;
-    let _ = cconn.close(200, "done".into()).await;
-    crate::cleanup_namespace(&queue).await;
+    consume.await??;
+    let elapsed = started.elapsed();
+    raw.close().await?;
     Ok((n, n as f64 / elapsed.as_secs_f64()))
 }
 
@@ -475,17 +545,8 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
     topology::declare(&ch, &names, &["tasks".to_string()]).await?;
     let posts: Vec<Value> = sample::posts(batch_size as u64 * 100).collect();
     let total = (rate * seconds as f64) as u64;
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let (ctx, mut crx) = tokio::sync::mpsc::unbounded_channel::<lapin::PublisherConfirm>();
-    let confirms = tokio::spawn(async move {
-        while let Some(c) = crx.recv().await {
-            c.await?;
-        }
-        anyhow::Ok(())
-    });
-    for b in 0..total {
-        tick.tick().await;
+    let exchange = names.work_exchange();
+    publish_at_rate(rate, total, |b| {
         let start = (b as usize % 100) * batch_size;
         let e = Envelope {
             v: FORMAT_VERSION,
@@ -496,22 +557,23 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
             records: posts[start..start + batch_size].to_vec(),
             created_ms: now_ms(),
         };
-        let c = ch
-            .basic_publish(
-                names.work_exchange().into(),
+        let (body, props) = (encode(&e), batch_properties(&e, 1));
+        let (ch, exchange) = (&ch, exchange.as_str());
+        async move {
+            ch.basic_publish(
+                exchange.into(),
                 "tasks".into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
                 },
-                &encode(&e),
-                batch_properties(&e, 1),
+                &body,
+                props,
             )
-            .await?;
-        let _ = ctx.send(c);
-    }
-    drop(ctx);
-    confirms.await??;
+            .await
+        }
+    })
+    .await?;
     store
         .finish_publishing(
             job,
@@ -522,7 +584,7 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
             },
         )
         .await?;
-    wait_job(&store, job).await?;
+    crate::job_finished(&store, job, JOB_LIMIT).await?;
     worker.term();
     let (_, _, stderr) = tokio::task::spawn_blocking(move || worker.finish()).await??;
     let totals = worker_totals(stderr);
@@ -744,116 +806,43 @@ pub async fn peer(
 /// The bare round trip at a fixed rate (messages a second) for `seconds`: p50, p95, p99 and
 /// max in ms from publishing to the Redis SET done, for comparison with taskmill's latency.
 pub async fn raw_latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Result<Value> {
-    let queue = format!("{}.rawlat", bench_ns("rawlat"));
-    let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
-    let pconn = taskmill_common::amqp::connect(url, "bench-rawlat-pub").await?;
-    let cconn = taskmill_common::amqp::connect(url, "bench-rawlat-con").await?;
-    let pch = pconn.create_channel().await?;
-    let cch = cconn.create_channel().await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    let opts = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    pch.queue_declare(queue.as_str().into(), opts, args).await?;
-    pch.confirm_select(ConfirmSelectOptions::default()).await?;
-    cch.basic_qos(64, BasicQosOptions { global: false }).await?;
-    let mut consumer = cch
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (raw, consumer) = RawQueue::open("rawlat", 64).await?;
     let total = (rate * seconds as f64) as u64;
-    let redis = redis::Client::open("redis://127.0.0.1:6379/0")?;
-    let mut con = redis.get_multiplexed_async_connection().await?;
-    let key_prefix = queue.clone();
-    let consume = tokio::spawn(async move {
-        let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?;
-        let mut seen = 0u64;
-        while seen < total {
-            let Some(first) = consumer.next().await else {
-                anyhow::bail!("consumer ended");
-            };
-            let mut batch = vec![first?];
-            while let Some(Some(d)) = consumer.next().now_or_never() {
-                batch.push(d?);
-            }
-            let mut pipe = redis::pipe();
-            for d in &batch {
-                let id = d
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default();
-                pipe.cmd("SET")
-                    .arg(format!("{key_prefix}:{id}"))
-                    .arg("x")
-                    .arg("EX")
-                    .arg(600)
-                    .ignore();
-            }
-            pipe.query_async::<()>(&mut con).await?;
-            let now = now_ms();
-            for d in &batch {
+    let hist = Arc::new(std::sync::Mutex::new(
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?,
+    ));
+    let recorder = hist.clone();
+    let consume = tokio::spawn(consume_raw(
+        consumer,
+        total,
+        raw.queue.clone(),
+        "x".into(),
+        move |now, group| {
+            let mut h = recorder.lock().unwrap_or_else(|e| e.into_inner());
+            for d in group {
                 let created = d.properties.timestamp().unwrap_or(now);
-                hist.saturating_record(now.saturating_sub(created).max(1));
+                h.saturating_record(now.saturating_sub(created).max(1));
             }
-            if let Some(last) = batch.last() {
-                last.acker.ack(BasicAckOptions { multiple: true }).await?;
-            }
-            seen += batch.len() as u64;
-        }
-        anyhow::Ok(hist)
-    });
+        },
+    ));
     let body = bodies(batch_size as u64, batch_size)
         .pop()
         .map(|(_, b)| b)
         .unwrap_or_default();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let (ctx, mut crx) = tokio::sync::mpsc::unbounded_channel::<lapin::PublisherConfirm>();
-    let confirms = tokio::spawn(async move {
-        while let Some(c) = crx.recv().await {
-            c.await?;
-        }
-        anyhow::Ok(())
-    });
-    for i in 0..total {
-        tick.tick().await;
+    publish_at_rate(rate, total, |i| {
         // Timestamp in ms (the AMQP field is seconds by convention; this queue is ours).
         let props = BasicProperties::default()
-            .with_delivery_mode(2)
             .with_message_id(i.to_string().into())
             .with_timestamp(now_ms());
-        let c = pch
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await?;
-        let _ = ctx.send(c);
-    }
-    drop(ctx);
-    confirms.await??;
-    let hist = consume.await??;
-    pch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await?;
-    let _ = pconn.close(200, "done".into()).await;
-    let _ = cconn.close(200, "done".into()).await;
+        raw.publish(&body, props)
+    })
+    .await?;
+    consume.await??;
+    raw.close().await?;
+    let h = hist.lock().unwrap_or_else(|e| e.into_inner());
     Ok(json!({
         "rate_messages_per_s": rate, "seconds": seconds, "messages": total,
-        "p50_ms": hist.value_at_quantile(0.5), "p95_ms": hist.value_at_quantile(0.95),
-        "p99_ms": hist.value_at_quantile(0.99), "max_ms": hist.max(),
+        "p50_ms": h.value_at_quantile(0.5), "p95_ms": h.value_at_quantile(0.95),
+        "p99_ms": h.value_at_quantile(0.99), "max_ms": h.max(),
     }))
 }

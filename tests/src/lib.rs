@@ -109,19 +109,9 @@ impl TestNs {
 
     /// Waits until the job is finished; panics after `limit` (a hung test, not a timing check).
     pub async fn wait_finished(&self, store: &Store, job: &str, limit: Duration) -> JobStatus {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            // An error (a Redis that is restarting) is simply read again.
-            let status = store.job_status(job).await;
-            if let Ok(Some(s)) = &status {
-                if s.is_finished() {
-                    return s.clone();
-                }
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!("job {job} did not finish within {limit:?}: {status:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        match job_finished(store, job, limit).await {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
         }
     }
 
@@ -134,7 +124,7 @@ impl TestNs {
 /// Deletes every queue and exchange whose name starts with `prefix` (through the management
 /// API) and every Redis key under it.
 pub async fn cleanup_namespace(prefix: &str) {
-    let client = reqwest_lite::Client::new();
+    let client = mgmt::Client::new();
     for kind in ["queues", "exchanges"] {
         let Ok(list) = client.get_json(&format!("/api/{kind}/%2f")).await else {
             continue;
@@ -174,7 +164,7 @@ fn urlencode(s: &str) -> String {
 }
 
 /// A minimal client for the RabbitMQ management API on 127.0.0.1:15672 (guest/guest).
-mod reqwest_lite {
+mod mgmt {
     use serde_json::Value;
 
     pub struct Client {
@@ -308,4 +298,31 @@ pub async fn wait_batches_done(store: &Store, job: &str, n: u64) {
         || async { batches_done(store, job).await >= n },
     )
     .await;
+}
+
+/// Waits until the job is finished, reading it every 20 ms; an error (a Redis that is
+/// restarting) is simply read again. Err after `limit`, with the last status read.
+pub async fn job_finished(store: &Store, job: &str, limit: Duration) -> anyhow::Result<JobStatus> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let status = store.job_status(job).await;
+        if let Ok(Some(s)) = &status {
+            if s.is_finished() {
+                return Ok(s.clone());
+            }
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() <= deadline,
+            "job {job} did not finish within {limit:?}: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends SIGTERM to a process; true when `kill` succeeded.
+pub fn sigterm(pid: u32) -> bool {
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success())
 }

@@ -102,6 +102,19 @@ impl Proxy {
         *g = CancellationToken::new();
     }
 
+    /// An outage: cuts, waits until the client has tried to reconnect (at least one refused
+    /// connection), then restores.
+    pub async fn outage(&self) {
+        self.cut();
+        crate::until(
+            "the client trying to reconnect",
+            std::time::Duration::from_secs(60),
+            || async { self.refused() >= 1 },
+        )
+        .await;
+        self.restore();
+    }
+
     /// Accepts connections again.
     pub fn restore(&self) {
         self.state.cut.store(false, Ordering::SeqCst);

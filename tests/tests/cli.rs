@@ -4,7 +4,7 @@
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
-use taskmill_tests::{bin_path, sample, write_jsonl, TestNs};
+use taskmill_tests::{bin_path, sample, sigterm, write_jsonl, TestNs};
 
 fn producer(ns: &str, args: &[&str]) -> Output {
     Command::new(bin_path("producer"))
@@ -185,11 +185,7 @@ fn the_command_line_end_to_end() {
     assert!(stderr(&out).contains("junk.jsonl:1: malformed JSON"));
 
     // SIGTERM: the worker drains and exits 0.
-    let kill = Command::new("kill")
-        .args(["-TERM", &worker.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    assert!(sigterm(worker.id()));
     let status = worker.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 

@@ -8,7 +8,7 @@ use std::{
 
 use taskmill_producer::cmd::enqueue::{enqueue, EnqueueArgs};
 use taskmill_tests::{
-    batches_done, bin_path, sample, until, wait_batches_done, write_jsonl, TestNs,
+    batches_done, bin_path, sample, sigterm, until, wait_batches_done, write_jsonl, TestNs,
 };
 
 /// The value of the sample `name{labels...}` whose labels include all of `want`.
@@ -144,11 +144,7 @@ async fn metrics_and_health_follow_the_job() {
         Some(200.0)
     );
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &worker.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    assert!(sigterm(worker.id()));
     assert_eq!(worker.wait().unwrap().code(), Some(0));
     let _ = std::fs::remove_file(file);
     t.cleanup().await;

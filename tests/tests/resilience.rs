@@ -12,8 +12,8 @@ use lapin::{options::QueueDeclareOptions, types::FieldTable};
 use taskmill_common::{store::Store, topology::Names};
 use taskmill_producer::cmd::enqueue::{enqueue, EnqueueArgs};
 use taskmill_tests::{
-    batches_done, bin_path, proxy::Proxy, raw_channel, redis_server::PrivateRedis, sample, until,
-    wait_batches_done, write_jsonl, TestNs,
+    batches_done, bin_path, proxy::Proxy, raw_channel, redis_server::PrivateRedis, sample, sigterm,
+    until, wait_batches_done, write_jsonl, TestNs,
 };
 use taskmill_worker::Stats;
 
@@ -55,14 +55,7 @@ async fn the_worker_survives_a_cut_broker_connection() {
     let store = t.store().await;
     let job = report.job.clone();
     wait_batches_done(&store, &job, 60).await;
-    proxy.cut();
-    until(
-        "the worker trying to reconnect",
-        Duration::from_secs(60),
-        || async { proxy.refused() >= 1 },
-    )
-    .await;
-    proxy.restore();
+    proxy.outage().await;
     t.wait_finished(&store, &job, Duration::from_secs(120))
         .await;
     assert_exactly_once(&store, &job, 300, 3000).await;
@@ -91,14 +84,7 @@ async fn the_producer_republishes_what_a_cut_connection_left_unconfirmed() {
         || async { proxy.bytes() >= 2_000_000 },
     )
     .await;
-    proxy.cut();
-    until(
-        "the producer trying to reconnect",
-        Duration::from_secs(60),
-        || async { proxy.refused() >= 1 },
-    )
-    .await;
-    proxy.restore();
+    proxy.outage().await;
     let report = producer.await.unwrap().unwrap();
     assert!(proxy.accepted() >= 2, "the producer reconnected");
     assert_eq!(report.batches, 10_000);
@@ -191,11 +177,7 @@ async fn sigterm_drains_and_exits_0_and_leaves_the_rest_in_the_queue() {
     let store = t.store().await;
     let job = report.job.clone();
     wait_batches_done(&store, &job, 20).await;
-    let kill = Command::new("kill")
-        .args(["-TERM", &worker.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    assert!(sigterm(worker.id()));
     let status = worker.wait().unwrap();
     assert_eq!(status.code(), Some(0), "a clean drain exits 0");
 
@@ -282,10 +264,7 @@ async fn shutdown_timeout_and_second_signal_give_batches_back_without_an_attempt
         )
         .await;
         for n in 0..signals {
-            Command::new("kill")
-                .args(["-TERM", &worker.id().to_string()])
-                .status()
-                .unwrap();
+            assert!(sigterm(worker.id()));
             if n + 1 < signals {
                 // The first signal was handled once the worker says it is draining (not ready).
                 until("the worker draining", Duration::from_secs(30), || {

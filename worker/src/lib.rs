@@ -259,21 +259,18 @@ pub async fn run_with_stats(
         redis = %redact(&args.conn.redis_url),
         "worker starting"
     );
-    let health = Arc::new(metrics::Health::default());
     // The endpoints outlive the drain (so /readyz can say 503 while draining) and stop when
     // the worker returns.
     let metrics_stop = CancellationToken::new();
+    let handle = args.metrics_addr.map(|_| metrics::recorder()).transpose()?;
+    let health = Arc::new(metrics::Health::new());
+    ::metrics::gauge!("taskmill_worker_threads").set(threads as f64);
     let mut metrics_server = None;
-    if let Some(addr) = args.metrics_addr {
-        let handle = metrics::recorder()?;
+    if let (Some(addr), Some(handle)) = (args.metrics_addr, handle) {
         metrics_server =
             Some(metrics::serve(addr, handle, health.clone(), metrics_stop.clone()).await?);
         info!(%addr, "serving /metrics, /healthz and /readyz");
     }
-    ::metrics::gauge!("taskmill_worker_threads").set(threads as f64);
-    health.set_rabbitmq(false);
-    health.set_redis(true);
-    health.set_redis(false);
     let shared = Shared {
         names: Names::new(&args.conn.namespace),
         args,

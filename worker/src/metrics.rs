@@ -28,20 +28,40 @@ const BUCKETS: &[f64] = &[
 ];
 
 /// What `/readyz` reports; also mirrored in `taskmill_connected`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
     rabbitmq: AtomicBool,
     redis: AtomicBool,
     consuming: AtomicBool,
 }
 
+impl Default for Health {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Health {
+    /// Nothing connected yet; publishes `taskmill_connected` as 0 for both (install the
+    /// recorder first).
+    pub fn new() -> Self {
+        for to in ["rabbitmq", "redis"] {
+            metrics::gauge!("taskmill_connected", "to" => to).set(0.0);
+        }
+        Self {
+            rabbitmq: AtomicBool::new(false),
+            redis: AtomicBool::new(false),
+            consuming: AtomicBool::new(false),
+        }
+    }
+
     /// Connected to RabbitMQ (or not).
     pub fn set_rabbitmq(&self, up: bool) {
         self.rabbitmq.store(up, Ordering::Relaxed);
         metrics::gauge!("taskmill_connected", "to" => "rabbitmq").set(f64::from(u8::from(up)));
     }
-    /// Redis answering (or not).
+    /// Redis answering (or not). Called after every Redis call, so the gauge is only touched
+    /// when the state changes.
     pub fn set_redis(&self, up: bool) {
         if self.redis.swap(up, Ordering::Relaxed) != up {
             metrics::gauge!("taskmill_connected", "to" => "redis").set(f64::from(u8::from(up)));

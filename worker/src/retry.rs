@@ -23,33 +23,34 @@ pub struct RetryPolicy {
     #[arg(
         long = "retry-max-attempts",
         env = "TASKMILL_RETRY_MAX_ATTEMPTS",
-        default_value_t = 5
+        default_value_t = RetryPolicy::default().max_attempts
     )]
     pub max_attempts: u32,
     /// Delay before the first retry, in ms.
     #[arg(
         long = "retry-base-ms",
         env = "TASKMILL_RETRY_BASE_MS",
-        default_value_t = 1000
+        default_value_t = RetryPolicy::default().base_ms
     )]
     pub base_ms: u64,
     /// Each further retry waits this many times longer.
     #[arg(
         long = "retry-factor",
         env = "TASKMILL_RETRY_FACTOR",
-        default_value_t = 2.0
+        default_value_t = RetryPolicy::default().factor
     )]
     pub factor: f64,
     /// Longest delay, in ms.
     #[arg(
         long = "retry-max-delay-ms",
         env = "TASKMILL_RETRY_MAX_DELAY_MS",
-        default_value_t = 600_000
+        default_value_t = RetryPolicy::default().max_delay_ms
     )]
     pub max_delay_ms: u64,
 }
 
 impl Default for RetryPolicy {
+    /// The defaults of the flags: 5 attempts, 1 s, ×2, at most 10 minutes.
     fn default() -> Self {
         Self {
             max_attempts: 5,

@@ -109,15 +109,14 @@ impl Sink {
                 .redis("storing results", || store.record_done_many(&batches))
                 .await?;
             let now = now_ms();
-            self.stats.record_latencies(done.iter().filter_map(|p| {
-                let created = p.analysed.as_ref()?.0.created_ms?;
-                Some(now.saturating_sub(created))
-            }));
+            let mut latencies = Vec::with_capacity(done.len());
             for ((b, new), p) in batches.iter().zip(fresh).zip(&done) {
                 let task = task_label(p);
                 if let Some(created) = p.analysed.as_ref().and_then(|a| a.0.created_ms) {
+                    let ms = now.saturating_sub(created);
+                    latencies.push(ms);
                     metrics::histogram!("taskmill_batch_latency_seconds", "task" => task.clone())
-                        .record(now.saturating_sub(created) as f64 / 1000.0);
+                        .record(ms as f64 / 1000.0);
                 }
                 if new {
                     metrics::counter!("taskmill_batches_total", "task" => task.clone(), "outcome" => "done")
@@ -135,12 +134,13 @@ impl Sink {
                     debug!(
                         job = %b.job,
                         batch = b.batch,
-                        task = %task_label(p),
+                        %task,
                         attempt = p.attempt,
                         "already stored: a redelivery"
                     );
                 }
             }
+            self.stats.record_latencies(latencies.into_iter());
             self.ack_group(&done).await?;
         }
         for p in others {

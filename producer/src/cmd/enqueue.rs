@@ -262,7 +262,7 @@ pub async fn enqueue(
             }
         }
     });
-    let mut urls: Vec<String> = args.urls.clone();
+    let urls: Vec<String> = args.urls.clone();
     let template = args.url_template.clone();
     let http = HttpOptions {
         concurrency: args.concurrency.max(1),
@@ -272,11 +272,10 @@ pub async fn enqueue(
     };
     let http_problems = problems.clone();
     let http_task = tokio::spawn(async move {
-        let (a, b) = ids.unwrap_or((1, 0));
         let templated = template
             .into_iter()
-            .flat_map(move |t| (a..=b).map(move |i| t.replace("{id}", &i.to_string())));
-        let all = Box::new(std::mem::take(&mut urls).into_iter().chain(templated));
+            .flat_map(move |t| sources::expand_template(t, ids.unwrap_or((1, 0))));
+        let all = Box::new(urls.into_iter().chain(templated));
         sources::fetch_all(all, &http, tx, http_problems).await
     });
 
