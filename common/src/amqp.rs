@@ -4,16 +4,42 @@ use lapin::{types::LongString, Connection, ConnectionProperties};
 
 use crate::config::redact;
 
-/// Error connecting to the broker, with the (redacted) URL in its text.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot connect to RabbitMQ at {url}: {source}")]
+/// Error connecting to the broker: one sentence with the (redacted) URL and the cause once.
+#[derive(Debug)]
 pub struct ConnectError {
     /// The URL without its password.
     pub url: String,
     /// What lapin reported.
-    #[source]
     pub source: lapin::Error,
 }
+
+impl ConnectError {
+    /// The broker refused the credentials or the vhost: trying again cannot help.
+    pub fn refused(&self) -> bool {
+        matches!(self.source.kind(), lapin::ErrorKind::ProtocolError(e) if matches!(e.get_id(), 403 | 530))
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.source.kind() {
+            lapin::ErrorKind::ProtocolError(e) if self.refused() => write!(
+                f,
+                "RabbitMQ at {} refused the connection ({}): check the user, password and vhost of the AMQP URL",
+                self.url,
+                e.get_message().as_str().split(" - ").next().unwrap_or("refused")
+            ),
+            _ => write!(
+                f,
+                "cannot connect to RabbitMQ at {}: {}",
+                self.url,
+                crate::error_text(&self.source)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
 
 /// Opens a connection named `name` (shown in the RabbitMQ console's Connections page).
 pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> {

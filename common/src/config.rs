@@ -16,6 +16,7 @@ pub struct ConnArgs {
     #[arg(
         long,
         env = "AMQP_URL",
+        hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         global = true
     )]
@@ -25,6 +26,7 @@ pub struct ConnArgs {
     #[arg(
         long,
         env = "REDIS_URL",
+        hide_env_values = true,
         default_value = "redis://127.0.0.1:6379/0",
         global = true
     )]
@@ -34,6 +36,7 @@ pub struct ConnArgs {
     #[arg(
         long,
         env = "RABBITMQ_API_URL",
+        hide_env_values = true,
         default_value = "http://guest:guest@127.0.0.1:15672/api",
         global = true
     )]
@@ -64,6 +67,38 @@ impl ConnArgs {
             namespace: namespace.into(),
             result_ttl: 24 * 3600,
         }
+    }
+}
+
+impl ConnArgs {
+    /// Checks the namespace and the URLs before anything connects, so that a typo is one clear
+    /// error instead of a connection retried.
+    pub fn check(&self) -> Result<(), String> {
+        validate_name("namespace", &self.namespace)?;
+        check_url("--amqp-url", &self.amqp_url, &["amqp", "amqps"])?;
+        check_url(
+            "--redis-url",
+            &self.redis_url,
+            &["redis", "rediss", "unix", "redis+unix"],
+        )?;
+        check_url(
+            "--rabbitmq-api-url",
+            &self.rabbitmq_api_url,
+            &["http", "https"],
+        )
+    }
+}
+
+fn check_url(flag: &str, raw: &str, schemes: &[&str]) -> Result<(), String> {
+    match url::Url::parse(raw) {
+        Ok(u) if schemes.contains(&u.scheme()) => Ok(()),
+        Ok(u) => Err(format!(
+            "{flag} {} has scheme {:?}; expected {}",
+            redact(raw),
+            u.scheme(),
+            schemes.join(", ")
+        )),
+        Err(e) => Err(format!("{flag} is not a URL ({e})")),
     }
 }
 
@@ -170,20 +205,37 @@ pub fn redact(raw: &str) -> String {
     }
 }
 
-/// Checks that a namespace or queue name is safe inside AMQP names and Redis keys.
+/// Checks that a namespace or queue name is safe inside AMQP names and Redis keys. `.` is the
+/// separator of broker names (`{ns}.{queue}`) and `:` of Redis keys, so neither may appear in
+/// a name: namespace `a` with queue `b-c` and namespace `a.b` with queue `c` can never meet.
 pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
+    check_chars(kind, name, "")
+}
+
+/// Checks a job id: 1 to 100 characters from A-Z, a-z, 0-9, `-`, `_` and `.` (never `:`, the
+/// separator of Redis keys, so that no job's keys can alias another's). The producer checks
+/// the ids it is given, the worker the ids that messages carry.
+pub fn validate_job_id(job: &str) -> Result<(), String> {
+    check_chars("job id", job, ".")
+}
+
+fn check_chars(kind: &str, name: &str, extra: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 100
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || extra.contains(c));
     if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{kind} {name:?} is not valid: use 1 to 100 characters from A-Z, a-z, 0-9, '-', '_' and '.'"
-        ))
+        return Ok(());
     }
+    let mut allowed = "A-Z, a-z, 0-9, '-', '_'".to_string();
+    for c in extra.chars() {
+        allowed.push_str(&format!(", '{c}'"));
+    }
+    Err(format!(
+        "{kind} {:?} is not valid: use 1 to 100 characters from {allowed}",
+        crate::envelope::bounded(name, 120)
+    ))
 }
 
 #[cfg(test)]
@@ -247,7 +299,11 @@ mod tests {
     #[test]
     fn names_are_checked() {
         assert!(validate_name("namespace", "taskmill").is_ok());
-        assert!(validate_name("namespace", "t-1_a.b").is_ok());
+        assert!(validate_name("namespace", "t-1_a").is_ok());
+        assert!(validate_name("namespace", "t-1_a.b").is_err());
+        assert!(validate_job_id("j-1_a.b").is_ok());
+        assert!(validate_job_id("j:results").is_err());
+        assert!(validate_job_id(&"x".repeat(101)).is_err());
         assert!(validate_name("namespace", "").is_err());
         assert!(validate_name("queue", "a b").is_err());
         assert!(validate_name("queue", "a:b").is_err());

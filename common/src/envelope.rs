@@ -25,12 +25,26 @@ pub const HEADER_ATTEMPT: &str = "x-taskmill-attempt";
 pub const HEADER_ERROR: &str = "x-taskmill-error";
 /// Dead-letter header: the error kind (see `DeadKind`).
 pub const HEADER_ERROR_KIND: &str = "x-taskmill-error-kind";
-/// Dead-letter header: attempts made before the batch was given up.
-pub const HEADER_ATTEMPTS: &str = "x-taskmill-attempts";
 /// Dead-letter header: the work queue the batch came from (full name).
 pub const HEADER_ORIGINAL_QUEUE: &str = "x-taskmill-original-queue";
 /// Dead-letter header: when it was dead-lettered, in ms since the epoch.
 pub const HEADER_DEAD_AT: &str = "x-taskmill-dead-at-ms";
+
+/// Longest text taskmill writes into a header or a log field taken from a message (an error
+/// text, a task name): a message's headers must fit in one AMQP frame (128 KiB by default).
+pub const MAX_HEADER_TEXT: usize = 1024;
+
+/// `s` cut to at most `max` bytes on a character boundary, with `…` when it was cut.
+pub fn bounded(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut end = max.saturating_sub(3);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}…", &s[..end]))
+}
 
 /// One batch of records for one task, as published by the producer.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -181,6 +195,15 @@ mod tests {
             decode(&bytes, usize::MAX),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn bounded_cuts_on_char_boundaries() {
+        assert_eq!(bounded("abc", 10), "abc");
+        let long = "é".repeat(1000);
+        let cut = bounded(&long, 101);
+        assert!(cut.len() <= 101, "{}", cut.len());
+        assert!(cut.ends_with('…'));
     }
 
     #[test]

@@ -8,16 +8,34 @@
 //! - [`store`]: the Redis layout of jobs and results, and the atomic scripts that update it.
 //! - [`task`]: the task trait, task errors and the registry of tasks by name.
 //! - [`tasks`]: the built-in tasks (`post-stats`, `text-stats`, `similarity`, `chaos`).
+//! - [`draw`]: deterministic pseudo-random draws (retry jitter, the `chaos` task).
 //! - [`logging`]: tracing set-up shared by both binaries.
 
 pub mod amqp;
 pub mod config;
+pub mod draw;
 pub mod envelope;
 pub mod logging;
 pub mod store;
 pub mod task;
 pub mod tasks;
 pub mod topology;
+
+/// An error and its causes in one line, each cause once: a cause whose text its parent
+/// already shows is not repeated.
+pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !s.is_empty() && !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cur = c.source();
+    }
+    text
+}
 
 /// Milliseconds since the Unix epoch, the unit of every time taskmill stores.
 pub fn now_ms() -> u64 {
@@ -38,7 +56,8 @@ where
     let argv: Vec<String> = std::env::args().collect();
     if let Err(e) = config::apply_config_file(&argv) {
         eprintln!("{name}: {e}");
-        return std::process::ExitCode::FAILURE;
+        // A usage error: the same exit code as a bad flag.
+        return std::process::ExitCode::from(2);
     }
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -19,6 +19,7 @@ use crate::config::redact;
 
 /// Fields of the job hash whose values are numbers.
 pub const NUMERIC_FIELDS: &[&str] = &[
+    "ttl",
     "batches_total",
     "batches_published",
     "batches_done",
@@ -36,9 +37,13 @@ pub const NUMERIC_FIELDS: &[&str] = &[
 /// Fields of the job hash that hold JSON text.
 const JSON_FIELDS: &[&str] = &["params", "problems"];
 
-/// Lua: decides whether a job is finished and sets its state and finish time.
-/// Expects `job` (key) and `now` (ms) in scope.
+/// Lua shared by the scripts that change a job: `finish` decides whether a job is finished
+/// and sets its state and finish time; `expire_all` gives every key of the call the job's own
+/// TTL (the one it was enqueued with, kept in its hash; `fallback` for jobs written before).
 const FINISH_LUA: &str = r#"
+local function job_ttl(job, fallback)
+  return tonumber(redis.call('HGET', job, 'ttl')) or tonumber(fallback)
+end
 local function finish(job, now)
   local f = redis.call('HMGET', job, 'batches_total', 'batches_done', 'batches_dead', 'state')
   if not f[1] then return end
@@ -59,23 +64,63 @@ local function finish(job, now)
     end
   end
 end
-local function expire_all(ttl)
+local function expire_all(job, fallback)
+  local ttl = job_ttl(job, fallback)
   for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
 end
+-- The batch numbers a job can have: below batches_total once publishing ended, else below
+-- batches_published (which the producer raises before it publishes). nil: no such job.
+local function batch_limit(job)
+  local f = redis.call('HMGET', job, 'state', 'batches_total', 'batches_published')
+  if not f[1] then return nil end
+  return tonumber(f[2] or f[3] or '0')
+end
 "#;
+
+/// What storing a batch's outcome did (the scripts' return codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Stored and counted.
+    Stored,
+    /// Already stored (a redelivery): nothing changed.
+    Duplicate,
+    /// No such job (never registered, expired, or a forged id): nothing changed.
+    UnknownJob,
+    /// The job never published this batch number: nothing changed.
+    UnknownBatch,
+}
+
+impl Recorded {
+    fn from_code(code: i64) -> Self {
+        match code {
+            1 => Recorded::Stored,
+            -1 => Recorded::UnknownJob,
+            -2 => Recorded::UnknownBatch,
+            _ => Recorded::Duplicate,
+        }
+    }
+}
 
 /// Lua: store the results of several batches of one job, each at most once, and move the
 /// counters once for all of them.
 /// KEYS: job, results, dead. ARGV: now, ttl, n, then n × (batch, result, records_done,
-/// records_invalid). Returns one flag a batch: 1 stored, 0 already done.
+/// records_invalid). Returns one code a batch: 1 stored, 0 already done, -1 no such job,
+/// -2 a batch number the job never published.
 const RECORD_DONE_LUA: &str = r#"
 local now, ttl, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local out = {}
+local limit = batch_limit(KEYS[1])
+if not limit then
+  for i = 1, n do out[i] = -1 end
+  return out
+end
 local batches, records, invalid, undead = 0, 0, 0, 0
 local has_dead = redis.call('EXISTS', KEYS[3]) == 1
 for i = 0, n - 1 do
   local at = 4 + i * 4
-  if redis.call('HSETNX', KEYS[2], ARGV[at], ARGV[at + 1]) == 1 then
+  if tonumber(ARGV[at]) >= limit then
+    out[i + 1] = -2
+  elseif redis.call('HSETNX', KEYS[2], ARGV[at], ARGV[at + 1]) == 1 then
     out[i + 1] = 1
     batches = batches + 1
     records = records + tonumber(ARGV[at + 2])
@@ -95,45 +140,78 @@ if batches > 0 then
     redis.call('HSET', KEYS[1], 'state', 'running')
   end
   finish(KEYS[1], now)
-  expire_all(ttl)
+  expire_all(KEYS[1], ttl)
 end
 return out
 "#;
 
 /// Lua: mark one batch dead once. KEYS: job, results, dead. ARGV: batch, reason, now, ttl.
-/// Returns 1 when marked, 0 when it was already done or already dead.
+/// Returns 1 when marked, 0 when it was already done or already dead, -1 no such job, -2 a
+/// batch number the job never published.
 const RECORD_DEAD_LUA: &str = r#"
+local limit = batch_limit(KEYS[1])
+if not limit then return -1 end
+if tonumber(ARGV[1]) >= limit then return -2 end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
 if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[1], 'batches_dead', 1)
 redis.call('HSETNX', KEYS[1], 'started_ms', ARGV[3])
 finish(KEYS[1], ARGV[3])
-expire_all(ARGV[4])
+expire_all(KEYS[1], ARGV[4])
+return 1
+"#;
+
+/// Lua: count one retry of a batch of an existing job. KEYS: job. ARGV: batch. Returns 1
+/// when counted, -1 no such job, -2 a batch number the job never published.
+const ADD_RETRY_LUA: &str = r#"
+local limit = batch_limit(KEYS[1])
+if not limit then return -1 end
+if tonumber(ARGV[1]) >= limit then return -2 end
+redis.call('HINCRBY', KEYS[1], 'retries', 1)
+return 1
+"#;
+
+/// Lua: raise batches_published (never lowers it) of an existing job. KEYS: job. ARGV: n.
+const SET_PUBLISHED_LUA: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'batches_published')
+if not cur then return 0 end
+if tonumber(ARGV[1]) > tonumber(cur) then
+  redis.call('HSET', KEYS[1], 'batches_published', ARGV[1])
+end
 return 1
 "#;
 
 /// Lua: publishing ended. KEYS: job. ARGV: batches_total, records_total, records_invalid,
 /// sources_failed, problems, now, ttl.
 const FINISH_PUBLISHING_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'batches_total', ARGV[1], 'batches_published', ARGV[1],
   'records_total', ARGV[2], 'sources_failed', ARGV[4], 'problems', ARGV[5])
 if ARGV[3] ~= '0' then redis.call('HINCRBY', KEYS[1], 'records_invalid', ARGV[3]) end
 finish(KEYS[1], ARGV[6])
-expire_all(ARGV[7])
+expire_all(KEYS[1], ARGV[7])
 return 1
 "#;
 
 /// Lua: register a new job unless the id is taken. KEYS: job, jobs. ARGV: id, task, queue,
-/// params, now, ttl. Returns 1 when registered, 0 when the id already exists.
+/// params, now, ttl, prefix of job keys. Returns 1 when registered, 0 when the id already
+/// exists. The job keeps its TTL in its hash; the index lives as long as its longest-lived
+/// job, and ids of expired jobs are dropped from it (the oldest few at each registration,
+/// the rest when it is listed).
 const REGISTER_LUA: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local ttl = tonumber(ARGV[6])
 redis.call('HSET', KEYS[1], 'state', 'pending', 'task', ARGV[2], 'queue', ARGV[3],
-  'params', ARGV[4], 'created_ms', ARGV[5], 'batches_published', 0, 'batches_done', 0,
-  'batches_dead', 0, 'records_total', 0, 'records_done', 0, 'records_invalid', 0,
-  'retries', 0, 'sources_failed', 0)
-redis.call('EXPIRE', KEYS[1], ARGV[6])
+  'params', ARGV[4], 'created_ms', ARGV[5], 'ttl', ttl, 'batches_published', 0,
+  'batches_done', 0, 'batches_dead', 0, 'records_total', 0, 'records_done', 0,
+  'records_invalid', 0, 'retries', 0, 'sources_failed', 0)
+redis.call('EXPIRE', KEYS[1], ttl)
+local before = redis.call('TTL', KEYS[2])
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[6])
+if before == -2 or (before >= 0 and before < ttl) then redis.call('EXPIRE', KEYS[2], ttl) end
+for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, 15)) do
+  if redis.call('EXISTS', ARGV[7] .. id) == 0 then redis.call('ZREM', KEYS[2], id) end
+end
 return 1
 "#;
 
@@ -166,6 +244,17 @@ impl StoreError {
                     || source.is_timeout()
                     || source.code() == Some("LOADING")
                     || source.code() == Some("NOSCRIPT")
+            }
+            StoreError::JobExists(_) => false,
+        }
+    }
+
+    /// True when Redis refused the credentials or the permissions: trying again cannot help.
+    pub fn refused(&self) -> bool {
+        match self {
+            StoreError::Redis { source, .. } => {
+                matches!(source.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+                    || source.kind() == redis::ErrorKind::AuthenticationFailed
             }
             StoreError::JobExists(_) => false,
         }
@@ -312,6 +401,8 @@ struct Scripts {
     dead: redis::Script,
     finish_publishing: redis::Script,
     register: redis::Script,
+    add_retry: redis::Script,
+    set_published: redis::Script,
 }
 
 impl Scripts {
@@ -322,6 +413,8 @@ impl Scripts {
             dead: with_finish(RECORD_DEAD_LUA),
             finish_publishing: with_finish(FINISH_PUBLISHING_LUA),
             register: redis::Script::new(REGISTER_LUA),
+            add_retry: with_finish(ADD_RETRY_LUA),
+            set_published: redis::Script::new(SET_PUBLISHED_LUA),
         }
     }
 }
@@ -383,6 +476,8 @@ impl Store {
             &self.scripts.dead,
             &self.scripts.finish_publishing,
             &self.scripts.register,
+            &self.scripts.add_retry,
+            &self.scripts.set_published,
         ] {
             s.load_async(&mut con).await.map_err(|e| self.err(e))?;
         }
@@ -404,6 +499,7 @@ impl Store {
             .arg(params)
             .arg(crate::now_ms())
             .arg(self.ttl)
+            .arg(self.keys.job(""))
             .invoke_async(&mut con)
             .await
             .map_err(|e| self.err(e))?;
@@ -413,15 +509,28 @@ impl Store {
         Ok(())
     }
 
-    /// Records how many batches are confirmed so far (progress while publishing).
+    /// Whether a job of that id exists.
+    pub async fn job_exists(&self, job: &str) -> Result<bool, StoreError> {
+        let mut con = self.con.clone();
+        redis::cmd("EXISTS")
+            .arg(self.keys.job(job))
+            .query_async::<i64>(&mut con)
+            .await
+            .map(|n| n > 0)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Raises `batches_published` to `batches`: called before those batches go to the broker,
+    /// so it is never behind what workers see, and workers refuse batch numbers above it.
     pub async fn set_published(&self, job: &str, batches: u64) -> Result<(), StoreError> {
         let mut con = self.con.clone();
-        redis::cmd("HSET")
-            .arg(self.keys.job(job))
-            .arg("batches_published")
+        self.scripts
+            .set_published
+            .key(self.keys.job(job))
             .arg(batches)
-            .query_async::<()>(&mut con)
+            .invoke_async::<i64>(&mut con)
             .await
+            .map(|_| ())
             .map_err(|e| self.err(e))
     }
 
@@ -450,8 +559,12 @@ impl Store {
     }
 
     /// Stores many batches' results in one round trip (one script call per job). Returns, for
-    /// each, whether it was new (false: a redelivered batch whose result was already stored).
-    pub async fn record_done_many(&self, batches: &[DoneBatch]) -> Result<Vec<bool>, StoreError> {
+    /// each, what happened: stored, a duplicate (a redelivered batch whose result was already
+    /// stored), or refused (no such job, or a batch number the job never published).
+    pub async fn record_done_many(
+        &self,
+        batches: &[DoneBatch],
+    ) -> Result<Vec<Recorded>, StoreError> {
         if batches.is_empty() {
             return Ok(Vec::new());
         }
@@ -485,35 +598,38 @@ impl Store {
             }
         }
         let flags: Vec<Vec<i64>> = self.query_with_scripts(&pipe).await?;
-        let mut out = vec![false; batches.len()];
+        let mut out = vec![Recorded::Duplicate; batches.len()];
         for ((_, idx), f) in groups.iter().zip(flags) {
             for (&i, flag) in idx.iter().zip(f) {
-                out[i] = flag == 1;
+                out[i] = Recorded::from_code(flag);
             }
         }
         Ok(out)
     }
 
-    /// Counts one retry of a job's batch.
-    pub async fn add_retry(&self, job: &str) -> Result<(), StoreError> {
+    /// Counts one retry of a job's batch: `Stored` when counted, or refused (no such job, or
+    /// a batch number the job never published) without changing anything.
+    pub async fn add_retry(&self, job: &str, batch: u64) -> Result<Recorded, StoreError> {
         let mut con = self.con.clone();
-        redis::cmd("HINCRBY")
-            .arg(self.keys.job(job))
-            .arg("retries")
-            .arg(1)
-            .query_async::<i64>(&mut con)
+        let code = self
+            .scripts
+            .add_retry
+            .key(self.keys.job(job))
+            .arg(batch)
+            .invoke_async::<i64>(&mut con)
             .await
             .map_err(|e| self.err(e))?;
-        Ok(())
+        Ok(Recorded::from_code(code))
     }
 
-    /// Marks a batch dead with its reason. Returns false when it was already done or dead.
+    /// Marks a batch dead with its reason: `Stored` when counted now, `Duplicate` when it was
+    /// already done or dead, or refused like [`Store::record_done_many`].
     pub async fn record_dead(
         &self,
         job: &str,
         batch: u64,
         reason: &Value,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Recorded, StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("EVALSHA")
             .arg(self.scripts.dead.get_hash())
@@ -526,7 +642,7 @@ impl Store {
             .arg(crate::now_ms())
             .arg(self.ttl);
         let flags: Vec<i64> = self.query_with_scripts(&pipe).await?;
-        Ok(flags.first() == Some(&1))
+        Ok(Recorded::from_code(flags.first().copied().unwrap_or(0)))
     }
 
     /// Runs a pipeline of EVALSHA calls, loading the scripts again if Redis lost them.
@@ -590,7 +706,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Job ids, oldest first, with their creation time in ms.
+    /// Job ids, oldest first, with their creation time in ms. Ids whose job expired are
+    /// left out, and dropped from the index.
     pub async fn jobs(&self) -> Result<Vec<(String, u64)>, StoreError> {
         let mut con = self.con.clone();
         let raw: Vec<(String, f64)> = redis::cmd("ZRANGE")
@@ -601,6 +718,32 @@ impl Store {
             .query_async(&mut con)
             .await
             .map_err(|e| self.err(e))?;
-        Ok(raw.into_iter().map(|(j, s)| (j, s as u64)).collect())
+        let mut exists = Vec::with_capacity(raw.len());
+        for chunk in raw.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for (j, _) in chunk {
+                pipe.cmd("EXISTS").arg(self.keys.job(j));
+            }
+            let got: Vec<i64> = pipe.query_async(&mut con).await.map_err(|e| self.err(e))?;
+            exists.extend(got);
+        }
+        let mut live = Vec::with_capacity(raw.len());
+        let mut gone = Vec::new();
+        for ((j, s), e) in raw.into_iter().zip(exists) {
+            if e > 0 {
+                live.push((j, s as u64));
+            } else {
+                gone.push(j);
+            }
+        }
+        if !gone.is_empty() {
+            redis::cmd("ZREM")
+                .arg(self.keys.jobs())
+                .arg(&gone)
+                .query_async::<i64>(&mut con)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(live)
     }
 }

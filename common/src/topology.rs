@@ -8,7 +8,14 @@
 //! - `{ns}.{queue}`: quorum work queue bound to `{ns}.work`; its dead-letter exchange is
 //!   `{ns}.dlx` and it has a delivery limit, so that a batch that kills worker after worker
 //!   still ends among the dead letters.
-//! - `{ns}.dlx`: fanout exchange of dead letters, bound to the quorum queue `{ns}.dead`.
+//! - `{ns}.dlx`: fanout exchange of dead letters, bound to two quorum queues: `{ns}.dead`,
+//!   which people inspect and replay (`producer dlq`), and `{ns}.dead.events`, which workers
+//!   consume to count every dead letter in its job, whoever dead-lettered it (a worker, or the
+//!   broker itself when a batch reached the delivery limit).
+//! - `{ns}.{queue}.delay.{ms}`: retry delay queues, one per tier of [`DELAY_TIERS_MS`].
+//!
+//! Namespaces and queue names cannot contain `.` (see `config::validate_name`), so every
+//! name above has exactly one reading.
 
 use lapin::{
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
@@ -23,6 +30,17 @@ pub const DEFAULT_QUEUE: &str = "tasks";
 /// deliveries that ended without an ack (a worker died or lost its connection); taskmill's
 /// own retries are new messages and do not count here.
 pub const DELIVERY_LIMIT: i64 = 10;
+
+/// The delays a retry can wait, in ms: a small fixed set, so that a work queue has at most
+/// this many delay queues whatever the retry settings. A computed delay is rounded to one of
+/// its two neighbouring tiers (see the worker's retry policy).
+pub const DELAY_TIERS_MS: &[u64] = &[
+    100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000, 600_000,
+    1_800_000, 3_600_000, 10_800_000, 21_600_000, 43_200_000, 86_400_000,
+];
+
+/// Longest queue of dead-letter events kept for counting when no worker runs.
+const DEAD_EVENTS_MAX: i64 = 1_000_000;
 
 /// Names of one namespace's broker objects.
 #[derive(Debug, Clone)]
@@ -52,6 +70,10 @@ impl Names {
     pub fn dead_queue(&self) -> String {
         format!("{}.dead", self.ns)
     }
+    /// The queue of dead-letter copies that workers consume to count them in their jobs.
+    pub fn dead_events(&self) -> String {
+        format!("{}.dead.events", self.ns)
+    }
     /// The delay queue that holds retries of work queue `queue` for `delay_ms`.
     pub fn delay_queue(&self, queue: &str, delay_ms: u64) -> String {
         format!("{}.{}.delay.{}", self.ns, queue, delay_ms)
@@ -65,7 +87,7 @@ impl Names {
 /// Checks a short queue name given on the command line.
 pub fn validate_queue(queue: &str) -> Result<(), String> {
     crate::config::validate_name("queue name", queue)?;
-    if queue == "dead" || queue == "dlx" || queue == "work" {
+    if matches!(queue, "dead" | "dlx" | "work") {
         return Err(format!(
             "queue name {queue:?} is reserved for taskmill's own use"
         ));
@@ -140,19 +162,29 @@ pub async fn declare(channel: &Channel, names: &Names, queues: &[String]) -> lap
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    let dead: ShortString = names.dead_queue().into();
-    channel
-        .queue_declare(dead.clone(), queue_opts, quorum_args())
-        .await?;
-    channel
-        .queue_bind(
-            dead,
-            names.dead_exchange().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut events_args = quorum_args();
+    events_args.insert(
+        "x-max-length".into(),
+        AMQPValue::LongLongInt(DEAD_EVENTS_MAX),
+    );
+    for (queue, args) in [
+        (names.dead_queue(), quorum_args()),
+        (names.dead_events(), events_args),
+    ] {
+        let queue: ShortString = queue.into();
+        channel
+            .queue_declare(queue.clone(), queue_opts, args)
+            .await?;
+        channel
+            .queue_bind(
+                queue,
+                names.dead_exchange().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     for queue in queues {
         let mut args = quorum_args();
         args.insert(

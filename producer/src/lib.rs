@@ -8,6 +8,8 @@
 //! - [`publisher`]: confirm-window publishing with republish on nack, return or reconnect.
 
 pub mod cmd;
+pub mod error;
+pub mod out;
 pub mod publisher;
 pub mod sources;
 
@@ -50,7 +52,7 @@ pub enum Command {
     Enqueue(Box<cmd::enqueue::EnqueueArgs>),
     /// Show a job's state, counters and summary.
     Status(cmd::status::StatusArgs),
-    /// Wait for a job to finish: exit 0 completed, 1 with dead batches, 2 on timeout.
+    /// Wait for a job to finish: exit 0 completed, 1 finished with batches not done, 3 on timeout.
     Wait(cmd::wait::WaitArgs),
     /// Print each batch's result.
     Results(cmd::results::ResultsArgs),
@@ -66,6 +68,7 @@ pub enum Command {
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    cli.conn.check().map_err(error::CliError::Usage)?;
     match &cli.command {
         Command::Enqueue(a) => cmd::enqueue::run(&cli.conn, a).await,
         Command::Status(a) => cmd::status::run(&cli.conn, a).await,

@@ -17,12 +17,12 @@ fn main() -> ExitCode {
 
 async fn async_main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format, "warn");
+    logging::init(cli.log_format, "warn,lapin=off");
     match taskmill_producer::run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("producer: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("producer: {}", taskmill_common::error_text(&*e));
+            ExitCode::from(taskmill_producer::error::exit_code(&e))
         }
     }
 }

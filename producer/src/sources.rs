@@ -11,7 +11,6 @@ use std::{
 };
 
 use futures::StreamExt;
-use serde::de::{Deserializer as _, Error as _, SeqAccess, Visitor};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::debug;
@@ -19,8 +18,8 @@ use tracing::debug;
 /// How many problems are kept word for word; the rest are only counted.
 pub const MAX_PROBLEMS: usize = 20;
 
-/// A pretty-printed document larger than this is not read as one.
-const MAX_DOCUMENT_BYTES: usize = 64 * 1024 * 1024;
+/// An HTTP response larger than this is a failed source (it is read whole to parse it).
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 /// What went wrong while reading, shared by every source.
 #[derive(Debug, Default, Clone)]
@@ -104,95 +103,259 @@ impl<'a> Chunker<'a> {
     }
 }
 
-/// Streams the elements of a top-level JSON array without holding the array.
-struct ArrayStreamer<'a, 'b> {
-    out: &'a mut Chunker<'b>,
-    /// Elements sent, kept when a later element turns out malformed.
-    sent: &'a mut u64,
+/// Default of `--max-record-bytes`: a record, a line or a document larger than this is
+/// skipped and reported, so that memory stays flat whatever the input.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
+
+/// What reading one line or array element gave.
+enum Piece {
+    /// The bytes are in the buffer.
+    Bytes,
+    /// Longer than the limit: skipped, with its full length.
+    TooLarge(u64),
+    /// The input ended before anything was read.
+    Eof,
 }
 
-impl<'de> Visitor<'de> for ArrayStreamer<'_, '_> {
-    type Value = ();
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON array")
+/// A buffered input read a line or an array element at a time, never holding more than the
+/// record limit; it tells when it has nothing more buffered (the next read may wait), so that
+/// what was read reaches the batcher at once from a slow stream such as stdin.
+struct Input<R> {
+    reader: BufReader<R>,
+    cap: usize,
+}
+
+impl<R: Read> Input<R> {
+    fn idle(&self) -> bool {
+        self.reader.buffer().is_empty()
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(v) = seq.next_element::<Value>()? {
-            if !self.out.push(v) {
-                return Err(A::Error::custom("publishing stopped"));
+
+    /// The next line (without its end) into `buf`, or how long it was when over the limit.
+    fn line(&mut self, buf: &mut Vec<u8>) -> std::io::Result<Piece> {
+        buf.clear();
+        let mut len = 0u64;
+        loop {
+            let avail = self.reader.fill_buf()?;
+            if avail.is_empty() {
+                return Ok(if len == 0 {
+                    Piece::Eof
+                } else if len as usize > self.cap {
+                    Piece::TooLarge(len)
+                } else {
+                    Piece::Bytes
+                });
             }
-            *self.sent += 1;
+            let (chunk, done) = match avail.iter().position(|&b| b == b'\n') {
+                Some(i) => (&avail[..i], Some(i + 1)),
+                None => (avail, None),
+            };
+            len += chunk.len() as u64;
+            if len as usize <= self.cap {
+                buf.extend_from_slice(chunk);
+            } else {
+                buf.clear();
+            }
+            let used = done.unwrap_or(chunk.len());
+            self.reader.consume(used);
+            if done.is_some() {
+                return Ok(if len as usize > self.cap {
+                    Piece::TooLarge(len)
+                } else {
+                    Piece::Bytes
+                });
+            }
         }
-        Ok(())
+    }
+
+    /// Skips white space; the next byte, not consumed (None at the end of the input).
+    fn peek(&mut self) -> std::io::Result<Option<u8>> {
+        loop {
+            let buf = self.reader.fill_buf()?;
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            let ws = buf.iter().take_while(|b| b.is_ascii_whitespace()).count();
+            if ws < buf.len() {
+                let b = buf[ws];
+                self.reader.consume(ws);
+                return Ok(Some(b));
+            }
+            let n = buf.len();
+            self.reader.consume(n);
+        }
+    }
+
+    /// The bytes of one array element, up to (not including) the `,` or `]` that ends it at
+    /// depth 0. Strings and nesting are followed, nothing is parsed.
+    fn element(&mut self, buf: &mut Vec<u8>) -> std::io::Result<Piece> {
+        buf.clear();
+        let (mut depth, mut in_string, mut escape) = (0u64, false, false);
+        let mut len = 0u64;
+        loop {
+            let avail = self.reader.fill_buf()?;
+            if avail.is_empty() {
+                return Ok(Piece::Eof);
+            }
+            let mut end = None;
+            for (i, &b) in avail.iter().enumerate() {
+                if in_string {
+                    if escape {
+                        escape = false;
+                    } else if b == b'\\' {
+                        escape = true;
+                    } else if b == b'"' {
+                        in_string = false;
+                    }
+                    continue;
+                }
+                match b {
+                    b'"' => in_string = true,
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' if depth > 0 => depth -= 1,
+                    b']' | b',' | b'}' if depth == 0 => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            let take = end.unwrap_or(avail.len());
+            len += take as u64;
+            if len as usize <= self.cap {
+                buf.extend_from_slice(&avail[..take]);
+            } else {
+                buf.clear();
+            }
+            self.reader.consume(take);
+            if end.is_some() {
+                return Ok(if len as usize > self.cap {
+                    Piece::TooLarge(len)
+                } else {
+                    Piece::Bytes
+                });
+            }
+        }
     }
 }
 
 /// Reads records from `reader` (blocking; run it on a blocking thread). `source` names it in
-/// problems. Returns the number of records sent.
+/// problems; a record, line or document over `max_record_bytes` is skipped and reported.
+/// Returns the number of records sent.
 pub fn read_records(
     reader: impl Read,
     source: &str,
+    max_record_bytes: usize,
     tx: &mpsc::Sender<Vec<Value>>,
     problems: &ProblemLog,
 ) -> u64 {
     let mut out = Chunker::new(tx);
-    let n = read_into(reader, source, &mut out, problems);
+    let mut input = Input {
+        reader: BufReader::with_capacity(256 * 1024, reader),
+        cap: max_record_bytes.max(1),
+    };
+    // The first significant byte: '[' means one array, anything else JSON Lines.
+    let n = match input.peek() {
+        Ok(None) => 0,
+        Ok(Some(b'[')) => read_array(&mut input, source, &mut out, problems),
+        Ok(Some(_)) => read_lines(&mut input, source, &mut out, problems),
+        Err(e) => {
+            problems.failed(format!("{source}: cannot read: {e}"));
+            0
+        }
+    };
     out.flush();
     n
 }
 
-fn read_into(reader: impl Read, source: &str, out: &mut Chunker<'_>, problems: &ProblemLog) -> u64 {
-    let mut reader = BufReader::with_capacity(256 * 1024, reader);
-    // Find the first significant byte: '[' means one array, anything else JSON Lines.
-    let first = loop {
-        match reader.fill_buf() {
-            Ok([]) => return 0,
-            Ok(buf) => {
-                let ws = buf.iter().take_while(|b| b.is_ascii_whitespace()).count();
-                if ws < buf.len() {
-                    let first = buf[ws];
-                    reader.consume(ws);
-                    break first;
-                }
-                let n = buf.len();
-                reader.consume(n);
-            }
+fn too_large(source: &str, at: &str, len: u64, cap: usize) -> String {
+    format!("{source}:{at}: {len} bytes exceed the record limit of {cap} bytes (--max-record-bytes); skipped")
+}
+
+/// Streams the elements of a top-level JSON array, one at a time.
+fn read_array<R: Read>(
+    input: &mut Input<R>,
+    source: &str,
+    out: &mut Chunker<'_>,
+    problems: &ProblemLog,
+) -> u64 {
+    input.reader.consume(1); // the '['
+    let mut sent = 0u64;
+    let mut index = 0u64;
+    let mut buf = Vec::new();
+    let malformed = |index: u64, what: String| {
+        problems.invalid(format!(
+            "{source}: malformed JSON array at element {index}: {what}; the records before it were kept"
+        ))
+    };
+    if let Ok(Some(b']')) = input.peek() {
+        input.reader.consume(1);
+        return 0;
+    }
+    loop {
+        match input.element(&mut buf) {
             Err(e) => {
                 problems.failed(format!("{source}: cannot read: {e}"));
-                return 0;
+                return sent;
             }
+            Ok(Piece::Eof) => {
+                malformed(index, "the input ended inside the array".into());
+                return sent;
+            }
+            Ok(Piece::TooLarge(len)) => problems.invalid(too_large(
+                source,
+                &format!("element {index}"),
+                len,
+                input.cap,
+            )),
+            Ok(Piece::Bytes) => match serde_json::from_slice::<Value>(&buf) {
+                Ok(v) => {
+                    if !out.push(v) {
+                        return sent;
+                    }
+                    sent += 1;
+                }
+                Err(e) => {
+                    malformed(index, e.to_string());
+                    return sent;
+                }
+            },
         }
-    };
-    if first == b'[' {
-        let mut de = serde_json::Deserializer::from_reader(reader);
-        let mut sent = 0;
-        match de.deserialize_seq(ArrayStreamer {
-            out,
-            sent: &mut sent,
-        }) {
-            Ok(()) => {
-                if de.end().is_err() {
+        index += 1;
+        match input.peek() {
+            Ok(Some(b',')) => input.reader.consume(1),
+            Ok(Some(b']')) => {
+                input.reader.consume(1);
+                if let Ok(Some(_)) = input.peek() {
                     problems.invalid(format!(
                         "{source}: content after the JSON array was ignored"
                     ));
                 }
-                sent
+                return sent;
+            }
+            Ok(Some(b)) => {
+                malformed(
+                    index,
+                    format!("unexpected {:?} after an element", b as char),
+                );
+                return sent;
+            }
+            Ok(None) => {
+                malformed(index, "the input ended inside the array".into());
+                return sent;
             }
             Err(e) => {
-                problems.invalid(format!(
-                    "{source}:{}: malformed JSON array ({e}); the records before it were kept",
-                    e.line()
-                ));
-                sent
+                problems.failed(format!("{source}: cannot read: {e}"));
+                return sent;
             }
         }
-    } else {
-        read_lines(reader, source, out, problems)
+        if input.idle() && !out.flush() {
+            return sent;
+        }
     }
 }
 
-fn read_lines(
-    mut reader: impl BufRead,
+fn read_lines<R: Read>(
+    input: &mut Input<R>,
     source: &str,
     out: &mut Chunker<'_>,
     problems: &ProblemLog,
@@ -204,16 +367,33 @@ fn read_lines(
     let mut pending = String::new();
     let mut pending_start = 0u64;
     loop {
-        raw.clear();
-        match reader.read_until(b'\n', &mut raw) {
-            Ok(0) => break,
-            Ok(_) => {}
+        let piece = match input.line(&mut raw) {
+            Ok(p) => p,
             Err(e) => {
                 problems.failed(format!("{source}:{line_no}: cannot read: {e}"));
                 break;
             }
-        }
+        };
         line_no += 1;
+        match piece {
+            Piece::Eof => break,
+            Piece::TooLarge(len) => {
+                problems.invalid(too_large(
+                    source,
+                    &format!("line {line_no}"),
+                    len,
+                    input.cap,
+                ));
+                if !pending.is_empty() {
+                    pending.clear();
+                    problems.invalid(format!(
+                        "{source}:{pending_start}: JSON document cut by an oversized line; skipped"
+                    ));
+                }
+                continue;
+            }
+            Piece::Bytes => {}
+        }
         let line = match std::str::from_utf8(&raw) {
             Ok(l) => l,
             Err(_) => {
@@ -221,7 +401,7 @@ fn read_lines(
                 continue;
             }
         };
-        if pending.is_empty() {
+        let parsed = if pending.is_empty() {
             let t = line.trim();
             if t.is_empty() {
                 continue;
@@ -229,45 +409,53 @@ fn read_lines(
             if t == "{" || t == "[" {
                 pending_start = line_no;
                 pending.push_str(line);
+                pending.push('\n');
                 continue;
             }
             match serde_json::from_str::<Value>(t) {
-                Ok(v) => {
-                    let n = if let Value::Array(a) = &v {
-                        a.len() as u64
-                    } else {
-                        1
-                    };
-                    if !out.emit(v) {
-                        return sent;
-                    }
-                    sent += n;
+                Ok(v) => Some(v),
+                Err(e) => {
+                    problems.invalid(format!("{source}:{line_no}: malformed JSON: {e}"));
+                    None
                 }
-                Err(e) => problems.invalid(format!("{source}:{line_no}: malformed JSON: {e}")),
             }
         } else {
             pending.push_str(line);
+            pending.push('\n');
             match serde_json::from_str::<Value>(&pending) {
                 Ok(v) => {
-                    let n = if let Value::Array(a) = &v {
-                        a.len() as u64
-                    } else {
-                        1
-                    };
                     pending.clear();
-                    if !out.emit(v) {
-                        return sent;
-                    }
-                    sent += n;
+                    Some(v)
                 }
-                Err(e) if e.is_eof() && pending.len() < MAX_DOCUMENT_BYTES => {}
+                Err(e) if e.is_eof() && pending.len() <= input.cap => None,
                 Err(e) => {
-                    problems.invalid(format!(
-                        "{source}:{pending_start}: malformed JSON document: {e}"
-                    ));
+                    let what = if e.is_eof() {
+                        format!(
+                            "JSON document over the record limit of {} bytes (--max-record-bytes); skipped",
+                            input.cap
+                        )
+                    } else {
+                        format!("malformed JSON document: {e}")
+                    };
+                    problems.invalid(format!("{source}:{pending_start}: {what}"));
                     pending.clear();
+                    None
                 }
             }
+        };
+        if let Some(v) = parsed {
+            let n = if let Value::Array(a) = &v {
+                a.len() as u64
+            } else {
+                1
+            };
+            if !out.emit(v) {
+                return sent;
+            }
+            sent += n;
+        }
+        if input.idle() && !out.flush() {
+            return sent;
         }
     }
     if !pending.is_empty() {
@@ -321,12 +509,37 @@ async fn fetch_once(client: &reqwest::Client, url: &str) -> Result<Value, (bool,
         let retry = status.as_u16() == 429 || status.is_server_error();
         return Err((retry, FetchError::Failed(format!("{url}: HTTP {status}"))));
     }
-    let body = resp.bytes().await.map_err(|e| {
-        (
-            true,
-            FetchError::Failed(format!("{url}: {}", error_chain(&e))),
-        )
-    })?;
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64)
+    {
+        return Err((
+            false,
+            FetchError::Failed(format!(
+                "{url}: the response is larger than {MAX_RESPONSE_BYTES} bytes"
+            )),
+        ));
+    }
+    let mut body = Vec::new();
+    let mut resp = resp;
+    loop {
+        let chunk = resp.chunk().await.map_err(|e| {
+            (
+                true,
+                FetchError::Failed(format!("{url}: {}", error_chain(&e))),
+            )
+        })?;
+        let Some(chunk) = chunk else { break };
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err((
+                false,
+                FetchError::Failed(format!(
+                    "{url}: the response is larger than {MAX_RESPONSE_BYTES} bytes"
+                )),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
     serde_json::from_slice(&body).map_err(|e| {
         (
             false,
@@ -418,6 +631,24 @@ pub async fn fetch_all(
     Ok(())
 }
 
+/// Checks a `--url` or `--url-template` before anything is fetched: an http(s) URL with a
+/// host.
+pub fn check_url(raw: &str) -> Result<(), String> {
+    let probe = raw.replace("{id}", "0");
+    match url::Url::parse(&probe) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        Ok(u) => Err(format!(
+            "{:?} is not an http:// or https:// URL (scheme {:?})",
+            taskmill_common::envelope::bounded(raw, 200),
+            u.scheme()
+        )),
+        Err(e) => Err(format!(
+            "{:?} is not a URL: {e}",
+            taskmill_common::envelope::bounded(raw, 200)
+        )),
+    }
+}
+
 /// Expands `--url-template` over `--ids A-B`: `{id}` becomes each number.
 pub fn expand_template(template: String, ids: (u64, u64)) -> impl Iterator<Item = String> {
     (ids.0..=ids.1).map(move |i| template.replace("{id}", &i.to_string()))
@@ -446,7 +677,7 @@ mod tests {
     fn read(input: &str) -> (Vec<Value>, Problems) {
         let (tx, mut rx) = mpsc::channel(1000);
         let problems = ProblemLog::default();
-        let n = read_records(input.as_bytes(), "in", &tx, &problems);
+        let n = read_records(input.as_bytes(), "in", 1000, &tx, &problems);
         drop(tx);
         let mut out = Vec::new();
         while let Ok(v) = rx.try_recv() {
@@ -480,7 +711,7 @@ mod tests {
         let (recs, p) = read("[{\"a\":1},\n{\"a\":2},\n{oops}]");
         assert_eq!(recs.len(), 2);
         assert_eq!(p.records_invalid, 1);
-        assert!(p.samples[0].starts_with("in:3:"), "{:?}", p.samples);
+        assert!(p.samples[0].contains("at element 2"), "{:?}", p.samples);
     }
 
     #[test]
@@ -496,8 +727,42 @@ mod tests {
     fn not_utf8() {
         let (tx, _rx) = mpsc::channel(10);
         let problems = ProblemLog::default();
-        read_records(&b"{\"a\":1}\n\xff\xfe\n"[..], "f", &tx, &problems);
+        read_records(&b"{\"a\":1}\n\xff\xfe\n"[..], "f", 1000, &tx, &problems);
         assert_eq!(problems.snapshot().records_invalid, 1);
+    }
+
+    #[test]
+    fn oversized_lines_and_elements_are_skipped() {
+        let big = "x".repeat(5000);
+        let (recs, p) = read(&format!("{{\"a\":1}}\n{{\"b\":\"{big}\"}}\n{{\"a\":3}}\n"));
+        assert_eq!(recs.len(), 2);
+        assert_eq!(p.records_invalid, 1);
+        assert!(
+            p.samples[0].contains("line 2: 5008 bytes exceed"),
+            "{:?}",
+            p.samples
+        );
+        let (recs, p) = read(&format!(
+            "[{{\"a\":\"],{{\\\"\"}}, \"{big}\", [1,[2]] , {{\"c\":{{}}}}]"
+        ));
+        assert_eq!(recs.len(), 3, "{recs:?}");
+        assert_eq!(recs[0]["a"], "],{\"");
+        assert_eq!(recs[1], serde_json::json!([1, [2]]));
+        assert_eq!(p.records_invalid, 1);
+        assert!(p.samples[0].contains("element 1"), "{:?}", p.samples);
+    }
+
+    #[test]
+    fn empty_arrays_and_trailing_content() {
+        let (recs, p) = read("[]");
+        assert!(recs.is_empty());
+        assert_eq!(p.records_invalid, 0);
+        let (recs, p) = read("[1, 2] x");
+        assert_eq!(recs.len(), 2);
+        assert_eq!(p.records_invalid, 1);
+        let (recs, p) = read("[1, 2");
+        assert_eq!(recs.len(), 1);
+        assert!(p.samples[0].contains("ended inside"), "{:?}", p.samples);
     }
 
     #[test]
@@ -505,6 +770,9 @@ mod tests {
         assert_eq!(parse_ids("1-3"), Ok((1, 3)));
         assert!(parse_ids("3-1").is_err());
         assert!(parse_ids("x").is_err());
+        assert!(check_url("http://h/p/{id}").is_ok());
+        assert!(check_url("not-a-url").unwrap_err().contains("not a URL"));
+        assert!(check_url("ftp://h/x").unwrap_err().contains("scheme"));
         let urls: Vec<String> = expand_template("http://h/p/{id}".into(), (1, 2)).collect();
         assert_eq!(urls, ["http://h/p/1", "http://h/p/2"]);
     }

@@ -326,3 +326,59 @@ pub fn sigterm(pid: u32) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// Names of the broker's queues that start with `prefix` (management API), sorted.
+pub async fn broker_queues(prefix: &str) -> Vec<String> {
+    let list = mgmt::Client::new()
+        .get_json("/api/queues/%2f")
+        .await
+        .expect("the RabbitMQ management API on 127.0.0.1:15672");
+    let mut out: Vec<String> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|q| q["name"].as_str())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect();
+    out.sort();
+    out
+}
+
+/// Publishes one message with confirms and waits for the broker's ack.
+pub async fn publish_raw(
+    ch: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: lapin::BasicProperties,
+) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let _ = ch.confirm_select(ConfirmSelectOptions::default()).await;
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack(), "the broker refused a test message");
+}
+
+/// Peak resident memory (VmHWM) of a running process in KiB, 0 when it is gone.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}

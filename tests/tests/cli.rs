@@ -15,6 +15,20 @@ fn producer(ns: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Runs the producer with its stdout a pipe whose reader is already gone (`| head -0`).
+fn producer_to_closed_pipe(ns: &str, args: &[&str]) -> Output {
+    let mut child = Command::new(bin_path("producer"))
+        .args(args)
+        .env("TASKMILL_NAMESPACE", ns)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8(o.stdout.clone()).unwrap()
 }
@@ -29,12 +43,23 @@ fn the_command_line_end_to_end() {
     let mut worker = Command::new(bin_path("worker"))
         .env("TASKMILL_NAMESPACE", &t.ns)
         .env("TASKMILL_THREADS", "2")
+        .env("TASKMILL_LOG_FORMAT", "json")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let worker_log = {
+        use std::io::Read;
+        let mut err = worker.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            err.read_to_string(&mut text).unwrap();
+            text
+        })
+    };
 
-    // enqueue --wait --json: job id first, then the report, then the final status.
+    // enqueue --wait --json: stdout is JSON only: the report (with the job id), then the
+    // final status.
     let file = write_jsonl(sample::posts(95));
     let f = file.to_str().unwrap();
     let out = producer(
@@ -51,14 +76,19 @@ fn the_command_line_end_to_end() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    let lines: Vec<&str> = text.lines().collect();
-    let job = lines[0].to_string();
-    assert_eq!(job.len(), 32, "first line is the job id: {text}");
-    let report: Value = serde_json::from_str(lines[1]).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let report = &lines[0];
+    let job = report["job"].as_str().unwrap().to_string();
+    assert_eq!(job.len(), 32, "{text}");
     assert_eq!(report["records"], 95);
     assert_eq!(report["batches"], 10);
-    let final_status: Value = serde_json::from_str(lines[2]).unwrap();
+    let final_status = &lines[1];
     assert_eq!(final_status["state"], "completed");
+    assert_eq!(final_status["job"], job.as_str());
 
     // status --json: numbers as numbers, summary once finished.
     let out = producer(&t.ns, &["status", &job, "--json"]);
@@ -80,6 +110,17 @@ fn the_command_line_end_to_end() {
     assert_eq!(lines.len(), 10);
     assert_eq!(lines[9]["batch"], 9);
     assert_eq!(lines[9]["result"]["processed_count"], 5);
+
+    // A reader that goes away (`| head -1`) ends the output quietly: no panic, exit 0.
+    for args in [
+        vec!["results", job.as_str(), "--json"],
+        vec!["status", job.as_str()],
+        vec!["jobs"],
+    ] {
+        let out = producer_to_closed_pipe(&t.ns, &args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    }
 
     // wait on a job with dead batches exits 1.
     let out = producer(
@@ -121,18 +162,28 @@ fn the_command_line_end_to_end() {
     assert_eq!(shown["batch"], 3);
     assert_eq!(shown["records"].as_array().unwrap().len(), 10);
     let out = producer(&t.ns, &["dlq", "purge", "--job", &dead_job]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--yes"), "{}", stderr(&out));
     let out = producer(&t.ns, &["dlq", "purge", "--job", &dead_job, "--yes"]);
     assert!(out.status.success());
     assert!(stderr(&out).contains("purged 10"), "{}", stderr(&out));
 
-    // wait times out (exit 2) on a queue that no worker consumes.
+    // wait times out (exit 3) on a queue that no worker consumes.
     let out = producer(&t.ns, &["enqueue", "--file", f, "--queue", "idle"]);
     assert!(out.status.success());
     let idle_job = stdout(&out).lines().next().unwrap().to_string();
     let out = producer(&t.ns, &["wait", &idle_job, "--timeout", "0.3"]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3));
+    // No such job: exit 4, for every command that takes one.
+    for cmd in ["status", "wait", "results"] {
+        let out = producer(&t.ns, &[cmd, "no-such-job"]);
+        assert_eq!(out.status.code(), Some(4), "{cmd}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("no job \"no-such-job\""),
+            "{}",
+            stderr(&out)
+        );
+    }
 
     // jobs --json lists all three.
     let out = producer(&t.ns, &["jobs", "--json"]);
@@ -148,10 +199,19 @@ fn the_command_line_end_to_end() {
     assert_eq!(ids.len(), 3);
     assert!(ids.contains(&job) && ids.contains(&dead_job) && ids.contains(&idle_job));
 
-    // User mistakes: one clear sentence on stderr, non-zero exit, no panic.
+    // User mistakes: one clear sentence on stderr, exit 2, no panic.
     for (args, needle) in [
-        (vec!["status", "no-such-job"], "no job \"no-such-job\""),
         (vec!["enqueue", "--file", "/no/such/file"], "no such file"),
+        (
+            vec!["enqueue", "--url", "not-a-url"],
+            "--url \"not-a-url\" is not a URL",
+        ),
+        (vec!["enqueue", "--file", f, "--job", "a:results"], "job id"),
+        (vec!["--namespace", "a.b", "jobs"], "namespace \"a.b\""),
+        (
+            vec!["--amqp-url", "nope", "dlq", "list"],
+            "--amqp-url is not a URL",
+        ),
         (vec!["enqueue"], "no records to read"),
         (
             vec!["enqueue", "--file", f, "--batch-size", "0"],
@@ -168,29 +228,112 @@ fn the_command_line_end_to_end() {
     ] {
         let out = producer(&t.ns, &args);
         let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
     }
-    // Nothing readable: exit 1 and say so.
+    // Nothing readable (junk, or an empty file): exit 2, say so, register no job.
     let junk = std::env::temp_dir().join(format!("{}-junk.jsonl", t.ns));
     std::fs::write(&junk, "nope\n{broken\n").unwrap();
+    let empty = std::env::temp_dir().join(format!("{}-empty.jsonl", t.ns));
+    std::fs::write(&empty, "").unwrap();
     let out = producer(&t.ns, &["enqueue", "--file", junk.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr(&out).contains("nothing could be read"),
+        stderr(&out).contains("nothing to enqueue"),
         "{}",
         stderr(&out)
     );
     assert!(stderr(&out).contains("junk.jsonl:1: malformed JSON"));
+    assert!(stdout(&out).is_empty());
+    let out = producer(
+        &t.ns,
+        &["enqueue", "--file", empty.to_str().unwrap(), "--wait"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stdout(&out).is_empty());
+    // Wrong credentials: exit 5, one sentence, the password never shown.
+    let out = producer(
+        &t.ns,
+        &[
+            "--amqp-url",
+            "amqp://guest:s3cret-pw@127.0.0.1:5672/%2f",
+            "enqueue",
+            "--file",
+            f,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("refused the connection"), "{err}");
+    assert!(!err.contains("s3cret-pw"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     // SIGTERM: the worker drains and exits 0.
     assert!(sigterm(worker.id()));
     let status = worker.wait().unwrap();
     assert_eq!(status.code(), Some(0));
+    // Its JSON log: one object a line, no colour codes, fields as values (not debug dumps).
+    let log = worker_log.join().unwrap();
+    assert!(!log.contains('\u{1b}'), "colour codes in a pipe");
+    assert!(!log.contains("Some("), "{log}");
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    let start = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "worker starting")
+        .unwrap();
+    assert_eq!(start["fields"]["queues"], "tasks");
+    let dead_line = lines
+        .iter()
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("dead-lettered"))
+        })
+        .unwrap();
+    assert_eq!(dead_line["fields"]["job"], dead_job.as_str());
+    assert!(dead_line["fields"]["batch"].is_string() || dead_line["fields"]["batch"].is_u64());
+
+    // Passwords in the environment never show in --help.
+    for (bin, args) in [
+        ("producer", vec!["--help"]),
+        ("producer", vec!["enqueue", "--help"]),
+        ("producer", vec!["dlq", "replay", "--help"]),
+        ("worker", vec!["--help"]),
+    ] {
+        let out = Command::new(bin_path(bin))
+            .args(&args)
+            .env("AMQP_URL", "amqp://u:amqp-s3cret@127.0.0.1:5672/%2f")
+            .env("REDIS_URL", "redis://:redis-s3cret@127.0.0.1:6379/0")
+            .env(
+                "RABBITMQ_API_URL",
+                "http://u:api-s3cret@127.0.0.1:15672/api",
+            )
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let text = stdout(&out);
+        assert!(!text.contains("s3cret"), "{bin} {args:?}: {text}");
+    }
+    // A worker given a wrong password stops at once with one clear sentence and exit 5.
+    let out = Command::new(bin_path("worker"))
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .env("AMQP_URL", "amqp://guest:wrong-pw@127.0.0.1:5672/%2f")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("refused the connection"), "{err}");
+    assert!(!err.contains("wrong-pw"), "{err}");
+    assert!(!err.contains('\u{1b}'), "colour codes in a pipe: {err}");
 
     let _ = std::fs::remove_file(file);
     let _ = std::fs::remove_file(junk);
+    let _ = std::fs::remove_file(empty);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(t.cleanup());
 }
@@ -235,7 +378,7 @@ fn a_config_file_sits_under_the_environment_and_the_flags() {
     // A mistake in the file is one clear sentence.
     std::fs::write(&config, "namespce = \"x\"\n").unwrap();
     let out = run(&["--config", cfg, "jobs"], None);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(
         stderr(&out).contains("unknown setting \"namespce\""),
         "{}",

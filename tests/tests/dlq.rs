@@ -69,7 +69,13 @@ async fn replay_after_the_cause_is_removed_completes_the_job() {
     let mut registry = Registry::builtin();
     registry.register(LateTask);
     let new = t.spawn_worker_with(t.worker_args(), registry);
-    assert_eq!(dlq::replay(&t.conn(), Some(&late.job)).await.unwrap(), 3);
+    assert_eq!(
+        dlq::replay(&t.conn(), Some(&late.job))
+            .await
+            .unwrap()
+            .replayed,
+        3
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let status = loop {
         let s = store.job_status(&late.job).await.unwrap().unwrap();

@@ -120,7 +120,7 @@ async fn failing_urls_are_retried_then_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nothing_readable_is_an_error_free_job_with_nothing_published() {
+async fn nothing_readable_registers_no_job_and_is_an_error() {
     let t = TestNs::new();
     let server = MockServer::start().await;
     Mock::given(method("GET"))
@@ -129,13 +129,23 @@ async fn nothing_readable_is_an_error_free_job_with_nothing_published() {
         .await;
     let mut args = EnqueueArgs::new("post-stats");
     args.urls = vec![format!("{}/nope", server.uri())];
-    let report = enqueue(&t.conn(), &args, |_| {}).await.unwrap();
-    assert_eq!(report.records, 0);
-    assert_eq!(report.problems.sources_failed, 1);
-    // With no batches the job is finished at once.
+    args.job = Some("never-registered".into());
+    let mut registered = false;
+    let err = enqueue(&t.conn(), &args, |_| registered = true)
+        .await
+        .unwrap_err();
+    assert!(!registered);
+    let text = format!("{err:#}");
+    assert!(text.contains("nothing to enqueue"), "{text}");
+    assert!(text.contains("HTTP 404"), "{text}");
+    assert_eq!(taskmill_producer::error::exit_code(&err), 2);
+    // No job was registered: nothing reports a finished job that never ran.
     let store = t.store().await;
-    let status = store.job_status(&report.job).await.unwrap().unwrap();
-    assert_eq!(status.state(), "completed");
-    assert_eq!(status.num("batches_total"), 0);
+    assert!(store
+        .job_status("never-registered")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store.jobs().await.unwrap().is_empty());
     t.cleanup().await;
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use taskmill_common::{
     amqp::{header_i64, header_str},
-    envelope::{parse_message_id, HEADER_ATTEMPTS, HEADER_ERROR_KIND},
+    envelope::{parse_message_id, HEADER_ATTEMPT, HEADER_ERROR_KIND},
     tasks::chaos::fails,
     topology::Names,
 };
@@ -102,7 +102,7 @@ async fn permanent_failures_are_dead_at_once_with_their_reason() {
                 header_str(p, HEADER_ERROR_KIND).as_deref(),
                 Some("permanent")
             );
-            assert_eq!(header_i64(p, HEADER_ATTEMPTS), Some(1));
+            assert_eq!(header_i64(p, HEADER_ATTEMPT), Some(1));
             let id = p.message_id().as_ref().unwrap().to_string();
             parse_message_id(&id).unwrap().1
         })

@@ -135,7 +135,8 @@ fn a_job_through_redis_over_tls() {
         .args(["jobs"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    // Exit 5: a service is unreachable.
+    assert_eq!(out.status.code(), Some(5));
 
     let _ = std::fs::remove_file(file);
     let _ = std::fs::remove_dir_all(dir);

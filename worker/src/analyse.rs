@@ -6,7 +6,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use serde_json::Value;
 use taskmill_common::{
-    envelope::{self, DecodeError},
+    config::validate_job_id,
+    envelope::{self, bounded, DecodeError, MAX_HEADER_TEXT},
     task::{Registry, TaskContext, TaskError, TaskOutput},
 };
 
@@ -27,6 +28,15 @@ pub enum DeadKind {
     Panic,
     /// The task failed transiently on every allowed attempt.
     RetriesExhausted,
+    /// The batch names a job that does not exist (never registered, expired, or a forged or
+    /// invalid id): dead-lettered without touching any job.
+    UnknownJob,
+    /// The batch number is outside what its job published: dead-lettered without touching
+    /// the job.
+    UnknownBatch,
+    /// The broker dead-lettered it after too many deliveries without an ack (workers died or
+    /// lost their connection while holding it).
+    DeliveryLimit,
 }
 
 impl DeadKind {
@@ -40,25 +50,45 @@ impl DeadKind {
             DeadKind::Permanent => "permanent",
             DeadKind::Panic => "panic",
             DeadKind::RetriesExhausted => "retries_exhausted",
+            DeadKind::UnknownJob => "unknown_job",
+            DeadKind::UnknownBatch => "unknown_batch",
+            DeadKind::DeliveryLimit => "delivery_limit",
         }
     }
 }
 
 /// Identity of a batch, as far as it could be read.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BatchId {
     /// Job id (from the envelope, else from the message id).
     pub job: Option<String>,
     /// Batch number.
     pub batch: Option<u64>,
-    /// Task name.
+    /// Task name as the message gave it (cut to a header's length).
     pub task: Option<String>,
+    /// The task's name when this worker knows it, else `unknown`: the only values used as a
+    /// metrics label, so that names taken from messages cannot grow `/metrics`.
+    pub label: &'static str,
     /// Records in the batch (0 when undecodable).
     pub records: u64,
     /// Batch creation time, ms since the epoch.
     pub created_ms: Option<u64>,
     /// Task parameters (for per-task retry settings).
     pub params: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for BatchId {
+    fn default() -> Self {
+        Self {
+            job: None,
+            batch: None,
+            task: None,
+            label: "unknown",
+            records: 0,
+            created_ms: None,
+            params: Default::default(),
+        }
+    }
 }
 
 /// What became of one batch.
@@ -82,8 +112,11 @@ pub fn analyse(
 ) -> (BatchId, Outcome) {
     let mut id = BatchId::default();
     if let Some((job, batch)) = message_id.and_then(envelope::parse_message_id) {
-        id.job = Some(job);
-        id.batch = Some(batch);
+        // An id that no producer could have made names no job: it must not touch one.
+        if validate_job_id(&job).is_ok() {
+            id.job = Some(job);
+            id.batch = Some(batch);
+        }
     }
     let env = match envelope::decode(body, max_bytes) {
         Ok(env) => env,
@@ -96,20 +129,26 @@ pub fn analyse(
             return (id, Outcome::Dead(kind, e.to_string()));
         }
     };
-    id.job = Some(env.job.clone());
-    id.batch = Some(env.batch);
-    id.task = Some(env.task.clone());
+    id.task = Some(bounded(&env.task, MAX_HEADER_TEXT).into_owned());
     id.records = env.records.len() as u64;
     id.created_ms = Some(env.created_ms);
+    if let Err(e) = validate_job_id(&env.job) {
+        id.job = None;
+        id.batch = None;
+        return (id, Outcome::Dead(DeadKind::UnknownJob, e));
+    }
+    id.job = Some(env.job.clone());
+    id.batch = Some(env.batch);
     let Some(task) = registry.get(&env.task) else {
         let msg = format!(
             "unknown task {:?}; this worker has: {}",
-            env.task,
+            bounded(&env.task, 200),
             registry.names().join(", ")
         );
         id.params = env.params;
         return (id, Outcome::Dead(DeadKind::UnknownTask, msg));
     };
+    id.label = task.name();
     let ctx = TaskContext {
         params: &env.params,
         job: &env.job,
@@ -166,6 +205,7 @@ mod tests {
         let reg = Registry::builtin();
         let (id, out) = analyse(&reg, &env("post-stats", &[]), None, 1, 1 << 20);
         assert!(matches!(out, Outcome::Done(_)));
+        assert_eq!(id.label, "post-stats");
         assert_eq!(id.job.as_deref(), Some("j"));
         assert_eq!(id.batch, Some(3));
 
@@ -176,6 +216,35 @@ mod tests {
         assert!(matches!(out, Outcome::Dead(DeadKind::Undecodable, _)));
         assert_eq!(id.job.as_deref(), Some("job9"));
         assert_eq!(id.batch, Some(4));
+
+        // A message id that aliases another key names no job.
+        let (id, _) = analyse(&reg, b"garbage", Some("job9:results:4"), 1, 1 << 20);
+        assert_eq!(id.job, None);
+
+        let mut forged = Envelope {
+            v: FORMAT_VERSION,
+            job: "j:results".into(),
+            batch: 0,
+            task: "x".repeat(100_000),
+            params: BTreeMap::new(),
+            records: vec![],
+            created_ms: 1,
+        };
+        let (id, out) = analyse(&reg, &encode(&forged), None, 1, 1 << 20);
+        assert!(
+            matches!(out, Outcome::Dead(DeadKind::UnknownJob, _)),
+            "{out:?}"
+        );
+        assert_eq!(id.job, None);
+        assert!(id.task.unwrap().len() <= MAX_HEADER_TEXT);
+        assert_eq!(id.label, "unknown");
+        forged.job = "ok".into();
+        let (id, out) = analyse(&reg, &encode(&forged), None, 1, 1 << 20);
+        let Outcome::Dead(DeadKind::UnknownTask, msg) = out else {
+            panic!("{out:?}")
+        };
+        assert!(msg.len() < 1000, "{}", msg.len());
+        assert_eq!(id.label, "unknown");
 
         let (_, out) = analyse(&reg, &env("post-stats", &[]), None, 1, 4);
         assert!(matches!(out, Outcome::Dead(DeadKind::TooLarge, _)));

@@ -5,7 +5,10 @@
 //!   broker connection is lost; drains on shutdown.
 //! - [`analyse`]: decoding and running a task, on the rayon pool (never on tokio's threads).
 //! - `sink`: stores results in Redis (many batches a round trip), publishes retries and dead
-//!   letters with confirms, and acks only what is safely stored or re-published.
+//!   letters with confirms (on a connection of their own), and acks only what is safely
+//!   stored or re-published.
+//! - `dead_events`: counts every dead letter in its job, including those the broker
+//!   dead-lettered by itself.
 //! - [`retry`]: the retry policy (exponential delays with jitter, held in the broker).
 //! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz` (`--metrics-addr`).
 //!
@@ -13,6 +16,7 @@
 //! channel → Redis/broker → ack.
 
 pub mod analyse;
+mod dead_events;
 pub mod metrics;
 pub mod retry;
 mod sink;
@@ -35,7 +39,7 @@ use lapin::{
 };
 use taskmill_common::{
     amqp,
-    config::{redact, validate_name, ConnArgs},
+    config::{redact, ConnArgs},
     envelope::DEFAULT_MAX_MESSAGE_BYTES,
     logging::LogFormat,
     store::Store,
@@ -233,12 +237,12 @@ pub async fn run_with_stats(
     shutdown: CancellationToken,
     stats: Arc<Stats>,
 ) -> anyhow::Result<()> {
-    validate_name("namespace", &args.conn.namespace).map_err(anyhow::Error::msg)?;
+    args.conn.check().map_err(UsageError)?;
     for q in &args.queues {
-        topology::validate_queue(q).map_err(anyhow::Error::msg)?;
+        topology::validate_queue(q).map_err(UsageError)?;
     }
     if args.prefetch == 0 {
-        anyhow::bail!("--prefetch must be at least 1");
+        return Err(UsageError("--prefetch must be at least 1".into()).into());
     }
     let threads = if args.threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -252,7 +256,7 @@ pub async fn run_with_stats(
         .context("cannot start the analysis thread pool")?;
     info!(
         namespace = %args.conn.namespace,
-        queues = ?args.queues,
+        queues = %args.queues.join(","),
         threads,
         prefetch = args.prefetch,
         amqp = %redact(&args.conn.amqp_url),
@@ -287,6 +291,37 @@ pub async fn run_with_stats(
     result
 }
 
+/// A bad setting, refused before anything connects (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Whether a session ended because RabbitMQ or Redis refused the credentials or permissions:
+/// reconnecting cannot help, so the worker stops.
+fn refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<amqp::ConnectError>()
+            .is_some_and(amqp::ConnectError::refused)
+            || c.downcast_ref::<taskmill_common::store::StoreError>()
+                .is_some_and(taskmill_common::store::StoreError::refused)
+    })
+}
+
+/// The worker's exit code for an error: 2 for a bad setting, 5 for a service that refused it
+/// or could not be reached, 1 otherwise.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.chain().any(|c| c.is::<UsageError>()) {
+        2
+    } else if refused(e)
+        || e.chain()
+            .any(|c| c.is::<amqp::ConnectError>() || c.is::<taskmill_common::store::StoreError>())
+    {
+        5
+    } else {
+        1
+    }
+}
+
 /// Runs sessions until shutdown, reconnecting with backoff.
 async fn sessions(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(200);
@@ -319,8 +354,15 @@ async fn sessions(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Resu
                 report(&shared.stats);
                 return Ok(());
             }
+            Err(e) if refused(&e) => {
+                report(&shared.stats);
+                return Err(e.context("stopping: a service refused the worker's credentials"));
+            }
             Err(e) => {
-                warn!("worker session ended: {e:#}; reconnecting in {backoff:?}");
+                warn!(
+                    "worker session ended: {}; reconnecting in {backoff:?}",
+                    taskmill_common::error_text(&*e)
+                );
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.cancelled() => return Ok(()),
@@ -405,11 +447,32 @@ async fn session(
     .await?;
     shared.health.set_redis(true);
     let conn = amqp::connect(&args.conn.amqp_url, "taskmill-worker").await?;
-    let publish_ch = conn.create_channel().await?;
+    // Retries and dead letters go out on a connection of their own: a broker alarm blocks
+    // publishing connections, and this one must keep consuming and acking meanwhile.
+    let publish_conn = amqp::connect(&args.conn.amqp_url, "taskmill-worker-publish").await?;
+    let publish_ch = publish_conn.create_channel().await?;
     publish_ch
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     topology::declare(&publish_ch, &shared.names, &args.queues).await?;
+    let events_ch = conn.create_channel().await?;
+    events_ch
+        .basic_qos(32, BasicQosOptions { global: false })
+        .await?;
+    let events_consumer = events_ch
+        .basic_consume(
+            shared.names.dead_events().into(),
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let events_stop = CancellationToken::new();
+    let mut events_task = tokio::spawn(dead_events::run(
+        events_consumer,
+        store.clone(),
+        events_stop.clone(),
+    ));
     // One channel a queue: delivery tags then arrive in order on each channel, which lets the
     // sink acknowledge many batches with one multiple-ack.
     let mut consumers = Vec::new();
@@ -437,7 +500,7 @@ async fn session(
             .map(|_| std::sync::Mutex::new(std::collections::BTreeSet::new()))
             .collect(),
     );
-    info!(queues = ?args.queues, "consuming");
+    info!(queues = %args.queues.join(","), "consuming");
     shared.health.set_rabbitmq(true);
     shared.health.set_consuming(true);
     *backoff = Duration::from_millis(200);
@@ -455,6 +518,7 @@ async fn session(
         hard_stop: hard_stop.clone(),
         declared: Default::default(),
     };
+    let _stop_events = events_stop.clone().drop_guard();
     let mut sink_task = tokio::spawn(sink.run(rx));
 
     let mut deliveries = futures::stream::select_all(consumers);
@@ -487,8 +551,16 @@ async fn session(
                     Err(e) => Err(anyhow::anyhow!("the result writer failed: {e}")),
                 };
             }
+            res = &mut events_task, if !draining => {
+                break match res {
+                    Ok(Err(e)) => Err(e.context("counting dead letters")),
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the broker cancelled the dead-letter consumer")),
+                    Err(e) => Err(anyhow::anyhow!("the dead-letter counter failed: {e}")),
+                };
+            }
             _ = shutdown.cancelled(), if !draining => {
                 draining = true;
+                events_stop.cancel();
                 shared.health.set_consuming(false);
                 info!(in_hand = inflight.len(), "shutting down: finishing the batches in hand");
                 drain_timer.as_mut().reset(
@@ -567,11 +639,15 @@ async fn session(
     }
     // Closing waits for the broker's answer; a broker that does not answer must not keep the
     // worker from exiting (it requeues everything unacked when the TCP connection ends).
+    events_stop.cancel();
+    let _ = events_task.await;
     let close = async {
         for ch in &channels {
             let _ = ch.close(200, "worker shutting down".into()).await;
         }
+        let _ = events_ch.close(200, "worker shutting down".into()).await;
         let _ = conn.close(200, "worker shutting down".into()).await;
+        let _ = publish_conn.close(200, "worker shutting down".into()).await;
     };
     if tokio::time::timeout(Duration::from_secs(5), close)
         .await

@@ -18,14 +18,14 @@ fn main() -> ExitCode {
 
 async fn async_main() -> ExitCode {
     let args = WorkerArgs::parse();
-    logging::init(args.log_format, "info,lapin=warn");
+    logging::init(args.log_format, "info,lapin=off");
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
     match taskmill_worker::run(args, Registry::builtin(), shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("worker: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("worker: {}", taskmill_common::error_text(&*e));
+            ExitCode::from(taskmill_worker::exit_code(&e))
         }
     }
 }

@@ -6,14 +6,16 @@
 //! TTL ends the broker moves the batch back to its work queue. Nothing waits in worker memory,
 //! and a delay of any length never meets RabbitMQ's consumer timeout.
 //!
-//! Jitter: each delay is multiplied by 0.8, 1.0 or 1.2, chosen from job, batch and attempt, so
-//! that batches that failed together do not all come back together. Three buckets (rather than
-//! a continuous spread) keep the number of delay queues small: each delay is one queue, since
-//! a queue expires messages only from its head.
+//! Delays come in a fixed set of tiers (`topology::DELAY_TIERS_MS`, 100 ms to a day), since a
+//! queue expires messages only from its head and so holds one delay: a work queue never has
+//! more delay queues than tiers, whatever the settings. A computed delay between two tiers
+//! goes to the upper one with a probability that keeps its mean exact (drawn from job, batch
+//! and attempt), which also spreads batches that failed together over two return times.
 
 use std::collections::BTreeMap;
 
 use clap::Args;
+use taskmill_common::{draw::draw, topology::DELAY_TIERS_MS};
 
 /// Retry settings; each can be overridden per task with a job parameter of the same name
 /// (`retry_max_attempts`, `retry_base_ms`, `retry_factor`, `retry_max_delay_ms`).
@@ -80,22 +82,35 @@ impl RetryPolicy {
         attempt < self.max_attempts
     }
 
-    /// The delay after failed attempt `attempt` (1-based), jitter included, in ms (≥ 1).
-    pub fn delay_ms(&self, attempt: u32, job: &str, batch: u64) -> u64 {
+    /// The nominal delay after failed attempt `attempt` (1-based), in ms.
+    pub fn nominal_delay_ms(&self, attempt: u32) -> f64 {
         let exp = self
             .factor
             .max(1.0)
             .powi(attempt.saturating_sub(1).min(64) as i32);
-        let raw = (self.base_ms as f64 * exp).min(self.max_delay_ms as f64);
-        let bucket = taskmill_common::tasks::chaos::draw(0x717, job, batch, attempt);
-        let jitter = if bucket < 1.0 / 3.0 {
-            0.8
-        } else if bucket < 2.0 / 3.0 {
-            1.0
-        } else {
-            1.2
+        (self.base_ms as f64 * exp).min(self.max_delay_ms as f64)
+    }
+
+    /// The delay after failed attempt `attempt` (1-based): one of the tiers of
+    /// `DELAY_TIERS_MS`, the lower or the upper neighbour of the nominal delay, drawn so that
+    /// the mean is the nominal delay.
+    pub fn delay_ms(&self, attempt: u32, job: &str, batch: u64) -> u64 {
+        let tiers = DELAY_TIERS_MS;
+        let raw = self.nominal_delay_ms(attempt);
+        let upper = tiers.iter().position(|&t| t as f64 >= raw);
+        let Some(upper) = upper else {
+            return tiers[tiers.len() - 1];
         };
-        ((raw * jitter).round() as u64).max(1)
+        if upper == 0 {
+            return tiers[0];
+        }
+        let (lo, hi) = (tiers[upper - 1] as f64, tiers[upper] as f64);
+        let p_upper = (raw - lo) / (hi - lo);
+        if draw(0x717, job, batch, attempt) < p_upper {
+            tiers[upper]
+        } else {
+            tiers[upper - 1]
+        }
     }
 }
 
@@ -104,19 +119,57 @@ mod tests {
     use super::*;
 
     #[test]
-    fn delays_grow_and_cap() {
+    fn delays_are_tiers_around_the_nominal_delay() {
         let p = RetryPolicy::default();
-        let d: Vec<u64> = (1..=12).map(|a| p.delay_ms(a, "j", 1)).collect();
-        for (i, &x) in d.iter().enumerate() {
-            let nominal = (1000f64 * 2f64.powi(i as i32)).min(600_000.0);
-            assert!(
-                x as f64 >= nominal * 0.8 - 1.0 && x as f64 <= nominal * 1.2 + 1.0,
-                "{i}: {x}"
-            );
+        for attempt in 1..=12 {
+            let nominal = p.nominal_delay_ms(attempt);
+            for batch in 0..50 {
+                let d = p.delay_ms(attempt, "j", batch);
+                assert!(DELAY_TIERS_MS.contains(&d), "{d}");
+                let i = DELAY_TIERS_MS.iter().position(|&t| t == d).unwrap();
+                let lower_ok = d as f64 <= nominal;
+                let next_ok = DELAY_TIERS_MS
+                    .get(i + 1)
+                    .is_none_or(|&n| n as f64 >= nominal);
+                let prev_ok = i == 0 || DELAY_TIERS_MS[i - 1] as f64 <= nominal;
+                assert!(
+                    (lower_ok && next_ok) || prev_ok,
+                    "{attempt}: {d} for {nominal}"
+                );
+            }
         }
-        assert!(d[11] <= 720_000);
         assert!(p.may_retry(4));
         assert!(!p.may_retry(5));
+    }
+
+    #[test]
+    fn any_settings_use_few_queues() {
+        let mut seen = std::collections::BTreeSet::new();
+        for base in [1, 7, 200, 333, 1000, 4999] {
+            let p = RetryPolicy {
+                base_ms: base,
+                factor: 1.7,
+                ..RetryPolicy::default()
+            };
+            for attempt in 1..=20 {
+                for batch in 0..20 {
+                    seen.insert(p.delay_ms(attempt, "job", batch));
+                }
+            }
+        }
+        assert!(seen.len() <= DELAY_TIERS_MS.len(), "{seen:?}");
+    }
+
+    #[test]
+    fn mean_delay_is_nominal() {
+        let p = RetryPolicy {
+            base_ms: 3000,
+            ..RetryPolicy::default()
+        };
+        let n = 4000;
+        let sum: u64 = (0..n).map(|b| p.delay_ms(1, "job", b)).sum();
+        let mean = sum as f64 / n as f64;
+        assert!((2800.0..3200.0).contains(&mean), "{mean}");
     }
 
     #[test]
@@ -128,6 +181,6 @@ mod tests {
         let p = RetryPolicy::default().for_params(&params);
         assert_eq!(p.max_attempts, 2);
         assert_eq!(p.base_ms, 10);
-        assert!(p.delay_ms(1, "j", 0) <= 12);
+        assert!(p.delay_ms(1, "j", 0) <= 100);
     }
 }

@@ -2,8 +2,11 @@
 //!
 //! Results are written many at a time (one pipelined round trip of idempotent scripts), and a
 //! batch is acked only after Redis said OK. Retries and dead letters are published with
-//! confirms, and the original is acked only after the broker confirmed the copy. While Redis is
-//! unreachable the sink keeps trying with backoff and acks nothing.
+//! confirms on a connection of their own, and the original is acked only after the broker
+//! confirmed the copy. Those publishes run beside the storing of results, so that a broker
+//! that blocks publishers (a memory or disk alarm) never stops the worker from storing and
+//! acking, which is what clears the alarm. While Redis is unreachable the sink keeps trying
+//! with backoff and acks nothing.
 
 use std::{
     collections::{BTreeSet, HashSet},
@@ -12,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use futures::{stream::FuturesUnordered, StreamExt};
 use lapin::{
     options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions},
     types::{AMQPValue, LongString},
@@ -21,11 +25,11 @@ use serde_json::json;
 use taskmill_common::{
     amqp::with_extra_headers,
     envelope::{
-        HEADER_ATTEMPT, HEADER_ATTEMPTS, HEADER_DEAD_AT, HEADER_ERROR, HEADER_ERROR_KIND,
-        HEADER_ORIGINAL_QUEUE,
+        bounded, HEADER_ATTEMPT, HEADER_DEAD_AT, HEADER_ERROR, HEADER_ERROR_KIND,
+        HEADER_ORIGINAL_QUEUE, MAX_HEADER_TEXT,
     },
     now_ms,
-    store::{DoneBatch, Store, StoreError},
+    store::{DoneBatch, Recorded, Store, StoreError},
     topology::{self, Names},
 };
 use tokio::sync::mpsc;
@@ -44,9 +48,10 @@ const MAX_GROUP: usize = 256;
 /// Per consuming channel, the delivery tags handed out and not yet acked or nacked.
 pub(crate) type Unacked = Arc<Vec<std::sync::Mutex<BTreeSet<u64>>>>;
 
+/// What the sink and its retry and dead-letter publishes share.
 pub(crate) struct Sink {
     pub(crate) store: Store,
-    /// Confirm-mode channel for retries and dead letters.
+    /// Confirm-mode channel for retries and dead letters, on the publishing connection.
     pub(crate) channel: Channel,
     /// Outstanding delivery tags of each consuming channel.
     pub(crate) unacked: Unacked,
@@ -58,26 +63,42 @@ pub(crate) struct Sink {
     /// Cancelled when the shutdown timeout ends: stop retrying Redis, ack nothing more.
     pub(crate) hard_stop: CancellationToken,
     /// Delay queues declared in this session.
-    pub(crate) declared: HashSet<String>,
+    pub(crate) declared: tokio::sync::Mutex<HashSet<String>>,
 }
 
 impl Sink {
-    /// Handles analysed batches until the sender side closes.
-    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Processed>) -> anyhow::Result<()> {
-        while let Some(first) = rx.recv().await {
-            let mut group = vec![first];
-            while group.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(p) => group.push(p),
-                    Err(_) => break,
-                }
+    /// Handles analysed batches until the sender side closes and every retry and dead letter
+    /// in progress is settled.
+    pub(crate) async fn run(self, mut rx: mpsc::Receiver<Processed>) -> anyhow::Result<()> {
+        let sink = Arc::new(self);
+        let mut others = FuturesUnordered::new();
+        let mut open = true;
+        while open || !others.is_empty() {
+            tokio::select! {
+                Some(res) = others.next(), if !others.is_empty() => res?,
+                msg = rx.recv(), if open => match msg {
+                    Some(first) => {
+                        let mut group = vec![first];
+                        while group.len() < MAX_GROUP {
+                            match rx.try_recv() {
+                                Ok(p) => group.push(p),
+                                Err(_) => break,
+                            }
+                        }
+                        for p in sink.store_done(group).await? {
+                            others.push(Arc::clone(&sink).handle_other(p));
+                        }
+                    }
+                    None => open = false,
+                },
             }
-            self.handle(group).await?;
         }
         Ok(())
     }
 
-    async fn handle(&mut self, group: Vec<Processed>) -> anyhow::Result<()> {
+    /// Stores and acks the batches whose task ran; returns the rest (failures, and batches
+    /// the store refused because their job or batch number is unknown).
+    async fn store_done(&self, group: Vec<Processed>) -> anyhow::Result<Vec<Processed>> {
         let mut done = Vec::new();
         let mut batches = Vec::new();
         let mut others = Vec::new();
@@ -103,50 +124,56 @@ impl Sink {
                 _ => others.push(p),
             }
         }
-        if !done.is_empty() {
-            let store = self.store.clone();
-            let fresh = self
-                .redis("storing results", || store.record_done_many(&batches))
-                .await?;
-            let now = now_ms();
-            let mut latencies = Vec::with_capacity(done.len());
-            for ((b, new), p) in batches.iter().zip(fresh).zip(&done) {
-                let task = task_label(p);
-                if let Some(created) = p.analysed.as_ref().and_then(|a| a.0.created_ms) {
-                    let ms = now.saturating_sub(created);
-                    latencies.push(ms);
-                    metrics::histogram!("taskmill_batch_latency_seconds", "task" => task.clone())
-                        .record(ms as f64 / 1000.0);
-                }
-                if new {
-                    metrics::counter!("taskmill_batches_total", "task" => task.clone(), "outcome" => "done")
+        if done.is_empty() {
+            return Ok(others);
+        }
+        let store = self.store.clone();
+        let recorded = self
+            .redis("storing results", || store.record_done_many(&batches))
+            .await?;
+        let now = now_ms();
+        let mut latencies = Vec::with_capacity(done.len());
+        let mut acks = Vec::with_capacity(done.len());
+        for ((b, rec), mut p) in batches.iter().zip(recorded).zip(done) {
+            let label = label(&p);
+            match rec {
+                Recorded::Stored => {
+                    if let Some(created) = p.analysed.as_ref().and_then(|a| a.0.created_ms) {
+                        let ms = now.saturating_sub(created);
+                        latencies.push(ms);
+                        metrics::histogram!("taskmill_batch_latency_seconds", "task" => label)
+                            .record(ms as f64 / 1000.0);
+                    }
+                    metrics::counter!("taskmill_batches_total", "task" => label, "outcome" => "done")
                         .increment(1);
-                    metrics::counter!("taskmill_records_total", "task" => task.clone(), "outcome" => "done")
+                    metrics::counter!("taskmill_records_total", "task" => label, "outcome" => "done")
                         .increment(b.records_done);
                     if b.records_invalid > 0 {
-                        metrics::counter!("taskmill_records_total", "task" => task, "outcome" => "invalid")
+                        metrics::counter!("taskmill_records_total", "task" => label, "outcome" => "invalid")
                             .increment(b.records_invalid);
                     }
                     Stats::add(&self.stats.batches_done, 1);
                     Stats::add(&self.stats.records_done, b.records_done);
-                } else {
+                    acks.push(p);
+                }
+                Recorded::Duplicate => {
                     Stats::add(&self.stats.batches_duplicate, 1);
-                    debug!(
-                        job = %b.job,
-                        batch = b.batch,
-                        %task,
-                        attempt = p.attempt,
-                        "already stored: a redelivery"
-                    );
+                    debug!(job = %b.job, batch = b.batch, task = label, attempt = p.attempt,
+                        "already stored: a redelivery");
+                    acks.push(p);
+                }
+                Recorded::UnknownJob | Recorded::UnknownBatch => {
+                    let (kind, why) = refusal(rec, &b.job, b.batch);
+                    if let Some((_, outcome)) = p.analysed.as_mut() {
+                        *outcome = Outcome::Dead(kind, why);
+                    }
+                    others.push(p);
                 }
             }
-            self.stats.record_latencies(latencies.into_iter());
-            self.ack_group(&done).await?;
         }
-        for p in others {
-            self.handle_other(p).await?;
-        }
-        Ok(())
+        self.stats.record_latencies(latencies.into_iter());
+        self.ack_group(&acks).await?;
+        Ok(others)
     }
 
     /// Acks a group of stored batches: on each channel, one multiple-ack up to the highest tag
@@ -195,13 +222,28 @@ impl Sink {
         Ok(())
     }
 
-    /// Forgets an outstanding tag that is acked or nacked on its own.
-    fn forget(&self, p: &Processed) {
+    /// Acks or nacks one batch on its own, then forgets its tag (only then: until it is
+    /// settled, multiple-acks of other batches must stop below it).
+    async fn settle_one(&self, p: &Processed, ack: bool) -> anyhow::Result<()> {
+        let res = if ack {
+            p.delivery.acker.ack(BasicAckOptions::default()).await
+        } else {
+            p.delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        };
         if let Some(set) = self.unacked.get(p.chan) {
             set.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&p.delivery.delivery_tag);
         }
+        metrics::gauge!("taskmill_batches_in_flight").decrement(1.0);
+        res.map(|_| ())
+            .map_err(|e| anyhow::Error::new(e).context(if ack { "acking" } else { "nacking" }))
     }
 
     /// Retries Redis calls with backoff until they succeed or the hard stop comes.
@@ -233,12 +275,11 @@ impl Sink {
         }
     }
 
-    async fn handle_other(&mut self, p: Processed) -> anyhow::Result<()> {
-        self.forget(&p);
-        metrics::gauge!("taskmill_batches_in_flight").decrement(1.0);
+    /// A batch that was not stored: retry it, dead-letter it, or give it back.
+    async fn handle_other(self: Arc<Self>, p: Processed) -> anyhow::Result<()> {
         let Some((id, outcome)) = p.analysed.clone() else {
             warn!("analysis thread lost a batch; giving it back to the queue");
-            return Self::nack_requeue(&p).await;
+            return self.settle_one(&p, false).await;
         };
         match outcome {
             Outcome::Retry(error) => {
@@ -253,7 +294,7 @@ impl Sink {
             Outcome::Dead(kind, error) => self.dead(&p, &id, kind, &error).await,
             Outcome::Done(_) => {
                 // A Done without job or batch cannot come out of a decoded envelope.
-                self.dead(&p, &id, DeadKind::Undecodable, "batch without identity")
+                self.dead(&p, &id, DeadKind::UnknownJob, "batch without identity")
                     .await
             }
         }
@@ -284,32 +325,35 @@ impl Sink {
         Ok(confirm.is_ack() && confirm.take_message().is_none())
     }
 
-    async fn nack_requeue(p: &Processed) -> anyhow::Result<()> {
-        p.delivery
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await?;
-        Ok(())
-    }
-
     async fn retry(
-        &mut self,
+        &self,
         p: &Processed,
         id: &BatchId,
         policy: &RetryPolicy,
         error: &str,
     ) -> anyhow::Result<()> {
-        let job = id.job.clone().unwrap_or_default();
-        let batch = id.batch.unwrap_or(0);
+        let (Some(job), Some(batch)) = (id.job.clone(), id.batch) else {
+            return self
+                .dead(p, id, DeadKind::UnknownJob, "batch without identity")
+                .await;
+        };
+        // A batch of no known job (or outside it) is not retried: it would only come back.
+        let store = self.store.clone();
+        let counted = self
+            .redis("counting a retry", || store.add_retry(&job, batch))
+            .await?;
+        if matches!(counted, Recorded::UnknownJob | Recorded::UnknownBatch) {
+            let (kind, why) = refusal(counted, &job, batch);
+            return self.dead(p, id, kind, &why).await;
+        }
         let delay = policy.delay_ms(p.attempt, &job, batch);
-        let queue = p.queue.clone();
-        let name = self.names.delay_queue(&queue, delay);
-        if !self.declared.contains(&name) {
-            topology::declare_delay_queue(&self.channel, &self.names, &queue, delay).await?;
-            self.declared.insert(name.clone());
+        let name = self.names.delay_queue(&p.queue, delay);
+        {
+            let mut declared = self.declared.lock().await;
+            if !declared.contains(&name) {
+                topology::declare_delay_queue(&self.channel, &self.names, &p.queue, delay).await?;
+                declared.insert(name.clone());
+            }
         }
         let props = with_extra_headers(
             &p.delivery.properties,
@@ -318,25 +362,22 @@ impl Sink {
                 AMQPValue::LongLongInt(i64::from(p.attempt) + 1),
             )],
         );
+        let task = label(p);
         if !self.publish_confirmed("", &name, &p.body, props).await? {
-            warn!(%job, batch, task = %task_label(p), attempt = p.attempt,
+            warn!(%job, batch, task, attempt = p.attempt,
                 "the broker refused a retry copy; the batch goes back to the queue");
-            return Self::nack_requeue(p).await;
+            return self.settle_one(p, false).await;
         }
-        let store = self.store.clone();
-        self.redis("counting a retry", || store.add_retry(&job))
-            .await?;
         Stats::add(&self.stats.batches_retried, 1);
-        metrics::counter!("taskmill_batches_total", "task" => task_label(p), "outcome" => "retried")
+        metrics::counter!("taskmill_batches_total", "task" => task, "outcome" => "retried")
             .increment(1);
-        warn!(%job, batch, task = %task_label(p), attempt = p.attempt, delay_ms = delay,
-            "transient failure, retrying: {error}");
-        p.delivery.acker.ack(BasicAckOptions::default()).await?;
-        Ok(())
+        warn!(%job, batch, task, attempt = p.attempt, delay_ms = delay,
+            "transient failure, retrying: {}", bounded(error, MAX_HEADER_TEXT));
+        self.settle_one(p, true).await
     }
 
     async fn dead(
-        &mut self,
+        &self,
         p: &Processed,
         id: &BatchId,
         kind: DeadKind,
@@ -344,32 +385,33 @@ impl Sink {
     ) -> anyhow::Result<()> {
         let at = now_ms();
         let original = self.names.queue(&p.queue);
+        let error = bounded(error, MAX_HEADER_TEXT);
         let text = |s: &str| AMQPValue::LongString(LongString::from(s.to_string()));
         let props = with_extra_headers(
             &p.delivery.properties,
             [
-                (HEADER_ERROR, text(error)),
+                (HEADER_ERROR, text(&error)),
                 (HEADER_ERROR_KIND, text(kind.as_str())),
-                (
-                    HEADER_ATTEMPTS,
-                    AMQPValue::LongLongInt(i64::from(p.attempt)),
-                ),
+                (HEADER_ATTEMPT, AMQPValue::LongLongInt(i64::from(p.attempt))),
                 (HEADER_ORIGINAL_QUEUE, text(&original)),
                 (HEADER_DEAD_AT, AMQPValue::LongLongInt(at as i64)),
             ],
         );
+        let job = id.job.as_deref().unwrap_or("-");
+        let batch = id.batch.map_or_else(|| "-".to_string(), |b| b.to_string());
+        let task = id.task.as_deref().unwrap_or("-");
         if !self
             .publish_confirmed(&self.names.dead_exchange(), &original, &p.body, props)
             .await?
         {
             warn!(
-                job = id.job.as_deref().unwrap_or("?"),
-                batch = ?id.batch,
-                task = %task_label(p),
+                job,
+                batch,
+                task,
                 attempt = p.attempt,
                 "the broker refused a dead letter; the batch goes back to the queue"
             );
-            return Self::nack_requeue(p).await;
+            return self.settle_one(p, false).await;
         }
         if let (Some(job), Some(batch)) = (&id.job, id.batch) {
             let reason = json!({
@@ -386,25 +428,36 @@ impl Sink {
             .await?;
         }
         Stats::add(&self.stats.batches_dead, 1);
-        metrics::counter!("taskmill_batches_total", "task" => task_label(p), "outcome" => "dead")
+        metrics::counter!("taskmill_batches_total", "task" => label(p), "outcome" => "dead")
             .increment(1);
         warn!(
-            job = id.job.as_deref().unwrap_or("?"),
-            batch = ?id.batch,
-            task = id.task.as_deref().unwrap_or("?"),
+            job,
+            batch,
+            task,
             attempt = p.attempt,
             kind = kind.as_str(),
             "dead-lettered: {error}"
         );
-        p.delivery.acker.ack(BasicAckOptions::default()).await?;
-        Ok(())
+        self.settle_one(p, true).await
     }
 }
 
-/// The `task` label of a batch (`unknown` when its body could not be read).
-fn task_label(p: &Processed) -> String {
-    p.analysed
-        .as_ref()
-        .and_then(|(id, _)| id.task.clone())
-        .unwrap_or_else(|| "unknown".into())
+/// Why the store refused a batch, as a dead-letter kind and text.
+fn refusal(rec: Recorded, job: &str, batch: u64) -> (DeadKind, String) {
+    if rec == Recorded::UnknownJob {
+        (
+            DeadKind::UnknownJob,
+            format!("no job {job:?} in this namespace (never registered, or expired)"),
+        )
+    } else {
+        (
+            DeadKind::UnknownBatch,
+            format!("job {job:?} never published a batch {batch}"),
+        )
+    }
+}
+
+/// The `task` label of a batch: a task this worker knows, else `unknown`.
+fn label(p: &Processed) -> &'static str {
+    p.analysed.as_ref().map_or("unknown", |(id, _)| id.label)
 }

@@ -1,7 +1,7 @@
 //! `chaos`: a task for testing a deployment's failure handling.
 //!
-//! Params: `fail_rate` (0..1, default 0), `fail` (`transient`, `permanent` or `panic`; default
-//! `transient`), `sleep_ms` (per batch), `spin_us` (CPU per record), `seed`. Whether an attempt
+//! Params: `fail_rate` (0..1, default 0), `fail` (`transient`, `permanent`, `panic` or `abort`,
+//! which kills the worker process; default `transient`), `sleep_ms` (per batch), `spin_us` (CPU per record), `seed`. Whether an attempt
 //! fails is a pure function of seed, job, batch and attempt ([`fails`]), so that a test can
 //! predict which batches fail and how often.
 
@@ -9,22 +9,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::similarity::mix;
-use crate::task::{u64_of, Task, TaskContext, TaskError, TaskOutput};
+pub use crate::draw::draw;
+use crate::{
+    draw::mix,
+    task::{u64_of, Task, TaskContext, TaskError, TaskOutput},
+};
 
 /// The `chaos` task.
 pub struct Chaos;
-
-/// A number in [0, 1) drawn from seed, job, batch and attempt.
-pub fn draw(seed: u64, job: &str, batch: u64, attempt: u32) -> f64 {
-    // FNV-1a over the job id, then mixed with the rest.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in job.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    let x = mix(mix(mix(h ^ seed) ^ batch) ^ u64::from(attempt));
-    (x >> 11) as f64 / (1u64 << 53) as f64
-}
 
 /// Whether this attempt of this batch fails, for the given seed and rate.
 pub fn fails(fail_rate: f64, seed: u64, job: &str, batch: u64, attempt: u32) -> bool {
@@ -61,9 +53,15 @@ impl Task for Chaos {
             return match kind {
                 "permanent" => Err(TaskError::Permanent(msg)),
                 "panic" => panic!("{msg}"),
+                // Kills the whole worker process, as a segfault or the OOM killer would: for
+                // testing crash loops against worker processes (never in-process workers).
+                "abort" => {
+                    eprintln!("{msg}: aborting the process");
+                    std::process::abort()
+                }
                 "transient" => Err(TaskError::Transient(msg)),
                 other => Err(TaskError::Permanent(format!(
-                    "chaos: fail={other:?} is not one of transient, permanent, panic"
+                    "chaos: fail={other:?} is not one of transient, permanent, panic, abort"
                 ))),
             };
         }

@@ -21,12 +21,7 @@ pub struct Similarity;
 const SUMMARY_PAIRS: usize = 100;
 
 /// A fast, well-mixing 64-bit finaliser (splitmix64).
-pub(crate) fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
+pub(crate) use crate::draw::mix;
 
 fn shingle_hashes(text: &str, k: usize) -> Vec<u64> {
     let words: Vec<String> = text

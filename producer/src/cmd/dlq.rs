@@ -4,7 +4,9 @@
 //! `basic.get` without ack and gives them back (nack with requeue) at the end, so `list` and
 //! `show` change nothing. `replay` republishes matching batches to their original work queue
 //! with the attempt counter reset and the error headers removed, waits for the broker's
-//! confirm, and only then acks the dead letter.
+//! confirm, and only then acks the dead letter. Every command reads only the dead letters
+//! that were there when it started (the queue's depth then): a replayed batch that fails
+//! again comes back behind them and is left for the next replay, so a command always ends.
 
 use std::io::{IsTerminal, Write};
 
@@ -14,18 +16,19 @@ use lapin::{
     message::BasicGetMessage,
     options::{
         BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-        ConfirmSelectOptions,
+        ConfirmSelectOptions, QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable},
     BasicProperties, Channel, Connection,
 };
 use serde_json::{json, Value};
 
+use crate::error::CliError;
 use taskmill_common::{
     amqp::{self, header_i64, header_str},
     config::ConnArgs,
     envelope::{
-        self, HEADER_ATTEMPT, HEADER_ATTEMPTS, HEADER_DEAD_AT, HEADER_ERROR, HEADER_ERROR_KIND,
+        self, HEADER_ATTEMPT, HEADER_DEAD_AT, HEADER_ERROR, HEADER_ERROR_KIND,
         HEADER_ORIGINAL_QUEUE,
     },
     topology::{self, Names},
@@ -130,9 +133,7 @@ impl DeadLetter {
             task: env.as_ref().map(|e| e.task.clone()),
             kind,
             error,
-            attempts: header_i64(p, HEADER_ATTEMPTS)
-                .or_else(|| header_i64(p, HEADER_ATTEMPT))
-                .unwrap_or(1),
+            attempts: header_i64(p, HEADER_ATTEMPT).unwrap_or(1),
             at_ms: header_i64(p, HEADER_DEAD_AT).unwrap_or(0),
             queue: header_str(p, HEADER_ORIGINAL_QUEUE).or_else(|| death.and_then(|d| d.1)),
         }
@@ -161,6 +162,8 @@ struct DeadQueue {
     names: Names,
     /// Messages taken but not acked; given back by `release`.
     held: Vec<BasicGetMessage>,
+    /// Dead letters still to read of those there at the start.
+    left: u32,
 }
 
 impl DeadQueue {
@@ -172,16 +175,32 @@ impl DeadQueue {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         topology::declare(&channel, &names, &[]).await?;
+        let depth = channel
+            .queue_declare(
+                names.dead_queue().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?
+            .message_count();
         Ok(Self {
             conn,
             channel,
             names,
             held: Vec::new(),
+            left: depth,
         })
     }
 
-    /// The next dead letter not yet taken, or None when none is left.
+    /// The next of the dead letters that were there at the start, or None when none is left.
     async fn next(&mut self) -> anyhow::Result<Option<BasicGetMessage>> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        self.left -= 1;
         Ok(self
             .channel
             .basic_get(
@@ -251,26 +270,46 @@ pub async fn list(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<Vec<Dead
     Ok(out)
 }
 
-/// Republishes matching dead letters to their work queue; returns how many.
-pub async fn replay(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<u64> {
+/// What a replay did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Replayed {
+    /// Dead letters sent back to their work queue.
+    pub replayed: u64,
+    /// Matching dead letters left where they are, each with the reason.
+    pub skipped: Vec<String>,
+}
+
+/// Republishes matching dead letters (of those there when it starts) to their work queue.
+/// A dead letter whose original queue is not a work queue of this namespace is skipped and
+/// reported; it stays a dead letter.
+pub async fn replay(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<Replayed> {
     let mut q = DeadQueue::open(conn).await?;
-    let mut replayed = 0;
-    let mut declared = Vec::new();
+    let mut out = Replayed::default();
     while let Some(m) = q.next().await? {
         let d = DeadLetter::from_message(&m);
+        if !matches(&d, job) {
+            q.held.push(m);
+            continue;
+        }
+        let label = match (&d.job, d.batch) {
+            (Some(j), Some(b)) => envelope::message_id(j, b),
+            _ => "a dead letter without job or batch".into(),
+        };
         let short = d
             .queue
             .as_deref()
             .and_then(|full| q.names.short_queue(full))
+            .filter(|s| topology::validate_queue(s).is_ok())
             .map(str::to_string);
-        let Some(short) = short.filter(|_| matches(&d, job)) else {
+        let Some(short) = short else {
+            out.skipped.push(format!(
+                "{label}: its original queue {:?} is not a work queue of namespace {}",
+                d.queue.as_deref().map(|s| envelope::bounded(s, 200)),
+                q.names.ns
+            ));
             q.held.push(m);
             continue;
         };
-        if !declared.contains(&short) {
-            topology::declare(&q.channel, &q.names, std::slice::from_ref(&short)).await?;
-            declared.push(short.clone());
-        }
         let props = replay_properties(&m.delivery.properties);
         let confirm = q
             .channel
@@ -288,14 +327,16 @@ pub async fn replay(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<u64> {
             .await?;
         if confirm.is_ack() && confirm.take_message().is_none() {
             m.delivery.acker.ack(BasicAckOptions::default()).await?;
-            replayed += 1;
+            out.replayed += 1;
         } else {
+            out.skipped.push(format!(
+                "{label}: the broker did not route it to work queue {short:?} (no such queue?)"
+            ));
             q.held.push(m);
-            anyhow::bail!("the broker refused a replayed batch; it stays a dead letter");
         }
     }
     q.release().await?;
-    Ok(replayed)
+    Ok(out)
 }
 
 /// The original properties with the attempt reset to 1 and the dead-letter headers removed.
@@ -305,6 +346,7 @@ fn replay_properties(p: &BasicProperties) -> BasicProperties {
         for (k, v) in old.inner() {
             let k = k.as_str();
             if k.starts_with("x-taskmill-")
+                || k == "x-delivery-count"
                 || k.starts_with("x-death")
                 || k.starts_with("x-first-death")
                 || k.starts_with("x-last-death")
@@ -364,12 +406,9 @@ async fn show(conn: &ConnArgs, id: &str, as_json: bool) -> anyhow::Result<bool> 
         return Ok(false);
     };
     if as_json {
-        println!("{v}");
+        crate::out::line(&v.to_string());
     } else {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).context("formatting the dead letter")?
-        );
+        crate::out::line(&serde_json::to_string_pretty(&v).context("formatting the dead letter")?);
     }
     Ok(true)
 }
@@ -379,7 +418,10 @@ fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
         return Ok(true);
     }
     if !std::io::stdin().is_terminal() {
-        anyhow::bail!("{question}: not on a terminal; add --yes to confirm");
+        return Err(CliError::Usage(format!(
+            "{question}: not on a terminal; add --yes to confirm"
+        ))
+        .into());
     }
     eprint!("{question} [y/N] ");
     std::io::stderr().flush()?;
@@ -412,7 +454,7 @@ pub async fn run(conn: &ConnArgs, args: &DlqArgs) -> anyhow::Result<std::process
                 }
                 out.push('\n');
             }
-            print!("{out}");
+            crate::out::print(&out);
             if !*json {
                 eprintln!("{} dead letters", letters.len());
             }
@@ -422,20 +464,41 @@ pub async fn run(conn: &ConnArgs, args: &DlqArgs) -> anyhow::Result<std::process
             if show(conn, id, *json).await? {
                 Ok(ExitCode::SUCCESS)
             } else {
-                anyhow::bail!("no dead letter {id:?} (give it as JOB:BATCH, as `dlq list` shows)")
+                Err(CliError::NoSuchJob(format!(
+                    "no dead letter {:?} (give it as JOB:BATCH, as `dlq list` shows)",
+                    envelope::bounded(id, 200)
+                ))
+                .into())
             }
         }
         DlqAction::Replay { job, all } => {
             if job.is_none() && !all {
-                anyhow::bail!("say which dead letters to replay: --job JOB or --all");
+                return Err(CliError::Usage(
+                    "say which dead letters to replay: --job JOB or --all".into(),
+                )
+                .into());
             }
-            let n = replay(conn, job.as_deref()).await?;
-            eprintln!("replayed {n} dead letters");
+            let r = replay(conn, job.as_deref()).await?;
+            for s in &r.skipped {
+                eprintln!("skipped {s}");
+            }
+            eprintln!(
+                "replayed {} dead letters{}",
+                r.replayed,
+                if r.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!("; skipped {} (they stay dead letters)", r.skipped.len())
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Purge { job, all, yes } => {
             if job.is_none() && !all {
-                anyhow::bail!("say which dead letters to purge: --job JOB or --all");
+                return Err(CliError::Usage(
+                    "say which dead letters to purge: --job JOB or --all".into(),
+                )
+                .into());
             }
             let what = match job {
                 Some(j) => format!("purge the dead letters of job {j}"),
@@ -443,7 +506,7 @@ pub async fn run(conn: &ConnArgs, args: &DlqArgs) -> anyhow::Result<std::process
             };
             if !confirm(&what, *yes)? {
                 eprintln!("nothing purged");
-                return Ok(ExitCode::from(1));
+                return Ok(ExitCode::from(crate::error::EXIT_USAGE));
             }
             let n = purge(conn, job.as_deref()).await?;
             eprintln!("purged {n} dead letters");

@@ -1,6 +1,6 @@
 //! `producer enqueue`: read records from URLs, files and stdin, batch them, publish them.
 
-use std::{collections::BTreeMap, io::Write, path::PathBuf, time::Instant};
+use std::{collections::BTreeMap, path::PathBuf, time::Instant};
 
 use anyhow::Context as _;
 use clap::Args;
@@ -10,72 +10,95 @@ use tracing::warn;
 
 use taskmill_common::{
     amqp::batch_properties,
-    config::{validate_name, ConnArgs},
-    envelope::{encode, Envelope, DEFAULT_MAX_MESSAGE_BYTES, FORMAT_VERSION},
+    config::{validate_job_id, validate_name, ConnArgs},
+    envelope::{bounded, encode, Envelope, DEFAULT_MAX_MESSAGE_BYTES, FORMAT_VERSION},
     now_ms,
-    store::{NewJob, PublishTotals, Store},
+    store::{NewJob, PublishTotals, Store, StoreError},
     task::Registry,
     topology::{self, Names},
 };
 
 use crate::{
+    error::CliError,
     publisher::Publisher,
-    sources::{self, HttpOptions, ProblemLog, Problems},
+    sources::{self, HttpOptions, ProblemLog, Problems, DEFAULT_MAX_RECORD_BYTES},
 };
 
 /// Arguments of `enqueue`.
 #[derive(Args, Debug, Clone)]
 pub struct EnqueueArgs {
     /// Fetch records from this URL (repeatable). A response holds one JSON object or an array.
-    #[arg(long = "url")]
+    #[arg(long = "url", help_heading = "Sources")]
     pub urls: Vec<String>,
     /// URL with `{id}` in it, fetched once for each number of `--ids`.
-    #[arg(long, requires = "ids")]
+    #[arg(long, requires = "ids", help_heading = "Sources")]
     pub url_template: Option<String>,
     /// Range of ids for `--url-template`, like `1-10000` (inclusive).
-    #[arg(long, requires = "url_template")]
+    #[arg(long, requires = "url_template", help_heading = "Sources")]
     pub ids: Option<String>,
     /// Read records from a file: JSON Lines, a JSON array, or one JSON document; `-` for stdin.
-    #[arg(long = "file")]
+    #[arg(long = "file", help_heading = "Sources")]
     pub files: Vec<PathBuf>,
     /// Task to run on each batch.
-    #[arg(long, default_value = "post-stats")]
+    #[arg(long, env = "TASKMILL_TASK", default_value = "post-stats")]
     pub task: String,
     /// Task parameter (repeatable).
     #[arg(long = "param", value_name = "KEY=VALUE")]
     pub params: Vec<String>,
     /// Records per batch (one message each).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "TASKMILL_BATCH_SIZE", default_value_t = 10)]
     pub batch_size: usize,
     /// Work queue (short name).
-    #[arg(long, default_value = topology::DEFAULT_QUEUE)]
+    #[arg(long, env = "TASKMILL_QUEUE", default_value = topology::DEFAULT_QUEUE)]
     pub queue: String,
     /// Job id (default: a new UUID).
     #[arg(long)]
     pub job: Option<String>,
+    /// A partial batch goes out when no record came for this many ms (a slow stdin).
+    #[arg(long, env = "TASKMILL_LINGER_MS", default_value_t = 200)]
+    pub linger_ms: u64,
     /// HTTP requests in flight at once.
-    #[arg(long, default_value_t = 32)]
+    #[arg(
+        long,
+        env = "TASKMILL_CONCURRENCY",
+        default_value_t = 32,
+        help_heading = "Sources"
+    )]
     pub concurrency: usize,
     /// Retries of a URL after connection errors, timeouts, 429 and 5xx.
-    #[arg(long, default_value_t = 3)]
+    #[arg(
+        long,
+        env = "TASKMILL_HTTP_RETRIES",
+        default_value_t = 3,
+        help_heading = "Sources"
+    )]
     pub http_retries: u32,
     /// Timeout of one HTTP request, in seconds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(
+        long,
+        env = "TASKMILL_HTTP_TIMEOUT",
+        default_value_t = 30,
+        help_heading = "Sources"
+    )]
     pub http_timeout: u64,
+    /// A record, line or document larger than this (bytes) is skipped and reported.
+    #[arg(long, env = "TASKMILL_MAX_RECORD_BYTES", default_value_t = DEFAULT_MAX_RECORD_BYTES, help_heading = "Sources")]
+    pub max_record_bytes: usize,
     /// Publisher confirms in flight at once.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, env = "TASKMILL_CONFIRM_WINDOW", default_value_t = 256)]
     pub confirm_window: usize,
     /// Largest message body; larger batches are split, a larger single record is skipped.
     #[arg(long, env = "TASKMILL_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
     /// Follow the job until it finishes (progress bar on a terminal) and exit like `wait`.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub wait: bool,
-    /// With --wait: give up after this many seconds (exit 2).
-    #[arg(long)]
+    /// With --wait: give up after this many seconds (exit 3).
+    #[arg(long, help_heading = "Output")]
     pub timeout: Option<f64>,
-    /// Print the enqueue report (and, with --wait, the final status) as JSON.
-    #[arg(long)]
+    /// Print one JSON object (the enqueue report) instead of the job id, and with --wait a
+    /// second one, the final status.
+    #[arg(long, help_heading = "Output")]
     pub json: bool,
 }
 
@@ -92,9 +115,11 @@ impl EnqueueArgs {
             batch_size: 10,
             queue: topology::DEFAULT_QUEUE.into(),
             job: None,
+            linger_ms: 200,
             concurrency: 32,
             http_retries: 3,
             http_timeout: 30,
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
             confirm_window: 256,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             wait: false,
@@ -163,46 +188,85 @@ fn parse_params(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
         .map(|p| {
             let (k, v) = p
                 .split_once('=')
-                .with_context(|| format!("--param {p:?} is not KEY=VALUE"))?;
+                .ok_or_else(|| usage(format!("--param {p:?} is not KEY=VALUE")))?;
             if k.trim().is_empty() {
-                anyhow::bail!("--param {p:?} has an empty key");
+                return Err(usage(format!("--param {p:?} has an empty key")));
             }
             Ok((k.trim().to_string(), v.to_string()))
         })
         .collect()
 }
 
+fn usage(msg: String) -> anyhow::Error {
+    CliError::Usage(msg).into()
+}
+
 /// Checks arguments before anything is connected.
 fn validate(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<()> {
-    validate_name("namespace", &conn.namespace).map_err(anyhow::Error::msg)?;
-    topology::validate_queue(&args.queue).map_err(anyhow::Error::msg)?;
+    let check = |r: Result<(), String>| r.map_err(usage);
+    check(validate_name("namespace", &conn.namespace))?;
+    check(topology::validate_queue(&args.queue))?;
     if args.urls.is_empty() && args.url_template.is_none() && args.files.is_empty() {
-        anyhow::bail!("no records to read: give --url, --url-template with --ids, or --file");
+        return Err(usage(
+            "no records to read: give --url, --url-template with --ids, or --file".into(),
+        ));
+    }
+    for u in &args.urls {
+        check(sources::check_url(u).map_err(|e| format!("--url {e}")))?;
+    }
+    if let Some(u) = &args.url_template {
+        check(sources::check_url(u).map_err(|e| format!("--url-template {e}")))?;
     }
     if let Some(t) = &args.url_template {
         if !t.contains("{id}") {
-            anyhow::bail!("--url-template {t:?} has no {{id}} in it");
+            return Err(usage(format!("--url-template {t:?} has no {{id}} in it")));
         }
     }
     if args.batch_size == 0 {
-        anyhow::bail!("--batch-size must be at least 1");
+        return Err(usage("--batch-size must be at least 1".into()));
     }
     if args.files.iter().filter(|f| f.as_os_str() == "-").count() > 1 {
-        anyhow::bail!("--file - (stdin) can be given only once");
+        return Err(usage("--file - (stdin) can be given only once".into()));
     }
     if let Some(job) = &args.job {
-        validate_name("job id", job).map_err(anyhow::Error::msg)?;
+        check(validate_job_id(job))?;
     }
     for f in &args.files {
         if f.as_os_str() != "-" && !f.is_file() {
-            anyhow::bail!("--file {}: no such file", f.display());
+            return Err(usage(format!("--file {}: no such file", f.display())));
         }
     }
     Ok(())
 }
 
-/// Runs an enqueue: registers the job, calls `on_registered` with its id (before the first
-/// batch), reads every source and publishes the batches. Fails when nothing could be read.
+/// Where prepared batches go: the job is registered when its first batch is ready (so an
+/// input with no record registers nothing), and `batches_published` is raised before each
+/// group goes to the broker (workers refuse batch numbers above it).
+struct Outlet<'a, F: FnOnce(&str)> {
+    store: &'a Store,
+    publisher: Publisher,
+    job: &'a str,
+    new_job: NewJob<'a>,
+    on_registered: Option<F>,
+}
+
+impl<F: FnOnce(&str)> Outlet<'_, F> {
+    async fn send(&mut self, ready: Vec<Prepared>, batches_so_far: u64) -> anyhow::Result<()> {
+        if ready.is_empty() {
+            return Ok(());
+        }
+        if let Some(f) = self.on_registered.take() {
+            self.store.register_job(&self.new_job).await?;
+            f(self.job);
+        }
+        self.store.set_published(self.job, batches_so_far).await?;
+        self.publisher.publish_many(ready).await
+    }
+}
+
+/// Runs an enqueue: reads every source, registers the job when its first batch is ready and
+/// calls `on_registered` with its id (before that batch is published), and publishes the
+/// batches. Fails, registering nothing, when no record could be read.
 pub async fn enqueue(
     conn: &ConnArgs,
     args: &EnqueueArgs,
@@ -215,47 +279,55 @@ pub async fn enqueue(
         .as_deref()
         .map(sources::parse_ids)
         .transpose()
-        .map_err(anyhow::Error::msg)?;
+        .map_err(usage)?;
     if Registry::builtin().get(&args.task).is_none() {
         warn!(
-            task = %args.task,
+            task = %bounded(&args.task, 200),
             "not a built-in task: make sure the workers on queue {:?} know it",
             args.queue
         );
     }
     let started = Instant::now();
     let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
-    let names = Names::new(&conn.namespace);
-    let mut publisher =
-        Publisher::connect(&conn.amqp_url, names, &args.queue, args.confirm_window).await?;
     let job = args
         .job
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    store
-        .register_job(&NewJob {
+    if store.job_exists(&job).await? {
+        return Err(StoreError::JobExists(job).into());
+    }
+    let names = Names::new(&conn.namespace);
+    let publisher =
+        Publisher::connect(&conn.amqp_url, names, &args.queue, args.confirm_window).await?;
+    let mut outlet = Outlet {
+        store: &store,
+        publisher,
+        job: &job,
+        new_job: NewJob {
             id: &job,
             task: &args.task,
             queue: &args.queue,
             params: &params,
-        })
-        .await?;
-    on_registered(&job);
+        },
+        on_registered: Some(on_registered),
+    };
 
     let problems = ProblemLog::default();
     let (tx, mut rx) = mpsc::channel::<Vec<Value>>(16);
     let files = args.files.clone();
     let file_tx = tx.clone();
     let file_problems = problems.clone();
+    let max_record = args.max_record_bytes;
     let files_task = tokio::task::spawn_blocking(move || {
         for f in files {
             if f.as_os_str() == "-" {
-                sources::read_records(std::io::stdin().lock(), "stdin", &file_tx, &file_problems);
+                let stdin = std::io::stdin().lock();
+                sources::read_records(stdin, "stdin", max_record, &file_tx, &file_problems);
             } else {
                 let name = f.display().to_string();
                 match std::fs::File::open(&f) {
                     Ok(file) => {
-                        sources::read_records(file, &name, &file_tx, &file_problems);
+                        sources::read_records(file, &name, max_record, &file_tx, &file_problems);
                     }
                     Err(e) => file_problems.failed(format!("{name}: cannot open: {e}")),
                 }
@@ -288,8 +360,23 @@ pub async fn enqueue(
         max_bytes: args.max_message_bytes,
         problems: &problems,
     };
-    let mut last_progress = 0;
-    while let Some(chunk) = rx.recv().await {
+    let linger = std::time::Duration::from_millis(args.linger_ms);
+    loop {
+        let chunk = if batch.is_empty() {
+            rx.recv().await
+        } else {
+            match tokio::time::timeout(linger, rx.recv()).await {
+                Ok(chunk) => chunk,
+                Err(_) => {
+                    // Nothing came for a while (a slow stream): the partial batch goes out.
+                    let mut ready = Vec::new();
+                    ctx.prepare(&mut batch_no, std::mem::take(&mut batch), &mut ready);
+                    outlet.send(ready, batch_no).await?;
+                    continue;
+                }
+            }
+        };
+        let Some(chunk) = chunk else { break };
         let mut ready = Vec::new();
         for record in chunk {
             batch.push(record);
@@ -298,25 +385,31 @@ pub async fn enqueue(
                 ctx.prepare(&mut batch_no, full, &mut ready);
             }
         }
-        publisher.publish_many(ready).await?;
-        if batch_no >= last_progress + 200 {
-            last_progress = batch_no;
-            let _ = store.set_published(&job, publisher.confirmed_batches).await;
-        }
+        outlet.send(ready, batch_no).await?;
     }
     if !batch.is_empty() {
         let mut ready = Vec::new();
         ctx.prepare(&mut batch_no, batch, &mut ready);
-        publisher.publish_many(ready).await?;
+        outlet.send(ready, batch_no).await?;
     }
     files_task.await.context("reading files")?;
     http_task
         .await
         .context("fetching URLs")?
         .context("starting the HTTP client")?;
+    let mut publisher = outlet.publisher;
     publisher.finish().await?;
 
     let p = problems.snapshot();
+    if outlet.on_registered.is_some() {
+        // Nothing was read: no job was registered, nothing published.
+        let mut msg = "nothing to enqueue: no record could be read".to_string();
+        for line in p.samples.iter().take(5) {
+            msg.push_str("\n  ");
+            msg.push_str(line);
+        }
+        return Err(usage(msg));
+    }
     let report = EnqueueReport {
         job: job.clone(),
         batches: publisher.confirmed_batches,
@@ -343,6 +436,9 @@ pub async fn enqueue(
     Ok(report)
 }
 
+/// A batch ready to publish: (batch number, records, body, properties).
+type Prepared = (u64, u64, Vec<u8>, lapin::BasicProperties);
+
 struct BatchCtx<'a> {
     job: &'a str,
     task: &'a str,
@@ -354,12 +450,7 @@ struct BatchCtx<'a> {
 impl BatchCtx<'_> {
     /// Encodes `records` as one batch (split in halves while the message is too large) and
     /// adds it to `ready`, numbering from `batch_no`.
-    fn prepare(
-        &self,
-        batch_no: &mut u64,
-        records: Vec<Value>,
-        ready: &mut Vec<(u64, u64, Vec<u8>, lapin::BasicProperties)>,
-    ) {
+    fn prepare(&self, batch_no: &mut u64, records: Vec<Value>, ready: &mut Vec<Prepared>) {
         let mut stack = vec![records];
         while let Some(records) = stack.pop() {
             let env = Envelope {
@@ -395,22 +486,20 @@ impl BatchCtx<'_> {
     }
 }
 
-/// The command: prints the job id first, then the report; follows the job with --wait.
+/// The command: prints the job id first (or, with --json, the report as one JSON object),
+/// then the report on stderr; follows the job with --wait.
 pub async fn run(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<std::process::ExitCode> {
+    let json = args.json;
     let report = enqueue(conn, args, |job| {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{job}");
-        let _ = out.flush();
+        if !json {
+            crate::out::line(job);
+        }
     })
     .await?;
-    if args.json {
-        println!("{}", report.to_json());
+    if json {
+        crate::out::line(&report.to_json().to_string());
     }
     eprintln!("{}", report.describe());
-    if report.records == 0 {
-        eprintln!("producer: nothing could be read: no record was published");
-        return Ok(std::process::ExitCode::from(1));
-    }
     if args.wait {
         let wait = crate::cmd::wait::WaitArgs {
             job: report.job.clone(),

@@ -45,6 +45,6 @@ pub async fn run(conn: &ConnArgs, args: &JobsArgs) -> anyhow::Result<std::proces
         }
         out.push('\n');
     }
-    print!("{out}");
+    crate::out::print(&out);
     Ok(std::process::ExitCode::SUCCESS)
 }

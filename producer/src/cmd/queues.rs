@@ -4,6 +4,7 @@
 use clap::Args;
 use serde_json::{json, Value};
 
+use crate::error::CliError;
 use taskmill_common::config::{redact, ConnArgs};
 
 /// Arguments of `queues` and `workers`.
@@ -25,8 +26,12 @@ struct Api {
 
 impl Api {
     fn new(raw: &str) -> anyhow::Result<Self> {
-        let mut base = url::Url::parse(raw)
-            .map_err(|e| anyhow::anyhow!("--rabbitmq-api-url {} is not a URL: {e}", redact(raw)))?;
+        let mut base = url::Url::parse(raw).map_err(|e| {
+            CliError::Usage(format!(
+                "--rabbitmq-api-url {} is not a URL: {e}",
+                redact(raw)
+            ))
+        })?;
         let user = match base.username() {
             "" => "guest".to_string(),
             u => u.to_string(),
@@ -54,17 +59,26 @@ impl Api {
             .send()
             .await
             .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot reach the RabbitMQ management API at {}: {e} (is the rabbitmq_management plugin enabled?)",
-                    self.shown
-                )
+                CliError::Service(format!(
+                    "cannot reach the RabbitMQ management API at {}: {} (is the rabbitmq_management plugin enabled?)",
+                    self.shown,
+                    taskmill_common::error_text(&e)
+                ))
             })?;
         let status = resp.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            return Err(CliError::Service(format!(
+                "the RabbitMQ management API at {} refused the credentials of --rabbitmq-api-url",
+                self.shown
+            ))
+            .into());
+        }
         if !status.is_success() {
-            anyhow::bail!(
+            return Err(CliError::Service(format!(
                 "the RabbitMQ management API at {} answered {status} for {path}",
                 self.shown
-            );
+            ))
+            .into());
         }
         Ok(resp.json().await?)
     }
@@ -117,6 +131,9 @@ pub async fn workers(conn: &ConnArgs) -> anyhow::Result<Vec<Value>> {
         .filter_map(|c| Some((c["name"].as_str()?, c["user_provided_name"].as_str()?)))
         .collect();
     let prefix = format!("{}.", conn.namespace);
+    // Every worker also consumes the dead-letter events queue (to count dead letters): one
+    // row a worker and work queue is what people want to see.
+    let events = taskmill_common::topology::Names::new(&conn.namespace).dead_events();
     let mut out: Vec<Value> = all
         .as_array()
         .into_iter()
@@ -124,7 +141,7 @@ pub async fn workers(conn: &ConnArgs) -> anyhow::Result<Vec<Value>> {
         .filter(|c| {
             c["queue"]["name"]
                 .as_str()
-                .is_some_and(|n| n.starts_with(&prefix))
+                .is_some_and(|n| n.starts_with(&prefix) && n != events)
         })
         .map(|c| {
             let ch = &c["channel_details"];
@@ -172,7 +189,7 @@ pub async fn run_queues(
         }
         out.push('\n');
     }
-    print!("{out}");
+    crate::out::print(&out);
     if list.is_empty() && !args.json {
         eprintln!(
             "no queues in namespace {:?} yet (start a worker or enqueue a job)",
@@ -213,6 +230,6 @@ pub async fn run_workers(
         }
         out.push('\n');
     }
-    print!("{out}");
+    crate::out::print(&out);
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -33,6 +33,6 @@ pub async fn run(conn: &ConnArgs, args: &ResultsArgs) -> anyhow::Result<std::pro
             out.push_str(&format!("batch {batch}: DEAD {reason}\n"));
         }
     }
-    print!("{out}");
+    crate::out::print(&out);
     Ok(std::process::ExitCode::SUCCESS)
 }

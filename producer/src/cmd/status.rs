@@ -22,7 +22,11 @@ pub struct StatusArgs {
 /// Reads a job, failing with a clear sentence when it is unknown.
 pub async fn load(store: &Store, job: &str) -> anyhow::Result<JobStatus> {
     store.job_status(job).await?.ok_or_else(|| {
-        anyhow::anyhow!("no job {job:?} in this namespace (wrong --namespace, or it expired)")
+        crate::error::CliError::NoSuchJob(format!(
+            "no job {:?} in this namespace (wrong --namespace, or it expired)",
+            taskmill_common::envelope::bounded(job, 200)
+        ))
+        .into()
     })
 }
 
@@ -118,10 +122,10 @@ pub async fn run(conn: &ConnArgs, args: &StatusArgs) -> anyhow::Result<std::proc
     let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
     let status = load(&store, &args.job).await?;
     if args.json {
-        println!("{}", status_json(&store, &status).await?);
+        crate::out::line(&status_json(&store, &status).await?.to_string());
     } else {
         let sum = summary(&store, &status).await?;
-        println!("{}", describe(&status, sum.as_ref()));
+        crate::out::line(&describe(&status, sum.as_ref()));
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -1,7 +1,7 @@
 //! `producer wait JOB`: follow a job until it finishes.
 //!
 //! Exit 0 when every batch is done, 1 when the job finished with dead batches or was
-//! cancelled, 2 on timeout. On a terminal, a progress bar shows the batches done.
+//! cancelled, 3 on timeout. On a terminal, a progress bar shows the batches done.
 
 use std::{io::IsTerminal, process::ExitCode, time::Duration};
 
@@ -23,7 +23,7 @@ const POLL: Duration = Duration::from_millis(100);
 pub struct WaitArgs {
     /// Job id.
     pub job: String,
-    /// Give up after this many seconds (exit 2).
+    /// Give up after this many seconds (exit 3).
     #[arg(long)]
     pub timeout: Option<f64>,
     /// Print the final status as one JSON object.
@@ -47,8 +47,8 @@ impl WaitEnd {
     pub fn code(self) -> u8 {
         match self {
             WaitEnd::Completed => 0,
-            WaitEnd::Failed => 1,
-            WaitEnd::TimedOut => 2,
+            WaitEnd::Failed => crate::error::EXIT_UNFINISHED,
+            WaitEnd::TimedOut => crate::error::EXIT_TIMEOUT,
         }
     }
 }
@@ -74,21 +74,30 @@ pub async fn follow(
     loop {
         let status = load(store, job).await?;
         if let Some(bar) = &bar {
-            let total = status
-                .opt_num("batches_total")
-                .unwrap_or_else(|| status.num("batches_published"));
-            bar.set_length(total);
-            bar.set_position(status.num("batches_done") + status.num("batches_dead"));
+            let settled = status.num("batches_done") + status.num("batches_dead");
             let (_, r) = rate(&status);
+            let publishing = match status.opt_num("batches_total") {
+                Some(total) => {
+                    bar.set_length(total);
+                    ""
+                }
+                None => {
+                    // The total is not known while publishing: the bar's end moves with it.
+                    bar.set_length(status.num("batches_published").max(settled));
+                    ", still publishing"
+                }
+            };
+            bar.set_position(settled);
             bar.set_message(format!(
-                "{} dead, {} records/s",
+                "{} dead, {} records/s{publishing}",
                 status.num("batches_dead"),
                 r as u64
             ));
         }
         if status.is_finished() {
             if let Some(bar) = &bar {
-                bar.finish();
+                // The final status goes on lines of its own, under no bar.
+                bar.finish_and_clear();
             }
             let end = if status.state() == "completed" {
                 WaitEnd::Completed
@@ -99,7 +108,7 @@ pub async fn follow(
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             if let Some(bar) = &bar {
-                bar.abandon();
+                bar.finish_and_clear();
             }
             return Ok((status, WaitEnd::TimedOut));
         }
@@ -112,7 +121,10 @@ pub async fn run(conn: &ConnArgs, args: &WaitArgs) -> anyhow::Result<ExitCode> {
     let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
     let timeout = match args.timeout {
         Some(t) if !(t >= 0.0 && t.is_finite()) => {
-            anyhow::bail!("--timeout must be a number of seconds, 0 or more")
+            return Err(crate::error::CliError::Usage(
+                "--timeout must be a number of seconds, 0 or more".into(),
+            )
+            .into())
         }
         Some(t) => Some(Duration::from_secs_f64(t)),
         None => None,
@@ -120,10 +132,10 @@ pub async fn run(conn: &ConnArgs, args: &WaitArgs) -> anyhow::Result<ExitCode> {
     let progress = std::io::stderr().is_terminal() && !args.json;
     let (status, end) = follow(&store, &args.job, timeout, progress).await?;
     if args.json {
-        println!("{}", status_json(&store, &status).await?);
+        crate::out::line(&status_json(&store, &status).await?.to_string());
     } else {
         let sum = summary(&store, &status).await?;
-        println!("{}", describe(&status, sum.as_ref()));
+        crate::out::line(&describe(&status, sum.as_ref()));
         if end == WaitEnd::TimedOut {
             eprintln!("producer: timed out waiting for job {}", args.job);
         }

@@ -1,0 +1,641 @@
+//! Hardening: nothing stuck, nothing forged, nothing miscounted, nothing leaked.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    collections::BTreeMap,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use lapin::{
+    options::QueueDeclareOptions,
+    types::{AMQPValue, FieldTable, LongString},
+    BasicProperties,
+};
+use serde_json::{json, Value};
+use taskmill_common::{
+    amqp::{batch_properties, header_str},
+    envelope::{
+        encode, Envelope, FORMAT_VERSION, HEADER_ERROR, HEADER_ERROR_KIND, HEADER_ORIGINAL_QUEUE,
+        MAX_HEADER_TEXT,
+    },
+    store::{NewJob, PublishTotals},
+    topology::{Names, DELAY_TIERS_MS},
+};
+use taskmill_producer::cmd::{
+    dlq,
+    enqueue::{enqueue, EnqueueArgs},
+};
+use taskmill_tests::{
+    bin_path, broker_queues, drain_queue, peak_rss_kib, publish_raw, raw_channel, sample, until,
+    write_jsonl, TestNs,
+};
+use taskmill_worker::Stats;
+
+fn envelope(job: &str, batch: u64, task: &str, records: Vec<Value>) -> Envelope {
+    Envelope {
+        v: FORMAT_VERSION,
+        job: job.into(),
+        batch,
+        task: task.into(),
+        params: BTreeMap::new(),
+        records,
+        created_ms: taskmill_common::now_ms(),
+    }
+}
+
+async fn wait_dead(stats: &Stats, n: u64) {
+    until(
+        &format!("{n} batches dead-lettered"),
+        Duration::from_secs(60),
+        || async { Stats::get(&stats.batches_dead) >= n },
+    )
+    .await;
+}
+
+/// Item 1: a replay takes each dead letter that was there once, and ends, even when the
+/// replayed batches fail again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_still_failing_dead_letters_ends() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    let w = t.spawn_worker(t.worker_args());
+    let file = write_jsonl(sample::posts(20));
+    let mut args = EnqueueArgs::new("chaos");
+    args.files = vec![file.clone()];
+    args.params = vec!["fail_rate=1".into(), "fail=permanent".into()];
+    let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let s = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    assert_eq!(s.num("batches_dead"), 2);
+
+    for round in 1..=2 {
+        let r = tokio::time::timeout(Duration::from_secs(30), dlq::replay(&t.conn(), Some(&job)))
+            .await
+            .expect("replay ends")
+            .unwrap();
+        assert_eq!(r.replayed, 2, "round {round}");
+        assert!(r.skipped.is_empty());
+        // They fail again and come back: two dead letters, counted once in the job.
+        until(
+            "the replays dead again",
+            Duration::from_secs(60),
+            || async { Stats::get(&w.stats.batches_dead) >= 2 + 2 * round },
+        )
+        .await;
+        assert_eq!(dlq::list(&t.conn(), Some(&job)).await.unwrap().len(), 2);
+        let s = store.job_status(&job).await.unwrap().unwrap();
+        assert_eq!(s.num("batches_dead"), 2);
+        assert_eq!(s.state(), "completed_with_errors");
+    }
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
+
+/// Item 2: workers that die while holding a batch make the broker dead-letter it after the
+/// delivery limit; the job counts it dead and finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_ends_with_the_batch_counted_dead() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    let file = write_jsonl(sample::posts(10));
+    let mut args = EnqueueArgs::new("chaos");
+    args.files = vec![file.clone()];
+    args.params = vec!["fail_rate=1".into(), "fail=abort".into()];
+    let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+
+    let mut spawns = 0;
+    let status = loop {
+        if let Some(s) = store.job_status(&job).await.unwrap() {
+            if s.is_finished() {
+                break s;
+            }
+        }
+        assert!(
+            spawns < 40,
+            "still not dead-lettered after {spawns} crashes"
+        );
+        spawns += 1;
+        let mut worker = Command::new(bin_path("worker"))
+            .env("TASKMILL_NAMESPACE", &t.ns)
+            .env("TASKMILL_PREFETCH", "1")
+            .env("TASKMILL_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // It crashes on the batch, or (once the broker dead-lettered it) counts it and idles.
+        loop {
+            if worker.try_wait().unwrap().is_some() {
+                break;
+            }
+            if taskmill_tests::job_finished(&store, &job, Duration::ZERO)
+                .await
+                .is_ok()
+            {
+                let _ = worker.kill();
+                let _ = worker.wait();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    assert!(
+        spawns > 10,
+        "the broker's delivery limit, not a worker, ended it"
+    );
+    assert_eq!(status.state(), "completed_with_errors");
+    assert_eq!(status.num("batches_dead"), 1);
+    let dead = store.dead_batches(&job).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].1["kind"], "delivery_limit", "{:?}", dead[0].1);
+    // The dead letter is there for people too, with the broker's reason.
+    let letters = dlq::list(&t.conn(), Some(&job)).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].kind, "delivery_limit");
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
+
+/// Item 3: forged batch numbers, message ids and job ids leave every job unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_messages_leave_jobs_unchanged() {
+    let t = TestNs::new();
+    let names = Names::new(&t.ns);
+    let store = t.store().await;
+    let w = t.spawn_worker(t.worker_args());
+    let file = write_jsonl(sample::posts(100));
+    let mut args = EnqueueArgs::new("post-stats");
+    args.files = vec![file.clone()];
+    let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let before = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    assert_eq!(before.state(), "completed");
+    let results_before = store.results(&job).await.unwrap();
+
+    let (_c, ch) = raw_channel().await;
+    let send = |env: Envelope| {
+        let props = batch_properties(&env, 1);
+        (encode(&env), props)
+    };
+    let records: Vec<Value> = sample::posts(11).collect();
+    let forged = [
+        // Batch numbers the job never published.
+        send(envelope(&job, 10, "post-stats", records.clone())),
+        send(envelope(&job, 999, "post-stats", records.clone())),
+        // A job id that aliases the job's results hash, and a job that does not exist.
+        send(envelope(
+            &format!("{job}:results"),
+            0,
+            "post-stats",
+            records.clone(),
+        )),
+        send(envelope("no-such-job", 0, "post-stats", records.clone())),
+        // Garbage bodies whose message ids name the job.
+        (
+            b"\x00garbage".to_vec(),
+            BasicProperties::default().with_message_id(format!("{job}:999").into()),
+        ),
+        (
+            b"\x00garbage".to_vec(),
+            BasicProperties::default().with_message_id(format!("{job}:3").into()),
+        ),
+    ];
+    for (body, props) in &forged {
+        publish_raw(&ch, &names.work_exchange(), "tasks", body, props.clone()).await;
+    }
+    wait_dead(&w.stats, 6).await;
+
+    let after = store.job_status(&job).await.unwrap().unwrap();
+    assert_eq!(after.fields, before.fields, "the job's hash changed");
+    assert_eq!(store.results(&job).await.unwrap(), results_before);
+    assert!(store.dead_batches(&job).await.unwrap().is_empty());
+    assert!(store.job_status("no-such-job").await.unwrap().is_none());
+    let dead = drain_queue(&ch, &names.dead_queue()).await;
+    let mut kinds: Vec<String> = dead
+        .iter()
+        .map(|m| header_str(&m.delivery.properties, HEADER_ERROR_KIND).unwrap())
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "undecodable",
+            "undecodable",
+            "unknown_batch",
+            "unknown_batch",
+            "unknown_job",
+            "unknown_job"
+        ]
+    );
+
+    // While a job is still publishing, a batch above what it published is refused too.
+    let open = "still-publishing";
+    store
+        .register_job(&NewJob {
+            id: open,
+            task: "post-stats",
+            queue: "tasks",
+            params: &BTreeMap::new(),
+        })
+        .await
+        .unwrap();
+    store.set_published(open, 2).await.unwrap();
+    for batch in [5, 1] {
+        let (body, props) = send(envelope(open, batch, "post-stats", records.clone()));
+        publish_raw(&ch, &names.work_exchange(), "tasks", &body, props).await;
+    }
+    until("batch 1 stored", Duration::from_secs(60), || async {
+        taskmill_tests::batches_done(&store, open).await == 1
+    })
+    .await;
+    wait_dead(&w.stats, 7).await;
+    let s = store.job_status(open).await.unwrap().unwrap();
+    assert_eq!(s.num("batches_done"), 1);
+    assert_eq!(s.num("batches_dead"), 0);
+    assert_eq!(s.num("records_done"), 11);
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
+
+/// Item 4: `batches_published` is never behind `batches_done`, at any moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_published_is_never_behind_batches_done() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    let w = t.spawn_worker(t.worker_args());
+    let file = write_jsonl(sample::posts(3000));
+    let mut args = EnqueueArgs::new("post-stats");
+    args.files = vec![file.clone()];
+    args.batch_size = 1;
+    args.job = Some(format!("{}-pub", t.ns));
+    let conn = t.conn();
+    let producer = tokio::spawn(async move { enqueue(&conn, &args, |_| {}).await });
+    let job = format!("{}-pub", t.ns);
+    let mut reads = 0;
+    loop {
+        if let Some(s) = store.job_status(&job).await.unwrap() {
+            reads += 1;
+            let settled = s.num("batches_done") + s.num("batches_dead");
+            assert!(
+                s.num("batches_published") >= settled,
+                "published {} < done {}",
+                s.num("batches_published"),
+                settled
+            );
+            if s.is_finished() {
+                assert_eq!(s.num("batches_published"), 3000);
+                break;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(reads > 10);
+    producer.await.unwrap().unwrap();
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
+
+/// Item 5: an enormous task name is dead-lettered once with bounded headers (no frame error,
+/// no session restart), and `dlq replay --all` skips a dead letter whose original queue is
+/// not a work queue, says so, and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_are_bounded_and_replay_skips_what_it_cannot_route() {
+    let t = TestNs::new();
+    let names = Names::new(&t.ns);
+    let store = t.store().await;
+    let w = t.spawn_worker(t.worker_args());
+    let job = "huge-task-name";
+    store
+        .register_job(&NewJob {
+            id: job,
+            task: "?",
+            queue: "tasks",
+            params: &BTreeMap::new(),
+        })
+        .await
+        .unwrap();
+    store.set_published(job, 1).await.unwrap();
+    let env = envelope(job, 0, &"t".repeat(7 * 1024 * 1024), vec![json!(1)]);
+    let (_c, ch) = raw_channel().await;
+    // The topology exists once the worker consumes.
+    until("the worker consuming", Duration::from_secs(60), || async {
+        broker_queues(&names.queue("tasks")).await.len() == 1
+    })
+    .await;
+    publish_raw(
+        &ch,
+        &names.work_exchange(),
+        "tasks",
+        &encode(&env),
+        batch_properties(&env, 1),
+    )
+    .await;
+    wait_dead(&w.stats, 1).await;
+    assert_eq!(
+        Stats::get(&w.stats.sessions),
+        1,
+        "the worker's session restarted"
+    );
+    store
+        .finish_publishing(
+            job,
+            &PublishTotals {
+                batches: 1,
+                records: 1,
+                ..PublishTotals::default()
+            },
+        )
+        .await
+        .unwrap();
+    let s = store.job_status(job).await.unwrap().unwrap();
+    assert_eq!(s.state(), "completed_with_errors");
+    let dead = store.dead_batches(job).await.unwrap();
+    assert_eq!(dead[0].1["kind"], "unknown_task");
+
+    // A dead letter whose original queue is a delay queue cannot be replayed: skipped.
+    let odd = BasicProperties::default()
+        .with_message_id(format!("{job}:0").into())
+        .with_headers(FieldTable::from(BTreeMap::from([(
+            HEADER_ORIGINAL_QUEUE.into(),
+            AMQPValue::LongString(LongString::from(names.delay_queue("tasks", 1000))),
+        )])));
+    publish_raw(&ch, "", &names.dead_queue(), b"odd", odd).await;
+    let r = dlq::replay(&t.conn(), None).await.unwrap();
+    assert_eq!(r.replayed, 1, "{r:?}");
+    assert_eq!(r.skipped.len(), 1, "{r:?}");
+    assert!(r.skipped[0].contains("is not a work queue"), "{r:?}");
+    // The skipped one is still a dead letter; the replayed one died again.
+    until("the replay dead again", Duration::from_secs(60), || async {
+        Stats::get(&w.stats.batches_dead) >= 2
+    })
+    .await;
+    let letters = drain_queue(&ch, &names.dead_queue()).await;
+    assert_eq!(letters.len(), 2);
+    for m in &letters {
+        let p = &m.delivery.properties;
+        if let Some(e) = header_str(p, HEADER_ERROR) {
+            assert!(e.len() <= MAX_HEADER_TEXT, "{}", e.len());
+        }
+    }
+    assert_eq!(Stats::get(&w.stats.sessions), 1);
+    w.stop().await.unwrap();
+    t.cleanup().await;
+}
+
+/// Item 8: every key of a job keeps the TTL it was enqueued with (not the worker's), the
+/// index outlives its longest job, expired ids leave the index, and retries of unknown jobs
+/// create nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_keeps_the_ttl_it_was_enqueued_with() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    let mut wargs = t.worker_args();
+    wargs.conn.result_ttl = 30 * 24 * 3600;
+    let w = t.spawn_worker(wargs);
+    let file = write_jsonl(sample::posts(20));
+    let mut args = EnqueueArgs::new("post-stats");
+    args.files = vec![file.clone()];
+    let long = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let mut short_conn = t.conn();
+    short_conn.result_ttl = 3;
+    let short = enqueue(&short_conn, &args, |_| {}).await.unwrap().job;
+    t.wait_finished(&store, &long, Duration::from_secs(60))
+        .await;
+    t.wait_finished(&store, &short, Duration::from_secs(60))
+        .await;
+
+    let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let ttl = |key: String| {
+        let mut con = con.clone();
+        async move {
+            redis::cmd("TTL")
+                .arg(key)
+                .query_async::<i64>(&mut con)
+                .await
+                .unwrap()
+        }
+    };
+    let keys = store.keys().clone();
+    assert!((1..=3).contains(&ttl(keys.job(&short)).await));
+    assert!((1..=3).contains(&ttl(keys.results(&short)).await));
+    let long_ttl = ttl(keys.job(&long)).await;
+    assert!(long_ttl > 3000 && long_ttl <= 24 * 3600, "{long_ttl}");
+    assert!(ttl(keys.results(&long)).await > 3000);
+    assert!(
+        ttl(keys.jobs()).await > 3000,
+        "the index outlives the longest job"
+    );
+
+    until("the short job expired", Duration::from_secs(30), || async {
+        store.job_status(&short).await.unwrap().is_none()
+    })
+    .await;
+    let listed: Vec<String> = store
+        .jobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.0)
+        .collect();
+    assert_eq!(listed, vec![long.clone()]);
+    let raw: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.jobs())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(raw, vec![long.clone()], "the expired id left the index");
+
+    // A transient failure of a job that does not exist: dead-lettered, no key created.
+    let (_c, ch) = raw_channel().await;
+    let mut env = envelope("ghost", 0, "chaos", vec![json!(1)]);
+    env.params.insert("fail_rate".into(), "1".into());
+    publish_raw(
+        &ch,
+        &Names::new(&t.ns).work_exchange(),
+        "tasks",
+        &encode(&env),
+        batch_properties(&env, 1),
+    )
+    .await;
+    wait_dead(&w.stats, 1).await;
+    assert_eq!(Stats::get(&w.stats.batches_retried), 0);
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(keys.job("ghost"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
+
+/// Item 12: a 200 MB line is skipped and reported, and the producer's memory stays flat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_mb_line_is_skipped_with_flat_memory() {
+    use std::io::Write;
+    let t = TestNs::new();
+    let path = std::env::temp_dir().join(format!("{}-huge.jsonl", t.ns));
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        writeln!(f, "{}", json!({"title": "a", "body": "b"})).unwrap();
+        write!(f, "{{\"title\": \"x\", \"body\": \"").unwrap();
+        let chunk = "y".repeat(1024 * 1024);
+        for _ in 0..200 {
+            f.write_all(chunk.as_bytes()).unwrap();
+        }
+        writeln!(f, "\"}}").unwrap();
+        write!(f, "[{{\"title\": \"x\", \"body\": \"").unwrap();
+        for _ in 0..50 {
+            f.write_all(chunk.as_bytes()).unwrap();
+        }
+        writeln!(f, "\"}}]").unwrap();
+        writeln!(f, "{}", json!({"title": "c", "body": "d"})).unwrap();
+    }
+    let mut child = Command::new(bin_path("producer"))
+        .args(["enqueue", "--queue", "idle", "--json", "--file"])
+        .arg(&path)
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut peak = 0;
+    while child.try_wait().unwrap().is_none() {
+        peak = peak.max(peak_rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(peak > 0 && peak < 100 * 1024, "peak RSS {peak} KiB");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["records"], 2);
+    assert_eq!(report["records_invalid"], 2);
+    let problems = report["problems"].to_string();
+    assert!(problems.contains("line 2: 209715"), "{problems}");
+    assert!(problems.contains("--max-record-bytes"), "{problems}");
+    let store = t.store().await;
+    let s = store
+        .job_status(report["job"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.num("records_invalid"), 2);
+    assert_eq!(s.num("records_total"), 2);
+    let _ = std::fs::remove_file(path);
+    t.cleanup().await;
+}
+
+/// Item 16: records fed slowly on stdin go out after a short linger, before the input ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_stdin_is_streamed() {
+    use std::io::{BufRead, Write};
+    let t = TestNs::new();
+    let store = t.store().await;
+    let w = t.spawn_worker(t.worker_args());
+    let mut child = Command::new(bin_path("producer"))
+        .args(["enqueue", "--file", "-", "--batch-size", "100"])
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for r in sample::posts(3) {
+        writeln!(stdin, "{r}").unwrap();
+    }
+    stdin.flush().unwrap();
+    // The job id comes with the first batch, while stdin is still open.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut job = String::new();
+    let reader = std::thread::spawn(move || {
+        stdout.read_line(&mut job).unwrap();
+        job
+    });
+    let job = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap()
+        .trim()
+        .to_string();
+    taskmill_tests::wait_batches_done(&store, &job, 1).await;
+    let s = store.job_status(&job).await.unwrap().unwrap();
+    assert_eq!(s.num("records_done"), 3);
+    assert_eq!(s.opt_num("batches_total"), None, "still publishing");
+    for r in sample::posts(2) {
+        writeln!(stdin, "{r}").unwrap();
+    }
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+    let s = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    assert_eq!(s.state(), "completed");
+    assert_eq!(s.num("records_done"), 5);
+    assert_eq!(s.num("batches_total"), 2);
+    w.stop().await.unwrap();
+    t.cleanup().await;
+}
+
+/// Item 17: retries with any delay settings use delay queues of the fixed tiers only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_use_a_fixed_set_of_delay_queues() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    let w = t.spawn_worker(t.worker_args());
+    let file = write_jsonl(sample::posts(100));
+    let mut args = EnqueueArgs::new("chaos");
+    args.files = vec![file.clone()];
+    args.params = vec![
+        "fail_rate=0.6".into(),
+        "seed=5".into(),
+        "retry_base_ms=37".into(),
+        "retry_factor=1.3".into(),
+        "retry_max_attempts=8".into(),
+    ];
+    args.batch_size = 2;
+    let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let s = t
+        .wait_finished(&store, &job, Duration::from_secs(120))
+        .await;
+    assert!(s.num("retries") > 20, "{:?}", s.fields);
+    let names = Names::new(&t.ns);
+    // Which tier queues exist, asked of the broker itself (a passive declare fails, and
+    // closes its channel, when the queue does not exist).
+    let (conn, _ch) = raw_channel().await;
+    let mut tiers = Vec::new();
+    for &ms in DELAY_TIERS_MS {
+        let ch = conn.create_channel().await.unwrap();
+        let name = names.delay_queue("tasks", ms);
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        if ch
+            .queue_declare(name.as_str().into(), passive, FieldTable::default())
+            .await
+            .is_ok()
+        {
+            tiers.push(name);
+        }
+    }
+    // The tiers near 37 ms × 1.3^n: a handful, whatever the settings.
+    assert!(!tiers.is_empty() && tiers.len() <= 5, "{tiers:?}");
+    tiers.sort();
+    // And no other delay queue: the management API (which lags a little) lists exactly those.
+    let delay_prefix = format!("{}.tasks.delay.", t.ns);
+    until(
+        "the management API's list",
+        Duration::from_secs(60),
+        || async { broker_queues(&delay_prefix).await == tiers },
+    )
+    .await;
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
