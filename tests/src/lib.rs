@@ -4,11 +4,13 @@
 //! # Layout
 //! - [`sample`]: deterministic sample posts and a local HTTP server for them.
 //! - [`bench`]: the benchmark harness behind the `bench` binary.
+//! - [`broker`]: a private RabbitMQ node that a test can put under a memory alarm.
 //! - [`proxy`]: a TCP proxy that cuts and restores connections.
 //! - [`redis_server`]: a private redis-server that a test can kill and restart.
 //! - [`TestNs`]: a fresh namespace per test, with helpers to run workers and clean up.
 
 pub mod bench;
+pub mod broker;
 pub mod proxy;
 pub mod redis_server;
 pub mod sample;
