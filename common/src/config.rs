@@ -6,6 +6,7 @@ use clap::Args;
 
 /// Where the broker and Redis are, and which namespace this process works in.
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Connection")]
 pub struct ConnArgs {
     /// TOML file of settings (keys as the flags, with `_`): below flags and the environment,
     /// above the defaults.
@@ -102,25 +103,58 @@ fn check_url(flag: &str, raw: &str, schemes: &[&str]) -> Result<(), String> {
     }
 }
 
-/// Every setting a config file may hold, and the environment variable it stands for.
-pub const SETTINGS: &[(&str, &str)] = &[
-    ("amqp_url", "AMQP_URL"),
-    ("redis_url", "REDIS_URL"),
-    ("rabbitmq_api_url", "RABBITMQ_API_URL"),
-    ("namespace", "TASKMILL_NAMESPACE"),
-    ("result_ttl", "TASKMILL_RESULT_TTL"),
-    ("log_format", "TASKMILL_LOG_FORMAT"),
-    ("queues", "TASKMILL_QUEUES"),
-    ("prefetch", "TASKMILL_PREFETCH"),
-    ("threads", "TASKMILL_THREADS"),
-    ("shutdown_timeout", "TASKMILL_SHUTDOWN_TIMEOUT"),
-    ("metrics_addr", "TASKMILL_METRICS_ADDR"),
-    ("max_message_bytes", "TASKMILL_MAX_MESSAGE_BYTES"),
-    ("retry_max_attempts", "TASKMILL_RETRY_MAX_ATTEMPTS"),
-    ("retry_base_ms", "TASKMILL_RETRY_BASE_MS"),
-    ("retry_factor", "TASKMILL_RETRY_FACTOR"),
-    ("retry_max_delay_ms", "TASKMILL_RETRY_MAX_DELAY_MS"),
+/// Every key a config file may hold, for either binary: the long names (with `_`) of the
+/// flags that have an environment variable. Each binary applies the keys of its own flags and
+/// passes over the other's; a key of neither is an error. (A test checks this list against
+/// both binaries' flags.)
+pub const SETTING_KEYS: &[&str] = &[
+    "amqp_url",
+    "batch_size",
+    "concurrency",
+    "confirm_window",
+    "http_retries",
+    "http_timeout",
+    "linger_ms",
+    "log_format",
+    "max_message_bytes",
+    "max_record_bytes",
+    "metrics_addr",
+    "namespace",
+    "prefetch",
+    "queue",
+    "rabbitmq_api_url",
+    "redis_url",
+    "result_ttl",
+    "retry_base_ms",
+    "retry_factor",
+    "retry_max_attempts",
+    "retry_max_delay_ms",
+    "shutdown_timeout",
+    "task",
+    "threads",
 ];
+
+/// The settings of a command line: (key, environment variable) for every flag of `cmd` and
+/// its subcommands that has an environment variable, the key being the long name with `_`.
+pub fn settings_of(cmd: &clap::Command) -> Vec<(String, String)> {
+    fn walk(cmd: &clap::Command, out: &mut Vec<(String, String)>) {
+        for a in cmd.get_arguments() {
+            if let (Some(long), Some(env)) = (a.get_long(), a.get_env()) {
+                let key = long.replace('-', "_");
+                if key != "config" && !out.iter().any(|(k, _)| *k == key) {
+                    out.push((key, env.to_string_lossy().into_owned()));
+                }
+            }
+        }
+        for sc in cmd.get_subcommands() {
+            walk(sc, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(cmd, &mut out);
+    out.sort();
+    out
+}
 
 /// The config file named by `--config PATH` / `--config=PATH` in `args`, else by
 /// `TASKMILL_CONFIG`.
@@ -137,41 +171,69 @@ pub fn config_path(args: &[String]) -> Option<std::path::PathBuf> {
     std::env::var_os("TASKMILL_CONFIG").map(Into::into)
 }
 
-/// The settings of a TOML config file as (environment variable, value) pairs. Unknown keys
-/// and values that are not strings, numbers, booleans or (for `queues`) arrays are errors.
-pub fn read_config(path: &std::path::Path) -> Result<Vec<(&'static str, String)>, String> {
-    let shown = path.display();
+fn toml_text(key: &str, shown: &str, value: toml::Value) -> Result<String, String> {
+    Ok(match value {
+        toml::Value::String(s) => s,
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|i| {
+                i.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| i.to_string())
+            })
+            .collect::<Vec<_>>()
+            .join(","),
+        other => return Err(format!("setting {key:?} in {shown} cannot be {other}")),
+    })
+}
+
+/// The settings of a TOML config file for binary `binary` (`worker` or `producer`) with the
+/// given `settings` (see [`settings_of`]), as (environment variable, value) pairs. Top-level
+/// keys apply to both binaries; a `[worker]` or `[producer]` table applies to that binary
+/// only, above the top level. Keys that neither binary knows, and values that are not
+/// strings, numbers, booleans or arrays, are errors.
+pub fn read_config(
+    path: &std::path::Path,
+    binary: &str,
+    settings: &[(String, String)],
+) -> Result<Vec<(String, String)>, String> {
+    let shown = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read config file {shown}: {e}"))?;
     let table: toml::Table =
         toml::from_str(&text).map_err(|e| format!("config file {shown} is not valid TOML: {e}"))?;
-    let mut out = Vec::new();
+    let mut top = Vec::new();
+    let mut own = Vec::new();
     for (key, value) in table {
+        if key == "worker" || key == "producer" {
+            let toml::Value::Table(inner) = value else {
+                return Err(format!("[{key}] in {shown} must be a table"));
+            };
+            if key == binary {
+                own.extend(inner);
+            }
+            continue;
+        }
+        top.push((key, value));
+    }
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (key, value) in top.into_iter().chain(own) {
         let norm = key.replace('-', "_");
-        let Some((_, env)) = SETTINGS.iter().find(|(k, _)| *k == norm) else {
-            let known: Vec<&str> = SETTINGS.iter().map(|(k, _)| *k).collect();
+        if !SETTING_KEYS.contains(&norm.as_str()) {
             return Err(format!(
                 "unknown setting {key:?} in config file {shown}; known: {}",
-                known.join(", ")
+                SETTING_KEYS.join(", ")
             ));
+        }
+        let Some((_, env)) = settings.iter().find(|(k, _)| *k == norm) else {
+            continue; // the other binary's
         };
-        let text = match value {
-            toml::Value::String(s) => s,
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            toml::Value::Array(items) => items
-                .iter()
-                .map(|i| {
-                    i.as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| i.to_string())
-                })
-                .collect::<Vec<_>>()
-                .join(","),
-            other => return Err(format!("setting {key:?} in {shown} cannot be {other}")),
-        };
-        out.push((*env, text));
+        let text = toml_text(&key, &shown, value)?;
+        out.retain(|(e, _)| e != env);
+        out.push((env.clone(), text));
     }
     Ok(out)
 }
@@ -179,12 +241,12 @@ pub fn read_config(path: &std::path::Path) -> Result<Vec<(&'static str, String)>
 /// Applies the config file (if any) under the environment: each setting becomes its
 /// environment variable unless that is already set. Call before parsing the command line and
 /// before any other thread starts.
-pub fn apply_config_file(args: &[String]) -> Result<(), String> {
+pub fn apply_config_file(args: &[String], binary: &str, cmd: &clap::Command) -> Result<(), String> {
     let Some(path) = config_path(args) else {
         return Ok(());
     };
-    for (env, value) in read_config(&path)? {
-        if std::env::var_os(env).is_none() {
+    for (env, value) in read_config(&path, binary, &settings_of(cmd))? {
+        if std::env::var_os(&env).is_none() {
             std::env::set_var(env, value);
         }
     }
@@ -259,31 +321,44 @@ mod tests {
     fn config_files_map_to_environment_variables() {
         let dir = std::env::temp_dir().join(format!("tm-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let settings: Vec<(String, String)> = [
+            ("namespace", "TASKMILL_NAMESPACE"),
+            ("prefetch", "TASKMILL_PREFETCH"),
+            ("queue", "TASKMILL_QUEUES"),
+            ("retry_factor", "TASKMILL_RETRY_FACTOR"),
+        ]
+        .iter()
+        .map(|(k, e)| (k.to_string(), e.to_string()))
+        .collect();
         let good = dir.join("good.toml");
         std::fs::write(
             &good,
-            "namespace = \"prod\"\nprefetch = 32\nqueues = [\"a\", \"b\"]\nretry-factor = 1.5\n",
+            "namespace = \"prod\"\nprefetch = 32\nqueue = [\"a\", \"b\"]\nretry-factor = 1.5\n\
+             batch_size = 5\n[worker]\nprefetch = 8\n[producer]\nqueue = \"c\"\n",
         )
         .unwrap();
-        let mut got = read_config(&good).unwrap();
+        let mut got = read_config(&good, "worker", &settings).unwrap();
         got.sort();
-        assert_eq!(
-            got,
-            [
-                ("TASKMILL_NAMESPACE", "prod".to_string()),
-                ("TASKMILL_PREFETCH", "32".to_string()),
-                ("TASKMILL_QUEUES", "a,b".to_string()),
-                ("TASKMILL_RETRY_FACTOR", "1.5".to_string()),
-            ]
-        );
+        let want: Vec<(String, String)> = [
+            ("TASKMILL_NAMESPACE", "prod"),
+            ("TASKMILL_PREFETCH", "8"),
+            ("TASKMILL_QUEUES", "a,b"),
+            ("TASKMILL_RETRY_FACTOR", "1.5"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(got, want);
         let bad = dir.join("bad.toml");
         std::fs::write(&bad, "nmespace = \"x\"\n").unwrap();
-        assert!(read_config(&bad)
+        assert!(read_config(&bad, "worker", &settings)
             .unwrap_err()
             .contains("unknown setting \"nmespace\""));
         std::fs::write(&bad, "namespace = \n").unwrap();
-        assert!(read_config(&bad).unwrap_err().contains("not valid TOML"));
-        assert!(read_config(&dir.join("missing.toml")).is_err());
+        assert!(read_config(&bad, "worker", &settings)
+            .unwrap_err()
+            .contains("not valid TOML"));
+        assert!(read_config(&dir.join("missing.toml"), "worker", &settings).is_err());
         let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
             config_path(&args(&["worker", "--config", "/x.toml"])),

@@ -46,15 +46,20 @@ pub fn now_ms() -> u64 {
 }
 
 /// The common start of both binaries: applies the config file (as environment variables,
-/// under those already set) before the command line is parsed and before any thread starts,
+/// under those already set; its keys are the flags of `cmd`) before the command line is
+/// parsed and before any thread starts,
 /// then runs `main` on a single-threaded tokio runtime (the async side only does I/O;
 /// analysis runs on rayon).
-pub fn run_binary<F>(name: &str, main: impl FnOnce() -> F) -> std::process::ExitCode
+pub fn run_binary<F>(
+    name: &str,
+    cmd: &clap::Command,
+    main: impl FnOnce() -> F,
+) -> std::process::ExitCode
 where
     F: std::future::Future<Output = std::process::ExitCode>,
 {
     let argv: Vec<String> = std::env::args().collect();
-    if let Err(e) = config::apply_config_file(&argv) {
+    if let Err(e) = config::apply_config_file(&argv, name, cmd) {
         eprintln!("{name}: {e}");
         // A usage error: the same exit code as a bad flag.
         return std::process::ExitCode::from(2);

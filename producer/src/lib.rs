@@ -36,7 +36,8 @@ pub struct Cli {
         env = "TASKMILL_LOG_FORMAT",
         value_enum,
         default_value_t,
-        global = true
+        global = true,
+        help_heading = "Output"
     )]
     pub log_format: LogFormat,
 
@@ -64,6 +65,53 @@ pub enum Command {
     Queues(cmd::queues::ViewArgs),
     /// The workers consuming the namespace's queues: connection, address, queue, prefetch.
     Workers(cmd::queues::ViewArgs),
+}
+
+/// The connection options each command uses; the others stay accepted (they can stand
+/// before the command) but are left out of its `--help`.
+const USES: &[(&str, &[&str])] = &[
+    (
+        "enqueue",
+        &["amqp_url", "redis_url", "namespace", "result_ttl"],
+    ),
+    ("status", &["redis_url", "namespace"]),
+    ("wait", &["redis_url", "namespace"]),
+    ("results", &["redis_url", "namespace"]),
+    ("jobs", &["redis_url", "namespace"]),
+    ("dlq", &["amqp_url", "namespace"]),
+    ("queues", &["rabbitmq_api_url", "namespace"]),
+    ("workers", &["rabbitmq_api_url", "namespace"]),
+];
+
+/// The command line, with each command's `--help` showing the connection options it uses.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let conn: Vec<clap::Arg> = cmd
+        .get_arguments()
+        .filter(|a| a.is_global_set() && a.get_help_heading() == Some("Connection"))
+        .cloned()
+        .collect();
+    for (name, uses) in USES {
+        cmd = cmd.mut_subcommand(name, |mut sc| {
+            for a in &conn {
+                let id = a.get_id().as_str();
+                if id != "config" && !uses.contains(&id) {
+                    // Present (so it is not propagated visible), parsed the same, not shown.
+                    sc = sc.arg(a.clone().hide(true));
+                }
+            }
+            sc
+        });
+    }
+    cmd
+}
+
+/// Parses the process's command line (exits with clap's usage error, code 2, when wrong).
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let matches = command().get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 /// Runs one command.

@@ -2,9 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use taskmill_common::logging;
-use taskmill_producer::Cli;
 
 /// mimalloc: batches are many small allocations (JSON values), where it is much faster than
 /// the system allocator.
@@ -12,11 +10,11 @@ use taskmill_producer::Cli;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    taskmill_common::run_binary("producer", async_main)
+    taskmill_common::run_binary("producer", &taskmill_producer::command(), async_main)
 }
 
 async fn async_main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = taskmill_producer::parse();
     logging::init(cli.log_format, "warn,lapin=off");
     match taskmill_producer::run(cli).await {
         Ok(code) => code,

@@ -74,6 +74,11 @@ fn compose_file_has_the_services_and_their_order() {
     )
     .unwrap();
     assert_eq!(defs["users"][0]["name"], "taskmill");
+    // The `producer queues` / `workers` views in the image need the management API.
+    assert!(worker["environment"]["RABBITMQ_API_URL"]
+        .as_str()
+        .unwrap()
+        .contains("@rabbitmq:15672/api"));
     let url = worker["environment"]["AMQP_URL"].as_str().unwrap();
     assert!(url.starts_with("amqp://taskmill:taskmill@rabbitmq:5672/"));
 }
@@ -196,6 +201,13 @@ fn the_dashboard_shows_every_metric() {
 #[test]
 fn the_example_config_file_is_valid() {
     let path = root().join("deploy/taskmill.toml");
-    let settings = taskmill_common::config::read_config(&path).unwrap();
-    assert!(settings.iter().any(|(env, _)| *env == "AMQP_URL"));
+    use clap::CommandFactory;
+    for (binary, cmd) in [
+        ("worker", taskmill_worker::WorkerArgs::command()),
+        ("producer", taskmill_producer::command()),
+    ] {
+        let settings = taskmill_common::config::settings_of(&cmd);
+        let got = taskmill_common::config::read_config(&path, binary, &settings).unwrap();
+        assert!(got.iter().any(|(env, _)| *env == "AMQP_URL"), "{binary}");
+    }
 }

@@ -105,7 +105,13 @@ pub struct WorkerArgs {
     pub retry: RetryPolicy,
 
     /// Log format on stderr (`RUST_LOG` sets the filter).
-    #[arg(long, env = "TASKMILL_LOG_FORMAT", value_enum, default_value_t)]
+    #[arg(
+        long,
+        env = "TASKMILL_LOG_FORMAT",
+        value_enum,
+        default_value_t,
+        help_heading = "Output"
+    )]
     pub log_format: LogFormat,
 }
 

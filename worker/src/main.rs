@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    taskmill_common::run_binary("worker", async_main)
+    use clap::CommandFactory;
+    taskmill_common::run_binary("worker", &WorkerArgs::command(), async_main)
 }
 
 async fn async_main() -> ExitCode {

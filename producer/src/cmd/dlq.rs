@@ -45,7 +45,8 @@ pub struct DlqArgs {
 /// The `dlq` subcommands.
 #[derive(Subcommand, Debug, Clone)]
 pub enum DlqAction {
-    /// One line a dead letter: job, batch, task, error kind, error, attempts, time.
+    /// One line a dead letter: JOB:BATCH, task, error kind, attempts, time, error (with
+    /// --json: job, batch, task, kind, error, attempts, at_ms, queue).
     List {
         /// Only this job's.
         #[arg(long)]
@@ -54,7 +55,8 @@ pub enum DlqAction {
         #[arg(long)]
         json: bool,
     },
-    /// One dead letter with its headers and records.
+    /// One dead letter as JSON: job, batch, task, kind, error, attempts, at_ms, queue, params
+    /// and records.
     Show {
         /// The batch, as `JOB:BATCH` (its message id).
         id: String,
