@@ -216,6 +216,12 @@ async fn forged_messages_leave_jobs_unchanged() {
         .map(|m| header_str(&m.delivery.properties, HEADER_ERROR_KIND).unwrap())
         .collect();
     kinds.sort();
+    // One attempt header (`x-taskmill-attempt`), never a second spelling of it.
+    for m in &dead {
+        let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+        assert!(headers.inner().contains_key("x-taskmill-attempt"));
+        assert!(!headers.inner().contains_key("x-taskmill-attempts"));
+    }
     assert_eq!(
         kinds,
         [
@@ -638,4 +644,77 @@ async fn retries_use_a_fixed_set_of_delay_queues() {
     w.stop().await.unwrap();
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
+}
+
+/// Item 18: on a terminal, `enqueue --wait` draws a progress bar that never shows a total of 0
+/// while publishing, and the final status starts on a line of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_progress_bar_leaves_the_final_status_on_its_own_lines() {
+    let t = TestNs::new();
+    let w = t.spawn_worker(t.worker_args());
+    let file = write_jsonl(sample::posts(2000));
+    let cmd = format!(
+        "{} enqueue --file {} --batch-size 2 --wait --timeout 60",
+        bin_path("producer").display(),
+        file.display()
+    );
+    // `script` runs the producer on a pseudo-terminal, as a person would.
+    let ns = t.ns.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env("TASKMILL_NAMESPACE", &ns)
+            .env("TERM", "xterm-256color")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(" batches"), "no progress bar drawn: {text:?}");
+    // What a line shows: the text after its last carriage return, without escape sequences.
+    let visible = |line: &str| -> String {
+        let last = line
+            .trim_end_matches('\r')
+            .rsplit('\r')
+            .next()
+            .unwrap_or("");
+        let mut out = String::new();
+        let mut chars = last.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for d in chars.by_ref() {
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    let status_line = text
+        .split('\n')
+        .map(visible)
+        .find(|l| l.contains(": completed"))
+        .unwrap_or_else(|| panic!("no final status: {text:?}"));
+    assert!(status_line.starts_with("job "), "{status_line:?}");
+    let zero_total = regex_lite_zero_total(&text);
+    assert!(!zero_total, "a bar with a total of 0: {text:?}");
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
+
+/// Whether the text shows `N/0 batches` with N > 0.
+fn regex_lite_zero_total(text: &str) -> bool {
+    text.match_indices("/0 batches").any(|(i, _)| {
+        text[..i]
+            .chars()
+            .rev()
+            .take_while(char::is_ascii_digit)
+            .any(|c| c != '0')
+    })
 }
