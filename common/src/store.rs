@@ -22,6 +22,7 @@ pub const NUMERIC_FIELDS: &[&str] = &[
     "ttl",
     "batches_total",
     "batches_published",
+    "batches_reserved",
     "batches_done",
     "batches_dead",
     "records_total",
@@ -69,11 +70,20 @@ local function expire_all(job, fallback)
   for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
 end
 -- The batch numbers a job can have: below batches_total once publishing ended, else below
--- batches_published (which the producer raises before it publishes). nil: no such job.
+-- batches_reserved (which the producer raises, ahead, before it publishes). nil: no such job.
 local function batch_limit(job)
-  local f = redis.call('HMGET', job, 'state', 'batches_total', 'batches_published')
+  local f = redis.call('HMGET', job, 'state', 'batches_total', 'batches_reserved',
+    'batches_published')
   if not f[1] then return nil end
-  return tonumber(f[2] or f[3] or '0')
+  return tonumber(f[2] or f[3] or f[4] or '0')
+end
+-- A batch counted done or dead was published: batches_published is never below them.
+local function published_at_least(job)
+  local f = redis.call('HMGET', job, 'batches_done', 'batches_dead', 'batches_published')
+  local settled = tonumber(f[1] or '0') + tonumber(f[2] or '0')
+  if settled > tonumber(f[3] or '0') then
+    redis.call('HSET', job, 'batches_published', settled)
+  end
 end
 "#;
 
@@ -139,6 +149,7 @@ if batches > 0 then
   if redis.call('HGET', KEYS[1], 'state') == 'pending' then
     redis.call('HSET', KEYS[1], 'state', 'running')
   end
+  published_at_least(KEYS[1])
   finish(KEYS[1], now)
   expire_all(KEYS[1], ttl)
 end
@@ -156,6 +167,7 @@ if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
 if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[1], 'batches_dead', 1)
 redis.call('HSETNX', KEYS[1], 'started_ms', ARGV[3])
+published_at_least(KEYS[1])
 finish(KEYS[1], ARGV[3])
 expire_all(KEYS[1], ARGV[4])
 return 1
@@ -171,12 +183,12 @@ redis.call('HINCRBY', KEYS[1], 'retries', 1)
 return 1
 "#;
 
-/// Lua: raise batches_published (never lowers it) of an existing job. KEYS: job. ARGV: n.
-const SET_PUBLISHED_LUA: &str = r#"
-local cur = redis.call('HGET', KEYS[1], 'batches_published')
-if not cur then return 0 end
-if tonumber(ARGV[1]) > tonumber(cur) then
-  redis.call('HSET', KEYS[1], 'batches_published', ARGV[1])
+/// Lua: raise a counter of an existing job (never lowers it). KEYS: job. ARGV: field, n.
+const RAISE_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > cur then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
 return 1
 "#;
@@ -402,7 +414,7 @@ struct Scripts {
     finish_publishing: redis::Script,
     register: redis::Script,
     add_retry: redis::Script,
-    set_published: redis::Script,
+    raise: redis::Script,
 }
 
 impl Scripts {
@@ -414,7 +426,7 @@ impl Scripts {
             finish_publishing: with_finish(FINISH_PUBLISHING_LUA),
             register: redis::Script::new(REGISTER_LUA),
             add_retry: with_finish(ADD_RETRY_LUA),
-            set_published: redis::Script::new(SET_PUBLISHED_LUA),
+            raise: redis::Script::new(RAISE_LUA),
         }
     }
 }
@@ -477,7 +489,7 @@ impl Store {
             &self.scripts.finish_publishing,
             &self.scripts.register,
             &self.scripts.add_retry,
-            &self.scripts.set_published,
+            &self.scripts.raise,
         ] {
             s.load_async(&mut con).await.map_err(|e| self.err(e))?;
         }
@@ -520,14 +532,26 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// Raises `batches_published` to `batches`: called before those batches go to the broker,
-    /// so it is never behind what workers see, and workers refuse batch numbers above it.
+    /// Raises `batches_published` to `batches` (the batches confirmed so far; the workers also
+    /// keep it at least `batches_done + batches_dead`, so it is never behind them).
     pub async fn set_published(&self, job: &str, batches: u64) -> Result<(), StoreError> {
+        self.raise(job, "batches_published", batches).await
+    }
+
+    /// Raises `batches_reserved` to `batches`: the producer reserves batch numbers, ahead,
+    /// before it publishes them; while a job is publishing, workers refuse batch numbers at or
+    /// above it (afterwards, at or above `batches_total`).
+    pub async fn reserve_batches(&self, job: &str, batches: u64) -> Result<(), StoreError> {
+        self.raise(job, "batches_reserved", batches).await
+    }
+
+    async fn raise(&self, job: &str, field: &str, n: u64) -> Result<(), StoreError> {
         let mut con = self.con.clone();
         self.scripts
-            .set_published
+            .raise
             .key(self.keys.job(job))
-            .arg(batches)
+            .arg(field)
+            .arg(n)
             .invoke_async::<i64>(&mut con)
             .await
             .map(|_| ())

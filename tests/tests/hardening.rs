@@ -245,7 +245,7 @@ async fn forged_messages_leave_jobs_unchanged() {
         })
         .await
         .unwrap();
-    store.set_published(open, 2).await.unwrap();
+    store.reserve_batches(open, 2).await.unwrap();
     for batch in [5, 1] {
         let (body, props) = send(envelope(open, batch, "post-stats", records.clone()));
         publish_raw(&ch, &names.work_exchange(), "tasks", &body, props).await;
@@ -322,7 +322,7 @@ async fn headers_are_bounded_and_replay_skips_what_it_cannot_route() {
         })
         .await
         .unwrap();
-    store.set_published(job, 1).await.unwrap();
+    store.reserve_batches(job, 1).await.unwrap();
     let env = envelope(job, 0, &"t".repeat(7 * 1024 * 1024), vec![json!(1)]);
     let (_c, ch) = raw_channel().await;
     // The topology exists once the worker consumes.

@@ -239,15 +239,24 @@ fn validate(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Batch numbers reserved at a time, ahead of publishing: one Redis round trip per this many
+/// batches instead of one per group (a round trip in the publishing path cost a sixth of
+/// the throughput). While a job publishes, a forged batch number can fall at most this far
+/// above the batches really published.
+const RESERVE_AHEAD: u64 = 1024;
+
 /// Where prepared batches go: the job is registered when its first batch is ready (so an
-/// input with no record registers nothing), and `batches_published` is raised before each
-/// group goes to the broker (workers refuse batch numbers above it).
+/// input with no record registers nothing); batch numbers are reserved in Redis before they
+/// are published (workers refuse numbers above the reservation); `batches_published` follows
+/// the confirms, written beside the publishing by a task of its own.
 struct Outlet<'a, F: FnOnce(&str)> {
     store: &'a Store,
     publisher: Publisher,
     job: &'a str,
     new_job: NewJob<'a>,
     on_registered: Option<F>,
+    reserved: u64,
+    published: Option<tokio::sync::watch::Sender<u64>>,
 }
 
 impl<F: FnOnce(&str)> Outlet<'_, F> {
@@ -258,10 +267,34 @@ impl<F: FnOnce(&str)> Outlet<'_, F> {
         if let Some(f) = self.on_registered.take() {
             self.store.register_job(&self.new_job).await?;
             f(self.job);
+            self.published = Some(spawn_published_writer(self.store.clone(), self.job));
         }
-        self.store.set_published(self.job, batches_so_far).await?;
-        self.publisher.publish_many(ready).await
+        if batches_so_far > self.reserved {
+            self.reserved = batches_so_far + RESERVE_AHEAD;
+            self.store.reserve_batches(self.job, self.reserved).await?;
+        }
+        self.publisher.publish_many(ready).await?;
+        if let Some(tx) = &self.published {
+            let _ = tx.send(self.publisher.confirmed_batches);
+        }
+        Ok(())
     }
+}
+
+/// Writes the latest confirmed count into `batches_published` whenever it changes, off the
+/// publishing path; ends when the sender is dropped.
+fn spawn_published_writer(store: Store, job: &str) -> tokio::sync::watch::Sender<u64> {
+    let (tx, mut rx) = tokio::sync::watch::channel(0u64);
+    let job = job.to_string();
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let n = *rx.borrow_and_update();
+            if let Err(e) = store.set_published(&job, n).await {
+                warn!("recording the batches published: {e}");
+            }
+        }
+    });
+    tx
 }
 
 /// Runs an enqueue: reads every source, registers the job when its first batch is ready and
@@ -310,6 +343,8 @@ pub async fn enqueue(
             params: &params,
         },
         on_registered: Some(on_registered),
+        reserved: 0,
+        published: None,
     };
 
     let problems = ProblemLog::default();
