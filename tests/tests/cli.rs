@@ -295,8 +295,15 @@ fn the_command_line_end_to_end() {
                 .is_some_and(|m| m.starts_with("dead-lettered"))
         })
         .unwrap();
-    assert_eq!(dead_line["fields"]["job"], dead_job.as_str());
-    assert!(dead_line["fields"]["batch"].is_string() || dead_line["fields"]["batch"].is_u64());
+    // The batch's identity comes from its span: job, batch, task and attempt.
+    assert_eq!(dead_line["span"]["job"], dead_job.as_str(), "{dead_line}");
+    assert!(dead_line["span"]["batch"]
+        .as_str()
+        .unwrap()
+        .parse::<u64>()
+        .is_ok());
+    assert_eq!(dead_line["span"]["task"], "chaos");
+    assert_eq!(dead_line["span"]["attempt"], 1);
 
     // Passwords in the environment never show in --help.
     for (bin, args) in [

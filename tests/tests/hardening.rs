@@ -718,3 +718,52 @@ fn regex_lite_zero_total(text: &str) -> bool {
             .any(|c| c != '0')
     })
 }
+
+/// A permanent Redis error (a job's key holding the wrong type) dead-letters that job's
+/// batches as `store_error`, instead of retrying them for ever; other jobs go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_redis_error_dead_letters_instead_of_spinning() {
+    let t = TestNs::new();
+    let names = Names::new(&t.ns);
+    let store = t.store().await;
+    let file = write_jsonl(sample::posts(30));
+    let mut args = EnqueueArgs::new("post-stats");
+    args.files = vec![file.clone()];
+    let broken = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let fine = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    // Someone overwrote the results hash of one job with a string.
+    let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(store.keys().results(&broken))
+        .arg("not a hash")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+
+    let w = t.spawn_worker(t.worker_args());
+    let s = t
+        .wait_finished(&store, &fine, Duration::from_secs(60))
+        .await;
+    assert_eq!(s.state(), "completed");
+    wait_dead(&w.stats, 3).await;
+    assert_eq!(
+        Stats::get(&w.stats.sessions),
+        1,
+        "the worker's session restarted"
+    );
+    let (_c, ch) = raw_channel().await;
+    let dead = drain_queue(&ch, &names.dead_queue()).await;
+    assert_eq!(dead.len(), 3);
+    for m in &dead {
+        let p = &m.delivery.properties;
+        assert_eq!(
+            header_str(p, HEADER_ERROR_KIND).as_deref(),
+            Some("store_error")
+        );
+        assert!(header_str(p, HEADER_ERROR).unwrap().contains("WRONGTYPE"));
+    }
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}

@@ -37,6 +37,8 @@ pub enum DeadKind {
     /// The broker dead-lettered it after too many deliveries without an ack (workers died or
     /// lost their connection while holding it).
     DeliveryLimit,
+    /// Redis refused the batch's result for good (a key of its job holds the wrong type).
+    StoreError,
 }
 
 impl DeadKind {
@@ -53,6 +55,7 @@ impl DeadKind {
             DeadKind::UnknownJob => "unknown_job",
             DeadKind::UnknownBatch => "unknown_batch",
             DeadKind::DeliveryLimit => "delivery_limit",
+            DeadKind::StoreError => "store_error",
         }
     }
 }

@@ -103,6 +103,11 @@ pub(crate) async fn run(
                         break;
                     }
                     Ok(_) => break,
+                    Err(e) if e.refused() => return Err(e.into()),
+                    Err(e) if !e.is_transient() => {
+                        warn!(%job, batch, "Redis refused to count a dead letter: {e}");
+                        break;
+                    }
                     Err(e) => {
                         warn!("counting a dead letter: {e}; trying again in {backoff:?}");
                         tokio::select! {

@@ -42,16 +42,20 @@ impl Default for Health {
 }
 
 impl Health {
-    /// Nothing connected yet; publishes `taskmill_connected` as 0 for both (install the
-    /// recorder first).
+    /// Nothing connected yet.
     pub fn new() -> Self {
-        for to in ["rabbitmq", "redis"] {
-            metrics::gauge!("taskmill_connected", "to" => to).set(0.0);
-        }
         Self {
             rabbitmq: AtomicBool::new(false),
             redis: AtomicBool::new(false),
             consuming: AtomicBool::new(false),
+        }
+    }
+
+    /// Publishes `taskmill_connected` as it stands (once the recorder is installed).
+    pub fn publish(&self) {
+        for (to, up) in [("rabbitmq", &self.rabbitmq), ("redis", &self.redis)] {
+            let up = up.load(Ordering::Relaxed);
+            metrics::gauge!("taskmill_connected", "to" => to).set(f64::from(u8::from(up)));
         }
     }
 

@@ -1,19 +1,21 @@
-//! The sink: where analysed batches are stored, retried or dead-lettered, and then acked.
+//! The sink carries out what [`crate::decide`] decides: it stores results, publishes retries
+//! and dead letters, and acks as the [`AckTracker`] plans. It does I/O only; the policy is in
+//! `decide`, `retry` and `ack`.
 //!
 //! Results are written many at a time (one pipelined round trip of idempotent scripts), and a
 //! batch is acked only after Redis said OK. Retries and dead letters are published with
 //! confirms on a connection of their own, and the original is acked only after the broker
 //! confirmed the copy. Those publishes run beside the storing of results, so that a broker
 //! that blocks publishers (a memory or disk alarm) never stops the worker from storing and
-//! acking, which is what clears the alarm. While Redis is unreachable the sink keeps trying
-//! with backoff and acks nothing.
+//! acking, which is what clears the alarm.
+//!
+//! Redis errors: a transient one (connection trouble, a restarting server) is retried with
+//! backoff while nothing is acked; refused credentials or permissions end the session (the
+//! worker stops); any other error is permanent for the batches of that call (a key of the
+//! job holds the wrong type, say), which are dead-lettered as `store_error` instead of being
+//! retried for ever.
 
-use std::{
-    collections::{BTreeSet, HashSet},
-    future::Future,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashSet, future::Future, sync::Arc, time::Duration};
 
 use futures::{stream::FuturesUnordered, StreamExt};
 use lapin::{
@@ -34,19 +36,19 @@ use taskmill_common::{
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 use crate::{
-    analyse::{BatchId, DeadKind, Outcome},
+    ack::AckTracker,
+    analyse::{DeadKind, Outcome},
+    decide::{self, Action},
+    pool::Processed,
     retry::RetryPolicy,
-    Processed, Stats,
+    Stats,
 };
 
 /// Most batches stored in one Redis round trip.
 const MAX_GROUP: usize = 256;
-
-/// Per consuming channel, the delivery tags handed out and not yet acked or nacked.
-pub(crate) type Unacked = Arc<Vec<std::sync::Mutex<BTreeSet<u64>>>>;
 
 /// What the sink and its retry and dead-letter publishes share.
 pub(crate) struct Sink {
@@ -54,7 +56,7 @@ pub(crate) struct Sink {
     /// Confirm-mode channel for retries and dead letters, on the publishing connection.
     pub(crate) channel: Channel,
     /// Outstanding delivery tags of each consuming channel.
-    pub(crate) unacked: Unacked,
+    pub(crate) tracker: Arc<std::sync::Mutex<AckTracker>>,
     pub(crate) names: Names,
     pub(crate) policy: RetryPolicy,
     pub(crate) stats: Arc<Stats>,
@@ -64,6 +66,13 @@ pub(crate) struct Sink {
     pub(crate) hard_stop: CancellationToken,
     /// Delay queues declared in this session.
     pub(crate) declared: tokio::sync::Mutex<HashSet<String>>,
+}
+
+/// How a Redis call ended, once transient errors were retried away.
+enum Stored<T> {
+    Ok(T),
+    /// A permanent error for this call's batches.
+    Failed(StoreError),
 }
 
 impl Sink {
@@ -85,8 +94,8 @@ impl Sink {
                                 Err(_) => break,
                             }
                         }
-                        for p in sink.store_done(group).await? {
-                            others.push(Arc::clone(&sink).handle_other(p));
+                        for (p, action) in sink.store_done(group).await? {
+                            others.push(Arc::clone(&sink).carry_out(p, action));
                         }
                     }
                     None => open = false,
@@ -96,79 +105,58 @@ impl Sink {
         Ok(())
     }
 
-    /// Stores and acks the batches whose task ran; returns the rest (failures, and batches
-    /// the store refused because their job or batch number is unknown).
-    async fn store_done(&self, group: Vec<Processed>) -> anyhow::Result<Vec<Processed>> {
+    /// Stores and acks the batches whose task ran; returns the rest with their action
+    /// (failures, and batches the store refused or could not take).
+    async fn store_done(&self, group: Vec<Processed>) -> anyhow::Result<Vec<(Processed, Action)>> {
         let mut done = Vec::new();
-        let mut batches = Vec::new();
         let mut others = Vec::new();
         for p in group {
-            match &p.analysed {
-                Some((
-                    BatchId {
-                        job: Some(job),
-                        batch: Some(batch),
-                        ..
-                    },
-                    Outcome::Done(out),
-                )) => {
-                    batches.push(DoneBatch {
-                        job: job.clone(),
-                        batch: *batch,
-                        result: out.result.to_string(),
-                        records_done: out.records_done,
-                        records_invalid: out.records_invalid,
-                    });
-                    done.push(p);
-                }
-                _ => others.push(p),
+            match decide::decide(p.analysed.as_ref(), p.attempt, &self.policy) {
+                Action::Store => done.push(p),
+                action => others.push((p, action)),
             }
         }
         if done.is_empty() {
             return Ok(others);
         }
-        let store = self.store.clone();
-        let recorded = self
-            .redis("storing results", || store.record_done_many(&batches))
-            .await?;
+        // Jobs are stored together; when that fails for good, each job alone, so that one
+        // job's broken keys cost only its own batches.
+        let batches: Vec<DoneBatch> = done.iter().filter_map(done_batch).collect();
+        let recorded: Vec<Result<Recorded, String>> = match self
+            .redis("storing results", || self.store.record_done_many(&batches))
+            .await?
+        {
+            Stored::Ok(r) => r.into_iter().map(Ok).collect(),
+            Stored::Failed(_) => self.store_each_job(&batches).await?,
+        };
         let now = now_ms();
         let mut latencies = Vec::with_capacity(done.len());
         let mut acks = Vec::with_capacity(done.len());
-        for ((b, rec), mut p) in batches.iter().zip(recorded).zip(done) {
-            let label = label(&p);
+        for ((b, rec), p) in batches.iter().zip(recorded).zip(done) {
+            let label = p.label();
             match rec {
-                Recorded::Stored => {
-                    if let Some(created) = p.analysed.as_ref().and_then(|a| a.0.created_ms) {
-                        let ms = now.saturating_sub(created);
+                Ok(Recorded::Stored) => {
+                    if let Some(ms) = p.analysed.as_ref().and_then(|a| a.0.created_ms) {
+                        let ms = now.saturating_sub(ms);
                         latencies.push(ms);
                         metrics::histogram!("taskmill_batch_latency_seconds", "task" => label)
                             .record(ms as f64 / 1000.0);
                     }
-                    metrics::counter!("taskmill_batches_total", "task" => label, "outcome" => "done")
-                        .increment(1);
-                    metrics::counter!("taskmill_records_total", "task" => label, "outcome" => "done")
-                        .increment(b.records_done);
-                    if b.records_invalid > 0 {
-                        metrics::counter!("taskmill_records_total", "task" => label, "outcome" => "invalid")
-                            .increment(b.records_invalid);
-                    }
+                    count_done(label, b);
                     Stats::add(&self.stats.batches_done, 1);
                     Stats::add(&self.stats.records_done, b.records_done);
                     acks.push(p);
                 }
-                Recorded::Duplicate => {
+                Ok(Recorded::Duplicate) => {
                     Stats::add(&self.stats.batches_duplicate, 1);
-                    debug!(job = %b.job, batch = b.batch, task = label, attempt = p.attempt,
-                        "already stored: a redelivery");
+                    debug!(job = %b.job, batch = b.batch, "already stored: a redelivery");
                     acks.push(p);
                 }
-                Recorded::UnknownJob | Recorded::UnknownBatch => {
-                    let (kind, why) = refusal(rec, &b.job, b.batch);
-                    if let Some((_, outcome)) = p.analysed.as_mut() {
-                        *outcome = Outcome::Dead(kind, why);
-                    }
-                    others.push(p);
+                Ok(rec) => {
+                    let action = decide::refused(rec, &b.job, b.batch).unwrap_or(Action::GiveBack);
+                    others.push((p, action));
                 }
+                Err(e) => others.push((p, store_failed(&e))),
             }
         }
         self.stats.record_latencies(latencies.into_iter());
@@ -176,42 +164,64 @@ impl Sink {
         Ok(others)
     }
 
-    /// Acks a group of stored batches: on each channel, one multiple-ack up to the highest tag
-    /// below which nothing else is outstanding, single acks for the rest.
+    /// Stores each job's batches with a call of its own; a permanent error fails that job's.
+    async fn store_each_job(
+        &self,
+        batches: &[DoneBatch],
+    ) -> anyhow::Result<Vec<Result<Recorded, String>>> {
+        let mut out: Vec<Result<Recorded, String>> = vec![Err(String::new()); batches.len()];
+        let mut jobs: Vec<&str> = batches.iter().map(|b| b.job.as_str()).collect();
+        jobs.dedup();
+        jobs.sort_unstable();
+        jobs.dedup();
+        for job in jobs {
+            let idx: Vec<usize> = (0..batches.len())
+                .filter(|&i| batches[i].job == job)
+                .collect();
+            let part: Vec<DoneBatch> = idx.iter().map(|&i| batches[i].clone()).collect();
+            match self
+                .redis("storing results", || self.store.record_done_many(&part))
+                .await?
+            {
+                Stored::Ok(recs) => {
+                    for (&i, r) in idx.iter().zip(recs) {
+                        out[i] = Ok(r);
+                    }
+                }
+                Stored::Failed(e) => {
+                    warn!(job, "Redis refused the results of this job: {e}");
+                    for &i in &idx {
+                        out[i] = Err(e.to_string());
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Acks a group of stored batches, one multiple-ack a channel where the tracker allows.
     async fn ack_group(&self, group: &[Processed]) -> anyhow::Result<()> {
         metrics::gauge!("taskmill_batches_in_flight").decrement(group.len() as f64);
         let mut by_chan: std::collections::BTreeMap<usize, Vec<&Processed>> = Default::default();
         for p in group {
             by_chan.entry(p.chan).or_default().push(p);
         }
-        for (chan, mut items) in by_chan {
-            items.sort_by_key(|p| p.delivery.delivery_tag);
-            let cut = match self.unacked.get(chan) {
-                Some(set) => {
-                    let mut set = set.lock().unwrap_or_else(|e| e.into_inner());
-                    for p in &items {
-                        set.remove(&p.delivery.delivery_tag);
-                    }
-                    // The smallest tag still outstanding that is not in this group.
-                    set.first().copied().unwrap_or(u64::MAX)
-                }
-                None => 0,
-            };
-            let below = items
-                .iter()
-                .take_while(|p| p.delivery.delivery_tag < cut)
-                .count();
-            if below > 0 {
-                items[below - 1]
-                    .delivery
+        for (chan, items) in by_chan {
+            let tags = items.iter().map(|p| p.delivery.delivery_tag).collect();
+            let plan = self
+                .tracker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .settle(chan, tags);
+            let by_tag = |tag: u64| items.iter().find(|p| p.delivery.delivery_tag == tag);
+            if let Some(p) = plan.multiple_up_to.and_then(by_tag) {
+                p.delivery
                     .acker
-                    .ack(BasicAckOptions {
-                        multiple: below > 1,
-                    })
+                    .ack(BasicAckOptions { multiple: true })
                     .await
                     .map_err(|e| anyhow::Error::new(e).context("acking"))?;
             }
-            for p in &items[below..] {
+            for p in plan.singles.into_iter().filter_map(by_tag) {
                 p.delivery
                     .acker
                     .ack(BasicAckOptions::default())
@@ -228,76 +238,82 @@ impl Sink {
         let res = if ack {
             p.delivery.acker.ack(BasicAckOptions::default()).await
         } else {
-            p.delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            p.delivery.acker.nack(requeue).await
         };
-        if let Some(set) = self.unacked.get(p.chan) {
-            set.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&p.delivery.delivery_tag);
-        }
+        self.tracker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget(p.chan, p.delivery.delivery_tag);
         metrics::gauge!("taskmill_batches_in_flight").decrement(1.0);
         res.map(|_| ())
             .map_err(|e| anyhow::Error::new(e).context(if ack { "acking" } else { "nacking" }))
     }
 
-    /// Retries Redis calls with backoff until they succeed or the hard stop comes.
-    async fn redis<T, F, Fut>(&self, what: &str, mut f: F) -> anyhow::Result<T>
+    /// Runs a Redis call: transient errors are retried with backoff until the hard stop;
+    /// refused credentials end the session (Err); other errors are returned as permanent.
+    async fn redis<T, F, Fut>(&self, what: &str, mut f: F) -> anyhow::Result<Stored<T>>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match f().await {
+            let e = match f().await {
                 Ok(v) => {
                     self.health.set_redis(true);
-                    return Ok(v);
+                    return Ok(Stored::Ok(v));
                 }
-                Err(e) => {
-                    Stats::add(&self.stats.store_errors, 1);
-                    self.health.set_redis(false);
-                    warn!("{what}: {e}; trying again in {backoff:?}");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = self.hard_stop.cancelled() => {
-                            anyhow::bail!("stopped while {what}: {e}");
-                        }
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
+                Err(e) => e,
+            };
+            Stats::add(&self.stats.store_errors, 1);
+            if e.refused() {
+                self.health.set_redis(false);
+                return Err(anyhow::Error::new(e).context(format!("{what}: Redis refused")));
             }
+            if !e.is_transient() {
+                return Ok(Stored::Failed(e));
+            }
+            self.health.set_redis(false);
+            warn!("{what}: {e}; trying again in {backoff:?}");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.hard_stop.cancelled() => anyhow::bail!("stopped while {what}: {e}"),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
-    /// A batch that was not stored: retry it, dead-letter it, or give it back.
-    async fn handle_other(self: Arc<Self>, p: Processed) -> anyhow::Result<()> {
-        let Some((id, outcome)) = p.analysed.clone() else {
-            warn!("analysis thread lost a batch; giving it back to the queue");
-            return self.settle_one(&p, false).await;
+    /// Carries out the action for a batch that was not stored, in a span that names it.
+    async fn carry_out(self: Arc<Self>, p: Processed, action: Action) -> anyhow::Result<()> {
+        let (job, batch, task) = match &p.analysed {
+            Some((id, _)) => (
+                id.job.clone().unwrap_or_else(|| "-".into()),
+                id.batch.map_or_else(|| "-".into(), |b| b.to_string()),
+                id.task.clone().unwrap_or_else(|| "-".into()),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
         };
-        match outcome {
-            Outcome::Retry(error) => {
-                let policy = self.policy.for_params(&id.params);
-                if policy.may_retry(p.attempt) {
-                    self.retry(&p, &id, &policy, &error).await
-                } else {
-                    let error = format!("{error} (gave up after {} attempts)", p.attempt);
-                    self.dead(&p, &id, DeadKind::RetriesExhausted, &error).await
+        let span = tracing::info_span!("batch", %job, %batch, %task, attempt = p.attempt);
+        async move {
+            match action {
+                Action::GiveBack => {
+                    warn!("the analysis thread lost the batch; giving it back to the queue");
+                    self.settle_one(&p, false).await
+                }
+                Action::Retry { delay_ms } => self.retry(&p, delay_ms).await,
+                Action::Dead { kind, error } => self.dead(&p, kind, &error).await,
+                Action::Store => {
+                    self.dead(&p, DeadKind::UnknownJob, "batch without identity")
+                        .await
                 }
             }
-            Outcome::Dead(kind, error) => self.dead(&p, &id, kind, &error).await,
-            Outcome::Done(_) => {
-                // A Done without job or batch cannot come out of a decoded envelope.
-                self.dead(&p, &id, DeadKind::UnknownJob, "batch without identity")
-                    .await
-            }
         }
+        .instrument(span)
+        .await
     }
 
     /// Publishes with mandatory and waits for the confirm; true when the broker took it.
@@ -308,156 +324,136 @@ impl Sink {
         body: &[u8],
         props: lapin::BasicProperties,
     ) -> anyhow::Result<bool> {
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
         let confirm = self
             .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                props,
-            )
+            .basic_publish(exchange.into(), routing_key.into(), options, body, props)
             .await?
             .await?;
         Ok(confirm.is_ack() && confirm.take_message().is_none())
     }
 
-    async fn retry(
-        &self,
-        p: &Processed,
-        id: &BatchId,
-        policy: &RetryPolicy,
-        error: &str,
-    ) -> anyhow::Result<()> {
-        let (Some(job), Some(batch)) = (id.job.clone(), id.batch) else {
+    async fn retry(&self, p: &Processed, delay_ms: u64) -> anyhow::Result<()> {
+        let Some((job, batch)) = identity(p) else {
             return self
-                .dead(p, id, DeadKind::UnknownJob, "batch without identity")
+                .dead(p, DeadKind::UnknownJob, "batch without identity")
                 .await;
         };
         // A batch of no known job (or outside it) is not retried: it would only come back.
-        let store = self.store.clone();
-        let counted = self
-            .redis("counting a retry", || store.add_retry(&job, batch))
-            .await?;
-        if matches!(counted, Recorded::UnknownJob | Recorded::UnknownBatch) {
-            let (kind, why) = refusal(counted, &job, batch);
-            return self.dead(p, id, kind, &why).await;
+        let counted = match self
+            .redis("counting a retry", || self.store.add_retry(&job, batch))
+            .await?
+        {
+            Stored::Ok(rec) => rec,
+            Stored::Failed(e) => return self.dead(p, DeadKind::StoreError, &e.to_string()).await,
+        };
+        if let Some(Action::Dead { kind, error }) = decide::refused(counted, &job, batch) {
+            return self.dead(p, kind, &error).await;
         }
-        let delay = policy.delay_ms(p.attempt, &job, batch);
-        let name = self.names.delay_queue(&p.queue, delay);
+        let name = self.names.delay_queue(&p.queue, delay_ms);
         {
             let mut declared = self.declared.lock().await;
             if !declared.contains(&name) {
-                topology::declare_delay_queue(&self.channel, &self.names, &p.queue, delay).await?;
+                topology::declare_delay_queue(&self.channel, &self.names, &p.queue, delay_ms)
+                    .await?;
                 declared.insert(name.clone());
             }
         }
-        let props = with_extra_headers(
-            &p.delivery.properties,
-            [(
-                HEADER_ATTEMPT,
-                AMQPValue::LongLongInt(i64::from(p.attempt) + 1),
-            )],
-        );
-        let task = label(p);
+        let attempt = AMQPValue::LongLongInt(i64::from(p.attempt) + 1);
+        let props = with_extra_headers(&p.delivery.properties, [(HEADER_ATTEMPT, attempt)]);
         if !self.publish_confirmed("", &name, &p.body, props).await? {
-            warn!(%job, batch, task, attempt = p.attempt,
-                "the broker refused a retry copy; the batch goes back to the queue");
+            warn!("the broker refused a retry copy; the batch goes back to the queue");
             return self.settle_one(p, false).await;
         }
         Stats::add(&self.stats.batches_retried, 1);
-        metrics::counter!("taskmill_batches_total", "task" => task, "outcome" => "retried")
+        metrics::counter!("taskmill_batches_total", "task" => p.label(), "outcome" => "retried")
             .increment(1);
-        warn!(%job, batch, task, attempt = p.attempt, delay_ms = delay,
-            "transient failure, retrying: {}", bounded(error, MAX_HEADER_TEXT));
+        let error = match &p.analysed {
+            Some((_, Outcome::Retry(e))) => bounded(e, MAX_HEADER_TEXT).into_owned(),
+            _ => String::new(),
+        };
+        warn!(delay_ms, "transient failure, retrying: {error}");
         self.settle_one(p, true).await
     }
 
-    async fn dead(
-        &self,
-        p: &Processed,
-        id: &BatchId,
-        kind: DeadKind,
-        error: &str,
-    ) -> anyhow::Result<()> {
+    async fn dead(&self, p: &Processed, kind: DeadKind, error: &str) -> anyhow::Result<()> {
         let at = now_ms();
         let original = self.names.queue(&p.queue);
         let error = bounded(error, MAX_HEADER_TEXT);
         let text = |s: &str| AMQPValue::LongString(LongString::from(s.to_string()));
-        let props = with_extra_headers(
-            &p.delivery.properties,
-            [
-                (HEADER_ERROR, text(&error)),
-                (HEADER_ERROR_KIND, text(kind.as_str())),
-                (HEADER_ATTEMPT, AMQPValue::LongLongInt(i64::from(p.attempt))),
-                (HEADER_ORIGINAL_QUEUE, text(&original)),
-                (HEADER_DEAD_AT, AMQPValue::LongLongInt(at as i64)),
-            ],
-        );
-        let job = id.job.as_deref().unwrap_or("-");
-        let batch = id.batch.map_or_else(|| "-".to_string(), |b| b.to_string());
-        let task = id.task.as_deref().unwrap_or("-");
+        let headers = [
+            (HEADER_ERROR, text(&error)),
+            (HEADER_ERROR_KIND, text(kind.as_str())),
+            (HEADER_ATTEMPT, AMQPValue::LongLongInt(i64::from(p.attempt))),
+            (HEADER_ORIGINAL_QUEUE, text(&original)),
+            (HEADER_DEAD_AT, AMQPValue::LongLongInt(at as i64)),
+        ];
+        let props = with_extra_headers(&p.delivery.properties, headers);
+        let dlx = self.names.dead_exchange();
         if !self
-            .publish_confirmed(&self.names.dead_exchange(), &original, &p.body, props)
+            .publish_confirmed(&dlx, &original, &p.body, props)
             .await?
         {
-            warn!(
-                job,
-                batch,
-                task,
-                attempt = p.attempt,
-                "the broker refused a dead letter; the batch goes back to the queue"
-            );
+            warn!("the broker refused a dead letter; the batch goes back to the queue");
             return self.settle_one(p, false).await;
         }
-        if let (Some(job), Some(batch)) = (&id.job, id.batch) {
+        if let Some((job, batch)) = identity(p) {
             let reason = json!({
-                "kind": kind.as_str(),
-                "error": error,
-                "attempts": p.attempt,
-                "queue": original,
-                "at_ms": at,
+                "kind": kind.as_str(), "error": error, "attempts": p.attempt,
+                "queue": original, "at_ms": at,
             });
-            let store = self.store.clone();
-            self.redis("marking a batch dead", || {
-                store.record_dead(job, batch, &reason)
-            })
-            .await?;
+            let marked = self.redis("marking a batch dead", || {
+                self.store.record_dead(&job, batch, &reason)
+            });
+            if let Stored::Failed(e) = marked.await? {
+                warn!("Redis refused to mark the batch dead (it stays a dead letter): {e}");
+            }
         }
         Stats::add(&self.stats.batches_dead, 1);
-        metrics::counter!("taskmill_batches_total", "task" => label(p), "outcome" => "dead")
+        metrics::counter!("taskmill_batches_total", "task" => p.label(), "outcome" => "dead")
             .increment(1);
-        warn!(
-            job,
-            batch,
-            task,
-            attempt = p.attempt,
-            kind = kind.as_str(),
-            "dead-lettered: {error}"
-        );
+        warn!(kind = kind.as_str(), "dead-lettered: {error}");
         self.settle_one(p, true).await
     }
 }
 
-/// Why the store refused a batch, as a dead-letter kind and text.
-fn refusal(rec: Recorded, job: &str, batch: u64) -> (DeadKind, String) {
-    if rec == Recorded::UnknownJob {
-        (
-            DeadKind::UnknownJob,
-            format!("no job {job:?} in this namespace (never registered, or expired)"),
-        )
-    } else {
-        (
-            DeadKind::UnknownBatch,
-            format!("job {job:?} never published a batch {batch}"),
-        )
+/// The job and batch of an analysed batch, when it names them.
+fn identity(p: &Processed) -> Option<(String, u64)> {
+    let (id, _) = p.analysed.as_ref()?;
+    Some((id.job.clone()?, id.batch?))
+}
+
+/// What to store of a batch whose task ran.
+fn done_batch(p: &Processed) -> Option<DoneBatch> {
+    match &p.analysed {
+        Some((id, Outcome::Done(out))) => Some(DoneBatch {
+            job: id.job.clone()?,
+            batch: id.batch?,
+            result: out.result.to_string(),
+            records_done: out.records_done,
+            records_invalid: out.records_invalid,
+        }),
+        _ => None,
     }
 }
 
-/// The `task` label of a batch: a task this worker knows, else `unknown`.
-fn label(p: &Processed) -> &'static str {
-    p.analysed.as_ref().map_or("unknown", |(id, _)| id.label)
+fn count_done(label: &'static str, b: &DoneBatch) {
+    metrics::counter!("taskmill_batches_total", "task" => label, "outcome" => "done").increment(1);
+    metrics::counter!("taskmill_records_total", "task" => label, "outcome" => "done")
+        .increment(b.records_done);
+    if b.records_invalid > 0 {
+        metrics::counter!("taskmill_records_total", "task" => label, "outcome" => "invalid")
+            .increment(b.records_invalid);
+    }
+}
+
+/// The action for a batch whose result Redis refused for good.
+fn store_failed(error: &str) -> Action {
+    Action::Dead {
+        kind: DeadKind::StoreError,
+        error: format!("Redis refused the result: {error}"),
+    }
 }

@@ -1,0 +1,82 @@
+//! The worker's command line and settings.
+
+use clap::Parser;
+use taskmill_common::{
+    config::ConnArgs, envelope::DEFAULT_MAX_MESSAGE_BYTES, logging::LogFormat, topology,
+};
+
+use crate::retry::RetryPolicy;
+
+/// The worker's command line; every flag has an environment variable behind it.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "worker",
+    version,
+    about = "taskmill worker: consumes batches and analyses them on all cores"
+)]
+pub struct WorkerArgs {
+    /// Broker, Redis and namespace.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+
+    /// Work queue to consume (short name; repeat or separate with commas for several).
+    #[arg(
+        long = "queue",
+        env = "TASKMILL_QUEUES",
+        value_delimiter = ',',
+        default_value = "tasks"
+    )]
+    pub queues: Vec<String>,
+
+    /// Unacknowledged batches each consumer may hold (per-consumer QoS).
+    #[arg(long, env = "TASKMILL_PREFETCH", default_value_t = 64)]
+    pub prefetch: u16,
+
+    /// Analysis threads (rayon); 0 means one per core.
+    #[arg(long, env = "TASKMILL_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
+    /// On SIGTERM/SIGINT, how long to finish the batches in hand before giving the rest back
+    /// to the broker, in seconds.
+    #[arg(long, env = "TASKMILL_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    pub shutdown_timeout: u64,
+
+    /// Serve Prometheus metrics (`/metrics`), `/healthz` and `/readyz` on this address.
+    #[arg(long, env = "TASKMILL_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Messages larger than this are dead-lettered unread, in bytes.
+    #[arg(long, env = "TASKMILL_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+
+    /// Retries of transient failures.
+    #[command(flatten)]
+    pub retry: RetryPolicy,
+
+    /// Log format on stderr (`RUST_LOG` sets the filter).
+    #[arg(
+        long,
+        env = "TASKMILL_LOG_FORMAT",
+        value_enum,
+        default_value_t,
+        help_heading = "Output"
+    )]
+    pub log_format: LogFormat,
+}
+
+impl WorkerArgs {
+    /// Defaults for the local services under namespace `ns` (tests and tools).
+    pub fn local(ns: &str) -> Self {
+        Self {
+            conn: ConnArgs::local(ns),
+            queues: vec![topology::DEFAULT_QUEUE.into()],
+            prefetch: 64,
+            threads: 0,
+            shutdown_timeout: 30,
+            metrics_addr: None,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            retry: RetryPolicy::default(),
+            log_format: LogFormat::Pretty,
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! What to do with an analysed batch: a pure function of its outcome, its attempt and the
+//! retry policy. The sink carries the action out (store, publish, ack); nothing here does I/O.
+
+use taskmill_common::store::Recorded;
+
+use crate::{
+    analyse::{BatchId, DeadKind, Outcome},
+    retry::RetryPolicy,
+};
+
+/// The action for one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Store the result, then ack.
+    Store,
+    /// Publish a copy to the delay queue of this delay, then ack.
+    Retry {
+        /// The delay, one of the tiers.
+        delay_ms: u64,
+    },
+    /// Publish to the dead-letter queue with this kind and text, mark it dead, then ack.
+    Dead {
+        /// Why.
+        kind: DeadKind,
+        /// The error text.
+        error: String,
+    },
+    /// Give it back to the queue unacked (the analysis thread was lost).
+    GiveBack,
+}
+
+/// Decides what becomes of a batch. `analysed` is None when the analysis thread vanished.
+/// The job's `retry_*` params override `policy`.
+pub fn decide(analysed: Option<&(BatchId, Outcome)>, attempt: u32, policy: &RetryPolicy) -> Action {
+    let Some((id, outcome)) = analysed else {
+        return Action::GiveBack;
+    };
+    let identified = id.job.is_some() && id.batch.is_some();
+    match outcome {
+        Outcome::Done(_) if identified => Action::Store,
+        Outcome::Done(_) | Outcome::Retry(_) if !identified => Action::Dead {
+            kind: DeadKind::UnknownJob,
+            error: "batch without identity".into(),
+        },
+        Outcome::Retry(error) => {
+            let policy = policy.for_params(&id.params);
+            if policy.may_retry(attempt) {
+                let job = id.job.as_deref().unwrap_or_default();
+                Action::Retry {
+                    delay_ms: policy.delay_ms(attempt, job, id.batch.unwrap_or(0)),
+                }
+            } else {
+                Action::Dead {
+                    kind: DeadKind::RetriesExhausted,
+                    error: format!("{error} (gave up after {attempt} attempts)"),
+                }
+            }
+        }
+        Outcome::Dead(kind, error) => Action::Dead {
+            kind: *kind,
+            error: error.clone(),
+        },
+        Outcome::Done(_) => Action::Store,
+    }
+}
+
+/// The action for a batch the store refused (its job or batch number is unknown), or `None`
+/// when it was stored or a duplicate.
+pub fn refused(rec: Recorded, job: &str, batch: u64) -> Option<Action> {
+    let (kind, error) = match rec {
+        Recorded::Stored | Recorded::Duplicate => return None,
+        Recorded::UnknownJob => (
+            DeadKind::UnknownJob,
+            format!("no job {job:?} in this namespace (never registered, or expired)"),
+        ),
+        Recorded::UnknownBatch => (
+            DeadKind::UnknownBatch,
+            format!("job {job:?} never published a batch {batch}"),
+        ),
+    };
+    Some(Action::Dead { kind, error })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use taskmill_common::task::TaskOutput;
+
+    fn id() -> BatchId {
+        BatchId {
+            job: Some("j".into()),
+            batch: Some(3),
+            ..BatchId::default()
+        }
+    }
+
+    fn done() -> Outcome {
+        Outcome::Done(TaskOutput {
+            result: json!({}),
+            records_done: 1,
+            records_invalid: 0,
+        })
+    }
+
+    #[test]
+    fn done_batches_are_stored_unless_they_name_no_job() {
+        let p = RetryPolicy::default();
+        assert_eq!(decide(Some(&(id(), done())), 1, &p), Action::Store);
+        let anon = (BatchId::default(), done());
+        assert!(matches!(
+            decide(Some(&anon), 1, &p),
+            Action::Dead {
+                kind: DeadKind::UnknownJob,
+                ..
+            }
+        ));
+        assert_eq!(decide(None, 1, &p), Action::GiveBack);
+    }
+
+    #[test]
+    fn transient_failures_retry_until_the_last_attempt() {
+        let p = RetryPolicy::default();
+        let failed = (id(), Outcome::Retry("boom".into()));
+        let Action::Retry { delay_ms } = decide(Some(&failed), 1, &p) else {
+            panic!()
+        };
+        assert!(taskmill_common::topology::DELAY_TIERS_MS.contains(&delay_ms));
+        let last = decide(Some(&failed), p.max_attempts, &p);
+        let Action::Dead { kind, error } = last else {
+            panic!("{last:?}")
+        };
+        assert_eq!(kind, DeadKind::RetriesExhausted);
+        assert!(error.contains("gave up after 5 attempts"), "{error}");
+    }
+
+    #[test]
+    fn a_jobs_params_override_the_policy() {
+        let mut with = id();
+        with.params.insert("retry_max_attempts".into(), "2".into());
+        let failed = (with, Outcome::Retry("boom".into()));
+        let p = RetryPolicy::default();
+        assert!(matches!(decide(Some(&failed), 1, &p), Action::Retry { .. }));
+        assert!(matches!(decide(Some(&failed), 2, &p), Action::Dead { .. }));
+    }
+
+    #[test]
+    fn permanent_failures_die_at_once_with_their_kind() {
+        let failed = (id(), Outcome::Dead(DeadKind::Panic, "oops".into()));
+        assert_eq!(
+            decide(Some(&failed), 1, &RetryPolicy::default()),
+            Action::Dead {
+                kind: DeadKind::Panic,
+                error: "oops".into()
+            }
+        );
+    }
+
+    #[test]
+    fn refusals_by_the_store() {
+        assert_eq!(refused(Recorded::Stored, "j", 1), None);
+        assert_eq!(refused(Recorded::Duplicate, "j", 1), None);
+        assert!(matches!(
+            refused(Recorded::UnknownBatch, "j", 7),
+            Some(Action::Dead { kind: DeadKind::UnknownBatch, error }) if error.contains("batch 7")
+        ));
+    }
+}

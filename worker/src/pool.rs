@@ -1,0 +1,102 @@
+//! Handing deliveries to the rayon pool and getting their outcomes back by a oneshot: tokio's
+//! threads never decode or analyse.
+
+use std::sync::Arc;
+
+use futures::{future::BoxFuture, FutureExt};
+use lapin::message::Delivery;
+use taskmill_common::{amqp, task::Registry};
+use tokio::sync::oneshot;
+
+use crate::analyse::{analyse, BatchId, Outcome};
+
+/// One analysed delivery on its way to the sink.
+pub(crate) struct Processed {
+    /// The delivery (its body moved into `body`), for its properties and acker.
+    pub(crate) delivery: Delivery,
+    /// The body, kept for retries and dead letters.
+    pub(crate) body: Vec<u8>,
+    /// Attempt number from the header.
+    pub(crate) attempt: u32,
+    /// Index of the consuming channel (for multiple-acks).
+    pub(crate) chan: usize,
+    /// Short name of the work queue it came from.
+    pub(crate) queue: String,
+    /// What the analysis found; None if the analysis thread vanished (requeue).
+    pub(crate) analysed: Option<(BatchId, Outcome)>,
+}
+
+impl Processed {
+    /// The `task` metrics label: a task this worker knows, else `unknown`.
+    pub(crate) fn label(&self) -> &'static str {
+        self.analysed.as_ref().map_or("unknown", |(id, _)| id.label)
+    }
+}
+
+/// A delivery as it arrived: channel index, short queue name, delivery.
+pub(crate) type Arrived = (usize, String, Delivery);
+
+/// The rayon side of the worker.
+#[derive(Clone)]
+pub(crate) struct Analyser {
+    pub(crate) pool: Arc<rayon::ThreadPool>,
+    pub(crate) registry: Registry,
+    pub(crate) max_message_bytes: usize,
+}
+
+impl Analyser {
+    /// Hands a group of deliveries to the rayon pool as one job and returns the future of
+    /// their outcomes. Grouping what arrived together saves a wake-up of the pool per batch
+    /// (small batches take microseconds); inside the group, rayon spreads the batches over
+    /// the threads.
+    pub(crate) fn analyse_group(&self, group: Vec<Arrived>) -> BoxFuture<'static, Vec<Processed>> {
+        let mut inputs = Vec::with_capacity(group.len());
+        let mut metas = Vec::with_capacity(group.len());
+        for (chan, queue, mut delivery) in group {
+            let body = std::mem::take(&mut delivery.data);
+            let attempt = amqp::attempt_of(&delivery.properties);
+            let message_id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string());
+            inputs.push((body, attempt, message_id));
+            metas.push((chan, queue, delivery, attempt));
+        }
+        let registry = self.registry.clone();
+        let max = self.max_message_bytes;
+        let (tx, rx) = oneshot::channel();
+        self.pool.spawn(move || {
+            use rayon::prelude::*;
+            let out: Vec<_> = inputs
+                .into_par_iter()
+                .map(|(body, attempt, message_id)| {
+                    let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        analyse(&registry, &body, message_id.as_deref(), attempt, max)
+                    }))
+                    .ok();
+                    (analysed, body)
+                })
+                .collect();
+            let _ = tx.send(out);
+        });
+        async move {
+            let mut out = rx.await.unwrap_or_default().into_iter();
+            metas
+                .into_iter()
+                .map(|(chan, queue, delivery, attempt)| {
+                    let (analysed, body) = out.next().unwrap_or((None, Vec::new()));
+                    Processed {
+                        delivery,
+                        body,
+                        attempt,
+                        chan,
+                        queue,
+                        analysed,
+                    }
+                })
+                .collect()
+        }
+        .boxed()
+    }
+}

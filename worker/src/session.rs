@@ -1,0 +1,336 @@
+//! One connection's life: connect, declare, consume, hand deliveries to rayon and their
+//! outcomes to the sink, drain on shutdown, close. Reconnecting is the caller's loop.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::{
+    future::BoxFuture,
+    stream::{BoxStream, FuturesUnordered},
+    FutureExt, StreamExt,
+};
+use lapin::{
+    message::Delivery,
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions},
+    types::{FieldTable, ShortString},
+    Channel, Connection,
+};
+use taskmill_common::{amqp, store::Store, topology};
+use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    ack::AckTracker,
+    dead_events,
+    drain::{Drain, Phase},
+    pool::{Arrived, Processed},
+    sink::Sink,
+    Shared,
+};
+
+/// Most deliveries handed to the rayon pool as one job.
+const RAYON_GROUP: usize = 64;
+
+/// A delivery stream item: channel index, short queue name, delivery or error.
+type Incoming = (usize, String, lapin::Result<Delivery>);
+
+/// Everything one session holds.
+struct Session {
+    conn: Connection,
+    publish_conn: Connection,
+    channels: Vec<Channel>,
+    tags: Vec<ShortString>,
+    deliveries: BoxStream<'static, Incoming>,
+    tracker: Arc<std::sync::Mutex<AckTracker>>,
+    events_ch: Channel,
+    events_task: JoinHandle<anyhow::Result<()>>,
+    events_stop: CancellationToken,
+    sink_task: JoinHandle<anyhow::Result<()>>,
+    tx: Option<mpsc::Sender<Processed>>,
+    hard_stop: CancellationToken,
+    drain: Drain,
+}
+
+/// Connects, consumes until shutdown (Ok) or until the connection fails (Err), closes.
+pub(crate) async fn session(
+    shared: &Shared,
+    shutdown: &CancellationToken,
+    backoff: &mut Duration,
+) -> anyhow::Result<()> {
+    let mut s = Session::open(shared).await?;
+    *backoff = Duration::from_millis(200);
+    let result = s.consume(shared, shutdown).await;
+    s.close(result).await
+}
+
+impl Session {
+    async fn open(shared: &Shared) -> anyhow::Result<Self> {
+        let args = &shared.args;
+        let store = Store::connect(
+            &args.conn.redis_url,
+            &args.conn.namespace,
+            args.conn.result_ttl,
+        )
+        .await?;
+        shared.health.set_redis(true);
+        let conn = amqp::connect(&args.conn.amqp_url, "taskmill-worker").await?;
+        // Retries and dead letters go out on a connection of their own: a broker alarm blocks
+        // publishing connections, and this one must keep consuming and acking meanwhile.
+        let publish_conn = amqp::connect(&args.conn.amqp_url, "taskmill-worker-publish").await?;
+        let publish_ch = publish_conn.create_channel().await?;
+        publish_ch
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        topology::declare(&publish_ch, &shared.names, &args.queues).await?;
+        let (events_ch, events) = consume(&conn, &shared.names.dead_events(), 32).await?;
+        let events_stop = CancellationToken::new();
+        let events_task =
+            tokio::spawn(dead_events::run(events, store.clone(), events_stop.clone()));
+        let (channels, tags, deliveries) = consume_queues(&conn, shared).await?;
+        let tracker = Arc::new(std::sync::Mutex::new(AckTracker::new(channels.len())));
+        let hard_stop = CancellationToken::new();
+        let (tx, rx) = mpsc::channel(usize::from(args.prefetch) * tags.len() + 16);
+        let sink = Sink {
+            store,
+            channel: publish_ch,
+            tracker: tracker.clone(),
+            names: shared.names.clone(),
+            policy: args.retry,
+            stats: shared.stats.clone(),
+            health: shared.health.clone(),
+            hard_stop: hard_stop.clone(),
+            declared: Default::default(),
+        };
+        info!(queues = %args.queues.join(","), "consuming");
+        shared.health.set_rabbitmq(true);
+        shared.health.set_consuming(true);
+        Ok(Self {
+            conn,
+            publish_conn,
+            channels,
+            tags,
+            deliveries,
+            tracker,
+            events_ch,
+            events_task,
+            events_stop,
+            sink_task: tokio::spawn(sink.run(rx)),
+            tx: Some(tx),
+            hard_stop,
+            drain: Drain::new(Duration::from_secs(args.shutdown_timeout)),
+        })
+    }
+
+    /// The consume loop: Ok once drained (or out of time), Err when the connection failed.
+    async fn consume(
+        &mut self,
+        shared: &Shared,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut inflight: FuturesUnordered<BoxFuture<'static, Vec<Processed>>> =
+            FuturesUnordered::new();
+        let mut ended = false;
+        loop {
+            if self.drain.progress(ended, inflight.len()) {
+                return Ok(());
+            }
+            let deadline = self.drain.deadline();
+            let draining = self.drain.draining();
+            tokio::select! {
+                Some(group) = inflight.next(), if !inflight.is_empty() => to_sink(self.tx.as_ref(), group).await?,
+                res = &mut self.sink_task => return Err(ended_with(res, "the result writer")),
+                res = &mut self.events_task, if !draining => {
+                    return Err(ended_with(res, "the dead-letter counter"));
+                }
+                _ = shutdown.cancelled(), if !draining => ended |= self.start_drain(shared, inflight.len()).await,
+                d = self.deliveries.next(), if !ended => match d {
+                    Some((chan, queue, Ok(delivery))) => {
+                        let (group, end) = self.gather((chan, queue, delivery))?;
+                        ended |= end;
+                        ::metrics::gauge!("taskmill_batches_in_flight").increment(group.len() as f64);
+                        inflight.push(shared.analyser.analyse_group(group));
+                    }
+                    Some((_, _, Err(e))) => return Err(anyhow::Error::new(e).context("consuming")),
+                    None if draining => ended = true,
+                    None => anyhow::bail!("the broker cancelled the consumer"),
+                },
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    if self.drain.tick(Instant::now()) {
+                        warn!(left = inflight.len(),
+                            "shutdown timeout: the batches still in hand go back to the queue");
+                        self.hard_stop.cancel();
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The delivery that arrived and whatever else has already arrived, up to a group; their
+    /// tags become outstanding. Also says whether the stream ended.
+    fn gather(&mut self, first: Arrived) -> anyhow::Result<(Vec<Arrived>, bool)> {
+        let mut group = vec![first];
+        let mut ended = false;
+        while group.len() < RAYON_GROUP {
+            match self.deliveries.next().now_or_never() {
+                Some(Some((c, q, Ok(d)))) => group.push((c, q, d)),
+                Some(Some((_, _, Err(e)))) => {
+                    return Err(anyhow::Error::new(e).context("consuming"))
+                }
+                Some(None) => {
+                    ended = self.drain.draining();
+                    break;
+                }
+                None => break,
+            }
+        }
+        let mut tracker = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
+        for (c, _, d) in &group {
+            tracker.delivered(*c, d.delivery_tag);
+        }
+        Ok((group, ended))
+    }
+
+    /// The first signal: stop consuming and start the drain clock. True when the consumers
+    /// could not be cancelled (then no more deliveries are awaited).
+    async fn start_drain(&mut self, shared: &Shared, in_hand: usize) -> bool {
+        self.drain.signal(Instant::now());
+        self.events_stop.cancel();
+        shared.health.set_consuming(false);
+        info!(in_hand, "shutting down: finishing the batches in hand");
+        let mut failed = false;
+        for (ch, tag) in self.channels.iter().zip(&self.tags) {
+            if let Err(e) = ch
+                .basic_cancel(tag.clone(), BasicCancelOptions::default())
+                .await
+            {
+                warn!("cancelling consumer {tag}: {e}");
+                failed = true;
+            }
+        }
+        failed
+    }
+
+    /// Lets the sink finish (within the drain's deadline) when the loop ended well, stops it
+    /// otherwise, and closes the connections.
+    async fn close(mut self, result: anyhow::Result<()>) -> anyhow::Result<()> {
+        drop(self.tx.take());
+        let drained = result.is_ok() && matches!(self.drain.phase(), Phase::Drained { .. });
+        if drained {
+            tokio::select! {
+                res = &mut self.sink_task => {
+                    if let Ok(Err(e)) = res {
+                        warn!("result writer: {e:#}");
+                    }
+                }
+                _ = sleep_until(self.drain.deadline()) => {
+                    warn!("shutdown timeout while storing results: the rest go back to the queue");
+                    self.hard_stop.cancel();
+                }
+            }
+        } else {
+            self.hard_stop.cancel();
+            self.sink_task.abort();
+        }
+        self.events_stop.cancel();
+        let _ = (&mut self.events_task).await;
+        // Closing waits for the broker's answer; a broker that does not answer must not keep
+        // the worker from exiting (it requeues everything unacked when the TCP connection ends).
+        let close = async {
+            for ch in self.channels.iter().chain([&self.events_ch]) {
+                let _ = ch.close(200, "worker shutting down".into()).await;
+            }
+            let _ = self.conn.close(200, "worker shutting down".into()).await;
+            let _ = self
+                .publish_conn
+                .close(200, "worker shutting down".into())
+                .await;
+        };
+        if tokio::time::timeout(Duration::from_secs(5), close)
+            .await
+            .is_err()
+        {
+            warn!("the broker did not answer the close within 5 s");
+        }
+        if result.is_ok() {
+            info!("worker stopped");
+        }
+        result
+    }
+}
+
+/// Opens a channel with per-consumer prefetch and consumes `queue` on it.
+async fn consume(
+    conn: &Connection,
+    queue: &str,
+    prefetch: u16,
+) -> anyhow::Result<(Channel, lapin::Consumer)> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(prefetch, BasicQosOptions { global: false })
+        .await?;
+    let consumer = ch
+        .basic_consume(
+            queue.into(),
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((ch, consumer))
+}
+
+/// One channel and consumer a work queue (delivery tags then arrive in order on each
+/// channel, which lets the sink acknowledge many batches with one multiple-ack), merged into
+/// one stream.
+async fn consume_queues(
+    conn: &Connection,
+    shared: &Shared,
+) -> anyhow::Result<(Vec<Channel>, Vec<ShortString>, BoxStream<'static, Incoming>)> {
+    let mut channels = Vec::new();
+    let mut tags = Vec::new();
+    let mut streams = Vec::new();
+    for (i, q) in shared.args.queues.iter().enumerate() {
+        let (ch, consumer) = consume(conn, &shared.names.queue(q), shared.args.prefetch).await?;
+        tags.push(consumer.tag());
+        channels.push(ch);
+        let queue = q.clone();
+        streams.push(consumer.map(move |d| (i, queue.clone(), d)).boxed());
+    }
+    Ok((channels, tags, futures::stream::select_all(streams).boxed()))
+}
+
+/// Hands analysed batches to the sink, in order.
+async fn to_sink(
+    tx: Option<&mpsc::Sender<Processed>>,
+    group: Vec<Processed>,
+) -> anyhow::Result<()> {
+    let Some(tx) = tx else {
+        anyhow::bail!("the result writer stopped");
+    };
+    for p in group {
+        if tx.send(p).await.is_err() {
+            anyhow::bail!("the result writer stopped");
+        }
+    }
+    Ok(())
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The error for a task of the session that ended while it should run.
+fn ended_with(
+    res: Result<anyhow::Result<()>, tokio::task::JoinError>,
+    what: &str,
+) -> anyhow::Error {
+    match res {
+        Ok(Err(e)) => e.context(format!("{what} failed")),
+        Ok(Ok(())) => anyhow::anyhow!("{what} stopped"),
+        Err(e) => anyhow::anyhow!("{what} failed: {e}"),
+    }
+}

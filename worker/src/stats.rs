@@ -1,0 +1,89 @@
+//! What a worker counted, shared with whoever started it (tests, the benchmark).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters of what this worker did; shared with whoever started it.
+#[derive(Debug)]
+pub struct Stats {
+    /// Batches whose result this worker stored.
+    pub batches_done: AtomicU64,
+    /// Batches delivered again whose result was already stored (acked, not counted).
+    pub batches_duplicate: AtomicU64,
+    /// Batches sent to a delay queue for another attempt.
+    pub batches_retried: AtomicU64,
+    /// Batches dead-lettered.
+    pub batches_dead: AtomicU64,
+    /// Records in the batches stored.
+    pub records_done: AtomicU64,
+    /// Sessions started (1 + reconnects).
+    pub sessions: AtomicU64,
+    /// Failed Redis calls (each retried with backoff).
+    pub store_errors: AtomicU64,
+    /// Batch latency in ms: from the batch's creation to its result stored.
+    pub latency_ms: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            batches_done: AtomicU64::new(0),
+            batches_duplicate: AtomicU64::new(0),
+            batches_retried: AtomicU64::new(0),
+            batches_dead: AtomicU64::new(0),
+            records_done: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
+            store_errors: AtomicU64::new(0),
+            // 1 ms to 1 day, 3 significant figures; cannot fail with these bounds.
+            latency_ms: std::sync::Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 86_400_000, 3)
+                    .expect("constant histogram bounds are valid"),
+            ),
+        }
+    }
+}
+
+impl Stats {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    /// A counter's current value.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// Records batch latencies (ms), for batches stored now.
+    pub(crate) fn record_latencies(&self, latencies: impl Iterator<Item = u64>) {
+        let mut h = self.latency_ms.lock().unwrap_or_else(|e| e.into_inner());
+        for l in latencies {
+            h.saturating_record(l.max(1));
+        }
+    }
+
+    /// Logs the totals (once the worker stops).
+    pub(crate) fn report(&self) {
+        let (p50, p95, p99, max) = self.latency_quantiles();
+        tracing::info!(
+            batches_done = Self::get(&self.batches_done),
+            batches_duplicate = Self::get(&self.batches_duplicate),
+            batches_retried = Self::get(&self.batches_retried),
+            batches_dead = Self::get(&self.batches_dead),
+            records_done = Self::get(&self.records_done),
+            latency_p50_ms = p50,
+            latency_p95_ms = p95,
+            latency_p99_ms = p99,
+            latency_max_ms = max,
+            "worker totals"
+        );
+    }
+
+    /// (p50, p95, p99, max) batch latency in ms.
+    pub fn latency_quantiles(&self) -> (u64, u64, u64, u64) {
+        let h = self.latency_ms.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.95),
+            h.value_at_quantile(0.99),
+            h.max(),
+        )
+    }
+}
