@@ -4,6 +4,11 @@
 
 use clap::Args;
 
+pub use taskmill_protocol::{
+    names::{validate_job_id, validate_name},
+    redact,
+};
+
 /// Where the broker and Redis are, and which namespace this process works in.
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Connection")]
@@ -253,69 +258,9 @@ pub fn apply_config_file(args: &[String], binary: &str, cmd: &clap::Command) -> 
     Ok(())
 }
 
-/// A URL with its password replaced by `***`, safe for logs and error messages.
-pub fn redact(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                // set_password only fails for URLs that cannot have one, which has none then.
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        Err(_) => "<unparseable URL>".into(),
-    }
-}
-
-/// Checks that a namespace or queue name is safe inside AMQP names and Redis keys. `.` is the
-/// separator of broker names (`{ns}.{queue}`) and `:` of Redis keys, so neither may appear in
-/// a name: namespace `a` with queue `b-c` and namespace `a.b` with queue `c` can never meet.
-pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
-    check_chars(kind, name, "")
-}
-
-/// Checks a job id: 1 to 100 characters from A-Z, a-z, 0-9, `-`, `_` and `.` (never `:`, the
-/// separator of Redis keys, so that no job's keys can alias another's). The producer checks
-/// the ids it is given, the worker the ids that messages carry.
-pub fn validate_job_id(job: &str) -> Result<(), String> {
-    check_chars("job id", job, ".")
-}
-
-fn check_chars(kind: &str, name: &str, extra: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 100
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || extra.contains(c));
-    if ok {
-        return Ok(());
-    }
-    let mut allowed = "A-Z, a-z, 0-9, '-', '_'".to_string();
-    for c in extra.chars() {
-        allowed.push_str(&format!(", '{c}'"));
-    }
-    Err(format!(
-        "{kind} {:?} is not valid: use 1 to 100 characters from {allowed}",
-        crate::envelope::bounded(name, 120)
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redact_hides_passwords() {
-        assert_eq!(
-            redact("amqp://guest:secret@host:5672/%2f"),
-            "amqp://guest:***@host:5672/%2f"
-        );
-        assert_eq!(
-            redact("redis://127.0.0.1:6379/0"),
-            "redis://127.0.0.1:6379/0"
-        );
-        assert!(!redact("rediss://:pw@h/0").contains("pw"));
-    }
 
     #[test]
     fn config_files_map_to_environment_variables() {
@@ -369,18 +314,5 @@ mod tests {
             Some("/y.toml".into())
         );
         let _ = std::fs::remove_dir_all(dir);
-    }
-
-    #[test]
-    fn names_are_checked() {
-        assert!(validate_name("namespace", "taskmill").is_ok());
-        assert!(validate_name("namespace", "t-1_a").is_ok());
-        assert!(validate_name("namespace", "t-1_a.b").is_err());
-        assert!(validate_job_id("j-1_a.b").is_ok());
-        assert!(validate_job_id("j:results").is_err());
-        assert!(validate_job_id(&"x".repeat(101)).is_err());
-        assert!(validate_name("namespace", "").is_err());
-        assert!(validate_name("queue", "a b").is_err());
-        assert!(validate_name("queue", "a:b").is_err());
     }
 }

@@ -1,48 +1,25 @@
-//! taskmill-common: the parts that the producer, the worker and the tests share.
+//! taskmill-common: what both binaries start with (settings, the settings file, logging, the
+//! runtime), and the small crates of `common/` re-exported under one roof:
 //!
-//! # Layout
-//! - [`config`]: connection settings (flags backed by environment variables) and URL redaction.
-//! - [`envelope`]: the versioned batch envelope, its MessagePack codec and message headers.
-//! - [`topology`]: names of exchanges and queues, and their idempotent declaration.
-//! - [`amqp`]: connecting to RabbitMQ.
-//! - [`store`]: the Redis layout of jobs and results, and the atomic scripts that update it.
-//! - [`task`]: the task trait, task errors and the registry of tasks by name.
-//! - [`tasks`]: the built-in tasks (`post-stats`, `text-stats`, `similarity`, `chaos`).
-//! - [`draw`]: deterministic pseudo-random draws (retry jitter, the `chaos` task).
-//! - [`logging`]: tracing set-up shared by both binaries.
+//! - [`envelope`], [`topology`] names, job states: `taskmill-protocol` (no I/O);
+//! - [`task`]: `taskmill-task`, the task SDK (serde only; all a task author needs);
+//! - [`tasks`]: `taskmill-tasks`, the built-in tasks;
+//! - [`amqp`], [`topology`] declarations: `taskmill-broker` (RabbitMQ);
+//! - [`store`]: `taskmill-store` (Redis);
+//! - [`config`], [`logging`]: here.
 
-pub mod amqp;
 pub mod config;
-pub mod draw;
-pub mod envelope;
 pub mod logging;
-pub mod store;
-pub mod task;
-pub mod tasks;
-pub mod topology;
 
-/// An error and its causes in one line, each cause once: a cause whose text its parent
-/// already shows is not repeated.
-pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !s.is_empty() && !text.contains(&s) {
-            text.push_str(": ");
-            text.push_str(&s);
-        }
-        cur = c.source();
-    }
-    text
-}
+pub use taskmill_broker::{amqp, Backoff};
+pub use taskmill_protocol::{envelope, error_text, now_ms, DeadKind, JobState};
+pub use taskmill_store as store;
+pub use taskmill_task as task;
+pub use taskmill_tasks as tasks;
 
-/// Milliseconds since the Unix epoch, the unit of every time taskmill stores.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// Broker names and declarations.
+pub mod topology {
+    pub use taskmill_broker::topology::*;
 }
 
 /// The common start of both binaries: applies the config file (as environment variables,

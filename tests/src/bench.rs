@@ -32,7 +32,7 @@ use taskmill_common::{
     envelope::{encode, Envelope, FORMAT_VERSION},
     now_ms,
     store::{NewJob, PublishTotals, Store},
-    task::{Registry, TaskContext},
+    task::TaskContext,
     topology::{self, Names},
 };
 
@@ -273,9 +273,9 @@ pub async fn end_to_end(
         status.state()
     );
     let figures = RunFigures {
-        records: status.num("records_done"),
-        batches: status.num("batches_done"),
-        seconds: (status.num("finished_ms") - status.num("created_ms")) as f64 / 1000.0,
+        records: status.records_done,
+        batches: status.batches_done,
+        seconds: (status.finished_ms.unwrap_or(0) - status.created_ms) as f64 / 1000.0,
         producer: pstats,
         worker: wstats,
     };
@@ -493,7 +493,9 @@ pub fn in_process(n_posts: u64, batch_size: usize, task: &str) -> anyhow::Result
     use rayon::prelude::*;
     let posts: Vec<Value> = sample::posts(n_posts).collect();
     let batches: Vec<&[Value]> = posts.chunks(batch_size).collect();
-    let task = Registry::builtin().get(task).context("unknown task")?;
+    let task = taskmill_common::tasks::builtin()
+        .get(task)
+        .context("unknown task")?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)

@@ -89,7 +89,7 @@ impl TestNs {
 
     /// Starts a worker with the built-in tasks.
     pub fn spawn_worker(&self, args: WorkerArgs) -> RunningWorker {
-        self.spawn_worker_with(args, Registry::builtin())
+        self.spawn_worker_with(args, taskmill_common::tasks::builtin())
     }
 
     /// Starts a worker with the given tasks.
@@ -288,7 +288,7 @@ pub async fn batches_done(store: &Store, job: &str) -> u64 {
         .await
         .ok()
         .flatten()
-        .map(|s| s.num("batches_done"))
+        .map(|s| s.batches_done)
         .unwrap_or(0)
 }
 

@@ -210,8 +210,8 @@ async fn redelivered_batches_never_count_twice() {
     assert_eq!(Stats::get(&w.stats.batches_done), 5);
     assert_eq!(Stats::get(&w.stats.batches_duplicate), 5);
     let status = store.job_status(&status.job).await.unwrap().unwrap();
-    assert_eq!(status.num("batches_done"), 5);
-    assert_eq!(status.num("records_done"), 50);
+    assert_eq!(status.batches_done, 5);
+    assert_eq!(status.records_done, 50);
     w.stop().await.unwrap();
     let _ = std::fs::remove_file(file);
     t.cleanup().await;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use taskmill_common::task::{Registry, Task, TaskContext, TaskError, TaskOutput};
+use taskmill_common::task::{Task, TaskContext, TaskError, TaskOutput};
 use taskmill_producer::cmd::{
     dlq,
     enqueue::{enqueue, EnqueueArgs},
@@ -43,7 +43,7 @@ async fn replay_after_the_cause_is_removed_completes_the_job() {
         .wait_finished(&store, &late.job, Duration::from_secs(60))
         .await;
     assert_eq!(status.state(), "completed_with_errors");
-    assert_eq!(status.num("batches_dead"), 3);
+    assert_eq!(status.batches_dead, 3);
 
     // A second job with dead letters, to check that --job selects.
     let mut other = EnqueueArgs::new("chaos");
@@ -66,7 +66,7 @@ async fn replay_after_the_cause_is_removed_completes_the_job() {
 
     // Deploy workers that know the task, then replay that job's dead letters.
     old.stop().await.unwrap();
-    let mut registry = Registry::builtin();
+    let mut registry = taskmill_common::tasks::builtin();
     registry.register(LateTask);
     let new = t.spawn_worker_with(t.worker_args(), registry);
     assert_eq!(
@@ -82,12 +82,12 @@ async fn replay_after_the_cause_is_removed_completes_the_job() {
         if s.state() == "completed" {
             break s;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{:?}", s.fields);
+        assert!(tokio::time::Instant::now() < deadline, "{:?}", s);
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!(status.num("batches_done"), 3);
-    assert_eq!(status.num("batches_dead"), 0);
-    assert_eq!(status.num("records_done"), 30);
+    assert_eq!(status.batches_done, 3);
+    assert_eq!(status.batches_dead, 0);
+    assert_eq!(status.records_done, 30);
 
     // The other job's dead letters are still there; purge them.
     let left = dlq::list(&t.conn(), None).await.unwrap();

@@ -66,7 +66,7 @@ async fn replaying_still_failing_dead_letters_ends() {
     args.params = vec!["fail_rate=1".into(), "fail=permanent".into()];
     let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
     let s = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
-    assert_eq!(s.num("batches_dead"), 2);
+    assert_eq!(s.batches_dead, 2);
 
     for round in 1..=2 {
         let r = tokio::time::timeout(Duration::from_secs(30), dlq::replay(&t.conn(), Some(&job)))
@@ -84,7 +84,7 @@ async fn replaying_still_failing_dead_letters_ends() {
         .await;
         assert_eq!(dlq::list(&t.conn(), Some(&job)).await.unwrap().len(), 2);
         let s = store.job_status(&job).await.unwrap().unwrap();
-        assert_eq!(s.num("batches_dead"), 2);
+        assert_eq!(s.batches_dead, 2);
         assert_eq!(s.state(), "completed_with_errors");
     }
     w.stop().await.unwrap();
@@ -145,7 +145,7 @@ async fn a_crash_loop_ends_with_the_batch_counted_dead() {
         "the broker's delivery limit, not a worker, ended it"
     );
     assert_eq!(status.state(), "completed_with_errors");
-    assert_eq!(status.num("batches_dead"), 1);
+    assert_eq!(status.batches_dead, 1);
     let dead = store.dead_batches(&job).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].1["kind"], "delivery_limit", "{:?}", dead[0].1);
@@ -206,7 +206,7 @@ async fn forged_messages_leave_jobs_unchanged() {
     wait_dead(&w.stats, 6).await;
 
     let after = store.job_status(&job).await.unwrap().unwrap();
-    assert_eq!(after.fields, before.fields, "the job's hash changed");
+    assert_eq!(after, before, "the job's hash changed");
     assert_eq!(store.results(&job).await.unwrap(), results_before);
     assert!(store.dead_batches(&job).await.unwrap().is_empty());
     assert!(store.job_status("no-such-job").await.unwrap().is_none());
@@ -256,9 +256,9 @@ async fn forged_messages_leave_jobs_unchanged() {
     .await;
     wait_dead(&w.stats, 7).await;
     let s = store.job_status(open).await.unwrap().unwrap();
-    assert_eq!(s.num("batches_done"), 1);
-    assert_eq!(s.num("batches_dead"), 0);
-    assert_eq!(s.num("records_done"), 11);
+    assert_eq!(s.batches_done, 1);
+    assert_eq!(s.batches_dead, 0);
+    assert_eq!(s.records_done, 11);
     w.stop().await.unwrap();
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
@@ -282,15 +282,15 @@ async fn batches_published_is_never_behind_batches_done() {
     loop {
         if let Some(s) = store.job_status(&job).await.unwrap() {
             reads += 1;
-            let settled = s.num("batches_done") + s.num("batches_dead");
+            let settled = s.batches_done + s.batches_dead;
             assert!(
-                s.num("batches_published") >= settled,
+                s.batches_published >= settled,
                 "published {} < done {}",
-                s.num("batches_published"),
+                s.batches_published,
                 settled
             );
             if s.is_finished() {
-                assert_eq!(s.num("batches_published"), 3000);
+                assert_eq!(s.batches_published, 3000);
                 break;
             }
         }
@@ -533,8 +533,8 @@ async fn a_200_mb_line_is_skipped_with_flat_memory() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(s.num("records_invalid"), 2);
-    assert_eq!(s.num("records_total"), 2);
+    assert_eq!(s.records_invalid, 2);
+    assert_eq!(s.records_total, 2);
     let _ = std::fs::remove_file(path);
     t.cleanup().await;
 }
@@ -573,8 +573,8 @@ async fn a_slow_stdin_is_streamed() {
         .to_string();
     taskmill_tests::wait_batches_done(&store, &job, 1).await;
     let s = store.job_status(&job).await.unwrap().unwrap();
-    assert_eq!(s.num("records_done"), 3);
-    assert_eq!(s.opt_num("batches_total"), None, "still publishing");
+    assert_eq!(s.records_done, 3);
+    assert_eq!(s.batches_total, None, "still publishing");
     for r in sample::posts(2) {
         writeln!(stdin, "{r}").unwrap();
     }
@@ -582,8 +582,8 @@ async fn a_slow_stdin_is_streamed() {
     assert!(child.wait().unwrap().success());
     let s = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
     assert_eq!(s.state(), "completed");
-    assert_eq!(s.num("records_done"), 5);
-    assert_eq!(s.num("batches_total"), 2);
+    assert_eq!(s.records_done, 5);
+    assert_eq!(s.batches_total.unwrap_or(0), 2);
     w.stop().await.unwrap();
     t.cleanup().await;
 }
@@ -609,7 +609,7 @@ async fn retries_use_a_fixed_set_of_delay_queues() {
     let s = t
         .wait_finished(&store, &job, Duration::from_secs(120))
         .await;
-    assert!(s.num("retries") > 20, "{:?}", s.fields);
+    assert!(s.retries > 20, "{:?}", s);
     let names = Names::new(&t.ns);
     // Which tier queues exist, asked of the broker itself (a passive declare fails, and
     // closes its channel, when the queue does not exist).

@@ -29,7 +29,7 @@ async fn url_template_fetches_every_post() {
         .wait_finished(&store, &report.job, Duration::from_secs(60))
         .await;
     assert_eq!(status.state(), "completed");
-    assert_eq!(status.num("records_done"), 500);
+    assert_eq!(status.records_done, 500);
     w.stop().await.unwrap();
     t.cleanup().await;
 }
@@ -111,9 +111,9 @@ async fn failing_urls_are_retried_then_reported() {
         .wait_finished(&store, &report.job, Duration::from_secs(60))
         .await;
     assert_eq!(status.state(), "completed");
-    assert_eq!(status.num("records_done"), 4);
-    assert_eq!(status.num("sources_failed"), 3);
-    assert_eq!(status.num("records_invalid"), 1);
+    assert_eq!(status.records_done, 4);
+    assert_eq!(status.sources_failed, 3);
+    assert_eq!(status.records_invalid, 1);
     server.verify().await;
     w.stop().await.unwrap();
     t.cleanup().await;

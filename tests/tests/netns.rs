@@ -151,9 +151,9 @@ async fn a_worker_cut_off_the_network_gives_its_batches_to_the_other() {
     let status = t
         .wait_finished(&store, &job, Duration::from_secs(120))
         .await;
-    assert_eq!(status.state(), "completed", "{:?}", status.fields);
-    assert_eq!(status.num("batches_done"), 300);
-    assert_eq!(status.num("records_done"), 3000);
+    assert_eq!(status.state(), "completed", "{:?}", status);
+    assert_eq!(status.batches_done, 300);
+    assert_eq!(status.records_done, 3000);
     assert_eq!(store.results(&job).await.unwrap().len(), 300);
 
     let _ = wa.kill();

@@ -99,7 +99,7 @@ async fn metrics_and_health_follow_the_job() {
     );
 
     let status = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
-    assert_eq!(status.num("batches_done"), 200);
+    assert_eq!(status.batches_done, 200);
     let (_, text) = get(&format!("{base}/metrics")).await;
     let m = |name: &str, labels: &[(&str, &str)]| sample_value(&text, name, labels).unwrap();
     assert_eq!(

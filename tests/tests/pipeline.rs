@@ -5,10 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use taskmill_common::{
-    store::JobStatus,
-    task::Task,
-    task::{Registry, TaskContext},
-    tasks::post_stats::PostStats,
+    store::JobStatus, task::Task, task::TaskContext, tasks::post_stats::PostStats,
 };
 use taskmill_producer::cmd::enqueue::{enqueue, EnqueueArgs};
 use taskmill_tests::{sample, write_jsonl, TestNs};
@@ -31,14 +28,14 @@ fn assert_close(a: &Value, b: &Value, field: &str) {
 }
 
 fn assert_done_once(status: &JobStatus) {
-    assert_eq!(status.state(), "completed", "{:?}", status.fields);
+    assert_eq!(status.state(), "completed", "{:?}", status);
     assert_eq!(
-        Some(status.num("batches_done")),
-        status.opt_num("batches_total"),
+        Some(status.batches_done),
+        status.batches_total,
         "{:?}",
-        status.fields
+        status
     );
-    assert_eq!(status.num("batches_dead"), 0);
+    assert_eq!(status.batches_dead, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,10 +58,10 @@ async fn a_job_through_two_workers_is_done_once_with_the_right_summary() {
         .wait_finished(&store, &report.job, Duration::from_secs(120))
         .await;
     assert_done_once(&status);
-    assert_eq!(status.num("batches_total"), 300);
-    assert_eq!(status.num("records_total"), 3000);
-    assert_eq!(status.num("records_done"), 3000);
-    assert_eq!(status.num("records_invalid"), 0);
+    assert_eq!(status.batches_total.unwrap_or(0), 300);
+    assert_eq!(status.records_total, 3000);
+    assert_eq!(status.records_done, 3000);
+    assert_eq!(status.records_invalid, 0);
 
     // Every batch has exactly one result, and the workers' own counts add up to the total.
     let results = store.results(&report.job).await.unwrap();
@@ -75,7 +72,7 @@ async fn a_job_through_two_workers_is_done_once_with_the_right_summary() {
     assert!(Stats::get(&w1.stats.batches_done) > 0 && Stats::get(&w2.stats.batches_done) > 0);
 
     // The summary equals post-stats computed in one go over all posts.
-    let task = Registry::builtin().get("post-stats").unwrap();
+    let task = taskmill_common::tasks::builtin().get("post-stats").unwrap();
     let summary = task.aggregate(&results.into_iter().map(|(_, r)| r).collect::<Vec<_>>());
     let expected = expected_summary(&posts);
     assert_eq!(summary["processed_count"], 3000);
@@ -121,9 +118,9 @@ async fn bad_records_are_skipped_counted_and_reported() {
         .wait_finished(&store, &report.job, Duration::from_secs(60))
         .await;
     assert_done_once(&status);
-    assert_eq!(status.num("records_done"), 3);
+    assert_eq!(status.records_done, 3);
     // 2 malformed lines (producer) + 2 unusable records (task).
-    assert_eq!(status.num("records_invalid"), 4);
+    assert_eq!(status.records_invalid, 4);
     assert_eq!(status.problems().len(), 2);
     w.stop().await.unwrap();
     let _ = std::fs::remove_file(path);
@@ -154,7 +151,7 @@ async fn the_four_tasks_run_end_to_end() {
             .wait_finished(&store, &report.job, Duration::from_secs(60))
             .await;
         assert_done_once(&status);
-        assert_eq!(status.num("records_done"), 200, "{task}");
+        assert_eq!(status.records_done, 200, "{task}");
         let results: Vec<Value> = store
             .results(&report.job)
             .await
@@ -162,7 +159,10 @@ async fn the_four_tasks_run_end_to_end() {
             .into_iter()
             .map(|(_, r)| r)
             .collect();
-        let summary = Registry::builtin().get(task).unwrap().aggregate(&results);
+        let summary = taskmill_common::tasks::builtin()
+            .get(task)
+            .unwrap()
+            .aggregate(&results);
         match task {
             "text-stats" => {
                 assert_eq!(summary["records"], 200);

@@ -29,11 +29,11 @@ fn chaos(file: &std::path::Path, params: &[&str]) -> EnqueueArgs {
 /// Every batch done once: counters, results and the batch list agree.
 async fn assert_exactly_once(store: &Store, job: &str, batches: u64, records: u64) {
     let s = store.job_status(job).await.unwrap().unwrap();
-    assert_eq!(s.state(), "completed", "{:?}", s.fields);
-    assert_eq!(s.num("batches_total"), batches);
-    assert_eq!(s.num("batches_done"), batches);
-    assert_eq!(s.num("batches_dead"), 0);
-    assert_eq!(s.num("records_done"), records);
+    assert_eq!(s.state(), "completed", "{:?}", s);
+    assert_eq!(s.batches_total.unwrap_or(0), batches);
+    assert_eq!(s.batches_done, batches);
+    assert_eq!(s.batches_dead, 0);
+    assert_eq!(s.records_done, records);
     let results = store.results(job).await.unwrap();
     assert_eq!(results.len() as u64, batches);
 }
@@ -318,8 +318,8 @@ async fn shutdown_timeout_and_second_signal_give_batches_back_without_an_attempt
     let status = t
         .wait_finished(&store, &report.job, Duration::from_secs(60))
         .await;
-    assert_eq!(status.num("batches_done"), 4);
-    assert_eq!(status.num("retries"), 0);
+    assert_eq!(status.batches_done, 4);
+    assert_eq!(status.retries, 0);
     w.stop().await.unwrap();
     let _ = std::fs::remove_file(file);
     t.cleanup().await;

@@ -53,9 +53,9 @@ async fn transient_failures_are_retried_as_predicted() {
     let status = t
         .wait_finished(&store, &job, Duration::from_secs(120))
         .await;
-    assert_eq!(status.num("retries"), retries, "{:?}", status.fields);
-    assert_eq!(status.num("batches_dead"), dead);
-    assert_eq!(status.num("batches_done"), BATCHES - dead);
+    assert_eq!(status.retries, retries, "{:?}", status);
+    assert_eq!(status.batches_dead, dead);
+    assert_eq!(status.batches_done, BATCHES - dead);
     let expected_state = if dead > 0 {
         "completed_with_errors"
     } else {
@@ -89,8 +89,8 @@ async fn permanent_failures_are_dead_at_once_with_their_reason() {
     let store = t.store().await;
     let status = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
     assert_eq!(status.state(), "completed_with_errors");
-    assert_eq!(status.num("batches_dead"), predicted.len() as u64);
-    assert_eq!(status.num("retries"), 0);
+    assert_eq!(status.batches_dead, predicted.len() as u64);
+    assert_eq!(status.retries, 0);
 
     let (_conn, ch) = raw_channel().await;
     let dead = drain_queue(&ch, &Names::new(&t.ns).dead_queue()).await;
@@ -128,7 +128,7 @@ async fn a_panicking_task_is_dead_lettered_and_the_worker_goes_on() {
     let status = t
         .wait_finished(&store, &report.job, Duration::from_secs(60))
         .await;
-    assert_eq!(status.num("batches_dead"), 3);
+    assert_eq!(status.batches_dead, 3);
     let reasons = store.dead_batches(&report.job).await.unwrap();
     assert!(reasons.iter().all(|(_, r)| r["kind"] == "panic"));
     // The same worker then completes a normal job.

@@ -11,54 +11,8 @@ use taskmill_common::{
     task::{Registry, TaskContext, TaskError, TaskOutput},
 };
 
-/// Why a batch was dead-lettered; travels in the `x-taskmill-error-kind` header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeadKind {
-    /// The body is not a taskmill envelope.
-    Undecodable,
-    /// The envelope has a format version this worker does not read.
-    UnsupportedVersion,
-    /// The body exceeds the size limit.
-    TooLarge,
-    /// No task of that name is registered in this worker.
-    UnknownTask,
-    /// The task reported a permanent error.
-    Permanent,
-    /// The task panicked.
-    Panic,
-    /// The task failed transiently on every allowed attempt.
-    RetriesExhausted,
-    /// The batch names a job that does not exist (never registered, expired, or a forged or
-    /// invalid id): dead-lettered without touching any job.
-    UnknownJob,
-    /// The batch number is outside what its job published: dead-lettered without touching
-    /// the job.
-    UnknownBatch,
-    /// The broker dead-lettered it after too many deliveries without an ack (workers died or
-    /// lost their connection while holding it).
-    DeliveryLimit,
-    /// Redis refused the batch's result for good (a key of its job holds the wrong type).
-    StoreError,
-}
-
-impl DeadKind {
-    /// The header value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeadKind::Undecodable => "undecodable",
-            DeadKind::UnsupportedVersion => "unsupported_version",
-            DeadKind::TooLarge => "too_large",
-            DeadKind::UnknownTask => "unknown_task",
-            DeadKind::Permanent => "permanent",
-            DeadKind::Panic => "panic",
-            DeadKind::RetriesExhausted => "retries_exhausted",
-            DeadKind::UnknownJob => "unknown_job",
-            DeadKind::UnknownBatch => "unknown_batch",
-            DeadKind::DeliveryLimit => "delivery_limit",
-            DeadKind::StoreError => "store_error",
-        }
-    }
-}
+/// Why a batch was dead-lettered (one type for the worker, the dead-letter tools and Redis).
+pub use taskmill_common::DeadKind;
 
 /// Identity of a batch, as far as it could be read.
 #[derive(Debug, Clone, PartialEq)]
@@ -205,7 +159,7 @@ mod tests {
 
     #[test]
     fn outcomes() {
-        let reg = Registry::builtin();
+        let reg = taskmill_common::tasks::builtin();
         let (id, out) = analyse(&reg, &env("post-stats", &[]), None, 1, 1 << 20);
         assert!(matches!(out, Outcome::Done(_)));
         assert_eq!(id.label, "post-stats");

@@ -68,13 +68,8 @@ fn reason(d: &Delivery) -> serde_json::Value {
 
 /// The broker's `x-first-death-reason` as a dead-letter kind.
 fn kind_of_broker_reason(reason: &str) -> String {
-    match reason {
-        "delivery_limit" => "delivery_limit".into(),
-        "expired" => "expired".into(),
-        "maxlen" => "queue_full".into(),
-        "rejected" => "rejected".into(),
-        other => bounded(other, 100).into_owned(),
-    }
+    taskmill_common::DeadKind::from_broker_reason(reason)
+        .map_or_else(|| bounded(reason, 100).into_owned(), |k| k.as_str().into())
 }
 
 /// Counts dead letters until the consumer ends or `stop` is cancelled. Redis trouble is

@@ -5,7 +5,7 @@
 //! ```no_run
 //! use taskmill_common::task::Registry;
 //! fn main() -> std::process::ExitCode {
-//!     taskmill_worker::main(Registry::builtin())
+//!     taskmill_worker::main(taskmill_common::tasks::builtin())
 //! }
 //! ```
 //!

@@ -2,13 +2,11 @@
 
 use std::process::ExitCode;
 
-use taskmill_common::task::Registry;
-
 /// mimalloc: batches are many small allocations (JSON values), where it is much faster than
 /// the system allocator.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    taskmill_worker::main(Registry::builtin())
+    taskmill_worker::main(taskmill_common::tasks::builtin())
 }

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use clap::Args;
-use taskmill_common::{draw::draw, topology::DELAY_TIERS_MS};
+use taskmill_common::{task::hash::draw, topology::DELAY_TIERS_MS};
 
 /// Retry settings; each can be overridden per task with a job parameter of the same name
 /// (`retry_max_attempts`, `retry_base_ms`, `retry_factor`, `retry_max_delay_ms`).

@@ -233,7 +233,10 @@ impl Session {
             self.sink_task.abort();
         }
         self.events_stop.cancel();
-        let _ = (&mut self.events_task).await;
+        // (The loop may have taken its result already: a JoinHandle is awaited once.)
+        if !self.events_task.is_finished() {
+            let _ = (&mut self.events_task).await;
+        }
         // Closing waits for the broker's answer; a broker that does not answer must not keep
         // the worker from exiting (it requeues everything unacked when the TCP connection ends).
         let close = async {

@@ -14,7 +14,6 @@ use taskmill_common::{
     envelope::{bounded, encode, Envelope, DEFAULT_MAX_MESSAGE_BYTES, FORMAT_VERSION},
     now_ms,
     store::{NewJob, PublishTotals, Store, StoreError},
-    task::Registry,
     topology::{self, Names},
 };
 
@@ -313,7 +312,7 @@ pub async fn enqueue(
         .map(sources::parse_ids)
         .transpose()
         .map_err(usage)?;
-    if Registry::builtin().get(&args.task).is_none() {
+    if taskmill_common::tasks::builtin().get(&args.task).is_none() {
         warn!(
             task = %bounded(&args.task, 200),
             "not a built-in task: make sure the workers on queue {:?} know it",

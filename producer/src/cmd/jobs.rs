@@ -31,7 +31,7 @@ pub async fn run(conn: &ConnArgs, args: &JobsArgs) -> anyhow::Result<std::proces
             out.push_str(&status.to_json().to_string());
         } else {
             let total = status
-                .opt_num("batches_total")
+                .batches_total
                 .map(|t| t.to_string())
                 .unwrap_or_else(|| "?".into());
             out.push_str(&format!(
@@ -39,8 +39,8 @@ pub async fn run(conn: &ConnArgs, args: &JobsArgs) -> anyhow::Result<std::proces
                 job,
                 status.state(),
                 status.task(),
-                format!("{}/{}", status.num("batches_done"), total),
-                status.num("batches_dead"),
+                format!("{}/{}", status.batches_done, total),
+                status.batches_dead,
             ));
         }
         out.push('\n');

@@ -6,7 +6,6 @@ use serde_json::Value;
 use taskmill_common::{
     config::ConnArgs,
     store::{JobStatus, Store},
-    task::Registry,
 };
 
 /// Arguments of `status`.
@@ -36,7 +35,7 @@ pub async fn summary(store: &Store, status: &JobStatus) -> anyhow::Result<Option
     if !status.is_finished() {
         return Ok(None);
     }
-    let Some(task) = Registry::builtin().get(status.task()) else {
+    let Some(task) = taskmill_common::tasks::builtin().get(status.task()) else {
         return Ok(None);
     };
     let results: Vec<Value> = store
@@ -59,12 +58,10 @@ pub async fn status_json(store: &Store, status: &JobStatus) -> anyhow::Result<Va
 
 /// Records per second from creation to finish (or to now).
 pub fn rate(status: &JobStatus) -> (f64, f64) {
-    let end = status
-        .opt_num("finished_ms")
-        .unwrap_or_else(taskmill_common::now_ms);
-    let secs = end.saturating_sub(status.num("created_ms")) as f64 / 1000.0;
+    let end = status.finished_ms.unwrap_or_else(taskmill_common::now_ms);
+    let secs = end.saturating_sub(status.created_ms) as f64 / 1000.0;
     let rate = if secs > 0.0 {
-        status.num("records_done") as f64 / secs
+        status.records_done as f64 / secs
     } else {
         0.0
     };
@@ -74,7 +71,7 @@ pub fn rate(status: &JobStatus) -> (f64, f64) {
 /// The status for people.
 pub fn describe(status: &JobStatus, summary: Option<&Value>) -> String {
     let total = status
-        .opt_num("batches_total")
+        .batches_total
         .map(|t| t.to_string())
         .unwrap_or_else(|| "? (still publishing)".into());
     let (secs, rate) = rate(status);
@@ -83,30 +80,27 @@ pub fn describe(status: &JobStatus, summary: Option<&Value>) -> String {
         status.job,
         status.state(),
         status.task(),
-        status.fields.get("queue").map(String::as_str).unwrap_or("?"),
-        status.num("batches_done"),
-        status.num("batches_dead"),
+        status.queue,
+        status.batches_done,
+        status.batches_dead,
         total,
-        status.num("batches_published"),
-        status.num("records_done"),
-        status.num("records_invalid"),
-        status.num("records_total"),
-        status.num("retries"),
+        status.batches_published,
+        status.records_done,
+        status.records_invalid,
+        status.records_total,
+        status.retries,
         secs,
         rate,
     );
-    if status.num("sources_failed") > 0 {
-        s.push_str(&format!(
-            "\n  sources failed: {}",
-            status.num("sources_failed")
-        ));
+    if status.sources_failed > 0 {
+        s.push_str(&format!("\n  sources failed: {}", status.sources_failed));
     }
     let problems = status.problems();
     if !problems.is_empty() {
         s.push_str("\n  problems:");
         for p in problems {
             s.push_str("\n    ");
-            s.push_str(&p);
+            s.push_str(p);
         }
     }
     if let Some(sum) = summary {

@@ -74,24 +74,23 @@ pub async fn follow(
     loop {
         let status = load(store, job).await?;
         if let Some(bar) = &bar {
-            let settled = status.num("batches_done") + status.num("batches_dead");
+            let settled = status.batches_done + status.batches_dead;
             let (_, r) = rate(&status);
-            let publishing = match status.opt_num("batches_total") {
+            let publishing = match status.batches_total {
                 Some(total) => {
                     bar.set_length(total);
                     ""
                 }
                 None => {
                     // The total is not known while publishing: the bar's end moves with it.
-                    bar.set_length(status.num("batches_published").max(settled));
+                    bar.set_length(status.batches_published.max(settled));
                     ", still publishing"
                 }
             };
             bar.set_position(settled);
             bar.set_message(format!(
                 "{} dead, {} records/s{publishing}",
-                status.num("batches_dead"),
-                r as u64
+                status.batches_dead, r as u64
             ));
         }
         if status.is_finished() {

@@ -2,7 +2,7 @@
 
 use lapin::{types::LongString, Connection, ConnectionProperties};
 
-use crate::config::redact;
+use taskmill_protocol::redact;
 
 /// Error connecting to the broker: one sentence with the (redacted) URL and the cause once.
 #[derive(Debug)]
@@ -33,7 +33,7 @@ impl std::fmt::Display for ConnectError {
                 f,
                 "cannot connect to RabbitMQ at {}: {}",
                 self.url,
-                crate::error_text(&self.source)
+                taskmill_protocol::error_text(&self.source)
             ),
         }
     }
@@ -65,7 +65,7 @@ use lapin::{
     BasicProperties,
 };
 
-use crate::envelope::{Envelope, CONTENT_TYPE, HEADER_ATTEMPT};
+use taskmill_protocol::envelope::{Envelope, CONTENT_TYPE, HEADER_ATTEMPT};
 
 /// Properties of a batch message: persistent, MessagePack, stable message id, creation time,
 /// and the attempt counter.
@@ -115,6 +115,26 @@ pub fn attempt_of(props: &BasicProperties) -> u32 {
         .and_then(|a| u32::try_from(a).ok())
         .filter(|a| *a >= 1)
         .unwrap_or(1)
+}
+
+/// Publishes one message with `mandatory` on a confirm-mode channel and waits for the
+/// broker's confirm: true when the broker took it (acked, not returned as unroutable).
+pub async fn publish_confirmed(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> lapin::Result<bool> {
+    let options = lapin::options::BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    let confirm = channel
+        .basic_publish(exchange.into(), routing_key.into(), options, body, props)
+        .await?
+        .await?;
+    Ok(confirm.is_ack() && confirm.take_message().is_none())
 }
 
 /// A copy of `props` with `extra` headers added (replacing same-named ones).

@@ -12,7 +12,7 @@
 
 use serde_json::{json, Value};
 
-use crate::task::{f64_of, str_field, u64_of, Task, TaskContext, TaskError, TaskOutput};
+use taskmill_task::{f64_of, str_field, u64_of, Task, TaskContext, TaskError, TaskOutput};
 
 /// The `post-stats` task.
 pub struct PostStats;

@@ -7,12 +7,12 @@
 //! `a` and `b` are the records' `id` fields, or their positions in the batch when they have
 //! none. Signatures are computed in parallel on the rayon pool, and so are the pair scans.
 
-use std::hash::{Hash, Hasher};
+use taskmill_task::hash::hash_strs;
 
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use crate::task::{f64_of, str_field, u64_of, Task, TaskContext, TaskError, TaskOutput};
+use taskmill_task::{f64_of, str_field, u64_of, Task, TaskContext, TaskError, TaskOutput};
 
 /// The `similarity` task.
 pub struct Similarity;
@@ -20,8 +20,7 @@ pub struct Similarity;
 /// How many pairs a job summary lists (the most similar first).
 const SUMMARY_PAIRS: usize = 100;
 
-/// A fast, well-mixing 64-bit finaliser (splitmix64).
-pub(crate) use crate::draw::mix;
+pub(crate) use taskmill_task::hash::mix;
 
 fn shingle_hashes(text: &str, k: usize) -> Vec<u64> {
     let words: Vec<String> = text
@@ -35,12 +34,9 @@ fn shingle_hashes(text: &str, k: usize) -> Vec<u64> {
     let k = k.clamp(1, words.len());
     let mut out: Vec<u64> = words
         .windows(k)
-        .map(|w| {
-            // SipHash with fixed keys: the same shingle hashes alike on every worker.
-            let mut h = std::hash::DefaultHasher::new();
-            w.hash(&mut h);
-            h.finish()
-        })
+        // A stable hash: the same shingle hashes alike on every worker, whatever toolchain
+        // built it.
+        .map(|w| hash_strs(w.iter().map(String::as_str)))
         .collect();
     out.sort_unstable();
     out.dedup();

@@ -1,8 +1,13 @@
 //! Tasks: named, pure functions from (params, records) to a JSON result, with an aggregate
 //! that folds batch results into a job summary.
 //!
-//! To add a task, implement [`Task`] in one file and register it in your own worker's
-//! [`Registry`] (see `tasks/` for the built-in ones).
+//! This crate is all a task author needs (it depends on serde only): implement [`Task`] in
+//! one file and register it in your own worker's [`Registry`]
+//! (`taskmill_tasks::builtin().with(MyTask)`; the `taskmill-tasks` crate has the built-in
+//! ones). [`hash`] has stable hashes for tasks that need them (the same on every machine and
+//! toolchain).
+
+pub mod hash;
 
 use std::{collections::BTreeMap, collections::HashMap, sync::Arc};
 
@@ -88,14 +93,10 @@ impl Registry {
         Self::default()
     }
 
-    /// The built-in tasks: `post-stats`, `text-stats`, `similarity`, `chaos`.
-    pub fn builtin() -> Self {
-        let mut r = Self::new();
-        r.register(crate::tasks::post_stats::PostStats);
-        r.register(crate::tasks::text_stats::TextStats);
-        r.register(crate::tasks::similarity::Similarity);
-        r.register(crate::tasks::chaos::Chaos);
-        r
+    /// This registry with `task` added (or replaced): `taskmill_tasks::builtin().with(MyTask)`.
+    pub fn with(mut self, task: impl Task) -> Self {
+        self.register(task);
+        self
     }
 
     /// Adds (or replaces) a task.

@@ -17,83 +17,15 @@
 //! Namespaces and queue names cannot contain `.` (see `config::validate_name`), so every
 //! name above has exactly one reading.
 
+pub use taskmill_protocol::names::{
+    validate_queue, Names, DEAD_EVENTS_MAX, DEFAULT_QUEUE, DELAY_TIERS_MS, DELIVERY_LIMIT,
+};
+
 use lapin::{
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable, LongString, ShortString},
     Channel, ExchangeKind,
 };
-
-/// Default short name of the work queue.
-pub const DEFAULT_QUEUE: &str = "tasks";
-
-/// How many times the broker delivers a batch before it dead-letters it itself. Counts
-/// deliveries that ended without an ack (a worker died or lost its connection); taskmill's
-/// own retries are new messages and do not count here.
-pub const DELIVERY_LIMIT: i64 = 10;
-
-/// The delays a retry can wait, in ms: a small fixed set, so that a work queue has at most
-/// this many delay queues whatever the retry settings. A computed delay is rounded to one of
-/// its two neighbouring tiers (see the worker's retry policy).
-pub const DELAY_TIERS_MS: &[u64] = &[
-    100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000, 600_000,
-    1_800_000, 3_600_000, 10_800_000, 21_600_000, 43_200_000, 86_400_000,
-];
-
-/// Longest queue of dead-letter events kept for counting when no worker runs.
-const DEAD_EVENTS_MAX: i64 = 1_000_000;
-
-/// Names of one namespace's broker objects.
-#[derive(Debug, Clone)]
-pub struct Names {
-    /// The namespace prefix.
-    pub ns: String,
-}
-
-impl Names {
-    /// Names under namespace `ns`.
-    pub fn new(ns: &str) -> Self {
-        Self { ns: ns.to_string() }
-    }
-    /// The exchange that producers publish batches to.
-    pub fn work_exchange(&self) -> String {
-        format!("{}.work", self.ns)
-    }
-    /// The full name of work queue `queue`.
-    pub fn queue(&self, queue: &str) -> String {
-        format!("{}.{}", self.ns, queue)
-    }
-    /// The dead-letter exchange.
-    pub fn dead_exchange(&self) -> String {
-        format!("{}.dlx", self.ns)
-    }
-    /// The dead-letter queue.
-    pub fn dead_queue(&self) -> String {
-        format!("{}.dead", self.ns)
-    }
-    /// The queue of dead-letter copies that workers consume to count them in their jobs.
-    pub fn dead_events(&self) -> String {
-        format!("{}.dead.events", self.ns)
-    }
-    /// The delay queue that holds retries of work queue `queue` for `delay_ms`.
-    pub fn delay_queue(&self, queue: &str, delay_ms: u64) -> String {
-        format!("{}.{}.delay.{}", self.ns, queue, delay_ms)
-    }
-    /// The short queue name of a full work-queue name of this namespace.
-    pub fn short_queue<'a>(&self, full: &'a str) -> Option<&'a str> {
-        full.strip_prefix(self.ns.as_str())?.strip_prefix('.')
-    }
-}
-
-/// Checks a short queue name given on the command line.
-pub fn validate_queue(queue: &str) -> Result<(), String> {
-    crate::config::validate_name("queue name", queue)?;
-    if matches!(queue, "dead" | "dlx" | "work") {
-        return Err(format!(
-            "queue name {queue:?} is reserved for taskmill's own use"
-        ));
-    }
-    Ok(())
-}
 
 fn quorum_args() -> FieldTable {
     let mut args = FieldTable::default();

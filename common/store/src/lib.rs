@@ -1,10 +1,13 @@
 //! Jobs and results in Redis.
 //!
 //! All keys live under `{ns}:` and expire after the result TTL:
-//! - `{ns}:job:{job}` hash: state, task, counters and times (see [`NUMERIC_FIELDS`]);
+//! - `{ns}:job:{job}` hash: state, task, counters and times (see [`JobStatus`]);
 //! - `{ns}:job:{job}:results` hash: batch number → result (JSON text);
 //! - `{ns}:job:{job}:dead` hash: batch number → why it was dead-lettered (JSON text);
 //! - `{ns}:jobs` sorted set: job ids by creation time.
+//!
+//! The scripts are the `.lua` files beside this one, each prefixed with the job states as a
+//! Lua table (from [`JobState`]) and the shared functions of `prelude.lua`.
 //!
 //! Every change to a job is one Lua script, so that it is atomic and idempotent: a result is
 //! stored with `HSETNX`, and the counters move only when that stored something. A batch that is
@@ -13,79 +16,17 @@
 use std::collections::BTreeMap;
 
 use redis::aio::ConnectionManager;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
-use crate::config::redact;
+use serde::Serialize;
+use taskmill_protocol::{now_ms, redact, JobState};
 
-/// Fields of the job hash whose values are numbers.
-pub const NUMERIC_FIELDS: &[&str] = &[
-    "ttl",
-    "batches_total",
-    "batches_published",
-    "batches_reserved",
-    "batches_done",
-    "batches_dead",
-    "records_total",
-    "records_done",
-    "records_invalid",
-    "retries",
-    "sources_failed",
-    "created_ms",
-    "started_ms",
-    "finished_ms",
-];
-
-/// Fields of the job hash that hold JSON text.
-const JSON_FIELDS: &[&str] = &["params", "problems"];
+pub use taskmill_protocol::names::Keys;
 
 /// Lua shared by the scripts that change a job: `finish` decides whether a job is finished
 /// and sets its state and finish time; `expire_all` gives every key of the call the job's own
 /// TTL (the one it was enqueued with, kept in its hash; `fallback` for jobs written before).
-const FINISH_LUA: &str = r#"
-local function job_ttl(job, fallback)
-  return tonumber(redis.call('HGET', job, 'ttl')) or tonumber(fallback)
-end
-local function finish(job, now)
-  local f = redis.call('HMGET', job, 'batches_total', 'batches_done', 'batches_dead', 'state')
-  if not f[1] then return end
-  local total = tonumber(f[1])
-  local done = tonumber(f[2] or '0')
-  local dead = tonumber(f[3] or '0')
-  if f[4] == 'cancelled' then return end
-  local state = f[4]
-  if done + dead >= total then
-    if dead > 0 then state = 'completed_with_errors' else state = 'completed' end
-  elseif done + dead > 0 then
-    state = 'running'
-  end
-  if state ~= f[4] then
-    redis.call('HSET', job, 'state', state)
-    if state == 'completed' or state == 'completed_with_errors' then
-      redis.call('HSET', job, 'finished_ms', now)
-    end
-  end
-end
-local function expire_all(job, fallback)
-  local ttl = job_ttl(job, fallback)
-  for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
-end
--- The batch numbers a job can have: below batches_total once publishing ended, else below
--- batches_reserved (which the producer raises, ahead, before it publishes). nil: no such job.
-local function batch_limit(job)
-  local f = redis.call('HMGET', job, 'state', 'batches_total', 'batches_reserved',
-    'batches_published')
-  if not f[1] then return nil end
-  return tonumber(f[2] or f[3] or f[4] or '0')
-end
--- A batch counted done or dead was published: batches_published is never below them.
-local function published_at_least(job)
-  local f = redis.call('HMGET', job, 'batches_done', 'batches_dead', 'batches_published')
-  local settled = tonumber(f[1] or '0') + tonumber(f[2] or '0')
-  if settled > tonumber(f[3] or '0') then
-    redis.call('HSET', job, 'batches_published', settled)
-  end
-end
-"#;
+const FINISH_LUA: &str = include_str!("lua/prelude.lua");
 
 /// What storing a batch's outcome did (the scripts' return codes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,116 +57,30 @@ impl Recorded {
 /// KEYS: job, results, dead. ARGV: now, ttl, n, then n × (batch, result, records_done,
 /// records_invalid). Returns one code a batch: 1 stored, 0 already done, -1 no such job,
 /// -2 a batch number the job never published.
-const RECORD_DONE_LUA: &str = r#"
-local now, ttl, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local out = {}
-local limit = batch_limit(KEYS[1])
-if not limit then
-  for i = 1, n do out[i] = -1 end
-  return out
-end
-local batches, records, invalid, undead = 0, 0, 0, 0
-local has_dead = redis.call('EXISTS', KEYS[3]) == 1
-for i = 0, n - 1 do
-  local at = 4 + i * 4
-  if tonumber(ARGV[at]) >= limit then
-    out[i + 1] = -2
-  elseif redis.call('HSETNX', KEYS[2], ARGV[at], ARGV[at + 1]) == 1 then
-    out[i + 1] = 1
-    batches = batches + 1
-    records = records + tonumber(ARGV[at + 2])
-    invalid = invalid + tonumber(ARGV[at + 3])
-    if has_dead then undead = undead + redis.call('HDEL', KEYS[3], ARGV[at]) end
-  else
-    out[i + 1] = 0
-  end
-end
-if batches > 0 then
-  redis.call('HINCRBY', KEYS[1], 'batches_done', batches)
-  redis.call('HINCRBY', KEYS[1], 'records_done', records)
-  if invalid > 0 then redis.call('HINCRBY', KEYS[1], 'records_invalid', invalid) end
-  if undead > 0 then redis.call('HINCRBY', KEYS[1], 'batches_dead', -undead) end
-  redis.call('HSETNX', KEYS[1], 'started_ms', now)
-  if redis.call('HGET', KEYS[1], 'state') == 'pending' then
-    redis.call('HSET', KEYS[1], 'state', 'running')
-  end
-  published_at_least(KEYS[1])
-  finish(KEYS[1], now)
-  expire_all(KEYS[1], ttl)
-end
-return out
-"#;
+const RECORD_DONE_LUA: &str = include_str!("lua/record_done.lua");
 
 /// Lua: mark one batch dead once. KEYS: job, results, dead. ARGV: batch, reason, now, ttl.
 /// Returns 1 when marked, 0 when it was already done or already dead, -1 no such job, -2 a
 /// batch number the job never published.
-const RECORD_DEAD_LUA: &str = r#"
-local limit = batch_limit(KEYS[1])
-if not limit then return -1 end
-if tonumber(ARGV[1]) >= limit then return -2 end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
-if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[1], 'batches_dead', 1)
-redis.call('HSETNX', KEYS[1], 'started_ms', ARGV[3])
-published_at_least(KEYS[1])
-finish(KEYS[1], ARGV[3])
-expire_all(KEYS[1], ARGV[4])
-return 1
-"#;
+const RECORD_DEAD_LUA: &str = include_str!("lua/record_dead.lua");
 
 /// Lua: count one retry of a batch of an existing job. KEYS: job. ARGV: batch. Returns 1
 /// when counted, -1 no such job, -2 a batch number the job never published.
-const ADD_RETRY_LUA: &str = r#"
-local limit = batch_limit(KEYS[1])
-if not limit then return -1 end
-if tonumber(ARGV[1]) >= limit then return -2 end
-redis.call('HINCRBY', KEYS[1], 'retries', 1)
-return 1
-"#;
+const ADD_RETRY_LUA: &str = include_str!("lua/add_retry.lua");
 
 /// Lua: raise a counter of an existing job (never lowers it). KEYS: job. ARGV: field, n.
-const RAISE_LUA: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if tonumber(ARGV[2]) > cur then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-end
-return 1
-"#;
+const RAISE_LUA: &str = include_str!("lua/raise.lua");
 
 /// Lua: publishing ended. KEYS: job. ARGV: batches_total, records_total, records_invalid,
 /// sources_failed, problems, now, ttl.
-const FINISH_PUBLISHING_LUA: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'batches_total', ARGV[1], 'batches_published', ARGV[1],
-  'records_total', ARGV[2], 'sources_failed', ARGV[4], 'problems', ARGV[5])
-if ARGV[3] ~= '0' then redis.call('HINCRBY', KEYS[1], 'records_invalid', ARGV[3]) end
-finish(KEYS[1], ARGV[6])
-expire_all(KEYS[1], ARGV[7])
-return 1
-"#;
+const FINISH_PUBLISHING_LUA: &str = include_str!("lua/finish_publishing.lua");
 
 /// Lua: register a new job unless the id is taken. KEYS: job, jobs. ARGV: id, task, queue,
 /// params, now, ttl, prefix of job keys. Returns 1 when registered, 0 when the id already
 /// exists. The job keeps its TTL in its hash; the index lives as long as its longest-lived
 /// job, and ids of expired jobs are dropped from it (the oldest few at each registration,
 /// the rest when it is listed).
-const REGISTER_LUA: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local ttl = tonumber(ARGV[6])
-redis.call('HSET', KEYS[1], 'state', 'pending', 'task', ARGV[2], 'queue', ARGV[3],
-  'params', ARGV[4], 'created_ms', ARGV[5], 'ttl', ttl, 'batches_published', 0,
-  'batches_done', 0, 'batches_dead', 0, 'records_total', 0, 'records_done', 0,
-  'records_invalid', 0, 'retries', 0, 'sources_failed', 0)
-redis.call('EXPIRE', KEYS[1], ttl)
-local before = redis.call('TTL', KEYS[2])
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
-if before == -2 or (before >= 0 and before < ttl) then redis.call('EXPIRE', KEYS[2], ttl) end
-for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, 15)) do
-  if redis.call('EXISTS', ARGV[7] .. id) == 0 then redis.call('ZREM', KEYS[2], id) end
-end
-return 1
-"#;
+const REGISTER_LUA: &str = include_str!("lua/register.lua");
 
 /// Errors talking to Redis.
 #[derive(Debug, thiserror::Error)]
@@ -243,6 +98,9 @@ pub enum StoreError {
     /// A job id given by the user is taken.
     #[error("job {0} already exists; choose another --job id")]
     JobExists(String),
+    /// A job's hash holds something that is not a job (written by something else).
+    #[error(transparent)]
+    BadJob(#[from] BadJobHash),
 }
 
 impl StoreError {
@@ -257,7 +115,7 @@ impl StoreError {
                     || source.code() == Some("LOADING")
                     || source.code() == Some("NOSCRIPT")
             }
-            StoreError::JobExists(_) => false,
+            StoreError::JobExists(_) | StoreError::BadJob(_) => false,
         }
     }
 
@@ -268,37 +126,8 @@ impl StoreError {
                 matches!(source.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
                     || source.kind() == redis::ErrorKind::AuthenticationFailed
             }
-            StoreError::JobExists(_) => false,
+            StoreError::JobExists(_) | StoreError::BadJob(_) => false,
         }
-    }
-}
-
-/// The key names of one namespace.
-#[derive(Debug, Clone)]
-pub struct Keys {
-    ns: String,
-}
-
-impl Keys {
-    /// Keys under namespace `ns`.
-    pub fn new(ns: &str) -> Self {
-        Self { ns: ns.into() }
-    }
-    /// The job hash.
-    pub fn job(&self, job: &str) -> String {
-        format!("{}:job:{job}", self.ns)
-    }
-    /// Batch number → result.
-    pub fn results(&self, job: &str) -> String {
-        format!("{}:job:{job}:results", self.ns)
-    }
-    /// Batch number → dead-letter reason.
-    pub fn dead(&self, job: &str) -> String {
-        format!("{}:job:{job}:dead", self.ns)
-    }
-    /// Job ids by creation time.
-    pub fn jobs(&self) -> String {
-        format!("{}:jobs", self.ns)
     }
 }
 
@@ -345,65 +174,133 @@ pub struct DoneBatch {
     pub records_invalid: u64,
 }
 
-/// A job's hash as read from Redis.
-#[derive(Debug, Clone, PartialEq)]
+/// A job as read from its Redis hash.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobStatus {
     /// Job id.
     pub job: String,
-    /// The raw fields.
-    pub fields: BTreeMap<String, String>,
+    /// Where the job is.
+    pub state: JobState,
+    /// Task name.
+    pub task: String,
+    /// Short name of the work queue.
+    pub queue: String,
+    /// Task parameters.
+    pub params: BTreeMap<String, String>,
+    /// Seconds every key of the job lives (as enqueued).
+    pub ttl: u64,
+    /// Batches in the job, known once publishing ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batches_total: Option<u64>,
+    /// Batches published so far (never behind `batches_done + batches_dead`).
+    pub batches_published: u64,
+    /// Batches whose result is stored.
+    pub batches_done: u64,
+    /// Batches dead-lettered.
+    pub batches_dead: u64,
+    /// Records published.
+    pub records_total: u64,
+    /// Records the tasks used.
+    pub records_done: u64,
+    /// Records skipped (by the producer or by a task).
+    pub records_invalid: u64,
+    /// Retries of the job's batches.
+    pub retries: u64,
+    /// Sources (URLs, files) that could not be read.
+    pub sources_failed: u64,
+    /// The first problems the producer reported, with source and line.
+    pub problems: Vec<String>,
+    /// When it was registered, ms since the epoch.
+    pub created_ms: u64,
+    /// When its first batch settled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    /// When it finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+}
+
+/// A job hash that cannot be read as a job.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("job {job}: field {field} holds {value:?}")]
+pub struct BadJobHash {
+    /// The job.
+    pub job: String,
+    /// The field.
+    pub field: String,
+    /// What it holds.
+    pub value: String,
 }
 
 impl JobStatus {
-    /// A numeric field, 0 when absent.
-    pub fn num(&self, field: &str) -> u64 {
-        self.fields
-            .get(field)
-            .and_then(|v| v.parse::<i64>().ok())
-            .map(|v| v.max(0) as u64)
-            .unwrap_or(0)
+    /// Reads a job hash (all fields as strings).
+    pub fn from_hash(job: &str, f: &BTreeMap<String, String>) -> Result<Self, BadJobHash> {
+        let bad = |field: &str, value: &str| BadJobHash {
+            job: job.to_string(),
+            field: field.to_string(),
+            value: value.chars().take(100).collect(),
+        };
+        let opt = |field: &str| -> Result<Option<u64>, BadJobHash> {
+            match f.get(field) {
+                None => Ok(None),
+                Some(v) => v
+                    .parse::<i64>()
+                    .map(|n| Some(n.max(0) as u64))
+                    .map_err(|_| bad(field, v)),
+            }
+        };
+        let num = |field: &str| opt(field).map(Option::unwrap_or_default);
+        let text = |field: &str| f.get(field).cloned().unwrap_or_default();
+        let state_raw = text("state");
+        let state = state_raw.parse().map_err(|_| bad("state", &state_raw))?;
+        Ok(Self {
+            job: job.to_string(),
+            state,
+            task: text("task"),
+            queue: text("queue"),
+            params: f
+                .get("params")
+                .and_then(|p| serde_json::from_str(p).ok())
+                .unwrap_or_default(),
+            ttl: num("ttl")?,
+            batches_total: opt("batches_total")?,
+            batches_published: num("batches_published")?,
+            batches_done: num("batches_done")?,
+            batches_dead: num("batches_dead")?,
+            records_total: num("records_total")?,
+            records_done: num("records_done")?,
+            records_invalid: num("records_invalid")?,
+            retries: num("retries")?,
+            sources_failed: num("sources_failed")?,
+            problems: f
+                .get("problems")
+                .and_then(|p| serde_json::from_str(p).ok())
+                .unwrap_or_default(),
+            created_ms: num("created_ms")?,
+            started_ms: opt("started_ms")?,
+            finished_ms: opt("finished_ms")?,
+        })
     }
-    /// A numeric field that may be unknown yet (e.g. `batches_total`).
-    pub fn opt_num(&self, field: &str) -> Option<u64> {
-        self.fields.get(field).and_then(|v| v.parse().ok())
-    }
-    /// The state: pending, running, completed, completed_with_errors or cancelled.
-    pub fn state(&self) -> &str {
-        self.fields.get("state").map(String::as_str).unwrap_or("")
+
+    /// The state.
+    pub fn state(&self) -> JobState {
+        self.state
     }
     /// The task name.
     pub fn task(&self) -> &str {
-        self.fields.get("task").map(String::as_str).unwrap_or("")
+        &self.task
     }
     /// Finished: completed, completed with errors, or cancelled.
     pub fn is_finished(&self) -> bool {
-        matches!(
-            self.state(),
-            "completed" | "completed_with_errors" | "cancelled"
-        )
+        self.state.is_finished()
     }
     /// The problems the producer reported (first few).
-    pub fn problems(&self) -> Vec<String> {
-        self.fields
-            .get("problems")
-            .and_then(|p| serde_json::from_str(p).ok())
-            .unwrap_or_default()
+    pub fn problems(&self) -> &[String] {
+        &self.problems
     }
-    /// The hash as one JSON object: numbers as numbers, JSON fields parsed, plus `job`.
+    /// The status as one JSON object: numbers as numbers, plus `job`.
     pub fn to_json(&self) -> Value {
-        let mut m = Map::new();
-        m.insert("job".into(), json!(self.job));
-        for (k, v) in &self.fields {
-            let value = if NUMERIC_FIELDS.contains(&k.as_str()) {
-                v.parse::<i64>().map(Value::from).unwrap_or(json!(v))
-            } else if JSON_FIELDS.contains(&k.as_str()) {
-                serde_json::from_str(v).unwrap_or(json!(v))
-            } else {
-                json!(v)
-            };
-            m.insert(k.clone(), value);
-        }
-        Value::Object(m)
+        serde_json::to_value(self).unwrap_or_else(|_| json!({"job": self.job}))
     }
 }
 
@@ -419,14 +316,15 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
-        let with_finish = |body: &str| redis::Script::new(&format!("{FINISH_LUA}\n{body}"));
+        let states = JobState::lua_table();
+        let with_finish = |body: &str| redis::Script::new(&format!("{states}{FINISH_LUA}\n{body}"));
         Self {
             done: with_finish(RECORD_DONE_LUA),
             dead: with_finish(RECORD_DEAD_LUA),
             finish_publishing: with_finish(FINISH_PUBLISHING_LUA),
-            register: redis::Script::new(REGISTER_LUA),
+            register: with_finish(REGISTER_LUA),
             add_retry: with_finish(ADD_RETRY_LUA),
-            raise: redis::Script::new(RAISE_LUA),
+            raise: with_finish(RAISE_LUA),
         }
     }
 }
@@ -509,7 +407,7 @@ impl Store {
             .arg(job.task)
             .arg(job.queue)
             .arg(params)
-            .arg(crate::now_ms())
+            .arg(now_ms())
             .arg(self.ttl)
             .arg(self.keys.job(""))
             .invoke_async(&mut con)
@@ -574,7 +472,7 @@ impl Store {
             .arg(totals.records_invalid)
             .arg(totals.sources_failed)
             .arg(problems)
-            .arg(crate::now_ms())
+            .arg(now_ms())
             .arg(self.ttl)
             .invoke_async::<i64>(&mut con)
             .await
@@ -600,7 +498,7 @@ impl Store {
                 None => groups.push((&b.job, vec![i])),
             }
         }
-        let now = crate::now_ms();
+        let now = now_ms();
         let mut pipe = redis::pipe();
         for (job, idx) in &groups {
             let cmd = pipe
@@ -663,7 +561,7 @@ impl Store {
             .arg(self.keys.dead(job))
             .arg(batch)
             .arg(reason.to_string())
-            .arg(crate::now_ms())
+            .arg(now_ms())
             .arg(self.ttl);
         let flags: Vec<i64> = self.query_with_scripts(&pipe).await?;
         Ok(Recorded::from_code(flags.first().copied().unwrap_or(0)))
@@ -695,10 +593,7 @@ impl Store {
         if fields.is_empty() {
             return Ok(None);
         }
-        Ok(Some(JobStatus {
-            job: job.to_string(),
-            fields,
-        }))
+        Ok(Some(JobStatus::from_hash(job, &fields)?))
     }
 
     /// All stored batch results of a job, by batch number.

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{json, Value};
 
-use crate::task::{f64_of, str_field, u64_of, Task, TaskContext, TaskError, TaskOutput};
+use taskmill_task::{f64_of, str_field, u64_of, Task, TaskContext, TaskError, TaskOutput};
 
 /// The `text-stats` task.
 pub struct TextStats;

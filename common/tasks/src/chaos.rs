@@ -9,11 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-pub use crate::draw::draw;
-use crate::{
-    draw::mix,
-    task::{u64_of, Task, TaskContext, TaskError, TaskOutput},
-};
+pub use taskmill_task::hash::draw;
+use taskmill_task::{hash::mix, u64_of, Task, TaskContext, TaskError, TaskOutput};
 
 /// The `chaos` task.
 pub struct Chaos;

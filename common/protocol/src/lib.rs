@@ -1,0 +1,69 @@
+//! taskmill-protocol: the contract every part shares, with no I/O.
+//!
+//! - [`envelope`]: the versioned batch envelope, its MessagePack codec and message headers.
+//! - [`names`]: names of exchanges, queues and Redis keys; name and job-id rules.
+//! - [`state`]: the job states.
+//! - [`dead`]: why a batch was dead-lettered, as written into and read from its headers.
+
+pub mod dead;
+pub mod envelope;
+pub mod names;
+pub mod state;
+
+pub use dead::DeadKind;
+pub use state::JobState;
+
+/// Milliseconds since the Unix epoch, the unit of every time taskmill stores.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// An error and its causes in one line, each cause once: a cause whose text its parent
+/// already shows is not repeated.
+pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !s.is_empty() && !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cur = c.source();
+    }
+    text
+}
+
+/// A URL with its password replaced by `***`, safe for logs and error messages.
+pub fn redact(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                // set_password only fails for URLs that cannot have one, which has none then.
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable URL>".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_hides_passwords() {
+        use super::redact;
+        assert_eq!(
+            redact("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(
+            redact("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+        assert!(!redact("rediss://:pw@h/0").contains("pw"));
+    }
+}

@@ -1,0 +1,174 @@
+//! Names: exchanges and queues on the broker, keys in Redis, and the rules for namespaces,
+//! queue names and job ids.
+//!
+//! Broker (namespace `ns`): `{ns}.work` (direct exchange), `{ns}.{queue}` (work queues),
+//! `{ns}.dlx` (dead-letter fanout) → `{ns}.dead` and `{ns}.dead.events`,
+//! `{ns}.{queue}.delay.{ms}` (retry delays). Redis: `{ns}:job:{job}`, `{ns}:job:{job}:results`,
+//! `{ns}:job:{job}:dead`, `{ns}:jobs`.
+//!
+//! Namespaces and queue names cannot contain `.` and job ids cannot contain `:`, so every
+//! name has exactly one reading.
+
+/// Default short name of the work queue.
+pub const DEFAULT_QUEUE: &str = "tasks";
+
+/// How many times the broker delivers a batch before it dead-letters it itself. Counts
+/// deliveries that ended without an ack (a worker died or lost its connection); taskmill's
+/// own retries are new messages and do not count here.
+pub const DELIVERY_LIMIT: i64 = 10;
+
+/// The delays a retry can wait, in ms: a small fixed set, so that a work queue has at most
+/// this many delay queues whatever the retry settings. A computed delay is rounded to one of
+/// its two neighbouring tiers (see the worker's retry policy).
+pub const DELAY_TIERS_MS: &[u64] = &[
+    100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000, 600_000,
+    1_800_000, 3_600_000, 10_800_000, 21_600_000, 43_200_000, 86_400_000,
+];
+
+/// Longest queue of dead-letter events kept for counting when no worker runs.
+pub const DEAD_EVENTS_MAX: i64 = 1_000_000;
+
+/// Names of one namespace's broker objects.
+#[derive(Debug, Clone)]
+pub struct Names {
+    /// The namespace prefix.
+    pub ns: String,
+}
+
+impl Names {
+    /// Names under namespace `ns`.
+    pub fn new(ns: &str) -> Self {
+        Self { ns: ns.to_string() }
+    }
+    /// The exchange that producers publish batches to.
+    pub fn work_exchange(&self) -> String {
+        format!("{}.work", self.ns)
+    }
+    /// The full name of work queue `queue`.
+    pub fn queue(&self, queue: &str) -> String {
+        format!("{}.{}", self.ns, queue)
+    }
+    /// The dead-letter exchange.
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dlx", self.ns)
+    }
+    /// The dead-letter queue.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.ns)
+    }
+    /// The queue of dead-letter copies that workers consume to count them in their jobs.
+    pub fn dead_events(&self) -> String {
+        format!("{}.dead.events", self.ns)
+    }
+    /// The delay queue that holds retries of work queue `queue` for `delay_ms`.
+    pub fn delay_queue(&self, queue: &str, delay_ms: u64) -> String {
+        format!("{}.{}.delay.{}", self.ns, queue, delay_ms)
+    }
+    /// The short queue name of a full work-queue name of this namespace.
+    pub fn short_queue<'a>(&self, full: &'a str) -> Option<&'a str> {
+        full.strip_prefix(self.ns.as_str())?.strip_prefix('.')
+    }
+}
+
+/// Checks a short queue name given on the command line.
+pub fn validate_queue(queue: &str) -> Result<(), String> {
+    validate_name("queue name", queue)?;
+    if matches!(queue, "dead" | "dlx" | "work") {
+        return Err(format!(
+            "queue name {queue:?} is reserved for taskmill's own use"
+        ));
+    }
+    Ok(())
+}
+
+/// The key names of one namespace.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    ns: String,
+}
+
+impl Keys {
+    /// Keys under namespace `ns`.
+    pub fn new(ns: &str) -> Self {
+        Self { ns: ns.into() }
+    }
+    /// The job hash.
+    pub fn job(&self, job: &str) -> String {
+        format!("{}:job:{job}", self.ns)
+    }
+    /// Batch number → result.
+    pub fn results(&self, job: &str) -> String {
+        format!("{}:job:{job}:results", self.ns)
+    }
+    /// Batch number → dead-letter reason.
+    pub fn dead(&self, job: &str) -> String {
+        format!("{}:job:{job}:dead", self.ns)
+    }
+    /// Job ids by creation time.
+    pub fn jobs(&self) -> String {
+        format!("{}:jobs", self.ns)
+    }
+}
+
+/// Checks that a namespace or queue name is safe inside AMQP names and Redis keys. `.` is the
+/// separator of broker names (`{ns}.{queue}`) and `:` of Redis keys, so neither may appear in
+/// a name: namespace `a` with queue `b-c` and namespace `a.b` with queue `c` can never meet.
+pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
+    check_chars(kind, name, "")
+}
+
+/// Checks a job id: 1 to 100 characters from A-Z, a-z, 0-9, `-`, `_` and `.` (never `:`, the
+/// separator of Redis keys, so that no job's keys can alias another's). The producer checks
+/// the ids it is given, the worker the ids that messages carry.
+pub fn validate_job_id(job: &str) -> Result<(), String> {
+    check_chars("job id", job, ".")
+}
+
+fn check_chars(kind: &str, name: &str, extra: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || extra.contains(c));
+    if ok {
+        return Ok(());
+    }
+    let mut allowed = "A-Z, a-z, 0-9, '-', '_'".to_string();
+    for c in extra.chars() {
+        allowed.push_str(&format!(", '{c}'"));
+    }
+    Err(format!(
+        "{kind} {:?} is not valid: use 1 to 100 characters from {allowed}",
+        crate::envelope::bounded(name, 120)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("namespace", "taskmill").is_ok());
+        assert!(validate_name("namespace", "t-1_a").is_ok());
+        assert!(validate_name("namespace", "t-1_a.b").is_err());
+        assert!(validate_job_id("j-1_a.b").is_ok());
+        assert!(validate_job_id("j:results").is_err());
+        assert!(validate_job_id(&"x".repeat(101)).is_err());
+        assert!(validate_name("namespace", "").is_err());
+        assert!(validate_name("queue", "a b").is_err());
+        assert!(validate_name("queue", "a:b").is_err());
+    }
+
+    #[test]
+    fn names_have_one_reading() {
+        let n = Names::new("ns");
+        assert_eq!(n.queue("tasks"), "ns.tasks");
+        assert_eq!(n.delay_queue("tasks", 1000), "ns.tasks.delay.1000");
+        assert_eq!(n.short_queue("ns.tasks"), Some("tasks"));
+        assert!(validate_queue("b.tasks").is_err());
+        assert!(validate_queue("dead").is_err());
+        let k = Keys::new("ns");
+        assert_eq!(k.results("j"), "ns:job:j:results");
+    }
+}
