@@ -5,8 +5,10 @@
 //! - [`cmd`]: one subcommand a file (`enqueue`, `status`, `wait`, `results`, `jobs`, `dlq`, `queues`,
 //!   `workers`).
 //! - [`sources`]: files, stdin and HTTP, streamed into one bounded channel.
+//! - [`batcher`]: records in, numbered and encoded batches out (no I/O).
 //! - [`publisher`]: confirm-window publishing with republish on nack, return or reconnect.
 
+pub mod batcher;
 pub mod cmd;
 pub mod error;
 pub mod out;

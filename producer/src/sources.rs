@@ -354,6 +354,74 @@ fn read_array<R: Read>(
     }
 }
 
+/// A pretty-printed document being gathered: it starts with a line that is just `{` or `[`.
+#[derive(Default)]
+struct Document {
+    text: String,
+    start: u64,
+}
+
+impl Document {
+    /// One line of JSON Lines input: a record (or an array of them), or nothing when the line
+    /// is blank, malformed (reported) or part of a document still being gathered.
+    fn line(
+        &mut self,
+        line: &str,
+        at: (&str, u64),
+        cap: usize,
+        problems: &ProblemLog,
+    ) -> Option<Value> {
+        let (source, line_no) = at;
+        if self.text.is_empty() {
+            let t = line.trim();
+            if t.is_empty() {
+                return None;
+            }
+            if t == "{" || t == "[" {
+                self.start = line_no;
+                self.text.push_str(line);
+                self.text.push('\n');
+                return None;
+            }
+            return serde_json::from_str::<Value>(t)
+                .map_err(|e| problems.invalid(format!("{source}:{line_no}: malformed JSON: {e}")))
+                .ok();
+        }
+        self.text.push_str(line);
+        self.text.push('\n');
+        match serde_json::from_str::<Value>(&self.text) {
+            Ok(v) => {
+                self.text.clear();
+                Some(v)
+            }
+            Err(e) if e.is_eof() && self.text.len() <= cap => None,
+            Err(e) => {
+                let what = if e.is_eof() {
+                    format!(
+                        "JSON document over the record limit of {cap} bytes (--max-record-bytes); skipped"
+                    )
+                } else {
+                    format!("malformed JSON document: {e}")
+                };
+                problems.invalid(format!("{source}:{}: {what}", self.start));
+                self.text.clear();
+                None
+            }
+        }
+    }
+
+    /// A line too long to read cut the document being gathered: drop it, say so.
+    fn cut(&mut self, source: &str, problems: &ProblemLog) {
+        if !self.text.is_empty() {
+            self.text.clear();
+            problems.invalid(format!(
+                "{source}:{}: JSON document cut by an oversized line; skipped",
+                self.start
+            ));
+        }
+    }
+}
+
 fn read_lines<R: Read>(
     input: &mut Input<R>,
     source: &str,
@@ -363,9 +431,7 @@ fn read_lines<R: Read>(
     let mut sent = 0u64;
     let mut line_no = 0u64;
     let mut raw = Vec::new();
-    // A pretty-printed document spans lines: it starts with a line that is just "{" or "[".
-    let mut pending = String::new();
-    let mut pending_start = 0u64;
+    let mut doc = Document::default();
     loop {
         let piece = match input.line(&mut raw) {
             Ok(p) => p,
@@ -378,72 +444,18 @@ fn read_lines<R: Read>(
         match piece {
             Piece::Eof => break,
             Piece::TooLarge(len) => {
-                problems.invalid(too_large(
-                    source,
-                    &format!("line {line_no}"),
-                    len,
-                    input.cap,
-                ));
-                if !pending.is_empty() {
-                    pending.clear();
-                    problems.invalid(format!(
-                        "{source}:{pending_start}: JSON document cut by an oversized line; skipped"
-                    ));
-                }
+                let at = format!("line {line_no}");
+                problems.invalid(too_large(source, &at, len, input.cap));
+                doc.cut(source, problems);
                 continue;
             }
             Piece::Bytes => {}
         }
-        let line = match std::str::from_utf8(&raw) {
-            Ok(l) => l,
-            Err(_) => {
-                problems.invalid(format!("{source}:{line_no}: not UTF-8 text"));
-                continue;
-            }
+        let Ok(line) = std::str::from_utf8(&raw) else {
+            problems.invalid(format!("{source}:{line_no}: not UTF-8 text"));
+            continue;
         };
-        let parsed = if pending.is_empty() {
-            let t = line.trim();
-            if t.is_empty() {
-                continue;
-            }
-            if t == "{" || t == "[" {
-                pending_start = line_no;
-                pending.push_str(line);
-                pending.push('\n');
-                continue;
-            }
-            match serde_json::from_str::<Value>(t) {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    problems.invalid(format!("{source}:{line_no}: malformed JSON: {e}"));
-                    None
-                }
-            }
-        } else {
-            pending.push_str(line);
-            pending.push('\n');
-            match serde_json::from_str::<Value>(&pending) {
-                Ok(v) => {
-                    pending.clear();
-                    Some(v)
-                }
-                Err(e) if e.is_eof() && pending.len() <= input.cap => None,
-                Err(e) => {
-                    let what = if e.is_eof() {
-                        format!(
-                            "JSON document over the record limit of {} bytes (--max-record-bytes); skipped",
-                            input.cap
-                        )
-                    } else {
-                        format!("malformed JSON document: {e}")
-                    };
-                    problems.invalid(format!("{source}:{pending_start}: {what}"));
-                    pending.clear();
-                    None
-                }
-            }
-        };
-        if let Some(v) = parsed {
+        if let Some(v) = doc.line(line, (source, line_no), input.cap, problems) {
             let n = if let Value::Array(a) = &v {
                 a.len() as u64
             } else {
@@ -458,9 +470,10 @@ fn read_lines<R: Read>(
             return sent;
         }
     }
-    if !pending.is_empty() {
+    if !doc.text.is_empty() {
         problems.invalid(format!(
-            "{source}:{pending_start}: JSON document cut short at the end of the input"
+            "{source}:{}: JSON document cut short at the end of the input",
+            doc.start
         ));
     }
     sent

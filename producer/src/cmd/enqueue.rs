@@ -9,15 +9,14 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use taskmill_common::{
-    amqp::batch_properties,
     config::{validate_job_id, validate_name, ConnArgs},
-    envelope::{bounded, encode, Envelope, DEFAULT_MAX_MESSAGE_BYTES, FORMAT_VERSION},
-    now_ms,
+    envelope::{bounded, DEFAULT_MAX_MESSAGE_BYTES},
     store::{NewJob, PublishTotals, Store, StoreError},
     topology::{self, Names},
 };
 
 use crate::{
+    batcher::{Batcher, Prepared},
     error::CliError,
     publisher::Publisher,
     sources::{self, HttpOptions, ProblemLog, Problems, DEFAULT_MAX_RECORD_BYTES},
@@ -156,6 +155,22 @@ impl EnqueueReport {
             "more_problems": self.problems.more,
             "seconds": self.seconds,
         })
+    }
+
+    /// What the store records when publishing ends.
+    fn totals(&self) -> PublishTotals {
+        let p = &self.problems;
+        let mut samples = p.samples.clone();
+        if p.more > 0 {
+            samples.push(format!("... and {} more", p.more));
+        }
+        PublishTotals {
+            batches: self.batches,
+            records: self.records,
+            records_invalid: p.records_invalid,
+            sources_failed: p.sources_failed,
+            problems: samples,
+        }
     }
 
     /// One paragraph for people, on stderr.
@@ -345,92 +360,18 @@ pub async fn enqueue(
         reserved: 0,
         published: None,
     };
-
     let problems = ProblemLog::default();
-    let (tx, mut rx) = mpsc::channel::<Vec<Value>>(16);
-    let files = args.files.clone();
-    let file_tx = tx.clone();
-    let file_problems = problems.clone();
-    let max_record = args.max_record_bytes;
-    let files_task = tokio::task::spawn_blocking(move || {
-        for f in files {
-            if f.as_os_str() == "-" {
-                let stdin = std::io::stdin().lock();
-                sources::read_records(stdin, "stdin", max_record, &file_tx, &file_problems);
-            } else {
-                let name = f.display().to_string();
-                match std::fs::File::open(&f) {
-                    Ok(file) => {
-                        sources::read_records(file, &name, max_record, &file_tx, &file_problems);
-                    }
-                    Err(e) => file_problems.failed(format!("{name}: cannot open: {e}")),
-                }
-            }
-        }
-    });
-    let urls: Vec<String> = args.urls.clone();
-    let template = args.url_template.clone();
-    let http = HttpOptions {
-        concurrency: args.concurrency.max(1),
-        retries: args.http_retries,
-        timeout: std::time::Duration::from_secs(args.http_timeout.max(1)),
-        ..HttpOptions::default()
-    };
-    let http_problems = problems.clone();
-    let http_task = tokio::spawn(async move {
-        let templated = template
-            .into_iter()
-            .flat_map(move |t| sources::expand_template(t, ids.unwrap_or((1, 0))));
-        let all = Box::new(urls.into_iter().chain(templated));
-        sources::fetch_all(all, &http, tx, http_problems).await
-    });
-
-    let mut batch_no = 0u64;
-    let mut batch: Vec<Value> = Vec::with_capacity(args.batch_size);
-    let ctx = BatchCtx {
-        job: &job,
-        task: &args.task,
-        params: &params,
-        max_bytes: args.max_message_bytes,
-        problems: &problems,
-    };
+    let (rx, readers) = spawn_sources(args, ids, &problems);
+    let mut batcher = Batcher::new(
+        &job,
+        &args.task,
+        &params,
+        args.batch_size,
+        args.max_message_bytes,
+    );
     let linger = std::time::Duration::from_millis(args.linger_ms);
-    loop {
-        let chunk = if batch.is_empty() {
-            rx.recv().await
-        } else {
-            match tokio::time::timeout(linger, rx.recv()).await {
-                Ok(chunk) => chunk,
-                Err(_) => {
-                    // Nothing came for a while (a slow stream): the partial batch goes out.
-                    let mut ready = Vec::new();
-                    ctx.prepare(&mut batch_no, std::mem::take(&mut batch), &mut ready);
-                    outlet.send(ready, batch_no).await?;
-                    continue;
-                }
-            }
-        };
-        let Some(chunk) = chunk else { break };
-        let mut ready = Vec::new();
-        for record in chunk {
-            batch.push(record);
-            if batch.len() >= args.batch_size {
-                let full = std::mem::replace(&mut batch, Vec::with_capacity(args.batch_size));
-                ctx.prepare(&mut batch_no, full, &mut ready);
-            }
-        }
-        outlet.send(ready, batch_no).await?;
-    }
-    if !batch.is_empty() {
-        let mut ready = Vec::new();
-        ctx.prepare(&mut batch_no, batch, &mut ready);
-        outlet.send(ready, batch_no).await?;
-    }
-    files_task.await.context("reading files")?;
-    http_task
-        .await
-        .context("fetching URLs")?
-        .context("starting the HTTP client")?;
+    pump(rx, &mut batcher, &mut outlet, linger, &problems).await?;
+    readers.finish().await?;
     let mut publisher = outlet.publisher;
     publisher.finish().await?;
 
@@ -448,76 +389,110 @@ pub async fn enqueue(
         job: job.clone(),
         batches: publisher.confirmed_batches,
         records: publisher.confirmed_records,
-        problems: p.clone(),
+        problems: p,
         seconds: started.elapsed().as_secs_f64(),
     };
-    let mut samples = p.samples.clone();
-    if p.more > 0 {
-        samples.push(format!("... and {} more", p.more));
-    }
-    store
-        .finish_publishing(
-            &job,
-            &PublishTotals {
-                batches: report.batches,
-                records: report.records,
-                records_invalid: p.records_invalid,
-                sources_failed: p.sources_failed,
-                problems: samples,
-            },
-        )
-        .await?;
+    store.finish_publishing(&job, &report.totals()).await?;
     Ok(report)
 }
 
-/// A batch ready to publish: (batch number, records, body, properties).
-type Prepared = (u64, u64, Vec<u8>, lapin::BasicProperties);
-
-struct BatchCtx<'a> {
-    job: &'a str,
-    task: &'a str,
-    params: &'a BTreeMap<String, String>,
-    max_bytes: usize,
-    problems: &'a ProblemLog,
-}
-
-impl BatchCtx<'_> {
-    /// Encodes `records` as one batch (split in halves while the message is too large) and
-    /// adds it to `ready`, numbering from `batch_no`.
-    fn prepare(&self, batch_no: &mut u64, records: Vec<Value>, ready: &mut Vec<Prepared>) {
-        let mut stack = vec![records];
-        while let Some(records) = stack.pop() {
-            let env = Envelope {
-                v: FORMAT_VERSION,
-                job: self.job.to_string(),
-                batch: *batch_no,
-                task: self.task.to_string(),
-                params: self.params.clone(),
-                records,
-                created_ms: now_ms(),
-            };
-            let body = encode(&env);
-            if body.len() > self.max_bytes {
-                let mut records = env.records;
-                if records.len() == 1 {
-                    self.problems.invalid(format!(
-                        "a record of {} bytes exceeds the message limit of {} bytes",
-                        body.len(),
-                        self.max_bytes
-                    ));
+/// Feeds what the sources send into the batcher and the batches into the outlet; a partial
+/// batch goes out when nothing came for `linger`, and at the end.
+async fn pump<F: FnOnce(&str)>(
+    mut rx: mpsc::Receiver<Vec<Value>>,
+    batcher: &mut Batcher,
+    outlet: &mut Outlet<'_, F>,
+    linger: std::time::Duration,
+    problems: &ProblemLog,
+) -> anyhow::Result<()> {
+    loop {
+        let chunk = if batcher.has_pending() {
+            match tokio::time::timeout(linger, rx.recv()).await {
+                Ok(chunk) => chunk,
+                Err(_) => {
+                    // Nothing came for a while (a slow stream): the partial batch goes out.
+                    let mut ready = Vec::new();
+                    batcher.flush(&mut ready, problems);
+                    outlet.send(ready, batcher.numbered()).await?;
                     continue;
                 }
-                let second = records.split_off(records.len() / 2);
-                stack.push(second);
-                stack.push(records);
+            }
+        } else {
+            rx.recv().await
+        };
+        let Some(chunk) = chunk else { break };
+        let mut ready = Vec::new();
+        for record in chunk {
+            batcher.push(record, &mut ready, problems);
+        }
+        outlet.send(ready, batcher.numbered()).await?;
+    }
+    let mut ready = Vec::new();
+    batcher.flush(&mut ready, problems);
+    outlet.send(ready, batcher.numbered()).await
+}
+
+/// The tasks that read the sources.
+struct Readers {
+    files: tokio::task::JoinHandle<()>,
+    http: tokio::task::JoinHandle<Result<(), reqwest::Error>>,
+}
+
+impl Readers {
+    async fn finish(self) -> anyhow::Result<()> {
+        self.files.await.context("reading files")?;
+        self.http
+            .await
+            .context("fetching URLs")?
+            .context("starting the HTTP client")
+    }
+}
+
+/// Starts reading every source (files and stdin on a blocking thread, URLs with bounded
+/// concurrency) into one bounded channel of record chunks.
+fn spawn_sources(
+    args: &EnqueueArgs,
+    ids: Option<(u64, u64)>,
+    problems: &ProblemLog,
+) -> (mpsc::Receiver<Vec<Value>>, Readers) {
+    let (tx, rx) = mpsc::channel::<Vec<Value>>(16);
+    let files = args.files.clone();
+    let file_tx = tx.clone();
+    let file_problems = problems.clone();
+    let max_record = args.max_record_bytes;
+    let files = tokio::task::spawn_blocking(move || {
+        for f in files {
+            if f.as_os_str() == "-" {
+                let stdin = std::io::stdin().lock();
+                sources::read_records(stdin, "stdin", max_record, &file_tx, &file_problems);
                 continue;
             }
-            let props = batch_properties(&env, 1);
-            let n = env.records.len() as u64;
-            ready.push((*batch_no, n, body, props));
-            *batch_no += 1;
+            let name = f.display().to_string();
+            match std::fs::File::open(&f) {
+                Ok(file) => {
+                    sources::read_records(file, &name, max_record, &file_tx, &file_problems);
+                }
+                Err(e) => file_problems.failed(format!("{name}: cannot open: {e}")),
+            }
         }
-    }
+    });
+    let urls: Vec<String> = args.urls.clone();
+    let template = args.url_template.clone();
+    let http_opts = HttpOptions {
+        concurrency: args.concurrency.max(1),
+        retries: args.http_retries,
+        timeout: std::time::Duration::from_secs(args.http_timeout.max(1)),
+        ..HttpOptions::default()
+    };
+    let http_problems = problems.clone();
+    let http = tokio::spawn(async move {
+        let templated = template
+            .into_iter()
+            .flat_map(move |t| sources::expand_template(t, ids.unwrap_or((1, 0))));
+        let all = Box::new(urls.into_iter().chain(templated));
+        sources::fetch_all(all, &http_opts, tx, http_problems).await
+    });
+    (rx, Readers { files, http })
 }
 
 /// The command: prints the job id first (or, with --json, the report as one JSON object),
