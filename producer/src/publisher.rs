@@ -18,6 +18,7 @@ use tracing::{debug, warn};
 use taskmill_common::{
     amqp,
     topology::{self, Names},
+    Backoff,
 };
 
 /// How many times one batch may be refused (nack/return) before enqueue gives up.
@@ -197,15 +198,15 @@ impl Publisher {
 
     /// Reconnects after a connection or channel error and republishes every unconfirmed batch.
     async fn recover(&mut self, error: lapin::Error) -> anyhow::Result<()> {
-        let mut delay = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut last = anyhow::Error::new(error);
         for attempt in 1..=MAX_RECONNECTS {
+            let delay = backoff.next_delay();
             warn!(
                 unconfirmed = self.inflight.len(),
                 "broker connection lost ({last:#}); reconnecting in {delay:?} (attempt {attempt})"
             );
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(10));
             match open(&self.amqp_url, &self.names, &self.queue).await {
                 Ok((conn, channel)) => {
                     let _ = self.conn.close(200, "reconnecting".into()).await;

@@ -1,19 +1,18 @@
-//! taskmill-tests: support for the integration tests, the sample data server and (later) the
-//! benchmark harness.
+//! taskmill-tests: the test kit the integration tests (and the benchmark) share.
 //!
 //! # Layout
 //! - [`sample`]: deterministic sample posts and a local HTTP server for them.
-//! - [`bench`]: the benchmark harness behind the `bench` binary.
 //! - [`broker`]: a private RabbitMQ node that a test can put under a memory alarm.
 //! - [`proxy`]: a TCP proxy that cuts and restores connections.
 //! - [`redis_server`]: a private redis-server that a test can kill and restart.
 //! - [`TestNs`]: a fresh namespace per test, with helpers to run workers and clean up.
 
-pub mod bench;
 pub mod broker;
 pub mod proxy;
 pub mod redis_server;
-pub mod sample;
+
+/// Deterministic sample posts and their HTTP server (the `taskmill-sample-server` crate).
+pub use taskmill_sample_server as sample;
 
 use std::{sync::Arc, time::Duration};
 
@@ -29,10 +28,31 @@ use tokio_util::sync::CancellationToken;
 /// Prefix of every test namespace, so that leftovers are easy to find and remove.
 pub const TEST_PREFIX: &str = "tmt-";
 
-/// A namespace of its own for one test.
+/// A namespace of its own for one test. Its queues, exchanges and keys are deleted by
+/// [`TestNs::cleanup`], or when it is dropped without that (a failing test leaks nothing).
 pub struct TestNs {
     /// The namespace.
     pub ns: String,
+    cleaned: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        if self.cleaned.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        // Drop cannot await: clean up on a thread of its own with a runtime of its own.
+        let ns = self.ns.clone();
+        let cleaner = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(cleanup_namespace(&ns));
+            }
+        });
+        let _ = cleaner.join();
+    }
 }
 
 /// A worker running inside the test process.
@@ -65,6 +85,7 @@ impl TestNs {
         let id = uuid::Uuid::new_v4().simple().to_string();
         Self {
             ns: format!("{TEST_PREFIX}{}", &id[..12]),
+            cleaned: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -120,6 +141,8 @@ impl TestNs {
     /// Deletes this namespace's queues, exchanges and Redis keys.
     pub async fn cleanup(&self) {
         cleanup_namespace(&self.ns).await;
+        self.cleaned
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -24,7 +24,13 @@ fn yaml_docs(path: &Path) -> Vec<Yaml> {
 /// The workspace's binary names, from the members' Cargo.toml files.
 fn workspace_bins() -> Vec<String> {
     let mut bins = Vec::new();
-    for member in ["producer", "worker", "tests"] {
+    for member in [
+        "producer",
+        "worker",
+        "tests",
+        "tests/sample-server",
+        "tests/bench",
+    ] {
         let text = std::fs::read_to_string(root().join(member).join("Cargo.toml")).unwrap();
         let doc: toml::Table = toml::from_str(&text).unwrap();
         for b in doc
@@ -99,6 +105,12 @@ fn dockerfile_builds_and_ships_the_workspace_binaries() {
             "the Dockerfile does not copy {name}"
         );
     }
+    // The runtime image ships the two binaries only; the sample server has its own target.
+    let runtime = text.split("AS runtime").nth(1).unwrap();
+    assert!(runtime.contains("/usr/local/bin/producer /usr/local/bin/worker /usr/local/bin/"));
+    assert!(!runtime.contains("sample-server") && !runtime.contains("bench"));
+    let sample = text.split("AS sample").nth(1).unwrap();
+    assert!(sample.contains("sample-server"));
     assert!(
         text.contains("USER taskmill"),
         "the runtime image must not run as root"

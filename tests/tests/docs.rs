@@ -179,3 +179,22 @@ fn the_docs_stand_alone() {
         );
     }
 }
+
+#[test]
+fn the_readme_shows_the_custom_worker_as_it_is_built() {
+    let text = readme();
+    for file in ["src/main.rs", "src/word_count.rs"] {
+        let code =
+            std::fs::read_to_string(root().join("examples/custom-worker").join(file)).unwrap();
+        // Every line of code (not the module comment) is in the README as written.
+        for line in code
+            .lines()
+            .filter(|l| !l.starts_with("//!") && !l.trim().is_empty())
+        {
+            assert!(
+                text.contains(line),
+                "README lacks `{line}` of examples/custom-worker/{file}"
+            );
+        }
+    }
+}

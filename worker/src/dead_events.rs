@@ -18,6 +18,7 @@ use taskmill_common::{
     envelope::{self, bounded, HEADER_ATTEMPT, HEADER_ERROR, HEADER_ERROR_KIND, MAX_HEADER_TEXT},
     now_ms,
     store::Store,
+    Backoff,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -90,7 +91,7 @@ pub(crate) async fn run(
         let delivery = delivery?;
         if let Some((job, batch)) = identity(&delivery) {
             let why = reason(&delivery);
-            let mut backoff = Duration::from_millis(100);
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
             loop {
                 match store.record_dead(&job, batch, &why).await {
                     Ok(taskmill_common::store::Recorded::Stored) => {
@@ -104,12 +105,12 @@ pub(crate) async fn run(
                         break;
                     }
                     Err(e) => {
-                        warn!("counting a dead letter: {e}; trying again in {backoff:?}");
+                        let delay = backoff.next_delay();
+                        warn!("counting a dead letter: {e}; trying again in {delay:?}");
                         tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
+                            _ = tokio::time::sleep(delay) => {}
                             _ = stop.cancelled() => return Ok(()),
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 }
             }

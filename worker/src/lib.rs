@@ -54,6 +54,7 @@ use taskmill_common::{
     store::StoreError,
     task::Registry,
     topology::{self, Names},
+    Backoff,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -157,7 +158,7 @@ pub async fn run_with_stats(
     // the worker returns.
     let metrics_stop = CancellationToken::new();
     let health = Arc::new(metrics::Health::new());
-    let metrics_server = serve_metrics(&args, threads, &health, &metrics_stop).await?;
+    let metrics_server = serve_metrics(&args, threads, &health, &stats, &metrics_stop).await?;
     let shared = Shared {
         names: Names::new(&args.conn.namespace),
         analyser: pool::Analyser {
@@ -194,6 +195,7 @@ async fn serve_metrics(
     args: &WorkerArgs,
     threads: usize,
     health: &Arc<metrics::Health>,
+    stats: &Arc<Stats>,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let Some(addr) = args.metrics_addr else {
@@ -203,14 +205,14 @@ async fn serve_metrics(
     // The recorder is installed now: publish the gauges it starts with.
     health.publish();
     ::metrics::gauge!("taskmill_worker_threads").set(threads as f64);
-    let server = metrics::serve(addr, handle, health.clone(), stop.clone()).await?;
-    info!(%addr, "serving /metrics, /healthz and /readyz");
+    let server = metrics::serve(addr, handle, health.clone(), stats.clone(), stop.clone()).await?;
+    info!(%addr, "serving /metrics, /healthz, /readyz and /stats");
     Ok(Some(server))
 }
 
 /// Runs sessions until shutdown, reconnecting with backoff.
 async fn sessions(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         if shutdown.is_cancelled() {
             shared.stats.report();
@@ -230,15 +232,15 @@ async fn sessions(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Resu
                 return Err(e.context("stopping: a service refused the worker's credentials"));
             }
             Err(e) => {
+                let delay = backoff.next_delay();
                 warn!(
-                    "worker session ended: {}; reconnecting in {backoff:?}",
+                    "worker session ended: {}; reconnecting in {delay:?}",
                     taskmill_common::error_text(&*e)
                 );
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => return Ok(()),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     }

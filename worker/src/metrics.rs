@@ -8,6 +8,8 @@
 //!   `taskmill_connected{to}` (`rabbitmq`, `redis`).
 //! - `GET /healthz`: 200 while the process runs.
 //! - `GET /readyz`: 200 when connected to RabbitMQ and Redis and consuming, else 503 and why.
+//! - `GET /stats`: this worker's counters and exact batch-latency quantiles (HdrHistogram) as
+//!   JSON, for the benchmark harness and for people.
 
 use std::{
     net::SocketAddr,
@@ -107,6 +109,11 @@ pub fn recorder() -> anyhow::Result<PrometheusHandle> {
 struct AppState {
     handle: PrometheusHandle,
     health: Arc<Health>,
+    stats: Arc<crate::Stats>,
+}
+
+async fn stats_json(State(s): State<AppState>) -> axum::Json<serde_json::Value> {
+    axum::Json(s.stats.to_json())
 }
 
 async fn render(State(s): State<AppState>) -> String {
@@ -125,6 +132,7 @@ pub async fn serve(
     addr: SocketAddr,
     handle: PrometheusHandle,
     health: Arc<Health>,
+    stats: Arc<crate::Stats>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -134,7 +142,12 @@ pub async fn serve(
         .route("/metrics", get(render))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AppState { handle, health });
+        .route("/stats", get(stats_json))
+        .with_state(AppState {
+            handle,
+            health,
+            stats,
+        });
     Ok(tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -55,10 +55,10 @@ struct Session {
 pub(crate) async fn session(
     shared: &Shared,
     shutdown: &CancellationToken,
-    backoff: &mut Duration,
+    backoff: &mut taskmill_common::Backoff,
 ) -> anyhow::Result<()> {
     let mut s = Session::open(shared).await?;
-    *backoff = Duration::from_millis(200);
+    backoff.reset();
     let result = s.consume(shared, shutdown).await;
     s.close(result).await
 }

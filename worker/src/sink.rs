@@ -19,13 +19,13 @@ use std::{collections::HashSet, future::Future, sync::Arc, time::Duration};
 
 use futures::{stream::FuturesUnordered, StreamExt};
 use lapin::{
-    options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions},
+    options::{BasicAckOptions, BasicNackOptions},
     types::{AMQPValue, LongString},
     Channel,
 };
 use serde_json::json;
 use taskmill_common::{
-    amqp::with_extra_headers,
+    amqp::{self, with_extra_headers},
     envelope::{
         bounded, HEADER_ATTEMPT, HEADER_DEAD_AT, HEADER_ERROR, HEADER_ERROR_KIND,
         HEADER_ORIGINAL_QUEUE, MAX_HEADER_TEXT,
@@ -33,6 +33,7 @@ use taskmill_common::{
     now_ms,
     store::{DoneBatch, Recorded, Store, StoreError},
     topology::{self, Names},
+    Backoff,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -260,7 +261,7 @@ impl Sink {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let e = match f().await {
                 Ok(v) => {
@@ -278,12 +279,12 @@ impl Sink {
                 return Ok(Stored::Failed(e));
             }
             self.health.set_redis(false);
-            warn!("{what}: {e}; trying again in {backoff:?}");
+            let delay = backoff.next_delay();
+            warn!("{what}: {e}; trying again in {delay:?}");
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(delay) => {}
                 _ = self.hard_stop.cancelled() => anyhow::bail!("stopped while {what}: {e}"),
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -316,7 +317,7 @@ impl Sink {
         .await
     }
 
-    /// Publishes with mandatory and waits for the confirm; true when the broker took it.
+    /// Publishes on the publishing channel and waits for the confirm.
     async fn publish_confirmed(
         &self,
         exchange: &str,
@@ -324,16 +325,7 @@ impl Sink {
         body: &[u8],
         props: lapin::BasicProperties,
     ) -> anyhow::Result<bool> {
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
-        let confirm = self
-            .channel
-            .basic_publish(exchange.into(), routing_key.into(), options, body, props)
-            .await?
-            .await?;
-        Ok(confirm.is_ack() && confirm.take_message().is_none())
+        Ok(amqp::publish_confirmed(&self.channel, exchange, routing_key, body, props).await?)
     }
 
     async fn retry(&self, p: &Processed, delay_ms: u64) -> anyhow::Result<()> {

@@ -59,6 +59,21 @@ impl Stats {
         }
     }
 
+    /// The counters and latency quantiles as JSON (the worker's `/stats`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let (p50, p95, p99, max) = self.latency_quantiles();
+        serde_json::json!({
+            "batches_done": Self::get(&self.batches_done),
+            "batches_duplicate": Self::get(&self.batches_duplicate),
+            "batches_retried": Self::get(&self.batches_retried),
+            "batches_dead": Self::get(&self.batches_dead),
+            "records_done": Self::get(&self.records_done),
+            "sessions": Self::get(&self.sessions),
+            "store_errors": Self::get(&self.store_errors),
+            "latency_ms": {"p50": p50, "p95": p95, "p99": p99, "max": max},
+        })
+    }
+
     /// Logs the totals (once the worker stops).
     pub(crate) fn report(&self) {
         let (p50, p95, p99, max) = self.latency_quantiles();

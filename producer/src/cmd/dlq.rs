@@ -15,8 +15,8 @@ use clap::{Args, Subcommand};
 use lapin::{
     message::BasicGetMessage,
     options::{
-        BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-        ConfirmSelectOptions, QueueDeclareOptions,
+        BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions,
+        QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable},
     BasicProperties, Channel, Connection,
@@ -313,21 +313,15 @@ pub async fn replay(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<Replay
             continue;
         };
         let props = replay_properties(&m.delivery.properties);
-        let confirm = q
-            .channel
-            .basic_publish(
-                q.names.work_exchange().into(),
-                short.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &m.delivery.data,
-                props,
-            )
-            .await?
-            .await?;
-        if confirm.is_ack() && confirm.take_message().is_none() {
+        let routed = amqp::publish_confirmed(
+            &q.channel,
+            &q.names.work_exchange(),
+            &short,
+            &m.delivery.data,
+            props,
+        )
+        .await?;
+        if routed {
             m.delivery.acker.ack(BasicAckOptions::default()).await?;
             out.replayed += 1;
         } else {

@@ -32,7 +32,7 @@ async fn main() -> std::process::ExitCode {
         "sample-server: {} posts on http://{}/posts/{{id}}",
         args.posts, args.listen
     );
-    match taskmill_tests::sample::serve(listener, args.posts).await {
+    match taskmill_sample_server::serve(listener, args.posts).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sample-server: {e}");

@@ -6,7 +6,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Write},
+    io::Write,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -36,7 +36,8 @@ use taskmill_common::{
     topology::{self, Names},
 };
 
-use crate::sample;
+use taskmill_sample_server as sample;
+use taskmill_tests as kit;
 
 /// CPU seconds and peak memory of one process.
 #[derive(Debug, Clone, Copy, Default)]
@@ -95,7 +96,7 @@ impl Watched {
 
     /// Sends SIGTERM.
     pub fn term(&self) {
-        crate::sigterm(self.pid());
+        kit::sigterm(self.pid());
     }
 
     /// Waits for the process to exit and returns its figures and exit success.
@@ -154,36 +155,30 @@ fn bench_ns(name: &str) -> String {
     )
 }
 
-/// A worker process on namespace `ns`.
-fn start_worker(ns: &str, threads: usize, prefetch: u16) -> anyhow::Result<Watched> {
-    Watched::spawn(
+/// A worker process on namespace `ns`, serving its `/stats` on a free loopback port.
+fn start_worker(ns: &str, threads: usize, prefetch: u16) -> anyhow::Result<(Watched, u16)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let watched = Watched::spawn(
         Command::new(release_bin("worker"))
             .env("TASKMILL_NAMESPACE", ns)
             .env("TASKMILL_THREADS", threads.to_string())
             .env("TASKMILL_PREFETCH", prefetch.to_string())
-            .env("TASKMILL_LOG_FORMAT", "json")
-            .env("RUST_LOG", "info,lapin=warn")
+            .env("TASKMILL_METRICS_ADDR", format!("127.0.0.1:{port}"))
             .stdout(Stdio::null())
-            .stderr(Stdio::piped()),
-    )
+            .stderr(Stdio::null()),
+    )?;
+    Ok((watched, port))
 }
 
-/// The worker's closing totals line (JSON log), as fields.
-fn worker_totals(stderr: Option<std::process::ChildStderr>) -> BTreeMap<String, Value> {
-    let Some(stderr) = stderr else {
-        return BTreeMap::new();
-    };
-    let mut last = BTreeMap::new();
-    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-        if let Ok(v) = serde_json::from_str::<Value>(&line) {
-            if v["fields"]["message"] == "worker totals" {
-                if let Some(o) = v["fields"].as_object() {
-                    last = o.clone().into_iter().collect();
-                }
-            }
-        }
-    }
-    last
+/// The worker's own figures (counters, exact latency quantiles) from its `/stats`.
+async fn worker_stats(port: u16) -> anyhow::Result<Value> {
+    Ok(reqwest::get(format!("http://127.0.0.1:{port}/stats"))
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
 }
 
 async fn wait_consumers(ns: &str, queue: &str) -> anyhow::Result<()> {
@@ -240,7 +235,7 @@ pub async fn end_to_end(
     prefetch: u16,
 ) -> anyhow::Result<RunFigures> {
     let ns = bench_ns("e2e");
-    let worker = start_worker(&ns, 0, prefetch)?;
+    let (worker, _) = start_worker(&ns, 0, prefetch)?;
     wait_consumers(&ns, "tasks").await?;
     let job = "bench";
     let mut cmd = Command::new(release_bin("producer"));
@@ -264,7 +259,7 @@ pub async fn end_to_end(
     let store = Store::connect("redis://127.0.0.1:6379/0", &ns, 3600).await?;
     let (pstats, ok, _) = tokio::task::spawn_blocking(move || producer.finish()).await??;
     anyhow::ensure!(ok, "the producer failed");
-    let status = crate::job_finished(&store, job, JOB_LIMIT).await?;
+    let status = kit::job_finished(&store, job, JOB_LIMIT).await?;
     worker.term();
     let (wstats, _, _) = tokio::task::spawn_blocking(move || worker.finish()).await??;
     anyhow::ensure!(
@@ -279,7 +274,7 @@ pub async fn end_to_end(
         producer: pstats,
         worker: wstats,
     };
-    crate::cleanup_namespace(&ns).await;
+    kit::cleanup_namespace(&ns).await;
     Ok(figures)
 }
 
@@ -377,7 +372,7 @@ impl RawQueue {
             .await?;
         let _ = self.pconn.close(200, "done".into()).await;
         let _ = self.cconn.close(200, "done".into()).await;
-        crate::cleanup_namespace(&self.queue).await;
+        kit::cleanup_namespace(&self.queue).await;
         Ok(())
     }
 }
@@ -526,7 +521,7 @@ pub fn in_process(n_posts: u64, batch_size: usize, task: &str) -> anyhow::Result
 /// p99 and max from a batch's creation to its result stored, in ms.
 pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Result<Value> {
     let ns = bench_ns("lat");
-    let worker = start_worker(&ns, 0, 64)?;
+    let (worker, port) = start_worker(&ns, 0, 64)?;
     wait_consumers(&ns, "tasks").await?;
     let store = Store::connect("redis://127.0.0.1:6379/0", &ns, 3600).await?;
     let job = "latency";
@@ -586,16 +581,17 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
             },
         )
         .await?;
-    crate::job_finished(&store, job, JOB_LIMIT).await?;
+    kit::job_finished(&store, job, JOB_LIMIT).await?;
+    let stats = worker_stats(port).await?;
+    let totals = &stats["latency_ms"];
     worker.term();
-    let (_, _, stderr) = tokio::task::spawn_blocking(move || worker.finish()).await??;
-    let totals = worker_totals(stderr);
+    tokio::task::spawn_blocking(move || worker.finish()).await??;
     let _ = conn.close(200, "done".into()).await;
-    crate::cleanup_namespace(&ns).await;
+    kit::cleanup_namespace(&ns).await;
     Ok(json!({
         "rate_batches_per_s": rate, "seconds": seconds, "batches": total,
-        "p50_ms": totals.get("latency_p50_ms"), "p95_ms": totals.get("latency_p95_ms"),
-        "p99_ms": totals.get("latency_p99_ms"), "max_ms": totals.get("latency_max_ms"),
+        "p50_ms": totals["p50"], "p95_ms": totals["p95"],
+        "p99_ms": totals["p99"], "max_ms": totals["max"],
     }))
 }
 
@@ -615,7 +611,7 @@ pub async fn producer_memory(file: &Path) -> anyhow::Result<(ProcStats, f64)> {
     let (stats, ok, _) = tokio::task::spawn_blocking(move || producer.finish()).await??;
     anyhow::ensure!(ok, "the producer failed");
     let secs = started.elapsed().as_secs_f64();
-    crate::cleanup_namespace(&ns).await;
+    kit::cleanup_namespace(&ns).await;
     Ok((stats, secs))
 }
 
@@ -801,7 +797,7 @@ pub async fn peer(
     .await;
     worker.term();
     let _ = tokio::task::spawn_blocking(move || worker.finish()).await;
-    crate::cleanup_namespace(&queue).await;
+    kit::cleanup_namespace(&queue).await;
     result
 }
 

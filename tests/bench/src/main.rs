@@ -1,0 +1,361 @@
+//! `bench`: runs taskmill's benchmark workloads against the local RabbitMQ and Redis and
+//! prints a Markdown table; writes the figures as JSON and the batch-size sweep as SVG.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde_json::{json, Value};
+use taskmill_bench as bench;
+
+/// Command line of the benchmark harness.
+#[derive(Parser)]
+#[command(name = "bench", about = "taskmill benchmark harness")]
+struct Args {
+    /// Workloads to run (comma-separated): throughput, raw, cpu, latency, sweep, memory.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "throughput,raw,cpu,latency,sweep,memory,peers"
+    )]
+    only: Vec<String>,
+    /// Posts in the throughput workload.
+    #[arg(long, default_value_t = 100_000)]
+    posts: u64,
+    /// Seconds of the latency workload.
+    #[arg(long, default_value_t = 20)]
+    latency_seconds: u64,
+    /// Worker prefetch.
+    #[arg(long, default_value_t = 256)]
+    prefetch: u16,
+    /// Runs of the throughput and raw workloads (alternating) and of the latency workload;
+    /// the median is reported.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Where to write results.json and sweep.svg.
+    #[arg(long, default_value = "docs/bench")]
+    out: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn f(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x >= 100.0 => format!("{x:.0}"),
+        Some(x) => format!("{x:.2}"),
+        None => v.to_string(),
+    }
+}
+
+/// The table rows and the JSON results, filled workload by workload.
+#[derive(Default)]
+struct Report {
+    rows: Vec<(String, String, String)>,
+    results: serde_json::Map<String, Value>,
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let want = |w: &str| args.only.iter().any(|o| o == w);
+    let data = PathBuf::from("target/bench-data");
+    std::fs::create_dir_all(&args.out)?;
+    let mut rep = Report::default();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    rep.results
+        .insert("machine".into(), json!({"cores": threads}));
+    let throughput = throughput_and_raw(&args, &data, &mut rep).await?;
+    if want("cpu") {
+        cpu(&args, &data, &mut rep).await?;
+    }
+    if want("latency") {
+        latency(&args, &mut rep, throughput).await?;
+    }
+    if want("sweep") {
+        sweep(&args, &data, &mut rep).await?;
+    }
+    if want("memory") {
+        memory(&data, &mut rep).await?;
+    }
+    if want("peers") {
+        peers(&args, &data, &mut rep, throughput).await?;
+    }
+    let (rows, results) = (rep.rows, rep.results);
+    println!("| workload | figure | value |\n|---|---|---|");
+    for (w, k, v) in &rows {
+        println!("| {w} | {k} | {v} |");
+    }
+    let path = args.out.join("results.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&Value::Object(results))?,
+    )?;
+    eprintln!("bench: wrote {}", path.display());
+    Ok(())
+}
+
+/// Throughput and the raw round trip, alternating; the median throughput in batches/s.
+async fn throughput_and_raw(
+    args: &Args,
+    data: &std::path::Path,
+    rep: &mut Report,
+) -> anyhow::Result<Option<f64>> {
+    let want = |w: &str| args.only.iter().any(|o| o == w);
+    let mut throughput = None;
+    let mut raw_rates: Vec<f64> = Vec::new();
+    let mut runs: Vec<bench::RunFigures> = Vec::new();
+    let file = bench::posts_file(data, args.posts)?;
+    for run in 1..=args.runs.max(1) {
+        if want("raw") {
+            eprintln!("bench: raw round trip, run {run}");
+            raw_rates.push(bench::raw_round_trip(args.posts, 10).await?.1);
+        }
+        if want("throughput") || want("latency") {
+            eprintln!(
+                "bench: throughput ({} posts, batches of 10, post-stats), run {run}",
+                args.posts
+            );
+            runs.push(bench::end_to_end(&file, 10, "post-stats", &[], args.prefetch).await?);
+        }
+    }
+    runs.sort_by(|a, b| a.records_per_s().total_cmp(&b.records_per_s()));
+    raw_rates.sort_by(f64::total_cmp);
+    if let Some(r) = runs.get(runs.len() / 2) {
+        let mut j = r.to_json();
+        j["runs_records_per_s"] = json!(runs.iter().map(|r| r.records_per_s()).collect::<Vec<_>>());
+        rep.rows.push((
+            "throughput".into(),
+            "records/s".into(),
+            f(&j["records_per_s"]),
+        ));
+        rep.rows.push((
+            "throughput".into(),
+            "batches/s".into(),
+            f(&j["batches_per_s"]),
+        ));
+        rep.rows.push((
+            "throughput".into(),
+            "producer CPU s / 1000 batches".into(),
+            f(&j["producer_cpu_s_per_1000_batches"]),
+        ));
+        rep.rows.push((
+            "throughput".into(),
+            "worker CPU s / 1000 batches".into(),
+            f(&j["worker_cpu_s_per_1000_batches"]),
+        ));
+        rep.rows.push((
+            "throughput".into(),
+            "producer peak RSS MiB".into(),
+            f(&j["producer_peak_rss_mib"]),
+        ));
+        rep.rows.push((
+            "throughput".into(),
+            "worker peak RSS MiB".into(),
+            f(&j["worker_peak_rss_mib"]),
+        ));
+        throughput = Some(r.batches_per_s());
+        rep.results.insert("throughput".into(), j);
+    }
+    if let Some(&rate) = raw_rates.get(raw_rates.len() / 2) {
+        rep.rows
+            .push(("raw".into(), "messages/s".into(), format!("{rate:.0}")));
+        let mut j = json!({"messages": args.posts / 10, "messages_per_s": rate, "runs_messages_per_s": raw_rates});
+        if let Some(t) = throughput {
+            j["throughput_over_raw"] = json!(t / rate);
+            rep.rows.push((
+                "raw".into(),
+                "throughput / raw (target ≥ 0.85)".into(),
+                format!("{:.2}", t / rate),
+            ));
+        }
+        rep.results.insert("raw".into(), j);
+    }
+    Ok(throughput)
+}
+
+/// The CPU-bound workload, end to end against in-process.
+async fn cpu(args: &Args, data: &std::path::Path, rep: &mut Report) -> anyhow::Result<()> {
+    eprintln!("bench: cpu (similarity, 20,000 posts in batches of 100)");
+    let file = bench::posts_file(data, 20_000)?;
+    let e2e = bench::end_to_end(&file, 100, "similarity", &[], args.prefetch).await?;
+    let inproc = bench::in_process(20_000, 100, "similarity")?;
+    let ratio = inproc / e2e.seconds;
+    rep.rows.push((
+        "cpu".into(),
+        "similarity end to end, s".into(),
+        format!("{:.2}", e2e.seconds),
+    ));
+    rep.rows.push((
+        "cpu".into(),
+        "similarity in-process, s".into(),
+        format!("{inproc:.2}"),
+    ));
+    rep.rows.push((
+        "cpu".into(),
+        "end to end / in-process speed (target ≥ 0.90)".into(),
+        format!("{ratio:.2}"),
+    ));
+    rep.results.insert(
+        "cpu".into(),
+        json!({"end_to_end": e2e.to_json(), "in_process_seconds": inproc, "ratio": ratio}),
+    );
+    Ok(())
+}
+
+/// Latency at half the throughput, against the raw round trip at the same rate.
+async fn latency(args: &Args, rep: &mut Report, throughput: Option<f64>) -> anyhow::Result<()> {
+    let rate = throughput.unwrap_or(1000.0) / 2.0;
+    let mut all = Vec::new();
+    for run in 1..=args.runs.max(1) {
+        eprintln!(
+            "bench: latency at {rate:.0} batches/s for {} s, run {run}",
+            args.latency_seconds
+        );
+        all.push(bench::latency(rate, args.latency_seconds, 10).await?);
+    }
+    all.sort_by(|a, b| {
+        a["p99_ms"]
+            .as_f64()
+            .unwrap_or(f64::MAX)
+            .total_cmp(&b["p99_ms"].as_f64().unwrap_or(f64::MAX))
+    });
+    let mut j = all[all.len() / 2].clone();
+    for q in ["p50_ms", "p95_ms", "p99_ms", "max_ms"] {
+        rep.rows.push((
+            "latency".into(),
+            format!("{q} at {rate:.0} batches/s"),
+            f(&j[q]),
+        ));
+    }
+    j["runs_p99_ms"] = json!(all.iter().map(|r| r["p99_ms"].clone()).collect::<Vec<_>>());
+    // The same rate through the bare round trip: how much of the tail is the broker's.
+    eprintln!(
+        "bench: raw latency at {rate:.0} messages/s for {} s",
+        args.latency_seconds
+    );
+    let raw = bench::raw_latency(rate, args.latency_seconds, 10).await?;
+    rep.rows.push((
+        "latency".into(),
+        format!("raw round trip p50 / p99 / max ms at {rate:.0}/s"),
+        format!(
+            "{} / {} / {}",
+            f(&raw["p50_ms"]),
+            f(&raw["p99_ms"]),
+            f(&raw["max_ms"])
+        ),
+    ));
+    j["raw"] = raw;
+    rep.rows.push((
+        "latency".into(),
+        "p99 ms of each run".into(),
+        all.iter()
+            .map(|r| f(&r["p99_ms"]))
+            .collect::<Vec<_>>()
+            .join(", "),
+    ));
+    rep.results.insert("latency".into(), j);
+    Ok(())
+}
+
+/// Throughput by batch size, and its chart.
+async fn sweep(args: &Args, data: &std::path::Path, rep: &mut Report) -> anyhow::Result<()> {
+    let mut points = Vec::new();
+    let mut sweep = serde_json::Map::new();
+    for size in [1usize, 10, 100, 1000] {
+        let posts = if size == 1 {
+            args.posts / 5
+        } else {
+            args.posts
+        };
+        eprintln!("bench: sweep, batches of {size} ({posts} posts)");
+        let file = bench::posts_file(data, posts)?;
+        let r = bench::end_to_end(&file, size, "post-stats", &[], args.prefetch).await?;
+        rep.rows.push((
+            "sweep".into(),
+            format!("records/s, batches of {size}"),
+            format!("{:.0}", r.records_per_s()),
+        ));
+        points.push((size, r.records_per_s()));
+        sweep.insert(size.to_string(), r.to_json());
+    }
+    let raw_records = rep
+        .results
+        .get("raw")
+        .and_then(|r| r["messages_per_s"].as_f64())
+        .map(|m| m * 10.0);
+    bench::sweep_chart(&args.out.join("sweep.svg"), &points, raw_records)?;
+    rep.results.insert("sweep".into(), Value::Object(sweep));
+    Ok(())
+}
+
+/// The producer's memory on a million records.
+async fn memory(data: &std::path::Path, rep: &mut Report) -> anyhow::Result<()> {
+    eprintln!("bench: producer memory enqueuing 1,000,000 records from a file");
+    let file = bench::posts_file(data, 1_000_000)?;
+    let (stats, secs) = bench::producer_memory(&file).await?;
+    rep.rows.push((
+        "memory".into(),
+        "producer peak RSS MiB, 1,000,000 records".into(),
+        format!("{:.1}", stats.peak_rss_mib),
+    ));
+    rep.results.insert(
+        "memory".into(),
+        json!({"records": 1_000_000, "producer_peak_rss_mib": stats.peak_rss_mib, "seconds": secs}),
+    );
+    Ok(())
+}
+
+/// Celery and Dramatiq on the same workload.
+async fn peers(
+    args: &Args,
+    data: &std::path::Path,
+    rep: &mut Report,
+    throughput: Option<f64>,
+) -> anyhow::Result<()> {
+    match bench::peers_venv(data) {
+        Err(e) => {
+            eprintln!("bench: peers SKIPPED: {e:#}");
+            rep.rows.push((
+                "peers".into(),
+                "Celery, Dramatiq".into(),
+                format!("skipped: {e}"),
+            ));
+            rep.results
+                .insert("peers".into(), json!({"skipped": e.to_string()}));
+        }
+        Ok(python) => {
+            let file = bench::posts_file(data, args.posts)?;
+            let mut peers = serde_json::Map::new();
+            for which in ["celery", "dramatiq"] {
+                eprintln!(
+                    "bench: peers, {which} ({} posts, batches of 10)",
+                    args.posts
+                );
+                let mut j = bench::peer(&python, which, &file, 10).await?;
+                let rate = j["tasks_per_s"].as_f64().unwrap_or(f64::NAN);
+                rep.rows.push((
+                    "peers".into(),
+                    format!("{which} tasks (batches)/s"),
+                    format!("{rate:.0}"),
+                ));
+                if let Some(t) = throughput {
+                    j["taskmill_over_peer"] = json!(t / rate);
+                    rep.rows.push((
+                        "peers".into(),
+                        format!("taskmill / {which}"),
+                        format!("{:.1}", t / rate),
+                    ));
+                }
+                peers.insert(which.into(), j);
+            }
+            rep.results.insert("peers".into(), Value::Object(peers));
+        }
+    }
+    Ok(())
+}
