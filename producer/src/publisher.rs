@@ -157,7 +157,7 @@ impl Publisher {
                     lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed),
                 )),
             };
-            let outcome = outcome.map(|c| c.is_ack() && c.take_message().is_none());
+            let outcome = outcome.map(amqp::accepted);
             match outcome {
                 Ok(true) => {
                     self.confirmed_batches += 1;

@@ -577,17 +577,17 @@ async fn fetch(
     url: &str,
     opts: &HttpOptions,
 ) -> Result<Value, FetchError> {
-    let mut delay = opts.backoff;
+    let mut backoff = taskmill_common::Backoff::new(opts.backoff, Duration::from_secs(10));
     let mut attempt = 0;
     loop {
         match fetch_once(client, url).await {
             Ok(v) => return Ok(v),
             Err((true, e)) if attempt < opts.retries => {
                 let (FetchError::Failed(m) | FetchError::NotJson(m)) = &e;
+                // Jitter, so that many failing URLs do not come back all at once.
+                let delay = backoff.next_delay().mul_f64(rand::random_range(0.5..1.5));
                 debug!("{m}; retrying in {delay:?}");
-                let jitter = rand::random_range(0.5..1.5);
-                tokio::time::sleep(delay.mul_f64(jitter)).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
+                tokio::time::sleep(delay).await;
                 attempt += 1;
             }
             Err((retryable, e)) => {

@@ -134,7 +134,13 @@ pub async fn publish_confirmed(
         .basic_publish(exchange.into(), routing_key.into(), options, body, props)
         .await?
         .await?;
-    Ok(confirm.is_ack() && confirm.take_message().is_none())
+    Ok(accepted(confirm))
+}
+
+/// Whether a publisher confirm says the broker took the message: acked, and not returned as
+/// unroutable (a `mandatory` message that no queue took comes back before its ack).
+pub fn accepted(confirm: lapin::Confirmation) -> bool {
+    confirm.is_ack() && confirm.take_message().is_none()
 }
 
 /// A copy of `props` with `extra` headers added (replacing same-named ones).
