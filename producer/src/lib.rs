@@ -67,6 +67,10 @@ pub enum Command {
     Queues(cmd::queues::ViewArgs),
     /// The workers consuming the namespace's queues: connection, address, queue, prefetch.
     Workers(cmd::queues::ViewArgs),
+    /// Cancel a job: its batches not yet started are dropped unrun.
+    Cancel(cmd::cancel::CancelArgs),
+    /// Delete a finished (or cancelled) job and its results.
+    Delete(cmd::cancel::DeleteArgs),
 }
 
 /// The connection options each command uses; the others stay accepted (they can stand
@@ -83,6 +87,8 @@ const USES: &[(&str, &[&str])] = &[
     ("dlq", &["amqp_url", "namespace"]),
     ("queues", &["rabbitmq_api_url", "namespace"]),
     ("workers", &["rabbitmq_api_url", "namespace"]),
+    ("cancel", &["redis_url", "namespace"]),
+    ("delete", &["redis_url", "namespace"]),
 ];
 
 /// The command line, with each command's `--help` showing the connection options it uses.
@@ -128,5 +134,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(a) => cmd::dlq::run(&cli.conn, a).await,
         Command::Queues(a) => cmd::queues::run_queues(&cli.conn, a).await,
         Command::Workers(a) => cmd::queues::run_workers(&cli.conn, a).await,
+        Command::Cancel(a) => cmd::cancel::run_cancel(&cli.conn, a).await,
+        Command::Delete(a) => cmd::cancel::run_delete(&cli.conn, a).await,
     }
 }

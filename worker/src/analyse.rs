@@ -57,6 +57,8 @@ pub enum Outcome {
     Retry(String),
     /// Give up: dead-letter with this kind and error text.
     Dead(DeadKind, String),
+    /// The job was cancelled: drop the batch unrun (counted in `batches_cancelled`).
+    Cancelled,
 }
 
 /// Decodes `body` and runs its task. `message_id` identifies undecodable messages.

@@ -27,6 +27,8 @@ pub enum Action {
     },
     /// Give it back to the queue unacked (the analysis thread was lost).
     GiveBack,
+    /// Its job was cancelled: count it dropped, then ack.
+    Cancel,
 }
 
 /// Decides what becomes of a batch. `analysed` is None when the analysis thread vanished.
@@ -37,6 +39,11 @@ pub fn decide(analysed: Option<&(BatchId, Outcome)>, attempt: u32, policy: &Retr
     };
     let identified = id.job.is_some() && id.batch.is_some();
     match outcome {
+        Outcome::Cancelled if identified => Action::Cancel,
+        Outcome::Cancelled => Action::Dead {
+            kind: DeadKind::UnknownJob,
+            error: "batch without identity".into(),
+        },
         Outcome::Done(_) if identified => Action::Store,
         Outcome::Done(_) | Outcome::Retry(_) if !identified => Action::Dead {
             kind: DeadKind::UnknownJob,
@@ -154,6 +161,12 @@ mod tests {
                 error: "oops".into()
             }
         );
+    }
+
+    #[test]
+    fn batches_of_cancelled_jobs_are_dropped() {
+        let c = (id(), Outcome::Cancelled);
+        assert_eq!(decide(Some(&c), 1, &RetryPolicy::default()), Action::Cancel);
     }
 
     #[test]

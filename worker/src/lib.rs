@@ -159,12 +159,19 @@ pub async fn run_with_stats(
     let metrics_stop = CancellationToken::new();
     let health = Arc::new(metrics::Health::new());
     let metrics_server = serve_metrics(&args, threads, &health, &stats, &metrics_stop).await?;
+    let cancelled = pool::Cancelled::default();
+    let watcher = tokio::spawn(watch_cancelled(
+        args.conn.clone(),
+        cancelled.clone(),
+        metrics_stop.clone(),
+    ));
     let shared = Shared {
         names: Names::new(&args.conn.namespace),
         analyser: pool::Analyser {
             pool: Arc::new(pool),
             registry,
             max_message_bytes: args.max_message_bytes,
+            cancelled,
         },
         args,
         stats,
@@ -172,10 +179,45 @@ pub async fn run_with_stats(
     };
     let result = sessions(&shared, &shutdown).await;
     metrics_stop.cancel();
+    let _ = watcher.await;
     if let Some(server) = metrics_server {
         let _ = server.await;
     }
     result
+}
+
+/// How often the cancelled jobs are read from Redis.
+const CANCELLED_POLL: Duration = Duration::from_millis(250);
+
+/// Keeps `cancelled` equal to the namespace's cancelled jobs (read every 250 ms), until
+/// `stop`. Errors are retried quietly: the worst a stale set does is run a batch that a
+/// cancel would have dropped.
+async fn watch_cancelled(
+    conn: taskmill_common::config::ConnArgs,
+    cancelled: pool::Cancelled,
+    stop: CancellationToken,
+) {
+    let mut store = None;
+    loop {
+        if store.is_none() {
+            store = taskmill_common::store::Store::connect(
+                &conn.redis_url,
+                &conn.namespace,
+                conn.result_ttl,
+            )
+            .await
+            .ok();
+        }
+        if let Some(s) = &store {
+            if let Ok(ids) = s.cancelled_jobs().await {
+                *cancelled.write().unwrap_or_else(|e| e.into_inner()) = ids;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CANCELLED_POLL) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 /// Checks the settings before anything connects.

@@ -36,12 +36,35 @@ impl Processed {
 /// A delivery as it arrived: channel index, short queue name, delivery.
 pub(crate) type Arrived = (usize, String, Delivery);
 
+/// Ids of the cancelled jobs, refreshed from Redis by the worker.
+pub(crate) type Cancelled = Arc<std::sync::RwLock<std::collections::HashSet<String>>>;
+
 /// The rayon side of the worker.
 #[derive(Clone)]
 pub(crate) struct Analyser {
     pub(crate) pool: Arc<rayon::ThreadPool>,
     pub(crate) registry: Registry,
     pub(crate) max_message_bytes: usize,
+    pub(crate) cancelled: Cancelled,
+}
+
+/// The identity of a batch of a cancelled job, from its message id alone (no decoding), or
+/// None when its job is not cancelled.
+fn cancelled_batch(cancelled: &Cancelled, message_id: Option<&str>) -> Option<(BatchId, Outcome)> {
+    let set = cancelled.read().unwrap_or_else(|e| e.into_inner());
+    if set.is_empty() {
+        return None;
+    }
+    let (job, batch) = message_id.and_then(taskmill_common::envelope::parse_message_id)?;
+    if !set.contains(&job) {
+        return None;
+    }
+    let id = BatchId {
+        job: Some(job),
+        batch: Some(batch),
+        ..BatchId::default()
+    };
+    Some((id, Outcome::Cancelled))
 }
 
 impl Analyser {
@@ -65,12 +88,18 @@ impl Analyser {
         }
         let registry = self.registry.clone();
         let max = self.max_message_bytes;
+        let cancelled = self.cancelled.clone();
         let (tx, rx) = oneshot::channel();
         self.pool.spawn(move || {
             use rayon::prelude::*;
             let out: Vec<_> = inputs
                 .into_par_iter()
                 .map(|(body, attempt, message_id)| {
+                    // A batch of a cancelled job is dropped before it runs, even one that
+                    // waited in this worker's prefetch.
+                    if let Some(dropped) = cancelled_batch(&cancelled, message_id.as_deref()) {
+                        return (Some(dropped), body);
+                    }
                     let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         analyse(&registry, &body, message_id.as_deref(), attempt, max)
                     }))

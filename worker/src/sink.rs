@@ -306,6 +306,7 @@ impl Sink {
                     self.settle_one(&p, false).await
                 }
                 Action::Retry { delay_ms } => self.retry(&p, delay_ms).await,
+                Action::Cancel => self.cancelled(&p).await,
                 Action::Dead { kind, error } => self.dead(&p, kind, &error).await,
                 Action::Store => {
                     self.dead(&p, DeadKind::UnknownJob, "batch without identity")
@@ -326,6 +327,33 @@ impl Sink {
         props: lapin::BasicProperties,
     ) -> anyhow::Result<bool> {
         Ok(amqp::publish_confirmed(&self.channel, exchange, routing_key, body, props).await?)
+    }
+
+    /// A batch of a cancelled job: counted dropped, then acked (it never ran).
+    async fn cancelled(&self, p: &Processed) -> anyhow::Result<()> {
+        let Some((job, batch)) = identity(p) else {
+            return self
+                .dead(p, DeadKind::UnknownJob, "batch without identity")
+                .await;
+        };
+        match self
+            .redis("counting a cancelled batch", || {
+                self.store.record_cancelled(&job, batch)
+            })
+            .await?
+        {
+            Stored::Ok(rec) => {
+                if let Some(Action::Dead { kind, error }) = decide::refused(rec, &job, batch) {
+                    return self.dead(p, kind, &error).await;
+                }
+            }
+            Stored::Failed(e) => return self.dead(p, DeadKind::StoreError, &e.to_string()).await,
+        }
+        Stats::add(&self.stats.batches_cancelled, 1);
+        metrics::counter!("taskmill_batches_total", "task" => p.label(), "outcome" => "cancelled")
+            .increment(1);
+        debug!("dropped: its job was cancelled");
+        self.settle_one(p, true).await
     }
 
     async fn retry(&self, p: &Processed, delay_ms: u64) -> anyhow::Result<()> {

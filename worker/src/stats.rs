@@ -13,6 +13,8 @@ pub struct Stats {
     pub batches_retried: AtomicU64,
     /// Batches dead-lettered.
     pub batches_dead: AtomicU64,
+    /// Batches dropped unrun because their job was cancelled.
+    pub batches_cancelled: AtomicU64,
     /// Records in the batches stored.
     pub records_done: AtomicU64,
     /// Sessions started (1 + reconnects).
@@ -30,6 +32,7 @@ impl Default for Stats {
             batches_duplicate: AtomicU64::new(0),
             batches_retried: AtomicU64::new(0),
             batches_dead: AtomicU64::new(0),
+            batches_cancelled: AtomicU64::new(0),
             records_done: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
@@ -67,6 +70,7 @@ impl Stats {
             "batches_duplicate": Self::get(&self.batches_duplicate),
             "batches_retried": Self::get(&self.batches_retried),
             "batches_dead": Self::get(&self.batches_dead),
+            "batches_cancelled": Self::get(&self.batches_cancelled),
             "records_done": Self::get(&self.records_done),
             "sessions": Self::get(&self.sessions),
             "store_errors": Self::get(&self.store_errors),

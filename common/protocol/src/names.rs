@@ -104,9 +104,17 @@ impl Keys {
     pub fn dead(&self, job: &str) -> String {
         format!("{}:job:{job}:dead", self.ns)
     }
+    /// Batch number → 1, for batches dropped because their job was cancelled.
+    pub fn cancelled(&self, job: &str) -> String {
+        format!("{}:job:{job}:cancelled", self.ns)
+    }
     /// Job ids by creation time.
     pub fn jobs(&self) -> String {
         format!("{}:jobs", self.ns)
+    }
+    /// Ids of the cancelled jobs (workers read it to drop their batches).
+    pub fn cancelled_jobs(&self) -> String {
+        format!("{}:cancelled", self.ns)
     }
 }
 

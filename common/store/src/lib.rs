@@ -204,6 +204,8 @@ pub struct JobStatus {
     pub records_done: u64,
     /// Records skipped (by the producer or by a task).
     pub records_invalid: u64,
+    /// Batches dropped unrun because the job was cancelled.
+    pub batches_cancelled: u64,
     /// Retries of the job's batches.
     pub retries: u64,
     /// Sources (URLs, files) that could not be read.
@@ -215,9 +217,12 @@ pub struct JobStatus {
     /// When its first batch settled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub started_ms: Option<u64>,
-    /// When it finished.
+    /// When it finished (for a cancelled job: when it was cancelled).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_ms: Option<u64>,
+    /// When it was cancelled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancelled_ms: Option<u64>,
 }
 
 /// A job hash that cannot be read as a job.
@@ -270,6 +275,7 @@ impl JobStatus {
             records_total: num("records_total")?,
             records_done: num("records_done")?,
             records_invalid: num("records_invalid")?,
+            batches_cancelled: num("batches_cancelled")?,
             retries: num("retries")?,
             sources_failed: num("sources_failed")?,
             problems: f
@@ -279,6 +285,7 @@ impl JobStatus {
             created_ms: num("created_ms")?,
             started_ms: opt("started_ms")?,
             finished_ms: opt("finished_ms")?,
+            cancelled_ms: opt("cancelled_ms")?,
         })
     }
 
@@ -311,6 +318,9 @@ struct Scripts {
     finish_publishing: redis::Script,
     register: redis::Script,
     add_retry: redis::Script,
+    cancel: redis::Script,
+    delete: redis::Script,
+    record_cancelled: redis::Script,
     raise: redis::Script,
 }
 
@@ -324,6 +334,9 @@ impl Scripts {
             finish_publishing: with_finish(FINISH_PUBLISHING_LUA),
             register: with_finish(REGISTER_LUA),
             add_retry: with_finish(ADD_RETRY_LUA),
+            cancel: with_finish(include_str!("lua/cancel.lua")),
+            delete: with_finish(include_str!("lua/delete.lua")),
+            record_cancelled: with_finish(include_str!("lua/record_cancelled.lua")),
             raise: with_finish(RAISE_LUA),
         }
     }
@@ -387,6 +400,9 @@ impl Store {
             &self.scripts.finish_publishing,
             &self.scripts.register,
             &self.scripts.add_retry,
+            &self.scripts.cancel,
+            &self.scripts.delete,
+            &self.scripts.record_cancelled,
             &self.scripts.raise,
         ] {
             s.load_async(&mut con).await.map_err(|e| self.err(e))?;
@@ -580,6 +596,70 @@ impl Store {
             }
             other => other.map_err(|e| self.err(e)),
         }
+    }
+
+    /// Cancels a job: `Ok(None)` when there is no such job, else the state it had (a job that
+    /// was already finished keeps it; a pending or running one is `cancelled` from now on).
+    pub async fn cancel(&self, job: &str) -> Result<Option<JobState>, StoreError> {
+        let mut con = self.con.clone();
+        let before: Option<String> = self
+            .scripts
+            .cancel
+            .key(self.keys.job(job))
+            .key(self.keys.cancelled_jobs())
+            .arg(job)
+            .arg(now_ms())
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(before.and_then(|s| s.parse().ok()))
+    }
+
+    /// Deletes a job's keys (hash, results, dead and cancelled batches) and its index entries;
+    /// true when it existed.
+    pub async fn delete_job(&self, job: &str) -> Result<bool, StoreError> {
+        let mut con = self.con.clone();
+        let existed: i64 = self
+            .scripts
+            .delete
+            .key(self.keys.job(job))
+            .key(self.keys.results(job))
+            .key(self.keys.dead(job))
+            .key(self.keys.cancelled(job))
+            .key(self.keys.jobs())
+            .key(self.keys.cancelled_jobs())
+            .arg(job)
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(existed == 1)
+    }
+
+    /// Counts a batch of a cancelled job as dropped (once).
+    pub async fn record_cancelled(&self, job: &str, batch: u64) -> Result<Recorded, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVALSHA")
+            .arg(self.scripts.record_cancelled.get_hash())
+            .arg(4)
+            .arg(self.keys.job(job))
+            .arg(self.keys.results(job))
+            .arg(self.keys.dead(job))
+            .arg(self.keys.cancelled(job))
+            .arg(batch)
+            .arg(now_ms())
+            .arg(self.ttl);
+        let flags: Vec<i64> = self.query_with_scripts(&pipe).await?;
+        Ok(Recorded::from_code(flags.first().copied().unwrap_or(0)))
+    }
+
+    /// Ids of the cancelled jobs of the namespace.
+    pub async fn cancelled_jobs(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut con = self.con.clone();
+        redis::cmd("SMEMBERS")
+            .arg(self.keys.cancelled_jobs())
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))
     }
 
     /// A job's status, or None when no such job is known (or it expired).

@@ -8,8 +8,6 @@
 //! that were there when it started (the queue's depth then): a replayed batch that fails
 //! again comes back behind them and is left for the next replay, so a command always ends.
 
-use std::io::{IsTerminal, Write};
-
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use lapin::{
@@ -409,23 +407,6 @@ async fn show(conn: &ConnArgs, id: &str, as_json: bool) -> anyhow::Result<bool> 
     Ok(true)
 }
 
-fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
-    if yes {
-        return Ok(true);
-    }
-    if !std::io::stdin().is_terminal() {
-        return Err(CliError::Usage(format!(
-            "{question}: not on a terminal; add --yes to confirm"
-        ))
-        .into());
-    }
-    eprint!("{question} [y/N] ");
-    std::io::stderr().flush()?;
-    let mut answer = String::new();
-    std::io::stdin().read_line(&mut answer)?;
-    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
-}
-
 /// The command.
 pub async fn run(conn: &ConnArgs, args: &DlqArgs) -> anyhow::Result<std::process::ExitCode> {
     use std::process::ExitCode;
@@ -500,7 +481,7 @@ pub async fn run(conn: &ConnArgs, args: &DlqArgs) -> anyhow::Result<std::process
                 Some(j) => format!("purge the dead letters of job {j}"),
                 None => "purge ALL dead letters".to_string(),
             };
-            if !confirm(&what, *yes)? {
+            if !crate::out::confirm(&what, *yes)? {
                 eprintln!("nothing purged");
                 return Ok(ExitCode::from(crate::error::EXIT_USAGE));
             }

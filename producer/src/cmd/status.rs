@@ -92,6 +92,12 @@ pub fn describe(status: &JobStatus, summary: Option<&Value>) -> String {
         secs,
         rate,
     );
+    if status.batches_cancelled > 0 || status.cancelled_ms.is_some() {
+        s.push_str(&format!(
+            "\n  cancelled: {} batches dropped unrun",
+            status.batches_cancelled
+        ));
+    }
     if status.sources_failed > 0 {
         s.push_str(&format!("\n  sources failed: {}", status.sources_failed));
     }

@@ -74,7 +74,7 @@ pub async fn follow(
     loop {
         let status = load(store, job).await?;
         if let Some(bar) = &bar {
-            let settled = status.batches_done + status.batches_dead;
+            let settled = status.batches_done + status.batches_dead + status.batches_cancelled;
             let (_, r) = rate(&status);
             let publishing = match status.batches_total {
                 Some(total) => {

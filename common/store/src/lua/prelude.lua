@@ -2,11 +2,12 @@ local function job_ttl(job, fallback)
   return tonumber(redis.call('HGET', job, 'ttl')) or tonumber(fallback)
 end
 local function finish(job, now)
-  local f = redis.call('HMGET', job, 'batches_total', 'batches_done', 'batches_dead', 'state')
+  local f = redis.call('HMGET', job, 'batches_total', 'batches_done', 'batches_dead', 'state',
+    'batches_cancelled')
   if not f[1] then return end
   local total = tonumber(f[1])
   local done = tonumber(f[2] or '0')
-  local dead = tonumber(f[3] or '0')
+  local dead = tonumber(f[3] or '0') + tonumber(f[5] or '0')
   if f[4] == STATE.cancelled then return end
   local state = f[4]
   if done + dead >= total then
@@ -35,8 +36,9 @@ local function batch_limit(job)
 end
 -- A batch counted done or dead was published: batches_published is never below them.
 local function published_at_least(job)
-  local f = redis.call('HMGET', job, 'batches_done', 'batches_dead', 'batches_published')
-  local settled = tonumber(f[1] or '0') + tonumber(f[2] or '0')
+  local f = redis.call('HMGET', job, 'batches_done', 'batches_dead', 'batches_published',
+    'batches_cancelled')
+  local settled = tonumber(f[1] or '0') + tonumber(f[2] or '0') + tonumber(f[4] or '0')
   if settled > tonumber(f[3] or '0') then
     redis.call('HSET', job, 'batches_published', settled)
   end
