@@ -119,6 +119,7 @@ pub const SETTING_KEYS: &[&str] = &[
     "confirm_window",
     "http_retries",
     "http_timeout",
+    "lease_seconds",
     "linger_ms",
     "log_format",
     "max_message_bytes",

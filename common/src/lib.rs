@@ -45,7 +45,13 @@ where
         .enable_all()
         .build()
     {
-        Ok(rt) => rt.block_on(main()),
+        Ok(rt) => {
+            let code = rt.block_on(main());
+            // Do not wait for blocking tasks (a reader still blocked on an open stdin after an
+            // interrupted enqueue): the work is done, the answer is given.
+            rt.shutdown_background();
+            code
+        }
         Err(e) => {
             eprintln!("{name}: cannot start the async runtime: {e}");
             std::process::ExitCode::FAILURE

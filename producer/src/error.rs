@@ -35,6 +35,9 @@ pub enum CliError {
     /// A service could not be reached or refused us (exit 5).
     #[error("{0}")]
     Service(String),
+    /// A signal stopped the command before its work was done (exit 1).
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 /// The exit code for an error: the first cause in its chain that says which.
@@ -45,6 +48,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
                 CliError::Usage(_) => EXIT_USAGE,
                 CliError::NoSuchJob(_) => EXIT_NO_SUCH_JOB,
                 CliError::Service(_) => EXIT_SERVICE,
+                CliError::Interrupted(_) => EXIT_UNFINISHED,
             };
         }
         if let Some(s) = cause.downcast_ref::<StoreError>() {

@@ -130,3 +130,133 @@ async fn a_cancelled_job_drops_what_is_left_across_two_workers() {
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
+
+/// An enqueue from a stdin that is still open, with its job id read from its stdout.
+struct Feeding {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    job: String,
+}
+
+fn feed(ns: &str, extra: &[&str], records: u64) -> Feeding {
+    use std::io::{BufRead, Write};
+    let mut child = Command::new(bin_path("producer"))
+        .args(["enqueue", "--file", "-", "--batch-size", "10"])
+        .args(extra)
+        .env("TASKMILL_NAMESPACE", ns)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for r in sample::posts(records) {
+        writeln!(stdin, "{r}").unwrap();
+    }
+    stdin.flush().unwrap();
+    let mut job = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut job)
+        .unwrap();
+    Feeding {
+        child,
+        stdin,
+        job: job.trim().to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_enqueue_leaves_an_interrupted_job_that_wait_ends() {
+    let t = TestNs::new();
+    let workers = [worker(&t.ns), worker(&t.ns)];
+    let store = t.store().await;
+
+    // Ctrl-C half-way: what was sent is confirmed, the job is interrupted with it.
+    let f = tokio::task::spawn_blocking({
+        let ns = t.ns.clone();
+        move || feed(&ns, &[], 200)
+    })
+    .await
+    .unwrap();
+    until("200 records published", Duration::from_secs(60), || async {
+        store
+            .job_status(&f.job)
+            .await
+            .unwrap()
+            .is_some_and(|s| s.batches_published >= 20)
+    })
+    .await;
+    let job = f.job.clone();
+    let Feeding { child, stdin, .. } = f;
+    assert!(Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    drop(stdin);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    let wait = producer(&t.ns, &["wait", &job, "--timeout", "60"]);
+    assert_eq!(
+        wait.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&wait.stderr)
+    );
+    let s = store.job_status(&job).await.unwrap().unwrap();
+    assert_eq!(s.state(), "interrupted");
+    assert_eq!(s.batches_total, Some(20));
+    assert_eq!(s.batches_done, 20);
+    assert!(s.interrupted_ms.is_some() && s.finished_ms.is_some());
+
+    // kill -9 half-way: the lease lapses and the job becomes interrupted the same way.
+    let f = tokio::task::spawn_blocking({
+        let ns = t.ns.clone();
+        move || feed(&ns, &["--lease-seconds", "3"], 100)
+    })
+    .await
+    .unwrap();
+    until("100 records published", Duration::from_secs(60), || async {
+        store
+            .job_status(&f.job)
+            .await
+            .unwrap()
+            .is_some_and(|s| s.batches_published >= 10)
+    })
+    .await;
+    let job = f.job.clone();
+    let Feeding {
+        mut child, stdin, ..
+    } = f;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(stdin);
+    assert_ne!(
+        store.job_status(&job).await.unwrap().unwrap().state(),
+        "interrupted",
+        "not before the lease lapses"
+    );
+    let wait = producer(&t.ns, &["wait", &job, "--timeout", "60"]);
+    assert_eq!(
+        wait.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&wait.stderr)
+    );
+    let s = store.job_status(&job).await.unwrap().unwrap();
+    assert_eq!(s.state(), "interrupted");
+    assert_eq!(s.batches_total, Some(s.batches_done));
+    assert!(s.batches_done >= 10);
+    let shown = producer(&t.ns, &["status", &job]);
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("interrupted"));
+
+    for w in workers {
+        stop(w);
+    }
+    t.cleanup().await;
+}

@@ -157,6 +157,9 @@ pub struct PublishTotals {
     pub sources_failed: u64,
     /// The first few problems, one sentence each, with source and line.
     pub problems: Vec<String>,
+    /// The enqueue was interrupted (a signal): what was published runs, the job is
+    /// `interrupted`.
+    pub interrupted: bool,
 }
 
 /// One batch's outcome to store.
@@ -223,6 +226,9 @@ pub struct JobStatus {
     /// When it was cancelled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cancelled_ms: Option<u64>,
+    /// When its enqueue was interrupted (a signal, or its lease lapsed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interrupted_ms: Option<u64>,
 }
 
 /// A job hash that cannot be read as a job.
@@ -286,6 +292,7 @@ impl JobStatus {
             started_ms: opt("started_ms")?,
             finished_ms: opt("finished_ms")?,
             cancelled_ms: opt("cancelled_ms")?,
+            interrupted_ms: opt("interrupted_ms")?,
         })
     }
 
@@ -297,9 +304,11 @@ impl JobStatus {
     pub fn task(&self) -> &str {
         &self.task
     }
-    /// Finished: completed, completed with errors, or cancelled.
+    /// Finished: completed, completed with errors, cancelled, or interrupted with everything
+    /// it published settled.
     pub fn is_finished(&self) -> bool {
         self.state.is_finished()
+            || (self.state == JobState::Interrupted && self.finished_ms.is_some())
     }
     /// The problems the producer reported (first few).
     pub fn problems(&self) -> &[String] {
@@ -319,6 +328,7 @@ struct Scripts {
     register: redis::Script,
     add_retry: redis::Script,
     cancel: redis::Script,
+    check_lease: redis::Script,
     delete: redis::Script,
     record_cancelled: redis::Script,
     raise: redis::Script,
@@ -335,6 +345,7 @@ impl Scripts {
             register: with_finish(REGISTER_LUA),
             add_retry: with_finish(ADD_RETRY_LUA),
             cancel: with_finish(include_str!("lua/cancel.lua")),
+            check_lease: with_finish(include_str!("lua/check_lease.lua")),
             delete: with_finish(include_str!("lua/delete.lua")),
             record_cancelled: with_finish(include_str!("lua/record_cancelled.lua")),
             raise: with_finish(RAISE_LUA),
@@ -401,6 +412,7 @@ impl Store {
             &self.scripts.register,
             &self.scripts.add_retry,
             &self.scripts.cancel,
+            &self.scripts.check_lease,
             &self.scripts.delete,
             &self.scripts.record_cancelled,
             &self.scripts.raise,
@@ -490,10 +502,18 @@ impl Store {
             .arg(problems)
             .arg(now_ms())
             .arg(self.ttl)
+            .arg(if totals.interrupted { "1" } else { "0" })
             .invoke_async::<i64>(&mut con)
             .await
             .map_err(|e| self.err(e))?;
         Ok(())
+    }
+
+    /// Extends the producer's lease on a publishing job to `until_ms`. A job whose lease
+    /// lapses before publishing ended (the producer was killed) becomes `interrupted` when it
+    /// is next read.
+    pub async fn renew_lease(&self, job: &str, until_ms: u64) -> Result<(), StoreError> {
+        self.raise(job, "lease_until_ms", until_ms).await
     }
 
     /// Stores many batches' results in one round trip (one script call per job). Returns, for
@@ -673,7 +693,24 @@ impl Store {
         if fields.is_empty() {
             return Ok(None);
         }
-        Ok(Some(JobStatus::from_hash(job, &fields)?))
+        let status = JobStatus::from_hash(job, &fields)?;
+        let lapsed = status.batches_total.is_none()
+            && fields
+                .get("lease_until_ms")
+                .and_then(|l| l.parse::<u64>().ok())
+                .is_some_and(|until| until < now_ms());
+        if lapsed {
+            let _: i64 = self
+                .scripts
+                .check_lease
+                .key(self.keys.job(job))
+                .arg(now_ms())
+                .invoke_async(&mut con)
+                .await
+                .map_err(|e| self.err(e))?;
+            return Box::pin(self.job_status(job)).await;
+        }
+        Ok(Some(status))
     }
 
     /// All stored batch results of a job, by batch number.

@@ -6,11 +6,13 @@ use anyhow::Context as _;
 use clap::Args;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use taskmill_common::{
     config::{validate_job_id, validate_name, ConnArgs},
     envelope::{bounded, DEFAULT_MAX_MESSAGE_BYTES},
+    now_ms,
     store::{NewJob, PublishTotals, Store, StoreError},
     topology::{self, Names},
 };
@@ -55,6 +57,10 @@ pub struct EnqueueArgs {
     /// A partial batch goes out when no record came for this many ms (a slow stdin).
     #[arg(long, env = "TASKMILL_LINGER_MS", default_value_t = 200)]
     pub linger_ms: u64,
+    /// The producer's lease on the job while it publishes, in seconds: if the producer dies
+    /// (kill -9), the job becomes `interrupted` this long after its last renewal.
+    #[arg(long, env = "TASKMILL_LEASE_SECONDS", default_value_t = 30)]
+    pub lease_seconds: u64,
     /// HTTP requests in flight at once.
     #[arg(
         long,
@@ -114,6 +120,7 @@ impl EnqueueArgs {
             queue: topology::DEFAULT_QUEUE.into(),
             job: None,
             linger_ms: 200,
+            lease_seconds: 30,
             concurrency: 32,
             http_retries: 3,
             http_timeout: 30,
@@ -140,6 +147,8 @@ pub struct EnqueueReport {
     pub problems: Problems,
     /// Seconds from start to the last confirm.
     pub seconds: f64,
+    /// A signal stopped the reading: the job is `interrupted` with what was published.
+    pub interrupted: bool,
 }
 
 impl EnqueueReport {
@@ -154,6 +163,7 @@ impl EnqueueReport {
             "problems": self.problems.samples,
             "more_problems": self.problems.more,
             "seconds": self.seconds,
+            "interrupted": self.interrupted,
         })
     }
 
@@ -170,6 +180,7 @@ impl EnqueueReport {
             records_invalid: p.records_invalid,
             sources_failed: p.sources_failed,
             problems: samples,
+            interrupted: self.interrupted,
         }
     }
 
@@ -271,6 +282,9 @@ struct Outlet<'a, F: FnOnce(&str)> {
     on_registered: Option<F>,
     reserved: u64,
     published: Option<tokio::sync::watch::Sender<u64>>,
+    lease: std::time::Duration,
+    /// Stops the lease keeper when the outlet goes.
+    lease_keeper: Option<tokio_util::sync::DropGuard>,
 }
 
 impl<F: FnOnce(&str)> Outlet<'_, F> {
@@ -280,8 +294,13 @@ impl<F: FnOnce(&str)> Outlet<'_, F> {
         }
         if let Some(f) = self.on_registered.take() {
             self.store.register_job(&self.new_job).await?;
+            let lease_ms = self.lease.as_millis() as u64;
+            self.store
+                .renew_lease(self.job, now_ms() + lease_ms)
+                .await?;
             f(self.job);
             self.published = Some(spawn_published_writer(self.store.clone(), self.job));
+            self.lease_keeper = Some(spawn_lease_keeper(self.store.clone(), self.job, self.lease));
         }
         if batches_so_far > self.reserved {
             self.reserved = batches_so_far + RESERVE_AHEAD;
@@ -293,6 +312,31 @@ impl<F: FnOnce(&str)> Outlet<'_, F> {
         }
         Ok(())
     }
+}
+
+/// Renews the producer's lease on the job every third of it, until the guard is dropped (the
+/// enqueue ended) or the process dies (then the lease lapses and the job is `interrupted`).
+fn spawn_lease_keeper(
+    store: Store,
+    job: &str,
+    lease: std::time::Duration,
+) -> tokio_util::sync::DropGuard {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let guard = stop.clone().drop_guard();
+    let job = job.to_string();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(lease / 3) => {}
+                _ = stop.cancelled() => return,
+            }
+            let until = now_ms() + lease.as_millis() as u64;
+            if let Err(e) = store.renew_lease(&job, until).await {
+                warn!("renewing the lease on the job: {e}");
+            }
+        }
+    });
+    guard
 }
 
 /// Writes the latest confirmed count into `batches_published` whenever it changes, off the
@@ -318,6 +362,18 @@ pub async fn enqueue(
     conn: &ConnArgs,
     args: &EnqueueArgs,
     on_registered: impl FnOnce(&str),
+) -> anyhow::Result<EnqueueReport> {
+    enqueue_until(conn, args, on_registered, CancellationToken::new()).await
+}
+
+/// [`enqueue`], stopping early when `stop` is cancelled (a signal): reading stops, what was
+/// sent is confirmed, and the job becomes `interrupted` with the batches published so far
+/// (they still run).
+pub async fn enqueue_until(
+    conn: &ConnArgs,
+    args: &EnqueueArgs,
+    on_registered: impl FnOnce(&str),
+    stop: CancellationToken,
 ) -> anyhow::Result<EnqueueReport> {
     validate(conn, args)?;
     let params = parse_params(&args.params)?;
@@ -359,6 +415,8 @@ pub async fn enqueue(
         on_registered: Some(on_registered),
         reserved: 0,
         published: None,
+        lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
+        lease_keeper: None,
     };
     let problems = ProblemLog::default();
     let (rx, readers) = spawn_sources(args, ids, &problems);
@@ -370,12 +428,23 @@ pub async fn enqueue(
         args.max_message_bytes,
     );
     let linger = std::time::Duration::from_millis(args.linger_ms);
-    pump(rx, &mut batcher, &mut outlet, linger, &problems).await?;
-    readers.finish().await?;
+    let interrupted = pump(rx, &mut batcher, &mut outlet, linger, &problems, &stop).await?;
+    if interrupted {
+        // Stop reading; a reader blocked on stdin ends with the process.
+        readers.http.abort();
+    } else {
+        readers.finish().await?;
+    }
     let mut publisher = outlet.publisher;
     publisher.finish().await?;
 
     let p = problems.snapshot();
+    if outlet.on_registered.is_some() && interrupted {
+        return Err(CliError::Interrupted(
+            "interrupted before the first batch: no job was registered".into(),
+        )
+        .into());
+    }
     if outlet.on_registered.is_some() {
         // Nothing was read: no job was registered, nothing published.
         let mut msg = "nothing to enqueue: no record could be read".to_string();
@@ -391,34 +460,44 @@ pub async fn enqueue(
         records: publisher.confirmed_records,
         problems: p,
         seconds: started.elapsed().as_secs_f64(),
+        interrupted,
     };
     store.finish_publishing(&job, &report.totals()).await?;
     Ok(report)
 }
 
 /// Feeds what the sources send into the batcher and the batches into the outlet; a partial
-/// batch goes out when nothing came for `linger`, and at the end.
+/// batch goes out when nothing came for `linger`, and at the end. True when `stop` ended it
+/// (the records read but not batched yet are dropped).
 async fn pump<F: FnOnce(&str)>(
     mut rx: mpsc::Receiver<Vec<Value>>,
     batcher: &mut Batcher,
     outlet: &mut Outlet<'_, F>,
     linger: std::time::Duration,
     problems: &ProblemLog,
-) -> anyhow::Result<()> {
+    stop: &CancellationToken,
+) -> anyhow::Result<bool> {
     loop {
-        let chunk = if batcher.has_pending() {
-            match tokio::time::timeout(linger, rx.recv()).await {
-                Ok(chunk) => chunk,
-                Err(_) => {
-                    // Nothing came for a while (a slow stream): the partial batch goes out.
-                    let mut ready = Vec::new();
-                    batcher.flush(&mut ready, problems);
-                    outlet.send(ready, batcher.numbered()).await?;
-                    continue;
-                }
+        let next = async {
+            if batcher.has_pending() {
+                tokio::time::timeout(linger, rx.recv()).await
+            } else {
+                Ok(rx.recv().await)
             }
-        } else {
-            rx.recv().await
+        };
+        let chunk = tokio::select! {
+            next = next => next,
+            _ = stop.cancelled() => return Ok(true),
+        };
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(_) => {
+                // Nothing came for a while (a slow stream): the partial batch goes out.
+                let mut ready = Vec::new();
+                batcher.flush(&mut ready, problems);
+                outlet.send(ready, batcher.numbered()).await?;
+                continue;
+            }
         };
         let Some(chunk) = chunk else { break };
         let mut ready = Vec::new();
@@ -429,7 +508,8 @@ async fn pump<F: FnOnce(&str)>(
     }
     let mut ready = Vec::new();
     batcher.flush(&mut ready, problems);
-    outlet.send(ready, batcher.numbered()).await
+    outlet.send(ready, batcher.numbered()).await?;
+    Ok(false)
 }
 
 /// The tasks that read the sources.
@@ -496,19 +576,35 @@ fn spawn_sources(
 }
 
 /// The command: prints the job id first (or, with --json, the report as one JSON object),
-/// then the report on stderr; follows the job with --wait.
+/// then the report on stderr; follows the job with --wait. SIGINT/SIGTERM stop the reading:
+/// what was sent is confirmed, the job becomes `interrupted` (its published batches still
+/// run) and the command exits 1.
 pub async fn run(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<std::process::ExitCode> {
     let json = args.json;
-    let report = enqueue(conn, args, |job| {
-        if !json {
-            crate::out::line(job);
-        }
-    })
+    let stop = CancellationToken::new();
+    tokio::spawn(stop_on_signal(stop.clone()));
+    let report = enqueue_until(
+        conn,
+        args,
+        |job| {
+            if !json {
+                crate::out::line(job);
+            }
+        },
+        stop,
+    )
     .await?;
     if json {
         crate::out::line(&report.to_json().to_string());
     }
     eprintln!("{}", report.describe());
+    if report.interrupted {
+        eprintln!(
+            "producer: interrupted: job {} has the {} batches published so far; `producer wait {}` follows them",
+            report.job, report.batches, report.job
+        );
+        return Ok(std::process::ExitCode::from(crate::error::EXIT_UNFINISHED));
+    }
     if args.wait {
         let wait = crate::cmd::wait::WaitArgs {
             job: report.job.clone(),
@@ -518,4 +614,23 @@ pub async fn run(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<std::pro
         return crate::cmd::wait::run(conn, &wait).await;
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Cancels `stop` at the first SIGINT or SIGTERM.
+async fn stop_on_signal(stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!(
+        "producer: signal received: stopping; waiting for the broker to confirm what was sent"
+    );
+    stop.cancel();
 }

@@ -92,6 +92,12 @@ pub fn describe(status: &JobStatus, summary: Option<&Value>) -> String {
         secs,
         rate,
     );
+    if status.interrupted_ms.is_some() {
+        s.push_str(&format!(
+            "\n  interrupted: the enqueue stopped before its input ended (a signal, or the producer died); the {} batches it published run",
+            status.batches_total.unwrap_or(0)
+        ));
+    }
     if status.batches_cancelled > 0 || status.cancelled_ms.is_some() {
         s.push_str(&format!(
             "\n  cancelled: {} batches dropped unrun",

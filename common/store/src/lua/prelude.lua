@@ -10,6 +10,11 @@ local function finish(job, now)
   local dead = tonumber(f[3] or '0') + tonumber(f[5] or '0')
   if f[4] == STATE.cancelled then return end
   local state = f[4]
+  if state == STATE.interrupted then
+    -- An interrupted job keeps its state; it finishes when what was published has settled.
+    if done + dead >= total then redis.call('HSETNX', job, 'finished_ms', now) end
+    return
+  end
   if done + dead >= total then
     if dead > 0 then state = STATE.completed_with_errors else state = STATE.completed end
   elseif done + dead > 0 then
