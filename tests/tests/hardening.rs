@@ -242,6 +242,7 @@ async fn forged_messages_leave_jobs_unchanged() {
             task: "post-stats",
             queue: "tasks",
             params: &BTreeMap::new(),
+            unique_key: None,
         })
         .await
         .unwrap();
@@ -319,6 +320,7 @@ async fn headers_are_bounded_and_replay_skips_what_it_cannot_route() {
             task: "?",
             queue: "tasks",
             params: &BTreeMap::new(),
+            unique_key: None,
         })
         .await
         .unwrap();

@@ -260,3 +260,55 @@ async fn an_interrupted_enqueue_leaves_an_interrupted_job_that_wait_ends() {
     }
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unique_key_admits_one_job_at_a_time() {
+    let t = TestNs::new();
+    let file = write_jsonl(sample::posts(30));
+    let mut args = EnqueueArgs::new("post-stats");
+    args.files = vec![file.clone()];
+    args.queue = "idle".into(); // no worker: the job stays pending
+    args.unique_key = Some("nightly-report".into());
+    // Two producers race for the key: exactly one job is registered.
+    let conn = t.conn();
+    let (a, b) = tokio::join!(enqueue(&conn, &args, |_| {}), enqueue(&conn, &args, |_| {}));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let winner = match (&a.duplicate_of, &b.duplicate_of) {
+        (None, Some(holder)) => {
+            assert_eq!(holder, &a.job);
+            a.job.clone()
+        }
+        (Some(holder), None) => {
+            assert_eq!(holder, &b.job);
+            b.job.clone()
+        }
+        other => panic!("exactly one job must win: {other:?}"),
+    };
+    let store = t.store().await;
+    assert_eq!(store.jobs().await.unwrap().len(), 1);
+    // The command line: the existing id on stdout, a notice on stderr, exit 0.
+    let out = producer(
+        &t.ns,
+        &[
+            "enqueue",
+            "--file",
+            file.to_str().unwrap(),
+            "--queue",
+            "idle",
+            "--unique-key",
+            "nightly-report",
+        ],
+    );
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), winner);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing enqueued"));
+    assert_eq!(store.jobs().await.unwrap().len(), 1);
+    // Once the holder is finished (here: cancelled), the key is free again.
+    assert!(producer(&t.ns, &["cancel", &winner]).status.success());
+    let next = enqueue(&t.conn(), &args, |_| {}).await.unwrap();
+    assert_eq!(next.duplicate_of, None);
+    assert_ne!(next.job, winner);
+    assert_eq!(store.jobs().await.unwrap().len(), 2);
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}

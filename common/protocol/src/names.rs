@@ -112,6 +112,10 @@ impl Keys {
     pub fn jobs(&self) -> String {
         format!("{}:jobs", self.ns)
     }
+    /// The job holding unique key `key` while it is pending or running.
+    pub fn unique(&self, key: &str) -> String {
+        format!("{}:unique:{key}", self.ns)
+    }
     /// Ids of the cancelled jobs (workers read it to drop their batches).
     pub fn cancelled_jobs(&self) -> String {
         format!("{}:cancelled", self.ns)

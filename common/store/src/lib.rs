@@ -142,6 +142,17 @@ pub struct NewJob<'a> {
     pub queue: &'a str,
     /// Task parameters.
     pub params: &'a BTreeMap<String, String>,
+    /// While this job is pending or running, no other job with this key is registered.
+    pub unique_key: Option<&'a str>,
+}
+
+/// What registering a job did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registered {
+    /// The job is registered.
+    New,
+    /// Another job holds the unique key and is still pending or running: nothing registered.
+    Duplicate(String),
 }
 
 /// What the producer knows once publishing has ended.
@@ -423,14 +434,19 @@ impl Store {
     }
 
     /// Registers a job; fails when its id is taken.
-    pub async fn register_job(&self, job: &NewJob<'_>) -> Result<(), StoreError> {
+    pub async fn register_job(&self, job: &NewJob<'_>) -> Result<Registered, StoreError> {
         let params = serde_json::to_string(job.params).unwrap_or_else(|_| "{}".into());
         let mut con = self.con.clone();
-        let created: i64 = self
+        let unique = job
+            .unique_key
+            .map(|k| self.keys.unique(k))
+            .unwrap_or_default();
+        let created: redis::Value = self
             .scripts
             .register
             .key(self.keys.job(job.id))
             .key(self.keys.jobs())
+            .key(unique)
             .arg(job.id)
             .arg(job.task)
             .arg(job.queue)
@@ -441,10 +457,32 @@ impl Store {
             .invoke_async(&mut con)
             .await
             .map_err(|e| self.err(e))?;
-        if created == 0 {
-            return Err(StoreError::JobExists(job.id.to_string()));
+        match created {
+            redis::Value::Int(1) => Ok(Registered::New),
+            redis::Value::BulkString(holder) => Ok(Registered::Duplicate(
+                String::from_utf8_lossy(&holder).into_owned(),
+            )),
+            _ => Err(StoreError::JobExists(job.id.to_string())),
         }
-        Ok(())
+    }
+
+    /// The job holding unique key `key` (pending or running), if any.
+    pub async fn unique_holder(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let mut con = self.con.clone();
+        let holder: Option<String> = redis::cmd("GET")
+            .arg(self.keys.unique(key))
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        let prefix = self.keys.job("");
+        let Some(id) = holder.and_then(|h| h.strip_prefix(&prefix).map(str::to_string)) else {
+            return Ok(None);
+        };
+        Ok(self
+            .job_status(&id)
+            .await?
+            .filter(|s| !s.is_finished() && s.state != JobState::Cancelled)
+            .map(|_| id))
     }
 
     /// Whether a job of that id exists.

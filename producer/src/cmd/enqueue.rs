@@ -13,7 +13,7 @@ use taskmill_common::{
     config::{validate_job_id, validate_name, ConnArgs},
     envelope::{bounded, DEFAULT_MAX_MESSAGE_BYTES},
     now_ms,
-    store::{NewJob, PublishTotals, Store, StoreError},
+    store::{NewJob, PublishTotals, Registered, Store, StoreError},
     topology::{self, Names},
 };
 
@@ -54,6 +54,10 @@ pub struct EnqueueArgs {
     /// Job id (default: a new UUID).
     #[arg(long)]
     pub job: Option<String>,
+    /// While a job with this key is pending or running, enqueue nothing and print that job's
+    /// id instead (race-free across producers).
+    #[arg(long, value_name = "KEY")]
+    pub unique_key: Option<String>,
     /// A partial batch goes out when no record came for this many ms (a slow stdin).
     #[arg(long, env = "TASKMILL_LINGER_MS", default_value_t = 200)]
     pub linger_ms: u64,
@@ -119,6 +123,7 @@ impl EnqueueArgs {
             batch_size: 10,
             queue: topology::DEFAULT_QUEUE.into(),
             job: None,
+            unique_key: None,
             linger_ms: 200,
             lease_seconds: 30,
             concurrency: 32,
@@ -149,9 +154,24 @@ pub struct EnqueueReport {
     pub seconds: f64,
     /// A signal stopped the reading: the job is `interrupted` with what was published.
     pub interrupted: bool,
+    /// Nothing was enqueued: this job holds the unique key (`job` is this id then).
+    pub duplicate_of: Option<String>,
 }
 
 impl EnqueueReport {
+    /// Nothing enqueued: `holder` has the unique key.
+    fn duplicate(holder: String, started: Instant) -> Self {
+        Self {
+            job: holder.clone(),
+            batches: 0,
+            records: 0,
+            problems: Problems::default(),
+            seconds: started.elapsed().as_secs_f64(),
+            interrupted: false,
+            duplicate_of: Some(holder),
+        }
+    }
+
     /// The report as JSON.
     pub fn to_json(&self) -> Value {
         json!({
@@ -164,6 +184,7 @@ impl EnqueueReport {
             "more_problems": self.problems.more,
             "seconds": self.seconds,
             "interrupted": self.interrupted,
+            "duplicate": self.duplicate_of.is_some(),
         })
     }
 
@@ -256,6 +277,9 @@ fn validate(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<()> {
     if let Some(job) = &args.job {
         check(validate_job_id(job))?;
     }
+    if let Some(key) = &args.unique_key {
+        check(validate_job_id(key).map_err(|e| format!("--unique-key: {e}")))?;
+    }
     for f in &args.files {
         if f.as_os_str() != "-" && !f.is_file() {
             return Err(usage(format!("--file {}: no such file", f.display())));
@@ -282,6 +306,8 @@ struct Outlet<'a, F: FnOnce(&str)> {
     on_registered: Option<F>,
     reserved: u64,
     published: Option<tokio::sync::watch::Sender<u64>>,
+    /// The job that holds the unique key, when registering found one.
+    duplicate_of: Option<String>,
     lease: std::time::Duration,
     /// Stops the lease keeper when the outlet goes.
     lease_keeper: Option<tokio_util::sync::DropGuard>,
@@ -292,8 +318,15 @@ impl<F: FnOnce(&str)> Outlet<'_, F> {
         if ready.is_empty() {
             return Ok(());
         }
+        if self.duplicate_of.is_some() {
+            return Ok(());
+        }
         if let Some(f) = self.on_registered.take() {
-            self.store.register_job(&self.new_job).await?;
+            if let Registered::Duplicate(holder) = self.store.register_job(&self.new_job).await? {
+                self.duplicate_of = Some(holder);
+                self.on_registered = Some(f);
+                return Ok(());
+            }
             let lease_ms = self.lease.as_millis() as u64;
             self.store
                 .renew_lease(self.job, now_ms() + lease_ms)
@@ -399,6 +432,11 @@ pub async fn enqueue_until(
     if store.job_exists(&job).await? {
         return Err(StoreError::JobExists(job).into());
     }
+    if let Some(key) = &args.unique_key {
+        if let Some(holder) = store.unique_holder(key).await? {
+            return Ok(EnqueueReport::duplicate(holder, started));
+        }
+    }
     let names = Names::new(&conn.namespace);
     let publisher =
         Publisher::connect(&conn.amqp_url, names, &args.queue, args.confirm_window).await?;
@@ -411,10 +449,12 @@ pub async fn enqueue_until(
             task: &args.task,
             queue: &args.queue,
             params: &params,
+            unique_key: args.unique_key.as_deref(),
         },
         on_registered: Some(on_registered),
         reserved: 0,
         published: None,
+        duplicate_of: None,
         lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
         lease_keeper: None,
     };
@@ -437,6 +477,9 @@ pub async fn enqueue_until(
     }
     let mut publisher = outlet.publisher;
     publisher.finish().await?;
+    if let Some(holder) = outlet.duplicate_of {
+        return Ok(EnqueueReport::duplicate(holder, started));
+    }
 
     let p = problems.snapshot();
     if outlet.on_registered.is_some() && interrupted {
@@ -461,6 +504,7 @@ pub async fn enqueue_until(
         problems: p,
         seconds: started.elapsed().as_secs_f64(),
         interrupted,
+        duplicate_of: None,
     };
     store.finish_publishing(&job, &report.totals()).await?;
     Ok(report)
@@ -505,6 +549,9 @@ async fn pump<F: FnOnce(&str)>(
             batcher.push(record, &mut ready, problems);
         }
         outlet.send(ready, batcher.numbered()).await?;
+        if outlet.duplicate_of.is_some() {
+            return Ok(false);
+        }
     }
     let mut ready = Vec::new();
     batcher.flush(&mut ready, problems);
@@ -594,6 +641,18 @@ pub async fn run(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<std::pro
         stop,
     )
     .await?;
+    if let Some(holder) = &report.duplicate_of {
+        if json {
+            crate::out::line(&report.to_json().to_string());
+        } else {
+            crate::out::line(holder);
+        }
+        eprintln!(
+            "producer: job {holder} holds unique key {:?} and is still pending or running: nothing enqueued",
+            args.unique_key.as_deref().unwrap_or_default()
+        );
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     if json {
         crate::out::line(&report.to_json().to_string());
     }

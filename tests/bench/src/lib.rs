@@ -532,6 +532,7 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
             task: "post-stats",
             queue: "tasks",
             params: &params,
+            unique_key: None,
         })
         .await?;
     let names = Names::new(&ns);

@@ -10,6 +10,7 @@ end
 redis.call('HSET', KEYS[1], 'state', STATE.cancelled, 'cancelled_ms', ARGV[2],
   'finished_ms', ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
+release_unique(KEYS[1])
 local ttl = job_ttl(KEYS[1], 604800)
 if redis.call('TTL', KEYS[2]) < ttl then redis.call('EXPIRE', KEYS[2], ttl) end
 return state

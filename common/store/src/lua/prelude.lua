@@ -1,6 +1,11 @@
 local function job_ttl(job, fallback)
   return tonumber(redis.call('HGET', job, 'ttl')) or tonumber(fallback)
 end
+-- A finished job lets go of its unique key (if it still holds it).
+local function release_unique(job)
+  local u = redis.call('HGET', job, 'unique_key')
+  if u and redis.call('GET', u) == job then redis.call('DEL', u) end
+end
 local function finish(job, now)
   local f = redis.call('HMGET', job, 'batches_total', 'batches_done', 'batches_dead', 'state',
     'batches_cancelled')
@@ -12,7 +17,10 @@ local function finish(job, now)
   local state = f[4]
   if state == STATE.interrupted then
     -- An interrupted job keeps its state; it finishes when what was published has settled.
-    if done + dead >= total then redis.call('HSETNX', job, 'finished_ms', now) end
+    if done + dead >= total then
+      redis.call('HSETNX', job, 'finished_ms', now)
+      release_unique(job)
+    end
     return
   end
   if done + dead >= total then
@@ -24,6 +32,7 @@ local function finish(job, now)
     redis.call('HSET', job, 'state', state)
     if state == STATE.completed or state == STATE.completed_with_errors then
       redis.call('HSET', job, 'finished_ms', now)
+      release_unique(job)
     end
   end
 end
