@@ -27,6 +27,8 @@ pub struct Batcher {
     max_bytes: usize,
     next: u64,
     pending: Vec<Value>,
+    /// Headers every batch carries (`x-taskmill-eta-ms`, `x-taskmill-expires-ms`).
+    headers: Vec<(&'static str, i64)>,
 }
 
 impl Batcher {
@@ -46,7 +48,14 @@ impl Batcher {
             max_bytes,
             next: 0,
             pending: Vec::with_capacity(size.max(1)),
+            headers: Vec::new(),
         }
+    }
+
+    /// Every batch also carries these integer headers.
+    pub fn with_headers(mut self, headers: Vec<(&'static str, i64)>) -> Self {
+        self.headers = headers;
+        self
     }
 
     /// Adds a record; a full batch is prepared into `out`.
@@ -104,7 +113,14 @@ impl Batcher {
                 stack.push(records);
                 continue;
             }
-            let props = batch_properties(&env, 1);
+            let mut props = batch_properties(&env, 1);
+            if !self.headers.is_empty() {
+                let extra = self
+                    .headers
+                    .iter()
+                    .map(|&(k, v)| (k, lapin::types::AMQPValue::LongLongInt(v)));
+                props = taskmill_common::amqp::with_extra_headers(&props, extra);
+            }
             out.push((self.next, env.records.len() as u64, body, props));
             self.next += 1;
         }

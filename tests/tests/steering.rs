@@ -312,3 +312,68 @@ async fn a_unique_key_admits_one_job_at_a_time() {
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn countdown_waits_in_the_broker_and_expired_batches_are_dropped() {
+    let t = TestNs::new();
+    let workers = [worker(&t.ns), worker(&t.ns)];
+    let store = t.store().await;
+    let file = write_jsonl(sample::posts(50));
+    // --countdown 2s: no batch starts before 2 s, and the workers hold none meanwhile.
+    let mut args = EnqueueArgs::new("post-stats");
+    args.files = vec![file.clone()];
+    args.countdown = Some("2s".into());
+    let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let s = store.job_status(&job).await.unwrap().unwrap();
+    let eta = s.eta_ms.unwrap();
+    assert!(
+        (1_000..=2_000).contains(&(eta - s.created_ms)),
+        "{eta} {}",
+        s.created_ms
+    );
+    let s = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    assert_eq!(s.state(), "completed");
+    assert_eq!(s.batches_done, 5);
+    assert!(
+        s.started_ms.unwrap() >= eta,
+        "a batch started before its time: {s:?}"
+    );
+
+    // --expires 1s on a queue no worker consumes yet: past the expiry, a worker drops them.
+    let mut args = EnqueueArgs::new("post-stats");
+    args.files = vec![file.clone()];
+    args.queue = "later".into();
+    args.expires = Some("1s".into());
+    let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let expires = store
+        .job_status(&job)
+        .await
+        .unwrap()
+        .unwrap()
+        .expires_ms
+        .unwrap();
+    until("the expiry", Duration::from_secs(10), || async {
+        taskmill_common::now_ms() > expires
+    })
+    .await;
+    let mut late = Command::new(bin_path("worker"))
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .env("TASKMILL_QUEUES", "later")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let wait = producer(&t.ns, &["wait", &job, "--timeout", "60"]);
+    assert_eq!(wait.status.code(), Some(1));
+    let s = store.job_status(&job).await.unwrap().unwrap();
+    assert_eq!(s.batches_expired, 5);
+    assert_eq!(s.batches_done, 0);
+    assert!(store.results(&job).await.unwrap().is_empty());
+    assert!(sigterm(late.id()));
+    late.wait().unwrap();
+    for w in workers {
+        stop(w);
+    }
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}

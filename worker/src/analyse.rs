@@ -59,6 +59,10 @@ pub enum Outcome {
     Dead(DeadKind, String),
     /// The job was cancelled: drop the batch unrun (counted in `batches_cancelled`).
     Cancelled,
+    /// Not started before its expiry: drop it unrun (counted in `batches_expired`).
+    Expired,
+    /// Too early (`--countdown`, `--eta`): it must wait this many ms more, in the broker.
+    NotYet(u64),
 }
 
 /// Decodes `body` and runs its task. `message_id` identifies undecodable messages.

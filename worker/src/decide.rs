@@ -29,6 +29,14 @@ pub enum Action {
     GiveBack,
     /// Its job was cancelled: count it dropped, then ack.
     Cancel,
+    /// Its time ran out before it started: count it expired, then ack.
+    Expire,
+    /// Too early: publish a copy (attempt unchanged) to the delay queue of this delay, then
+    /// ack.
+    Delay {
+        /// The delay, one of the tiers, never past the batch's time.
+        delay_ms: u64,
+    },
 }
 
 /// Decides what becomes of a batch. `analysed` is None when the analysis thread vanished.
@@ -40,7 +48,11 @@ pub fn decide(analysed: Option<&(BatchId, Outcome)>, attempt: u32, policy: &Retr
     let identified = id.job.is_some() && id.batch.is_some();
     match outcome {
         Outcome::Cancelled if identified => Action::Cancel,
-        Outcome::Cancelled => Action::Dead {
+        Outcome::Expired if identified => Action::Expire,
+        Outcome::NotYet(ms) if identified => Action::Delay {
+            delay_ms: taskmill_common::topology::tier_at_most(*ms),
+        },
+        Outcome::Cancelled | Outcome::Expired | Outcome::NotYet(_) => Action::Dead {
             kind: DeadKind::UnknownJob,
             error: "batch without identity".into(),
         },
@@ -167,6 +179,23 @@ mod tests {
     fn batches_of_cancelled_jobs_are_dropped() {
         let c = (id(), Outcome::Cancelled);
         assert_eq!(decide(Some(&c), 1, &RetryPolicy::default()), Action::Cancel);
+        let e = (id(), Outcome::Expired);
+        assert_eq!(decide(Some(&e), 1, &RetryPolicy::default()), Action::Expire);
+    }
+
+    #[test]
+    fn early_batches_wait_a_tier_that_never_overshoots() {
+        let p = RetryPolicy::default();
+        let early = (id(), Outcome::NotYet(4_999));
+        assert_eq!(
+            decide(Some(&early), 1, &p),
+            Action::Delay { delay_ms: 2_000 }
+        );
+        let nearly = (id(), Outcome::NotYet(3));
+        assert_eq!(
+            decide(Some(&nearly), 1, &p),
+            Action::Delay { delay_ms: 100 }
+        );
     }
 
     #[test]

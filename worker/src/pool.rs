@@ -48,23 +48,51 @@ pub(crate) struct Analyser {
     pub(crate) cancelled: Cancelled,
 }
 
-/// The identity of a batch of a cancelled job, from its message id alone (no decoding), or
-/// None when its job is not cancelled.
-fn cancelled_batch(cancelled: &Cancelled, message_id: Option<&str>) -> Option<(BatchId, Outcome)> {
-    let set = cancelled.read().unwrap_or_else(|e| e.into_inner());
-    if set.is_empty() {
-        return None;
+/// What the headers of a delivery say about when it may run.
+#[derive(Debug, Clone, Copy, Default)]
+struct Timing {
+    eta_ms: Option<u64>,
+    expires_ms: Option<u64>,
+}
+
+impl Timing {
+    fn of(props: &lapin::BasicProperties) -> Self {
+        let ms = |h| amqp::header_i64(props, h).and_then(|v| u64::try_from(v).ok());
+        Self {
+            eta_ms: ms(taskmill_common::envelope::HEADER_ETA),
+            expires_ms: ms(taskmill_common::envelope::HEADER_EXPIRES),
+        }
     }
+}
+
+/// A batch that must not run now, decided from its message id and headers alone (no
+/// decoding): its job was cancelled, it expired, or it is too early. None: run it.
+fn not_now(
+    cancelled: &Cancelled,
+    message_id: Option<&str>,
+    timing: Timing,
+) -> Option<(BatchId, Outcome)> {
+    let outcome = {
+        let set = cancelled.read().unwrap_or_else(|e| e.into_inner());
+        let now = taskmill_common::now_ms();
+        let job = || message_id.and_then(taskmill_common::envelope::parse_message_id);
+        if !set.is_empty() && job().is_some_and(|(j, _)| set.contains(&j)) {
+            Outcome::Cancelled
+        } else if timing.expires_ms.is_some_and(|e| now > e) {
+            Outcome::Expired
+        } else if let Some(eta) = timing.eta_ms.filter(|&eta| eta > now) {
+            Outcome::NotYet(eta - now)
+        } else {
+            return None;
+        }
+    };
     let (job, batch) = message_id.and_then(taskmill_common::envelope::parse_message_id)?;
-    if !set.contains(&job) {
-        return None;
-    }
     let id = BatchId {
         job: Some(job),
         batch: Some(batch),
         ..BatchId::default()
     };
-    Some((id, Outcome::Cancelled))
+    Some((id, outcome))
 }
 
 impl Analyser {
@@ -83,7 +111,7 @@ impl Analyser {
                 .message_id()
                 .as_ref()
                 .map(|s| s.to_string());
-            inputs.push((body, attempt, message_id));
+            inputs.push((body, attempt, message_id, Timing::of(&delivery.properties)));
             metas.push((chan, queue, delivery, attempt));
         }
         let registry = self.registry.clone();
@@ -94,11 +122,11 @@ impl Analyser {
             use rayon::prelude::*;
             let out: Vec<_> = inputs
                 .into_par_iter()
-                .map(|(body, attempt, message_id)| {
-                    // A batch of a cancelled job is dropped before it runs, even one that
-                    // waited in this worker's prefetch.
-                    if let Some(dropped) = cancelled_batch(&cancelled, message_id.as_deref()) {
-                        return (Some(dropped), body);
+                .map(|(body, attempt, message_id, timing)| {
+                    // A batch of a cancelled job, an expired or an early one does not run,
+                    // even one that waited in this worker's prefetch.
+                    if let Some(skip) = not_now(&cancelled, message_id.as_deref(), timing) {
+                        return (Some(skip), body);
                     }
                     let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         analyse(&registry, &body, message_id.as_deref(), attempt, max)

@@ -306,7 +306,9 @@ impl Sink {
                     self.settle_one(&p, false).await
                 }
                 Action::Retry { delay_ms } => self.retry(&p, delay_ms).await,
-                Action::Cancel => self.cancelled(&p).await,
+                Action::Cancel => self.dropped(&p, false).await,
+                Action::Expire => self.dropped(&p, true).await,
+                Action::Delay { delay_ms } => self.delay(&p, delay_ms).await,
                 Action::Dead { kind, error } => self.dead(&p, kind, &error).await,
                 Action::Store => {
                     self.dead(&p, DeadKind::UnknownJob, "batch without identity")
@@ -329,19 +331,17 @@ impl Sink {
         Ok(amqp::publish_confirmed(&self.channel, exchange, routing_key, body, props).await?)
     }
 
-    /// A batch of a cancelled job: counted dropped, then acked (it never ran).
-    async fn cancelled(&self, p: &Processed) -> anyhow::Result<()> {
+    /// A batch dropped unrun (its job was cancelled, or it expired): counted, then acked.
+    async fn dropped(&self, p: &Processed, expired: bool) -> anyhow::Result<()> {
         let Some((job, batch)) = identity(p) else {
             return self
                 .dead(p, DeadKind::UnknownJob, "batch without identity")
                 .await;
         };
-        match self
-            .redis("counting a cancelled batch", || {
-                self.store.record_cancelled(&job, batch)
-            })
-            .await?
-        {
+        let recorded = self.redis("counting a dropped batch", || {
+            self.store.record_dropped(&job, batch, expired)
+        });
+        match recorded.await? {
             Stored::Ok(rec) => {
                 if let Some(Action::Dead { kind, error }) = decide::refused(rec, &job, batch) {
                     return self.dead(p, kind, &error).await;
@@ -349,11 +349,36 @@ impl Sink {
             }
             Stored::Failed(e) => return self.dead(p, DeadKind::StoreError, &e.to_string()).await,
         }
+        let outcome = if expired { "expired" } else { "cancelled" };
         Stats::add(&self.stats.batches_cancelled, 1);
-        metrics::counter!("taskmill_batches_total", "task" => p.label(), "outcome" => "cancelled")
+        metrics::counter!("taskmill_batches_total", "task" => p.label(), "outcome" => outcome)
             .increment(1);
-        debug!("dropped: its job was cancelled");
+        debug!("dropped unrun: {outcome}");
         self.settle_one(p, true).await
+    }
+
+    /// A batch too early to run: back to wait in a delay queue (in the broker, not here),
+    /// attempt unchanged, then acked.
+    async fn delay(&self, p: &Processed, delay_ms: u64) -> anyhow::Result<()> {
+        let name = self.delay_queue(&p.queue, delay_ms).await?;
+        let props = p.delivery.properties.clone();
+        if !self.publish_confirmed("", &name, &p.body, props).await? {
+            warn!("the broker refused a delayed copy; the batch goes back to the queue");
+            return self.settle_one(p, false).await;
+        }
+        debug!(delay_ms, "too early: waiting in the broker");
+        self.settle_one(p, true).await
+    }
+
+    /// The delay queue of `queue` for `delay_ms`, declared once a session.
+    async fn delay_queue(&self, queue: &str, delay_ms: u64) -> anyhow::Result<String> {
+        let name = self.names.delay_queue(queue, delay_ms);
+        let mut declared = self.declared.lock().await;
+        if !declared.contains(&name) {
+            topology::declare_delay_queue(&self.channel, &self.names, queue, delay_ms).await?;
+            declared.insert(name.clone());
+        }
+        Ok(name)
     }
 
     async fn retry(&self, p: &Processed, delay_ms: u64) -> anyhow::Result<()> {
@@ -373,15 +398,7 @@ impl Sink {
         if let Some(Action::Dead { kind, error }) = decide::refused(counted, &job, batch) {
             return self.dead(p, kind, &error).await;
         }
-        let name = self.names.delay_queue(&p.queue, delay_ms);
-        {
-            let mut declared = self.declared.lock().await;
-            if !declared.contains(&name) {
-                topology::declare_delay_queue(&self.channel, &self.names, &p.queue, delay_ms)
-                    .await?;
-                declared.insert(name.clone());
-            }
-        }
+        let name = self.delay_queue(&p.queue, delay_ms).await?;
         let attempt = AMQPValue::LongLongInt(i64::from(p.attempt) + 1);
         let props = with_extra_headers(&p.delivery.properties, [(HEADER_ATTEMPT, attempt)]);
         if !self.publish_confirmed("", &name, &p.body, props).await? {

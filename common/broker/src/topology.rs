@@ -18,7 +18,8 @@
 //! name above has exactly one reading.
 
 pub use taskmill_protocol::names::{
-    validate_queue, Names, DEAD_EVENTS_MAX, DEFAULT_QUEUE, DELAY_TIERS_MS, DELIVERY_LIMIT,
+    tier_at_most, validate_queue, Names, DEAD_EVENTS_MAX, DEFAULT_QUEUE, DELAY_TIERS_MS,
+    DELIVERY_LIMIT,
 };
 
 use lapin::{

@@ -27,6 +27,12 @@ pub const HEADER_ERROR: &str = "x-taskmill-error";
 pub const HEADER_ERROR_KIND: &str = "x-taskmill-error-kind";
 /// Dead-letter header: the work queue the batch came from (full name).
 pub const HEADER_ORIGINAL_QUEUE: &str = "x-taskmill-original-queue";
+/// Not before this time (ms since the epoch): `enqueue --countdown/--eta`. A worker that
+/// meets the batch earlier sends it back to wait in a delay queue.
+pub const HEADER_ETA: &str = "x-taskmill-eta-ms";
+/// Not after this time (ms since the epoch): `enqueue --expires`. A batch not started by then
+/// is dropped unrun and counted in `batches_expired`.
+pub const HEADER_EXPIRES: &str = "x-taskmill-expires-ms";
 /// Dead-letter header: when it was dead-lettered, in ms since the epoch.
 pub const HEADER_DEAD_AT: &str = "x-taskmill-dead-at-ms";
 

@@ -25,6 +25,18 @@ pub const DELAY_TIERS_MS: &[u64] = &[
     1_800_000, 3_600_000, 10_800_000, 21_600_000, 43_200_000, 86_400_000,
 ];
 
+/// The longest delay tier no longer than `ms` (the shortest tier when `ms` is below it): a
+/// batch that must wait `ms` waits this long in a delay queue, then again for what is left,
+/// so it never comes back early by more than nothing and late by at most the shortest tier.
+pub fn tier_at_most(ms: u64) -> u64 {
+    DELAY_TIERS_MS
+        .iter()
+        .rev()
+        .copied()
+        .find(|&t| t <= ms)
+        .unwrap_or(DELAY_TIERS_MS[0])
+}
+
 /// Longest queue of dead-letter events kept for counting when no worker runs.
 pub const DEAD_EVENTS_MAX: i64 = 1_000_000;
 
@@ -104,9 +116,10 @@ impl Keys {
     pub fn dead(&self, job: &str) -> String {
         format!("{}:job:{job}:dead", self.ns)
     }
-    /// Batch number → 1, for batches dropped because their job was cancelled.
-    pub fn cancelled(&self, job: &str) -> String {
-        format!("{}:job:{job}:cancelled", self.ns)
+    /// Batch number → 1, for batches dropped unrun (their job was cancelled, or they
+    /// expired).
+    pub fn dropped(&self, job: &str) -> String {
+        format!("{}:job:{job}:dropped", self.ns)
     }
     /// Job ids by creation time.
     pub fn jobs(&self) -> String {
@@ -170,6 +183,14 @@ mod tests {
         assert!(validate_name("namespace", "").is_err());
         assert!(validate_name("queue", "a b").is_err());
         assert!(validate_name("queue", "a:b").is_err());
+    }
+
+    #[test]
+    fn tiers_never_overshoot_a_wait() {
+        assert_eq!(tier_at_most(5_000), 5_000);
+        assert_eq!(tier_at_most(4_999), 2_000);
+        assert_eq!(tier_at_most(30), 100);
+        assert_eq!(tier_at_most(u64::MAX), 86_400_000);
     }
 
     #[test]

@@ -220,6 +220,8 @@ pub struct JobStatus {
     pub records_invalid: u64,
     /// Batches dropped unrun because the job was cancelled.
     pub batches_cancelled: u64,
+    /// Batches dropped unrun because they were not started before the job's expiry.
+    pub batches_expired: u64,
     /// Retries of the job's batches.
     pub retries: u64,
     /// Sources (URLs, files) that could not be read.
@@ -240,6 +242,12 @@ pub struct JobStatus {
     /// When its enqueue was interrupted (a signal, or its lease lapsed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interrupted_ms: Option<u64>,
+    /// No batch starts before this time (`--countdown`, `--eta`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<u64>,
+    /// Batches not started by this time are dropped (`--expires`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
 }
 
 /// A job hash that cannot be read as a job.
@@ -293,6 +301,7 @@ impl JobStatus {
             records_done: num("records_done")?,
             records_invalid: num("records_invalid")?,
             batches_cancelled: num("batches_cancelled")?,
+            batches_expired: num("batches_expired")?,
             retries: num("retries")?,
             sources_failed: num("sources_failed")?,
             problems: f
@@ -304,6 +313,8 @@ impl JobStatus {
             finished_ms: opt("finished_ms")?,
             cancelled_ms: opt("cancelled_ms")?,
             interrupted_ms: opt("interrupted_ms")?,
+            eta_ms: opt("eta_ms")?,
+            expires_ms: opt("expires_ms")?,
         })
     }
 
@@ -341,7 +352,7 @@ struct Scripts {
     cancel: redis::Script,
     check_lease: redis::Script,
     delete: redis::Script,
-    record_cancelled: redis::Script,
+    record_dropped: redis::Script,
     raise: redis::Script,
 }
 
@@ -358,7 +369,7 @@ impl Scripts {
             cancel: with_finish(include_str!("lua/cancel.lua")),
             check_lease: with_finish(include_str!("lua/check_lease.lua")),
             delete: with_finish(include_str!("lua/delete.lua")),
-            record_cancelled: with_finish(include_str!("lua/record_cancelled.lua")),
+            record_dropped: with_finish(include_str!("lua/record_dropped.lua")),
             raise: with_finish(RAISE_LUA),
         }
     }
@@ -425,7 +436,7 @@ impl Store {
             &self.scripts.cancel,
             &self.scripts.check_lease,
             &self.scripts.delete,
-            &self.scripts.record_cancelled,
+            &self.scripts.record_dropped,
             &self.scripts.raise,
         ] {
             s.load_async(&mut con).await.map_err(|e| self.err(e))?;
@@ -544,6 +555,21 @@ impl Store {
             .invoke_async::<i64>(&mut con)
             .await
             .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Records a job's timing options (`eta_ms`, `expires_ms`) in its hash, for people.
+    pub async fn set_timing(
+        &self,
+        job: &str,
+        eta_ms: Option<u64>,
+        expires_ms: Option<u64>,
+    ) -> Result<(), StoreError> {
+        for (field, v) in [("eta_ms", eta_ms), ("expires_ms", expires_ms)] {
+            if let Some(v) = v {
+                self.raise(job, field, v).await?;
+            }
+        }
         Ok(())
     }
 
@@ -683,7 +709,7 @@ impl Store {
             .key(self.keys.job(job))
             .key(self.keys.results(job))
             .key(self.keys.dead(job))
-            .key(self.keys.cancelled(job))
+            .key(self.keys.dropped(job))
             .key(self.keys.jobs())
             .key(self.keys.cancelled_jobs())
             .arg(job)
@@ -693,19 +719,31 @@ impl Store {
         Ok(existed == 1)
     }
 
-    /// Counts a batch of a cancelled job as dropped (once).
-    pub async fn record_cancelled(&self, job: &str, batch: u64) -> Result<Recorded, StoreError> {
+    /// Counts a batch dropped unrun (once): `expired` says why (its time ran out), else its
+    /// job was cancelled.
+    pub async fn record_dropped(
+        &self,
+        job: &str,
+        batch: u64,
+        expired: bool,
+    ) -> Result<Recorded, StoreError> {
+        let counter = if expired {
+            "batches_expired"
+        } else {
+            "batches_cancelled"
+        };
         let mut pipe = redis::pipe();
         pipe.cmd("EVALSHA")
-            .arg(self.scripts.record_cancelled.get_hash())
+            .arg(self.scripts.record_dropped.get_hash())
             .arg(4)
             .arg(self.keys.job(job))
             .arg(self.keys.results(job))
             .arg(self.keys.dead(job))
-            .arg(self.keys.cancelled(job))
+            .arg(self.keys.dropped(job))
             .arg(batch)
             .arg(now_ms())
-            .arg(self.ttl);
+            .arg(self.ttl)
+            .arg(counter);
         let flags: Vec<i64> = self.query_with_scripts(&pipe).await?;
         Ok(Recorded::from_code(flags.first().copied().unwrap_or(0)))
     }

@@ -11,7 +11,7 @@ use tracing::warn;
 
 use taskmill_common::{
     config::{validate_job_id, validate_name, ConnArgs},
-    envelope::{bounded, DEFAULT_MAX_MESSAGE_BYTES},
+    envelope::{bounded, DEFAULT_MAX_MESSAGE_BYTES, HEADER_ETA, HEADER_EXPIRES},
     now_ms,
     store::{NewJob, PublishTotals, Registered, Store, StoreError},
     topology::{self, Names},
@@ -54,6 +54,20 @@ pub struct EnqueueArgs {
     /// Job id (default: a new UUID).
     #[arg(long)]
     pub job: Option<String>,
+    /// Start no batch before this long from now: `30s`, `5m`, `2h`, `1d`, `500ms`.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        conflicts_with = "eta",
+        help_heading = "Timing"
+    )]
+    pub countdown: Option<String>,
+    /// Start no batch before this time (RFC 3339, like `2026-12-01T08:00:00Z`).
+    #[arg(long, value_name = "TIME", help_heading = "Timing")]
+    pub eta: Option<String>,
+    /// Drop the batches not started within this long from now (counted `batches_expired`).
+    #[arg(long, value_name = "DURATION", help_heading = "Timing")]
+    pub expires: Option<String>,
     /// While a job with this key is pending or running, enqueue nothing and print that job's
     /// id instead (race-free across producers).
     #[arg(long, value_name = "KEY")]
@@ -124,6 +138,9 @@ impl EnqueueArgs {
             queue: topology::DEFAULT_QUEUE.into(),
             job: None,
             unique_key: None,
+            countdown: None,
+            eta: None,
+            expires: None,
             linger_ms: 200,
             lease_seconds: 30,
             concurrency: 32,
@@ -247,6 +264,102 @@ fn usage(msg: String) -> anyhow::Error {
     CliError::Usage(msg).into()
 }
 
+/// `30s`, `5m`, `2h`, `1d`, `500ms`, or a number of seconds, as ms.
+pub fn parse_duration(raw: &str) -> Result<u64, String> {
+    let t = raw.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration like 30s, 5m, 2h, 1d or 500ms"))?;
+    let ms = match unit {
+        "ms" => 1.0,
+        "" | "s" => 1000.0,
+        "m" => 60_000.0,
+        "h" => 3_600_000.0,
+        "d" => 86_400_000.0,
+        _ => return Err(format!("{raw:?}: unknown unit {unit:?} (ms, s, m, h or d)")),
+    };
+    Ok((n * ms).round() as u64)
+}
+
+/// An RFC 3339 time (`2026-12-01T08:00:00Z`, `…+01:00`, with optional fractions) as ms since
+/// the epoch.
+pub fn parse_rfc3339(raw: &str) -> Result<u64, String> {
+    let err = || format!("{raw:?} is not an RFC 3339 time like 2026-12-01T08:00:00Z");
+    let t = raw.trim();
+    let (date, rest) = t.split_once(['T', 't', ' ']).ok_or_else(err)?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>());
+    let (Some(Ok(y)), Some(Ok(mo)), Some(Ok(day))) = (d.next(), d.next(), d.next()) else {
+        return Err(err());
+    };
+    let zone_at = rest.find(['Z', 'z', '+', '-']).ok_or_else(err)?;
+    let (clock, zone) = rest.split_at(zone_at);
+    let mut c = clock.splitn(3, ':');
+    let (Some(Ok(h)), Some(Ok(mi)), Some(Ok(sec))) = (
+        c.next().map(str::parse::<i64>),
+        c.next().map(str::parse::<i64>),
+        c.next().map(str::parse::<f64>),
+    ) else {
+        return Err(err());
+    };
+    let offset_min = match zone {
+        "Z" | "z" => 0,
+        z => {
+            let sign = if z.starts_with('-') { -1 } else { 1 };
+            let (oh, om) = z[1..].split_once(':').ok_or_else(err)?;
+            sign * (oh.parse::<i64>().map_err(|_| err())? * 60
+                + om.parse::<i64>().map_err(|_| err())?)
+        }
+    };
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&day) || h > 23 || mi > 59 || sec >= 61.0 {
+        return Err(err());
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let yy = if mo <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 - offset_min * 60;
+    let ms = secs as f64 * 1000.0 + sec * 1000.0;
+    if ms < 0.0 {
+        return Err(err());
+    }
+    Ok(ms.round() as u64)
+}
+
+/// The job's start time and expiry, in ms since the epoch, from `--countdown`/`--eta` and
+/// `--expires`.
+fn timing(args: &EnqueueArgs) -> anyhow::Result<(Option<u64>, Option<u64>)> {
+    let now = now_ms();
+    let eta = match (&args.countdown, &args.eta) {
+        (Some(c), _) => {
+            Some(now + parse_duration(c).map_err(|e| usage(format!("--countdown {e}")))?)
+        }
+        (None, Some(t)) => Some(parse_rfc3339(t).map_err(|e| usage(format!("--eta {e}")))?),
+        (None, None) => None,
+    };
+    let expires = args
+        .expires
+        .as_deref()
+        .map(|e| parse_duration(e).map_err(|e| usage(format!("--expires {e}"))))
+        .transpose()?
+        .map(|d| now + d);
+    if let (Some(eta), Some(exp)) = (eta, expires) {
+        if exp <= eta {
+            return Err(usage(
+                "--expires ends before the batches may start (--countdown/--eta)".into(),
+            ));
+        }
+    }
+    Ok((eta, expires))
+}
+
 /// Checks arguments before anything is connected.
 fn validate(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<()> {
     let check = |r: Result<(), String>| r.map_err(usage);
@@ -308,6 +421,8 @@ struct Outlet<'a, F: FnOnce(&str)> {
     published: Option<tokio::sync::watch::Sender<u64>>,
     /// The job that holds the unique key, when registering found one.
     duplicate_of: Option<String>,
+    /// The job's start time and expiry, recorded with it.
+    timing: (Option<u64>, Option<u64>),
     lease: std::time::Duration,
     /// Stops the lease keeper when the outlet goes.
     lease_keeper: Option<tokio_util::sync::DropGuard>,
@@ -327,6 +442,9 @@ impl<F: FnOnce(&str)> Outlet<'_, F> {
                 self.on_registered = Some(f);
                 return Ok(());
             }
+            self.store
+                .set_timing(self.job, self.timing.0, self.timing.1)
+                .await?;
             let lease_ms = self.lease.as_millis() as u64;
             self.store
                 .renew_lease(self.job, now_ms() + lease_ms)
@@ -410,6 +528,7 @@ pub async fn enqueue_until(
 ) -> anyhow::Result<EnqueueReport> {
     validate(conn, args)?;
     let params = parse_params(&args.params)?;
+    let (eta_ms, expires_ms) = timing(args)?;
     let ids = args
         .ids
         .as_deref()
@@ -455,18 +574,28 @@ pub async fn enqueue_until(
         reserved: 0,
         published: None,
         duplicate_of: None,
+        timing: (None, None),
         lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
         lease_keeper: None,
     };
     let problems = ProblemLog::default();
     let (rx, readers) = spawn_sources(args, ids, &problems);
+    let mut headers = Vec::new();
+    if let Some(eta) = eta_ms {
+        headers.push((HEADER_ETA, eta as i64));
+    }
+    if let Some(exp) = expires_ms {
+        headers.push((HEADER_EXPIRES, exp as i64));
+    }
+    outlet.timing = (eta_ms, expires_ms);
     let mut batcher = Batcher::new(
         &job,
         &args.task,
         &params,
         args.batch_size,
         args.max_message_bytes,
-    );
+    )
+    .with_headers(headers);
     let linger = std::time::Duration::from_millis(args.linger_ms);
     let interrupted = pump(rx, &mut batcher, &mut outlet, linger, &problems, &stop).await?;
     if interrupted {
@@ -692,4 +821,26 @@ async fn stop_on_signal(stop: CancellationToken) {
         "producer: signal received: stopping; waiting for the broker to confirm what was sent"
     );
     stop.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_times() {
+        assert_eq!(parse_duration("30s"), Ok(30_000));
+        assert_eq!(parse_duration("1.5m"), Ok(90_000));
+        assert_eq!(parse_duration("500ms"), Ok(500));
+        assert_eq!(parse_duration("2"), Ok(2_000));
+        assert!(parse_duration("5 weeks").is_err());
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:01Z"), Ok(1_000));
+        assert_eq!(parse_rfc3339("2023-11-14T22:13:20Z"), Ok(1_700_000_000_000));
+        assert_eq!(
+            parse_rfc3339("2023-11-14T23:13:20.250+01:00"),
+            Ok(1_700_000_000_250)
+        );
+        assert!(parse_rfc3339("2023-13-01T00:00:00Z").is_err());
+        assert!(parse_rfc3339("tomorrow").is_err());
+    }
 }

@@ -8,11 +8,11 @@ local function release_unique(job)
 end
 local function finish(job, now)
   local f = redis.call('HMGET', job, 'batches_total', 'batches_done', 'batches_dead', 'state',
-    'batches_cancelled')
+    'batches_cancelled', 'batches_expired')
   if not f[1] then return end
   local total = tonumber(f[1])
   local done = tonumber(f[2] or '0')
-  local dead = tonumber(f[3] or '0') + tonumber(f[5] or '0')
+  local dead = tonumber(f[3] or '0') + tonumber(f[5] or '0') + tonumber(f[6] or '0')
   if f[4] == STATE.cancelled then return end
   local state = f[4]
   if state == STATE.interrupted then
@@ -51,8 +51,9 @@ end
 -- A batch counted done or dead was published: batches_published is never below them.
 local function published_at_least(job)
   local f = redis.call('HMGET', job, 'batches_done', 'batches_dead', 'batches_published',
-    'batches_cancelled')
+    'batches_cancelled', 'batches_expired')
   local settled = tonumber(f[1] or '0') + tonumber(f[2] or '0') + tonumber(f[4] or '0')
+    + tonumber(f[5] or '0')
   if settled > tonumber(f[3] or '0') then
     redis.call('HSET', job, 'batches_published', settled)
   end
