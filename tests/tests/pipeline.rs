@@ -18,6 +18,7 @@ fn expected_summary(posts: &[Value]) -> Value {
         job: "x",
         batch: 0,
         attempt: 1,
+        deadline: None,
     };
     PostStats.run(&ctx, posts).unwrap().result
 }

@@ -377,3 +377,77 @@ async fn countdown_waits_in_the_broker_and_expired_batches_are_dropped() {
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_its_time_limit_is_retried_and_the_worker_says_it_is_stuck() {
+    let t = TestNs::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut w = Command::new(bin_path("worker"))
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .env("TASKMILL_THREADS", "2")
+        .env("TASKMILL_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let get = |path: &'static str| async move {
+        let r = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await;
+        match r {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    };
+    until("the worker ready", Duration::from_secs(60), || async {
+        get("/readyz").await.0 == 200
+    })
+    .await;
+    let file = write_jsonl(sample::posts(20));
+    let mut args = EnqueueArgs::new("chaos");
+    args.files = vec![file.clone()];
+    args.time_limit = Some("200ms".into());
+    args.params = vec![
+        "sleep_ms=1500".into(),
+        "retry_max_attempts=2".into(),
+        "retry_base_ms=100".into(),
+    ];
+    let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    // While the threads sleep past twice the limit, /readyz says so.
+    until(
+        "/readyz reporting stuck threads",
+        Duration::from_secs(60),
+        || async {
+            let (code, text) = get("/readyz").await;
+            code == 503 && text.contains("stuck")
+        },
+    )
+    .await;
+    let store = t.store().await;
+    let s = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    assert_eq!(s.state(), "completed_with_errors");
+    assert_eq!((s.batches_dead, s.retries), (2, 2));
+    let dead = store.dead_batches(&job).await.unwrap();
+    assert!(dead
+        .iter()
+        .all(|(_, r)| r["error"].as_str().unwrap().starts_with("time_limit")));
+    let (_, metrics) = get("/metrics").await;
+    assert!(
+        metrics.contains("taskmill_time_limit_overruns_total{task=\"chaos\"} 4"),
+        "{metrics}"
+    );
+    until("/readyz ready again", Duration::from_secs(60), || async {
+        get("/readyz").await.0 == 200
+    })
+    .await;
+    stop_child(&mut w);
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
+
+fn stop_child(w: &mut Child) {
+    assert!(sigterm(w.id()));
+    assert_eq!(w.wait().unwrap().code(), Some(0));
+}

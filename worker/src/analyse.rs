@@ -66,12 +66,15 @@ pub enum Outcome {
 }
 
 /// Decodes `body` and runs its task. `message_id` identifies undecodable messages.
+/// `time_limit` (from the batch's `x-taskmill-time-limit-ms` header) makes a run longer than
+/// it a transient failure (`time_limit`), whatever the task returned.
 pub fn analyse(
     registry: &Registry,
     body: &[u8],
     message_id: Option<&str>,
     attempt: u32,
     max_bytes: usize,
+    time_limit: Option<std::time::Duration>,
 ) -> (BatchId, Outcome) {
     let mut id = BatchId::default();
     if let Some((job, batch)) = message_id.and_then(envelope::parse_message_id) {
@@ -112,17 +115,29 @@ pub fn analyse(
         return (id, Outcome::Dead(DeadKind::UnknownTask, msg));
     };
     id.label = task.name();
+    let started = std::time::Instant::now();
     let ctx = TaskContext {
         params: &env.params,
         job: &env.job,
         batch: env.batch,
         attempt,
+        deadline: time_limit.map(|l| started + l),
     };
     let records: &[Value] = &env.records;
-    let started = std::time::Instant::now();
     let result = catch_unwind(AssertUnwindSafe(|| task.run(&ctx, records)));
+    let took = started.elapsed();
     metrics::histogram!("taskmill_task_duration_seconds", "task" => task.name())
-        .record(started.elapsed().as_secs_f64());
+        .record(took.as_secs_f64());
+    if let Some(limit) = time_limit.filter(|&l| took > l) {
+        metrics::counter!("taskmill_time_limit_overruns_total", "task" => task.name()).increment(1);
+        id.params = env.params;
+        let msg = format!(
+            "time_limit: the batch ran {} ms, over its limit of {} ms",
+            took.as_millis(),
+            limit.as_millis()
+        );
+        return (id, Outcome::Retry(msg));
+    }
     let outcome = match result {
         Ok(Ok(output)) => Outcome::Done(output),
         Ok(Err(TaskError::Transient(e))) => Outcome::Retry(e),
@@ -166,22 +181,22 @@ mod tests {
     #[test]
     fn outcomes() {
         let reg = taskmill_common::tasks::builtin();
-        let (id, out) = analyse(&reg, &env("post-stats", &[]), None, 1, 1 << 20);
+        let (id, out) = analyse(&reg, &env("post-stats", &[]), None, 1, 1 << 20, None);
         assert!(matches!(out, Outcome::Done(_)));
         assert_eq!(id.label, "post-stats");
         assert_eq!(id.job.as_deref(), Some("j"));
         assert_eq!(id.batch, Some(3));
 
-        let (_, out) = analyse(&reg, &env("nope", &[]), None, 1, 1 << 20);
+        let (_, out) = analyse(&reg, &env("nope", &[]), None, 1, 1 << 20, None);
         assert!(matches!(out, Outcome::Dead(DeadKind::UnknownTask, _)));
 
-        let (id, out) = analyse(&reg, b"garbage", Some("job9:4"), 1, 1 << 20);
+        let (id, out) = analyse(&reg, b"garbage", Some("job9:4"), 1, 1 << 20, None);
         assert!(matches!(out, Outcome::Dead(DeadKind::Undecodable, _)));
         assert_eq!(id.job.as_deref(), Some("job9"));
         assert_eq!(id.batch, Some(4));
 
         // A message id that aliases another key names no job.
-        let (id, _) = analyse(&reg, b"garbage", Some("job9:results:4"), 1, 1 << 20);
+        let (id, _) = analyse(&reg, b"garbage", Some("job9:results:4"), 1, 1 << 20, None);
         assert_eq!(id.job, None);
 
         let mut forged = Envelope {
@@ -193,7 +208,7 @@ mod tests {
             records: vec![],
             created_ms: 1,
         };
-        let (id, out) = analyse(&reg, &encode(&forged), None, 1, 1 << 20);
+        let (id, out) = analyse(&reg, &encode(&forged), None, 1, 1 << 20, None);
         assert!(
             matches!(out, Outcome::Dead(DeadKind::UnknownJob, _)),
             "{out:?}"
@@ -202,22 +217,30 @@ mod tests {
         assert!(id.task.unwrap().len() <= MAX_HEADER_TEXT);
         assert_eq!(id.label, "unknown");
         forged.job = "ok".into();
-        let (id, out) = analyse(&reg, &encode(&forged), None, 1, 1 << 20);
+        let (id, out) = analyse(&reg, &encode(&forged), None, 1, 1 << 20, None);
         let Outcome::Dead(DeadKind::UnknownTask, msg) = out else {
             panic!("{out:?}")
         };
         assert!(msg.len() < 1000, "{}", msg.len());
         assert_eq!(id.label, "unknown");
 
-        let (_, out) = analyse(&reg, &env("post-stats", &[]), None, 1, 4);
+        let (_, out) = analyse(&reg, &env("post-stats", &[]), None, 1, 4, None);
         assert!(matches!(out, Outcome::Dead(DeadKind::TooLarge, _)));
 
         let panicky = env("chaos", &[("fail_rate", "1"), ("fail", "panic")]);
-        let (_, out) = analyse(&reg, &panicky, None, 1, 1 << 20);
+        let (_, out) = analyse(&reg, &panicky, None, 1, 1 << 20, None);
         assert!(matches!(out, Outcome::Dead(DeadKind::Panic, _)), "{out:?}");
 
+        let slow = env("chaos", &[("sleep_ms", "30")]);
+        let limit = Some(std::time::Duration::from_millis(5));
+        let (_, out) = analyse(&reg, &slow, None, 1, 1 << 20, limit);
+        let Outcome::Retry(msg) = out else {
+            panic!("{out:?}")
+        };
+        assert!(msg.starts_with("time_limit"), "{msg}");
+
         let transient = env("chaos", &[("fail_rate", "1")]);
-        let (_, out) = analyse(&reg, &transient, None, 1, 1 << 20);
+        let (_, out) = analyse(&reg, &transient, None, 1, 1 << 20, None);
         assert!(matches!(out, Outcome::Retry(_)));
     }
 }

@@ -165,6 +165,12 @@ pub async fn run_with_stats(
         cancelled.clone(),
         metrics_stop.clone(),
     ));
+    let running: pool::Running = Arc::new((0..threads).map(|_| Default::default()).collect());
+    let watchdog = tokio::spawn(watch_stuck(
+        running.clone(),
+        health.clone(),
+        metrics_stop.clone(),
+    ));
     let shared = Shared {
         names: Names::new(&args.conn.namespace),
         analyser: pool::Analyser {
@@ -172,6 +178,7 @@ pub async fn run_with_stats(
             registry,
             max_message_bytes: args.max_message_bytes,
             cancelled,
+            running,
         },
         args,
         stats,
@@ -180,6 +187,7 @@ pub async fn run_with_stats(
     let result = sessions(&shared, &shutdown).await;
     metrics_stop.cancel();
     let _ = watcher.await;
+    let _ = watchdog.await;
     if let Some(server) = metrics_server {
         let _ = server.await;
     }
@@ -215,6 +223,22 @@ async fn watch_cancelled(
         }
         tokio::select! {
             _ = tokio::time::sleep(CANCELLED_POLL) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Says on `/readyz` (and `taskmill_analysis_threads_stuck`) how many analysis threads have
+/// run their batch for more than twice its time limit, every second, until `stop`.
+async fn watch_stuck(
+    running: pool::Running,
+    health: Arc<metrics::Health>,
+    stop: CancellationToken,
+) {
+    loop {
+        health.set_stuck(pool::stuck(&running));
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.cancelled() => return,
         }
     }

@@ -35,6 +35,7 @@ pub struct Health {
     rabbitmq: AtomicBool,
     redis: AtomicBool,
     consuming: AtomicBool,
+    stuck: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for Health {
@@ -50,7 +51,14 @@ impl Health {
             rabbitmq: AtomicBool::new(false),
             redis: AtomicBool::new(false),
             consuming: AtomicBool::new(false),
+            stuck: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// Analysis threads that have run their batch for more than twice its time limit.
+    pub fn set_stuck(&self, n: usize) {
+        self.stuck.store(n, Ordering::Relaxed);
+        metrics::gauge!("taskmill_analysis_threads_stuck").set(n as f64);
     }
 
     /// Publishes `taskmill_connected` as it stands (once the recorder is installed).
@@ -81,13 +89,19 @@ impl Health {
     pub fn not_ready(&self) -> Option<String> {
         let mut missing = Vec::new();
         if !self.rabbitmq.load(Ordering::Relaxed) {
-            missing.push("not connected to RabbitMQ");
+            missing.push("not connected to RabbitMQ".to_string());
         }
         if !self.redis.load(Ordering::Relaxed) {
-            missing.push("Redis not answering");
+            missing.push("Redis not answering".to_string());
         }
         if !self.consuming.load(Ordering::Relaxed) {
-            missing.push("not consuming");
+            missing.push("not consuming".to_string());
+        }
+        let stuck = self.stuck.load(Ordering::Relaxed);
+        if stuck > 0 {
+            missing.push(format!(
+                "{stuck} analysis threads stuck (running a batch past twice its time limit)"
+            ));
         }
         (!missing.is_empty()).then(|| missing.join(", "))
     }

@@ -1,7 +1,7 @@
 //! Handing deliveries to the rayon pool and getting their outcomes back by a oneshot: tokio's
 //! threads never decode or analyse.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use futures::{future::BoxFuture, FutureExt};
 use lapin::message::Delivery;
@@ -39,6 +39,20 @@ pub(crate) type Arrived = (usize, String, Delivery);
 /// Ids of the cancelled jobs, refreshed from Redis by the worker.
 pub(crate) type Cancelled = Arc<std::sync::RwLock<std::collections::HashSet<String>>>;
 
+/// What each analysis thread runs now: since when, and its batch's time limit (if any).
+pub(crate) type Running = Arc<Vec<std::sync::Mutex<Option<(std::time::Instant, Duration)>>>>;
+
+/// How many analysis threads have run their batch for more than twice its time limit.
+pub(crate) fn stuck(running: &Running) -> usize {
+    running
+        .iter()
+        .filter(|slot| {
+            let slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            slot.is_some_and(|(since, limit)| since.elapsed() > limit * 2)
+        })
+        .count()
+}
+
 /// The rayon side of the worker.
 #[derive(Clone)]
 pub(crate) struct Analyser {
@@ -46,6 +60,7 @@ pub(crate) struct Analyser {
     pub(crate) registry: Registry,
     pub(crate) max_message_bytes: usize,
     pub(crate) cancelled: Cancelled,
+    pub(crate) running: Running,
 }
 
 /// What the headers of a delivery say about when it may run.
@@ -53,6 +68,7 @@ pub(crate) struct Analyser {
 struct Timing {
     eta_ms: Option<u64>,
     expires_ms: Option<u64>,
+    time_limit: Option<Duration>,
 }
 
 impl Timing {
@@ -61,6 +77,9 @@ impl Timing {
         Self {
             eta_ms: ms(taskmill_common::envelope::HEADER_ETA),
             expires_ms: ms(taskmill_common::envelope::HEADER_EXPIRES),
+            time_limit: ms(taskmill_common::envelope::HEADER_TIME_LIMIT)
+                .filter(|&l| l > 0)
+                .map(Duration::from_millis),
         }
     }
 }
@@ -117,6 +136,7 @@ impl Analyser {
         let registry = self.registry.clone();
         let max = self.max_message_bytes;
         let cancelled = self.cancelled.clone();
+        let running = self.running.clone();
         let (tx, rx) = oneshot::channel();
         self.pool.spawn(move || {
             use rayon::prelude::*;
@@ -128,10 +148,19 @@ impl Analyser {
                     if let Some(skip) = not_now(&cancelled, message_id.as_deref(), timing) {
                         return (Some(skip), body);
                     }
+                    let slot = rayon::current_thread_index().and_then(|i| running.get(i));
+                    if let (Some(slot), Some(limit)) = (slot, timing.time_limit) {
+                        *slot.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some((std::time::Instant::now(), limit));
+                    }
                     let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        analyse(&registry, &body, message_id.as_deref(), attempt, max)
+                        let id = message_id.as_deref();
+                        analyse(&registry, &body, id, attempt, max, timing.time_limit)
                     }))
                     .ok();
+                    if let Some(slot) = slot {
+                        *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    }
                     (analysed, body)
                 })
                 .collect();

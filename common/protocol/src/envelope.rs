@@ -33,6 +33,9 @@ pub const HEADER_ETA: &str = "x-taskmill-eta-ms";
 /// Not after this time (ms since the epoch): `enqueue --expires`. A batch not started by then
 /// is dropped unrun and counted in `batches_expired`.
 pub const HEADER_EXPIRES: &str = "x-taskmill-expires-ms";
+/// The longest a batch may run, in ms: `enqueue --time-limit`. Longer is a transient failure
+/// (`time_limit`).
+pub const HEADER_TIME_LIMIT: &str = "x-taskmill-time-limit-ms";
 /// Dead-letter header: when it was dead-lettered, in ms since the epoch.
 pub const HEADER_DEAD_AT: &str = "x-taskmill-dead-at-ms";
 

@@ -24,9 +24,21 @@ pub struct TaskContext<'a> {
     pub batch: u64,
     /// Attempt number, 1 for the first.
     pub attempt: u32,
+    /// When the batch's time limit (`enqueue --time-limit`) runs out, if it has one. A batch
+    /// that runs past it counts as a transient failure (`time_limit`); a long task can check
+    /// [`TaskContext::past_deadline`] and stop early.
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl TaskContext<'_> {
+    /// Whether the batch's time limit has run out (cheap: one clock read). Rust cannot stop a
+    /// thread from outside, so a task that may run long should check this now and then and
+    /// return early (an error, or what it has).
+    pub fn past_deadline(&self) -> bool {
+        self.deadline
+            .is_some_and(|d| std::time::Instant::now() >= d)
+    }
+
     /// A text parameter, or `default` when absent.
     pub fn str_param<'s>(&'s self, key: &str, default: &'s str) -> &'s str {
         self.params.get(key).map(String::as_str).unwrap_or(default)

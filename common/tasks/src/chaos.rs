@@ -100,6 +100,7 @@ mod tests {
                 job: "j",
                 batch,
                 attempt: 1,
+                deadline: None,
             };
             let res = Chaos.run(&ctx, &[json!(1)]);
             assert_eq!(res.is_err(), fails(0.5, 9, "j", batch, 1));

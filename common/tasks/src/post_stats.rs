@@ -113,6 +113,7 @@ mod tests {
             job: "j",
             batch: 0,
             attempt: 1,
+            deadline: None,
         };
         PostStats.run(&ctx, records).unwrap()
     }

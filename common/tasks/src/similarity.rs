@@ -149,6 +149,7 @@ mod tests {
             job: "j",
             batch: 0,
             attempt: 1,
+            deadline: None,
         };
         Similarity.run(&ctx, records).unwrap()
     }

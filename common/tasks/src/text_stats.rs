@@ -162,6 +162,7 @@ mod tests {
             job: "j",
             batch: 0,
             attempt: 1,
+            deadline: None,
         };
         TextStats.run(&ctx, records)
     }

@@ -11,7 +11,7 @@ use tracing::warn;
 
 use taskmill_common::{
     config::{validate_job_id, validate_name, ConnArgs},
-    envelope::{bounded, DEFAULT_MAX_MESSAGE_BYTES, HEADER_ETA, HEADER_EXPIRES},
+    envelope::{bounded, DEFAULT_MAX_MESSAGE_BYTES, HEADER_ETA, HEADER_EXPIRES, HEADER_TIME_LIMIT},
     now_ms,
     store::{NewJob, PublishTotals, Registered, Store, StoreError},
     topology::{self, Names},
@@ -68,6 +68,9 @@ pub struct EnqueueArgs {
     /// Drop the batches not started within this long from now (counted `batches_expired`).
     #[arg(long, value_name = "DURATION", help_heading = "Timing")]
     pub expires: Option<String>,
+    /// The longest one batch may run; longer counts as a transient failure (`time_limit`).
+    #[arg(long, value_name = "DURATION", help_heading = "Timing")]
+    pub time_limit: Option<String>,
     /// While a job with this key is pending or running, enqueue nothing and print that job's
     /// id instead (race-free across producers).
     #[arg(long, value_name = "KEY")]
@@ -141,6 +144,7 @@ impl EnqueueArgs {
             countdown: None,
             eta: None,
             expires: None,
+            time_limit: None,
             linger_ms: 200,
             lease_seconds: 30,
             concurrency: 32,
@@ -586,6 +590,13 @@ pub async fn enqueue_until(
     }
     if let Some(exp) = expires_ms {
         headers.push((HEADER_EXPIRES, exp as i64));
+    }
+    if let Some(limit) = &args.time_limit {
+        let ms = parse_duration(limit).map_err(|e| usage(format!("--time-limit {e}")))?;
+        if ms == 0 {
+            return Err(usage("--time-limit must be more than 0".into()));
+        }
+        headers.push((HEADER_TIME_LIMIT, ms as i64));
     }
     outlet.timing = (eta_ms, expires_ms);
     let mut batcher = Batcher::new(

@@ -507,6 +507,7 @@ pub fn in_process(n_posts: u64, batch_size: usize, task: &str) -> anyhow::Result
                     job: "inproc",
                     batch: i as u64,
                     attempt: 1,
+                    deadline: None,
                 };
                 task.run(&ctx, b).is_ok()
             })
