@@ -27,8 +27,9 @@ pub struct Batcher {
     max_bytes: usize,
     next: u64,
     pending: Vec<Value>,
-    /// Headers every batch carries (`x-taskmill-eta-ms`, `x-taskmill-expires-ms`).
+    /// Headers every batch carries (`x-taskmill-eta-ms`, `x-taskmill-expires-ms`, ...).
     headers: Vec<(&'static str, i64)>,
+    text_headers: Vec<(&'static str, String)>,
 }
 
 impl Batcher {
@@ -49,7 +50,14 @@ impl Batcher {
             next: 0,
             pending: Vec::with_capacity(size.max(1)),
             headers: Vec::new(),
+            text_headers: Vec::new(),
         }
+    }
+
+    /// Every batch also carries these text headers.
+    pub fn with_text_headers(mut self, headers: Vec<(&'static str, String)>) -> Self {
+        self.text_headers = headers;
+        self
     }
 
     /// Every batch also carries these integer headers.
@@ -114,12 +122,17 @@ impl Batcher {
                 continue;
             }
             let mut props = batch_properties(&env, 1);
-            if !self.headers.is_empty() {
-                let extra = self
+            if !self.headers.is_empty() || !self.text_headers.is_empty() {
+                use lapin::types::{AMQPValue, LongString};
+                let ints = self
                     .headers
                     .iter()
-                    .map(|&(k, v)| (k, lapin::types::AMQPValue::LongLongInt(v)));
-                props = taskmill_common::amqp::with_extra_headers(&props, extra);
+                    .map(|&(k, v)| (k, AMQPValue::LongLongInt(v)));
+                let texts = self
+                    .text_headers
+                    .iter()
+                    .map(|(k, v)| (*k, AMQPValue::LongString(LongString::from(v.clone()))));
+                props = taskmill_common::amqp::with_extra_headers(&props, ints.chain(texts));
             }
             out.push((self.next, env.records.len() as u64, body, props));
             self.next += 1;

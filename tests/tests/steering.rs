@@ -451,3 +451,40 @@ fn stop_child(w: &mut Child) {
     assert!(sigterm(w.id()));
     assert_eq!(w.wait().unwrap().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_holds_across_two_workers_without_holding_others_back() {
+    let t = TestNs::new();
+    let workers = [worker(&t.ns), worker(&t.ns)];
+    let store = t.store().await;
+    let file = write_jsonl(sample::posts(100));
+    let mut args = EnqueueArgs::new("post-stats");
+    args.files = vec![file.clone()];
+    args.batch_size = 1;
+    args.rate_limit = Some("20/s".into());
+    let limited = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    // Another job on the same queue, no limit: it is not held back.
+    let mut free = EnqueueArgs::new("post-stats");
+    free.files = vec![file.clone()];
+    let free = enqueue(&t.conn(), &free, |_| {}).await.unwrap().job;
+    let f = t
+        .wait_finished(&store, &free, Duration::from_secs(60))
+        .await;
+    assert_eq!(f.state(), "completed");
+    let s = store.job_status(&limited).await.unwrap().unwrap();
+    assert!(!s.is_finished(), "the limited job finished first: {s:?}");
+    let s = t
+        .wait_finished(&store, &limited, Duration::from_secs(120))
+        .await;
+    assert_eq!(s.state(), "completed");
+    assert_eq!(s.batches_done, 100);
+    // 100 starts at most 20 a second, across both workers: the first and the last are at
+    // least 99 × 50 ms apart.
+    let span = s.finished_ms.unwrap() - s.started_ms.unwrap();
+    assert!(span >= 4_800, "100 batches in {span} ms at 20/s");
+    for w in workers {
+        stop(w);
+    }
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}

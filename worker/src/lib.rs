@@ -179,6 +179,7 @@ pub async fn run_with_stats(
             max_message_bytes: args.max_message_bytes,
             cancelled,
             running,
+            rate_store: Default::default(),
         },
         args,
         stats,

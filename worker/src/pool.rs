@@ -53,6 +53,9 @@ pub(crate) fn stuck(running: &Running) -> usize {
         .count()
 }
 
+/// The current session's store, for rate limits (None between sessions).
+pub(crate) type RateStore = Arc<std::sync::Mutex<Option<taskmill_common::store::Store>>>;
+
 /// The rayon side of the worker.
 #[derive(Clone)]
 pub(crate) struct Analyser {
@@ -61,6 +64,30 @@ pub(crate) struct Analyser {
     pub(crate) max_message_bytes: usize,
     pub(crate) cancelled: Cancelled,
     pub(crate) running: Running,
+    pub(crate) rate_store: RateStore,
+}
+
+/// A batch's rate limit: at most one start per `interval_ms` for rate key `key`.
+fn rate_of(props: &lapin::BasicProperties) -> Option<(String, u64)> {
+    use taskmill_common::envelope::{HEADER_RATE_INTERVAL, HEADER_RATE_KEY};
+    let interval = amqp::header_i64(props, HEADER_RATE_INTERVAL)?;
+    let key = amqp::header_str(props, HEADER_RATE_KEY)?;
+    Some((key, u64::try_from(interval).ok()?.max(1)))
+}
+
+/// A delivery that does not go to rayon, with what was decided for it.
+fn settled_now(arrived: Arrived, analysed: Option<(BatchId, Outcome)>) -> Processed {
+    let (chan, queue, mut delivery) = arrived;
+    let body = std::mem::take(&mut delivery.data);
+    let attempt = amqp::attempt_of(&delivery.properties);
+    Processed {
+        delivery,
+        body,
+        attempt,
+        chan,
+        queue,
+        analysed,
+    }
 }
 
 /// What the headers of a delivery say about when it may run.
@@ -120,6 +147,69 @@ impl Analyser {
     /// (small batches take microseconds); inside the group, rayon spreads the batches over
     /// the threads.
     pub(crate) fn analyse_group(&self, group: Vec<Arrived>) -> BoxFuture<'static, Vec<Processed>> {
+        if !group
+            .iter()
+            .any(|(_, _, d)| rate_of(&d.properties).is_some())
+        {
+            return self.on_rayon(group);
+        }
+        let this = self.clone();
+        async move {
+            let (out, run) = this.rate_limit(group).await;
+            let mut out = out;
+            out.extend(this.on_rayon(run).await);
+            out
+        }
+        .boxed()
+    }
+
+    /// Rate-limited deliveries take a slot in Redis (on tokio's side, never an analysis
+    /// thread's); those that get none wait in the broker (`NotYet`), like early ones. Returns
+    /// the settled ones and the ones to run.
+    async fn rate_limit(&self, group: Vec<Arrived>) -> (Vec<Processed>, Vec<Arrived>) {
+        let store = self
+            .rate_store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut settled = Vec::new();
+        let mut run = Vec::new();
+        for arrived in group {
+            let props = &arrived.2.properties;
+            let Some((key, interval)) = rate_of(props) else {
+                run.push(arrived);
+                continue;
+            };
+            let message_id = props.message_id().as_ref().map(|s| s.to_string());
+            if let Some(skip) = not_now(&self.cancelled, message_id.as_deref(), Timing::of(props)) {
+                settled.push(settled_now(arrived, Some(skip)));
+                continue;
+            }
+            // Redis unreachable: wait a second rather than pass the limit.
+            let wait = match &store {
+                Some(s) => s.take_slot(&key, interval).await.unwrap_or(1000),
+                None => 1000,
+            };
+            if wait == 0 {
+                run.push(arrived);
+                continue;
+            }
+            let id = message_id
+                .as_deref()
+                .and_then(taskmill_common::envelope::parse_message_id)
+                .map(|(job, batch)| BatchId {
+                    job: Some(job),
+                    batch: Some(batch),
+                    ..BatchId::default()
+                })
+                .unwrap_or_default();
+            settled.push(settled_now(arrived, Some((id, Outcome::NotYet(wait)))));
+        }
+        (settled, run)
+    }
+
+    /// Hands deliveries to the rayon pool as one job (see [`Analyser::analyse_group`]).
+    fn on_rayon(&self, group: Vec<Arrived>) -> BoxFuture<'static, Vec<Processed>> {
         let mut inputs = Vec::with_capacity(group.len());
         let mut metas = Vec::with_capacity(group.len());
         for (chan, queue, mut delivery) in group {

@@ -73,6 +73,11 @@ impl Session {
         )
         .await?;
         shared.health.set_redis(true);
+        *shared
+            .analyser
+            .rate_store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(store.clone());
         let conn = amqp::connect(&args.conn.amqp_url, "taskmill-worker").await?;
         // Retries and dead letters go out on a connection of their own: a broker alarm blocks
         // publishing connections, and this one must keep consuming and acking meanwhile.

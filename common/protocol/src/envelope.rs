@@ -36,6 +36,11 @@ pub const HEADER_EXPIRES: &str = "x-taskmill-expires-ms";
 /// The longest a batch may run, in ms: `enqueue --time-limit`. Longer is a transient failure
 /// (`time_limit`).
 pub const HEADER_TIME_LIMIT: &str = "x-taskmill-time-limit-ms";
+/// At most one batch of this job (or of every job with the same rate key) starts per this
+/// many ms, across all workers: `enqueue --rate-limit`.
+pub const HEADER_RATE_INTERVAL: &str = "x-taskmill-rate-interval-ms";
+/// The key whose budget the rate limit shares (`--rate-key`; the job id by default).
+pub const HEADER_RATE_KEY: &str = "x-taskmill-rate-key";
 /// Dead-letter header: when it was dead-lettered, in ms since the epoch.
 pub const HEADER_DEAD_AT: &str = "x-taskmill-dead-at-ms";
 

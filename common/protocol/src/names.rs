@@ -129,6 +129,10 @@ impl Keys {
     pub fn unique(&self, key: &str) -> String {
         format!("{}:unique:{key}", self.ns)
     }
+    /// The rate-limit state of rate key `key`.
+    pub fn rate(&self, key: &str) -> String {
+        format!("{}:rate:{key}", self.ns)
+    }
     /// Ids of the cancelled jobs (workers read it to drop their batches).
     pub fn cancelled_jobs(&self) -> String {
         format!("{}:cancelled", self.ns)

@@ -350,6 +350,7 @@ struct Scripts {
     register: redis::Script,
     add_retry: redis::Script,
     cancel: redis::Script,
+    take_slot: redis::Script,
     check_lease: redis::Script,
     delete: redis::Script,
     record_dropped: redis::Script,
@@ -367,6 +368,7 @@ impl Scripts {
             register: with_finish(REGISTER_LUA),
             add_retry: with_finish(ADD_RETRY_LUA),
             cancel: with_finish(include_str!("lua/cancel.lua")),
+            take_slot: redis::Script::new(include_str!("lua/take_slot.lua")),
             check_lease: with_finish(include_str!("lua/check_lease.lua")),
             delete: with_finish(include_str!("lua/delete.lua")),
             record_dropped: with_finish(include_str!("lua/record_dropped.lua")),
@@ -434,6 +436,7 @@ impl Store {
             &self.scripts.register,
             &self.scripts.add_retry,
             &self.scripts.cancel,
+            &self.scripts.take_slot,
             &self.scripts.check_lease,
             &self.scripts.delete,
             &self.scripts.record_dropped,
@@ -556,6 +559,19 @@ impl Store {
             .await
             .map_err(|e| self.err(e))?;
         Ok(())
+    }
+
+    /// Rate limit: 0 when a batch of rate key `key` may start now (the slot is taken), else
+    /// how many ms to wait; at most one start per `interval_ms` across all workers.
+    pub async fn take_slot(&self, key: &str, interval_ms: u64) -> Result<u64, StoreError> {
+        let mut con = self.con.clone();
+        self.scripts
+            .take_slot
+            .key(self.keys.rate(key))
+            .arg(interval_ms.max(1))
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))
     }
 
     /// Records a job's timing options (`eta_ms`, `expires_ms`) in its hash, for people.

@@ -11,7 +11,10 @@ use tracing::warn;
 
 use taskmill_common::{
     config::{validate_job_id, validate_name, ConnArgs},
-    envelope::{bounded, DEFAULT_MAX_MESSAGE_BYTES, HEADER_ETA, HEADER_EXPIRES, HEADER_TIME_LIMIT},
+    envelope::{
+        bounded, DEFAULT_MAX_MESSAGE_BYTES, HEADER_ETA, HEADER_EXPIRES, HEADER_RATE_INTERVAL,
+        HEADER_RATE_KEY, HEADER_TIME_LIMIT,
+    },
     now_ms,
     store::{NewJob, PublishTotals, Registered, Store, StoreError},
     topology::{self, Names},
@@ -68,6 +71,17 @@ pub struct EnqueueArgs {
     /// Drop the batches not started within this long from now (counted `batches_expired`).
     #[arg(long, value_name = "DURATION", help_heading = "Timing")]
     pub expires: Option<String>,
+    /// At most this many batches start, across all workers: `100/s`, `30/m`, `500/h`.
+    #[arg(long, value_name = "N/s", help_heading = "Timing")]
+    pub rate_limit: Option<String>,
+    /// Jobs with the same rate key share one rate budget (default: the job's own).
+    #[arg(
+        long,
+        value_name = "KEY",
+        requires = "rate_limit",
+        help_heading = "Timing"
+    )]
+    pub rate_key: Option<String>,
     /// The longest one batch may run; longer counts as a transient failure (`time_limit`).
     #[arg(long, value_name = "DURATION", help_heading = "Timing")]
     pub time_limit: Option<String>,
@@ -145,6 +159,8 @@ impl EnqueueArgs {
             eta: None,
             expires: None,
             time_limit: None,
+            rate_limit: None,
+            rate_key: None,
             linger_ms: 200,
             lease_seconds: 30,
             concurrency: 32,
@@ -266,6 +282,23 @@ fn parse_params(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
 
 fn usage(msg: String) -> anyhow::Error {
     CliError::Usage(msg).into()
+}
+
+/// `N/s`, `N/m` or `N/h` as the interval between starts, in ms (at least 1).
+pub fn parse_rate(raw: &str) -> Result<u64, String> {
+    let err = || format!("{raw:?} is not a rate like 100/s, 30/m or 500/h");
+    let (n, per) = raw.trim().split_once('/').ok_or_else(err)?;
+    let n: f64 = n.trim().parse().map_err(|_| err())?;
+    let per_ms = match per.trim() {
+        "s" => 1000.0,
+        "m" => 60_000.0,
+        "h" => 3_600_000.0,
+        _ => return Err(err()),
+    };
+    if !(n > 0.0 && n.is_finite()) {
+        return Err(err());
+    }
+    Ok(((per_ms / n).round() as u64).max(1))
 }
 
 /// `30s`, `5m`, `2h`, `1d`, `500ms`, or a number of seconds, as ms.
@@ -598,6 +631,17 @@ pub async fn enqueue_until(
         }
         headers.push((HEADER_TIME_LIMIT, ms as i64));
     }
+    let mut text_headers = Vec::new();
+    if let Some(rate) = &args.rate_limit {
+        let interval = parse_rate(rate).map_err(|e| usage(format!("--rate-limit {e}")))?;
+        headers.push((HEADER_RATE_INTERVAL, interval as i64));
+        let key = args
+            .rate_key
+            .clone()
+            .unwrap_or_else(|| format!("job-{job}"));
+        validate_job_id(&key).map_err(|e| usage(format!("--rate-key: {e}")))?;
+        text_headers.push((HEADER_RATE_KEY, key));
+    }
     outlet.timing = (eta_ms, expires_ms);
     let mut batcher = Batcher::new(
         &job,
@@ -606,7 +650,8 @@ pub async fn enqueue_until(
         args.batch_size,
         args.max_message_bytes,
     )
-    .with_headers(headers);
+    .with_headers(headers)
+    .with_text_headers(text_headers);
     let linger = std::time::Duration::from_millis(args.linger_ms);
     let interrupted = pump(rx, &mut batcher, &mut outlet, linger, &problems, &stop).await?;
     if interrupted {
@@ -853,5 +898,8 @@ mod tests {
         );
         assert!(parse_rfc3339("2023-13-01T00:00:00Z").is_err());
         assert!(parse_rfc3339("tomorrow").is_err());
+        assert_eq!(parse_rate("20/s"), Ok(50));
+        assert_eq!(parse_rate("30/m"), Ok(2_000));
+        assert!(parse_rate("fast").is_err() && parse_rate("0/s").is_err());
     }
 }
