@@ -40,6 +40,8 @@ pub struct Publisher {
     amqp_url: String,
     names: Names,
     queue: String,
+    /// Where batches are routed: the queue, or one of its priority bands.
+    routing_key: String,
     window: usize,
     conn: Connection,
     channel: Channel,
@@ -63,6 +65,12 @@ async fn open(amqp_url: &str, names: &Names, queue: &str) -> anyhow::Result<(Con
 }
 
 impl Publisher {
+    /// Routes the batches to `routing_key` (a priority band of the queue) instead.
+    pub fn with_routing_key(mut self, routing_key: String) -> Self {
+        self.routing_key = routing_key;
+        self
+    }
+
     /// Connects, enables confirms and declares the topology for `queue`.
     pub async fn connect(
         amqp_url: &str,
@@ -75,6 +83,7 @@ impl Publisher {
             amqp_url: amqp_url.to_string(),
             names,
             queue: queue.to_string(),
+            routing_key: queue.to_string(),
             window: window.max(1),
             conn,
             channel,
@@ -88,7 +97,7 @@ impl Publisher {
         self.channel
             .basic_publish(
                 self.names.work_exchange().into(),
-                self.queue.as_str().into(),
+                self.routing_key.as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()

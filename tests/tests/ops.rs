@@ -217,14 +217,17 @@ async fn queues_and_workers_views_show_the_namespace() {
         [
             format!("{}.dead", t.ns),
             format!("{}.dead.events", t.ns),
-            format!("{}.tasks", t.ns)
+            format!("{}.tasks", t.ns),
+            format!("{}.tasks.p1", t.ns),
+            format!("{}.tasks.p5", t.ns),
         ]
     );
     let workers = taskmill_producer::cmd::queues::workers(&conn)
         .await
         .unwrap();
-    assert_eq!(workers.len(), 1);
-    assert_eq!(workers[0]["prefetch"], 64);
+    // One row a consumed queue: the work queue and its two priority bands.
+    assert_eq!(workers.len(), 3);
+    assert!(workers.iter().all(|w| w["prefetch"] == 64));
     assert!(workers[0]["connection"]
         .as_str()
         .unwrap()

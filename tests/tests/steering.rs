@@ -488,3 +488,56 @@ async fn a_rate_limit_holds_across_two_workers_without_holding_others_back() {
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_priority_job_overtakes_a_low_priority_backlog() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    let slow = |ns: &str| {
+        Command::new(bin_path("worker"))
+            .env("TASKMILL_NAMESPACE", ns)
+            .env("TASKMILL_THREADS", "1")
+            .env("TASKMILL_PREFETCH", "4")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let workers = [slow(&t.ns), slow(&t.ns)];
+    // A backlog of 200 low-priority batches of 20 ms each (two single-threaded workers: ~2 s).
+    let file = write_jsonl(sample::posts(200));
+    let mut low = EnqueueArgs::new("chaos");
+    low.files = vec![file.clone()];
+    low.batch_size = 1;
+    low.params = vec!["sleep_ms=20".into()];
+    let low = enqueue(&t.conn(), &low, |_| {}).await.unwrap().job;
+    wait_batches_done(&store, &low, 5).await;
+    // Then a priority-9 job: it does not wait behind the backlog.
+    let small = write_jsonl(sample::posts(5));
+    let mut high = EnqueueArgs::new("chaos");
+    high.files = vec![small.clone()];
+    high.batch_size = 1;
+    high.params = vec!["sleep_ms=20".into()];
+    high.priority = 9;
+    let high = enqueue(&t.conn(), &high, |_| {}).await.unwrap().job;
+    let h = t
+        .wait_finished(&store, &high, Duration::from_secs(60))
+        .await;
+    assert_eq!(h.state(), "completed");
+    assert_eq!(h.priority, 9);
+    let l = store.job_status(&low).await.unwrap().unwrap();
+    assert!(
+        !l.is_finished() && l.batches_done < 150,
+        "the high-priority job waited behind the backlog: {l:?}"
+    );
+    let l = t
+        .wait_finished(&store, &low, Duration::from_secs(120))
+        .await;
+    assert!(h.finished_ms.unwrap() < l.finished_ms.unwrap());
+    for w in workers {
+        stop(w);
+    }
+    let _ = std::fs::remove_file(file);
+    let _ = std::fs::remove_file(small);
+    t.cleanup().await;
+}

@@ -287,9 +287,10 @@ async fn consume(
     Ok((ch, consumer))
 }
 
-/// One channel and consumer a work queue (delivery tags then arrive in order on each
-/// channel, which lets the sink acknowledge many batches with one multiple-ack), merged into
-/// one stream.
+/// One channel and consumer a work queue and priority band (delivery tags then arrive in
+/// order on each channel, which lets the sink acknowledge many batches with one
+/// multiple-ack), merged into one stream. A band's batches thus never wait behind the backlog
+/// of the queue beside it: each has its own prefetch.
 async fn consume_queues(
     conn: &Connection,
     shared: &Shared,
@@ -297,12 +298,16 @@ async fn consume_queues(
     let mut channels = Vec::new();
     let mut tags = Vec::new();
     let mut streams = Vec::new();
-    for (i, q) in shared.args.queues.iter().enumerate() {
-        let (ch, consumer) = consume(conn, &shared.names.queue(q), shared.args.prefetch).await?;
+    let routed = shared
+        .args
+        .queues
+        .iter()
+        .flat_map(|q| topology::with_bands(q));
+    for (i, q) in routed.enumerate() {
+        let (ch, consumer) = consume(conn, &shared.names.queue(&q), shared.args.prefetch).await?;
         tags.push(consumer.tag());
         channels.push(ch);
-        let queue = q.clone();
-        streams.push(consumer.map(move |d| (i, queue.clone(), d)).boxed());
+        streams.push(consumer.map(move |d| (i, q.clone(), d)).boxed());
     }
     Ok((channels, tags, futures::stream::select_all(streams).boxed()))
 }

@@ -18,8 +18,8 @@
 //! name above has exactly one reading.
 
 pub use taskmill_protocol::names::{
-    tier_at_most, validate_queue, Names, DEAD_EVENTS_MAX, DEFAULT_QUEUE, DELAY_TIERS_MS,
-    DELIVERY_LIMIT,
+    priority_queue, tier_at_most, validate_queue, validate_routed_queue, with_bands, Names,
+    DEAD_EVENTS_MAX, DEFAULT_QUEUE, DELAY_TIERS_MS, DELIVERY_LIMIT, PRIORITY_BANDS,
 };
 
 use lapin::{
@@ -69,7 +69,8 @@ pub async fn declare_delay_queue(
     Ok(name)
 }
 
-/// Declares the exchanges, the dead-letter queue and the given work queues (short names).
+/// Declares the exchanges, the dead-letter queues and the given work queues (short names),
+/// each with its priority bands.
 pub async fn declare(channel: &Channel, names: &Names, queues: &[String]) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
@@ -118,7 +119,8 @@ pub async fn declare(channel: &Channel, names: &Names, queues: &[String]) -> lap
             )
             .await?;
     }
-    for queue in queues {
+    for queue in queues.iter().flat_map(|q| with_bands(q)) {
+        let queue = &queue;
         let mut args = quorum_args();
         args.insert(
             "x-dead-letter-exchange".into(),

@@ -37,6 +37,42 @@ pub fn tier_at_most(ms: u64) -> u64 {
         .unwrap_or(DELAY_TIERS_MS[0])
 }
 
+/// Priority bands: each work queue `{ns}.{queue}` (priority 0) has a queue for each band
+/// beside it, `{ns}.{queue}.{band}` (routing key `{queue}.{band}`): `p1` takes priorities 1
+/// to 4, `p5` takes 5 to 9. Quorum queues have no message priorities here; a band is a queue
+/// that workers consume beside the others, so its batches do not wait behind their backlog.
+pub const PRIORITY_BANDS: &[(u8, &str)] = &[(1, "p1"), (5, "p5")];
+
+/// The short name (routing key) of the queue that priority `priority` of work queue `queue`
+/// goes to.
+pub fn priority_queue(queue: &str, priority: u8) -> String {
+    match PRIORITY_BANDS
+        .iter()
+        .rev()
+        .find(|(min, _)| priority >= *min)
+    {
+        Some((_, band)) => format!("{queue}.{band}"),
+        None => queue.to_string(),
+    }
+}
+
+/// The short names of a work queue and of its priority bands.
+pub fn with_bands(queue: &str) -> Vec<String> {
+    std::iter::once(queue.to_string())
+        .chain(PRIORITY_BANDS.iter().map(|(_, b)| format!("{queue}.{b}")))
+        .collect()
+}
+
+/// Checks a short name that may carry a priority band (`tasks`, `tasks.p5`).
+pub fn validate_routed_queue(short: &str) -> Result<(), String> {
+    match short.rsplit_once('.') {
+        Some((base, band)) if PRIORITY_BANDS.iter().any(|(_, b)| *b == band) => {
+            validate_queue(base)
+        }
+        _ => validate_queue(short),
+    }
+}
+
 /// Longest queue of dead-letter events kept for counting when no worker runs.
 pub const DEAD_EVENTS_MAX: i64 = 1_000_000;
 
@@ -187,6 +223,16 @@ mod tests {
         assert!(validate_name("namespace", "").is_err());
         assert!(validate_name("queue", "a b").is_err());
         assert!(validate_name("queue", "a:b").is_err());
+    }
+
+    #[test]
+    fn priorities_go_to_bands() {
+        assert_eq!(priority_queue("tasks", 0), "tasks");
+        assert_eq!(priority_queue("tasks", 4), "tasks.p1");
+        assert_eq!(priority_queue("tasks", 9), "tasks.p5");
+        assert_eq!(with_bands("q"), ["q", "q.p1", "q.p5"]);
+        assert!(validate_routed_queue("tasks.p5").is_ok());
+        assert!(validate_routed_queue("tasks.delay.100").is_err());
     }
 
     #[test]

@@ -242,6 +242,8 @@ pub struct JobStatus {
     /// When its enqueue was interrupted (a signal, or its lease lapsed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interrupted_ms: Option<u64>,
+    /// Priority, 0 to 9 (`--priority`).
+    pub priority: u64,
     /// No batch starts before this time (`--countdown`, `--eta`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eta_ms: Option<u64>,
@@ -313,6 +315,7 @@ impl JobStatus {
             finished_ms: opt("finished_ms")?,
             cancelled_ms: opt("cancelled_ms")?,
             interrupted_ms: opt("interrupted_ms")?,
+            priority: num("priority")?,
             eta_ms: opt("eta_ms")?,
             expires_ms: opt("expires_ms")?,
         })
@@ -574,14 +577,20 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// Records a job's timing options (`eta_ms`, `expires_ms`) in its hash, for people.
+    /// Records a job's options (`eta_ms`, `expires_ms`, `priority`) in its hash, for people.
     pub async fn set_timing(
         &self,
         job: &str,
         eta_ms: Option<u64>,
         expires_ms: Option<u64>,
+        priority: u8,
     ) -> Result<(), StoreError> {
-        for (field, v) in [("eta_ms", eta_ms), ("expires_ms", expires_ms)] {
+        let priority = (priority > 0).then_some(u64::from(priority));
+        for (field, v) in [
+            ("eta_ms", eta_ms),
+            ("expires_ms", expires_ms),
+            ("priority", priority),
+        ] {
             if let Some(v) = v {
                 self.raise(job, field, v).await?;
             }

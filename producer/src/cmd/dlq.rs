@@ -299,7 +299,7 @@ pub async fn replay(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<Replay
             .queue
             .as_deref()
             .and_then(|full| q.names.short_queue(full))
-            .filter(|s| topology::validate_queue(s).is_ok())
+            .filter(|s| topology::validate_routed_queue(s).is_ok())
             .map(str::to_string);
         let Some(short) = short else {
             out.skipped.push(format!(

@@ -71,6 +71,9 @@ pub struct EnqueueArgs {
     /// Drop the batches not started within this long from now (counted `batches_expired`).
     #[arg(long, value_name = "DURATION", help_heading = "Timing")]
     pub expires: Option<String>,
+    /// Priority, 0 (default) to 9: a higher band's batches overtake a backlog of lower ones.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=9))]
+    pub priority: u8,
     /// At most this many batches start, across all workers: `100/s`, `30/m`, `500/h`.
     #[arg(long, value_name = "N/s", help_heading = "Timing")]
     pub rate_limit: Option<String>,
@@ -161,6 +164,7 @@ impl EnqueueArgs {
             time_limit: None,
             rate_limit: None,
             rate_key: None,
+            priority: 0,
             linger_ms: 200,
             lease_seconds: 30,
             concurrency: 32,
@@ -458,8 +462,8 @@ struct Outlet<'a, F: FnOnce(&str)> {
     published: Option<tokio::sync::watch::Sender<u64>>,
     /// The job that holds the unique key, when registering found one.
     duplicate_of: Option<String>,
-    /// The job's start time and expiry, recorded with it.
-    timing: (Option<u64>, Option<u64>),
+    /// The job's start time, expiry and priority, recorded with it.
+    timing: (Option<u64>, Option<u64>, u8),
     lease: std::time::Duration,
     /// Stops the lease keeper when the outlet goes.
     lease_keeper: Option<tokio_util::sync::DropGuard>,
@@ -480,7 +484,7 @@ impl<F: FnOnce(&str)> Outlet<'_, F> {
                 return Ok(());
             }
             self.store
-                .set_timing(self.job, self.timing.0, self.timing.1)
+                .set_timing(self.job, self.timing.0, self.timing.1, self.timing.2)
                 .await?;
             let lease_ms = self.lease.as_millis() as u64;
             self.store
@@ -594,8 +598,9 @@ pub async fn enqueue_until(
         }
     }
     let names = Names::new(&conn.namespace);
-    let publisher =
-        Publisher::connect(&conn.amqp_url, names, &args.queue, args.confirm_window).await?;
+    let publisher = Publisher::connect(&conn.amqp_url, names, &args.queue, args.confirm_window)
+        .await?
+        .with_routing_key(topology::priority_queue(&args.queue, args.priority));
     let mut outlet = Outlet {
         store: &store,
         publisher,
@@ -611,7 +616,7 @@ pub async fn enqueue_until(
         reserved: 0,
         published: None,
         duplicate_of: None,
-        timing: (None, None),
+        timing: (None, None, 0),
         lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
         lease_keeper: None,
     };
@@ -642,7 +647,7 @@ pub async fn enqueue_until(
         validate_job_id(&key).map_err(|e| usage(format!("--rate-key: {e}")))?;
         text_headers.push((HEADER_RATE_KEY, key));
     }
-    outlet.timing = (eta_ms, expires_ms);
+    outlet.timing = (eta_ms, expires_ms, args.priority);
     let mut batcher = Batcher::new(
         &job,
         &args.task,
