@@ -264,10 +264,12 @@ async fn an_interrupted_enqueue_leaves_an_interrupted_job_that_wait_ends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unique_key_admits_one_job_at_a_time() {
     let t = TestNs::new();
+    let workers = [worker(&t.ns), worker(&t.ns)];
     let file = write_jsonl(sample::posts(30));
-    let mut args = EnqueueArgs::new("post-stats");
+    let mut args = EnqueueArgs::new("chaos");
     args.files = vec![file.clone()];
-    args.queue = "idle".into(); // no worker: the job stays pending
+    args.batch_size = 1;
+    args.params = vec!["sleep_ms=300".into()]; // running for a couple of seconds
     args.unique_key = Some("nightly-report".into());
     // Two producers race for the key: exactly one job is registered.
     let conn = t.conn();
@@ -293,8 +295,6 @@ async fn a_unique_key_admits_one_job_at_a_time() {
             "enqueue",
             "--file",
             file.to_str().unwrap(),
-            "--queue",
-            "idle",
             "--unique-key",
             "nightly-report",
         ],
@@ -309,6 +309,10 @@ async fn a_unique_key_admits_one_job_at_a_time() {
     assert_eq!(next.duplicate_of, None);
     assert_ne!(next.job, winner);
     assert_eq!(store.jobs().await.unwrap().len(), 2);
+    assert!(producer(&t.ns, &["cancel", &next.job]).status.success());
+    for w in workers {
+        stop(w);
+    }
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
@@ -356,21 +360,25 @@ async fn countdown_waits_in_the_broker_and_expired_batches_are_dropped() {
         taskmill_common::now_ms() > expires
     })
     .await;
-    let mut late = Command::new(bin_path("worker"))
-        .env("TASKMILL_NAMESPACE", &t.ns)
-        .env("TASKMILL_QUEUES", "later")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let late = |ns: &str| {
+        Command::new(bin_path("worker"))
+            .env("TASKMILL_NAMESPACE", ns)
+            .env("TASKMILL_QUEUES", "later")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let late = [late(&t.ns), late(&t.ns)];
     let wait = producer(&t.ns, &["wait", &job, "--timeout", "60"]);
     assert_eq!(wait.status.code(), Some(1));
     let s = store.job_status(&job).await.unwrap().unwrap();
     assert_eq!(s.batches_expired, 5);
     assert_eq!(s.batches_done, 0);
     assert!(store.results(&job).await.unwrap().is_empty());
-    assert!(sigterm(late.id()));
-    late.wait().unwrap();
+    for w in late {
+        stop(w);
+    }
     for w in workers {
         stop(w);
     }
@@ -381,30 +389,37 @@ async fn countdown_waits_in_the_broker_and_expired_batches_are_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_over_its_time_limit_is_retried_and_the_worker_says_it_is_stuck() {
     let t = TestNs::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut w = Command::new(bin_path("worker"))
-        .env("TASKMILL_NAMESPACE", &t.ns)
-        .env("TASKMILL_THREADS", "2")
-        .env("TASKMILL_METRICS_ADDR", format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let get = |path: &'static str| async move {
+    let metered = |ns: &str| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(bin_path("worker"))
+            .env("TASKMILL_NAMESPACE", ns)
+            .env("TASKMILL_THREADS", "2")
+            .env("TASKMILL_METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        (child, port)
+    };
+    let workers = [metered(&t.ns), metered(&t.ns)];
+    let ports = [workers[0].1, workers[1].1];
+    let get = |port: u16, path: &'static str| async move {
         let r = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await;
         match r {
             Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
             Err(_) => (0, String::new()),
         }
     };
-    until("the worker ready", Duration::from_secs(60), || async {
-        get("/readyz").await.0 == 200
-    })
-    .await;
+    for port in ports {
+        until("the worker ready", Duration::from_secs(60), || async {
+            get(port, "/readyz").await.0 == 200
+        })
+        .await;
+    }
     let file = write_jsonl(sample::posts(20));
     let mut args = EnqueueArgs::new("chaos");
     args.files = vec![file.clone()];
@@ -415,13 +430,18 @@ async fn a_batch_over_its_time_limit_is_retried_and_the_worker_says_it_is_stuck(
         "retry_base_ms=100".into(),
     ];
     let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
-    // While the threads sleep past twice the limit, /readyz says so.
+    // While a thread sleeps past twice the limit, its worker's /readyz says so.
     until(
         "/readyz reporting stuck threads",
         Duration::from_secs(60),
         || async {
-            let (code, text) = get("/readyz").await;
-            code == 503 && text.contains("stuck")
+            for port in ports {
+                let (code, text) = get(port, "/readyz").await;
+                if code == 503 && text.contains("stuck") {
+                    return true;
+                }
+            }
+            false
         },
     )
     .await;
@@ -433,16 +453,28 @@ async fn a_batch_over_its_time_limit_is_retried_and_the_worker_says_it_is_stuck(
     assert!(dead
         .iter()
         .all(|(_, r)| r["error"].as_str().unwrap().starts_with("time_limit")));
-    let (_, metrics) = get("/metrics").await;
-    assert!(
-        metrics.contains("taskmill_time_limit_overruns_total{task=\"chaos\"} 4"),
-        "{metrics}"
-    );
-    until("/readyz ready again", Duration::from_secs(60), || async {
-        get("/readyz").await.0 == 200
-    })
-    .await;
-    stop_child(&mut w);
+    // Two batches, two attempts each, all over the limit: at least four overruns across the
+    // workers (delivery is at-least-once: a batch may run twice; the job counts it once).
+    let mut overruns = 0.0;
+    for port in ports {
+        let (_, metrics) = get(port, "/metrics").await;
+        overruns += metrics
+            .lines()
+            .find(|l| l.starts_with("taskmill_time_limit_overruns_total{task=\"chaos\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    }
+    assert!(overruns >= 4.0, "{overruns}");
+    for port in ports {
+        until("/readyz ready again", Duration::from_secs(60), || async {
+            get(port, "/readyz").await.0 == 200
+        })
+        .await;
+    }
+    for (mut w, _) in workers {
+        stop_child(&mut w);
+    }
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }

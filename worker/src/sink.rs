@@ -389,7 +389,9 @@ impl Sink {
         };
         // A batch of no known job (or outside it) is not retried: it would only come back.
         let counted = match self
-            .redis("counting a retry", || self.store.add_retry(&job, batch))
+            .redis("counting a retry", || {
+                self.store.add_retry(&job, batch, p.attempt)
+            })
             .await?
         {
             Stored::Ok(rec) => rec,

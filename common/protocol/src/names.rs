@@ -157,6 +157,10 @@ impl Keys {
     pub fn dropped(&self, job: &str) -> String {
         format!("{}:job:{job}:dropped", self.ns)
     }
+    /// `batch:attempt` → 1, for the retries counted (each once).
+    pub fn retried(&self, job: &str) -> String {
+        format!("{}:job:{job}:retried", self.ns)
+    }
     /// Job ids by creation time.
     pub fn jobs(&self) -> String {
         format!("{}:jobs", self.ns)

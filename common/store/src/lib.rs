@@ -656,13 +656,21 @@ impl Store {
 
     /// Counts one retry of a job's batch: `Stored` when counted, or refused (no such job, or
     /// a batch number the job never published) without changing anything.
-    pub async fn add_retry(&self, job: &str, batch: u64) -> Result<Recorded, StoreError> {
+    pub async fn add_retry(
+        &self,
+        job: &str,
+        batch: u64,
+        attempt: u32,
+    ) -> Result<Recorded, StoreError> {
         let mut con = self.con.clone();
         let code = self
             .scripts
             .add_retry
             .key(self.keys.job(job))
+            .key(self.keys.retried(job))
             .arg(batch)
+            .arg(attempt)
+            .arg(self.ttl)
             .invoke_async::<i64>(&mut con)
             .await
             .map_err(|e| self.err(e))?;
@@ -735,6 +743,7 @@ impl Store {
             .key(self.keys.results(job))
             .key(self.keys.dead(job))
             .key(self.keys.dropped(job))
+            .key(self.keys.retried(job))
             .key(self.keys.jobs())
             .key(self.keys.cancelled_jobs())
             .arg(job)
