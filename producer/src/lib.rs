@@ -67,6 +67,8 @@ pub enum Command {
     Queues(cmd::queues::ViewArgs),
     /// The workers consuming the namespace's queues: connection, address, queue, prefetch.
     Workers(cmd::queues::ViewArgs),
+    /// The tasks the live workers serve, with their parameters (the task catalog).
+    Tasks(cmd::tasks::TasksArgs),
     /// Cancel a job: its batches not yet started are dropped unrun.
     Cancel(cmd::cancel::CancelArgs),
     /// Delete a finished (or cancelled) job and its results.
@@ -87,6 +89,7 @@ const USES: &[(&str, &[&str])] = &[
     ("dlq", &["amqp_url", "namespace"]),
     ("queues", &["rabbitmq_api_url", "namespace"]),
     ("workers", &["rabbitmq_api_url", "namespace"]),
+    ("tasks", &["redis_url", "namespace"]),
     ("cancel", &["redis_url", "namespace"]),
     ("delete", &["redis_url", "namespace"]),
 ];
@@ -134,6 +137,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(a) => cmd::dlq::run(&cli.conn, a).await,
         Command::Queues(a) => cmd::queues::run_queues(&cli.conn, a).await,
         Command::Workers(a) => cmd::queues::run_workers(&cli.conn, a).await,
+        Command::Tasks(a) => cmd::tasks::run(&cli.conn, a).await,
         Command::Cancel(a) => cmd::cancel::run_cancel(&cli.conn, a).await,
         Command::Delete(a) => cmd::cancel::run_delete(&cli.conn, a).await,
     }

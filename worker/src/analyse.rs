@@ -115,6 +115,14 @@ pub fn analyse(
         return (id, Outcome::Dead(DeadKind::UnknownTask, msg));
     };
     id.label = task.name();
+    if !env.params.is_empty() {
+        if let Err(e) =
+            taskmill_common::task::check_params(task.name(), &task.params(), &env.params)
+        {
+            id.params = env.params;
+            return (id, Outcome::Dead(DeadKind::BadParams, e));
+        }
+    }
     let started = std::time::Instant::now();
     let ctx = TaskContext {
         params: &env.params,

@@ -165,6 +165,11 @@ pub async fn run_with_stats(
         cancelled.clone(),
         metrics_stop.clone(),
     ));
+    let catalog = tokio::spawn(publish_catalog(
+        args.conn.clone(),
+        catalog_entries(&registry, &args.queues),
+        metrics_stop.clone(),
+    ));
     let running: pool::Running = Arc::new((0..threads).map(|_| Default::default()).collect());
     let watchdog = tokio::spawn(watch_stuck(
         running.clone(),
@@ -189,6 +194,7 @@ pub async fn run_with_stats(
     metrics_stop.cancel();
     let _ = watcher.await;
     let _ = watchdog.await;
+    let _ = catalog.await;
     if let Some(server) = metrics_server {
         let _ = server.await;
     }
@@ -224,6 +230,68 @@ async fn watch_cancelled(
         }
         tokio::select! {
             _ = tokio::time::sleep(CANCELLED_POLL) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// How often a worker renews its tasks in the catalog, and how long an entry lives.
+const CATALOG_EVERY: Duration = Duration::from_secs(20);
+const CATALOG_TTL_SECS: u64 = 60;
+
+/// The catalog entries of this worker's tasks.
+fn catalog_entries(registry: &Registry, queues: &[String]) -> Vec<(String, serde_json::Value)> {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    registry
+        .names()
+        .into_iter()
+        .filter_map(|name| {
+            let task = registry.get(name)?;
+            let entry = serde_json::json!({
+                "name": name,
+                "description": task.description(),
+                "params": task.params(),
+                "queues": queues,
+                "worker": format!("{host}:{}", std::process::id()),
+            });
+            Some((name.to_string(), entry))
+        })
+        .collect()
+}
+
+/// Records the worker's tasks in the catalog at start and every 20 s (entries live 60 s),
+/// until `stop`.
+async fn publish_catalog(
+    conn: taskmill_common::config::ConnArgs,
+    entries: Vec<(String, serde_json::Value)>,
+    stop: CancellationToken,
+) {
+    let mut store = None;
+    loop {
+        if store.is_none() {
+            store = taskmill_common::store::Store::connect(
+                &conn.redis_url,
+                &conn.namespace,
+                conn.result_ttl,
+            )
+            .await
+            .ok();
+        }
+        if let Some(s) = &store {
+            let mut now = entries.clone();
+            for (_, e) in &mut now {
+                e["seen_ms"] = serde_json::json!(taskmill_common::now_ms());
+            }
+            if let Err(e) = s.publish_catalog(&now, CATALOG_TTL_SECS).await {
+                warn!("recording the task catalog: {e}");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CATALOG_EVERY) => {}
             _ = stop.cancelled() => return,
         }
     }

@@ -12,6 +12,8 @@ pub enum DeadKind {
     TooLarge,
     /// No task of that name is registered in this worker.
     UnknownTask,
+    /// The job's parameters do not fit the task (unknown name, wrong type).
+    BadParams,
     /// The task reported a permanent error.
     Permanent,
     /// The task panicked.
@@ -39,11 +41,12 @@ pub enum DeadKind {
 
 impl DeadKind {
     /// Every kind.
-    pub const ALL: [DeadKind; 14] = [
+    pub const ALL: [DeadKind; 15] = [
         DeadKind::Undecodable,
         DeadKind::UnsupportedVersion,
         DeadKind::TooLarge,
         DeadKind::UnknownTask,
+        DeadKind::BadParams,
         DeadKind::Permanent,
         DeadKind::Panic,
         DeadKind::RetriesExhausted,
@@ -63,6 +66,7 @@ impl DeadKind {
             DeadKind::UnsupportedVersion => "unsupported_version",
             DeadKind::TooLarge => "too_large",
             DeadKind::UnknownTask => "unknown_task",
+            DeadKind::BadParams => "bad_params",
             DeadKind::Permanent => "permanent",
             DeadKind::Panic => "panic",
             DeadKind::RetriesExhausted => "retries_exhausted",

@@ -173,6 +173,14 @@ impl Keys {
     pub fn rate(&self, key: &str) -> String {
         format!("{}:rate:{key}", self.ns)
     }
+    /// The names of the tasks live workers serve (the catalog's index).
+    pub fn catalog(&self) -> String {
+        format!("{}:tasks", self.ns)
+    }
+    /// A task's catalog entry (JSON; expires unless a live worker renews it).
+    pub fn catalog_task(&self, task: &str) -> String {
+        format!("{}:task:{task}", self.ns)
+    }
     /// Ids of the cancelled jobs (workers read it to drop their batches).
     pub fn cancelled_jobs(&self) -> String {
         format!("{}:cancelled", self.ns)

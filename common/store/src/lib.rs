@@ -577,6 +577,65 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
+    /// Records the tasks a worker serves in the catalog (JSON entries by task name), each
+    /// expiring after `ttl_secs` unless renewed: the catalog shows the tasks of the live
+    /// workers.
+    pub async fn publish_catalog(
+        &self,
+        entries: &[(String, Value)],
+        ttl_secs: u64,
+    ) -> Result<(), StoreError> {
+        let mut con = self.con.clone();
+        let mut pipe = redis::pipe();
+        for (name, entry) in entries {
+            pipe.cmd("SADD").arg(self.keys.catalog()).arg(name).ignore();
+            pipe.cmd("SET")
+                .arg(self.keys.catalog_task(name))
+                .arg(entry.to_string())
+                .arg("EX")
+                .arg(ttl_secs.max(1))
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut con)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// The catalog: the entries of the tasks live workers serve, by name.
+    pub async fn catalog(&self) -> Result<Vec<Value>, StoreError> {
+        let mut con = self.con.clone();
+        let mut names: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.catalog())
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        names.sort();
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = names.iter().map(|n| self.keys.catalog_task(n)).collect();
+        let raw: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for (name, entry) in names.iter().zip(raw) {
+            match entry.and_then(|e| serde_json::from_str(&e).ok()) {
+                Some(v) => out.push(v),
+                None => {
+                    // No live worker serves it any more.
+                    let _: Result<i64, _> = redis::cmd("SREM")
+                        .arg(self.keys.catalog())
+                        .arg(name)
+                        .query_async(&mut con)
+                        .await;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Records a job's options (`eta_ms`, `expires_ms`, `priority`) in its hash, for people.
     pub async fn set_timing(
         &self,

@@ -80,6 +80,100 @@ pub enum TaskError {
     Permanent(String),
 }
 
+/// The type of a task parameter (values travel as text and are checked against it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamKind {
+    /// A whole number (may be negative).
+    Int,
+    /// A number.
+    Float,
+    /// Any text.
+    Str,
+    /// `true` or `false`.
+    Bool,
+}
+
+/// One declared parameter of a task: its name, type, default (as text) and what it does.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ParamSpec {
+    /// The name given with `--param NAME=VALUE`.
+    pub name: String,
+    /// Its type.
+    pub kind: ParamKind,
+    /// The value when it is not given.
+    pub default: String,
+    /// One line on what it does.
+    pub description: String,
+}
+
+impl ParamSpec {
+    /// A parameter declaration.
+    pub fn new(name: &str, kind: ParamKind, default: &str, description: &str) -> Self {
+        Self {
+            name: name.into(),
+            kind,
+            default: default.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// Parameters every task accepts: the worker's retry settings for one job.
+pub const RETRY_PARAMS: &[&str] = &[
+    "retry_max_attempts",
+    "retry_base_ms",
+    "retry_factor",
+    "retry_max_delay_ms",
+];
+
+/// Checks parameters against a task's declarations: unknown names and values of the wrong
+/// type are errors, in one sentence that lists what is valid.
+pub fn check_params(
+    task: &str,
+    specs: &[ParamSpec],
+    given: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    let valid = || {
+        let mut names: Vec<String> = specs
+            .iter()
+            .map(|p| format!("{} ({:?}, default {:?})", p.name, p.kind, p.default).to_lowercase())
+            .collect();
+        names.extend(RETRY_PARAMS.iter().map(|r| r.to_string()));
+        names.join(", ")
+    };
+    for (name, value) in given {
+        let Some(spec) = specs.iter().find(|p| p.name == *name) else {
+            if RETRY_PARAMS.contains(&name.as_str()) {
+                continue;
+            }
+            return Err(format!(
+                "task {task} has no parameter {name:?}; valid: {}",
+                valid()
+            ));
+        };
+        let v = value.trim();
+        let ok = match spec.kind {
+            ParamKind::Int => v.parse::<i64>().is_ok(),
+            ParamKind::Float => v.parse::<f64>().is_ok_and(f64::is_finite),
+            ParamKind::Str => true,
+            ParamKind::Bool => matches!(v, "true" | "false"),
+        };
+        if !ok {
+            return Err(format!(
+                "parameter {name}={value:?} of task {task} is not {}",
+                match spec.kind {
+                    ParamKind::Int => "a whole number",
+                    ParamKind::Float => "a number",
+                    ParamKind::Str => "text",
+                    ParamKind::Bool => "true or false",
+                }
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A named analysis. Implementations must be pure: the same batch gives the same result, so
 /// that a redelivered batch stores what the first delivery would have.
 pub trait Task: Send + Sync + 'static {
@@ -91,6 +185,17 @@ pub trait Task: Send + Sync + 'static {
 
     /// Folds the batch results of a job (in batch order) into its summary.
     fn aggregate(&self, results: &[Value]) -> Value;
+
+    /// One line on what the task does (shown by `producer tasks`).
+    fn description(&self) -> &'static str {
+        ""
+    }
+
+    /// The parameters it takes. A parameter not declared here (other than the retry
+    /// settings) is refused, at enqueue and by the worker; so is a value of the wrong type.
+    fn params(&self) -> Vec<ParamSpec> {
+        Vec::new()
+    }
 }
 
 /// Tasks by name.
@@ -143,4 +248,27 @@ pub fn f64_of(v: &Value, field: &str) -> f64 {
 /// An unsigned integer from a result object, 0 when absent.
 pub fn u64_of(v: &Value, field: &str) -> u64 {
     v.get(field).and_then(Value::as_u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_are_checked_by_name_and_type() {
+        let specs = vec![
+            ParamSpec::new("top", ParamKind::Int, "10", "how many"),
+            ParamSpec::new("threshold", ParamKind::Float, "0.8", "cut"),
+        ];
+        let p = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        assert!(check_params("t", &specs, &p("top", "5")).is_ok());
+        assert!(check_params("t", &specs, &p("retry_base_ms", "10")).is_ok());
+        let e = check_params("t", &specs, &p("treshold", "0.1")).unwrap_err();
+        assert!(
+            e.contains("no parameter \"treshold\"") && e.contains("threshold"),
+            "{e}"
+        );
+        let e = check_params("t", &specs, &p("top", "abc")).unwrap_err();
+        assert!(e.contains("not a whole number"), "{e}");
+    }
 }

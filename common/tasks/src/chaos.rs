@@ -69,6 +69,36 @@ impl Task for Chaos {
         })
     }
 
+    fn description(&self) -> &'static str {
+        "Fails, sleeps or spins on purpose, to test a deployment's failure handling"
+    }
+
+    fn params(&self) -> Vec<taskmill_task::ParamSpec> {
+        use taskmill_task::{ParamKind, ParamSpec};
+        vec![
+            ParamSpec::new(
+                "fail_rate",
+                ParamKind::Float,
+                "0",
+                "share of attempts that fail, 0 to 1",
+            ),
+            ParamSpec::new(
+                "fail",
+                ParamKind::Str,
+                "transient",
+                "how: transient, permanent, panic or abort",
+            ),
+            ParamSpec::new("sleep_ms", ParamKind::Int, "0", "ms each batch sleeps"),
+            ParamSpec::new(
+                "spin_us",
+                ParamKind::Int,
+                "0",
+                "CPU microseconds per record",
+            ),
+            ParamSpec::new("seed", ParamKind::Int, "0", "seed of the failure draws"),
+        ]
+    }
+
     fn aggregate(&self, results: &[Value]) -> Value {
         let records: u64 = results.iter().map(|r| u64_of(r, "records")).sum();
         json!({"records": records, "batches": results.len()})

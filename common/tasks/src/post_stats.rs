@@ -89,6 +89,14 @@ impl Task for PostStats {
         })
     }
 
+    fn description(&self) -> &'static str {
+        "Title lengths, longest body and title entropy of posts (title, body)"
+    }
+
+    fn params(&self) -> Vec<taskmill_task::ParamSpec> {
+        Vec::new()
+    }
+
     fn aggregate(&self, results: &[Value]) -> Value {
         let (mut count, mut title_chars, mut max_body, mut entropy_sum) = (0u64, 0u64, 0u64, 0.0);
         for r in results {

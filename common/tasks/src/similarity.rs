@@ -120,6 +120,30 @@ impl Task for Similarity {
         })
     }
 
+    fn description(&self) -> &'static str {
+        "Near-duplicate pairs inside a batch (MinHash over word shingles)"
+    }
+
+    fn params(&self) -> Vec<taskmill_task::ParamSpec> {
+        use taskmill_task::{ParamKind, ParamSpec};
+        vec![
+            ParamSpec::new("field", ParamKind::Str, "body", "the text field compared"),
+            ParamSpec::new(
+                "threshold",
+                ParamKind::Float,
+                "0.8",
+                "least estimated Jaccard similarity of a pair",
+            ),
+            ParamSpec::new("shingle", ParamKind::Int, "3", "words in a shingle"),
+            ParamSpec::new(
+                "hashes",
+                ParamKind::Int,
+                "128",
+                "MinHash functions (1 to 4096)",
+            ),
+        ]
+    }
+
     fn aggregate(&self, results: &[Value]) -> Value {
         let mut records = 0;
         let mut pair_count = 0;

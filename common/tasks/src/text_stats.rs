@@ -106,6 +106,18 @@ impl Task for TextStats {
         })
     }
 
+    fn description(&self) -> &'static str {
+        "Word counts, top words, character entropy and lexical diversity of a text field"
+    }
+
+    fn params(&self) -> Vec<taskmill_task::ParamSpec> {
+        use taskmill_task::{ParamKind, ParamSpec};
+        vec![
+            ParamSpec::new("field", ParamKind::Str, "body", "the text field analysed"),
+            ParamSpec::new("top", ParamKind::Int, "10", "how many top words"),
+        ]
+    }
+
     fn aggregate(&self, results: &[Value]) -> Value {
         let (mut records, mut words, mut diversity_sum) = (0u64, 0u64, 0.0);
         let mut top = 10usize;

@@ -1,7 +1,9 @@
 //! `word-count`: the words of one text field of each record, and the batch's total.
 
 use serde_json::{json, Value};
-use taskmill_task::{str_field, u64_of, Task, TaskContext, TaskError, TaskOutput};
+use taskmill_task::{
+    str_field, u64_of, ParamKind, ParamSpec, Task, TaskContext, TaskError, TaskOutput,
+};
 
 /// Counts the words of a field (param `field`, default `body`).
 pub struct WordCount;
@@ -26,6 +28,19 @@ impl Task for WordCount {
             records_done: used,
             records_invalid: records.len() as u64 - used,
         })
+    }
+
+    fn description(&self) -> &'static str {
+        "Counts the words of a text field"
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![ParamSpec::new(
+            "field",
+            ParamKind::Str,
+            "body",
+            "the field whose words count",
+        )]
     }
 
     fn aggregate(&self, results: &[Value]) -> Value {

@@ -71,6 +71,10 @@ pub struct EnqueueArgs {
     /// Drop the batches not started within this long from now (counted `batches_expired`).
     #[arg(long, value_name = "DURATION", help_heading = "Timing")]
     pub expires: Option<String>,
+    /// Enqueue even when the live workers do not know the task or its parameters (a worker
+    /// not deployed yet).
+    #[arg(long)]
+    pub no_check: bool,
     /// Priority, 0 (default) to 9: a higher band's batches overtake a backlog of lower ones.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=9))]
     pub priority: u8,
@@ -165,6 +169,7 @@ impl EnqueueArgs {
             rate_limit: None,
             rate_key: None,
             priority: 0,
+            no_check: false,
             linger_ms: 200,
             lease_seconds: 30,
             concurrency: 32,
@@ -576,15 +581,13 @@ pub async fn enqueue_until(
         .map(sources::parse_ids)
         .transpose()
         .map_err(usage)?;
-    if taskmill_common::tasks::builtin().get(&args.task).is_none() {
-        warn!(
-            task = %bounded(&args.task, 200),
-            "not a built-in task: make sure the workers on queue {:?} know it",
-            args.queue
-        );
-    }
     let started = Instant::now();
     let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
+    if args.no_check {
+        warn!(task = %bounded(&args.task, 200), "--no-check: the task and its parameters are not checked");
+    } else {
+        crate::cmd::tasks::check(&store, &args.task, &params).await?;
+    }
     let job = args
         .job
         .clone()

@@ -7,4 +7,5 @@ pub mod jobs;
 pub mod queues;
 pub mod results;
 pub mod status;
+pub mod tasks;
 pub mod wait;
