@@ -154,6 +154,38 @@ impl Publisher {
         Ok(())
     }
 
+    /// Waits until all published batches are confirmed, keeping the connection open.
+    pub async fn settle_all(&mut self) -> anyhow::Result<()> {
+        self.settle(0).await
+    }
+
+    /// Asks a worker to fold job `job`'s summary once it is finished (a control message on the
+    /// job's queue), then closes. Best effort: without it, the job's last batch still does it.
+    pub async fn request_summary_and_close(&mut self, job: &str) {
+        use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+        let mut headers = FieldTable::default();
+        headers.insert(
+            taskmill_common::envelope::HEADER_CONTROL.into(),
+            AMQPValue::LongString(LongString::from("summarize")),
+        );
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(ShortString::from(format!("{job}:summary")))
+            .with_headers(headers);
+        let sent = amqp::publish_confirmed(
+            &self.channel,
+            &self.names.work_exchange(),
+            &self.routing_key,
+            b"",
+            props,
+        )
+        .await;
+        if !matches!(sent, Ok(true)) {
+            warn!("could not ask the workers for job {job}'s summary: {sent:?}");
+        }
+        let _ = self.conn.close(200, "producer done".into()).await;
+    }
+
     /// Waits for confirms until at most `keep` are outstanding.
     async fn settle(&mut self, keep: usize) -> anyhow::Result<()> {
         while self.inflight.len() > keep {

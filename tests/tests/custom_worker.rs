@@ -41,6 +41,26 @@ async fn the_custom_worker_serves_its_own_task() {
         .map(|(_, r)| r["words"].as_u64().unwrap())
         .sum();
     assert_eq!(counted, words);
+    // The summary comes from the worker (the stock producer cannot run word-count) and shows
+    // in `status`.
+    taskmill_tests::until("the summary", Duration::from_secs(30), || async {
+        store
+            .job_status(&job)
+            .await
+            .unwrap()
+            .unwrap()
+            .summary
+            .is_some()
+    })
+    .await;
+    let out = std::process::Command::new(bin_path("producer"))
+        .args(["status", &job, "--json"])
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["summary"]["words"], words);
+    assert_eq!(status["summary"]["records"], 50);
     // It still serves the built-in tasks.
     let mut builtin = EnqueueArgs::new("post-stats");
     builtin.files = vec![file.clone()];

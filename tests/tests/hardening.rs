@@ -168,7 +168,18 @@ async fn forged_messages_leave_jobs_unchanged() {
     let mut args = EnqueueArgs::new("post-stats");
     args.files = vec![file.clone()];
     let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
-    let before = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    until("the summary", Duration::from_secs(30), || async {
+        store
+            .job_status(&job)
+            .await
+            .unwrap()
+            .unwrap()
+            .summary
+            .is_some()
+    })
+    .await;
+    let before = store.job_status(&job).await.unwrap().unwrap();
     assert_eq!(before.state(), "completed");
     let results_before = store.results(&job).await.unwrap();
 

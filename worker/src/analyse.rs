@@ -63,6 +63,8 @@ pub enum Outcome {
     Expired,
     /// Too early (`--countdown`, `--eta`): it must wait this many ms more, in the broker.
     NotYet(u64),
+    /// Not a batch: a request to fold the job's summary.
+    Summarize,
 }
 
 /// Decodes `body` and runs its task. `message_id` identifies undecodable messages.

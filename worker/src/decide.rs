@@ -31,6 +31,8 @@ pub enum Action {
     Cancel,
     /// Its time ran out before it started: count it expired, then ack.
     Expire,
+    /// A request to fold the job's summary: fold it (if finished and without one), then ack.
+    Summarize,
     /// Too early: publish a copy (attempt unchanged) to the delay queue of this delay, then
     /// ack.
     Delay {
@@ -47,15 +49,18 @@ pub fn decide(analysed: Option<&(BatchId, Outcome)>, attempt: u32, policy: &Retr
     };
     let identified = id.job.is_some() && id.batch.is_some();
     match outcome {
+        Outcome::Summarize if identified => Action::Summarize,
         Outcome::Cancelled if identified => Action::Cancel,
         Outcome::Expired if identified => Action::Expire,
         Outcome::NotYet(ms) if identified => Action::Delay {
             delay_ms: taskmill_common::topology::tier_at_most(*ms),
         },
-        Outcome::Cancelled | Outcome::Expired | Outcome::NotYet(_) => Action::Dead {
-            kind: DeadKind::UnknownJob,
-            error: "batch without identity".into(),
-        },
+        Outcome::Cancelled | Outcome::Expired | Outcome::NotYet(_) | Outcome::Summarize => {
+            Action::Dead {
+                kind: DeadKind::UnknownJob,
+                error: "batch without identity".into(),
+            }
+        }
         Outcome::Done(_) if identified => Action::Store,
         Outcome::Done(_) | Outcome::Retry(_) if !identified => Action::Dead {
             kind: DeadKind::UnknownJob,

@@ -96,6 +96,7 @@ struct Timing {
     eta_ms: Option<u64>,
     expires_ms: Option<u64>,
     time_limit: Option<Duration>,
+    summarize: bool,
 }
 
 impl Timing {
@@ -107,6 +108,8 @@ impl Timing {
             time_limit: ms(taskmill_common::envelope::HEADER_TIME_LIMIT)
                 .filter(|&l| l > 0)
                 .map(Duration::from_millis),
+            summarize: amqp::header_str(props, taskmill_common::envelope::HEADER_CONTROL)
+                .is_some_and(|c| c == "summarize"),
         }
     }
 }
@@ -118,6 +121,15 @@ fn not_now(
     message_id: Option<&str>,
     timing: Timing,
 ) -> Option<(BatchId, Outcome)> {
+    if timing.summarize {
+        let job = message_id?.strip_suffix(":summary")?;
+        let id = BatchId {
+            job: Some(job.to_string()),
+            batch: Some(0),
+            ..BatchId::default()
+        };
+        return Some((id, Outcome::Summarize));
+    }
     let outcome = {
         let set = cancelled.read().unwrap_or_else(|e| e.into_inner());
         let now = taskmill_common::now_ms();

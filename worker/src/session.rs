@@ -105,6 +105,7 @@ impl Session {
             health: shared.health.clone(),
             hard_stop: hard_stop.clone(),
             declared: Default::default(),
+            registry: shared.analyser.registry.clone(),
         };
         info!(queues = %args.queues.join(","), "consuming");
         shared.health.set_rabbitmq(true);

@@ -67,6 +67,8 @@ pub(crate) struct Sink {
     pub(crate) hard_stop: CancellationToken,
     /// Delay queues declared in this session.
     pub(crate) declared: tokio::sync::Mutex<HashSet<String>>,
+    /// The tasks, to fold a finished job's results into its summary.
+    pub(crate) registry: taskmill_common::task::Registry,
 }
 
 /// How a Redis call ended, once transient errors were retried away.
@@ -124,10 +126,17 @@ impl Sink {
         // job's broken keys cost only its own batches.
         let batches: Vec<DoneBatch> = done.iter().filter_map(done_batch).collect();
         let recorded: Vec<Result<Recorded, String>> = match self
-            .redis("storing results", || self.store.record_done_many(&batches))
+            .redis("storing results", || {
+                self.store.record_done_finishing(&batches)
+            })
             .await?
         {
-            Stored::Ok(r) => r.into_iter().map(Ok).collect(),
+            Stored::Ok((r, finished)) => {
+                for job in finished {
+                    self.fold_summary(job, &done);
+                }
+                r.into_iter().map(Ok).collect()
+            }
             Stored::Failed(_) => self.store_each_job(&batches).await?,
         };
         let now = now_ms();
@@ -163,6 +172,33 @@ impl Sink {
         self.stats.record_latencies(latencies.into_iter());
         self.ack_group(&acks).await?;
         Ok(others)
+    }
+
+    /// Folds a job that just finished into its summary, beside the storing (off the sink's
+    /// path).
+    fn fold_summary(&self, job: String, group: &[Processed]) {
+        let name = group.iter().find_map(|p| match &p.analysed {
+            Some((id, _)) if id.job.as_deref() == Some(job.as_str()) => Some(id.label),
+            _ => None,
+        });
+        let Some(task) = name.and_then(|n| self.registry.get(n)) else {
+            return;
+        };
+        tokio::spawn(fold(self.store.clone(), job, task));
+    }
+
+    /// A request to fold a job's summary (sent when publishing ended): done when the job is
+    /// finished without one and this worker knows its task; acked either way.
+    async fn summarize(&self, p: &Processed) -> anyhow::Result<()> {
+        if let Some((job, _)) = identity(p) {
+            if let Ok(Some(status)) = self.store.job_status(&job).await {
+                let task = self.registry.get(status.task());
+                if let (true, None, Some(task)) = (status.is_finished(), &status.summary, task) {
+                    fold(self.store.clone(), job, task).await;
+                }
+            }
+        }
+        self.settle_one(p, true).await
     }
 
     /// Stores each job's batches with a call of its own; a permanent error fails that job's.
@@ -306,6 +342,7 @@ impl Sink {
                     self.settle_one(&p, false).await
                 }
                 Action::Retry { delay_ms } => self.retry(&p, delay_ms).await,
+                Action::Summarize => self.summarize(&p).await,
                 Action::Cancel => self.dropped(&p, false).await,
                 Action::Expire => self.dropped(&p, true).await,
                 Action::Delay { delay_ms } => self.delay(&p, delay_ms).await,
@@ -456,6 +493,21 @@ impl Sink {
             .increment(1);
         warn!(kind = kind.as_str(), "dead-lettered: {error}");
         self.settle_one(p, true).await
+    }
+}
+
+/// Folds a job's results into its summary with its task (the fold on a blocking thread, never
+/// on tokio's) and stores it.
+async fn fold(store: Store, job: String, task: std::sync::Arc<dyn taskmill_common::task::Task>) {
+    let results = match store.results(&job).await {
+        Ok(r) => r.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        Err(e) => return warn!(%job, "reading the results to sum them up: {e}"),
+    };
+    let Ok(summary) = tokio::task::spawn_blocking(move || task.aggregate(&results)).await else {
+        return;
+    };
+    if let Err(e) = store.set_summary(&job, &summary).await {
+        warn!(%job, "storing the summary: {e}");
     }
 }
 

@@ -41,6 +41,10 @@ pub const HEADER_TIME_LIMIT: &str = "x-taskmill-time-limit-ms";
 pub const HEADER_RATE_INTERVAL: &str = "x-taskmill-rate-interval-ms";
 /// The key whose budget the rate limit shares (`--rate-key`; the job id by default).
 pub const HEADER_RATE_KEY: &str = "x-taskmill-rate-key";
+/// A control message rather than a batch: `summarize` asks a worker to fold a finished job's
+/// results into its summary (sent by the producer when publishing ends, since a job that its
+/// last batch did not finish has nobody else to do it). Its message id is `{job}:summary`.
+pub const HEADER_CONTROL: &str = "x-taskmill-control";
 /// Dead-letter header: when it was dead-lettered, in ms since the epoch.
 pub const HEADER_DEAD_AT: &str = "x-taskmill-dead-at-ms";
 

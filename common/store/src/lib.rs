@@ -244,6 +244,10 @@ pub struct JobStatus {
     pub interrupted_ms: Option<u64>,
     /// Priority, 0 to 9 (`--priority`).
     pub priority: u64,
+    /// Once finished: the task's fold of every batch result, stored by the worker that
+    /// stored the last one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<Value>,
     /// No batch starts before this time (`--countdown`, `--eta`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eta_ms: Option<u64>,
@@ -316,6 +320,7 @@ impl JobStatus {
             cancelled_ms: opt("cancelled_ms")?,
             interrupted_ms: opt("interrupted_ms")?,
             priority: num("priority")?,
+            summary: f.get("summary").and_then(|v| serde_json::from_str(v).ok()),
             eta_ms: opt("eta_ms")?,
             expires_ms: opt("expires_ms")?,
         })
@@ -539,15 +544,17 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// Publishing ended: sets the totals, which may finish the job at once.
+    /// Publishing ended: sets the totals, which may finish the job at once. True when it did
+    /// and the job has no summary yet (ask a worker to fold it).
     pub async fn finish_publishing(
         &self,
         job: &str,
         totals: &PublishTotals,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let problems = serde_json::to_string(&totals.problems).unwrap_or_else(|_| "[]".into());
         let mut con = self.con.clone();
-        self.scripts
+        let code: i64 = self
+            .scripts
             .finish_publishing
             .key(self.keys.job(job))
             .arg(totals.batches)
@@ -558,10 +565,10 @@ impl Store {
             .arg(now_ms())
             .arg(self.ttl)
             .arg(if totals.interrupted { "1" } else { "0" })
-            .invoke_async::<i64>(&mut con)
+            .invoke_async(&mut con)
             .await
             .map_err(|e| self.err(e))?;
-        Ok(())
+        Ok(code == 2)
     }
 
     /// Rate limit: 0 when a batch of rate key `key` may start now (the slot is taken), else
@@ -671,8 +678,17 @@ impl Store {
         &self,
         batches: &[DoneBatch],
     ) -> Result<Vec<Recorded>, StoreError> {
+        Ok(self.record_done_finishing(batches).await?.0)
+    }
+
+    /// [`Store::record_done_many`], also naming the jobs these results finished that have no
+    /// summary yet (the caller folds their results into one: [`Store::set_summary`]).
+    pub async fn record_done_finishing(
+        &self,
+        batches: &[DoneBatch],
+    ) -> Result<(Vec<Recorded>, Vec<String>), StoreError> {
         if batches.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         // Group by job, keeping each batch's position in the input.
         let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
@@ -705,12 +721,37 @@ impl Store {
         }
         let flags: Vec<Vec<i64>> = self.query_with_scripts(&pipe).await?;
         let mut out = vec![Recorded::Duplicate; batches.len()];
-        for ((_, idx), f) in groups.iter().zip(flags) {
+        let mut finished = Vec::new();
+        for ((job, idx), f) in groups.iter().zip(flags) {
+            if f.get(idx.len()) == Some(&1) {
+                finished.push(job.to_string());
+            }
             for (&i, flag) in idx.iter().zip(f) {
                 out[i] = Recorded::from_code(flag);
             }
         }
-        Ok(out)
+        Ok((out, finished))
+    }
+
+    /// Stores a finished job's summary (its task's fold of every batch result).
+    pub async fn set_summary(&self, job: &str, summary: &Value) -> Result<(), StoreError> {
+        let mut con = self.con.clone();
+        let key = self.keys.job(job);
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        if exists == 1 {
+            redis::cmd("HSET")
+                .arg(&key)
+                .arg("summary")
+                .arg(summary.to_string())
+                .query_async::<()>(&mut con)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     /// Counts one retry of a job's batch: `Stored` when counted, or refused (no such job, or

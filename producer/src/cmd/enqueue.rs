@@ -669,7 +669,7 @@ pub async fn enqueue_until(
         readers.finish().await?;
     }
     let mut publisher = outlet.publisher;
-    publisher.finish().await?;
+    publisher.settle_all().await?;
     if let Some(holder) = outlet.duplicate_of {
         return Ok(EnqueueReport::duplicate(holder, started));
     }
@@ -699,7 +699,11 @@ pub async fn enqueue_until(
         interrupted,
         duplicate_of: None,
     };
-    store.finish_publishing(&job, &report.totals()).await?;
+    if store.finish_publishing(&job, &report.totals()).await? {
+        publisher.request_summary_and_close(&job).await;
+    } else {
+        publisher.finish().await?;
+    }
     Ok(report)
 }
 

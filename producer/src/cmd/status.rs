@@ -35,6 +35,10 @@ pub async fn summary(store: &Store, status: &JobStatus) -> anyhow::Result<Option
     if !status.is_finished() {
         return Ok(None);
     }
+    // The worker that stored the last batch folds the summary (it has the task's code).
+    if let Some(s) = &status.summary {
+        return Ok(Some(s.clone()));
+    }
     let Some(task) = taskmill_common::tasks::builtin().get(status.task()) else {
         return Ok(None);
     };
@@ -51,6 +55,8 @@ pub async fn summary(store: &Store, status: &JobStatus) -> anyhow::Result<Option
 pub async fn status_json(store: &Store, status: &JobStatus) -> anyhow::Result<Value> {
     let mut v = status.to_json();
     if let (Some(obj), Some(s)) = (v.as_object_mut(), summary(store, status).await?) {
+        // (The stored summary is already in the JSON; a built-in task's is folded here for
+        // jobs finished without one, e.g. by a dead letter.)
         obj.insert("summary".into(), s);
     }
     Ok(v)

@@ -98,6 +98,7 @@ pub async fn follow(
                 // The final status goes on lines of its own, under no bar.
                 bar.finish_and_clear();
             }
+            let status = with_summary(store, status).await?;
             let end = if status.state() == "completed" {
                 WaitEnd::Completed
             } else {
@@ -113,6 +114,22 @@ pub async fn follow(
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// A finished job whose summary the worker is still folding (a custom task's, which only
+/// the worker can fold): read it again for up to 2 s.
+async fn with_summary(store: &Store, mut status: JobStatus) -> anyhow::Result<JobStatus> {
+    let foldable_here = taskmill_common::tasks::builtin()
+        .get(status.task())
+        .is_some();
+    for _ in 0..20 {
+        if status.summary.is_some() || foldable_here || status.batches_done == 0 {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+        status = load(store, &status.job).await?;
+    }
+    Ok(status)
 }
 
 /// The command.

@@ -34,4 +34,12 @@ if batches > 0 then
   finish(KEYS[1], now)
   expire_all(KEYS[1], ttl)
 end
+-- A last element: 1 when the job is finished and has no summary yet (this worker folds it).
+local st = redis.call('HGET', KEYS[1], 'state')
+if batches > 0 and (st == STATE.completed or st == STATE.completed_with_errors)
+   and redis.call('HEXISTS', KEYS[1], 'summary') == 0 then
+  out[n + 1] = 1
+else
+  out[n + 1] = 0
+end
 return out
