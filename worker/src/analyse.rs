@@ -118,9 +118,11 @@ pub fn analyse(
     };
     id.label = task.name();
     if !env.params.is_empty() {
-        if let Err(e) =
-            taskmill_common::task::check_params(task.name(), &task.params(), &env.params)
-        {
+        if let Err(e) = taskmill_common::task::check_params(
+            task.name(),
+            registry.params(task.name()),
+            &env.params,
+        ) {
             id.params = env.params;
             return (id, Outcome::Dead(DeadKind::BadParams, e));
         }

@@ -160,15 +160,28 @@ pub async fn run_with_stats(
     let health = Arc::new(metrics::Health::new());
     let metrics_server = serve_metrics(&args, threads, &health, &stats, &metrics_stop).await?;
     let cancelled = pool::Cancelled::default();
-    let watcher = tokio::spawn(watch_cancelled(
-        args.conn.clone(),
-        cancelled.clone(),
+    let background = Arc::new(BackgroundStore {
+        conn: args.conn.clone(),
+        store: Default::default(),
+    });
+    let watcher = tokio::spawn(every(
+        background.clone(),
+        CANCELLED_POLL,
         metrics_stop.clone(),
+        {
+            let cancelled = cancelled.clone();
+            move |s| watch_cancelled(s, cancelled.clone())
+        },
     ));
-    let catalog = tokio::spawn(publish_catalog(
-        args.conn.clone(),
-        catalog_entries(&registry, &args.queues),
+    let entries = Arc::new(catalog_entries(&registry, &args.queues));
+    let catalog = tokio::spawn(every(
+        background,
+        CATALOG_EVERY,
         metrics_stop.clone(),
+        move |s| {
+            let entries = entries.clone();
+            async move { publish_catalog(s, &entries).await }
+        },
     ));
     let running: pool::Running = Arc::new((0..threads).map(|_| Default::default()).collect());
     let watchdog = tokio::spawn(watch_stuck(
@@ -204,48 +217,64 @@ pub async fn run_with_stats(
 /// How often the cancelled jobs are read from Redis.
 const CANCELLED_POLL: Duration = Duration::from_millis(250);
 
-/// Keeps `cancelled` equal to the namespace's cancelled jobs (read every 250 ms), until
-/// `stop`. Errors are retried quietly: the worst a stale set does is run a batch that a
-/// cancel would have dropped.
-async fn watch_cancelled(
-    conn: taskmill_common::config::ConnArgs,
-    cancelled: pool::Cancelled,
+/// How often a worker renews its tasks in the catalog, and how long an entry lives.
+const CATALOG_EVERY: Duration = Duration::from_secs(20);
+const CATALOG_TTL_SECS: u64 = 60;
+
+/// Runs `tick` with a Redis store now and then every `period`, until `stop`; connects (again)
+/// when it has no store. For the worker's background upkeep, beside the sessions.
+async fn every<F, Fut>(
+    store: Arc<BackgroundStore>,
+    period: Duration,
     stop: CancellationToken,
-) {
-    let mut store = None;
+    mut tick: F,
+) where
+    F: FnMut(taskmill_common::store::Store) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     loop {
-        if store.is_none() {
-            store = taskmill_common::store::Store::connect(
-                &conn.redis_url,
-                &conn.namespace,
-                conn.result_ttl,
-            )
-            .await
-            .ok();
-        }
-        if let Some(s) = &store {
-            if let Ok(ids) = s.cancelled_jobs().await {
-                *cancelled.write().unwrap_or_else(|e| e.into_inner()) = ids;
-            }
+        if let Some(s) = store.get().await {
+            tick(s).await;
         }
         tokio::select! {
-            _ = tokio::time::sleep(CANCELLED_POLL) => {}
+            _ = tokio::time::sleep(period) => {}
             _ = stop.cancelled() => return,
         }
     }
 }
 
-/// How often a worker renews its tasks in the catalog, and how long an entry lives.
-const CATALOG_EVERY: Duration = Duration::from_secs(20);
-const CATALOG_TTL_SECS: u64 = 60;
+/// One Redis connection shared by the worker's background tasks, made when first needed and
+/// again after a failed attempt.
+struct BackgroundStore {
+    conn: taskmill_common::config::ConnArgs,
+    store: tokio::sync::Mutex<Option<taskmill_common::store::Store>>,
+}
+
+impl BackgroundStore {
+    async fn get(&self) -> Option<taskmill_common::store::Store> {
+        let mut store = self.store.lock().await;
+        if store.is_none() {
+            let c = &self.conn;
+            *store =
+                taskmill_common::store::Store::connect(&c.redis_url, &c.namespace, c.result_ttl)
+                    .await
+                    .ok();
+        }
+        store.clone()
+    }
+}
+
+/// Keeps `cancelled` equal to the namespace's cancelled jobs (read every 250 ms). Errors are
+/// retried quietly: the worst a stale set does is run a batch that a cancel would have dropped.
+async fn watch_cancelled(store: taskmill_common::store::Store, cancelled: pool::Cancelled) {
+    if let Ok(ids) = store.cancelled_jobs().await {
+        *cancelled.write().unwrap_or_else(|e| e.into_inner()) = ids;
+    }
+}
 
 /// The catalog entries of this worker's tasks.
 fn catalog_entries(registry: &Registry, queues: &[String]) -> Vec<(String, serde_json::Value)> {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
+    let worker = format!("{}:{}", amqp::hostname(), std::process::id());
     registry
         .names()
         .into_iter()
@@ -254,46 +283,26 @@ fn catalog_entries(registry: &Registry, queues: &[String]) -> Vec<(String, serde
             let entry = serde_json::json!({
                 "name": name,
                 "description": task.description(),
-                "params": task.params(),
+                "params": registry.params(name),
                 "queues": queues,
-                "worker": format!("{host}:{}", std::process::id()),
+                "worker": worker,
             });
             Some((name.to_string(), entry))
         })
         .collect()
 }
 
-/// Records the worker's tasks in the catalog at start and every 20 s (entries live 60 s),
-/// until `stop`.
+/// Records the worker's tasks in the catalog (every 20 s; entries live 60 s).
 async fn publish_catalog(
-    conn: taskmill_common::config::ConnArgs,
-    entries: Vec<(String, serde_json::Value)>,
-    stop: CancellationToken,
+    store: taskmill_common::store::Store,
+    entries: &[(String, serde_json::Value)],
 ) {
-    let mut store = None;
-    loop {
-        if store.is_none() {
-            store = taskmill_common::store::Store::connect(
-                &conn.redis_url,
-                &conn.namespace,
-                conn.result_ttl,
-            )
-            .await
-            .ok();
-        }
-        if let Some(s) = &store {
-            let mut now = entries.clone();
-            for (_, e) in &mut now {
-                e["seen_ms"] = serde_json::json!(taskmill_common::now_ms());
-            }
-            if let Err(e) = s.publish_catalog(&now, CATALOG_TTL_SECS).await {
-                warn!("recording the task catalog: {e}");
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(CATALOG_EVERY) => {}
-            _ = stop.cancelled() => return,
-        }
+    let mut now = entries.to_vec();
+    for (_, e) in &mut now {
+        e["seen_ms"] = serde_json::json!(taskmill_common::now_ms());
+    }
+    if let Err(e) = store.publish_catalog(&now, CATALOG_TTL_SECS).await {
+        warn!("recording the task catalog: {e}");
     }
 }
 

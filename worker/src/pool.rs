@@ -75,6 +75,16 @@ fn rate_of(props: &lapin::BasicProperties) -> Option<(String, u64)> {
     Some((key, u64::try_from(interval).ok()?.max(1)))
 }
 
+/// The identity a message id (`{job}:{batch}`) gives, without decoding the body.
+fn id_of(message_id: Option<&str>) -> Option<BatchId> {
+    let (job, batch) = message_id.and_then(taskmill_common::envelope::parse_message_id)?;
+    Some(BatchId {
+        job: Some(job),
+        batch: Some(batch),
+        ..BatchId::default()
+    })
+}
+
 /// A delivery that does not go to rayon, with what was decided for it.
 fn settled_now(arrived: Arrived, analysed: Option<(BatchId, Outcome)>) -> Processed {
     let (chan, queue, mut delivery) = arrived;
@@ -144,13 +154,7 @@ fn not_now(
             return None;
         }
     };
-    let (job, batch) = message_id.and_then(taskmill_common::envelope::parse_message_id)?;
-    let id = BatchId {
-        job: Some(job),
-        batch: Some(batch),
-        ..BatchId::default()
-    };
-    Some((id, outcome))
+    Some((id_of(message_id)?, outcome))
 }
 
 impl Analyser {
@@ -206,15 +210,7 @@ impl Analyser {
                 run.push(arrived);
                 continue;
             }
-            let id = message_id
-                .as_deref()
-                .and_then(taskmill_common::envelope::parse_message_id)
-                .map(|(job, batch)| BatchId {
-                    job: Some(job),
-                    batch: Some(batch),
-                    ..BatchId::default()
-                })
-                .unwrap_or_default();
+            let id = id_of(message_id.as_deref()).unwrap_or_default();
             settled.push(settled_now(arrived, Some((id, Outcome::NotYet(wait)))));
         }
         (settled, run)

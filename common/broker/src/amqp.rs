@@ -41,13 +41,19 @@ impl std::fmt::Display for ConnectError {
 
 impl std::error::Error for ConnectError {}
 
-/// Opens a connection named `name` (shown in the RabbitMQ console's Connections page).
-pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> {
-    let host = std::env::var("HOSTNAME")
+/// This machine's name (`HOSTNAME`, else `/etc/hostname`), for naming connections and
+/// workers.
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
         .map(|h| h.trim().to_string())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Opens a connection named `name` (shown in the RabbitMQ console's Connections page).
+pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> {
+    let host = hostname();
     let props = ConnectionProperties::default().with_connection_name(LongString::from(format!(
         "{name}@{host}:{}",
         std::process::id()

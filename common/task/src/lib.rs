@@ -202,6 +202,9 @@ pub trait Task: Send + Sync + 'static {
 #[derive(Clone, Default)]
 pub struct Registry {
     tasks: HashMap<&'static str, Arc<dyn Task>>,
+    /// Each task's declared parameters, asked once at registration (workers check every
+    /// batch that carries parameters against them).
+    params: HashMap<&'static str, Arc<[ParamSpec]>>,
 }
 
 impl Registry {
@@ -218,8 +221,14 @@ impl Registry {
 
     /// Adds (or replaces) a task.
     pub fn register(&mut self, task: impl Task) -> &mut Self {
+        self.params.insert(task.name(), task.params().into());
         self.tasks.insert(task.name(), Arc::new(task));
         self
+    }
+
+    /// The declared parameters of task `name` (none for an unknown task).
+    pub fn params(&self, name: &str) -> &[ParamSpec] {
+        self.params.get(name).map_or(&[], |p| p)
     }
 
     /// The task called `name`.
