@@ -11,7 +11,7 @@ test: services lint
 	cargo build --workspace --bins
 	./target/debug/tmt-cleanup
 	if command -v cargo-nextest >/dev/null; then \
-		cargo nextest run --workspace; \
+		cargo nextest run --workspace && cargo test --workspace --doc; \
 	else \
 		cargo test --workspace --no-fail-fast; \
 	fi

@@ -1,6 +1,8 @@
 //! taskmill-producer: reads records, batches them, publishes them, and reports on jobs.
 //!
 //! # Layout
+//! - [`client`]: enqueue and follow jobs from your own code (what the command line does, as a
+//!   library).
 //! - [`Cli`] and [`run`]: the command line and its dispatch.
 //! - [`cmd`]: one subcommand a file (`enqueue`, `status`, `wait`, `results`, `jobs`, `dlq`, `queues`,
 //!   `workers`).
@@ -9,6 +11,7 @@
 //! - [`publisher`]: confirm-window publishing with republish on nack, return or reconnect.
 
 pub mod batcher;
+pub mod client;
 pub mod cmd;
 pub mod error;
 pub mod out;

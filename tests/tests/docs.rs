@@ -181,11 +181,14 @@ fn the_docs_stand_alone() {
 }
 
 #[test]
-fn the_readme_shows_the_custom_worker_as_it_is_built() {
+fn the_readme_shows_the_examples_as_they_are_built() {
     let text = readme();
-    for file in ["src/main.rs", "src/word_count.rs"] {
-        let code =
-            std::fs::read_to_string(root().join("examples/custom-worker").join(file)).unwrap();
+    for file in [
+        "custom-worker/src/main.rs",
+        "custom-worker/src/word_count.rs",
+        "rust-client/src/main.rs",
+    ] {
+        let code = std::fs::read_to_string(root().join("examples").join(file)).unwrap();
         // Every line of code (not the module comment) is in the README as written.
         for line in code
             .lines()
@@ -193,7 +196,7 @@ fn the_readme_shows_the_custom_worker_as_it_is_built() {
         {
             assert!(
                 text.contains(line),
-                "README lacks `{line}` of examples/custom-worker/{file}"
+                "README lacks `{line}` of examples/{file}"
             );
         }
     }

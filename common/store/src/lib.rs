@@ -928,6 +928,34 @@ impl Store {
         self.hash_by_batch(&self.keys.results(job)).await
     }
 
+    /// The stored results of batches `from..to` of a job, in batch order (batches without a
+    /// result, dead or not done yet, are left out): one round trip, memory bounded by the
+    /// range.
+    pub async fn results_range(
+        &self,
+        job: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, Value)>, StoreError> {
+        if to <= from {
+            return Ok(Vec::new());
+        }
+        let mut con = self.con.clone();
+        let got: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.keys.results(job))
+            .arg((from..to).collect::<Vec<u64>>())
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok((from..to)
+            .zip(got)
+            .filter_map(|(b, v)| {
+                let v = v?;
+                Some((b, serde_json::from_str(&v).unwrap_or(Value::String(v))))
+            })
+            .collect())
+    }
+
     /// Why each dead batch of a job died, by batch number.
     pub async fn dead_batches(&self, job: &str) -> Result<Vec<(u64, Value)>, StoreError> {
         self.hash_by_batch(&self.keys.dead(job)).await

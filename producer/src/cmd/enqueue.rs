@@ -4,6 +4,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Instant};
 
 use anyhow::Context as _;
 use clap::Args;
+use futures::StreamExt as _;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -406,11 +407,26 @@ fn timing(args: &EnqueueArgs) -> anyhow::Result<(Option<u64>, Option<u64>)> {
     Ok((eta, expires))
 }
 
-/// Checks arguments before anything is connected.
-fn validate(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<()> {
+/// Checks the job's arguments (not its sources) before anything is connected.
+fn validate_job(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<()> {
     let check = |r: Result<(), String>| r.map_err(usage);
     check(validate_name("namespace", &conn.namespace))?;
     check(topology::validate_queue(&args.queue))?;
+    if args.batch_size == 0 {
+        return Err(usage("--batch-size must be at least 1".into()));
+    }
+    if let Some(job) = &args.job {
+        check(validate_job_id(job))?;
+    }
+    if let Some(key) = &args.unique_key {
+        check(validate_job_id(key).map_err(|e| format!("--unique-key: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Checks the sources of the command line (URLs and files) before anything is connected.
+fn validate_sources(args: &EnqueueArgs) -> anyhow::Result<()> {
+    let check = |r: Result<(), String>| r.map_err(usage);
     if args.urls.is_empty() && args.url_template.is_none() && args.files.is_empty() {
         return Err(usage(
             "no records to read: give --url, --url-template with --ids, or --file".into(),
@@ -427,17 +443,8 @@ fn validate(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<()> {
             return Err(usage(format!("--url-template {t:?} has no {{id}} in it")));
         }
     }
-    if args.batch_size == 0 {
-        return Err(usage("--batch-size must be at least 1".into()));
-    }
     if args.files.iter().filter(|f| f.as_os_str() == "-").count() > 1 {
         return Err(usage("--file - (stdin) can be given only once".into()));
-    }
-    if let Some(job) = &args.job {
-        check(validate_job_id(job))?;
-    }
-    if let Some(key) = &args.unique_key {
-        check(validate_job_id(key).map_err(|e| format!("--unique-key: {e}")))?;
     }
     for f in &args.files {
         if f.as_os_str() != "-" && !f.is_file() {
@@ -572,15 +579,47 @@ pub async fn enqueue_until(
     on_registered: impl FnOnce(&str),
     stop: CancellationToken,
 ) -> anyhow::Result<EnqueueReport> {
-    validate(conn, args)?;
-    let params = parse_params(&args.params)?;
-    let (eta_ms, expires_ms) = timing(args)?;
+    validate_sources(args)?;
     let ids = args
         .ids
         .as_deref()
         .map(sources::parse_ids)
         .transpose()
         .map_err(usage)?;
+    validate_job(conn, args)?;
+    let problems = ProblemLog::default();
+    let (mut rx, readers) = spawn_sources(args, ids, &problems);
+    let records = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    enqueue_records(
+        conn,
+        args,
+        records,
+        problems,
+        Some(readers),
+        on_registered,
+        stop,
+    )
+    .await
+}
+
+/// Enqueues the chunks of records `records` yields, as a job described by `args` (its
+/// sources are not read: `readers`, when given, are the tasks feeding `records`, waited for
+/// before publishing ends). The core of [`enqueue_until`] and of [`crate::client`].
+pub(crate) async fn enqueue_records<S>(
+    conn: &ConnArgs,
+    args: &EnqueueArgs,
+    records: S,
+    problems: ProblemLog,
+    readers: Option<Readers>,
+    on_registered: impl FnOnce(&str),
+    stop: CancellationToken,
+) -> anyhow::Result<EnqueueReport>
+where
+    S: futures::Stream<Item = Vec<Value>> + Unpin,
+{
+    validate_job(conn, args)?;
+    let params = parse_params(&args.params)?;
+    let (eta_ms, expires_ms) = timing(args)?;
     let started = Instant::now();
     let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
     if args.no_check {
@@ -623,8 +662,6 @@ pub async fn enqueue_until(
         lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
         lease_keeper: None,
     };
-    let problems = ProblemLog::default();
-    let (rx, readers) = spawn_sources(args, ids, &problems);
     let mut headers = Vec::new();
     if let Some(eta) = eta_ms {
         headers.push((HEADER_ETA, eta as i64));
@@ -661,12 +698,14 @@ pub async fn enqueue_until(
     .with_headers(headers)
     .with_text_headers(text_headers);
     let linger = std::time::Duration::from_millis(args.linger_ms);
-    let interrupted = pump(rx, &mut batcher, &mut outlet, linger, &problems, &stop).await?;
-    if interrupted {
-        // Stop reading; a reader blocked on stdin ends with the process.
-        readers.http.abort();
-    } else {
-        readers.finish().await?;
+    let interrupted = pump(records, &mut batcher, &mut outlet, linger, &problems, &stop).await?;
+    if let Some(readers) = readers {
+        if interrupted {
+            // Stop reading; a reader blocked on stdin ends with the process.
+            readers.http.abort();
+        } else {
+            readers.finish().await?;
+        }
     }
     let mut publisher = outlet.publisher;
     publisher.settle_all().await?;
@@ -710,8 +749,8 @@ pub async fn enqueue_until(
 /// Feeds what the sources send into the batcher and the batches into the outlet; a partial
 /// batch goes out when nothing came for `linger`, and at the end. True when `stop` ended it
 /// (the records read but not batched yet are dropped).
-async fn pump<F: FnOnce(&str)>(
-    mut rx: mpsc::Receiver<Vec<Value>>,
+async fn pump<F: FnOnce(&str), S: futures::Stream<Item = Vec<Value>> + Unpin>(
+    mut rx: S,
     batcher: &mut Batcher,
     outlet: &mut Outlet<'_, F>,
     linger: std::time::Duration,
@@ -721,9 +760,9 @@ async fn pump<F: FnOnce(&str)>(
     loop {
         let next = async {
             if batcher.has_pending() {
-                tokio::time::timeout(linger, rx.recv()).await
+                tokio::time::timeout(linger, rx.next()).await
             } else {
-                Ok(rx.recv().await)
+                Ok(rx.next().await)
             }
         };
         let chunk = tokio::select! {
@@ -757,7 +796,7 @@ async fn pump<F: FnOnce(&str)>(
 }
 
 /// The tasks that read the sources.
-struct Readers {
+pub(crate) struct Readers {
     files: tokio::task::JoinHandle<()>,
     http: tokio::task::JoinHandle<Result<(), reqwest::Error>>,
 }
