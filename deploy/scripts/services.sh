@@ -75,3 +75,8 @@ else
   wait_port 15672 90 "the RabbitMQ management console"
   log "RabbitMQ management console on http://127.0.0.1:15672"
 fi
+
+# --- Python with venv and pip (the Python client's tests install it in a fresh virtualenv) --
+if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  apt_install python3 python3-venv python3-pip
+fi

@@ -184,11 +184,12 @@ fn the_docs_stand_alone() {
 fn the_readme_shows_the_examples_as_they_are_built() {
     let text = readme();
     for file in [
-        "custom-worker/src/main.rs",
-        "custom-worker/src/word_count.rs",
-        "rust-client/src/main.rs",
+        "examples/custom-worker/src/main.rs",
+        "examples/custom-worker/src/word_count.rs",
+        "examples/rust-client/src/main.rs",
+        "clients/python/examples/quickstart.py",
     ] {
-        let code = std::fs::read_to_string(root().join("examples").join(file)).unwrap();
+        let code = std::fs::read_to_string(root().join(file)).unwrap();
         // Every line of code (not the module comment) is in the README as written.
         for line in code
             .lines()
@@ -196,7 +197,7 @@ fn the_readme_shows_the_examples_as_they_are_built() {
         {
             assert!(
                 text.contains(line),
-                "README lacks `{line}` of examples/{file}"
+                "README lacks `{line}` of {file}"
             );
         }
     }

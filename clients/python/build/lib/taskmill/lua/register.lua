@@ -1,0 +1,33 @@
+-- Register a new job unless the id is taken. KEYS: job, jobs index, unique key (or '').
+-- ARGV: id, task, queue, params, now, ttl, prefix of job keys.
+-- Returns 1 when registered, 0 when the id already exists, or the id of the job that holds
+-- the unique key while it is pending or running (nothing registered then).
+-- The job keeps its TTL in its hash; the index lives as long as its longest-lived job, and
+-- ids of expired jobs are dropped from it (the oldest few here, the rest when listed).
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local ttl = tonumber(ARGV[6])
+if KEYS[3] ~= '' then
+  local holder = redis.call('GET', KEYS[3])
+  if holder then
+    local state = redis.call('HGET', holder, 'state')
+    local done = redis.call('HGET', holder, 'finished_ms')
+    if (state == STATE.pending or state == STATE.running or state == STATE.interrupted)
+       and not done then
+      return string.sub(holder, string.len(ARGV[7]) + 1)
+    end
+  end
+  redis.call('SET', KEYS[3], KEYS[1], 'EX', ttl)
+end
+redis.call('HSET', KEYS[1], 'state', STATE.pending, 'task', ARGV[2], 'queue', ARGV[3],
+  'params', ARGV[4], 'created_ms', ARGV[5], 'ttl', ttl, 'batches_published', 0,
+  'batches_done', 0, 'batches_dead', 0, 'records_total', 0, 'records_done', 0,
+  'records_invalid', 0, 'retries', 0, 'sources_failed', 0)
+if KEYS[3] ~= '' then redis.call('HSET', KEYS[1], 'unique_key', KEYS[3]) end
+redis.call('EXPIRE', KEYS[1], ttl)
+local before = redis.call('TTL', KEYS[2])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+if before == -2 or (before >= 0 and before < ttl) then redis.call('EXPIRE', KEYS[2], ttl) end
+for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, 15)) do
+  if redis.call('EXISTS', ARGV[7] .. id) == 0 then redis.call('ZREM', KEYS[2], id) end
+end
+return 1

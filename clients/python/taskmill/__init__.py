@@ -1,0 +1,14 @@
+"""taskmill for Python: enqueue jobs for taskmill's workers and follow them.
+
+    from taskmill import Client
+    c = Client(amqp_url="amqp://guest:guest@127.0.0.1:5672/%2f",
+               redis_url="redis://127.0.0.1:6379/0", namespace="taskmill")
+    job = c.enqueue("post-stats", records, params={}, batch_size=10)
+    status = c.wait(job, timeout=60)
+    for batch, result in c.results(job): ...
+"""
+
+from .client import Client
+
+__all__ = ["Client"]
+__version__ = "0.1.0"

@@ -1,0 +1,473 @@
+"""The taskmill client: enqueue jobs, follow them, read their results.
+
+Speaks the protocol of taskmill's docs/PROTOCOL.md: MessagePack batches published with
+publisher confirms to ``{ns}.work``, job state in Redis changed by the same Lua scripts the
+Rust producer runs (copies in ``lua/``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+import warnings
+from importlib import resources
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import msgpack
+import pika
+import pika.exceptions
+import redis
+
+FORMAT_VERSION = 1
+CONTENT_TYPE = "application/msgpack"
+HEADER_ATTEMPT = "x-taskmill-attempt"
+HEADER_CONTROL = "x-taskmill-control"
+DEFAULT_QUEUE = "tasks"
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+DELIVERY_LIMIT = 10
+DEAD_EVENTS_MAX = 1_000_000
+PRIORITY_BANDS = ((1, "p1"), (5, "p5"))
+RETRY_PARAMS = ("retry_max_attempts", "retry_base_ms", "retry_factor", "retry_max_delay_ms")
+STATES = ("pending", "running", "completed", "completed_with_errors", "cancelled", "interrupted")
+FINISHED = ("completed", "completed_with_errors", "cancelled")
+# Batch numbers reserved ahead of publishing (one Redis round trip per this many).
+RESERVE_AHEAD = 1024
+# How many times one batch may be refused (nack or return), and reconnects in a row.
+MAX_REFUSALS = 5
+MAX_RECONNECTS = 8
+LEASE_SECONDS = 30
+POLL_SECONDS = 0.1
+RESULTS_PAGE = 500
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+# Fields of the job hash that are numbers, and those only present once set.
+_NUMBERS = (
+    "ttl", "batches_published", "batches_done", "batches_dead", "records_total",
+    "records_done", "records_invalid", "batches_cancelled", "batches_expired", "retries",
+    "sources_failed", "created_ms", "priority",
+)
+_OPTIONAL_NUMBERS = (
+    "batches_total", "started_ms", "finished_ms", "cancelled_ms", "interrupted_ms",
+    "eta_ms", "expires_ms",
+)
+
+
+def _lua(name: str) -> str:
+    return resources.files("taskmill").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+def _state_table() -> str:
+    entries = ", ".join(f"{s} = '{s}'" for s in STATES)
+    return f"local STATE = {{ {entries} }}\n"
+
+
+def _with_finish(body: str) -> str:
+    """A script as the Rust store builds it: the state table, the shared prelude, the body."""
+    return f"{_state_table()}{_lua('prelude.lua')}\n{body}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _check_param(task: str, specs: List[dict], name: str, value: str) -> None:
+    """The catalog check of one parameter (as the Rust `check_params`)."""
+    spec = next((p for p in specs if p.get("name") == name), None)
+    if spec is None:
+        if name in RETRY_PARAMS:
+            return
+        valid = [f"{p.get('name')} ({p.get('kind')}, default {p.get('default')!r})" for p in specs]
+        valid.extend(RETRY_PARAMS)
+        raise ValueError(f"task {task} has no parameter {name!r}; valid: {', '.join(valid)}")
+    kind, v = spec.get("kind"), value.strip()
+    ok = True
+    if kind == "int":
+        ok = re.fullmatch(r"[+-]?\d+", v) is not None
+    elif kind == "float":
+        try:
+            f = float(v)
+            ok = f == f and f not in (float("inf"), float("-inf"))
+        except ValueError:
+            ok = False
+    elif kind == "bool":
+        ok = v in ("true", "false")
+    if not ok:
+        what = {"int": "a whole number", "float": "a number", "bool": "true or false"}.get(kind, kind)
+        raise ValueError(f"parameter {name}={value!r} of task {task} is not {what}")
+
+
+class Client:
+    """A connection to one namespace of taskmill: enqueue jobs and follow them.
+
+    Redis is connected now; RabbitMQ for each ``enqueue``.
+    """
+
+    def __init__(
+        self,
+        amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        redis_url: str = "redis://127.0.0.1:6379/0",
+        namespace: str = "taskmill",
+        result_ttl: int = 7 * 24 * 3600,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if not _NAME.match(namespace):
+            raise ValueError(f"namespace {namespace!r}: use 1 to 100 of A-Z a-z 0-9 - _")
+        self.namespace = namespace
+        self.amqp_url = amqp_url
+        self.result_ttl = int(result_ttl)
+        self.max_message_bytes = int(max_message_bytes)
+        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.redis.ping()
+        self._register = self.redis.register_script(_with_finish(_lua("register.lua")))
+        self._finish = self.redis.register_script(_with_finish(_lua("finish_publishing.lua")))
+        self._raise = self.redis.register_script(_with_finish(_lua("raise.lua")))
+        self._check_lease = self.redis.register_script(_with_finish(_lua("check_lease.lua")))
+
+    # Keys -------------------------------------------------------------------------------
+    def _job_key(self, job: str) -> str:
+        return f"{self.namespace}:job:{job}"
+
+    # The catalog ------------------------------------------------------------------------
+    def tasks(self) -> List[dict]:
+        """The tasks the live workers serve (``producer tasks --json``)."""
+        names = sorted(self.redis.smembers(f"{self.namespace}:tasks"))
+        if not names:
+            return []
+        entries = self.redis.mget([f"{self.namespace}:task:{n}" for n in names])
+        return [json.loads(e) for e in entries if e]
+
+    def check(self, task: str, params: Dict[str, str]) -> None:
+        """Refuses (``ValueError``) an unknown task, parameter or value, as ``enqueue`` does;
+        with no live worker to ask, warns and lets it go."""
+        catalog = self.tasks()
+        if not catalog:
+            warnings.warn(
+                f"no live worker has recorded its tasks in namespace {self.namespace}: "
+                f"task {task!r} and its parameters are not checked"
+            )
+            return
+        entry = next((e for e in catalog if e.get("name") == task), None)
+        if entry is None:
+            names = ", ".join(e.get("name", "?") for e in catalog)
+            raise ValueError(
+                f"unknown task {task[:200]!r}: the live workers serve {names} "
+                "(or pass check=False for a worker not deployed yet)"
+            )
+        for name, value in params.items():
+            _check_param(task, entry.get("params") or [], name, value)
+
+    # Enqueue ----------------------------------------------------------------------------
+    def enqueue(
+        self,
+        task: str,
+        records: Iterable[Any],
+        params: Optional[Dict[str, Any]] = None,
+        batch_size: int = 10,
+        queue: str = DEFAULT_QUEUE,
+        job_id: Optional[str] = None,
+        priority: int = 0,
+        unique_key: Optional[str] = None,
+        check: bool = True,
+    ) -> str:
+        """Publishes ``records`` (JSON-like values) as a new job of ``task`` and returns its id
+        once the broker confirmed every batch.
+
+        A record that is not JSON (bytes, NaN, a set) is skipped and reported in the job's
+        problems. Raises ``ValueError`` before anything is registered or published for an
+        unknown task, parameter or value, a bad name, a taken job id, or no record at all.
+        With ``unique_key``, while a job with that key is pending or running nothing is
+        enqueued and that job's id is returned.
+        """
+        params = {str(k): _param_text(v) for k, v in (params or {}).items()}
+        if not _NAME.match(queue):
+            raise ValueError(f"queue {queue!r}: use 1 to 100 of A-Z a-z 0-9 - _")
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if not 0 <= priority <= 9:
+            raise ValueError("priority must be 0 to 9")
+        job = job_id or uuid.uuid4().hex
+        for what, value in (("job id", job), ("unique key", unique_key)):
+            if value is not None and not _JOB_ID.match(value):
+                raise ValueError(f"{what} {value!r}: use 1 to 100 of A-Z a-z 0-9 - _ . (no ':')")
+        if check:
+            self.check(task, params)
+        if self.redis.exists(self._job_key(job)):
+            raise ValueError(f"job {job} already exists; choose another job_id")
+        publishing = _Publishing(self, job, task, queue, params, priority, unique_key)
+        try:
+            return publishing.run(records, batch_size)
+        finally:
+            publishing.close()
+
+    # Follow -----------------------------------------------------------------------------
+    def status(self, job: str) -> dict:
+        """The job's state and counters: the dict ``producer status --json`` prints. Raises
+        ``KeyError`` for an unknown (or expired) job."""
+        key = self._job_key(job)
+        raw = self.redis.hgetall(key)
+        if not raw:
+            raise KeyError(f"no job {job[:200]!r} in namespace {self.namespace}")
+        lapsed = "batches_total" not in raw and int(raw.get("lease_until_ms", _now_ms())) < _now_ms()
+        if lapsed and self._check_lease(keys=[key], args=[_now_ms()]) == 1:
+            raw = self.redis.hgetall(key)
+        out: Dict[str, Any] = {"job": job}
+        for k in _NUMBERS:
+            out[k] = max(int(raw.get(k, 0)), 0)
+        for k in _OPTIONAL_NUMBERS:
+            if k in raw:
+                out[k] = max(int(raw[k]), 0)
+        for k in ("state", "task", "queue"):
+            out[k] = raw.get(k, "")
+        out["params"] = json.loads(raw.get("params") or "{}")
+        out["problems"] = json.loads(raw.get("problems") or "[]")
+        if "summary" in raw:
+            out["summary"] = json.loads(raw["summary"])
+        return out
+
+    @staticmethod
+    def finished(status: dict) -> bool:
+        """Completed, completed with errors, cancelled, or interrupted with all it published
+        settled."""
+        return status["state"] in FINISHED or (
+            status["state"] == "interrupted" and "finished_ms" in status
+        )
+
+    def wait(self, job: str, timeout: Optional[float] = None) -> dict:
+        """Waits until the job finishes and returns its final status (with the summary the
+        workers fold); raises ``TimeoutError`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.status(job)
+            if self.finished(status):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"job {job} not finished after {timeout} s: "
+                    f"{status['batches_done']} batches done of {status.get('batches_total', '?')}"
+                )
+            time.sleep(POLL_SECONDS)
+        # The worker that stored the last batch folds the summary just after.
+        for _ in range(50):
+            if "summary" in status or status["batches_done"] == 0:
+                break
+            time.sleep(POLL_SECONDS)
+            status = self.status(job)
+        return status
+
+    def results(self, job: str) -> Iterator[Tuple[int, Any]]:
+        """Each stored batch result as ``(batch, result)``, in batch order, read a page at a
+        time; batches not done (dead, or still running) are left out."""
+        status = self.status(job)
+        end = status.get("batches_total", status["batches_published"])
+        key = f"{self._job_key(job)}:results"
+        for start in range(0, end, RESULTS_PAGE):
+            numbers = list(range(start, min(start + RESULTS_PAGE, end)))
+            for batch, value in zip(numbers, self.redis.hmget(key, numbers)):
+                if value is not None:
+                    yield batch, json.loads(value)
+
+    def dead(self, job: str) -> Dict[int, dict]:
+        """Why each dead batch of the job died, by batch number."""
+        raw = self.redis.hgetall(f"{self._job_key(job)}:dead")
+        return {int(b): json.loads(v) for b, v in sorted(raw.items(), key=lambda kv: int(kv[0]))}
+
+
+class _Publishing:
+    """One enqueue: registers the job with its first batch, reserves batch numbers ahead,
+    publishes with confirms (republishing on nack, return or a lost connection) and records
+    the totals."""
+
+    def __init__(self, client: Client, job: str, task: str, queue: str,
+                 params: Dict[str, str], priority: int, unique_key: Optional[str]) -> None:
+        self.c = client
+        self.job = job
+        self.key = client._job_key(job)
+        self.task = task
+        self.queue = queue
+        self.params = params
+        self.priority = priority
+        self.unique_key = unique_key
+        self.routing_key = queue
+        for least, band in PRIORITY_BANDS:
+            if priority >= least:
+                self.routing_key = f"{queue}.{band}"
+        self.registered = False
+        self.duplicate_of: Optional[str] = None
+        self.reserved = 0
+        self.batches = 0
+        self.records = 0
+        self.invalid = 0
+        self.problems: List[str] = []
+        self.more_problems = 0
+        self.lease_renewed = 0.0
+        self.connection: Optional[pika.BlockingConnection] = None
+        self.channel = None
+
+    # The broker -------------------------------------------------------------------------
+    def connect(self) -> None:
+        self.close()
+        self.connection = pika.BlockingConnection(pika.URLParameters(self.c.amqp_url))
+        ch = self.connection.channel()
+        ch.confirm_delivery()
+        ns = self.c.namespace
+        ch.exchange_declare(f"{ns}.work", "direct", durable=True)
+        ch.exchange_declare(f"{ns}.dlx", "fanout", durable=True)
+        quorum = {"x-queue-type": "quorum"}
+        for name, args in ((f"{ns}.dead", dict(quorum)),
+                           (f"{ns}.dead.events", {**quorum, "x-max-length": DEAD_EVENTS_MAX})):
+            ch.queue_declare(name, durable=True, arguments=args)
+            ch.queue_bind(name, f"{ns}.dlx", routing_key="")
+        for short in (self.queue, f"{self.queue}.p1", f"{self.queue}.p5"):
+            args = {**quorum, "x-dead-letter-exchange": f"{ns}.dlx",
+                    "x-delivery-limit": DELIVERY_LIMIT}
+            ch.queue_declare(f"{ns}.{short}", durable=True, arguments=args)
+            ch.queue_bind(f"{ns}.{short}", f"{ns}.work", routing_key=short)
+        self.channel = ch
+
+    def close(self) -> None:
+        if self.connection is not None and self.connection.is_open:
+            try:
+                self.connection.close()
+            except pika.exceptions.AMQPError:
+                pass
+        self.connection = None
+        self.channel = None
+
+    def publish(self, body: bytes, props: pika.BasicProperties) -> None:
+        """Publishes one message and returns once the broker confirmed it."""
+        refusals = reconnects = 0
+        while True:
+            try:
+                if self.channel is None:
+                    self.connect()
+                self.channel.basic_publish(f"{self.c.namespace}.work", self.routing_key,
+                                           body, props, mandatory=True)
+                return
+            except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as e:
+                refusals += 1
+                if refusals >= MAX_REFUSALS:
+                    raise RuntimeError(f"the broker refused a batch {refusals} times: {e!r}")
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError,
+                    pika.exceptions.StreamLostError, ConnectionError) as e:
+                reconnects += 1
+                self.channel = None
+                if reconnects > MAX_RECONNECTS:
+                    raise
+                warnings.warn(f"publishing: {e!r}; reconnecting")
+                time.sleep(min(0.1 * 2 ** reconnects, 5.0))
+
+    # The job ----------------------------------------------------------------------------
+    def problem(self, text: str) -> None:
+        self.invalid += 1
+        if len(self.problems) < 20:
+            self.problems.append(text)
+        else:
+            self.more_problems += 1
+
+    def register(self) -> bool:
+        """Registers the job; False when another job holds the unique key (nothing to do)."""
+        unique = f"{self.c.namespace}:unique:{self.unique_key}" if self.unique_key else ""
+        got = self.c._register(
+            keys=[self.key, f"{self.c.namespace}:jobs", unique],
+            args=[self.job, self.task, self.queue,
+                  json.dumps(self.params, separators=(",", ":"), sort_keys=True),
+                  _now_ms(), self.c.result_ttl, self.c._job_key("")],
+        )
+        if got == 0:
+            raise ValueError(f"job {self.job} already exists; choose another job_id")
+        if got != 1:
+            self.duplicate_of = got
+            return False
+        if self.priority > 0:
+            self.c._raise(keys=[self.key], args=["priority", self.priority])
+        self.renew_lease()
+        self.registered = True
+        return True
+
+    def renew_lease(self) -> None:
+        self.c._raise(keys=[self.key], args=["lease_until_ms", _now_ms() + LEASE_SECONDS * 1000])
+        self.lease_renewed = time.monotonic()
+
+    def envelope(self, records: List[Any]) -> bytes:
+        return msgpack.packb({
+            "v": FORMAT_VERSION, "job": self.job, "batch": self.batches, "task": self.task,
+            "params": self.params, "records": records, "created_ms": _now_ms(),
+        }, use_bin_type=True)
+
+    def send(self, records: List[Any]) -> None:
+        """Publishes one batch (split in halves while over the message limit)."""
+        body = self.envelope(records)
+        if len(body) > self.c.max_message_bytes:
+            if len(records) == 1:
+                self.problem(f"a record of {len(body)} bytes is over the message limit "
+                             f"({self.c.max_message_bytes} bytes)")
+                return
+            half = len(records) // 2
+            self.send(records[:half])
+            self.send(records[half:])
+            return
+        if not self.registered and not self.register():
+            return
+        if self.batches >= self.reserved:
+            self.reserved = self.batches + RESERVE_AHEAD
+            self.c._raise(keys=[self.key], args=["batches_reserved", self.reserved])
+        if time.monotonic() - self.lease_renewed > LEASE_SECONDS / 3:
+            self.renew_lease()
+        props = pika.BasicProperties(
+            delivery_mode=2, content_type=CONTENT_TYPE, message_id=f"{self.job}:{self.batches}",
+            timestamp=int(time.time()), headers={HEADER_ATTEMPT: 1},
+        )
+        self.publish(body, props)
+        self.batches += 1
+        self.records += len(records)
+        if self.batches % 64 == 0:
+            self.c._raise(keys=[self.key], args=["batches_published", self.batches])
+
+    def run(self, records: Iterable[Any], batch_size: int) -> str:
+        batch: List[Any] = []
+        for n, record in enumerate(records, 1):
+            try:
+                # JSON is the records' model: keys become text, tuples lists; bytes, NaN
+                # and sets are refused here rather than dead-lettered by a worker.
+                batch.append(json.loads(json.dumps(record, allow_nan=False)))
+            except (TypeError, ValueError) as e:
+                self.problem(f"record {n}: not JSON: {e}")
+                continue
+            if len(batch) >= batch_size:
+                self.send(batch)
+                batch = []
+                if self.duplicate_of is not None:
+                    return self.duplicate_of
+        if batch:
+            self.send(batch)
+        if self.duplicate_of is not None:
+            return self.duplicate_of
+        if not self.registered:
+            detail = "".join(f"\n  {p}" for p in self.problems[:5])
+            raise ValueError(f"nothing to enqueue: no record could be read{detail}")
+        problems = list(self.problems)
+        if self.more_problems:
+            problems.append(f"... and {self.more_problems} more")
+        code = self.c._finish(
+            keys=[self.key],
+            args=[self.batches, self.records, self.invalid, 0,
+                  json.dumps(problems), _now_ms(), self.c.result_ttl, "0"],
+        )
+        if code == 2:
+            # Finished already, and no worker folded the summary: ask one to.
+            props = pika.BasicProperties(delivery_mode=2, message_id=f"{self.job}:summary",
+                                         headers={HEADER_CONTROL: "summarize"})
+            try:
+                self.publish(b"", props)
+            except Exception as e:  # the job is done; only its summary is missing
+                warnings.warn(f"could not ask the workers for job {self.job}'s summary: {e!r}")
+        return self.job

@@ -1,0 +1,59 @@
+"""The Python client against the real RabbitMQ, Redis and Rust workers (run by the Rust test
+`tests/tests/python_client.rs`, which starts the workers and checks the numbers).
+
+Reads the records from the JSON Lines file $RECORDS, enqueues them, and prints one JSON
+object: the job, its final status, its results, and the catalog errors it got.
+"""
+
+import json
+import os
+import sys
+import warnings
+
+from taskmill import Client
+
+c = Client(namespace=os.environ["TASKMILL_NAMESPACE"])
+with open(os.environ["RECORDS"], encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+
+# The catalog refuses, before anything is registered.
+refused = {}
+for name, kwargs in {
+    "unknown_task": {"task": "post-statz"},
+    "unknown_param": {"task": "text-stats", "params": {"treshold": 1}},
+    "bad_value": {"task": "text-stats", "params": {"top": "abc"}},
+}.items():
+    try:
+        c.enqueue(records=records, **kwargs)
+        refused[name] = None
+    except ValueError as e:
+        refused[name] = str(e)
+
+# Records that are not JSON are skipped and reported; the rest go.
+mixed = records + [b"bytes are not JSON", float("nan")]
+job = c.enqueue("post-stats", mixed, params={}, batch_size=10)
+status = c.wait(job, timeout=60)
+results = [[batch, result] for batch, result in c.results(job)]
+
+top = c.enqueue("text-stats", records, params={"top": 3, "field": "title"}, batch_size=25)
+top_status = c.wait(top, timeout=60)
+
+try:
+    c.wait("no-such-job", timeout=1)
+    unknown = None
+except KeyError as e:
+    unknown = str(e)
+
+with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    unchecked_warned = False
+    try:
+        Client(namespace=os.environ["TASKMILL_NAMESPACE"] + "-empty").check("post-stats", {})
+    except UserWarning:
+        unchecked_warned = True
+
+json.dump({
+    "job": job, "status": status, "results": results, "refused": refused,
+    "top": top, "top_status": top_status, "unknown": unknown,
+    "unchecked_warned": unchecked_warned,
+}, sys.stdout)
