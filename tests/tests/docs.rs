@@ -195,10 +195,7 @@ fn the_readme_shows_the_examples_as_they_are_built() {
             .lines()
             .filter(|l| !l.starts_with("//!") && !l.trim().is_empty())
         {
-            assert!(
-                text.contains(line),
-                "README lacks `{line}` of {file}"
-            );
+            assert!(text.contains(line), "README lacks `{line}` of {file}");
         }
     }
 }
