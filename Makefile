@@ -7,6 +7,7 @@ demo:
 
 # The tests: services up, formatting and lints, then the whole suite against them.
 test: services lint
+	bash deploy/scripts/browser.sh
 	bash deploy/scripts/validate.sh
 	cargo build --workspace --bins
 	./target/debug/tmt-cleanup

@@ -121,6 +121,7 @@ pub const SETTING_KEYS: &[&str] = &[
     "http_timeout",
     "lease_seconds",
     "linger_ms",
+    "listen",
     "log_format",
     "max_message_bytes",
     "max_record_bytes",
@@ -138,6 +139,7 @@ pub const SETTING_KEYS: &[&str] = &[
     "shutdown_timeout",
     "task",
     "threads",
+    "token",
 ];
 
 /// The settings of a command line: (key, environment variable) for every flag of `cmd` and

@@ -76,6 +76,8 @@ pub enum Command {
     Cancel(cmd::cancel::CancelArgs),
     /// Delete a finished (or cancelled) job and its results.
     Delete(cmd::cancel::DeleteArgs),
+    /// Serve the web dashboard and its JSON API (jobs, dead letters, queues, workers).
+    Dashboard(cmd::dashboard::DashboardArgs),
 }
 
 /// The connection options each command uses; the others stay accepted (they can stand
@@ -95,6 +97,16 @@ const USES: &[(&str, &[&str])] = &[
     ("tasks", &["redis_url", "namespace"]),
     ("cancel", &["redis_url", "namespace"]),
     ("delete", &["redis_url", "namespace"]),
+    (
+        "dashboard",
+        &[
+            "amqp_url",
+            "redis_url",
+            "rabbitmq_api_url",
+            "namespace",
+            "result_ttl",
+        ],
+    ),
 ];
 
 /// The command line, with each command's `--help` showing the connection options it uses.
@@ -143,5 +155,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tasks(a) => cmd::tasks::run(&cli.conn, a).await,
         Command::Cancel(a) => cmd::cancel::run_cancel(&cli.conn, a).await,
         Command::Delete(a) => cmd::cancel::run_delete(&cli.conn, a).await,
+        Command::Dashboard(a) => cmd::dashboard::run(&cli.conn, a).await,
     }
 }

@@ -88,15 +88,17 @@ fn settings(cmd: &Command) -> Vec<String> {
 fn the_readme_flag_tables_match_the_binaries() {
     let producer = built(taskmill_producer::command());
     let enqueue = producer.find_subcommand("enqueue").unwrap().clone();
+    let dashboard = producer.find_subcommand("dashboard").unwrap().clone();
     let worker = built(taskmill_worker::WorkerArgs::command());
     let rows = flag_tables(&readme());
     assert!(rows.len() > 20, "{rows:?}");
     let mut documented = std::collections::BTreeMap::<String, Vec<String>>::new();
     for (heading, flag, env, default) in &rows {
         let targets: Vec<&Command> = match heading.as_str() {
-            h if h.starts_with("Connection options") => vec![&enqueue, &worker],
+            h if h.starts_with("Connection options") => vec![&enqueue, &worker, &dashboard],
             "producer" => vec![&enqueue],
             "worker" => vec![&worker],
+            "dashboard" => vec![&dashboard],
             other => panic!("a flag table under an unexpected heading {other:?}"),
         };
         for cmd in targets {
@@ -108,7 +110,7 @@ fn the_readme_flag_tables_match_the_binaries() {
         }
     }
     // Every setting of enqueue and of the worker is in a table.
-    for cmd in [&enqueue, &worker] {
+    for cmd in [&enqueue, &worker, &dashboard] {
         let doc = &documented[cmd.get_name()];
         for flag in settings(cmd) {
             assert!(

@@ -175,12 +175,25 @@ pub async fn run_with_stats(
     ));
     let entries = Arc::new(catalog_entries(&registry, &args.queues));
     let catalog = tokio::spawn(every(
-        background,
+        background.clone(),
         CATALOG_EVERY,
         metrics_stop.clone(),
         move |s| {
             let entries = entries.clone();
             async move { publish_catalog(s, &entries).await }
+        },
+    ));
+    let beat = Arc::new(Heartbeat::new(&args, threads, stats.clone()));
+    let heartbeat = tokio::spawn(every(
+        background.clone(),
+        HEARTBEAT_EVERY,
+        metrics_stop.clone(),
+        {
+            let beat = beat.clone();
+            move |s| {
+                let beat = beat.clone();
+                async move { beat.send(&s, false).await }
+            }
         },
     ));
     let running: pool::Running = Arc::new((0..threads).map(|_| Default::default()).collect());
@@ -208,10 +221,73 @@ pub async fn run_with_stats(
     let _ = watcher.await;
     let _ = watchdog.await;
     let _ = catalog.await;
+    let _ = heartbeat.await;
+    // The last heartbeat says the worker stopped (a killed one just stops beating).
+    if let Some(s) = background.get().await {
+        beat.send(&s, true).await;
+    }
     if let Some(server) = metrics_server {
         let _ = server.await;
     }
     result
+}
+
+/// How often a worker records its heartbeat, and how long a stopped worker stays listed.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+const HEARTBEAT_KEEP_SECS: u64 = 3600;
+
+/// What a worker says about itself every [`HEARTBEAT_EVERY`] (the dashboard's workers page).
+struct Heartbeat {
+    id: String,
+    fixed: serde_json::Value,
+    stats: Arc<Stats>,
+}
+
+impl Heartbeat {
+    fn new(args: &WorkerArgs, threads: usize, stats: Arc<Stats>) -> Self {
+        let started = taskmill_common::now_ms();
+        let host = amqp::hostname();
+        let pid = std::process::id();
+        Self {
+            id: format!("{host}:{pid}:{started}"),
+            fixed: serde_json::json!({
+                "host": host,
+                "pid": pid,
+                "version": env!("CARGO_PKG_VERSION"),
+                "queues": args.queues,
+                "threads": threads,
+                "prefetch": args.prefetch,
+                "started_ms": started,
+            }),
+            stats,
+        }
+    }
+
+    async fn send(&self, store: &taskmill_common::store::Store, stopped: bool) {
+        let now = taskmill_common::now_ms();
+        let st = &self.stats;
+        let mut entry = self.fixed.clone();
+        let fields = serde_json::json!({
+            "id": self.id,
+            "last_seen_ms": now,
+            "batches_done": Stats::get(&st.batches_done),
+            "batches_retried": Stats::get(&st.batches_retried),
+            "batches_dead": Stats::get(&st.batches_dead),
+            "records_done": Stats::get(&st.records_done),
+            "in_flight": st.in_flight.load(std::sync::atomic::Ordering::Relaxed).max(0),
+            "heartbeat_ms": HEARTBEAT_EVERY.as_millis() as u64,
+            "stopped_ms": stopped.then_some(now),
+        });
+        if let (Some(e), Some(f)) = (entry.as_object_mut(), fields.as_object()) {
+            e.extend(f.clone());
+        }
+        if let Err(e) = store
+            .heartbeat(&self.id, &entry, now, HEARTBEAT_KEEP_SECS)
+            .await
+        {
+            warn!("recording the heartbeat: {e}");
+        }
+    }
 }
 
 /// How often the cancelled jobs are read from Redis.

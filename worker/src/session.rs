@@ -153,7 +153,7 @@ impl Session {
                     Some((chan, queue, Ok(delivery))) => {
                         let (group, end) = self.gather((chan, queue, delivery))?;
                         ended |= end;
-                        ::metrics::gauge!("taskmill_batches_in_flight").increment(group.len() as f64);
+                        shared.stats.in_flight(group.len() as i64);
                         inflight.push(shared.analyser.analyse_group(group));
                     }
                     Some((_, _, Err(e))) => return Err(anyhow::Error::new(e).context("consuming")),

@@ -238,7 +238,7 @@ impl Sink {
 
     /// Acks a group of stored batches, one multiple-ack a channel where the tracker allows.
     async fn ack_group(&self, group: &[Processed]) -> anyhow::Result<()> {
-        metrics::gauge!("taskmill_batches_in_flight").decrement(group.len() as f64);
+        self.stats.in_flight(-(group.len() as i64));
         let mut by_chan: std::collections::BTreeMap<usize, Vec<&Processed>> = Default::default();
         for p in group {
             by_chan.entry(p.chan).or_default().push(p);
@@ -285,7 +285,7 @@ impl Sink {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .forget(p.chan, p.delivery.delivery_tag);
-        metrics::gauge!("taskmill_batches_in_flight").decrement(1.0);
+        self.stats.in_flight(-1);
         res.map(|_| ())
             .map_err(|e| anyhow::Error::new(e).context(if ack { "acking" } else { "nacking" }))
     }

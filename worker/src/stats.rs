@@ -21,6 +21,8 @@ pub struct Stats {
     pub sessions: AtomicU64,
     /// Failed Redis calls (each retried with backoff).
     pub store_errors: AtomicU64,
+    /// Batches received and not settled yet (analysing, or waiting to be stored and acked).
+    pub in_flight: std::sync::atomic::AtomicI64,
     /// Batch latency in ms: from the batch's creation to its result stored.
     pub latency_ms: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
 }
@@ -36,6 +38,7 @@ impl Default for Stats {
             records_done: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
+            in_flight: std::sync::atomic::AtomicI64::new(0),
             // 1 ms to 1 day, 3 significant figures; cannot fail with these bounds.
             latency_ms: std::sync::Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1, 86_400_000, 3)
@@ -46,6 +49,12 @@ impl Default for Stats {
 }
 
 impl Stats {
+    /// Counts `n` more (or, negative, fewer) batches in flight, here and in `/metrics`.
+    pub(crate) fn in_flight(&self, n: i64) {
+        self.in_flight.fetch_add(n, Ordering::Relaxed);
+        ::metrics::gauge!("taskmill_batches_in_flight").increment(n as f64);
+    }
+
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
@@ -74,6 +83,7 @@ impl Stats {
             "records_done": Self::get(&self.records_done),
             "sessions": Self::get(&self.sessions),
             "store_errors": Self::get(&self.store_errors),
+            "in_flight": self.in_flight.load(Ordering::Relaxed).max(0),
             "latency_ms": {"p50": p50, "p95": p95, "p99": p99, "max": max},
         })
     }

@@ -91,7 +91,11 @@ pub fn batch_properties(envelope: &Envelope, attempt: u32) -> BasicProperties {
 
 /// An integer header, whatever integer type the sender chose.
 pub fn header_i64(props: &BasicProperties, name: &str) -> Option<i64> {
-    let value = props.headers().as_ref()?.inner().get(name)?;
+    int_value(props.headers().as_ref()?.inner().get(name)?)
+}
+
+/// An AMQP integer (of any width, or a timestamp) as i64; None for other types.
+pub fn int_value(value: &AMQPValue) -> Option<i64> {
     match value {
         AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
         AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),

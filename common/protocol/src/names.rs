@@ -165,6 +165,18 @@ impl Keys {
     pub fn jobs(&self) -> String {
         format!("{}:jobs", self.ns)
     }
+    /// Worker ids by their last heartbeat (ms).
+    pub fn workers(&self) -> String {
+        format!("{}:workers", self.ns)
+    }
+    /// A worker's last heartbeat (JSON).
+    pub fn worker(&self, id: &str) -> String {
+        format!("{}:worker:{id}", self.ns)
+    }
+    /// The dashboard's samples of queue depths and rates (a capped list of JSON).
+    pub fn queue_history(&self) -> String {
+        format!("{}:dashboard:queues", self.ns)
+    }
     /// The job holding unique key `key` while it is pending or running.
     pub fn unique(&self, key: &str) -> String {
         format!("{}:unique:{key}", self.ns)

@@ -643,6 +643,125 @@ impl Store {
         Ok(out)
     }
 
+    /// Records a worker's heartbeat: its JSON (kept `keep_secs` so that a worker that
+    /// stopped is still shown, as gone), and its id in the index by `now_ms`. Ids older than
+    /// `keep_secs` leave the index.
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        entry: &Value,
+        now_ms: u64,
+        keep_secs: u64,
+    ) -> Result<(), StoreError> {
+        let mut con = self.con.clone();
+        let index = self.keys.workers();
+        redis::pipe()
+            .cmd("SET")
+            .arg(self.keys.worker(id))
+            .arg(entry.to_string())
+            .arg("EX")
+            .arg(keep_secs)
+            .ignore()
+            .cmd("ZADD")
+            .arg(&index)
+            .arg(now_ms)
+            .arg(id)
+            .ignore()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&index)
+            .arg("-inf")
+            .arg(now_ms.saturating_sub(keep_secs * 1000))
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&index)
+            .arg(keep_secs)
+            .ignore()
+            .query_async::<()>(&mut con)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// The workers' last heartbeats, most recent first.
+    pub async fn workers(&self) -> Result<Vec<Value>, StoreError> {
+        let mut con = self.con.clone();
+        let ids: Vec<String> = redis::cmd("ZREVRANGE")
+            .arg(self.keys.workers())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.worker(id)).collect();
+        let raw: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(raw
+            .into_iter()
+            .flatten()
+            .filter_map(|e| serde_json::from_str(&e).ok())
+            .collect())
+    }
+
+    /// Takes a lock that lapses after `ttl` (SET NX PX); true when this call took it.
+    pub async fn try_lock(&self, key: &str, ttl: std::time::Duration) -> bool {
+        let mut con = self.con.clone();
+        redis::cmd("SET")
+            .arg(key)
+            .arg(now_ms())
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async::<Option<String>>(&mut con)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    }
+
+    /// Appends a sample to a capped list (newest last), keeping the last `keep` samples.
+    pub async fn push_sample(
+        &self,
+        key: &str,
+        sample: &Value,
+        keep: usize,
+    ) -> Result<(), StoreError> {
+        let mut con = self.con.clone();
+        redis::pipe()
+            .cmd("RPUSH")
+            .arg(key)
+            .arg(sample.to_string())
+            .ignore()
+            .cmd("LTRIM")
+            .arg(key)
+            .arg(-(keep as i64))
+            .arg(-1)
+            .ignore()
+            .query_async::<()>(&mut con)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// The samples of a capped list, oldest first.
+    pub async fn samples(&self, key: &str) -> Result<Vec<Value>, StoreError> {
+        let mut con = self.con.clone();
+        let raw: Vec<String> = redis::cmd("LRANGE")
+            .arg(key)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(raw
+            .iter()
+            .filter_map(|e| serde_json::from_str(e).ok())
+            .collect())
+    }
+
     /// Records a job's options (`eta_ms`, `expires_ms`, `priority`) in its hash, for people.
     pub async fn set_timing(
         &self,
@@ -921,6 +1040,29 @@ impl Store {
             return Box::pin(self.job_status(job)).await;
         }
         Ok(Some(status))
+    }
+
+    /// Several jobs' statuses in one round trip a chunk of 500 (None where a job is gone or
+    /// its hash is unreadable); for listings. Lapsed leases are not settled here.
+    pub async fn job_statuses(&self, ids: &[String]) -> Result<Vec<Option<JobStatus>>, StoreError> {
+        let mut con = self.con.clone();
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("HGETALL").arg(self.keys.job(id));
+            }
+            let hashes: Vec<BTreeMap<String, String>> =
+                pipe.query_async(&mut con).await.map_err(|e| self.err(e))?;
+            out.extend(chunk.iter().zip(hashes).map(|(id, f)| {
+                if f.is_empty() {
+                    None
+                } else {
+                    JobStatus::from_hash(id, &f).ok()
+                }
+            }));
+        }
+        Ok(out)
     }
 
     /// All stored batch results of a job, by batch number.

@@ -370,7 +370,9 @@ pub async fn purge(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<u64> {
     Ok(purged)
 }
 
-async fn show(conn: &ConnArgs, id: &str, as_json: bool) -> anyhow::Result<bool> {
+/// One dead letter (by its message id `JOB:BATCH`) as JSON: what `list` shows, plus its
+/// params, records and headers; None when it is not in the dead-letter queue.
+pub async fn find(conn: &ConnArgs, id: &str) -> anyhow::Result<Option<Value>> {
     let mut q = DeadQueue::open(conn).await?;
     let mut found = None;
     while let Some(m) = q.next().await? {
@@ -390,15 +392,58 @@ async fn show(conn: &ConnArgs, id: &str, as_json: bool) -> anyhow::Result<bool> 
             if let Some(o) = v.as_object_mut() {
                 o.insert("params".into(), params);
                 o.insert("records".into(), records);
+                o.insert("headers".into(), headers_json(&m.delivery.properties));
             }
             found = Some(v);
         }
         q.held.push(m);
     }
     q.release().await?;
-    let Some(v) = found else {
+    Ok(found)
+}
+
+/// A message's headers as JSON (text bounded, nested tables as objects).
+fn headers_json(p: &BasicProperties) -> Value {
+    fn value(v: &AMQPValue) -> Value {
+        match v {
+            AMQPValue::LongString(s) => json!(envelope::bounded(
+                &String::from_utf8_lossy(s.as_bytes()),
+                1024
+            )),
+            AMQPValue::ShortString(s) => json!(s.as_str()),
+            AMQPValue::Boolean(b) => json!(b),
+            AMQPValue::FieldTable(t) => Value::Object(
+                t.inner()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), value(v)))
+                    .collect(),
+            ),
+            AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(value).collect()),
+            other => {
+                amqp::int_value(other).map_or_else(|| json!(format!("{other:?}")), |n| json!(n))
+            }
+        }
+    }
+    p.headers()
+        .as_ref()
+        .map(|h| {
+            Value::Object(
+                h.inner()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), value(v)))
+                    .collect(),
+            )
+        })
+        .unwrap_or_else(|| json!({}))
+}
+
+async fn show(conn: &ConnArgs, id: &str, as_json: bool) -> anyhow::Result<bool> {
+    let Some(mut v) = find(conn, id).await? else {
         return Ok(false);
     };
+    if let Some(o) = v.as_object_mut() {
+        o.remove("headers");
+    }
     if as_json {
         crate::out::line(&v.to_string());
     } else {

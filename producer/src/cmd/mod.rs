@@ -1,6 +1,7 @@
 //! One subcommand a file.
 
 pub mod cancel;
+pub mod dashboard;
 pub mod dlq;
 pub mod enqueue;
 pub mod jobs;

@@ -1,0 +1,489 @@
+//! The dashboard's JSON API: every handler answers JSON; a bad request is `400` with
+//! `{"error": "..."}` saying what is wrong, an unknown job `404`, a service that cannot be
+//! reached `503`.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use axum::{
+    extract::{rejection::JsonRejection, Path, Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use taskmill_common::{
+    now_ms,
+    store::{JobStatus, StoreError},
+    JobState,
+};
+
+use super::AppState;
+use crate::{
+    client::Job,
+    cmd::{dlq, status::status_json},
+    error::CliError,
+};
+
+type Shared = State<Arc<AppState>>;
+type ApiResult = Result<Response, ApiError>;
+
+/// An error answer: a status and one sentence.
+pub(crate) struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad(msg: impl Into<String>) -> Self {
+        Self(StatusCode::BAD_REQUEST, msg.into())
+    }
+    fn no_job(id: &str) -> Self {
+        Self(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no job {:?} in namespace (it never existed, or it expired)",
+                taskmill_common::envelope::bounded(id, 200)
+            ),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        for cause in e.chain() {
+            if let Some(c) = cause.downcast_ref::<CliError>() {
+                let status = match c {
+                    CliError::Usage(_) => StatusCode::BAD_REQUEST,
+                    CliError::NoSuchJob(_) => StatusCode::NOT_FOUND,
+                    _ => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                return Self(status, c.to_string());
+            }
+            if let Some(StoreError::JobExists(_)) = cause.downcast_ref::<StoreError>() {
+                return Self(StatusCode::CONFLICT, cause.to_string());
+            }
+        }
+        Self(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        anyhow::Error::from(e).into()
+    }
+}
+
+fn ok(v: Value) -> ApiResult {
+    Ok(Json(v).into_response())
+}
+
+/// Records per second over the job's life so far (or until it finished).
+fn rate(s: &JobStatus) -> f64 {
+    let Some(start) = s.started_ms else {
+        return 0.0;
+    };
+    let end = s.finished_ms.unwrap_or_else(now_ms);
+    let secs = (end.saturating_sub(start) as f64 / 1000.0).max(0.001);
+    s.records_done as f64 / secs
+}
+
+/// A job as the lists show it: its status plus `finished`, `rate` and `age_ms`.
+fn row(s: &JobStatus) -> Value {
+    let mut v = s.to_json();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("finished".into(), json!(s.is_finished()));
+        o.insert("rate".into(), json!(rate(s)));
+        o.insert(
+            "age_ms".into(),
+            json!(now_ms().saturating_sub(s.created_ms)),
+        );
+    }
+    v
+}
+
+async fn load(state: &AppState, id: &str) -> Result<JobStatus, ApiError> {
+    state
+        .store
+        .job_status(id)
+        .await?
+        .ok_or_else(|| ApiError::no_job(id))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct JobsQuery {
+    state: Option<String>,
+    task: Option<String>,
+    q: Option<String>,
+    #[serde(default)]
+    offset: usize,
+    limit: Option<usize>,
+}
+
+/// `GET /api/jobs?state=&task=&q=&offset=&limit=`: newest first.
+pub(crate) async fn jobs(
+    State(st): Shared,
+    query: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(query) = query.map_err(|e| ApiError::bad(e.body_text()))?;
+    let limit = query.limit.unwrap_or(50).clamp(1, 500);
+    if let Some(s) = query.state.as_deref().filter(|s| !s.is_empty()) {
+        s.parse::<JobState>().map_err(|e| {
+            let all: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::bad(format!("{e}; states: {}", all.join(", ")))
+        })?;
+    }
+    let mut ids: Vec<(String, u64)> = st.store.jobs().await?;
+    ids.reverse();
+    if let Some(q) = query.q.as_deref().filter(|q| !q.is_empty()) {
+        ids.retain(|(id, _)| id.contains(q));
+    }
+    let state_filter = query.state.filter(|s| !s.is_empty());
+    let task_filter = query.task.filter(|s| !s.is_empty());
+    let (total, page) = if state_filter.is_none() && task_filter.is_none() {
+        let total = ids.len();
+        let page: Vec<String> = ids
+            .into_iter()
+            .skip(query.offset)
+            .take(limit)
+            .map(|(id, _)| id)
+            .collect();
+        let statuses = st.store.job_statuses(&page).await?;
+        (total, statuses.into_iter().flatten().collect::<Vec<_>>())
+    } else {
+        let all: Vec<String> = ids.into_iter().map(|(id, _)| id).collect();
+        let matching: Vec<JobStatus> = st
+            .store
+            .job_statuses(&all)
+            .await?
+            .into_iter()
+            .flatten()
+            .filter(|s| {
+                state_filter
+                    .as_deref()
+                    .is_none_or(|f| s.state.as_str() == f)
+            })
+            .filter(|s| task_filter.as_deref().is_none_or(|f| s.task == f))
+            .collect();
+        let total = matching.len();
+        (
+            total,
+            matching
+                .into_iter()
+                .skip(query.offset)
+                .take(limit)
+                .collect(),
+        )
+    };
+    ok(json!({
+        "total": total,
+        "offset": query.offset,
+        "limit": limit,
+        "jobs": page.iter().map(row).collect::<Vec<_>>(),
+    }))
+}
+
+/// `GET /api/jobs/{id}`: the status (`producer status --json`), its rate, and its dead
+/// batches with their reasons.
+pub(crate) async fn job(State(st): Shared, Path(id): Path<String>) -> ApiResult {
+    let s = load(&st, &id).await?;
+    let mut v = status_json(&st.store, &s).await?;
+    let dead: Vec<Value> = st
+        .store
+        .dead_batches(&id)
+        .await?
+        .into_iter()
+        .map(|(batch, reason)| json!({"batch": batch, "reason": reason}))
+        .collect();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("finished".into(), json!(s.is_finished()));
+        o.insert("rate".into(), json!(rate(&s)));
+        o.insert(
+            "age_ms".into(),
+            json!(now_ms().saturating_sub(s.created_ms)),
+        );
+        o.insert("dead".into(), json!(dead));
+    }
+    ok(v)
+}
+
+#[derive(Deserialize)]
+pub(crate) struct Page {
+    #[serde(default)]
+    offset: u64,
+    limit: Option<u64>,
+}
+
+/// `GET /api/jobs/{id}/results?offset=&limit=`: stored results of batches
+/// `offset..offset+limit`, in batch order.
+pub(crate) async fn results(
+    State(st): Shared,
+    Path(id): Path<String>,
+    page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(page) = page.map_err(|e| ApiError::bad(e.body_text()))?;
+    let s = load(&st, &id).await?;
+    let total = s.batches_total.unwrap_or(s.batches_published);
+    let limit = page.limit.unwrap_or(50).clamp(1, 1000);
+    let to = page.offset.saturating_add(limit).min(total);
+    let got = st.store.results_range(&id, page.offset, to).await?;
+    ok(json!({
+        "total": total,
+        "offset": page.offset,
+        "limit": limit,
+        "results": got.into_iter().map(|(b, r)| json!({"batch": b, "result": r})).collect::<Vec<_>>(),
+    }))
+}
+
+/// `POST /api/jobs/{id}/cancel`.
+pub(crate) async fn cancel(State(st): Shared, Path(id): Path<String>) -> ApiResult {
+    let before = st
+        .store
+        .cancel(&id)
+        .await?
+        .ok_or_else(|| ApiError::no_job(&id))?;
+    ok(json!({"job": id, "was": before.as_str(), "cancelled": !before.is_finished()}))
+}
+
+/// `DELETE /api/jobs/{id}`: a finished or cancelled job (409 while it runs).
+pub(crate) async fn delete(State(st): Shared, Path(id): Path<String>) -> ApiResult {
+    let s = load(&st, &id).await?;
+    let running = matches!(s.state, JobState::Pending | JobState::Running)
+        || (s.state == JobState::Interrupted && s.finished_ms.is_none());
+    if running {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("job {id} is {}: cancel it first", s.state),
+        ));
+    }
+    let deleted = st.store.delete_job(&id).await?;
+    ok(json!({"job": id, "deleted": deleted}))
+}
+
+/// `POST /api/jobs/{id}/replay`: the job's dead letters back to their queue.
+pub(crate) async fn replay_job(State(st): Shared, Path(id): Path<String>) -> ApiResult {
+    load(&st, &id).await?;
+    let r = dlq::replay(&st.conn, Some(&id)).await?;
+    ok(json!({"job": id, "replayed": r.replayed, "skipped": r.skipped}))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct DeadQuery {
+    job: Option<String>,
+}
+
+/// `GET /api/dead?job=`: the dead letters in the queue now, and their count by job and kind.
+pub(crate) async fn dead(
+    State(st): Shared,
+    q: Result<Query<DeadQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
+    let job = q.job.filter(|j| !j.is_empty());
+    let letters = dlq::list(&st.conn, job.as_deref()).await?;
+    let mut groups: BTreeMap<(String, String), (u64, Option<String>)> = BTreeMap::new();
+    for d in &letters {
+        let key = (d.job.clone().unwrap_or_default(), d.kind.clone());
+        let g = groups.entry(key).or_insert((0, d.task.clone()));
+        g.0 += 1;
+    }
+    ok(json!({
+        "total": letters.len(),
+        "groups": groups.into_iter().map(|((job, kind), (count, task))| json!({
+            "job": job, "kind": kind, "count": count, "task": task,
+        })).collect::<Vec<_>>(),
+        "letters": letters.iter().take(1000).map(|d| {
+            let mut v = d.to_json();
+            if let (Some(o), Some(j), Some(b)) = (v.as_object_mut(), &d.job, d.batch) {
+                o.insert("id".into(), json!(taskmill_common::envelope::message_id(j, b)));
+            }
+            v
+        }).collect::<Vec<_>>(),
+    }))
+}
+
+/// `GET /api/dead/{JOB:BATCH}`: one dead letter with headers, params and records.
+pub(crate) async fn dead_letter(State(st): Shared, Path(id): Path<String>) -> ApiResult {
+    match dlq::find(&st.conn, &id).await? {
+        Some(v) => ok(v),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no dead letter {:?} (ids are JOB:BATCH)",
+                taskmill_common::envelope::bounded(&id, 200)
+            ),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Which {
+    job: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+fn which(body: Result<Json<Which>, JsonRejection>) -> Result<Option<String>, ApiError> {
+    let Json(w) = body.map_err(|e| ApiError::bad(e.body_text()))?;
+    match (w.job.filter(|j| !j.is_empty()), w.all) {
+        (Some(job), false) => Ok(Some(job)),
+        (None, true) => Ok(None),
+        _ => Err(ApiError::bad(
+            "say which dead letters: {\"job\": ID} or {\"all\": true}",
+        )),
+    }
+}
+
+/// `POST /api/dead/replay` with `{"job": ID}` or `{"all": true}`.
+pub(crate) async fn replay_dead(
+    State(st): Shared,
+    body: Result<Json<Which>, JsonRejection>,
+) -> ApiResult {
+    let job = which(body)?;
+    let r = dlq::replay(&st.conn, job.as_deref()).await?;
+    ok(json!({"replayed": r.replayed, "skipped": r.skipped}))
+}
+
+/// `POST /api/dead/purge` with `{"job": ID}` or `{"all": true}`.
+pub(crate) async fn purge_dead(
+    State(st): Shared,
+    body: Result<Json<Which>, JsonRejection>,
+) -> ApiResult {
+    let job = which(body)?;
+    let purged = dlq::purge(&st.conn, job.as_deref()).await?;
+    ok(json!({"purged": purged}))
+}
+
+/// `GET /api/queues`: each queue now, and the samples of the last hour.
+pub(crate) async fn queues(State(st): Shared) -> ApiResult {
+    let queues = crate::cmd::queues::queues(&st.conn).await?;
+    let history = st.store.samples(&st.store.keys().queue_history()).await?;
+    ok(json!({
+        "queues": queues,
+        "history": history,
+        "sample_seconds": st.sample_every.as_secs(),
+    }))
+}
+
+/// `GET /api/workers`: every worker that beat in the last hour; `alive` when its last
+/// heartbeat is recent (three periods) and it did not say it stopped.
+pub(crate) async fn workers(State(st): Shared) -> ApiResult {
+    let now = now_ms();
+    let list: Vec<Value> = st
+        .store
+        .workers()
+        .await?
+        .into_iter()
+        .map(|mut w| {
+            let seen = w["last_seen_ms"].as_u64().unwrap_or(0);
+            let period = w["heartbeat_ms"].as_u64().unwrap_or(2000);
+            let stopped = w["stopped_ms"].as_u64().is_some();
+            let alive = !stopped && now.saturating_sub(seen) <= period * 3;
+            if let Some(o) = w.as_object_mut() {
+                o.insert("alive".into(), json!(alive));
+                o.insert("seen_ago_ms".into(), json!(now.saturating_sub(seen)));
+                o.insert(
+                    "gone_because".into(),
+                    match (alive, stopped) {
+                        (true, _) => Value::Null,
+                        (false, true) => json!("stopped"),
+                        (false, false) => json!("no heartbeat"),
+                    },
+                );
+            }
+            w
+        })
+        .collect();
+    ok(json!({"workers": list}))
+}
+
+/// `GET /api/tasks`: the task catalog.
+pub(crate) async fn tasks(State(st): Shared) -> ApiResult {
+    ok(json!({"tasks": st.store.catalog().await?}))
+}
+
+/// The body of `POST /api/jobs`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewJob {
+    task: String,
+    #[serde(default)]
+    params: BTreeMap<String, Value>,
+    batch_size: Option<usize>,
+    records: Vec<Value>,
+    queue: Option<String>,
+    job: Option<String>,
+    priority: Option<u8>,
+    unique_key: Option<String>,
+}
+
+/// `POST /api/jobs`: enqueues the records; `201 {"job": ID, ...}` once every batch is
+/// confirmed by the broker.
+pub(crate) async fn enqueue(
+    State(st): Shared,
+    body: Result<Json<NewJob>, JsonRejection>,
+) -> ApiResult {
+    let Json(new) = body.map_err(|e| match e {
+        JsonRejection::BytesRejection(b) => ApiError(b.status(), b.body_text()),
+        other => ApiError::bad(other.body_text()),
+    })?;
+    let mut job = Job::new(&new.task);
+    for (k, v) in &new.params {
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(_) | Value::Bool(_) => v.to_string(),
+            _ => {
+                return Err(ApiError::bad(format!(
+                    "params.{k}: a string, number or boolean, not {v}"
+                )))
+            }
+        };
+        job = job.param(k, text);
+    }
+    if let Some(n) = new.batch_size {
+        job = job.batch_size(n);
+    }
+    if let Some(q) = &new.queue {
+        job = job.queue(q);
+    }
+    if let Some(id) = &new.job {
+        job = job.id(id);
+    }
+    if let Some(p) = new.priority {
+        if p > 9 {
+            return Err(ApiError::bad("priority: 0 to 9"));
+        }
+        job = job.priority(p);
+    }
+    if let Some(k) = &new.unique_key {
+        job = job.unique_key(k);
+    }
+    let handle = st.client.enqueue(&job, new.records).await?;
+    let report = handle.report();
+    let body = json!({
+        "job": handle.id(),
+        "batches": report.map(|r| r.batches),
+        "records": report.map(|r| r.records),
+        "records_invalid": report.map(|r| r.problems.records_invalid),
+        "problems": report.map(|r| r.problems.samples.clone()),
+        "duplicate_of": handle.duplicate(),
+    });
+    let status = if handle.duplicate().is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(body)).into_response())
+}
+
+/// Anything else under `/api/`.
+pub(crate) async fn not_found() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "no such API path; see the README's dashboard section".into(),
+    )
+}

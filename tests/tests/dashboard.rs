@@ -1,0 +1,364 @@
+//! The dashboard: its JSON API over plain HTTP, and its page driven in a real headless
+//! Chromium (`tests/dashboard/drive.mjs`, playwright-core on Debian's chromium) while two
+//! worker processes run a job.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+use taskmill_tests::{bin_path, sample, sigterm, until, write_jsonl, TestNs};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A running `producer dashboard` and its URL (it listens on a free port and prints it).
+struct Dashboard {
+    child: Child,
+    url: String,
+}
+
+impl Dashboard {
+    fn start(ns: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(bin_path("producer"))
+            .args([
+                "dashboard",
+                "--listen",
+                "127.0.0.1:0",
+                "--sample-seconds",
+                "1",
+            ])
+            .args(extra)
+            .env("TASKMILL_NAMESPACE", ns)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("http://127.0.0.1:"), "{line:?}");
+        Self {
+            child,
+            url: line.trim().to_string(),
+        }
+    }
+
+    /// Stops it with SIGTERM; it exits 0.
+    fn stop(mut self) {
+        assert!(sigterm(self.child.id()));
+        assert_eq!(self.child.wait().unwrap().code(), Some(0));
+    }
+}
+
+fn worker_process(ns: &str) -> Child {
+    Command::new(bin_path("worker"))
+        .env("TASKMILL_NAMESPACE", ns)
+        .env("TASKMILL_THREADS", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn enqueue_cli(ns: &str, args: &[&str]) -> String {
+    let out = Command::new(bin_path("producer"))
+        .arg("enqueue")
+        .args(args)
+        .env("TASKMILL_NAMESPACE", ns)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+struct Http {
+    client: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Http {
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<&str>) -> (u16, Value) {
+        let mut req = self
+            .client
+            .request(method, format!("{}api{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+    async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_api_enqueues_reports_and_refuses_bad_requests() {
+    let t = TestNs::new();
+    let worker = t.spawn_worker(t.worker_args());
+    let store = t.store().await;
+    until("the worker's catalog", Duration::from_secs(30), || async {
+        !store.catalog().await.unwrap().is_empty()
+    })
+    .await;
+    let dash = Dashboard::start(&t.ns, &["--token", "s3cret"]);
+    let http = |token: Option<&str>| Http {
+        client: reqwest::Client::new(),
+        base: dash.url.clone(),
+        token: token.map(str::to_string),
+    };
+    let (api, anon, wrong) = (http(Some("s3cret")), http(None), http(Some("guess")));
+
+    // The page itself needs no token (it holds no data); every API call does.
+    let page = reqwest::get(&dash.url).await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page
+        .text()
+        .await
+        .unwrap()
+        .contains("<script src=\"/app.js\">"));
+    assert_eq!(anon.get("/jobs").await.0, 401);
+    let (status, body) = wrong.get("/jobs").await;
+    assert_eq!((status, body["error"].as_str()), (401, Some("wrong token")));
+
+    // Bad requests say what is wrong.
+    let bad = [
+        ("{not json", "Failed to parse the request body as JSON"),
+        (r#"{"task": "post-stats"}"#, "records"),
+        (
+            r#"{"task": "post-stats", "records": [], "colour": 1}"#,
+            "colour",
+        ),
+        (
+            r#"{"task": "post-statz", "records": [{"title": "a", "body": "b"}]}"#,
+            "unknown task",
+        ),
+        (
+            r#"{"task": "text-stats", "params": {"top": "abc"}, "records": [{"body": "b"}]}"#,
+            "is not a whole number",
+        ),
+        (
+            r#"{"task": "post-stats", "records": []}"#,
+            "nothing to enqueue",
+        ),
+    ];
+    for (body, expect) in bad {
+        let (status, got) = api.post("/jobs", body).await;
+        assert_eq!(status, 400, "{body}: {got}");
+        let error = got["error"].as_str().unwrap();
+        assert!(error.contains(expect), "{body}: {error}");
+    }
+    assert_eq!(
+        store.jobs().await.unwrap().len(),
+        0,
+        "a refused job was registered"
+    );
+    assert_eq!(api.get("/jobs?state=bogus").await.0, 400);
+    assert_eq!(api.get("/nothing-here").await.0, 404);
+    assert_eq!(api.post("/dead/replay", "{}").await.0, 400);
+
+    // A job over HTTP: 201 once every batch is confirmed.
+    let records: Vec<Value> = sample::posts(45).collect();
+    let body =
+        json!({"task": "text-stats", "params": {"top": 3}, "batch_size": 10, "records": records});
+    let (status, created) = api.post("/jobs", &body.to_string()).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(
+        (created["batches"].as_u64(), created["records"].as_u64()),
+        (Some(5), Some(45))
+    );
+    let job = created["job"].as_str().unwrap().to_string();
+    let s = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    assert_eq!(s.records_done, 45);
+    let (status, got) = api.get(&format!("/jobs/{job}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(got["state"], "completed");
+    assert_eq!(got["params"]["top"], "3");
+    assert!(got["summary"]["records"].as_u64().is_some(), "{got}");
+    let (_, page) = api
+        .get(&format!("/jobs/{job}/results?offset=3&limit=10"))
+        .await;
+    let batches: Vec<u64> = page["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["batch"].as_u64().unwrap())
+        .collect();
+    assert_eq!((page["total"].as_u64(), batches), (Some(5), vec![3, 4]));
+    let (_, listed) = api
+        .get(&format!(
+            "/jobs?task=text-stats&state=completed&q={}",
+            &job[..8]
+        ))
+        .await;
+    assert_eq!(listed["total"], 1);
+    assert_eq!(listed["jobs"][0]["job"], job.as_str());
+
+    // Unknown jobs are 404 everywhere.
+    assert_eq!(api.get("/jobs/nope").await.0, 404);
+    assert_eq!(api.get("/jobs/nope/results").await.0, 404);
+    assert_eq!(api.post("/jobs/nope/cancel", "").await.0, 404);
+    assert_eq!(
+        api.send(reqwest::Method::DELETE, "/jobs/nope", None)
+            .await
+            .0,
+        404
+    );
+
+    // The worker's heartbeat.
+    let workers = || async { api.get("/workers").await.1["workers"].clone() };
+    let w = workers().await;
+    assert_eq!(w.as_array().unwrap().len(), 1);
+    assert_eq!(w[0]["alive"], true);
+    assert_eq!(w[0]["pid"], std::process::id());
+    until(
+        "the heartbeat counts the batches",
+        Duration::from_secs(10),
+        || async { workers().await[0]["batches_done"].as_u64() == Some(5) },
+    )
+    .await;
+
+    // Delete: gone afterwards.
+    let (status, _) = api
+        .send(reqwest::Method::DELETE, &format!("/jobs/{job}"), None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(api.get(&format!("/jobs/{job}")).await.0, 404);
+
+    // No token on a non-loopback address: refused before listening.
+    let out = Command::new(bin_path("producer"))
+        .args(["dashboard", "--listen", "0.0.0.0:0"])
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--token"));
+
+    dash.stop();
+    worker.stop().await.unwrap();
+    t.cleanup().await;
+}
+
+/// Chromium and playwright-core, set up by `deploy/scripts/browser.sh` (part of `make test`).
+fn browser_ready() {
+    let modules = root().join("tests/dashboard/node_modules/playwright-core");
+    if !(Path::new("/usr/bin/chromium").exists() && modules.exists()) {
+        let ok = Command::new("bash")
+            .arg(root().join("deploy/scripts/browser.sh"))
+            .status()
+            .unwrap();
+        assert!(ok.success(), "deploy/scripts/browser.sh failed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() {
+    browser_ready();
+    let t = TestNs::new();
+    let mut workers = [worker_process(&t.ns), worker_process(&t.ns)];
+    let store = t.store().await;
+    until("the workers' catalog", Duration::from_secs(30), || async {
+        !store.catalog().await.unwrap().is_empty()
+    })
+    .await;
+    let dash = Dashboard::start(&t.ns, &["--token", "letmein"]);
+
+    // A chaos job whose batches all die, finished before the page opens.
+    let few = write_jsonl(sample::posts(30));
+    let dead_job = enqueue_cli(
+        &t.ns,
+        &[
+            "--task",
+            "chaos",
+            "--param",
+            "fail_rate=1",
+            "--param",
+            "fail=permanent",
+            "--file",
+            few.to_str().unwrap(),
+        ],
+    );
+    let s = t
+        .wait_finished(&store, &dead_job, Duration::from_secs(60))
+        .await;
+    assert_eq!(s.batches_dead, 3);
+    // A slow job: 200 batches of 100 ms on two workers of two threads (about 5 s).
+    let many = write_jsonl(sample::posts(2000));
+    let job = enqueue_cli(
+        &t.ns,
+        &[
+            "--task",
+            "chaos",
+            "--param",
+            "sleep_ms=100",
+            "--file",
+            many.to_str().unwrap(),
+        ],
+    );
+    let shots = std::env::var("DASHBOARD_SHOTS").unwrap_or_default();
+    let out = Command::new("node")
+        .arg(root().join("tests/dashboard/drive.mjs"))
+        .env("URL", &dash.url)
+        .env("TOKEN", "letmein")
+        .env("JOB", &job)
+        .env("DEAD_JOB", &dead_job)
+        .env(
+            "WORKER_PIDS",
+            format!("{},{}", workers[0].id(), workers[1].id()),
+        )
+        .env("SHOTS", &shots)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(few);
+    let _ = std::fs::remove_file(many);
+    assert!(
+        out.status.success(),
+        "drive.mjs: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let progress = seen["progress"].as_array().unwrap();
+    assert!(progress[1].as_u64() > progress[0].as_u64(), "{seen}");
+    assert_eq!(seen["summary"]["batches"], 200);
+    assert_eq!(seen["summary"]["records"], 2000);
+    assert_eq!(seen["dead_count"], 3);
+    assert_eq!(seen["dead_records"], 10);
+    assert_eq!(seen["replay_message"], "Replayed 3 dead letters.");
+    assert_eq!(seen["queue_consumers"], 2);
+    assert_eq!(seen["gone"], "gone (stopped)");
+    assert_eq!(seen["still_alive"], true);
+    // The stopped worker exited cleanly; the replayed letters died again (permanent).
+    assert_eq!(workers[0].wait().unwrap().code(), Some(0));
+    let s = store.job_status(&dead_job).await.unwrap().unwrap();
+    assert_eq!(s.batches_dead, 3);
+    assert!(sigterm(workers[1].id()));
+    assert_eq!(workers[1].wait().unwrap().code(), Some(0));
+    dash.stop();
+    t.cleanup().await;
+}
