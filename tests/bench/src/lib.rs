@@ -156,19 +156,20 @@ fn bench_ns(name: &str) -> String {
 }
 
 /// A worker process on namespace `ns`, serving its `/stats` on a free loopback port.
-fn start_worker(ns: &str, threads: usize, prefetch: u16) -> anyhow::Result<(Watched, u16)> {
+fn start_worker(ns: &str, threads: usize, prefetch: Option<u16>) -> anyhow::Result<(Watched, u16)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let watched = Watched::spawn(
-        Command::new(release_bin("worker"))
-            .env("TASKMILL_NAMESPACE", ns)
-            .env("TASKMILL_THREADS", threads.to_string())
-            .env("TASKMILL_PREFETCH", prefetch.to_string())
-            .env("TASKMILL_METRICS_ADDR", format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )?;
+    let mut cmd = Command::new(release_bin("worker"));
+    cmd.env("TASKMILL_NAMESPACE", ns)
+        .env("TASKMILL_THREADS", threads.to_string())
+        .env("TASKMILL_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(p) = prefetch {
+        cmd.env("TASKMILL_PREFETCH", p.to_string());
+    }
+    let watched = Watched::spawn(&mut cmd)?;
     Ok((watched, port))
 }
 
@@ -195,12 +196,14 @@ pub struct RunFigures {
     pub records: u64,
     /// Batches.
     pub batches: u64,
-    /// Seconds from the job's registration (just before the first publish) to the last result.
+    /// Seconds from the producer's start to the last result stored.
     pub seconds: f64,
     /// Producer process.
     pub producer: ProcStats,
     /// Worker process.
     pub worker: ProcStats,
+    /// CPU seconds the broker (the Erlang VM) spent during the run.
+    pub broker_cpu_s: f64,
 }
 
 impl RunFigures {
@@ -219,6 +222,7 @@ impl RunFigures {
             "records": self.records, "batches": self.batches, "seconds": self.seconds,
             "records_per_s": self.records_per_s(), "batches_per_s": self.batches_per_s(),
             "producer_cpu_s_per_1000_batches": per_k(self.producer.cpu_s),
+            "broker_cpu_s_per_1000_batches": per_k(self.broker_cpu_s),
             "worker_cpu_s_per_1000_batches": per_k(self.worker.cpu_s),
             "producer_peak_rss_mib": self.producer.peak_rss_mib,
             "worker_peak_rss_mib": self.worker.peak_rss_mib,
@@ -226,17 +230,44 @@ impl RunFigures {
     }
 }
 
-/// One job through the producer and one worker process (all cores).
+/// CPU seconds the RabbitMQ node (its Erlang VM, `beam.smp`) has used so far; 0 when it
+/// cannot be found. Read before and after a run, the difference is the broker's cost of it.
+pub fn broker_cpu_s() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let mut beams: Vec<u32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("beam.smp") && c.contains("rabbit")
+            })
+        })
+        .collect();
+    // The machine's own node (started first), not a test's private one.
+    beams.sort();
+    beams
+        .first()
+        .and_then(|pid| proc_cpu_and_state(*pid))
+        .map_or(0.0, |(_, cpu)| cpu)
+}
+
+/// One job through the producer and one worker process (all cores), the worker with its
+/// default flags unless `prefetch` is given.
 pub async fn end_to_end(
     file: &Path,
     batch_size: usize,
     task: &str,
     params: &[&str],
-    prefetch: u16,
+    prefetch: Option<u16>,
 ) -> anyhow::Result<RunFigures> {
     let ns = bench_ns("e2e");
     let (worker, _) = start_worker(&ns, 0, prefetch)?;
     wait_consumers(&ns, "tasks").await?;
+    let broker_before = broker_cpu_s();
+    let spawned_ms = now_ms();
     let job = "bench";
     let mut cmd = Command::new(release_bin("producer"));
     cmd.env("TASKMILL_NAMESPACE", &ns)
@@ -267,12 +298,14 @@ pub async fn end_to_end(
         "the job ended {}",
         status.state()
     );
+    let broker_cpu_s = broker_cpu_s() - broker_before;
     let figures = RunFigures {
         records: status.records_done,
         batches: status.batches_done,
-        seconds: (status.finished_ms.unwrap_or(0) - status.created_ms) as f64 / 1000.0,
+        seconds: status.finished_ms.unwrap_or(0).saturating_sub(spawned_ms) as f64 / 1000.0,
         producer: pstats,
         worker: wstats,
+        broker_cpu_s,
     };
     kit::cleanup_namespace(&ns).await;
     Ok(figures)
@@ -452,10 +485,15 @@ where
 
 /// The bare round trip: publish with a window of confirms into a quorum queue, consume with a
 /// large prefetch, one pipelined Redis SET a message, multiple ack. Returns messages a second.
-pub async fn raw_round_trip(n_posts: u64, batch_size: usize) -> anyhow::Result<(u64, f64)> {
+pub async fn raw_round_trip(
+    n_posts: u64,
+    batch_size: usize,
+    window: usize,
+) -> anyhow::Result<RawFigures> {
     let msgs = bodies(n_posts, batch_size);
     let n = msgs.len() as u64;
     let (raw, consumer) = RawQueue::open("raw", 1000).await?;
+    let broker_before = broker_cpu_s();
     let started = Instant::now();
     let consume = tokio::spawn(consume_raw(
         consumer,
@@ -464,23 +502,42 @@ pub async fn raw_round_trip(n_posts: u64, batch_size: usize) -> anyhow::Result<(
         "x".repeat(150),
         |_, _| {},
     ));
-    let mut window = std::collections::VecDeque::new();
+    let mut in_flight = std::collections::VecDeque::new();
     for (id, body) in &msgs {
         let props = BasicProperties::default().with_message_id(id.as_str().into());
-        window.push_back(raw.publish(body, props).await?);
-        if window.len() >= 256 {
-            if let Some(c) = window.pop_front() {
+        in_flight.push_back(raw.publish(body, props).await?);
+        if in_flight.len() >= window {
+            if let Some(c) = in_flight.pop_front() {
                 c.await?;
             }
         }
     }
-    for c in window {
+    for c in in_flight {
         c.await?;
     }
     consume.await??;
     let elapsed = started.elapsed();
+    let broker_cpu_s = broker_cpu_s() - broker_before;
     raw.close().await?;
-    Ok((n, n as f64 / elapsed.as_secs_f64()))
+    Ok(RawFigures {
+        messages: n,
+        messages_per_s: n as f64 / elapsed.as_secs_f64(),
+        window,
+        broker_cpu_s_per_1000: broker_cpu_s / n.max(1) as f64 * 1000.0,
+    })
+}
+
+/// What one bare round trip measured.
+#[derive(Debug, Clone)]
+pub struct RawFigures {
+    /// Messages.
+    pub messages: u64,
+    /// Messages a second, from the first publish to the last ack.
+    pub messages_per_s: f64,
+    /// Publisher confirms in flight.
+    pub window: usize,
+    /// The broker's CPU seconds per 1,000 messages.
+    pub broker_cpu_s_per_1000: f64,
 }
 
 /// The same task code in-process on a rayon pool of all cores: seconds for all batches.
@@ -522,7 +579,7 @@ pub fn in_process(n_posts: u64, batch_size: usize, task: &str) -> anyhow::Result
 /// p99 and max from a batch's creation to its result stored, in ms.
 pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Result<Value> {
     let ns = bench_ns("lat");
-    let (worker, port) = start_worker(&ns, 0, 64)?;
+    let (worker, port) = start_worker(&ns, 0, None)?;
     wait_consumers(&ns, "tasks").await?;
     let store = Store::connect("redis://127.0.0.1:6379/0", &ns, 3600).await?;
     let job = "latency";
@@ -806,7 +863,7 @@ pub async fn peer(
 /// The bare round trip at a fixed rate (messages a second) for `seconds`: p50, p95, p99 and
 /// max in ms from publishing to the Redis SET done, for comparison with taskmill's latency.
 pub async fn raw_latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Result<Value> {
-    let (raw, consumer) = RawQueue::open("rawlat", 64).await?;
+    let (raw, consumer) = RawQueue::open("rawlat", 1000).await?;
     let total = (rate * seconds as f64) as u64;
     let hist = Arc::new(std::sync::Mutex::new(
         hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?,
