@@ -227,7 +227,7 @@ async fn queues_and_workers_views_show_the_namespace() {
         .unwrap();
     // One row a consumed queue: the work queue and its two priority bands.
     assert_eq!(workers.len(), 3);
-    assert!(workers.iter().all(|w| w["prefetch"] == 64));
+    assert!(workers.iter().all(|w| w["prefetch"] == 256));
     assert!(workers[0]["connection"]
         .as_str()
         .unwrap()

@@ -28,8 +28,9 @@ pub struct WorkerArgs {
     )]
     pub queues: Vec<String>,
 
-    /// Unacknowledged batches each consumer may hold (per-consumer QoS).
-    #[arg(long, env = "TASKMILL_PREFETCH", default_value_t = 64)]
+    /// Unacknowledged batches each consumer may hold (per-consumer QoS). Lower it for tasks
+    /// that run long (a few per thread), so that workers share the end of a job.
+    #[arg(long, env = "TASKMILL_PREFETCH", default_value_t = 256)]
     pub prefetch: u16,
 
     /// Analysis threads (rayon); 0 means one per core.
@@ -70,7 +71,7 @@ impl WorkerArgs {
         Self {
             conn: ConnArgs::local(ns),
             queues: vec![topology::DEFAULT_QUEUE.into()],
-            prefetch: 64,
+            prefetch: 256,
             threads: 0,
             shutdown_timeout: 30,
             metrics_addr: None,

@@ -499,16 +499,65 @@ impl Sink {
 /// Folds a job's results into its summary with its task (the fold on a blocking thread, never
 /// on tokio's) and stores it.
 async fn fold(store: Store, job: String, task: std::sync::Arc<dyn taskmill_common::task::Task>) {
-    let results = match store.results(&job).await {
-        Ok(r) => r.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
-        Err(e) => return warn!(%job, "reading the results to sum them up: {e}"),
+    let summary = if task.folds_in_pages() {
+        fold_in_pages(&store, &job, task).await
+    } else {
+        match store.results(&job).await {
+            Ok(r) => {
+                let results: Vec<_> = r.into_iter().map(|(_, v)| v).collect();
+                tokio::task::spawn_blocking(move || task.aggregate(&results))
+                    .await
+                    .ok()
+            }
+            Err(e) => return warn!(%job, "reading the results to sum them up: {e}"),
+        }
     };
-    let Ok(summary) = tokio::task::spawn_blocking(move || task.aggregate(&results)).await else {
+    let Some(summary) = summary else {
         return;
     };
     if let Err(e) = store.set_summary(&job, &summary).await {
         warn!(%job, "storing the summary: {e}");
     }
+}
+
+/// Results folded per page of this many batches (a task whose summaries fold like results).
+const FOLD_PAGE: u64 = 1000;
+
+/// Folds a job's results a page at a time: each page with the summary so far, so memory
+/// holds one page however many batches the job has.
+async fn fold_in_pages(
+    store: &Store,
+    job: &str,
+    task: std::sync::Arc<dyn taskmill_common::task::Task>,
+) -> Option<serde_json::Value> {
+    let total = match store.job_status(job).await {
+        Ok(Some(s)) => s.batches_total.unwrap_or(s.batches_published),
+        Ok(None) => return None,
+        Err(e) => {
+            warn!(%job, "reading the job to sum it up: {e}");
+            return None;
+        }
+    };
+    let mut so_far: Option<serde_json::Value> = None;
+    let mut from = 0;
+    while from < total {
+        let to = (from + FOLD_PAGE).min(total);
+        let page = match store.results_range(job, from, to).await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(%job, "reading the results to sum them up: {e}");
+                return None;
+            }
+        };
+        let mut values: Vec<serde_json::Value> = so_far.take().into_iter().collect();
+        values.extend(page.into_iter().map(|(_, v)| v));
+        let task = task.clone();
+        so_far = tokio::task::spawn_blocking(move || task.aggregate(&values))
+            .await
+            .ok();
+        from = to;
+    }
+    so_far.or_else(|| Some(task.aggregate(&[])))
 }
 
 /// The job and batch of an analysed batch, when it names them.

@@ -186,6 +186,14 @@ pub trait Task: Send + Sync + 'static {
     /// Folds the batch results of a job (in batch order) into its summary.
     fn aggregate(&self, results: &[Value]) -> Value;
 
+    /// True when a summary folds like a result: `aggregate` of the summaries of consecutive
+    /// runs of results equals `aggregate` of all of them (sums, counts, maxima). The worker
+    /// then folds a job a page of results at a time, in flat memory however large the job;
+    /// otherwise it reads every result at once.
+    fn folds_in_pages(&self) -> bool {
+        false
+    }
+
     /// One line on what the task does (shown by `producer tasks`).
     fn description(&self) -> &'static str {
         ""

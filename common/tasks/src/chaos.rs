@@ -101,7 +101,16 @@ impl Task for Chaos {
 
     fn aggregate(&self, results: &[Value]) -> Value {
         let records: u64 = results.iter().map(|r| u64_of(r, "records")).sum();
-        json!({"records": records, "batches": results.len()})
+        // A result is one batch; a summary (folded in pages) says how many it covers.
+        let batches: u64 = results
+            .iter()
+            .map(|r| r.get("batches").and_then(Value::as_u64).unwrap_or(1))
+            .sum();
+        json!({"records": records, "batches": batches})
+    }
+
+    fn folds_in_pages(&self) -> bool {
+        true
     }
 }
 

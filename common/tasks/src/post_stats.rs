@@ -107,6 +107,11 @@ impl Task for PostStats {
         }
         figures(count, title_chars, max_body, entropy_sum)
     }
+
+    fn folds_in_pages(&self) -> bool {
+        // A summary has the fields of a result, and they are sums and a maximum.
+        true
+    }
 }
 
 #[cfg(test)]
@@ -124,6 +129,32 @@ mod tests {
             deadline: None,
         };
         PostStats.run(&ctx, records).unwrap()
+    }
+
+    #[test]
+    fn a_summary_folds_like_a_result() {
+        let results: Vec<Value> = (0..25)
+            .map(|i| {
+                let t = format!("title number {i} {}", "x".repeat(i % 7));
+                run(&[json!({"title": t, "body": "b".repeat(i * 3)})]).result
+            })
+            .collect();
+        let whole = PostStats.aggregate(&results);
+        // Pages of 10: each folded with the summary so far, as the worker does.
+        let mut so_far: Vec<Value> = Vec::new();
+        for page in results.chunks(10) {
+            so_far.extend(page.iter().cloned());
+            so_far = vec![PostStats.aggregate(&so_far)];
+        }
+        let paged = &so_far[0];
+        assert!(PostStats.folds_in_pages());
+        for k in ["processed_count", "title_chars", "max_body_length"] {
+            assert_eq!(paged[k], whole[k], "{k}");
+        }
+        for k in ["avg_title_length", "title_entropy", "title_entropy_sum"] {
+            let (a, b) = (paged[k].as_f64().unwrap(), whole[k].as_f64().unwrap());
+            assert!((a - b).abs() < 1e-9, "{k}: {a} vs {b}");
+        }
     }
 
     #[test]

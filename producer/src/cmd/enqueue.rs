@@ -132,7 +132,7 @@ pub struct EnqueueArgs {
     #[arg(long, env = "TASKMILL_MAX_RECORD_BYTES", default_value_t = DEFAULT_MAX_RECORD_BYTES, help_heading = "Sources")]
     pub max_record_bytes: usize,
     /// Publisher confirms in flight at once.
-    #[arg(long, env = "TASKMILL_CONFIRM_WINDOW", default_value_t = 256)]
+    #[arg(long, env = "TASKMILL_CONFIRM_WINDOW", default_value_t = 2000)]
     pub confirm_window: usize,
     /// Largest message body; larger batches are split, a larger single record is skipped.
     #[arg(long, env = "TASKMILL_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
@@ -177,7 +177,7 @@ impl EnqueueArgs {
             http_retries: 3,
             http_timeout: 30,
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
-            confirm_window: 256,
+            confirm_window: 2000,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             wait: false,
             timeout: None,

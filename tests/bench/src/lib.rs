@@ -204,6 +204,8 @@ pub struct RunFigures {
     pub worker: ProcStats,
     /// CPU seconds the broker (the Erlang VM) spent during the run.
     pub broker_cpu_s: f64,
+    /// CPU seconds Redis spent during the run.
+    pub redis_cpu_s: f64,
 }
 
 impl RunFigures {
@@ -223,6 +225,7 @@ impl RunFigures {
             "records_per_s": self.records_per_s(), "batches_per_s": self.batches_per_s(),
             "producer_cpu_s_per_1000_batches": per_k(self.producer.cpu_s),
             "broker_cpu_s_per_1000_batches": per_k(self.broker_cpu_s),
+            "redis_cpu_s_per_1000_batches": per_k(self.redis_cpu_s),
             "worker_cpu_s_per_1000_batches": per_k(self.worker.cpu_s),
             "producer_peak_rss_mib": self.producer.peak_rss_mib,
             "worker_peak_rss_mib": self.worker.peak_rss_mib,
@@ -233,6 +236,21 @@ impl RunFigures {
 /// CPU seconds the RabbitMQ node (its Erlang VM, `beam.smp`) has used so far; 0 when it
 /// cannot be found. Read before and after a run, the difference is the broker's cost of it.
 pub fn broker_cpu_s() -> f64 {
+    service_cpu_s(|c| c.contains("beam.smp") && c.contains("rabbit"))
+}
+
+/// CPU seconds the Redis server on this machine has used so far (0 when not found).
+pub fn redis_cpu_s() -> f64 {
+    service_cpu_s(|c| c.contains("redis-server") && c.contains("6379"))
+}
+
+/// CPU seconds this process has used so far.
+pub fn own_cpu_s() -> f64 {
+    proc_cpu_and_state(std::process::id()).map_or(0.0, |(_, cpu)| cpu)
+}
+
+/// CPU seconds of the oldest process whose command line `is_it` recognises.
+fn service_cpu_s(is_it: impl Fn(&str) -> bool) -> f64 {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0.0;
     };
@@ -240,10 +258,8 @@ pub fn broker_cpu_s() -> f64 {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                let c = String::from_utf8_lossy(&c);
-                c.contains("beam.smp") && c.contains("rabbit")
-            })
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| is_it(&String::from_utf8_lossy(&c).replace('\0', " ")))
         })
         .collect();
     // The machine's own node (started first), not a test's private one.
@@ -267,6 +283,7 @@ pub async fn end_to_end(
     let (worker, _) = start_worker(&ns, 0, prefetch)?;
     wait_consumers(&ns, "tasks").await?;
     let broker_before = broker_cpu_s();
+    let redis_before = redis_cpu_s();
     let spawned_ms = now_ms();
     let job = "bench";
     let mut cmd = Command::new(release_bin("producer"));
@@ -299,6 +316,7 @@ pub async fn end_to_end(
         status.state()
     );
     let broker_cpu_s = broker_cpu_s() - broker_before;
+    let redis_cpu_s = redis_cpu_s() - redis_before;
     let figures = RunFigures {
         records: status.records_done,
         batches: status.batches_done,
@@ -306,6 +324,7 @@ pub async fn end_to_end(
         producer: pstats,
         worker: wstats,
         broker_cpu_s,
+        redis_cpu_s,
     };
     kit::cleanup_namespace(&ns).await;
     Ok(figures)
@@ -354,6 +373,13 @@ impl RawQueue {
             "x-queue-type".into(),
             AMQPValue::LongString(LongString::from("quorum")),
         );
+        if std::env::var("XP_QARGS").is_ok() {
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(LongString::from("nowhere")),
+            );
+            args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(10));
+        }
         let opts = QueueDeclareOptions {
             durable: true,
             ..QueueDeclareOptions::default()
@@ -391,7 +417,10 @@ impl RawQueue {
             .basic_publish(
                 "".into(),
                 self.queue.as_str().into(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: std::env::var("XP_MANDATORY").is_ok(),
+                    ..BasicPublishOptions::default()
+                },
                 body,
                 props.with_delivery_mode(2),
             )
@@ -494,6 +523,7 @@ pub async fn raw_round_trip(
     let n = msgs.len() as u64;
     let (raw, consumer) = RawQueue::open("raw", 1000).await?;
     let broker_before = broker_cpu_s();
+    let (redis_before, own_before) = (redis_cpu_s(), own_cpu_s());
     let started = Instant::now();
     let consume = tokio::spawn(consume_raw(
         consumer,
@@ -503,8 +533,19 @@ pub async fn raw_round_trip(
         |_, _| {},
     ));
     let mut in_flight = std::collections::VecDeque::new();
+    let xp_props = std::env::var("XP_PROPS").is_ok();
     for (id, body) in &msgs {
-        let props = BasicProperties::default().with_message_id(id.as_str().into());
+        let props = if xp_props {
+            let mut h = FieldTable::default();
+            h.insert("x-taskmill-attempt".into(), AMQPValue::LongLongInt(1));
+            BasicProperties::default()
+                .with_message_id(id.as_str().into())
+                .with_content_type("application/msgpack".into())
+                .with_timestamp(now_ms() / 1000)
+                .with_headers(h)
+        } else {
+            BasicProperties::default().with_message_id(id.as_str().into())
+        };
         in_flight.push_back(raw.publish(body, props).await?);
         if in_flight.len() >= window {
             if let Some(c) = in_flight.pop_front() {
@@ -518,12 +559,16 @@ pub async fn raw_round_trip(
     consume.await??;
     let elapsed = started.elapsed();
     let broker_cpu_s = broker_cpu_s() - broker_before;
+    let per_k = |cpu: f64| cpu / n.max(1) as f64 * 1000.0;
+    let (redis_cpu, client_cpu) = (redis_cpu_s() - redis_before, own_cpu_s() - own_before);
     raw.close().await?;
     Ok(RawFigures {
         messages: n,
         messages_per_s: n as f64 / elapsed.as_secs_f64(),
         window,
-        broker_cpu_s_per_1000: broker_cpu_s / n.max(1) as f64 * 1000.0,
+        broker_cpu_s_per_1000: per_k(broker_cpu_s),
+        redis_cpu_s_per_1000: per_k(redis_cpu),
+        client_cpu_s_per_1000: per_k(client_cpu),
     })
 }
 
@@ -538,6 +583,10 @@ pub struct RawFigures {
     pub window: usize,
     /// The broker's CPU seconds per 1,000 messages.
     pub broker_cpu_s_per_1000: f64,
+    /// Redis's CPU seconds per 1,000 messages.
+    pub redis_cpu_s_per_1000: f64,
+    /// The publishing and consuming client's (this process's) CPU seconds per 1,000 messages.
+    pub client_cpu_s_per_1000: f64,
 }
 
 /// The same task code in-process on a rayon pool of all cores: seconds for all batches.

@@ -149,7 +149,11 @@ async fn throughput_and_raw(
                 args.posts
             );
             let r = bench::end_to_end(&file, 10, "post-stats", &[], args.prefetch).await?;
-            eprintln!("bench:   {:.0} batches/s", r.batches_per_s());
+            eprintln!(
+                "bench:   {:.0} batches/s; worker peak RSS {:.1} MiB",
+                r.batches_per_s(),
+                r.worker.peak_rss_mib
+            );
             runs.push(r);
         }
     }
@@ -167,24 +171,18 @@ async fn throughput_and_raw(
             "batches/s".into(),
             f(&j["batches_per_s"]),
         ));
-        rep.rows.push((
-            "throughput".into(),
-            "producer CPU s / 1000 batches".into(),
-            f(&j["producer_cpu_s_per_1000_batches"]),
-        ));
-        rep.rows.push((
-            "throughput".into(),
-            "worker CPU s / 1000 batches".into(),
-            f(&j["worker_cpu_s_per_1000_batches"]),
-        ));
-        rep.rows.push((
-            "throughput".into(),
-            "broker CPU s / 1000 batches".into(),
-            format!(
-                "{:.3}",
-                j["broker_cpu_s_per_1000_batches"].as_f64().unwrap_or(0.0)
-            ),
-        ));
+        for (who, key) in [
+            ("producer", "producer_cpu_s_per_1000_batches"),
+            ("worker", "worker_cpu_s_per_1000_batches"),
+            ("broker", "broker_cpu_s_per_1000_batches"),
+            ("Redis", "redis_cpu_s_per_1000_batches"),
+        ] {
+            rep.rows.push((
+                "throughput".into(),
+                format!("{who} CPU s / 1000 batches"),
+                format!("{:.3}", j[key].as_f64().unwrap_or(0.0)),
+            ));
+        }
         rep.rows.push((
             "throughput".into(),
             "producer peak RSS MiB".into(),
@@ -206,14 +204,22 @@ async fn throughput_and_raw(
             format!("messages/s (confirm window {}, prefetch 1000)", raw.window),
             format!("{rate:.0}"),
         ));
-        rep.rows.push((
-            "raw".into(),
-            "broker CPU s / 1000 messages".into(),
-            format!("{:.3}", raw.broker_cpu_s_per_1000),
-        ));
+        for (who, v) in [
+            ("client (publisher and consumer)", raw.client_cpu_s_per_1000),
+            ("broker", raw.broker_cpu_s_per_1000),
+            ("Redis", raw.redis_cpu_s_per_1000),
+        ] {
+            rep.rows.push((
+                "raw".into(),
+                format!("{who} CPU s / 1000 messages"),
+                format!("{v:.3}"),
+            ));
+        }
         let mut j = json!({
             "messages": raw.messages, "messages_per_s": rate, "confirm_window": raw.window,
             "prefetch": 1000, "broker_cpu_s_per_1000_messages": raw.broker_cpu_s_per_1000,
+            "redis_cpu_s_per_1000_messages": raw.redis_cpu_s_per_1000,
+            "client_cpu_s_per_1000_messages": raw.client_cpu_s_per_1000,
             "runs_messages_per_s": raws.iter().map(|r| r.messages_per_s).collect::<Vec<_>>(),
         });
         if let Some(t) = throughput {
