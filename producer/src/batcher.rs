@@ -3,10 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::Value;
 use taskmill_common::{
-    amqp::batch_properties,
-    envelope::{encode, Envelope, FORMAT_VERSION},
+    amqp::batch_properties_of,
+    envelope::{encode_records, Record},
     now_ms,
 };
 
@@ -26,7 +25,7 @@ pub struct Batcher {
     size: usize,
     max_bytes: usize,
     next: u64,
-    pending: Vec<Value>,
+    pending: Vec<Record>,
     /// Headers every batch carries (`x-taskmill-eta-ms`, `x-taskmill-expires-ms`, ...).
     headers: Vec<(&'static str, i64)>,
     text_headers: Vec<(&'static str, String)>,
@@ -67,7 +66,7 @@ impl Batcher {
     }
 
     /// Adds a record; a full batch is prepared into `out`.
-    pub fn push(&mut self, record: Value, out: &mut Vec<Prepared>, problems: &ProblemLog) {
+    pub fn push(&mut self, record: Record, out: &mut Vec<Prepared>, problems: &ProblemLog) {
         self.pending.push(record);
         if self.pending.len() >= self.size {
             let full = std::mem::replace(&mut self.pending, Vec::with_capacity(self.size));
@@ -93,21 +92,19 @@ impl Batcher {
         self.next
     }
 
-    fn prepare(&mut self, records: Vec<Value>, out: &mut Vec<Prepared>, problems: &ProblemLog) {
+    fn prepare(&mut self, records: Vec<Record>, out: &mut Vec<Prepared>, problems: &ProblemLog) {
         let mut stack = vec![records];
-        while let Some(records) = stack.pop() {
-            let env = Envelope {
-                v: FORMAT_VERSION,
-                job: self.job.clone(),
-                batch: self.next,
-                task: self.task.clone(),
-                params: self.params.clone(),
-                records,
-                created_ms: now_ms(),
-            };
-            let body = encode(&env);
+        while let Some(mut records) = stack.pop() {
+            let created_ms = now_ms();
+            let body = encode_records(
+                &self.job,
+                self.next,
+                &self.task,
+                &self.params,
+                &records,
+                created_ms,
+            );
             if body.len() > self.max_bytes {
-                let mut records = env.records;
                 if records.len() == 1 {
                     problems.invalid(format!(
                         "a record of {} bytes exceeds the message limit of {} bytes",
@@ -121,7 +118,7 @@ impl Batcher {
                 stack.push(records);
                 continue;
             }
-            let mut props = batch_properties(&env, 1);
+            let mut props = batch_properties_of(&self.job, self.next, created_ms, 1);
             if !self.headers.is_empty() || !self.text_headers.is_empty() {
                 use lapin::types::{AMQPValue, LongString};
                 let ints = self
@@ -134,7 +131,7 @@ impl Batcher {
                     .map(|(k, v)| (*k, AMQPValue::LongString(LongString::from(v.clone()))));
                 props = taskmill_common::amqp::with_extra_headers(&props, ints.chain(texts));
             }
-            out.push((self.next, env.records.len() as u64, body, props));
+            out.push((self.next, records.len() as u64, body, props));
             self.next += 1;
         }
     }
@@ -156,7 +153,7 @@ mod tests {
         let mut b = batcher(10, 1 << 20);
         let mut out = Vec::new();
         for i in 0..25 {
-            b.push(json!({"i": i}), &mut out, &problems);
+            b.push(Record::from_value(&json!({"i": i})), &mut out, &problems);
         }
         assert_eq!(out.len(), 2);
         assert!(b.has_pending());
@@ -182,12 +179,20 @@ mod tests {
         let mut b = batcher(4, 400);
         let mut out = Vec::new();
         for _ in 0..4 {
-            b.push(json!({"body": "x".repeat(120)}), &mut out, &problems);
+            b.push(
+                Record::from_value(&json!({"body": "x".repeat(120)})),
+                &mut out,
+                &problems,
+            );
         }
         assert!(out.len() >= 2, "{}", out.len());
         assert_eq!(out.iter().map(|p| p.1).sum::<u64>(), 4);
         assert!(out.iter().all(|p| p.2.len() <= 400));
-        b.push(json!({"body": "y".repeat(1000)}), &mut out, &problems);
+        b.push(
+            Record::from_value(&json!({"body": "y".repeat(1000)})),
+            &mut out,
+            &problems,
+        );
         b.flush(&mut out, &problems);
         let p = problems.snapshot();
         assert_eq!(p.records_invalid, 1);

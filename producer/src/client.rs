@@ -136,7 +136,7 @@ impl Client {
             .filter_map(move |r| {
                 seen += 1;
                 let v = match serde_json::to_value(r) {
-                    Ok(v) => Some(v),
+                    Ok(v) => Some(taskmill_common::envelope::Record::from_value(&v)),
                     Err(e) => {
                         log.invalid(format!("record {seen}: cannot be turned into JSON: {e}"));
                         None

@@ -12,6 +12,7 @@ use std::{
 
 use futures::StreamExt;
 use serde_json::Value;
+use taskmill_common::envelope::Record;
 use tokio::sync::mpsc;
 use tracing::debug;
 
@@ -70,20 +71,20 @@ pub const CHUNK: usize = 256;
 
 /// Collects records into chunks and sends full chunks (blocking; for reader threads).
 struct Chunker<'a> {
-    tx: &'a mpsc::Sender<Vec<Value>>,
-    buf: Vec<Value>,
+    tx: &'a mpsc::Sender<Vec<Record>>,
+    buf: Vec<Record>,
 }
 
 impl<'a> Chunker<'a> {
-    fn new(tx: &'a mpsc::Sender<Vec<Value>>) -> Self {
+    fn new(tx: &'a mpsc::Sender<Vec<Record>>) -> Self {
         Self {
             tx,
             buf: Vec::with_capacity(CHUNK),
         }
     }
     /// Adds a record; false when the receiver is gone.
-    fn push(&mut self, v: Value) -> bool {
-        self.buf.push(v);
+    fn push(&mut self, r: Record) -> bool {
+        self.buf.push(r);
         self.buf.len() < CHUNK || self.flush()
     }
     /// Sends what is collected; false when the receiver is gone.
@@ -97,8 +98,8 @@ impl<'a> Chunker<'a> {
     /// Sends a parsed document's records: an array gives its elements, anything else one.
     fn emit(&mut self, v: Value) -> bool {
         match v {
-            Value::Array(items) => items.into_iter().all(|i| self.push(i)),
-            other => self.push(other),
+            Value::Array(items) => items.iter().all(|i| self.push(Record::from_value(i))),
+            other => self.push(Record::from_value(&other)),
         }
     }
 }
@@ -245,7 +246,7 @@ pub fn read_records(
     reader: impl Read,
     source: &str,
     max_record_bytes: usize,
-    tx: &mpsc::Sender<Vec<Value>>,
+    tx: &mpsc::Sender<Vec<Record>>,
     problems: &ProblemLog,
 ) -> u64 {
     let mut out = Chunker::new(tx);
@@ -307,9 +308,9 @@ fn read_array<R: Read>(
                 len,
                 input.cap,
             )),
-            Ok(Piece::Bytes) => match serde_json::from_slice::<Value>(&buf) {
-                Ok(v) => {
-                    if !out.push(v) {
+            Ok(Piece::Bytes) => match Record::from_json(&buf) {
+                Ok(r) => {
+                    if !out.push(r) {
                         return sent;
                     }
                     sent += 1;
@@ -354,6 +355,12 @@ fn read_array<R: Read>(
     }
 }
 
+/// What a line gave: one record, or a parsed document (an array gives its elements).
+enum LineRead {
+    Record(Record),
+    Document(Value),
+}
+
 /// A pretty-printed document being gathered: it starts with a line that is just `{` or `[`.
 #[derive(Default)]
 struct Document {
@@ -370,7 +377,7 @@ impl Document {
         at: (&str, u64),
         cap: usize,
         problems: &ProblemLog,
-    ) -> Option<Value> {
+    ) -> Option<LineRead> {
         let (source, line_no) = at;
         if self.text.is_empty() {
             let t = line.trim();
@@ -383,16 +390,27 @@ impl Document {
                 self.text.push('\n');
                 return None;
             }
-            return serde_json::from_str::<Value>(t)
-                .map_err(|e| problems.invalid(format!("{source}:{line_no}: malformed JSON: {e}")))
-                .ok();
+            let malformed =
+                |e| problems.invalid(format!("{source}:{line_no}: malformed JSON: {e}"));
+            // The common case, a record a line, goes straight to MessagePack; a line that is
+            // an array of records is parsed to be split.
+            if t.starts_with('[') {
+                return serde_json::from_str::<Value>(t)
+                    .map_err(malformed)
+                    .ok()
+                    .map(LineRead::Document);
+            }
+            return Record::from_json(t.as_bytes())
+                .map_err(malformed)
+                .ok()
+                .map(LineRead::Record);
         }
         self.text.push_str(line);
         self.text.push('\n');
         match serde_json::from_str::<Value>(&self.text) {
             Ok(v) => {
                 self.text.clear();
-                Some(v)
+                Some(LineRead::Document(v))
             }
             Err(e) if e.is_eof() && self.text.len() <= cap => None,
             Err(e) => {
@@ -455,16 +473,25 @@ fn read_lines<R: Read>(
             problems.invalid(format!("{source}:{line_no}: not UTF-8 text"));
             continue;
         };
-        if let Some(v) = doc.line(line, (source, line_no), input.cap, problems) {
-            let n = if let Value::Array(a) = &v {
-                a.len() as u64
-            } else {
-                1
-            };
-            if !out.emit(v) {
-                return sent;
+        match doc.line(line, (source, line_no), input.cap, problems) {
+            Some(LineRead::Record(r)) => {
+                if !out.push(r) {
+                    return sent;
+                }
+                sent += 1;
             }
-            sent += n;
+            Some(LineRead::Document(v)) => {
+                let n = if let Value::Array(a) = &v {
+                    a.len() as u64
+                } else {
+                    1
+                };
+                if !out.emit(v) {
+                    return sent;
+                }
+                sent += n;
+            }
+            None => {}
         }
         if input.idle() && !out.flush() {
             return sent;
@@ -606,7 +633,7 @@ async fn fetch(
 pub async fn fetch_all(
     urls: Box<dyn Iterator<Item = String> + Send>,
     opts: &HttpOptions,
-    tx: mpsc::Sender<Vec<Value>>,
+    tx: mpsc::Sender<Vec<Record>>,
     problems: ProblemLog,
 ) -> Result<(), reqwest::Error> {
     let client = reqwest::Client::builder()
@@ -625,12 +652,16 @@ pub async fn fetch_all(
     while let Some((res, url)) = results.next().await {
         match res {
             Ok(Value::Array(items)) => {
-                if tx.send(items).await.is_err() {
+                if tx
+                    .send(items.iter().map(Record::from_value).collect())
+                    .await
+                    .is_err()
+                {
                     return Ok(());
                 }
             }
-            Ok(Value::Object(o)) => {
-                if tx.send(vec![Value::Object(o)]).await.is_err() {
+            Ok(v @ Value::Object(_)) => {
+                if tx.send(vec![Record::from_value(&v)]).await.is_err() {
                     return Ok(());
                 }
             }
@@ -694,7 +725,7 @@ mod tests {
         drop(tx);
         let mut out = Vec::new();
         while let Ok(v) = rx.try_recv() {
-            out.extend(v);
+            out.extend(v.iter().map(Record::to_value));
         }
         assert_eq!(n as usize, out.len());
         (out, problems.snapshot())

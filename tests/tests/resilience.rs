@@ -106,6 +106,9 @@ async fn a_redis_outage_delays_the_job_but_loses_nothing() {
     conn.redis_url = redis.url();
     let mut wargs = t.worker_args();
     wargs.conn.redis_url = redis.url();
+    // A few batches in hand at a time, so that most of the job is still to store when Redis
+    // goes (with the default prefetch the worker could hold, and finish, all 200 at once).
+    wargs.prefetch = 10;
     let w = t.spawn_worker(wargs);
     let file = write_jsonl(sample::posts(2000));
     let report = enqueue(&conn, &chaos(&file, &["spin_us=1000"]), |_| {})

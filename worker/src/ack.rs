@@ -1,76 +1,139 @@
-//! Which deliveries to acknowledge, and how: a pure tracker of outstanding delivery tags.
+//! Which deliveries to acknowledge, and how: a pure tracker of delivery tags.
 //!
-//! Each consuming channel delivers tags in increasing order. After a group of batches is
-//! stored, one `basic.ack(multiple)` can acknowledge every tag up to the highest one below
-//! which nothing else is outstanding (a batch waiting for its retry copy, say); the rest are
-//! acknowledged one by one. No I/O here: the sink carries the plan out.
+//! Each consuming channel delivers tags in increasing order. A stored batch is acknowledged
+//! with `basic.ack(multiple)` up to the highest tag below which nothing is outstanding (still
+//! being analysed or stored, or waiting for its retry copy to be confirmed). A stored tag
+//! above an outstanding one waits: it is covered by the next multiple-ack once the lower tags
+//! are settled, so that groups finishing out of order still cost one ack frame, not one a
+//! batch (every ack is a command in the quorum queue's log). At most `defer_limit` stored tags
+//! wait on a channel; beyond that (a lower batch is slow) they are acknowledged one by one.
+//! No I/O here: the sink carries the plans out.
 
 use std::collections::BTreeSet;
 
-/// Outstanding (delivered, not yet acked or nacked) tags of each consuming channel.
+/// Delivery tags of each consuming channel: outstanding (delivered, not settled) and stored
+/// (to be acked, waiting for the tags below them).
 #[derive(Debug, Default)]
 pub struct AckTracker {
-    chans: Vec<BTreeSet<u64>>,
+    chans: Vec<Chan>,
+    defer_limit: usize,
 }
 
-/// How to acknowledge a set of tags of one channel.
+#[derive(Debug, Default, Clone)]
+struct Chan {
+    outstanding: BTreeSet<u64>,
+    stored: BTreeSet<u64>,
+}
+
+/// How to acknowledge tags of one channel now.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AckPlan {
-    /// Ack with `multiple` up to this tag (inclusive), when more than one tag is covered.
+    /// Ack with `multiple` up to this tag (inclusive).
     pub multiple_up_to: Option<u64>,
-    /// Tags to ack one by one (a lone tag below the cut is here too).
+    /// Tags to ack one by one.
     pub singles: Vec<u64>,
 }
 
+impl AckPlan {
+    /// Nothing to send.
+    pub fn is_empty(&self) -> bool {
+        self.multiple_up_to.is_none() && self.singles.is_empty()
+    }
+
+    /// Ack frames the plan sends.
+    pub fn frames(&self) -> usize {
+        usize::from(self.multiple_up_to.is_some()) + self.singles.len()
+    }
+}
+
 impl AckTracker {
-    /// A tracker for `channels` consuming channels.
-    pub fn new(channels: usize) -> Self {
+    /// A tracker for `channels` consuming channels; at most `defer_limit` stored tags wait on
+    /// a channel for the tags below them.
+    pub fn new(channels: usize, defer_limit: usize) -> Self {
         Self {
-            chans: vec![BTreeSet::new(); channels],
+            chans: vec![Chan::default(); channels],
+            defer_limit: defer_limit.max(1),
         }
     }
 
     /// A delivery arrived on `chan`.
     pub fn delivered(&mut self, chan: usize, tag: u64) {
-        if let Some(set) = self.chans.get_mut(chan) {
-            set.insert(tag);
+        if let Some(c) = self.chans.get_mut(chan) {
+            c.outstanding.insert(tag);
         }
     }
 
     /// Tags still outstanding on `chan`.
     pub fn outstanding(&self, chan: usize) -> usize {
-        self.chans.get(chan).map_or(0, BTreeSet::len)
+        self.chans.get(chan).map_or(0, |c| c.outstanding.len())
     }
 
-    /// A tag acked or nacked on its own: no longer outstanding.
-    pub fn forget(&mut self, chan: usize, tag: u64) {
-        if let Some(set) = self.chans.get_mut(chan) {
-            set.remove(&tag);
+    /// Stored tags waiting on `chan`.
+    pub fn waiting(&self, chan: usize) -> usize {
+        self.chans.get(chan).map_or(0, |c| c.stored.len())
+    }
+
+    /// A tag acked or nacked on its own: no longer outstanding. Stored tags it held back may
+    /// be acked now.
+    pub fn forget(&mut self, chan: usize, tag: u64) -> AckPlan {
+        let limit = self.defer_limit;
+        match self.chans.get_mut(chan) {
+            Some(c) => {
+                c.outstanding.remove(&tag);
+                c.release(limit)
+            }
+            None => AckPlan::default(),
         }
     }
 
-    /// `tags` of `chan` are all to be acked now: forgets them and says how.
-    pub fn settle(&mut self, chan: usize, mut tags: Vec<u64>) -> AckPlan {
-        tags.sort_unstable();
-        tags.dedup();
-        let Some(set) = self.chans.get_mut(chan) else {
+    /// `tags` of `chan` are stored: they are acked now or when the tags below them are.
+    pub fn settle(&mut self, chan: usize, tags: Vec<u64>) -> AckPlan {
+        let limit = self.defer_limit;
+        let Some(c) = self.chans.get_mut(chan) else {
+            let mut singles = tags;
+            singles.sort_unstable();
+            singles.dedup();
             return AckPlan {
                 multiple_up_to: None,
-                singles: tags,
+                singles,
             };
         };
-        for t in &tags {
-            set.remove(t);
+        for t in tags {
+            if c.outstanding.remove(&t) {
+                c.stored.insert(t);
+            }
         }
-        // The smallest tag still outstanding that is not being acked now.
-        let cut = set.first().copied().unwrap_or(u64::MAX);
-        let below = tags.iter().take_while(|&&t| t < cut).count();
+        c.release(limit)
+    }
+
+    /// Everything stored, acked now (the session ends): one plan a channel.
+    pub fn flush(&mut self) -> Vec<(usize, AckPlan)> {
+        self.chans
+            .iter_mut()
+            .enumerate()
+            .map(|(i, c)| (i, c.release(0)))
+            .filter(|(_, p)| !p.is_empty())
+            .collect()
+    }
+}
+
+impl Chan {
+    /// The stored tags that can be acked now: those below the lowest outstanding tag in one
+    /// multiple-ack; and, when more than `limit` wait, all the others one by one.
+    fn release(&mut self, limit: usize) -> AckPlan {
+        let cut = self.outstanding.first().copied().unwrap_or(u64::MAX);
+        let below: Vec<u64> = self.stored.range(..cut).copied().collect();
+        for t in &below {
+            self.stored.remove(t);
+        }
         let mut plan = AckPlan::default();
-        if below > 1 {
-            plan.multiple_up_to = Some(tags[below - 1]);
-            plan.singles = tags[below..].to_vec();
-        } else {
-            plan.singles = tags;
+        match below.len() {
+            0 => {}
+            1 => plan.singles.push(below[0]),
+            _ => plan.multiple_up_to = below.last().copied(),
+        }
+        if self.stored.len() > limit {
+            plan.singles.extend(std::mem::take(&mut self.stored));
         }
         plan
     }
@@ -81,7 +144,7 @@ mod tests {
     use super::*;
 
     fn tracker(tags: &[u64]) -> AckTracker {
-        let mut t = AckTracker::new(2);
+        let mut t = AckTracker::new(2, 100);
         for &tag in tags {
             t.delivered(0, tag);
         }
@@ -98,30 +161,59 @@ mod tests {
     }
 
     #[test]
-    fn an_outstanding_tag_stops_the_multiple_ack() {
-        // 3 waits for its retry copy: 1-2 together, 4-5 one by one.
-        let mut t = tracker(&[1, 2, 3, 4, 5]);
-        let plan = t.settle(0, vec![1, 2, 4, 5]);
-        assert_eq!(plan.multiple_up_to, Some(2));
-        assert_eq!(plan.singles, vec![4, 5]);
-        assert_eq!(t.outstanding(0), 1);
-        // Once 3 is settled on its own, later groups ack in one go again.
-        t.forget(0, 3);
-        t.delivered(0, 6);
-        t.delivered(0, 7);
-        let plan = t.settle(0, vec![6, 7]);
-        assert_eq!(plan.multiple_up_to, Some(7));
+    fn groups_finishing_out_of_order_cost_one_ack() {
+        // 1-3 and 4-6 analysed in parallel; 4-6 are stored first and wait.
+        let mut t = tracker(&[1, 2, 3, 4, 5, 6, 7]);
+        let plan = t.settle(0, vec![4, 5, 6]);
+        assert!(plan.is_empty());
+        assert_eq!(t.waiting(0), 3);
+        // 1-3 stored: one ack covers 1-6 (7 is still outstanding).
+        let plan = t.settle(0, vec![1, 2, 3]);
+        assert_eq!(plan.multiple_up_to, Some(6));
+        assert!(plan.singles.is_empty());
+        assert_eq!((t.outstanding(0), t.waiting(0)), (1, 0));
     }
 
     #[test]
-    fn a_single_tag_is_acked_alone_and_channels_are_separate() {
-        let mut t = tracker(&[1, 2]);
+    fn a_tag_settled_on_its_own_releases_the_tags_above_it() {
+        // 3 waits for its retry copy: 1-2 together, 4-5 wait.
+        let mut t = tracker(&[1, 2, 3, 4, 5]);
+        let plan = t.settle(0, vec![1, 2, 4, 5]);
+        assert_eq!(plan.multiple_up_to, Some(2));
+        assert!(plan.singles.is_empty());
+        // 3 acked on its own: 4-5 go in one ack.
+        let plan = t.forget(0, 3);
+        assert_eq!(plan.multiple_up_to, Some(5));
+        assert_eq!((t.outstanding(0), t.waiting(0)), (0, 0));
+    }
+
+    #[test]
+    fn a_slow_batch_holds_back_at_most_the_limit() {
+        let mut t = AckTracker::new(1, 3);
+        for tag in 1..=6 {
+            t.delivered(0, tag);
+        }
+        // 1 is slow: 2-4 wait, then 5 makes four waiting: all go one by one.
+        assert!(t.settle(0, vec![2, 3, 4]).is_empty());
+        let plan = t.settle(0, vec![5]);
+        assert_eq!(plan.singles, vec![2, 3, 4, 5]);
+        assert_eq!(plan.frames(), 4);
+        assert_eq!(t.waiting(0), 0);
+    }
+
+    #[test]
+    fn flush_acks_everything_stored_and_channels_are_separate() {
+        let mut t = tracker(&[1, 2, 3]);
         t.delivered(1, 1);
-        let plan = t.settle(0, vec![1]);
-        assert_eq!(plan.multiple_up_to, None);
+        assert!(t.settle(0, vec![2, 3]).is_empty());
+        let plan = t.settle(1, vec![1]);
         assert_eq!(plan.singles, vec![1]);
-        assert_eq!(t.outstanding(1), 1);
-        let plan = t.settle(9, vec![5]);
+        assert_eq!(t.outstanding(0), 1);
+        let flushed = t.flush();
+        assert_eq!(flushed.len(), 1);
+        assert_eq!(flushed[0].0, 0);
+        assert_eq!(flushed[0].1.singles, vec![2, 3]);
+        let plan = t.settle(9, vec![5, 5]);
         assert_eq!(plan.singles, vec![5]);
     }
 }

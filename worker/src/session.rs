@@ -92,13 +92,18 @@ impl Session {
         let events_task =
             tokio::spawn(dead_events::run(events, store.clone(), events_stop.clone()));
         let (channels, tags, deliveries) = consume_queues(&conn, shared).await?;
-        let tracker = Arc::new(std::sync::Mutex::new(AckTracker::new(channels.len())));
+        // Stored batches wait for lower tags at most half a prefetch a channel.
+        let tracker = Arc::new(std::sync::Mutex::new(AckTracker::new(
+            channels.len(),
+            usize::from(args.prefetch) / 2,
+        )));
         let hard_stop = CancellationToken::new();
         let (tx, rx) = mpsc::channel(usize::from(args.prefetch) * tags.len() + 16);
         let sink = Sink {
             store,
             channel: publish_ch,
             tracker: tracker.clone(),
+            consumers: channels.clone(),
             names: shared.names.clone(),
             policy: args.retry,
             stats: shared.stats.clone(),

@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
 use crate::{
-    ack::AckTracker,
+    ack::{AckPlan, AckTracker},
     analyse::{DeadKind, Outcome},
     decide::{self, Action},
     pool::Processed,
@@ -58,6 +58,8 @@ pub(crate) struct Sink {
     pub(crate) channel: Channel,
     /// Outstanding delivery tags of each consuming channel.
     pub(crate) tracker: Arc<std::sync::Mutex<AckTracker>>,
+    /// The consuming channels (index = the tracker's channel), to ack by tag.
+    pub(crate) consumers: Vec<Channel>,
     pub(crate) names: Names,
     pub(crate) policy: RetryPolicy,
     pub(crate) stats: Arc<Stats>,
@@ -104,6 +106,36 @@ impl Sink {
                     None => open = false,
                 },
             }
+        }
+        // The session ends: what was stored and waits for lower tags is acked now.
+        if !sink.hard_stop.is_cancelled() {
+            let plans = sink
+                .tracker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .flush();
+            for (chan, plan) in plans {
+                sink.send_acks(chan, plan).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends an ack plan on consuming channel `chan`.
+    async fn send_acks(&self, chan: usize, plan: AckPlan) -> anyhow::Result<()> {
+        let Some(ch) = self.consumers.get(chan) else {
+            return Ok(());
+        };
+        Stats::add(&self.stats.acks_sent, plan.frames() as u64);
+        if let Some(tag) = plan.multiple_up_to {
+            ch.basic_ack(tag, BasicAckOptions { multiple: true })
+                .await
+                .map_err(|e| anyhow::Error::new(e).context("acking"))?;
+        }
+        for tag in plan.singles {
+            ch.basic_ack(tag, BasicAckOptions::default())
+                .await
+                .map_err(|e| anyhow::Error::new(e).context("acking"))?;
         }
         Ok(())
     }
@@ -236,35 +268,24 @@ impl Sink {
         Ok(out)
     }
 
-    /// Acks a group of stored batches, one multiple-ack a channel where the tracker allows.
+    /// Acks a group of stored batches: one multiple-ack a channel, now or with a later group
+    /// (the tracker decides).
     async fn ack_group(&self, group: &[Processed]) -> anyhow::Result<()> {
         self.stats.in_flight(-(group.len() as i64));
-        let mut by_chan: std::collections::BTreeMap<usize, Vec<&Processed>> = Default::default();
+        let mut by_chan: std::collections::BTreeMap<usize, Vec<u64>> = Default::default();
         for p in group {
-            by_chan.entry(p.chan).or_default().push(p);
+            by_chan
+                .entry(p.chan)
+                .or_default()
+                .push(p.delivery.delivery_tag);
         }
-        for (chan, items) in by_chan {
-            let tags = items.iter().map(|p| p.delivery.delivery_tag).collect();
+        for (chan, tags) in by_chan {
             let plan = self
                 .tracker
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .settle(chan, tags);
-            let by_tag = |tag: u64| items.iter().find(|p| p.delivery.delivery_tag == tag);
-            if let Some(p) = plan.multiple_up_to.and_then(by_tag) {
-                p.delivery
-                    .acker
-                    .ack(BasicAckOptions { multiple: true })
-                    .await
-                    .map_err(|e| anyhow::Error::new(e).context("acking"))?;
-            }
-            for p in plan.singles.into_iter().filter_map(by_tag) {
-                p.delivery
-                    .acker
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .map_err(|e| anyhow::Error::new(e).context("acking"))?;
-            }
+            self.send_acks(chan, plan).await?;
         }
         Ok(())
     }
@@ -281,13 +302,16 @@ impl Sink {
             };
             p.delivery.acker.nack(requeue).await
         };
-        self.tracker
+        Stats::add(&self.stats.acks_sent, 1);
+        let released = self
+            .tracker
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .forget(p.chan, p.delivery.delivery_tag);
         self.stats.in_flight(-1);
-        res.map(|_| ())
-            .map_err(|e| anyhow::Error::new(e).context(if ack { "acking" } else { "nacking" }))
+        res.map_err(|e| anyhow::Error::new(e).context(if ack { "acking" } else { "nacking" }))?;
+        // Stored batches above this one may have waited for it.
+        self.send_acks(p.chan, released).await
     }
 
     /// Runs a Redis call: transient errors are retried with backoff until the hard stop;

@@ -21,6 +21,8 @@ pub struct Stats {
     pub sessions: AtomicU64,
     /// Failed Redis calls (each retried with backoff).
     pub store_errors: AtomicU64,
+    /// `basic.ack` frames sent (one may settle many batches).
+    pub acks_sent: AtomicU64,
     /// Batches received and not settled yet (analysing, or waiting to be stored and acked).
     pub in_flight: std::sync::atomic::AtomicI64,
     /// Batch latency in ms: from the batch's creation to its result stored.
@@ -39,6 +41,7 @@ impl Default for Stats {
             sessions: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
             in_flight: std::sync::atomic::AtomicI64::new(0),
+            acks_sent: AtomicU64::new(0),
             // 1 ms to 1 day, 3 significant figures; cannot fail with these bounds.
             latency_ms: std::sync::Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1, 86_400_000, 3)
@@ -84,6 +87,7 @@ impl Stats {
             "sessions": Self::get(&self.sessions),
             "store_errors": Self::get(&self.store_errors),
             "in_flight": self.in_flight.load(Ordering::Relaxed).max(0),
+            "acks_sent": Self::get(&self.acks_sent),
             "latency_ms": {"p50": p50, "p95": p95, "p99": p99, "max": max},
         })
     }

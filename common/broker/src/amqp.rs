@@ -76,6 +76,16 @@ use taskmill_protocol::envelope::{Envelope, CONTENT_TYPE, HEADER_ATTEMPT};
 /// Properties of a batch message: persistent, MessagePack, stable message id, creation time,
 /// and the attempt counter.
 pub fn batch_properties(envelope: &Envelope, attempt: u32) -> BasicProperties {
+    batch_properties_of(&envelope.job, envelope.batch, envelope.created_ms, attempt)
+}
+
+/// [`batch_properties`] from the batch's job, number and creation time.
+pub fn batch_properties_of(
+    job: &str,
+    batch: u64,
+    created_ms: u64,
+    attempt: u32,
+) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert(
         HEADER_ATTEMPT.into(),
@@ -84,8 +94,10 @@ pub fn batch_properties(envelope: &Envelope, attempt: u32) -> BasicProperties {
     BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(CONTENT_TYPE.into())
-        .with_message_id(ShortString::from(envelope.message_id()))
-        .with_timestamp(envelope.created_ms / 1000)
+        .with_message_id(ShortString::from(taskmill_protocol::envelope::message_id(
+            job, batch,
+        )))
+        .with_timestamp(created_ms / 1000)
         .with_headers(headers)
 }
 

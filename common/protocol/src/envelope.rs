@@ -139,6 +139,97 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
     rmp_serde::to_vec_named(envelope).unwrap_or_default()
 }
 
+/// One record already encoded as MessagePack: what the producer carries from its readers to
+/// the batcher, so that a record is turned from JSON text into MessagePack in one pass,
+/// without a `serde_json::Value` tree in between.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record(Vec<u8>);
+
+impl Record {
+    /// Transcodes one JSON value from its text (the whole slice, surrounding whitespace
+    /// allowed). The error is serde_json's, as parsing the text would give it.
+    pub fn from_json(text: &[u8]) -> Result<Self, serde_json::Error> {
+        let mut out = Vec::with_capacity(text.len());
+        let mut de = serde_json::Deserializer::from_slice(text);
+        let ok = {
+            let mut ser = rmp_serde::Serializer::new(&mut out);
+            serde_transcode::transcode(&mut de, &mut ser).is_ok()
+        };
+        if ok && de.end().is_ok() {
+            return Ok(Self(out));
+        }
+        // The error path only: parse again for serde_json's own message.
+        serde_json::from_slice::<serde::de::IgnoredAny>(text)?;
+        Err(serde::de::Error::custom("not a JSON value"))
+    }
+
+    /// Encodes a parsed value.
+    pub fn from_value(value: &Value) -> Self {
+        // A Value into a Vec cannot fail.
+        Self(rmp_serde::to_vec(value).unwrap_or_default())
+    }
+
+    /// The record as a JSON value (for tests and tools).
+    pub fn to_value(&self) -> Value {
+        rmp_serde::from_slice(&self.0).unwrap_or(Value::Null)
+    }
+
+    /// The MessagePack bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it has no bytes (never, for a record made by this type).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Encodes a batch from records already in MessagePack: the same message as [`encode`] of
+/// the [`Envelope`] with these fields, written field by field.
+pub fn encode_records(
+    job: &str,
+    batch: u64,
+    task: &str,
+    params: &BTreeMap<String, String>,
+    records: &[Record],
+    created_ms: u64,
+) -> Vec<u8> {
+    use rmp::encode::{write_array_len, write_map_len, write_str, write_uint};
+    let size = 96 + job.len() + task.len() + records.iter().map(Record::len).sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    // Writing into a Vec cannot fail; the results are only the io::Write plumbing.
+    let w = &mut out;
+    let _ = write_map_len(w, 7);
+    let _ = write_str(w, "v");
+    let _ = write_uint(w, u64::from(FORMAT_VERSION));
+    let _ = write_str(w, "job");
+    let _ = write_str(w, job);
+    let _ = write_str(w, "batch");
+    let _ = write_uint(w, batch);
+    let _ = write_str(w, "task");
+    let _ = write_str(w, task);
+    let _ = write_str(w, "params");
+    let _ = write_map_len(w, params.len() as u32);
+    for (k, v) in params {
+        let _ = write_str(w, k);
+        let _ = write_str(w, v);
+    }
+    let _ = write_str(w, "records");
+    let _ = write_array_len(w, records.len() as u32);
+    for r in records {
+        w.extend_from_slice(&r.0);
+    }
+    let _ = write_str(w, "created_ms");
+    let _ = write_uint(w, created_ms);
+    out
+}
+
 /// Decodes a message body, checking its size and version.
 pub fn decode(body: &[u8], max_bytes: usize) -> Result<Envelope, DecodeError> {
     if body.len() > max_bytes {
@@ -158,6 +249,70 @@ pub fn decode(body: &[u8], max_bytes: usize) -> Result<Envelope, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_transcoded_from_json_make_the_same_batch() {
+        let texts = [
+            r#"{"id": 1, "title": "héllo \"you\"", "body": "x", "n": -3, "f": 1.5e3, "ok": true}"#,
+            r#" {"nested": {"a": [1, 2, {"b": null}]}, "big": 18446744073709551615} "#,
+            r#""just a string""#,
+            "[1, 2, 3]",
+        ];
+        let values: Vec<Value> = texts
+            .iter()
+            .map(|t| serde_json::from_str(t).unwrap())
+            .collect();
+        let records: Vec<Record> = texts
+            .iter()
+            .map(|t| Record::from_json(t.as_bytes()).unwrap())
+            .collect();
+        for (r, v) in records.iter().zip(&values) {
+            assert_eq!(&r.to_value(), v);
+        }
+        let params: BTreeMap<String, String> = [("top".to_string(), "3".to_string())].into();
+        let by_hand = encode_records(
+            "job-1",
+            7,
+            "post-stats",
+            &params,
+            &records,
+            1_700_000_000_123,
+        );
+        let env = Envelope {
+            v: FORMAT_VERSION,
+            job: "job-1".into(),
+            batch: 7,
+            task: "post-stats".into(),
+            params,
+            records: values,
+            created_ms: 1_700_000_000_123,
+        };
+        assert_eq!(decode(&by_hand, usize::MAX).unwrap(), env);
+        // Keys in sorted order (as a Value keeps them), the bytes are serde's own.
+        let sorted: Vec<Record> = env.records.iter().map(Record::from_value).collect();
+        let again = encode_records(
+            "job-1",
+            7,
+            "post-stats",
+            &env.params,
+            &sorted,
+            env.created_ms,
+        );
+        assert_eq!(again, encode(&env));
+    }
+
+    #[test]
+    fn malformed_json_gives_serde_json_s_error() {
+        let e = Record::from_json(b"{\"a\": }").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            serde_json::from_str::<Value>("{\"a\": }")
+                .unwrap_err()
+                .to_string()
+        );
+        assert!(Record::from_json(b"{} trailing").is_err());
+        assert!(Record::from_json(b"").is_err());
+    }
     use proptest::prelude::*;
     use serde_json::json;
 

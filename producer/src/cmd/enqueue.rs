@@ -13,8 +13,8 @@ use tracing::warn;
 use taskmill_common::{
     config::{validate_job_id, validate_name, ConnArgs},
     envelope::{
-        bounded, DEFAULT_MAX_MESSAGE_BYTES, HEADER_ETA, HEADER_EXPIRES, HEADER_RATE_INTERVAL,
-        HEADER_RATE_KEY, HEADER_TIME_LIMIT,
+        bounded, Record, DEFAULT_MAX_MESSAGE_BYTES, HEADER_ETA, HEADER_EXPIRES,
+        HEADER_RATE_INTERVAL, HEADER_RATE_KEY, HEADER_TIME_LIMIT,
     },
     now_ms,
     store::{NewJob, PublishTotals, Registered, Store, StoreError},
@@ -615,7 +615,7 @@ pub(crate) async fn enqueue_records<S>(
     stop: CancellationToken,
 ) -> anyhow::Result<EnqueueReport>
 where
-    S: futures::Stream<Item = Vec<Value>> + Unpin,
+    S: futures::Stream<Item = Vec<Record>> + Unpin,
 {
     validate_job(conn, args)?;
     let params = parse_params(&args.params)?;
@@ -749,7 +749,7 @@ where
 /// Feeds what the sources send into the batcher and the batches into the outlet; a partial
 /// batch goes out when nothing came for `linger`, and at the end. True when `stop` ended it
 /// (the records read but not batched yet are dropped).
-async fn pump<F: FnOnce(&str), S: futures::Stream<Item = Vec<Value>> + Unpin>(
+async fn pump<F: FnOnce(&str), S: futures::Stream<Item = Vec<Record>> + Unpin>(
     mut rx: S,
     batcher: &mut Batcher,
     outlet: &mut Outlet<'_, F>,
@@ -817,8 +817,8 @@ fn spawn_sources(
     args: &EnqueueArgs,
     ids: Option<(u64, u64)>,
     problems: &ProblemLog,
-) -> (mpsc::Receiver<Vec<Value>>, Readers) {
-    let (tx, rx) = mpsc::channel::<Vec<Value>>(16);
+) -> (mpsc::Receiver<Vec<Record>>, Readers) {
+    let (tx, rx) = mpsc::channel::<Vec<Record>>(16);
     let files = args.files.clone();
     let file_tx = tx.clone();
     let file_problems = problems.clone();
