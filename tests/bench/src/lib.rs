@@ -590,7 +590,12 @@ pub struct RawFigures {
 }
 
 /// The same task code in-process on a rayon pool of all cores: seconds for all batches.
-pub fn in_process(n_posts: u64, batch_size: usize, task: &str) -> anyhow::Result<f64> {
+pub fn in_process(
+    n_posts: u64,
+    batch_size: usize,
+    task: &str,
+    params: &[(&str, &str)],
+) -> anyhow::Result<f64> {
     use rayon::prelude::*;
     let posts: Vec<Value> = sample::posts(n_posts).collect();
     let batches: Vec<&[Value]> = posts.chunks(batch_size).collect();
@@ -601,7 +606,10 @@ pub fn in_process(n_posts: u64, batch_size: usize, task: &str) -> anyhow::Result
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    let params = BTreeMap::new();
+    let params: BTreeMap<String, String> = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let started = Instant::now();
     let ok = pool.install(|| {
         batches

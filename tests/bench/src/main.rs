@@ -237,22 +237,30 @@ async fn throughput_and_raw(
 
 /// The CPU-bound workload, end to end against in-process.
 async fn cpu(args: &Args, data: &std::path::Path, rep: &mut Report) -> anyhow::Result<()> {
-    // Sized so that the task alone runs for --cpu-seconds in process.
-    let probe = bench::in_process(20_000, 100, "similarity")?;
-    let posts = ((20_000.0 * args.cpu_seconds / probe.max(0.01)).ceil() as u64).div_ceil(100) * 100;
-    eprintln!("bench: cpu (similarity, {posts} posts in batches of 100)");
+    // A CPU-bound job: MinHash with 512 functions (the task's heaviest ordinary setting), sized
+    // so that the task alone runs for at least --cpu-seconds in process.
+    let params = [("hashes", "512")];
+    let probe = bench::in_process(5_000, 100, "similarity", &params)?;
+    let mut posts =
+        ((5_000.0 * 1.2 * args.cpu_seconds / probe.max(0.001)).ceil() as u64).div_ceil(100) * 100;
+    let mut inproc = bench::in_process(posts, 100, "similarity", &params)?;
+    while inproc < args.cpu_seconds {
+        posts =
+            ((posts as f64 * 1.2 * args.cpu_seconds / inproc).ceil() as u64).div_ceil(100) * 100;
+        inproc = bench::in_process(posts, 100, "similarity", &params)?;
+    }
+    eprintln!("bench: cpu (similarity, hashes=512, {posts} posts in batches of 100)");
     let file = bench::posts_file(data, posts)?;
-    let inproc = bench::in_process(posts, 100, "similarity")?;
-    let e2e = bench::end_to_end(&file, 100, "similarity", &[], args.prefetch).await?;
+    let e2e = bench::end_to_end(&file, 100, "similarity", &["hashes=512"], args.prefetch).await?;
     let ratio = inproc / e2e.seconds;
     rep.rows.push((
         "cpu".into(),
-        "similarity end to end, s".into(),
+        "similarity (hashes=512) end to end, s".into(),
         format!("{:.2}", e2e.seconds),
     ));
     rep.rows.push((
         "cpu".into(),
-        "similarity in-process, s".into(),
+        "similarity (hashes=512) in-process, s".into(),
         format!("{inproc:.2}"),
     ));
     rep.rows.push((
