@@ -650,6 +650,10 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
             unique_key: None,
         })
         .await?;
+    let total = (rate * seconds as f64) as u64;
+    // As a producer does: the batch numbers are reserved before they are published (workers
+    // dead-letter numbers above the reservation as forgeries).
+    store.reserve_batches(job, total).await?;
     let names = Names::new(&ns);
     let conn = taskmill_common::amqp::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "bench-lat")
         .await?;
@@ -657,7 +661,6 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     topology::declare(&ch, &names, &["tasks".to_string()]).await?;
     let posts: Vec<Value> = sample::posts(batch_size as u64 * 100).collect();
-    let total = (rate * seconds as f64) as u64;
     let exchange = names.work_exchange();
     publish_at_rate(rate, total, |b| {
         let start = (b as usize % 100) * batch_size;
