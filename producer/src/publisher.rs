@@ -25,6 +25,9 @@ use taskmill_common::{
 const MAX_REFUSALS: u32 = 5;
 /// How many reconnects in a row before enqueue gives up.
 const MAX_RECONNECTS: u32 = 8;
+/// Most bytes of unconfirmed batches held (for republishing) at once, whatever the window:
+/// a window of 2,000 batches of 100 posts would otherwise hold 70 MB.
+const MAX_INFLIGHT_BYTES: usize = 16 * 1024 * 1024;
 
 struct InFlight {
     batch: u64,
@@ -46,6 +49,8 @@ pub struct Publisher {
     conn: Connection,
     channel: Channel,
     inflight: VecDeque<InFlight>,
+    /// Bytes of the bodies in `inflight`.
+    inflight_bytes: usize,
     /// Batches confirmed so far.
     pub confirmed_batches: u64,
     /// Records in confirmed batches.
@@ -88,6 +93,7 @@ impl Publisher {
             conn,
             channel,
             inflight: VecDeque::new(),
+            inflight_bytes: 0,
             confirmed_batches: 0,
             confirmed_records: 0,
         })
@@ -138,6 +144,7 @@ impl Publisher {
                     Ok(c) => item.confirm = Some(c),
                     Err(e) => failure = failure.or(Some(e)),
                 }
+                self.inflight_bytes += item.body.len();
                 self.inflight.push_back(item);
             }
             if let Some(e) = failure {
@@ -186,12 +193,14 @@ impl Publisher {
         let _ = self.conn.close(200, "producer done".into()).await;
     }
 
-    /// Waits for confirms until at most `keep` are outstanding.
+    /// Waits for confirms until at most `keep` are outstanding (and at most
+    /// [`MAX_INFLIGHT_BYTES`] of them).
     async fn settle(&mut self, keep: usize) -> anyhow::Result<()> {
-        while self.inflight.len() > keep {
+        while self.inflight.len() > keep || self.inflight_bytes > MAX_INFLIGHT_BYTES {
             let Some(mut item) = self.inflight.pop_front() else {
                 break;
             };
+            self.inflight_bytes -= item.body.len();
             let outcome = match item.confirm.take() {
                 Some(c) => c.await,
                 None => Err(lapin::Error::from(
@@ -220,15 +229,18 @@ impl Publisher {
                     match self.send(&item).await {
                         Ok(c) => {
                             item.confirm = Some(c);
+                            self.inflight_bytes += item.body.len();
                             self.inflight.push_back(item);
                         }
                         Err(e) => {
+                            self.inflight_bytes += item.body.len();
                             self.inflight.push_front(item);
                             self.recover(e).await?;
                         }
                     }
                 }
                 Err(e) => {
+                    self.inflight_bytes += item.body.len();
                     self.inflight.push_front(item);
                     self.recover(e).await?;
                 }
