@@ -60,6 +60,11 @@ async fn the_worker_survives_a_cut_broker_connection() {
         .await;
     assert_exactly_once(&store, &job, 300, 3000).await;
     assert!(Stats::get(&w.stats.sessions) >= 2);
+    // What the cut session held is not counted in flight for ever (the heartbeat shows it).
+    until("nothing in flight", Duration::from_secs(10), || async {
+        w.stats.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0
+    })
+    .await;
     w.stop().await.unwrap();
     let _ = std::fs::remove_file(file);
     t.cleanup().await;

@@ -60,7 +60,11 @@ pub(crate) async fn session(
     let mut s = Session::open(shared).await?;
     backoff.reset();
     let result = s.consume(shared, shutdown).await;
-    s.close(result).await
+    let closed = s.close(result).await;
+    // Sessions run one at a time: whatever this one still counted in flight was settled or
+    // went back to the broker with its connection.
+    shared.stats.clear_in_flight();
+    closed
 }
 
 impl Session {

@@ -58,6 +58,12 @@ impl Stats {
         ::metrics::gauge!("taskmill_batches_in_flight").increment(n as f64);
     }
 
+    /// No batch in flight (a session ended: what it held was settled or given back).
+    pub(crate) fn clear_in_flight(&self) {
+        self.in_flight.store(0, Ordering::Relaxed);
+        ::metrics::gauge!("taskmill_batches_in_flight").set(0.0);
+    }
+
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
