@@ -86,8 +86,17 @@ try {
   // Queues: the work queue with its consumers, and the chart.
   await page.goto(url + "#/queues");
   await page.waitForSelector('tr[data-queue$=".tasks"]');
-  await page.waitForSelector("svg.chart polyline");
-  seen.queue_consumers = Number(await page.textContent('tr[data-queue$=".tasks"] td:nth-child(5)'));
+  // The chart draws the dashboard's own samples (a flat line is zero pixels high: wait for
+  // its points, not its visibility).
+  await page.waitForFunction(() => {
+    const line = document.querySelector("svg.chart polyline");
+    return line && line.getAttribute("points").trim().split(" ").length >= 2;
+  });
+  // The management API refreshes its figures every few seconds: wait for both consumers.
+  const consumers = 'tr[data-queue$=".tasks"] td:nth-child(5)';
+  await page.waitForFunction(sel => document.querySelector(sel)?.textContent.trim() === "2", consumers)
+    .catch(() => {});
+  seen.queue_consumers = Number(await page.textContent(consumers));
   await shot(page, "queues");
 
   // Workers: both alive; the first one stopped shows as gone within seconds.

@@ -69,6 +69,14 @@ fn compose_file_has_the_services_and_their_order() {
     assert_eq!(worker["build"]["dockerfile"], "deploy/Dockerfile");
     // The producer is a one-shot behind a profile.
     assert_eq!(services["producer"]["profiles"][0], "enqueue");
+    // The dashboard listens on every address in its container, so it has a token, and is
+    // published on the host's loopback only.
+    let dash = &services["dashboard"];
+    assert_eq!(dash["command"][0], "dashboard");
+    assert!(dash["environment"]["TASKMILL_DASHBOARD_TOKEN"]
+        .as_str()
+        .is_some());
+    assert!(dash["ports"][0].as_str().unwrap().starts_with("127.0.0.1:"));
     // Every mounted file exists.
     for v in services["rabbitmq"]["volumes"].as_sequence().unwrap() {
         let src = v.as_str().unwrap().split(':').next().unwrap();
