@@ -57,6 +57,26 @@ impl Dashboard {
     }
 }
 
+impl Drop for Dashboard {
+    /// A failing test does not leave it running (after `stop` it has exited already).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Worker processes killed when the test ends, however it ends.
+struct Workers(Vec<Child>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn worker_process(ns: &str) -> Child {
     Command::new(bin_path("worker"))
         .env("TASKMILL_NAMESPACE", ns)
@@ -280,7 +300,7 @@ fn browser_ready() {
 async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() {
     browser_ready();
     let t = TestNs::new();
-    let mut workers = [worker_process(&t.ns), worker_process(&t.ns)];
+    let mut workers = Workers(vec![worker_process(&t.ns), worker_process(&t.ns)]);
     let store = t.store().await;
     until("the workers' catalog", Duration::from_secs(30), || async {
         !store.catalog().await.unwrap().is_empty()
@@ -329,7 +349,7 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
         .env("DEAD_JOB", &dead_job)
         .env(
             "WORKER_PIDS",
-            format!("{},{}", workers[0].id(), workers[1].id()),
+            format!("{},{}", workers.0[0].id(), workers.0[1].id()),
         )
         .env("SHOTS", &shots)
         .output()
@@ -354,11 +374,11 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
     assert_eq!(seen["gone"], "gone (stopped)");
     assert_eq!(seen["still_alive"], true);
     // The stopped worker exited cleanly; the replayed letters died again (permanent).
-    assert_eq!(workers[0].wait().unwrap().code(), Some(0));
+    assert_eq!(workers.0[0].wait().unwrap().code(), Some(0));
     let s = store.job_status(&dead_job).await.unwrap().unwrap();
     assert_eq!(s.batches_dead, 3);
-    assert!(sigterm(workers[1].id()));
-    assert_eq!(workers[1].wait().unwrap().code(), Some(0));
+    assert!(sigterm(workers.0[1].id()));
+    assert_eq!(workers.0[1].wait().unwrap().code(), Some(0));
     dash.stop();
     t.cleanup().await;
 }
