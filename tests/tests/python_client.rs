@@ -30,9 +30,19 @@ fn venv() -> PathBuf {
         .status()
         .unwrap();
     assert!(ok.success(), "python3 -m venv failed");
+    // pip builds a local project in place (build/, *.egg-info): install from a copy so that
+    // the source tree stays as it is.
+    let src = dir.join("src");
+    let copied = Command::new("cp")
+        .arg("-r")
+        .arg(root().join("clients/python"))
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(copied.success(), "copying clients/python failed");
     let out = Command::new(dir.join("bin/pip"))
         .args(["install", "--quiet", "--disable-pip-version-check"])
-        .arg(root().join("clients/python"))
+        .arg(&src)
         .output()
         .unwrap();
     assert!(
