@@ -87,14 +87,15 @@ impl Client {
     /// `AMQP_URL`, `REDIS_URL`, `TASKMILL_NAMESPACE`, `TASKMILL_RESULT_TTL`, with the same
     /// defaults.
     pub async fn from_env() -> anyhow::Result<Self> {
-        let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
-        let mut conn = ConnArgs::local(&var("TASKMILL_NAMESPACE", "taskmill"));
-        conn.amqp_url = var("AMQP_URL", &conn.amqp_url);
-        conn.redis_url = var("REDIS_URL", &conn.redis_url);
-        conn.result_ttl = var("TASKMILL_RESULT_TTL", "604800").parse().map_err(|_| {
-            crate::error::CliError::Usage("TASKMILL_RESULT_TTL is not a number of seconds".into())
-        })?;
-        Self::with_settings(conn).await
+        /// The connection flags alone, read from the environment as the binaries read them.
+        #[derive(clap::Parser)]
+        struct FromEnv {
+            #[command(flatten)]
+            conn: ConnArgs,
+        }
+        let parsed = <FromEnv as clap::Parser>::try_parse_from(["taskmill"])
+            .map_err(|e| crate::error::CliError::Usage(e.to_string()))?;
+        Self::with_settings(parsed.conn).await
     }
 
     /// Connects with explicit settings (those the binaries take as flags).
@@ -148,9 +149,8 @@ impl Client {
         let report = enqueue_records(
             &self.conn,
             &job.args,
-            Box::pin(chunks),
+            || (Box::pin(chunks), None),
             problems,
-            None,
             |_| {},
             CancellationToken::new(),
         )

@@ -144,8 +144,7 @@ impl Publisher {
                     Ok(c) => item.confirm = Some(c),
                     Err(e) => failure = failure.or(Some(e)),
                 }
-                self.inflight_bytes += item.body.len();
-                self.inflight.push_back(item);
+                self.hold(item, false);
             }
             if let Some(e) = failure {
                 self.recover(e).await?;
@@ -193,14 +192,31 @@ impl Publisher {
         let _ = self.conn.close(200, "producer done".into()).await;
     }
 
+    /// Holds a published batch until its confirm: last, or first (the oldest) when it was
+    /// taken out to be settled and goes back.
+    fn hold(&mut self, item: InFlight, first: bool) {
+        self.inflight_bytes += item.body.len();
+        if first {
+            self.inflight.push_front(item);
+        } else {
+            self.inflight.push_back(item);
+        }
+    }
+
+    /// The oldest batch held, taken out.
+    fn take_oldest(&mut self) -> Option<InFlight> {
+        let item = self.inflight.pop_front()?;
+        self.inflight_bytes -= item.body.len();
+        Some(item)
+    }
+
     /// Waits for confirms until at most `keep` are outstanding (and at most
     /// [`MAX_INFLIGHT_BYTES`] of them).
     async fn settle(&mut self, keep: usize) -> anyhow::Result<()> {
         while self.inflight.len() > keep || self.inflight_bytes > MAX_INFLIGHT_BYTES {
-            let Some(mut item) = self.inflight.pop_front() else {
+            let Some(mut item) = self.take_oldest() else {
                 break;
             };
-            self.inflight_bytes -= item.body.len();
             let outcome = match item.confirm.take() {
                 Some(c) => c.await,
                 None => Err(lapin::Error::from(
@@ -229,19 +245,16 @@ impl Publisher {
                     match self.send(&item).await {
                         Ok(c) => {
                             item.confirm = Some(c);
-                            self.inflight_bytes += item.body.len();
-                            self.inflight.push_back(item);
+                            self.hold(item, false);
                         }
                         Err(e) => {
-                            self.inflight_bytes += item.body.len();
-                            self.inflight.push_front(item);
+                            self.hold(item, true);
                             self.recover(e).await?;
                         }
                     }
                 }
                 Err(e) => {
-                    self.inflight_bytes += item.body.len();
-                    self.inflight.push_front(item);
+                    self.hold(item, true);
                     self.recover(e).await?;
                 }
             }

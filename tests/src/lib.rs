@@ -226,6 +226,25 @@ mod mgmt {
     }
 }
 
+/// Runs the `producer` binary in namespace `ns` (without `RUST_LOG`, so stderr holds only
+/// what the command itself says) and returns what it printed.
+pub fn producer(ns: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin_path("producer"))
+        .args(args)
+        .env("TASKMILL_NAMESPACE", ns)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("running the producer binary")
+}
+
+/// Waits until a live worker has recorded its tasks in the namespace's catalog.
+pub async fn catalog_ready(store: &Store) {
+    until("the workers' catalog", Duration::from_secs(30), || async {
+        !store.catalog().await.unwrap_or_default().is_empty()
+    })
+    .await;
+}
+
 /// Path of a workspace binary (`producer`, `worker`, `sample-server`) next to the test
 /// executable; `cargo build --workspace --bins` puts them there.
 pub fn bin_path(name: &str) -> std::path::PathBuf {

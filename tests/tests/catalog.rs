@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::{
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -14,16 +14,9 @@ use taskmill_common::{
     topology::Names,
 };
 use taskmill_tests::{
-    bin_path, drain_queue, publish_raw, raw_channel, sample, sigterm, until, write_jsonl, TestNs,
+    bin_path, drain_queue, producer, publish_raw, raw_channel, sample, sigterm, until, write_jsonl,
+    TestNs,
 };
-
-fn producer(ns: &str, args: &[&str]) -> Output {
-    Command::new(bin_path("producer"))
-        .args(args)
-        .env("TASKMILL_NAMESPACE", ns)
-        .output()
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_catalog_lists_live_tasks_and_enqueue_checks_against_it() {

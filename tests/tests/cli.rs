@@ -4,16 +4,7 @@
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
-use taskmill_tests::{bin_path, sample, sigterm, write_jsonl, TestNs};
-
-fn producer(ns: &str, args: &[&str]) -> Output {
-    Command::new(bin_path("producer"))
-        .args(args)
-        .env("TASKMILL_NAMESPACE", ns)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
+use taskmill_tests::{bin_path, producer, sample, sigterm, write_jsonl, TestNs};
 
 /// Runs the producer with its stdout a pipe whose reader is already gone (`| head -0`).
 fn producer_to_closed_pipe(ns: &str, args: &[&str]) -> Output {

@@ -10,17 +10,10 @@ use taskmill_producer::{
     client::{Client, Job, TimedOut},
     error::CliError,
 };
-use taskmill_tests::{bin_path, sample, until, TestNs};
+use taskmill_tests::{bin_path, catalog_ready, sample, TestNs};
 
 async fn client(t: &TestNs) -> Client {
     Client::with_settings(t.conn()).await.unwrap()
-}
-
-async fn catalog_ready(c: &Client) {
-    until("the worker's catalog", Duration::from_secs(30), || async {
-        !c.tasks().await.unwrap().is_empty()
-    })
-    .await;
 }
 
 fn usage_error(e: &anyhow::Error) -> String {
@@ -84,7 +77,7 @@ async fn the_client_checks_the_catalog_streams_and_reports() {
     assert_eq!(timed_out.0.batches_done, 0);
 
     let worker = t.spawn_worker(t.worker_args());
-    catalog_ready(&c).await;
+    catalog_ready(&t.store().await).await;
     let s = job.wait(Duration::from_secs(60)).await.unwrap();
     assert_eq!(s.state(), "completed");
     assert_eq!(s.summary.as_ref().unwrap()["processed_count"], 20);

@@ -53,11 +53,7 @@ async fn the_custom_worker_serves_its_own_task() {
             .is_some()
     })
     .await;
-    let out = std::process::Command::new(bin_path("producer"))
-        .args(["status", &job, "--json"])
-        .env("TASKMILL_NAMESPACE", &t.ns)
-        .output()
-        .unwrap();
+    let out = taskmill_tests::producer(&t.ns, &["status", &job, "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["summary"]["words"], words);
     assert_eq!(status["summary"]["records"], 50);

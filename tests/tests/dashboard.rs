@@ -11,7 +11,9 @@ use std::{
 };
 
 use serde_json::{json, Value};
-use taskmill_tests::{bin_path, sample, sigterm, until, write_jsonl, TestNs};
+use taskmill_tests::{
+    bin_path, catalog_ready, producer, sample, sigterm, until, write_jsonl, TestNs,
+};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -88,12 +90,7 @@ fn worker_process(ns: &str) -> Child {
 }
 
 fn enqueue_cli(ns: &str, args: &[&str]) -> String {
-    let out = Command::new(bin_path("producer"))
-        .arg("enqueue")
-        .args(args)
-        .env("TASKMILL_NAMESPACE", ns)
-        .output()
-        .unwrap();
+    let out = producer(ns, &[&["enqueue"], args].concat());
     assert!(
         out.status.success(),
         "{}",
@@ -142,10 +139,7 @@ async fn the_dashboard_api_enqueues_reports_and_refuses_bad_requests() {
     let t = TestNs::new();
     let worker = t.spawn_worker(t.worker_args());
     let store = t.store().await;
-    until("the worker's catalog", Duration::from_secs(30), || async {
-        !store.catalog().await.unwrap().is_empty()
-    })
-    .await;
+    catalog_ready(&store).await;
     let dash = Dashboard::start(&t.ns, &["--token", "s3cret"]);
     let http = |token: Option<&str>| Http {
         client: reqwest::Client::new(),
@@ -271,11 +265,7 @@ async fn the_dashboard_api_enqueues_reports_and_refuses_bad_requests() {
     assert_eq!(api.get(&format!("/jobs/{job}")).await.0, 404);
 
     // No token on a non-loopback address: refused before listening.
-    let out = Command::new(bin_path("producer"))
-        .args(["dashboard", "--listen", "0.0.0.0:0"])
-        .env("TASKMILL_NAMESPACE", &t.ns)
-        .output()
-        .unwrap();
+    let out = producer(&t.ns, &["dashboard", "--listen", "0.0.0.0:0"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--token"));
 
@@ -302,10 +292,7 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
     let t = TestNs::new();
     let mut workers = Workers(vec![worker_process(&t.ns), worker_process(&t.ns)]);
     let store = t.store().await;
-    until("the workers' catalog", Duration::from_secs(30), || async {
-        !store.catalog().await.unwrap().is_empty()
-    })
-    .await;
+    catalog_ready(&store).await;
     let dash = Dashboard::start(&t.ns, &["--token", "letmein"]);
 
     // A chaos job whose batches all die, finished before the page opens.

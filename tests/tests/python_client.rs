@@ -6,13 +6,12 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
 };
 
 use serde_json::Value;
 use taskmill_common::store::Store;
 use taskmill_common::task::TaskContext;
-use taskmill_tests::{bin_path, sample, until, write_jsonl, TestNs};
+use taskmill_tests::{catalog_ready, producer, sample, write_jsonl, TestNs};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -102,10 +101,7 @@ async fn the_python_client_enqueues_jobs_the_rust_workers_run() {
     let venv = tokio::task::spawn_blocking(venv);
     let worker = t.spawn_worker(t.worker_args());
     let store = t.store().await;
-    until("the worker's catalog", Duration::from_secs(30), || async {
-        !store.catalog().await.unwrap().is_empty()
-    })
-    .await;
+    catalog_ready(&store).await;
     let records: Vec<Value> = sample::posts(95).collect();
     let file = write_jsonl(records.clone());
     let venv = venv.await.unwrap();
@@ -194,11 +190,7 @@ async fn the_python_client_enqueues_jobs_the_rust_workers_run() {
         assert!(same(&pair[1], want), "batch {i}: {} vs {want}", pair[1]);
     }
     // Its status is the one `producer status --json` prints, summary included.
-    let cli = Command::new(bin_path("producer"))
-        .args(["status", "--json", job])
-        .env("TASKMILL_NAMESPACE", &t.ns)
-        .output()
-        .unwrap();
+    let cli = producer(&t.ns, &["status", "--json", job]);
     let cli: Value = serde_json::from_slice(&cli.stdout).unwrap();
     assert!(same(&cli, status), "{cli} vs {status}");
     assert_eq!(status["summary"]["processed_count"], 95);

@@ -2,12 +2,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::{
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use taskmill_producer::cmd::enqueue::{enqueue, EnqueueArgs};
-use taskmill_tests::{bin_path, sample, sigterm, until, wait_batches_done, write_jsonl, TestNs};
+use taskmill_tests::{
+    bin_path, producer, sample, sigterm, until, wait_batches_done, write_jsonl, TestNs,
+};
 
 fn worker(ns: &str) -> Child {
     Command::new(bin_path("worker"))
@@ -17,14 +19,6 @@ fn worker(ns: &str) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap()
-}
-
-fn producer(ns: &str, args: &[&str]) -> Output {
-    Command::new(bin_path("producer"))
-        .args(args)
-        .env("TASKMILL_NAMESPACE", ns)
-        .output()
         .unwrap()
 }
 

@@ -265,21 +265,17 @@ impl Heartbeat {
 
     async fn send(&self, store: &taskmill_common::store::Store, stopped: bool) {
         let now = taskmill_common::now_ms();
-        let st = &self.stats;
-        let mut entry = self.fixed.clone();
-        let fields = serde_json::json!({
-            "id": self.id,
-            "last_seen_ms": now,
-            "batches_done": Stats::get(&st.batches_done),
-            "batches_retried": Stats::get(&st.batches_retried),
-            "batches_dead": Stats::get(&st.batches_dead),
-            "records_done": Stats::get(&st.records_done),
-            "in_flight": st.in_flight.load(std::sync::atomic::Ordering::Relaxed).max(0),
-            "heartbeat_ms": HEARTBEAT_EVERY.as_millis() as u64,
-            "stopped_ms": stopped.then_some(now),
-        });
-        if let (Some(e), Some(f)) = (entry.as_object_mut(), fields.as_object()) {
-            e.extend(f.clone());
+        // Its counters are the ones `/stats` serves.
+        let mut entry = self.stats.to_json();
+        if let Some(e) = entry.as_object_mut() {
+            e.extend(self.fixed.as_object().cloned().unwrap_or_default());
+            e.insert("id".into(), self.id.clone().into());
+            e.insert("last_seen_ms".into(), now.into());
+            e.insert(
+                "heartbeat_ms".into(),
+                (HEARTBEAT_EVERY.as_millis() as u64).into(),
+            );
+            e.insert("stopped_ms".into(), stopped.then_some(now).into());
         }
         if let Err(e) = store
             .heartbeat(&self.id, &entry, now, HEARTBEAT_KEEP_SECS)

@@ -586,31 +586,26 @@ pub async fn enqueue_until(
         .map(sources::parse_ids)
         .transpose()
         .map_err(usage)?;
-    validate_job(conn, args)?;
     let problems = ProblemLog::default();
-    let (mut rx, readers) = spawn_sources(args, ids, &problems);
-    let records = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    enqueue_records(
-        conn,
-        args,
-        records,
-        problems,
-        Some(readers),
-        on_registered,
-        stop,
-    )
-    .await
+    let log = problems.clone();
+    let start = move || {
+        let (mut rx, readers) = spawn_sources(args, ids, &log);
+        let records = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        (records, Some(readers))
+    };
+    enqueue_records(conn, args, start, problems, on_registered, stop).await
 }
 
-/// Enqueues the chunks of records `records` yields, as a job described by `args` (its
-/// sources are not read: `readers`, when given, are the tasks feeding `records`, waited for
-/// before publishing ends). The core of [`enqueue_until`] and of [`crate::client`].
+/// Enqueues, as a job described by `args` (its sources are not read), the chunks of records
+/// of the stream `start` gives; `start` runs once the job's arguments, the services and the
+/// task catalog have accepted it, so that nothing is read or fetched for a job that is
+/// refused. The readers it may return are the tasks feeding the stream, waited for before
+/// publishing ends. The core of [`enqueue_until`] and of [`crate::client`].
 pub(crate) async fn enqueue_records<S>(
     conn: &ConnArgs,
     args: &EnqueueArgs,
-    records: S,
+    start: impl FnOnce() -> (S, Option<Readers>),
     problems: ProblemLog,
-    readers: Option<Readers>,
     on_registered: impl FnOnce(&str),
     stop: CancellationToken,
 ) -> anyhow::Result<EnqueueReport>
@@ -662,6 +657,7 @@ where
         lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
         lease_keeper: None,
     };
+    let (records, readers) = start();
     let mut headers = Vec::new();
     if let Some(eta) = eta_ms {
         headers.push((HEADER_ETA, eta as i64));
@@ -913,17 +909,7 @@ pub async fn run(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<std::pro
 
 /// Cancels `stop` at the first SIGINT or SIGTERM.
 async fn stop_on_signal(stop: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    super::signalled().await;
     eprintln!(
         "producer: signal received: stopping; waiting for the broker to confirm what was sent"
     );

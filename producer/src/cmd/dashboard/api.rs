@@ -92,9 +92,8 @@ fn rate(s: &JobStatus) -> f64 {
     s.records_done as f64 / secs
 }
 
-/// A job as the lists show it: its status plus `finished`, `rate` and `age_ms`.
-fn row(s: &JobStatus) -> Value {
-    let mut v = s.to_json();
+/// Adds what the pages show beside a job's status: `finished`, `rate` and `age_ms`.
+fn with_live_fields(mut v: Value, s: &JobStatus) -> Value {
     if let Some(o) = v.as_object_mut() {
         o.insert("finished".into(), json!(s.is_finished()));
         o.insert("rate".into(), json!(rate(s)));
@@ -104,6 +103,11 @@ fn row(s: &JobStatus) -> Value {
         );
     }
     v
+}
+
+/// A job as the lists show it.
+fn row(s: &JobStatus) -> Value {
+    with_live_fields(s.to_json(), s)
 }
 
 async fn load(state: &AppState, id: &str) -> Result<JobStatus, ApiError> {
@@ -191,7 +195,7 @@ pub(crate) async fn jobs(
 /// batches with their reasons.
 pub(crate) async fn job(State(st): Shared, Path(id): Path<String>) -> ApiResult {
     let s = load(&st, &id).await?;
-    let mut v = status_json(&st.store, &s).await?;
+    let mut v = with_live_fields(status_json(&st.store, &s).await?, &s);
     let dead: Vec<Value> = st
         .store
         .dead_batches(&id)
@@ -200,12 +204,6 @@ pub(crate) async fn job(State(st): Shared, Path(id): Path<String>) -> ApiResult 
         .map(|(batch, reason)| json!({"batch": batch, "reason": reason}))
         .collect();
     if let Some(o) = v.as_object_mut() {
-        o.insert("finished".into(), json!(s.is_finished()));
-        o.insert("rate".into(), json!(rate(&s)));
-        o.insert(
-            "age_ms".into(),
-            json!(now_ms().saturating_sub(s.created_ms)),
-        );
         o.insert("dead".into(), json!(dead));
     }
     ok(v)

@@ -178,21 +178,6 @@ async fn sample_queues(state: Arc<AppState>, stop: CancellationToken) {
     }
 }
 
-/// The first SIGINT or SIGTERM.
-async fn signalled() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-}
-
 /// The command: serves until SIGINT/SIGTERM.
 pub async fn run(conn: &ConnArgs, args: &DashboardArgs) -> anyhow::Result<ExitCode> {
     if !args.listen.ip().is_loopback() && args.token.is_none() {
@@ -227,7 +212,7 @@ pub async fn run(conn: &ConnArgs, args: &DashboardArgs) -> anyhow::Result<ExitCo
     let shutdown = stop.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
-            signalled().await;
+            super::signalled().await;
             shutdown.cancel();
         })
         .await?;
