@@ -146,7 +146,7 @@ impl<R: Read> Input<R> {
                     Piece::Bytes
                 });
             }
-            let (chunk, done) = match avail.iter().position(|&b| b == b'\n') {
+            let (chunk, done) = match memchr::memchr(b'\n', avail) {
                 Some(i) => (&avail[..i], Some(i + 1)),
                 None => (avail, None),
             };
@@ -400,7 +400,7 @@ impl Document {
                     .ok()
                     .map(LineRead::Document);
             }
-            return Record::from_json(t.as_bytes())
+            return Record::from_json_str(t)
                 .map_err(malformed)
                 .ok()
                 .map(LineRead::Record);

@@ -4,11 +4,10 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use serde_json::Value;
 use taskmill_common::{
     config::validate_job_id,
     envelope::{self, bounded, DecodeError, MAX_HEADER_TEXT},
-    task::{Registry, TaskContext, TaskError, TaskOutput},
+    task::{Records, Registry, TaskContext, TaskError, TaskOutput},
 };
 
 /// Why a batch was dead-lettered (one type for the worker, the dead-letter tools and Redis).
@@ -32,6 +31,8 @@ pub struct BatchId {
     pub created_ms: Option<u64>,
     /// Task parameters (for per-task retry settings).
     pub params: std::collections::BTreeMap<String, String>,
+    /// How long the task ran (None when it did not run).
+    pub ran_for: Option<std::time::Duration>,
 }
 
 impl Default for BatchId {
@@ -44,6 +45,30 @@ impl Default for BatchId {
             records: 0,
             created_ms: None,
             params: Default::default(),
+            ran_for: None,
+        }
+    }
+}
+
+/// What a task that ran gave, its result already serialized (on the analysis thread, so that
+/// the sink only writes it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Done {
+    /// The result as JSON text.
+    pub result: String,
+    /// Records the task used.
+    pub records_done: u64,
+    /// Records it skipped.
+    pub records_invalid: u64,
+}
+
+impl From<TaskOutput> for Done {
+    fn from(out: TaskOutput) -> Self {
+        Self {
+            // A JSON value always serializes.
+            result: serde_json::to_string(&out.result).unwrap_or_default(),
+            records_done: out.records_done,
+            records_invalid: out.records_invalid,
         }
     }
 }
@@ -52,7 +77,7 @@ impl Default for BatchId {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// The task ran: store the result, then ack.
-    Done(TaskOutput),
+    Done(Done),
     /// A transient failure: retry later.
     Retry(String),
     /// Give up: dead-letter with this kind and error text.
@@ -86,7 +111,7 @@ pub fn analyse(
             id.batch = Some(batch);
         }
     }
-    let env = match envelope::decode(body, max_bytes) {
+    let env = match envelope::decode_view(body, max_bytes) {
         Ok(env) => env,
         Err(e) => {
             let kind = match e {
@@ -97,20 +122,20 @@ pub fn analyse(
             return (id, Outcome::Dead(kind, e.to_string()));
         }
     };
-    id.task = Some(bounded(&env.task, MAX_HEADER_TEXT).into_owned());
+    id.task = Some(bounded(env.task, MAX_HEADER_TEXT).into_owned());
     id.records = env.records.len() as u64;
     id.created_ms = Some(env.created_ms);
-    if let Err(e) = validate_job_id(&env.job) {
+    if let Err(e) = validate_job_id(env.job) {
         id.job = None;
         id.batch = None;
         return (id, Outcome::Dead(DeadKind::UnknownJob, e));
     }
-    id.job = Some(env.job.clone());
+    id.job = Some(env.job.to_string());
     id.batch = Some(env.batch);
-    let Some(task) = registry.get(&env.task) else {
+    let Some(task) = registry.get(env.task) else {
         let msg = format!(
             "unknown task {:?}; this worker has: {}",
-            bounded(&env.task, 200),
+            bounded(env.task, 200),
             registry.names().join(", ")
         );
         id.params = env.params;
@@ -130,16 +155,15 @@ pub fn analyse(
     let started = std::time::Instant::now();
     let ctx = TaskContext {
         params: &env.params,
-        job: &env.job,
+        job: env.job,
         batch: env.batch,
         attempt,
         deadline: time_limit.map(|l| started + l),
     };
-    let records: &[Value] = &env.records;
-    let result = catch_unwind(AssertUnwindSafe(|| task.run(&ctx, records)));
+    let records = Records::new(env.records);
+    let result = catch_unwind(AssertUnwindSafe(|| task.run_records(&ctx, &records)));
     let took = started.elapsed();
-    metrics::histogram!("taskmill_task_duration_seconds", "task" => task.name())
-        .record(took.as_secs_f64());
+    id.ran_for = Some(took);
     if let Some(limit) = time_limit.filter(|&l| took > l) {
         metrics::counter!("taskmill_time_limit_overruns_total", "task" => task.name()).increment(1);
         id.params = env.params;
@@ -151,9 +175,10 @@ pub fn analyse(
         return (id, Outcome::Retry(msg));
     }
     let outcome = match result {
-        Ok(Ok(output)) => Outcome::Done(output),
+        Ok(Ok(output)) => Outcome::Done(output.into()),
         Ok(Err(TaskError::Transient(e))) => Outcome::Retry(e),
         Ok(Err(TaskError::Permanent(e))) => Outcome::Dead(DeadKind::Permanent, e),
+        Ok(Err(TaskError::BadRecord(e))) => Outcome::Dead(DeadKind::Undecodable, e),
         Ok(Err(e)) => Outcome::Dead(DeadKind::Permanent, e.to_string()),
         Err(panic) => {
             let msg = panic

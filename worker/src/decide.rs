@@ -108,8 +108,6 @@ pub fn refused(rec: Recorded, job: &str, batch: u64) -> Option<Action> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-    use taskmill_common::task::TaskOutput;
 
     fn id() -> BatchId {
         BatchId {
@@ -120,8 +118,8 @@ mod tests {
     }
 
     fn done() -> Outcome {
-        Outcome::Done(TaskOutput {
-            result: json!({}),
+        Outcome::Done(crate::analyse::Done {
+            result: "{}".into(),
             records_done: 1,
             records_invalid: 0,
         })

@@ -99,6 +99,7 @@ impl Sink {
                                 Err(_) => break,
                             }
                         }
+                        record_durations(&group);
                         for (p, action) in sink.store_done(group).await? {
                             others.push(Arc::clone(&sink).carry_out(p, action));
                         }
@@ -173,18 +174,15 @@ impl Sink {
         };
         let now = now_ms();
         let mut latencies = Vec::with_capacity(done.len());
+        let mut counts = GroupCounts::default();
         let mut acks = Vec::with_capacity(done.len());
         for ((b, rec), p) in batches.iter().zip(recorded).zip(done) {
-            let label = p.label();
             match rec {
                 Ok(Recorded::Stored) => {
-                    if let Some(ms) = p.analysed.as_ref().and_then(|a| a.0.created_ms) {
-                        let ms = now.saturating_sub(ms);
-                        latencies.push(ms);
-                        metrics::histogram!("taskmill_batch_latency_seconds", "task" => label)
-                            .record(ms as f64 / 1000.0);
-                    }
-                    count_done(label, b);
+                    let latency = p.analysed.as_ref().and_then(|a| a.0.created_ms);
+                    let latency = latency.map(|ms| now.saturating_sub(ms));
+                    latencies.extend(latency);
+                    counts.done(p.label(), b, latency);
                     Stats::add(&self.stats.batches_done, 1);
                     Stats::add(&self.stats.records_done, b.records_done);
                     acks.push(p);
@@ -201,6 +199,7 @@ impl Sink {
                 Err(e) => others.push((p, store_failed(&e))),
             }
         }
+        counts.publish();
         self.stats.record_latencies(latencies.into_iter());
         self.ack_group(&acks).await?;
         Ok(others)
@@ -596,7 +595,7 @@ fn done_batch(p: &Processed) -> Option<DoneBatch> {
         Some((id, Outcome::Done(out))) => Some(DoneBatch {
             job: id.job.clone()?,
             batch: id.batch?,
-            result: out.result.to_string(),
+            result: out.result.clone(),
             records_done: out.records_done,
             records_invalid: out.records_invalid,
         }),
@@ -604,13 +603,72 @@ fn done_batch(p: &Processed) -> Option<DoneBatch> {
     }
 }
 
-fn count_done(label: &'static str, b: &DoneBatch) {
-    metrics::counter!("taskmill_batches_total", "task" => label, "outcome" => "done").increment(1);
-    metrics::counter!("taskmill_records_total", "task" => label, "outcome" => "done")
-        .increment(b.records_done);
-    if b.records_invalid > 0 {
-        metrics::counter!("taskmill_records_total", "task" => label, "outcome" => "invalid")
-            .increment(b.records_invalid);
+/// The metrics of a group of stored batches, added up by task: a handful of metric updates a
+/// group rather than four a batch (each one looks its series up by name and labels).
+#[derive(Default)]
+struct GroupCounts {
+    by_task: Vec<(&'static str, TaskCounts)>,
+}
+
+#[derive(Default)]
+struct TaskCounts {
+    batches: u64,
+    records: u64,
+    invalid: u64,
+    latencies_ms: Vec<u64>,
+}
+
+impl GroupCounts {
+    fn done(&mut self, label: &'static str, b: &DoneBatch, latency_ms: Option<u64>) {
+        let i = match self.by_task.iter().position(|(l, _)| *l == label) {
+            Some(i) => i,
+            None => {
+                self.by_task.push((label, TaskCounts::default()));
+                self.by_task.len() - 1
+            }
+        };
+        let c = &mut self.by_task[i].1;
+        c.batches += 1;
+        c.records += b.records_done;
+        c.invalid += b.records_invalid;
+        c.latencies_ms.extend(latency_ms);
+    }
+
+    fn publish(self) {
+        for (label, c) in self.by_task {
+            metrics::counter!("taskmill_batches_total", "task" => label, "outcome" => "done")
+                .increment(c.batches);
+            metrics::counter!("taskmill_records_total", "task" => label, "outcome" => "done")
+                .increment(c.records);
+            if c.invalid > 0 {
+                metrics::counter!("taskmill_records_total", "task" => label, "outcome" => "invalid")
+                    .increment(c.invalid);
+            }
+            let h = metrics::histogram!("taskmill_batch_latency_seconds", "task" => label);
+            for ms in c.latencies_ms {
+                h.record(ms as f64 / 1000.0);
+            }
+        }
+    }
+}
+
+/// Records how long each task of a group ran, one histogram lookup a task.
+fn record_durations(group: &[Processed]) {
+    let mut handles: Vec<(&'static str, metrics::Histogram)> = Vec::new();
+    for p in group {
+        let Some(took) = p.analysed.as_ref().and_then(|(id, _)| id.ran_for) else {
+            continue;
+        };
+        let label = p.label();
+        let h = match handles.iter().position(|(l, _)| *l == label) {
+            Some(i) => &handles[i].1,
+            None => {
+                let h = metrics::histogram!("taskmill_task_duration_seconds", "task" => label);
+                handles.push((label, h));
+                &handles[handles.len() - 1].1
+            }
+        };
+        h.record(took.as_secs_f64());
     }
 }
 

@@ -74,7 +74,7 @@ use lapin::{
 use taskmill_protocol::envelope::{Envelope, CONTENT_TYPE, HEADER_ATTEMPT};
 
 /// Properties of a batch message: persistent, MessagePack, stable message id, creation time,
-/// and the attempt counter.
+/// and the attempt counter (absent on the first attempt, which it means).
 pub fn batch_properties(envelope: &Envelope, attempt: u32) -> BasicProperties {
     batch_properties_of(&envelope.job, envelope.batch, envelope.created_ms, attempt)
 }
@@ -86,19 +86,24 @@ pub fn batch_properties_of(
     created_ms: u64,
     attempt: u32,
 ) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        HEADER_ATTEMPT.into(),
-        AMQPValue::LongLongInt(i64::from(attempt)),
-    );
-    BasicProperties::default()
+    let props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(CONTENT_TYPE.into())
         .with_message_id(ShortString::from(taskmill_protocol::envelope::message_id(
             job, batch,
         )))
-        .with_timestamp(created_ms / 1000)
-        .with_headers(headers)
+        .with_timestamp(created_ms / 1000);
+    // No header means the first attempt: a first publish carries no table for the broker and
+    // every worker to parse.
+    if attempt == 1 {
+        return props;
+    }
+    let mut headers = FieldTable::default();
+    headers.insert(
+        HEADER_ATTEMPT.into(),
+        AMQPValue::LongLongInt(i64::from(attempt)),
+    );
+    props.with_headers(headers)
 }
 
 /// An integer header, whatever integer type the sender chose.

@@ -149,17 +149,23 @@ impl Record {
     /// Transcodes one JSON value from its text (the whole slice, surrounding whitespace
     /// allowed). The error is serde_json's, as parsing the text would give it.
     pub fn from_json(text: &[u8]) -> Result<Self, serde_json::Error> {
+        match std::str::from_utf8(text) {
+            Ok(text) => Self::from_json_str(text),
+            Err(_) => {
+                serde_json::from_slice::<serde::de::IgnoredAny>(text)?;
+                Err(serde::de::Error::custom("not UTF-8 text"))
+            }
+        }
+    }
+
+    /// [`Record::from_json`] of text known to be UTF-8.
+    pub fn from_json_str(text: &str) -> Result<Self, serde_json::Error> {
         let mut out = Vec::with_capacity(text.len());
-        let mut de = serde_json::Deserializer::from_slice(text);
-        let ok = {
-            let mut ser = rmp_serde::Serializer::new(&mut out);
-            serde_transcode::transcode(&mut de, &mut ser).is_ok()
-        };
-        if ok && de.end().is_ok() {
+        if crate::transcode::json_to_msgpack(text, &mut out).is_ok() {
             return Ok(Self(out));
         }
         // The error path only: parse again for serde_json's own message.
-        serde_json::from_slice::<serde::de::IgnoredAny>(text)?;
+        serde_json::from_str::<serde::de::IgnoredAny>(text)?;
         Err(serde::de::Error::custom("not a JSON value"))
     }
 
@@ -232,18 +238,144 @@ pub fn encode_records(
 
 /// Decodes a message body, checking its size and version.
 pub fn decode(body: &[u8], max_bytes: usize) -> Result<Envelope, DecodeError> {
+    check_size(body, max_bytes)?;
+    match rmp_serde::from_slice::<Envelope>(body) {
+        Ok(env) if env.v == FORMAT_VERSION => Ok(env),
+        Ok(env) => Err(DecodeError::UnsupportedVersion(env.v)),
+        // A later version may have other fields: say so rather than "malformed".
+        Err(e) => match rmp_serde::from_slice::<VersionOnly>(body) {
+            Ok(head) if head.v != FORMAT_VERSION => Err(DecodeError::UnsupportedVersion(head.v)),
+            _ => Err(DecodeError::Malformed(e.to_string())),
+        },
+    }
+}
+
+fn check_size(body: &[u8], max_bytes: usize) -> Result<(), DecodeError> {
     if body.len() > max_bytes {
         return Err(DecodeError::TooLarge {
             size: body.len(),
             limit: max_bytes,
         });
     }
-    let head: VersionOnly =
-        rmp_serde::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    if head.v != FORMAT_VERSION {
-        return Err(DecodeError::UnsupportedVersion(head.v));
+    Ok(())
+}
+
+/// A batch read in place: the envelope's fields, with each record left as the MessagePack it
+/// arrived in (what the worker hands its task; see [`taskmill_task::Records`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchView<'a> {
+    /// Job this batch belongs to.
+    pub job: &'a str,
+    /// Sequence number of the batch within its job.
+    pub batch: u64,
+    /// Name of the task.
+    pub task: &'a str,
+    /// Task parameters.
+    pub params: BTreeMap<String, String>,
+    /// Each record's MessagePack bytes.
+    pub records: Vec<&'a [u8]>,
+    /// When the batch was created, ms since the epoch.
+    pub created_ms: u64,
+}
+
+/// Decodes a message body like [`decode`] (the same envelopes pass, the same errors), but
+/// leaves the records undecoded: it only finds where each one starts and ends.
+pub fn decode_view(body: &[u8], max_bytes: usize) -> Result<BatchView<'_>, DecodeError> {
+    use taskmill_task::msgpack::Reader;
+    check_size(body, max_bytes)?;
+    let malformed = |what: String| DecodeError::Malformed(what);
+    let mut r = Reader::new(body);
+    let n = r
+        .map_len()
+        .ok_or_else(|| malformed("the body is not a map of fields".into()))?;
+    let (mut v, mut job, mut batch, mut task, mut records, mut created_ms) =
+        (None, None, None, None, None, None);
+    let mut params = BTreeMap::new();
+    // The first field of the wrong type; reported once the version is known to be this one
+    // (a later version may type its fields otherwise).
+    let mut wrong: Option<&'static str> = None;
+    for _ in 0..n {
+        let Some(key) = r.raw_str() else {
+            return Err(malformed("a field name is not text".into()));
+        };
+        // Some(Ok) read, Some(Err) of the wrong type (not read), None a field of no use here.
+        let read = match key {
+            b"v" => Some(r.uint().map(|x| v = Some(x)).ok_or("v")),
+            b"job" => Some(r.str().map(|x| job = Some(x)).ok_or("job")),
+            b"batch" => Some(r.uint().map(|x| batch = Some(x)).ok_or("batch")),
+            b"task" => Some(r.str().map(|x| task = Some(x)).ok_or("task")),
+            b"created_ms" => Some(r.uint().map(|x| created_ms = Some(x)).ok_or("created_ms")),
+            b"params" => Some(read_params(&mut r, &mut params).ok_or("params")),
+            b"records" => Some(
+                read_records(&mut r, body.len())
+                    .map(|x| records = Some(x))
+                    .ok_or("records"),
+            ),
+            _ => None,
+        };
+        if let Some(Err(field)) = read {
+            wrong = wrong.or(Some(field));
+        }
+        if !matches!(read, Some(Ok(()))) {
+            r.skip()
+                .ok_or_else(|| malformed("the body is cut short or not MessagePack".into()))?;
+        }
     }
-    rmp_serde::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))
+    let missing = |name: &str| malformed(format!("missing field `{name}`"));
+    if let Some(v) = v {
+        match u16::try_from(v) {
+            Ok(v) if v != FORMAT_VERSION => return Err(DecodeError::UnsupportedVersion(v)),
+            Ok(_) => {}
+            Err(_) => return Err(malformed(format!("version {v} is out of range"))),
+        }
+    }
+    if let Some(field) = wrong {
+        return Err(malformed(format!("field `{field}` has the wrong type")));
+    }
+    v.ok_or_else(|| missing("v"))?;
+    Ok(BatchView {
+        job: job.ok_or_else(|| missing("job"))?,
+        batch: batch.ok_or_else(|| missing("batch"))?,
+        task: task.ok_or_else(|| missing("task"))?,
+        params,
+        records: records.ok_or_else(|| missing("records"))?,
+        created_ms: created_ms.ok_or_else(|| missing("created_ms"))?,
+    })
+}
+
+/// A map of text to text; None (the cursor where it was) when the value is anything else.
+fn read_params(
+    r: &mut taskmill_task::msgpack::Reader<'_>,
+    params: &mut BTreeMap<String, String>,
+) -> Option<()> {
+    let mut peek = r.clone();
+    let n = peek.map_len()?;
+    let mut read = BTreeMap::new();
+    for _ in 0..n {
+        let k = peek.str()?;
+        let v = peek.str()?;
+        read.insert(k.to_string(), v.to_string());
+    }
+    *params = read;
+    *r = peek;
+    Some(())
+}
+
+/// Where each record of an array starts and ends; None (the cursor where it was) when the
+/// value is no array or a record is cut short.
+fn read_records<'a>(
+    r: &mut taskmill_task::msgpack::Reader<'a>,
+    body_len: usize,
+) -> Option<Vec<&'a [u8]>> {
+    let mut peek = r.clone();
+    let n = peek.array_len()?;
+    // Each record takes a byte at least: a longer count is forged.
+    if n > body_len {
+        return None;
+    }
+    let items = (0..n).map(|_| peek.value()).collect::<Option<Vec<_>>>()?;
+    *r = peek;
+    Some(items)
 }
 
 #[cfg(test)]
@@ -287,7 +419,7 @@ mod tests {
             records: values,
             created_ms: 1_700_000_000_123,
         };
-        assert_eq!(decode(&by_hand, usize::MAX).unwrap(), env);
+        assert_eq!(agree(&by_hand, usize::MAX).unwrap(), env);
         // Keys in sorted order (as a Value keeps them), the bytes are serde's own.
         let sorted: Vec<Record> = env.records.iter().map(Record::from_value).collect();
         let again = encode_records(
@@ -328,16 +460,75 @@ mod tests {
         }
     }
 
+    /// An envelope from its view, records decoded: what `decode` gives.
+    fn from_view(view: BatchView<'_>) -> Envelope {
+        Envelope {
+            v: FORMAT_VERSION,
+            job: view.job.into(),
+            batch: view.batch,
+            task: view.task.into(),
+            params: view.params,
+            records: view
+                .records
+                .iter()
+                .map(|r| rmp_serde::from_slice(r).unwrap())
+                .collect(),
+            created_ms: view.created_ms,
+        }
+    }
+
+    /// `decode` and `decode_view` agree: the same envelope, or errors of the same kind.
+    fn agree(bytes: &[u8], limit: usize) -> Result<Envelope, DecodeError> {
+        let full = decode(bytes, limit);
+        let view = decode_view(bytes, limit).map(from_view);
+        match (&full, &view) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b),
+            (Err(DecodeError::Malformed(_)), Err(DecodeError::Malformed(_))) => {}
+            (a, b) => assert_eq!(a, b),
+        }
+        full
+    }
+
     #[test]
     fn round_trip() {
         let e = sample();
-        assert_eq!(decode(&encode(&e), usize::MAX), Ok(e));
+        assert_eq!(agree(&encode(&e), usize::MAX), Ok(e));
+    }
+
+    #[test]
+    fn a_view_leaves_records_in_place_and_reads_fields_in_any_order() {
+        // Fields in another order, and one this version does not know.
+        let mut m = serde_json::Map::new();
+        m.insert("records".into(), json!([{"title": "t"}, [1, 2], "x"]));
+        m.insert("extra".into(), json!({"future": [1, 2, 3]}));
+        m.insert("created_ms".into(), json!(5));
+        m.insert("task".into(), json!("post-stats"));
+        m.insert("batch".into(), json!(3));
+        m.insert("job".into(), json!("j"));
+        m.insert("v".into(), json!(FORMAT_VERSION));
+        let bytes = rmp_serde::to_vec_named(&Value::Object(m)).unwrap();
+        let view = decode_view(&bytes, usize::MAX).unwrap();
+        assert_eq!((view.job, view.batch, view.task), ("j", 3, "post-stats"));
+        assert_eq!(view.records.len(), 3);
+        assert_eq!(view.records[2], rmp_serde::to_vec(&json!("x")).unwrap());
+        agree(&bytes, usize::MAX).unwrap();
+        // A record that is not UTF-8 inside passes the view (the task decides) but not decode.
+        let bad = encode_records(
+            "j",
+            0,
+            "t",
+            &BTreeMap::new(),
+            &[Record(vec![0xa2, 0xff, 0xfe])],
+            1,
+        );
+        assert_eq!(decode_view(&bad, usize::MAX).unwrap().records.len(), 1);
+        assert!(decode(&bad, usize::MAX).is_err());
     }
 
     #[test]
     fn too_large_is_refused() {
         let bytes = encode(&sample());
-        let err = decode(&bytes, 10).unwrap_err();
+        let err = agree(&bytes, 10).unwrap_err();
         assert!(matches!(err, DecodeError::TooLarge { limit: 10, .. }));
     }
 
@@ -347,7 +538,7 @@ mod tests {
         e.v = 99;
         let bytes = rmp_serde::to_vec_named(&e).unwrap();
         assert_eq!(
-            decode(&bytes, usize::MAX),
+            agree(&bytes, usize::MAX),
             Err(DecodeError::UnsupportedVersion(99))
         );
     }
@@ -365,7 +556,7 @@ mod tests {
         })
         .unwrap();
         assert!(matches!(
-            decode(&bytes, usize::MAX),
+            agree(&bytes, usize::MAX),
             Err(DecodeError::Malformed(_))
         ));
     }
@@ -417,7 +608,7 @@ mod tests {
             created_ms in any::<u64>(),
         ) {
             let e = Envelope { v: FORMAT_VERSION, job, batch, task, params, records, created_ms };
-            prop_assert_eq!(decode(&encode(&e), usize::MAX), Ok(e));
+            prop_assert_eq!(agree(&encode(&e), usize::MAX), Ok(e));
         }
 
         /// Envelope-shaped maps with fields of arbitrary types (a missing field, a wrong type,
@@ -437,7 +628,7 @@ mod tests {
         ) {
             let map: serde_json::Map<String, Value> = fields.into_iter().collect();
             let bytes = rmp_serde::to_vec_named(&Value::Object(map)).unwrap();
-            if let Ok(e) = decode(&bytes, usize::MAX) {
+            if let Ok(e) = agree(&bytes, usize::MAX) {
                 prop_assert_eq!(e.v, FORMAT_VERSION);
             }
         }
@@ -445,6 +636,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode(&bytes, 1024);
+            let _ = decode_view(&bytes, 1024);
         }
     }
 }

@@ -3,12 +3,14 @@
 //! - [`envelope`]: the versioned batch envelope, its MessagePack codec and message headers.
 //! - [`names`]: names of exchanges, queues and Redis keys; name and job-id rules.
 //! - [`state`]: the job states.
+//! - [`transcode`]: JSON text straight to MessagePack (the producer's records).
 //! - [`dead`]: why a batch was dead-lettered, as written into and read from its headers.
 
 pub mod dead;
 pub mod envelope;
 pub mod names;
 pub mod state;
+pub mod transcode;
 
 pub use dead::DeadKind;
 pub use state::JobState;

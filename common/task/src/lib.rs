@@ -1,13 +1,19 @@
 //! Tasks: named, pure functions from (params, records) to a JSON result, with an aggregate
 //! that folds batch results into a job summary.
 //!
-//! This crate is all a task author needs (it depends on serde only): implement [`Task`] in
+//! This crate is all a task author needs (it depends on serde and rmp-serde only): implement [`Task`] in
 //! one file and register it in your own worker's [`Registry`]
 //! (`taskmill_tasks::builtin().with(MyTask)`; the `taskmill-tasks` crate has the built-in
 //! ones). [`hash`] has stable hashes for tasks that need them (the same on every machine and
 //! toolchain).
+//!
+//! A batch's records reach a task as [`Records`]: the MessagePack they travelled in, read on
+//! demand. [`Task::run`] sees them decoded into JSON values; a task that reads a few fields
+//! of each record can implement [`Task::run_records`] instead and read just those
+//! ([`Records::str_field`], [`Records::decode`]), which spares decoding the rest.
 
 pub mod hash;
+pub mod msgpack;
 
 use std::{collections::BTreeMap, collections::HashMap, sync::Arc};
 
@@ -78,6 +84,115 @@ pub enum TaskError {
     /// Will never succeed: the batch is dead-lettered at once.
     #[error("{0}")]
     Permanent(String),
+    /// A record is not MessagePack data that a JSON value can be made of (a forged message):
+    /// the batch is dead-lettered as undecodable.
+    #[error("{0}")]
+    BadRecord(String),
+}
+
+/// A record that could not be decoded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("record {index} of the batch: {reason}")]
+pub struct RecordError {
+    /// Its position in the batch, from 0.
+    pub index: usize,
+    /// Why it could not be decoded.
+    pub reason: String,
+}
+
+/// A batch's records as they arrived: each one's MessagePack bytes, decoded only when and
+/// as far as a task asks.
+#[derive(Debug, Clone, Default)]
+pub struct Records<'a> {
+    items: Vec<&'a [u8]>,
+}
+
+impl<'a> Records<'a> {
+    /// Records from their MessagePack bytes, one slice a record.
+    pub fn new(items: Vec<&'a [u8]>) -> Self {
+        Self { items }
+    }
+
+    /// How many records there are.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Record `index`'s MessagePack bytes.
+    pub fn raw(&self, index: usize) -> Option<&'a [u8]> {
+        self.items.get(index).copied()
+    }
+
+    /// The text under key `name` of record `index`, read in place: what [`str_field`] gives
+    /// of the record as a JSON value (None when the record is no object, lacks the key, or
+    /// holds no text there).
+    pub fn str_field(&self, index: usize, name: &str) -> Option<&'a str> {
+        msgpack::str_field(self.raw(index)?, name)
+    }
+
+    /// The value under key `name` of record `index` as a JSON value (None when the record is
+    /// no object, lacks the key, or the value is no JSON).
+    pub fn field_value(&self, index: usize, name: &str) -> Option<Value> {
+        rmp_serde::from_slice(msgpack::field(self.raw(index)?, name)?).ok()
+    }
+
+    /// Record `index` decoded as `T` (with serde; text fields can borrow from the batch).
+    pub fn decode<T: serde::Deserialize<'a>>(&self, index: usize) -> Result<T, RecordError> {
+        let bytes = self.raw(index).ok_or_else(|| RecordError {
+            index,
+            reason: format!("the batch has {} records", self.len()),
+        })?;
+        rmp_serde::from_slice(bytes).map_err(|e| RecordError {
+            index,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Record `index` as a JSON value.
+    pub fn value(&self, index: usize) -> Result<Value, RecordError> {
+        self.decode(index)
+    }
+
+    /// Every record as a JSON value.
+    pub fn values(&self) -> Result<Vec<Value>, RecordError> {
+        (0..self.len()).map(|i| self.value(i)).collect()
+    }
+}
+
+/// Runs `task` on `records` both ways, [`Task::run`] on the values and [`Task::run_records`]
+/// on their MessagePack, and returns the output once it checked that both agree: for the tests
+/// of a task that implements `run_records`.
+///
+/// # Panics
+/// When the two outputs differ.
+pub fn run_both(
+    task: &dyn Task,
+    ctx: &TaskContext<'_>,
+    records: &[Value],
+) -> Result<TaskOutput, TaskError> {
+    let bytes = encode_records(records);
+    let in_place = task.run_records(
+        ctx,
+        &Records::new(bytes.iter().map(Vec::as_slice).collect()),
+    );
+    let decoded = task.run(ctx, records);
+    assert_eq!(in_place, decoded, "run_records and run disagree");
+    decoded
+}
+
+/// Records encoded as a batch carries them (for running a task on values in tests or in
+/// process): pass `Records::new(bytes.iter().map(Vec::as_slice).collect())`.
+pub fn encode_records(values: &[Value]) -> Vec<Vec<u8>> {
+    // A JSON value into a Vec cannot fail.
+    values
+        .iter()
+        .map(|v| rmp_serde::to_vec(v).unwrap_or_default())
+        .collect()
 }
 
 /// The type of a task parameter (values travel as text and are checked against it).
@@ -182,6 +297,20 @@ pub trait Task: Send + Sync + 'static {
 
     /// Analyses one batch. Runs on a rayon thread; may use rayon inside.
     fn run(&self, ctx: &TaskContext<'_>, records: &[Value]) -> Result<TaskOutput, TaskError>;
+
+    /// Analyses one batch as it arrived: what the worker calls. By default it decodes every
+    /// record into a JSON value and calls [`Task::run`]; a task that reads only some fields
+    /// can read them in place instead (it must give the same output as `run`).
+    fn run_records(
+        &self,
+        ctx: &TaskContext<'_>,
+        records: &Records<'_>,
+    ) -> Result<TaskOutput, TaskError> {
+        let values = records
+            .values()
+            .map_err(|e| TaskError::BadRecord(e.to_string()))?;
+        self.run(ctx, &values)
+    }
 
     /// Folds the batch results of a job (in batch order) into its summary.
     fn aggregate(&self, results: &[Value]) -> Value;

@@ -12,7 +12,7 @@ use taskmill_task::hash::hash_strs;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use taskmill_task::{f64_of, str_field, u64_of, Task, TaskContext, TaskError, TaskOutput};
+use taskmill_task::{f64_of, str_field, u64_of, Records, Task, TaskContext, TaskError, TaskOutput};
 
 /// The `similarity` task.
 pub struct Similarity;
@@ -56,6 +56,59 @@ fn signature(shingles: &[u64], hashes: usize) -> Vec<u64> {
         .collect()
 }
 
+/// A batch's output from the (id, text) of each record that has the text, of `total`.
+fn similar(
+    ctx: &TaskContext<'_>,
+    usable: Vec<(Value, &str)>,
+    total: usize,
+) -> Result<TaskOutput, TaskError> {
+    let threshold: f64 = ctx.param("threshold", 0.8)?;
+    let k: usize = ctx.param("shingle", 3)?;
+    let hashes: usize = ctx.param("hashes", 128)?;
+    if !(0.0..=1.0).contains(&threshold) || hashes == 0 || hashes > 4096 {
+        return Err(TaskError::Permanent(
+            "similarity needs 0 <= threshold <= 1 and 1 <= hashes <= 4096".into(),
+        ));
+    }
+    let sigs: Vec<Option<Vec<u64>>> = usable
+        .par_iter()
+        .with_min_len(4)
+        .map(|(_, text)| {
+            let sh = shingle_hashes(text, k);
+            (!sh.is_empty()).then(|| signature(&sh, hashes))
+        })
+        .collect();
+    let mut pairs: Vec<(usize, usize, f64)> = (0..sigs.len())
+        .into_par_iter()
+        .with_min_len(8)
+        .flat_map_iter(|i| {
+            let sigs = &sigs;
+            (i + 1..sigs.len()).filter_map(move |j| {
+                let (a, b) = (sigs[i].as_ref()?, sigs[j].as_ref()?);
+                let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+                let est = same as f64 / hashes as f64;
+                (est >= threshold).then_some((i, j, est))
+            })
+        })
+        .collect();
+    pairs.sort_by_key(|p| (p.0, p.1));
+    let listed: Vec<Value> = pairs
+        .iter()
+        .map(|&(i, j, est)| json!({"a": usable[i].0, "b": usable[j].0, "jaccard": est}))
+        .collect();
+    let used = usable.len() as u64;
+    Ok(TaskOutput {
+        result: json!({
+            "records": used,
+            "pair_count": listed.len(),
+            "pairs": listed,
+            "threshold": threshold,
+        }),
+        records_done: used,
+        records_invalid: total as u64 - used,
+    })
+}
+
 impl Task for Similarity {
     fn name(&self) -> &'static str {
         "similarity"
@@ -63,16 +116,7 @@ impl Task for Similarity {
 
     fn run(&self, ctx: &TaskContext<'_>, records: &[Value]) -> Result<TaskOutput, TaskError> {
         let field = ctx.str_param("field", "body");
-        let threshold: f64 = ctx.param("threshold", 0.8)?;
-        let k: usize = ctx.param("shingle", 3)?;
-        let hashes: usize = ctx.param("hashes", 128)?;
-        if !(0.0..=1.0).contains(&threshold) || hashes == 0 || hashes > 4096 {
-            return Err(TaskError::Permanent(
-                "similarity needs 0 <= threshold <= 1 and 1 <= hashes <= 4096".into(),
-            ));
-        }
-        // (id, signature) of each usable record.
-        let usable: Vec<(Value, &str)> = records
+        let usable = records
             .iter()
             .enumerate()
             .filter_map(|(i, r)| {
@@ -81,43 +125,23 @@ impl Task for Similarity {
                 Some((id, text))
             })
             .collect();
-        let sigs: Vec<Option<Vec<u64>>> = usable
-            .par_iter()
-            .with_min_len(4)
-            .map(|(_, text)| {
-                let sh = shingle_hashes(text, k);
-                (!sh.is_empty()).then(|| signature(&sh, hashes))
+        similar(ctx, usable, records.len())
+    }
+
+    fn run_records(
+        &self,
+        ctx: &TaskContext<'_>,
+        records: &Records<'_>,
+    ) -> Result<TaskOutput, TaskError> {
+        let field = ctx.str_param("field", "body");
+        let usable = (0..records.len())
+            .filter_map(|i| {
+                let text = records.str_field(i, field)?;
+                let id = records.field_value(i, "id").unwrap_or_else(|| json!(i));
+                Some((id, text))
             })
             .collect();
-        let mut pairs: Vec<(usize, usize, f64)> = (0..sigs.len())
-            .into_par_iter()
-            .with_min_len(8)
-            .flat_map_iter(|i| {
-                let sigs = &sigs;
-                (i + 1..sigs.len()).filter_map(move |j| {
-                    let (a, b) = (sigs[i].as_ref()?, sigs[j].as_ref()?);
-                    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
-                    let est = same as f64 / hashes as f64;
-                    (est >= threshold).then_some((i, j, est))
-                })
-            })
-            .collect();
-        pairs.sort_by_key(|p| (p.0, p.1));
-        let listed: Vec<Value> = pairs
-            .iter()
-            .map(|&(i, j, est)| json!({"a": usable[i].0, "b": usable[j].0, "jaccard": est}))
-            .collect();
-        let used = usable.len() as u64;
-        Ok(TaskOutput {
-            result: json!({
-                "records": used,
-                "pair_count": listed.len(),
-                "pairs": listed,
-                "threshold": threshold,
-            }),
-            records_done: used,
-            records_invalid: records.len() as u64 - used,
-        })
+        similar(ctx, usable, records.len())
     }
 
     fn description(&self) -> &'static str {
@@ -175,7 +199,7 @@ mod tests {
             attempt: 1,
             deadline: None,
         };
-        Similarity.run(&ctx, records).unwrap()
+        taskmill_task::run_both(&Similarity, &ctx, records).unwrap()
     }
 
     #[test]

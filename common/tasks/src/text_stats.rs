@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{json, Value};
 
-use taskmill_task::{f64_of, str_field, u64_of, Task, TaskContext, TaskError, TaskOutput};
+use taskmill_task::{f64_of, str_field, u64_of, Records, Task, TaskContext, TaskError, TaskOutput};
 
 /// The `text-stats` task.
 pub struct TextStats;
@@ -69,6 +69,45 @@ fn figures(
     })
 }
 
+/// A batch's output from each record's text (None for a record without one).
+fn stats<'a>(
+    ctx: &TaskContext<'_>,
+    texts: impl Iterator<Item = Option<&'a str>>,
+) -> Result<TaskOutput, TaskError> {
+    let top: usize = ctx.param("top", 10)?;
+    let (mut used, mut invalid) = (0u64, 0u64);
+    let mut words = 0u64;
+    let mut word_counts: HashMap<String, u64> = HashMap::new();
+    let mut chars: BTreeMap<String, u64> = BTreeMap::new();
+    for text in texts {
+        let Some(text) = text else {
+            invalid += 1;
+            continue;
+        };
+        used += 1;
+        for c in text.chars() {
+            *chars.entry(c.to_string()).or_default() += 1;
+        }
+        for w in text
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+        {
+            words += 1;
+            *word_counts.entry(w.to_lowercase()).or_default() += 1;
+        }
+    }
+    let diversity = if words == 0 {
+        0.0
+    } else {
+        word_counts.len() as f64 / words as f64
+    };
+    Ok(TaskOutput {
+        result: figures(used, words, diversity, top, &word_counts, &chars),
+        records_done: used,
+        records_invalid: invalid,
+    })
+}
+
 impl Task for TextStats {
     fn name(&self) -> &'static str {
         "text-stats"
@@ -76,34 +115,16 @@ impl Task for TextStats {
 
     fn run(&self, ctx: &TaskContext<'_>, records: &[Value]) -> Result<TaskOutput, TaskError> {
         let field = ctx.str_param("field", "body");
-        let top: usize = ctx.param("top", 10)?;
-        let mut used = 0u64;
-        let mut words = 0u64;
-        let mut word_counts: HashMap<String, u64> = HashMap::new();
-        let mut chars: BTreeMap<String, u64> = BTreeMap::new();
-        for text in records.iter().filter_map(|r| str_field(r, field)) {
-            used += 1;
-            for c in text.chars() {
-                *chars.entry(c.to_string()).or_default() += 1;
-            }
-            for w in text
-                .split(|c: char| !c.is_alphanumeric())
-                .filter(|w| !w.is_empty())
-            {
-                words += 1;
-                *word_counts.entry(w.to_lowercase()).or_default() += 1;
-            }
-        }
-        let diversity = if words == 0 {
-            0.0
-        } else {
-            word_counts.len() as f64 / words as f64
-        };
-        Ok(TaskOutput {
-            result: figures(used, words, diversity, top, &word_counts, &chars),
-            records_done: used,
-            records_invalid: records.len() as u64 - used,
-        })
+        stats(ctx, records.iter().map(|r| str_field(r, field)))
+    }
+
+    fn run_records(
+        &self,
+        ctx: &TaskContext<'_>,
+        records: &Records<'_>,
+    ) -> Result<TaskOutput, TaskError> {
+        let field = ctx.str_param("field", "body");
+        stats(ctx, (0..records.len()).map(|i| records.str_field(i, field)))
     }
 
     fn description(&self) -> &'static str {
@@ -176,7 +197,7 @@ mod tests {
             attempt: 1,
             deadline: None,
         };
-        TextStats.run(&ctx, records)
+        taskmill_task::run_both(&TextStats, &ctx, records)
     }
 
     #[test]

@@ -32,7 +32,7 @@ use taskmill_common::{
     envelope::{encode, Envelope, FORMAT_VERSION},
     now_ms,
     store::{NewJob, PublishTotals, Store},
-    task::TaskContext,
+    task::{Records, TaskContext},
     topology::{self, Names},
 };
 
@@ -589,7 +589,8 @@ pub struct RawFigures {
     pub client_cpu_s_per_1000: f64,
 }
 
-/// The same task code in-process on a rayon pool of all cores: seconds for all batches.
+/// The same task code in-process on a rayon pool of all cores, called as the worker calls it
+/// (records in MessagePack, encoded beforehand): seconds for all batches.
 pub fn in_process(
     n_posts: u64,
     batch_size: usize,
@@ -598,7 +599,14 @@ pub fn in_process(
 ) -> anyhow::Result<f64> {
     use rayon::prelude::*;
     let posts: Vec<Value> = sample::posts(n_posts).collect();
-    let batches: Vec<&[Value]> = posts.chunks(batch_size).collect();
+    let encoded: Vec<Vec<Vec<u8>>> = posts
+        .chunks(batch_size)
+        .map(taskmill_common::task::encode_records)
+        .collect();
+    let batches: Vec<Records<'_>> = encoded
+        .iter()
+        .map(|b| Records::new(b.iter().map(Vec::as_slice).collect()))
+        .collect();
     let task = taskmill_common::tasks::builtin()
         .get(task)
         .context("unknown task")?;
@@ -623,7 +631,7 @@ pub fn in_process(
                     attempt: 1,
                     deadline: None,
                 };
-                task.run(&ctx, b).is_ok()
+                task.run_records(&ctx, b).is_ok()
             })
             .filter(|ok| *ok)
             .count()
