@@ -39,6 +39,7 @@ pub mod decide;
 pub mod drain;
 pub mod metrics;
 mod pool;
+mod pumps;
 pub mod retry;
 mod session;
 mod sink;
@@ -205,7 +206,7 @@ pub async fn run_with_stats(
     let shared = Shared {
         names: Names::new(&args.conn.namespace),
         analyser: pool::Analyser {
-            pool: Arc::new(pool),
+            pumps: pumps::Pumps::new(Arc::new(pool)),
             registry,
             max_message_bytes: args.max_message_bytes,
             cancelled,

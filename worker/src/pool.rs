@@ -59,7 +59,8 @@ pub(crate) type RateStore = Arc<std::sync::Mutex<Option<taskmill_common::store::
 /// The rayon side of the worker.
 #[derive(Clone)]
 pub(crate) struct Analyser {
-    pub(crate) pool: Arc<rayon::ThreadPool>,
+    /// The rayon pool, fed through pumps (see [`crate::pumps`]).
+    pub(crate) pumps: Arc<crate::pumps::Pumps>,
     pub(crate) registry: Registry,
     pub(crate) max_message_bytes: usize,
     pub(crate) cancelled: Cancelled,
@@ -236,10 +237,11 @@ impl Analyser {
         let cancelled = self.cancelled.clone();
         let running = self.running.clone();
         let (tx, rx) = oneshot::channel();
-        self.pool.spawn(move || {
-            use rayon::prelude::*;
+        self.pumps.run(Box::new(move || {
+            // One after the other: the pool's other threads run other groups (the session
+            // splits what arrived between them); a task may still use rayon inside.
             let out: Vec<_> = inputs
-                .into_par_iter()
+                .into_iter()
                 .map(|(body, attempt, message_id, timing)| {
                     // A batch of a cancelled job, an expired or an early one does not run,
                     // even one that waited in this worker's prefetch.
@@ -263,7 +265,7 @@ impl Analyser {
                 })
                 .collect();
             let _ = tx.send(out);
-        });
+        }));
         async move {
             let mut out = rx.await.unwrap_or_default().into_iter();
             metas

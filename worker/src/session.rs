@@ -144,9 +144,21 @@ impl Session {
     ) -> anyhow::Result<()> {
         let mut inflight: FuturesUnordered<BoxFuture<'static, Vec<Processed>>> =
             FuturesUnordered::new();
+        // Deliveries that arrived while every analysis thread had a group: they go together
+        // as the next group, so that under load a wake-up of the pool carries many batches.
+        let mut waiting: Vec<Arrived> = Vec::new();
+        let max_groups = shared.analyser.pumps.threads();
         let mut ended = false;
         loop {
-            if self.drain.progress(ended, inflight.len()) {
+            while !waiting.is_empty() && inflight.len() < max_groups {
+                // A share for each free thread (a group runs on one).
+                let free = max_groups - inflight.len();
+                let n = waiting.len().div_ceil(free).min(RAYON_GROUP);
+                let group: Vec<Arrived> = waiting.drain(..n).collect();
+                inflight.push(shared.analyser.analyse_group(group));
+            }
+            let in_hand = inflight.len() + waiting.len();
+            if self.drain.progress(ended, in_hand) {
                 return Ok(());
             }
             let deadline = self.drain.deadline();
@@ -157,13 +169,13 @@ impl Session {
                 res = &mut self.events_task, if !draining => {
                     return Err(ended_with(res, "the dead-letter counter"));
                 }
-                _ = shutdown.cancelled(), if !draining => ended |= self.start_drain(shared, inflight.len()).await,
+                _ = shutdown.cancelled(), if !draining => ended |= self.start_drain(shared, in_hand).await,
                 d = self.deliveries.next(), if !ended => match d {
                     Some((chan, queue, Ok(delivery))) => {
                         let (group, end) = self.gather((chan, queue, delivery))?;
                         ended |= end;
                         shared.stats.in_flight(group.len() as i64);
-                        inflight.push(shared.analyser.analyse_group(group));
+                        waiting.extend(group);
                     }
                     Some((_, _, Err(e))) => return Err(anyhow::Error::new(e).context("consuming")),
                     None if draining => ended = true,
@@ -171,7 +183,7 @@ impl Session {
                 },
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     if self.drain.tick(Instant::now()) {
-                        warn!(left = inflight.len(),
+                        warn!(left = in_hand,
                             "shutdown timeout: the batches still in hand go back to the queue");
                         self.hard_stop.cancel();
                         return Ok(());
