@@ -158,6 +158,46 @@ fn not_now(
     Some((id_of(message_id)?, outcome))
 }
 
+/// One analysed batch, with its body back.
+type Analysed = (Option<(BatchId, Outcome)>, Vec<u8>);
+
+/// A group's outcomes, filled in by its batches' jobs in any order; the last one sends them.
+struct GroupResults {
+    slots: std::sync::Mutex<(Vec<Option<Analysed>>, usize)>,
+    tx: std::sync::Mutex<Option<oneshot::Sender<Vec<Analysed>>>>,
+}
+
+impl GroupResults {
+    fn new(n: usize, tx: oneshot::Sender<Vec<Analysed>>) -> Self {
+        Self {
+            slots: std::sync::Mutex::new(((0..n).map(|_| None).collect(), n)),
+            tx: std::sync::Mutex::new(Some(tx)),
+        }
+    }
+
+    fn put(&self, i: usize, analysed: Analysed) {
+        let done = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(slot) = slots.0.get_mut(i) {
+                *slot = Some(analysed);
+                slots.1 -= 1;
+            }
+            (slots.1 == 0).then(|| std::mem::take(&mut slots.0))
+        };
+        if let Some(all) = done {
+            let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(tx) = tx {
+                // A slot never filled (cannot happen) reads as a lost analysis: requeued.
+                let _ = tx.send(
+                    all.into_iter()
+                        .map(|a| a.unwrap_or((None, Vec::new())))
+                        .collect(),
+                );
+            }
+        }
+    }
+}
+
 impl Analyser {
     /// Hands a group of deliveries to the rayon pool as one job and returns the future of
     /// their outcomes. Grouping what arrived together saves a wake-up of the pool per batch
@@ -217,7 +257,43 @@ impl Analyser {
         (settled, run)
     }
 
-    /// Hands deliveries to the rayon pool as one job (see [`Analyser::analyse_group`]).
+    /// Analyses one batch on a pool thread (one that may not run now is settled unrun).
+    fn run_one(
+        &self,
+        body: &[u8],
+        attempt: u32,
+        message_id: Option<&str>,
+        timing: Timing,
+    ) -> Option<(BatchId, Outcome)> {
+        // A batch of a cancelled job, an expired or an early one does not run, even one that
+        // waited in this worker's prefetch.
+        if let Some(skip) = not_now(&self.cancelled, message_id, timing) {
+            return Some(skip);
+        }
+        let slot = rayon::current_thread_index().and_then(|i| self.running.get(i));
+        if let (Some(slot), Some(limit)) = (slot, timing.time_limit) {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((std::time::Instant::now(), limit));
+        }
+        let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let max = self.max_message_bytes;
+            analyse(
+                &self.registry,
+                body,
+                message_id,
+                attempt,
+                max,
+                timing.time_limit,
+            )
+        }))
+        .ok();
+        if let Some(slot) = slot {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        analysed
+    }
+
+    /// Hands deliveries to the rayon pool (see [`Analyser::analyse_group`]).
     fn on_rayon(&self, group: Vec<Arrived>) -> BoxFuture<'static, Vec<Processed>> {
         let mut inputs = Vec::with_capacity(group.len());
         let mut metas = Vec::with_capacity(group.len());
@@ -232,40 +308,24 @@ impl Analyser {
             inputs.push((body, attempt, message_id, Timing::of(&delivery.properties)));
             metas.push((chan, queue, delivery, attempt));
         }
-        let registry = self.registry.clone();
-        let max = self.max_message_bytes;
-        let cancelled = self.cancelled.clone();
-        let running = self.running.clone();
         let (tx, rx) = oneshot::channel();
-        self.pumps.run(Box::new(move || {
-            // One after the other: the pool's other threads run other groups (the session
-            // splits what arrived between them); a task may still use rayon inside.
-            let out: Vec<_> = inputs
-                .into_iter()
-                .map(|(body, attempt, message_id, timing)| {
-                    // A batch of a cancelled job, an expired or an early one does not run,
-                    // even one that waited in this worker's prefetch.
-                    if let Some(skip) = not_now(&cancelled, message_id.as_deref(), timing) {
-                        return (Some(skip), body);
-                    }
-                    let slot = rayon::current_thread_index().and_then(|i| running.get(i));
-                    if let (Some(slot), Some(limit)) = (slot, timing.time_limit) {
-                        *slot.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Some((std::time::Instant::now(), limit));
-                    }
-                    let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        let id = message_id.as_deref();
-                        analyse(&registry, &body, id, attempt, max, timing.time_limit)
-                    }))
-                    .ok();
-                    if let Some(slot) = slot {
-                        *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    }
-                    (analysed, body)
-                })
-                .collect();
-            let _ = tx.send(out);
-        }));
+        let results = Arc::new(GroupResults::new(inputs.len(), tx));
+        // A job a batch: the pool's threads share a group's batches as they come free, and the
+        // group goes back (one wake-up of the session) when its last batch is done.
+        let analyser = Arc::new(self.clone());
+        let jobs = inputs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (body, attempt, message_id, timing))| {
+                let this = Arc::clone(&analyser);
+                let results = Arc::clone(&results);
+                Box::new(move || {
+                    let analysed = this.run_one(&body, attempt, message_id.as_deref(), timing);
+                    results.put(i, (analysed, body));
+                }) as crate::pumps::Job
+            })
+            .collect();
+        self.pumps.run_all(jobs);
         async move {
             let mut out = rx.await.unwrap_or_default().into_iter();
             metas

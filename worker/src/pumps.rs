@@ -65,21 +65,26 @@ impl Pumps {
     }
 
     /// Runs `job` on the pool: a waiting pump takes it, or a new one starts for it.
+    #[cfg(test)]
     pub(crate) fn run(self: &Arc<Self>, job: Job) {
+        self.run_all(vec![job]);
+    }
+
+    /// Runs `jobs` on the pool, in order as threads come free: waiting pumps take them, and
+    /// new pumps start for those no waiting pump will take, up to one a thread.
+    pub(crate) fn run_all(self: &Arc<Self>, jobs: Vec<Job>) {
         let (wake, start) = {
             let mut st = self.lock();
-            st.jobs.push_back(job);
-            // A pump for each job that no waiting pump will take, up to one a thread.
-            let start = st.jobs.len() > st.idle && st.running < self.max;
-            if start {
-                st.running += 1;
-            }
-            (st.idle > 0, start)
+            st.jobs.extend(jobs);
+            let wanted = st.jobs.len().saturating_sub(st.idle);
+            let start = wanted.min(self.max - st.running.min(self.max));
+            st.running += start;
+            (st.idle.min(st.jobs.len()), start)
         };
-        if wake {
+        for _ in 0..wake {
             self.more.notify_one();
         }
-        if start {
+        for _ in 0..start {
             let me = Arc::clone(self);
             self.pool.spawn(move || me.pump());
         }

@@ -151,9 +151,7 @@ impl Session {
         let mut ended = false;
         loop {
             while !waiting.is_empty() && inflight.len() < max_groups {
-                // A share for each free thread (a group runs on one).
-                let free = max_groups - inflight.len();
-                let n = waiting.len().div_ceil(free).min(RAYON_GROUP);
+                let n = waiting.len().min(RAYON_GROUP);
                 let group: Vec<Arrived> = waiting.drain(..n).collect();
                 inflight.push(shared.analyser.analyse_group(group));
             }

@@ -1,12 +1,15 @@
 local now, ttl, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local out = {}
-local limit = batch_limit(KEYS[1])
+-- The job is read once and written once, whatever the number of batches.
+local j = load(KEYS[1])
+local limit = batch_limit_j(j)
 if not limit then
   for i = 1, n do out[i] = -1 end
   return out
 end
 local batches, records, invalid, undead = 0, 0, 0, 0
-local has_dead = redis.call('EXISTS', KEYS[3]) == 1
+-- The dead batches' hash holds as many entries as batches_dead counts.
+local has_dead = num(j.batches_dead) > 0
 for i = 0, n - 1 do
   local at = 4 + i * 4
   if tonumber(ARGV[at]) >= limit then
@@ -22,20 +25,20 @@ for i = 0, n - 1 do
   end
 end
 if batches > 0 then
-  redis.call('HINCRBY', KEYS[1], 'batches_done', batches)
-  redis.call('HINCRBY', KEYS[1], 'records_done', records)
-  if invalid > 0 then redis.call('HINCRBY', KEYS[1], 'records_invalid', invalid) end
-  if undead > 0 then redis.call('HINCRBY', KEYS[1], 'batches_dead', -undead) end
-  redis.call('HSETNX', KEYS[1], 'started_ms', now)
-  if redis.call('HGET', KEYS[1], 'state') == STATE.pending then
-    redis.call('HSET', KEYS[1], 'state', STATE.running)
-  end
-  published_at_least(KEYS[1])
-  finish(KEYS[1], now)
-  expire_all(KEYS[1], ttl)
+  local w = {}
+  put(j, w, 'batches_done', num(j.batches_done) + batches)
+  put(j, w, 'records_done', num(j.records_done) + records)
+  if invalid > 0 then put(j, w, 'records_invalid', num(j.records_invalid) + invalid) end
+  if undead > 0 then put(j, w, 'batches_dead', num(j.batches_dead) - undead) end
+  if not j.started_ms then put(j, w, 'started_ms', now) end
+  if j.state == STATE.pending then put(j, w, 'state', STATE.running) end
+  published_at_least_j(j, w)
+  finish_j(KEYS[1], j, w, now)
+  write(KEYS[1], w)
+  expire_all_j(j, ttl)
 end
 -- A last element: 1 when the job is finished and has no summary yet (this worker folds it).
-local st = redis.call('HGET', KEYS[1], 'state')
+local st = j.state
 if batches > 0 and (st == STATE.completed or st == STATE.completed_with_errors)
    and redis.call('HEXISTS', KEYS[1], 'summary') == 0 then
   out[n + 1] = 1
