@@ -424,8 +424,8 @@ class _Publishing:
             self.renew_lease()
         props = pika.BasicProperties(
             delivery_mode=2, content_type=CONTENT_TYPE, message_id=f"{self.job}:{self.batches}",
-            timestamp=int(time.time()), headers={HEADER_ATTEMPT: 1},
-        )
+            timestamp=int(time.time()),
+        )  # no x-taskmill-attempt header: a first publish means attempt 1
         self.publish(body, props)
         self.batches += 1
         self.records += len(records)
