@@ -447,7 +447,21 @@ async fn peers(
                     "bench: peers, {which} ({} posts, batches of 10)",
                     args.posts
                 );
-                let mut j = bench::peer(&python, which, &file, 10).await?;
+                // A peer that fails (its own bug, a package that changed) is reported, and the
+                // figures of every other workload are still printed.
+                let mut j = match bench::peer(&python, which, &file, 10).await {
+                    Ok(j) => j,
+                    Err(e) => {
+                        eprintln!("bench: {which} FAILED: {e:#}");
+                        rep.rows.push((
+                            "peers".into(),
+                            format!("{which} tasks (batches)/s"),
+                            format!("failed: {e}"),
+                        ));
+                        peers.insert(which.into(), json!({"failed": e.to_string()}));
+                        continue;
+                    }
+                };
                 let rate = j["tasks_per_s"].as_f64().unwrap_or(f64::NAN);
                 rep.rows.push((
                     "peers".into(),
