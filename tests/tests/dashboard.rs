@@ -83,6 +83,9 @@ fn worker_process(ns: &str) -> Child {
     Command::new(bin_path("worker"))
         .env("TASKMILL_NAMESPACE", ns)
         .env("TASKMILL_THREADS", "2")
+        // Few batches in hand, so that a job's progress moves a few batches at a time and
+        // both workers share it (the page checks that progress advances).
+        .env("TASKMILL_PREFETCH", "4")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -314,7 +317,8 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
         .wait_finished(&store, &dead_job, Duration::from_secs(60))
         .await;
     assert_eq!(s.batches_dead, 3);
-    // A slow job: 200 batches of 100 ms on two workers of two threads (about 5 s).
+    // A slow job: 200 batches of 300 ms on two workers of two threads (about 15 s): still
+    // running when the browser, started on a loaded machine, first reads its progress.
     let many = write_jsonl(sample::posts(2000));
     let job = enqueue_cli(
         &t.ns,
@@ -322,7 +326,7 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
             "--task",
             "chaos",
             "--param",
-            "sleep_ms=100",
+            "sleep_ms=300",
             "--file",
             many.to_str().unwrap(),
         ],
