@@ -620,14 +620,7 @@ struct TaskCounts {
 
 impl GroupCounts {
     fn done(&mut self, label: &'static str, b: &DoneBatch, latency_ms: Option<u64>) {
-        let i = match self.by_task.iter().position(|(l, _)| *l == label) {
-            Some(i) => i,
-            None => {
-                self.by_task.push((label, TaskCounts::default()));
-                self.by_task.len() - 1
-            }
-        };
-        let c = &mut self.by_task[i].1;
+        let c = by_label(&mut self.by_task, label, TaskCounts::default);
         c.batches += 1;
         c.records += b.records_done;
         c.invalid += b.records_invalid;
@@ -652,6 +645,23 @@ impl GroupCounts {
     }
 }
 
+/// The entry for `label` (a group holds one task or a few: a list beats a map), made on first
+/// use.
+fn by_label<'v, T>(
+    entries: &'v mut Vec<(&'static str, T)>,
+    label: &'static str,
+    make: impl FnOnce() -> T,
+) -> &'v mut T {
+    let i = match entries.iter().position(|(l, _)| *l == label) {
+        Some(i) => i,
+        None => {
+            entries.push((label, make()));
+            entries.len() - 1
+        }
+    };
+    &mut entries[i].1
+}
+
 /// Records how long each task of a group ran, one histogram lookup a task.
 fn record_durations(group: &[Processed]) {
     let mut handles: Vec<(&'static str, metrics::Histogram)> = Vec::new();
@@ -660,15 +670,12 @@ fn record_durations(group: &[Processed]) {
             continue;
         };
         let label = p.label();
-        let h = match handles.iter().position(|(l, _)| *l == label) {
-            Some(i) => &handles[i].1,
-            None => {
-                let h = metrics::histogram!("taskmill_task_duration_seconds", "task" => label);
-                handles.push((label, h));
-                &handles[handles.len() - 1].1
-            }
-        };
-        h.record(took.as_secs_f64());
+        by_label(
+            &mut handles,
+            label,
+            || metrics::histogram!("taskmill_task_duration_seconds", "task" => label),
+        )
+        .record(took.as_secs_f64());
     }
 }
 

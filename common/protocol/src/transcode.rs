@@ -110,25 +110,7 @@ impl Transcoder<'_, '_> {
     fn array(&mut self, depth: usize) -> Result<(), NotJson> {
         let start = self.gap();
         let n = self.container(depth, b']', |t| t.value(depth))?;
-        let mut head = [0u8; 5];
-        let len = match n {
-            0..=15 => {
-                head[0] = 0x90 | n as u8;
-                1
-            }
-            16..=0xffff => {
-                head[0] = 0xdc;
-                head[1..3].copy_from_slice(&(n as u16).to_be_bytes());
-                3
-            }
-            _ => {
-                head[0] = 0xdd;
-                head[1..5].copy_from_slice(&u32::try_from(n).map_err(|_| NotJson)?.to_be_bytes());
-                5
-            }
-        };
-        self.close_gap(start, &head[..len]);
-        Ok(())
+        self.close_gap(start, n, [0x90, 0xdc, 0xdd])
     }
 
     fn object(&mut self, depth: usize) -> Result<(), NotJson> {
@@ -144,25 +126,7 @@ impl Transcoder<'_, '_> {
             t.pos += 1;
             t.value(depth)
         })?;
-        let mut head = [0u8; 5];
-        let len = match n {
-            0..=15 => {
-                head[0] = 0x80 | n as u8;
-                1
-            }
-            16..=0xffff => {
-                head[0] = 0xde;
-                head[1..3].copy_from_slice(&(n as u16).to_be_bytes());
-                3
-            }
-            _ => {
-                head[0] = 0xdf;
-                head[1..5].copy_from_slice(&u32::try_from(n).map_err(|_| NotJson)?.to_be_bytes());
-                5
-            }
-        };
-        self.close_gap(start, &head[..len]);
-        Ok(())
+        self.close_gap(start, n, [0x80, 0xde, 0xdf])
     }
 
     fn gap(&mut self) -> usize {
@@ -171,12 +135,33 @@ impl Transcoder<'_, '_> {
         start
     }
 
-    fn close_gap(&mut self, start: usize, head: &[u8]) {
+    /// Writes the header of a container of `n` elements into the gap at `start` and closes it
+    /// up. `markers`: the fix marker (its count in the low nibble), then those with a 16-bit
+    /// and a 32-bit count.
+    fn close_gap(&mut self, start: usize, n: usize, markers: [u8; 3]) -> Result<(), NotJson> {
+        let mut head = [0u8; 5];
+        let len = match n {
+            0..=15 => {
+                head[0] = markers[0] | n as u8;
+                1
+            }
+            16..=0xffff => {
+                head[0] = markers[1];
+                head[1..3].copy_from_slice(&(n as u16).to_be_bytes());
+                3
+            }
+            _ => {
+                head[0] = markers[2];
+                head[1..5].copy_from_slice(&u32::try_from(n).map_err(|_| NotJson)?.to_be_bytes());
+                5
+            }
+        };
         let body = start + 5;
         let end = self.out.len();
-        self.out.copy_within(body..end, start + head.len());
-        self.out[start..start + head.len()].copy_from_slice(head);
-        self.out.truncate(end - (5 - head.len()));
+        self.out.copy_within(body..end, start + len);
+        self.out[start..start + len].copy_from_slice(&head[..len]);
+        self.out.truncate(end - (5 - len));
+        Ok(())
     }
 
     fn string(&mut self) -> Result<(), NotJson> {

@@ -61,27 +61,27 @@ impl<'a> Reader<'a> {
 
     /// A map's length (entries), or None (nothing read) when the next value is no map.
     pub fn map_len(&mut self) -> Option<usize> {
-        let start = self.pos;
-        let n = match self.byte()? {
-            b @ 0x80..=0x8f => Some(usize::from(b & 0x0f)),
-            0xde => self.len(2),
-            0xdf => self.len(4),
-            _ => None,
-        };
-        if n.is_none() {
-            self.pos = start;
-        }
-        n
+        self.container_len([0x80, 0xde, 0xdf])
     }
 
     /// An array's length, or None (nothing read) when the next value is no array.
     pub fn array_len(&mut self) -> Option<usize> {
+        self.container_len([0x90, 0xdc, 0xdd])
+    }
+
+    /// The length after a container marker: `markers` are the fix marker (the length in its low
+    /// nibble), then those with a 16-bit and a 32-bit length. None (nothing read) otherwise.
+    fn container_len(&mut self, markers: [u8; 3]) -> Option<usize> {
         let start = self.pos;
-        let n = match self.byte()? {
-            b @ 0x90..=0x9f => Some(usize::from(b & 0x0f)),
-            0xdc => self.len(2),
-            0xdd => self.len(4),
-            _ => None,
+        let b = self.byte()?;
+        let n = if b & 0xf0 == markers[0] {
+            Some(usize::from(b & 0x0f))
+        } else if b == markers[1] {
+            self.len(2)
+        } else if b == markers[2] {
+            self.len(4)
+        } else {
+            None
         };
         if n.is_none() {
             self.pos = start;
