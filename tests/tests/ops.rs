@@ -127,6 +127,31 @@ async fn metrics_and_health_follow_the_job() {
     assert!(m("taskmill_task_duration_seconds_sum", &[("task", "chaos")]) > 0.0);
     assert_eq!(m("taskmill_batches_in_flight", &[]), 0.0);
     assert!(text.contains("taskmill_batch_latency_seconds_bucket{"));
+    // The part of the latency spent in the worker: one a batch, never more than the whole
+    // (the whole is counted in whole ms, hence the 1 ms a batch of slack).
+    assert_eq!(
+        m(
+            "taskmill_batch_in_worker_seconds_count",
+            &[("task", "chaos")]
+        ),
+        200.0
+    );
+    let in_worker = m("taskmill_batch_in_worker_seconds_sum", &[("task", "chaos")]);
+    let whole = m("taskmill_batch_latency_seconds_sum", &[("task", "chaos")]);
+    assert!(
+        in_worker > 0.0 && in_worker <= whole + 0.2,
+        "in the worker {in_worker} s of {whole} s"
+    );
+    let (_, stats) = get(&format!("{base}/stats")).await;
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    let (here_max, whole_max) = (
+        stats["in_worker_us"]["max"].as_u64().unwrap(),
+        stats["latency_ms"]["max"].as_u64().unwrap(),
+    );
+    assert!(
+        here_max > 0 && here_max <= (whole_max + 1) * 1000 + 1000,
+        "{stats}"
+    );
 
     // A job that dies shows up as dead batches.
     let mut dead = EnqueueArgs::new("chaos");

@@ -3,9 +3,9 @@
 //! - `GET /metrics`: Prometheus text. Names are stable, for dashboards and alerts:
 //!   `taskmill_batches_total{task,outcome}` (`done`, `retried`, `dead`),
 //!   `taskmill_records_total{task,outcome}` (`done`, `invalid`),
-//!   `taskmill_task_duration_seconds{task}` and `taskmill_batch_latency_seconds{task}`
-//!   (histograms), `taskmill_batches_in_flight`, `taskmill_worker_threads`,
-//!   `taskmill_connected{to}` (`rabbitmq`, `redis`).
+//!   `taskmill_task_duration_seconds{task}`, `taskmill_batch_latency_seconds{task}` and
+//!   `taskmill_batch_in_worker_seconds{task}` (histograms), `taskmill_batches_in_flight`,
+//!   `taskmill_worker_threads`, `taskmill_connected{to}` (`rabbitmq`, `redis`).
 //! - `GET /healthz`: 200 while the process runs.
 //! - `GET /readyz`: 200 when connected to RabbitMQ and Redis and consuming, else 503 and why.
 //! - `GET /stats`: this worker's counters and exact batch-latency quantiles (HdrHistogram) as

@@ -1,7 +1,10 @@
 //! Handing deliveries to the rayon pool and getting their outcomes back by a oneshot: tokio's
 //! threads never decode or analyse.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use futures::{future::BoxFuture, FutureExt};
 use lapin::message::Delivery;
@@ -24,6 +27,8 @@ pub(crate) struct Processed {
     pub(crate) queue: String,
     /// What the analysis found; None if the analysis thread vanished (requeue).
     pub(crate) analysed: Option<(BatchId, Outcome)>,
+    /// When the delivery reached this worker's session (the time in the worker starts).
+    pub(crate) arrived: Instant,
 }
 
 impl Processed {
@@ -33,8 +38,8 @@ impl Processed {
     }
 }
 
-/// A delivery as it arrived: channel index, short queue name, delivery.
-pub(crate) type Arrived = (usize, String, Delivery);
+/// A delivery as it arrived: channel index, short queue name, delivery, when it arrived.
+pub(crate) type Arrived = (usize, String, Delivery, Instant);
 
 /// Ids of the cancelled jobs, refreshed from Redis by the worker.
 pub(crate) type Cancelled = Arc<std::sync::RwLock<std::collections::HashSet<String>>>;
@@ -88,7 +93,7 @@ fn id_of(message_id: Option<&str>) -> Option<BatchId> {
 
 /// A delivery that does not go to rayon, with what was decided for it.
 fn settled_now(arrived: Arrived, analysed: Option<(BatchId, Outcome)>) -> Processed {
-    let (chan, queue, mut delivery) = arrived;
+    let (chan, queue, mut delivery, arrived) = arrived;
     let body = std::mem::take(&mut delivery.data);
     let attempt = amqp::attempt_of(&delivery.properties);
     Processed {
@@ -98,6 +103,7 @@ fn settled_now(arrived: Arrived, analysed: Option<(BatchId, Outcome)>) -> Proces
         chan,
         queue,
         analysed,
+        arrived,
     }
 }
 
@@ -206,7 +212,7 @@ impl Analyser {
     pub(crate) fn analyse_group(&self, group: Vec<Arrived>) -> BoxFuture<'static, Vec<Processed>> {
         if !group
             .iter()
-            .any(|(_, _, d)| rate_of(&d.properties).is_some())
+            .any(|(_, _, d, _)| rate_of(&d.properties).is_some())
         {
             return self.on_rayon(group);
         }
@@ -297,7 +303,7 @@ impl Analyser {
     fn on_rayon(&self, group: Vec<Arrived>) -> BoxFuture<'static, Vec<Processed>> {
         let mut inputs = Vec::with_capacity(group.len());
         let mut metas = Vec::with_capacity(group.len());
-        for (chan, queue, mut delivery) in group {
+        for (chan, queue, mut delivery, arrived) in group {
             let body = std::mem::take(&mut delivery.data);
             let attempt = amqp::attempt_of(&delivery.properties);
             let message_id = delivery
@@ -306,7 +312,7 @@ impl Analyser {
                 .as_ref()
                 .map(|s| s.to_string());
             inputs.push((body, attempt, message_id, Timing::of(&delivery.properties)));
-            metas.push((chan, queue, delivery, attempt));
+            metas.push((chan, queue, delivery, attempt, arrived));
         }
         let (tx, rx) = oneshot::channel();
         let results = Arc::new(GroupResults::new(inputs.len(), tx));
@@ -330,7 +336,7 @@ impl Analyser {
             let mut out = rx.await.unwrap_or_default().into_iter();
             metas
                 .into_iter()
-                .map(|(chan, queue, delivery, attempt)| {
+                .map(|(chan, queue, delivery, attempt, arrived)| {
                     let (analysed, body) = out.next().unwrap_or((None, Vec::new()));
                     Processed {
                         delivery,
@@ -339,6 +345,7 @@ impl Analyser {
                         chan,
                         queue,
                         analysed,
+                        arrived,
                     }
                 })
                 .collect()

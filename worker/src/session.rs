@@ -193,12 +193,16 @@ impl Session {
 
     /// The delivery that arrived and whatever else has already arrived, up to a group; their
     /// tags become outstanding. Also says whether the stream ended.
-    fn gather(&mut self, first: Arrived) -> anyhow::Result<(Vec<Arrived>, bool)> {
-        let mut group = vec![first];
+    fn gather(
+        &mut self,
+        (c, q, d): (usize, String, Delivery),
+    ) -> anyhow::Result<(Vec<Arrived>, bool)> {
+        let now = std::time::Instant::now();
+        let mut group = vec![(c, q, d, now)];
         let mut ended = false;
         while group.len() < RAYON_GROUP {
             match self.deliveries.next().now_or_never() {
-                Some(Some((c, q, Ok(d)))) => group.push((c, q, d)),
+                Some(Some((c, q, Ok(d)))) => group.push((c, q, d, now)),
                 Some(Some((_, _, Err(e)))) => {
                     return Err(anyhow::Error::new(e).context("consuming"))
                 }
@@ -210,7 +214,7 @@ impl Session {
             }
         }
         let mut tracker = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
-        for (c, _, d) in &group {
+        for (c, _, d, _) in &group {
             tracker.delivered(*c, d.delivery_tag);
         }
         Ok((group, ended))

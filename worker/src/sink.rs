@@ -174,6 +174,7 @@ impl Sink {
         };
         let now = now_ms();
         let mut latencies = Vec::with_capacity(done.len());
+        let mut in_worker = Vec::with_capacity(done.len());
         let mut counts = GroupCounts::default();
         let mut acks = Vec::with_capacity(done.len());
         for ((b, rec), p) in batches.iter().zip(recorded).zip(done) {
@@ -182,7 +183,9 @@ impl Sink {
                     let latency = p.analysed.as_ref().and_then(|a| a.0.created_ms);
                     let latency = latency.map(|ms| now.saturating_sub(ms));
                     latencies.extend(latency);
-                    counts.done(p.label(), b, latency);
+                    let here = u64::try_from(p.arrived.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    in_worker.push(here);
+                    counts.done(p.label(), b, latency, here);
                     Stats::add(&self.stats.batches_done, 1);
                     Stats::add(&self.stats.records_done, b.records_done);
                     acks.push(p);
@@ -200,7 +203,7 @@ impl Sink {
             }
         }
         counts.publish();
-        self.stats.record_latencies(latencies.into_iter());
+        self.stats.record_latencies(&latencies, &in_worker);
         self.ack_group(&acks).await?;
         Ok(others)
     }
@@ -616,15 +619,17 @@ struct TaskCounts {
     records: u64,
     invalid: u64,
     latencies_ms: Vec<u64>,
+    in_worker_us: Vec<u64>,
 }
 
 impl GroupCounts {
-    fn done(&mut self, label: &'static str, b: &DoneBatch, latency_ms: Option<u64>) {
+    fn done(&mut self, label: &'static str, b: &DoneBatch, latency_ms: Option<u64>, us: u64) {
         let c = by_label(&mut self.by_task, label, TaskCounts::default);
         c.batches += 1;
         c.records += b.records_done;
         c.invalid += b.records_invalid;
         c.latencies_ms.extend(latency_ms);
+        c.in_worker_us.push(us);
     }
 
     fn publish(self) {
@@ -640,6 +645,10 @@ impl GroupCounts {
             let h = metrics::histogram!("taskmill_batch_latency_seconds", "task" => label);
             for ms in c.latencies_ms {
                 h.record(ms as f64 / 1000.0);
+            }
+            let h = metrics::histogram!("taskmill_batch_in_worker_seconds", "task" => label);
+            for us in c.in_worker_us {
+                h.record(us as f64 / 1e6);
             }
         }
     }

@@ -27,6 +27,9 @@ pub struct Stats {
     pub in_flight: std::sync::atomic::AtomicI64,
     /// Batch latency in ms: from the batch's creation to its result stored.
     pub latency_ms: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
+    /// Time in this worker in µs: from the delivery's arrival to its result stored (the rest
+    /// of the latency is the broker's and the network's).
+    pub in_worker_us: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
 }
 
 impl Default for Stats {
@@ -45,6 +48,11 @@ impl Default for Stats {
             // 1 ms to 1 day, 3 significant figures; cannot fail with these bounds.
             latency_ms: std::sync::Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1, 86_400_000, 3)
+                    .expect("constant histogram bounds are valid"),
+            ),
+            // 1 µs to 1 day.
+            in_worker_us: std::sync::Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 86_400_000_000, 3)
                     .expect("constant histogram bounds are valid"),
             ),
         }
@@ -73,10 +81,15 @@ impl Stats {
     }
 
     /// Records batch latencies (ms), for batches stored now.
-    pub(crate) fn record_latencies(&self, latencies: impl Iterator<Item = u64>) {
+    pub(crate) fn record_latencies(&self, latencies: &[u64], in_worker_us: &[u64]) {
         let mut h = self.latency_ms.lock().unwrap_or_else(|e| e.into_inner());
-        for l in latencies {
+        for &l in latencies {
             h.saturating_record(l.max(1));
+        }
+        drop(h);
+        let mut h = self.in_worker_us.lock().unwrap_or_else(|e| e.into_inner());
+        for &us in in_worker_us {
+            h.saturating_record(us.max(1));
         }
     }
 
@@ -95,6 +108,7 @@ impl Stats {
             "in_flight": self.in_flight.load(Ordering::Relaxed).max(0),
             "acks_sent": Self::get(&self.acks_sent),
             "latency_ms": {"p50": p50, "p95": p95, "p99": p99, "max": max},
+            "in_worker_us": quantiles(&self.in_worker_us),
         })
     }
 
@@ -125,4 +139,13 @@ impl Stats {
             h.max(),
         )
     }
+}
+
+/// p50, p95, p99 and max of a histogram, as JSON.
+fn quantiles(h: &std::sync::Mutex<hdrhistogram::Histogram<u64>>) -> serde_json::Value {
+    let h = h.lock().unwrap_or_else(|e| e.into_inner());
+    serde_json::json!({
+        "p50": h.value_at_quantile(0.5), "p95": h.value_at_quantile(0.95),
+        "p99": h.value_at_quantile(0.99), "max": h.max(),
+    })
 }

@@ -233,6 +233,23 @@ impl RunFigures {
     }
 }
 
+/// Waits (at most 30 s) until the broker has been nearly idle (under a tenth of a core) for
+/// half a second: what a run leaves behind (queue deletions, log compaction, stats) must not
+/// be billed to the next one. Returns the seconds waited.
+pub async fn quiesce() -> f64 {
+    let started = Instant::now();
+    let mut last = broker_cpu_s();
+    while started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = broker_cpu_s();
+        if now - last < 0.05 {
+            break;
+        }
+        last = now;
+    }
+    started.elapsed().as_secs_f64()
+}
+
 /// CPU seconds the RabbitMQ node (its Erlang VM, `beam.smp`) has used so far; 0 when it
 /// cannot be found. Read before and after a run, the difference is the broker's cost of it.
 pub fn broker_cpu_s() -> f64 {
@@ -282,6 +299,7 @@ pub async fn end_to_end(
     let ns = bench_ns("e2e");
     let (worker, _) = start_worker(&ns, 0, prefetch)?;
     wait_consumers(&ns, "tasks").await?;
+    quiesce().await;
     let broker_before = broker_cpu_s();
     let redis_before = redis_cpu_s();
     let spawned_ms = now_ms();
@@ -442,6 +460,9 @@ impl RawQueue {
 /// The consuming side of the bare round trip: for `n` messages, one pipelined Redis `SET`
 /// (of `value`) a message, then one multiple ack a group; `stored` sees each group (with the
 /// time it was stored, ms) once Redis said OK.
+/// Ack frames the bare consumers sent (a diagnostic).
+pub static RAW_ACKS: AtomicU64 = AtomicU64::new(0);
+
 async fn consume_raw(
     mut consumer: lapin::Consumer,
     n: u64,
@@ -482,6 +503,7 @@ async fn consume_raw(
         stored(now_ms(), &batch);
         if let Some(last) = batch.last() {
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
+            RAW_ACKS.fetch_add(1, Ordering::Relaxed);
         }
         seen += batch.len() as u64;
     }
@@ -522,6 +544,7 @@ pub async fn raw_round_trip(
     let msgs = bodies(n_posts, batch_size);
     let n = msgs.len() as u64;
     let (raw, consumer) = RawQueue::open("raw", 1000).await?;
+    quiesce().await;
     let broker_before = broker_cpu_s();
     let (redis_before, own_before) = (redis_cpu_s(), own_cpu_s());
     let started = Instant::now();
@@ -646,6 +669,7 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
     let ns = bench_ns("lat");
     let (worker, port) = start_worker(&ns, 0, None)?;
     wait_consumers(&ns, "tasks").await?;
+    quiesce().await;
     let store = Store::connect("redis://127.0.0.1:6379/0", &ns, 3600).await?;
     let job = "latency";
     let params = BTreeMap::new();
@@ -711,6 +735,7 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
     kit::job_finished(&store, job, JOB_LIMIT).await?;
     let stats = worker_stats(port).await?;
     let totals = &stats["latency_ms"];
+    let here = &stats["in_worker_us"];
     worker.term();
     tokio::task::spawn_blocking(move || worker.finish()).await??;
     let _ = conn.close(200, "done".into()).await;
@@ -719,6 +744,9 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
         "rate_batches_per_s": rate, "seconds": seconds, "batches": total,
         "p50_ms": totals["p50"], "p95_ms": totals["p95"],
         "p99_ms": totals["p99"], "max_ms": totals["max"],
+        "in_worker_p50_ms": here["p50"].as_f64().map(|us| us / 1000.0),
+        "in_worker_p99_ms": here["p99"].as_f64().map(|us| us / 1000.0),
+        "in_worker_max_ms": here["max"].as_f64().map(|us| us / 1000.0),
     }))
 }
 
@@ -798,19 +826,25 @@ async fn wait_queue_consumers(name: &str) -> anyhow::Result<()> {
     let url = format!("http://127.0.0.1:15672/api/queues/%2f/{name}");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        if let Ok(resp) = http
+        let why = match http
             .get(&url)
             .basic_auth("guest", Some("guest"))
             .send()
             .await
         {
-            if let Ok(v) = resp.json::<Value>().await {
-                if v["consumers"].as_u64().unwrap_or(0) >= 1 {
-                    return Ok(());
-                }
+            Ok(resp) => match resp.json::<Value>().await {
+                Ok(v) if v["consumers"].as_u64().unwrap_or(0) >= 1 => return Ok(()),
+                Ok(_) => "no consumer yet".to_string(),
+                Err(e) => format!("unreadable answer: {e}"),
+            },
+            Err(e) => {
+                format!("the management API is unreachable ({e}); `make services` enables it")
             }
-        }
-        anyhow::ensure!(Instant::now() < deadline, "queue {name} got no consumer");
+        };
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "queue {name} got no consumer in 120 s: {why}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -932,6 +966,7 @@ pub async fn peer(
 /// max in ms from publishing to the Redis SET done, for comparison with taskmill's latency.
 pub async fn raw_latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Result<Value> {
     let (raw, consumer) = RawQueue::open("rawlat", 1000).await?;
+    quiesce().await;
     let total = (rate * seconds as f64) as u64;
     let hist = Arc::new(std::sync::Mutex::new(
         hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?,
@@ -970,4 +1005,138 @@ pub async fn raw_latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::
         "p50_ms": h.value_at_quantile(0.5), "p95_ms": h.value_at_quantile(0.95),
         "p99_ms": h.value_at_quantile(0.99), "max_ms": h.max(),
     }))
+}
+
+/// The broker's CPU seconds per 1,000 messages, publishing and consuming measured apart (the
+/// queue filled first, then drained), for taskmill's producer and worker and for the bare
+/// round trip's publisher and consumer, plus the bare consumer draining taskmill's queue.
+/// Tells which side makes the broker work more. A diagnostic: not part of the default run.
+pub async fn split(file: &Path, n_posts: u64) -> anyhow::Result<Value> {
+    let per_k = |cpu: f64, n: u64| cpu / n.max(1) as f64 * 1000.0;
+    let n = n_posts / 10;
+    // taskmill: producer alone, then the worker.
+    let ns = bench_ns("split");
+    let b0 = broker_cpu_s();
+    producer_only(&ns, file).await?;
+    let b1 = broker_cpu_s();
+    let (worker, _) = start_worker(&ns, 0, None)?;
+    let store = Store::connect("redis://127.0.0.1:6379/0", &ns, 3600).await?;
+    kit::job_finished(&store, "bench", JOB_LIMIT).await?;
+    let b2 = broker_cpu_s();
+    worker.term();
+    tokio::task::spawn_blocking(move || worker.finish()).await??;
+    kit::cleanup_namespace(&ns).await;
+    // taskmill's producer, the bare consumer.
+    let ns = bench_ns("split");
+    producer_only(&ns, file).await?;
+    let b3 = broker_cpu_s();
+    let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let cconn = taskmill_common::amqp::connect(url, "bench-split-con").await?;
+    let cch = cconn.create_channel().await?;
+    cch.basic_qos(1000, BasicQosOptions { global: false })
+        .await?;
+    let queue = format!("{ns}.tasks");
+    let consumer = cch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    consume_raw(consumer, n, queue.clone(), "x".repeat(150), |_, _| {}).await?;
+    let b4 = broker_cpu_s();
+    let _ = cconn.close(200, "done".into()).await;
+    kit::cleanup_namespace(&ns).await;
+    // The bare round trip, its halves apart.
+    let msgs = bodies(n_posts, 10);
+    let queue = format!("{}.raw", bench_ns("split"));
+    let pconn = taskmill_common::amqp::connect(url, "bench-split-pub").await?;
+    let pch = pconn.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    pch.queue_declare(queue.as_str().into(), durable, args)
+        .await?;
+    pch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let b5 = broker_cpu_s();
+    let mut in_flight = std::collections::VecDeque::new();
+    for (id, body) in &msgs {
+        let props = BasicProperties::default()
+            .with_message_id(id.as_str().into())
+            .with_delivery_mode(2);
+        in_flight.push_back(
+            pch.basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await?,
+        );
+        if in_flight.len() >= 4000 {
+            if let Some(c) = in_flight.pop_front() {
+                c.await?;
+            }
+        }
+    }
+    for c in in_flight {
+        c.await?;
+    }
+    let b6 = broker_cpu_s();
+    let cconn = taskmill_common::amqp::connect(url, "bench-split-con").await?;
+    let cch = cconn.create_channel().await?;
+    cch.basic_qos(1000, BasicQosOptions { global: false })
+        .await?;
+    let consumer = cch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    consume_raw(consumer, n, queue.clone(), "x".repeat(150), |_, _| {}).await?;
+    let b7 = broker_cpu_s();
+    pch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    let _ = pconn.close(200, "done".into()).await;
+    let _ = cconn.close(200, "done".into()).await;
+    Ok(json!({
+        "messages": n,
+        "taskmill_publish": per_k(b1 - b0, n),
+        "taskmill_consume": per_k(b2 - b1, n),
+        "bare_consume_of_taskmill_queue": per_k(b4 - b3, n),
+        "bare_publish": per_k(b6 - b5, n),
+        "bare_consume": per_k(b7 - b6, n),
+    }))
+}
+
+/// The producer enqueuing `file` in batches of 10 as job `bench`, with no worker running.
+async fn producer_only(ns: &str, file: &Path) -> anyhow::Result<()> {
+    let mut cmd = Command::new(release_bin("producer"));
+    cmd.env("TASKMILL_NAMESPACE", ns)
+        .args(["enqueue", "--file"])
+        .arg(file)
+        .args([
+            "--batch-size",
+            "10",
+            "--task",
+            "post-stats",
+            "--job",
+            "bench",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let producer = Watched::spawn(&mut cmd)?;
+    let (_, ok, _) = tokio::task::spawn_blocking(move || producer.finish()).await??;
+    anyhow::ensure!(ok, "the producer failed");
+    Ok(())
 }
