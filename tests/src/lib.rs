@@ -134,7 +134,8 @@ impl TestNs {
     pub async fn wait_finished(&self, store: &Store, job: &str, limit: Duration) -> JobStatus {
         match job_finished(store, job, limit).await {
             Ok(s) => s,
-            Err(e) => panic!("{e}"),
+            // Where the batches are, before the test's cleanup deletes the evidence.
+            Err(e) => panic!("{e}\nqueues now:\n{}", queue_snapshot(&self.ns).await),
         }
     }
 
@@ -144,6 +145,31 @@ impl TestNs {
         self.cleaned
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// A line a queue whose name starts with `prefix`: ready, unacked and consumers (management
+/// API), to say where a stalled job's batches wait.
+pub async fn queue_snapshot(prefix: &str) -> String {
+    let Ok(list) = mgmt::Client::new().get_json("/api/queues/%2f").await else {
+        return "(the management API did not answer)".into();
+    };
+    let mut lines: Vec<String> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|q| q["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+        .map(|q| {
+            format!(
+                "{}: ready {}, unacked {}, consumers {}",
+                q["name"].as_str().unwrap_or("?"),
+                q["messages_ready"],
+                q["messages_unacknowledged"],
+                q["consumers"]
+            )
+        })
+        .collect();
+    lines.sort();
+    lines.join("\n")
 }
 
 /// Deletes every queue and exchange whose name starts with `prefix` (through the management
