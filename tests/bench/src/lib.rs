@@ -869,7 +869,9 @@ pub fn peers_venv(dir: &Path) -> anyhow::Result<PathBuf> {
                 "-q",
                 "celery==5.7.0",
                 "dramatiq[rabbitmq,redis]==2.2.1",
-                "redis",
+                // Pinned like the peers (the version a fresh install got when last checked),
+                // so that a later release cannot change what is measured.
+                "redis==8.1.0",
             ])
             .status()
             .map(|s| s.success())
