@@ -102,6 +102,12 @@ try {
   // Workers: both alive; the first one stopped shows as gone within seconds.
   await page.goto(url + "#/workers");
   for (const pid of pids) await page.waitForSelector(`tr[data-pid="${pid}"] .state-alive`);
+  // Both have stored batches: their latency cell reads "<p99> ms / <in worker> ms".
+  for (const pid of pids) {
+    await page.waitForFunction((pid) => /^[\d,]+ ms \/ [\d,.]+ ms$/.test(
+      document.querySelector(`tr[data-pid="${pid}"] .latency`)?.textContent.trim() || ""), pid);
+  }
+  seen.latency = (await page.textContent(`tr[data-pid="${pids[1]}"] .latency`)).trim();
   await shot(page, "workers");
   process.kill(pids[0], "SIGTERM");
   await page.waitForSelector(`tr[data-pid="${pids[0]}"] .state-gone`, { timeout: 20_000 });

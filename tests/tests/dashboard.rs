@@ -259,6 +259,16 @@ async fn the_dashboard_api_enqueues_reports_and_refuses_bad_requests() {
         || async { workers().await[0]["batches_done"].as_u64() == Some(5) },
     )
     .await;
+    // Its latency and the part of it spent in the worker (the Workers page shows both).
+    let w = workers().await;
+    let (whole_ms, here_us) = (
+        w[0]["latency_ms"]["p99"].as_u64().unwrap(),
+        w[0]["in_worker_us"]["p99"].as_u64().unwrap(),
+    );
+    assert!(
+        here_us > 0 && here_us <= (whole_ms + 1) * 1000 + 1000,
+        "{w}"
+    );
 
     // Delete: gone afterwards.
     let (status, _) = api
@@ -363,6 +373,11 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
     assert_eq!(seen["replay_message"], "Replayed 3 dead letters.");
     assert_eq!(seen["queue_consumers"], 2);
     assert_eq!(seen["gone"], "gone (stopped)");
+    let latency = seen["latency"].as_str().unwrap_or_default();
+    assert!(
+        latency.contains(" ms / ") && latency.ends_with(" ms"),
+        "{seen}"
+    );
     assert_eq!(seen["still_alive"], true);
     // The stopped worker exited cleanly; the replayed letters died again (permanent).
     assert_eq!(workers.0[0].wait().unwrap().code(), Some(0));

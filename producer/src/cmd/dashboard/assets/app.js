@@ -351,6 +351,14 @@ function queuesView() {
 }
 
 // ------------------------------------------------------------------------------- Workers
+// "120 ms / 2.8 ms": the p99 latency of the batches a worker stored and the part of it spent in
+// the worker; a dash before its first batch (or from a worker without these figures).
+function latency(w) {
+  const whole = w.latency_ms && w.latency_ms.p99, here = w.in_worker_us && w.in_worker_us.p99;
+  if (!w.batches_done || whole == null || here == null) return "–";
+  return `${num(whole)} ms / ${num(here / 1000, 1)} ms`;
+}
+
 function workersView() {
   const g = generation;
   main.innerHTML = `<h1>Workers</h1><div id="w-table"></div>`;
@@ -359,12 +367,13 @@ function workersView() {
     current(g);
     $("#w-table").innerHTML = workers.length
       ? `<table><thead><tr><th>Status</th><th>Host</th><th class="num">PID</th><th>Version</th><th>Queues</th><th class="num">Threads</th><th class="num">Prefetch</th><th>Started</th>
-        <th class="num">Done</th><th class="num">Retried</th><th class="num">Dead</th><th class="num">In flight</th><th class="num">Last seen</th></tr></thead><tbody>` +
+        <th class="num">Done</th><th class="num">Retried</th><th class="num">Dead</th><th class="num">In flight</th>
+        <th class="num" title="p99 of the batches' latency, from creation to result stored / the part of it spent in this worker (the rest waits in RabbitMQ)">Latency p99 / in worker</th><th class="num">Last seen</th></tr></thead><tbody>` +
         workers.map(w => `<tr data-worker="${esc(w.id)}" data-pid="${esc(w.pid)}"><td class="status">${w.alive ? badge("alive") : badge("gone", "gone (" + w.gone_because + ")")}</td>
           <td>${esc(w.host)}</td><td class="num">${esc(w.pid)}</td><td>${esc(w.version)}</td><td>${esc((w.queues || []).join(", "))}</td>
           <td class="num">${num(w.threads)}</td><td class="num">${num(w.prefetch)}</td><td>${time(w.started_ms)}</td>
           <td class="num">${num(w.batches_done)}</td><td class="num">${num(w.batches_retried)}</td><td class="num">${num(w.batches_dead)}</td><td class="num">${num(w.in_flight)}</td>
-          <td class="num">${ago(w.seen_ago_ms)} ago</td></tr>`).join("") + `</tbody></table>`
+          <td class="num latency">${latency(w)}</td><td class="num">${ago(w.seen_ago_ms)} ago</td></tr>`).join("") + `</tbody></table>`
       : `<div class="card empty">No worker has sent a heartbeat in the last hour. Start one: <code>worker</code></div>`;
   }
   return { refresh, every: 1000 };
