@@ -1142,3 +1142,35 @@ async fn producer_only(ns: &str, file: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(ok, "the producer failed");
     Ok(())
 }
+
+/// Each `ours[i] / theirs[i]` (runs made one after the other, so each pair saw the same
+/// machine), sorted; runs without a partner are left out.
+pub fn pair_ratios(ours: &[f64], theirs: &[f64]) -> Vec<f64> {
+    let mut r: Vec<f64> = ours.iter().zip(theirs).map(|(a, b)| a / b).collect();
+    r.sort_by(f64::total_cmp);
+    r
+}
+
+/// The middle of sorted values (the upper one of an even count).
+pub fn median(sorted: &[f64]) -> Option<f64> {
+    sorted.get(sorted.len() / 2).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pair_ratios_pair_runs_in_order_and_the_median_is_the_middle_one() {
+        // A machine that slows down run by run: the medians of each side compare runs made
+        // at different speeds, the pairs compare runs made side by side.
+        let ours = [9.0, 7.0, 5.0];
+        let theirs = [10.0, 8.0, 6.0, 4.0];
+        let r = pair_ratios(&ours, &theirs);
+        assert_eq!(r.len(), 3);
+        assert!((r[0] - 5.0 / 6.0).abs() < 1e-12);
+        assert!((r[2] - 0.9).abs() < 1e-12);
+        assert_eq!(median(&r), Some(7.0 / 8.0));
+        assert_eq!(median(&[]), None);
+    }
+}

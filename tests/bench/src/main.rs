@@ -176,12 +176,10 @@ async fn throughput_and_raw(
     }
     // Each taskmill run over the raw run just before it: the machine's speed drifts by a
     // fifth within minutes, and a pair of neighbouring runs sees the same machine.
-    let mut pairs: Vec<f64> = runs
-        .iter()
-        .zip(&raws)
-        .map(|(t, r)| t.batches_per_s() / r.messages_per_s)
-        .collect();
-    pairs.sort_by(f64::total_cmp);
+    let pairs = bench::pair_ratios(
+        &runs.iter().map(|r| r.batches_per_s()).collect::<Vec<_>>(),
+        &raws.iter().map(|r| r.messages_per_s).collect::<Vec<_>>(),
+    );
     runs.sort_by(|a, b| a.records_per_s().total_cmp(&b.records_per_s()));
     if let Some(r) = runs.get(runs.len() / 2) {
         let mut j = r.to_json();
@@ -255,7 +253,7 @@ async fn throughput_and_raw(
                 format!("{:.2}", t / rate),
             ));
         }
-        if let Some(&m) = pairs.get(pairs.len() / 2) {
+        if let Some(m) = bench::median(&pairs) {
             j["pair_ratios"] = json!(pairs);
             j["throughput_over_raw_pairs_median"] = json!(m);
             rep.rows.push((
@@ -376,12 +374,10 @@ async fn latency(args: &Args, rep: &mut Report, throughput: Option<f64>) -> anyh
         eprintln!("bench:   p99 {} ms", f(&raws[raws.len() - 1]["p99_ms"]));
     }
     // Each taskmill run's p99 over the raw run's just after it (see the throughput's pairs).
-    let mut pairs: Vec<f64> = all
-        .iter()
-        .zip(&raws)
-        .map(|(t, r)| p99(t) / p99(r))
-        .collect();
-    pairs.sort_by(f64::total_cmp);
+    let pairs = bench::pair_ratios(
+        &all.iter().map(p99).collect::<Vec<_>>(),
+        &raws.iter().map(p99).collect::<Vec<_>>(),
+    );
     all.sort_by(|a, b| p99(a).total_cmp(&p99(b)));
     raws.sort_by(|a, b| p99(a).total_cmp(&p99(b)));
     let mut j = all[all.len() / 2].clone();
@@ -422,7 +418,7 @@ async fn latency(args: &Args, rep: &mut Report, throughput: Option<f64>) -> anyh
         format!("{ratio:.2}"),
     ));
     j["p99_over_raw_p99"] = json!(ratio);
-    let paired = pairs.get(pairs.len() / 2).copied().unwrap_or(f64::NAN);
+    let paired = bench::median(&pairs).unwrap_or(f64::NAN);
     rep.rows.push((
         "latency".into(),
         "p99 / raw p99 of each run pair".into(),
