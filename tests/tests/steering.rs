@@ -567,3 +567,104 @@ async fn a_high_priority_job_overtakes_a_low_priority_backlog() {
     let _ = std::fs::remove_file(small);
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_broker_leaves_in_a_delay_queue_past_its_ttl_is_moved_back() {
+    use lapin::{
+        options::{BasicAckOptions, BasicPublishOptions, BasicRejectOptions, QueueDeclareOptions},
+        types::{AMQPValue, FieldTable},
+    };
+    use taskmill_common::envelope::{HEADER_DELAYED_AT, HEADER_ETA};
+    let t = TestNs::new();
+    let w = worker(&t.ns);
+    let store = t.store().await;
+    let file = write_jsonl(sample::posts(10));
+    // Two jobs of one batch, two hours ahead: the worker puts both into the hour's delay queue.
+    let mut args = EnqueueArgs::new("post-stats");
+    args.files = vec![file.clone()];
+    args.countdown = Some("2h".into());
+    let held = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let stuck = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let delay = format!("{}.tasks.delay.3600000", t.ns);
+    let (conn, ch) = taskmill_tests::raw_channel().await;
+    let conn = std::sync::Arc::new(conn);
+    // Messages in a queue (0 while it does not exist: a failed passive declare closes its
+    // channel, so each look has a channel of its own).
+    let count = |conn: std::sync::Arc<lapin::Connection>, q: String| async move {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let ch = conn.create_channel().await.unwrap();
+        match ch
+            .queue_declare(q.into(), passive, FieldTable::default())
+            .await
+        {
+            Ok(q) => q.message_count(),
+            Err(_) => 0,
+        }
+    };
+    until(
+        "both batches in the delay queue",
+        Duration::from_secs(30),
+        || {
+            let (conn, q) = (conn.clone(), delay.clone());
+            async move { count(conn, q).await == 2 }
+        },
+    )
+    .await;
+    // The second as the broker would leave it behind: delayed two hours ago, its time come.
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let g = ch
+            .basic_get(delay.as_str().into(), Default::default())
+            .await
+            .unwrap()
+            .unwrap();
+        got.push(g.delivery);
+    }
+    for d in got {
+        let id = d.properties.message_id().as_ref().unwrap().to_string();
+        if !id.starts_with(&stuck) {
+            d.acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await
+                .unwrap();
+            continue;
+        }
+        let mut headers = d.properties.headers().clone().unwrap_or_default();
+        let mut inner = headers.inner().clone();
+        inner.remove(HEADER_ETA);
+        headers = FieldTable::from(inner);
+        let two_hours_ago = taskmill_common::now_ms() as i64 - 7_200_000;
+        headers.insert(
+            HEADER_DELAYED_AT.into(),
+            AMQPValue::LongLongInt(two_hours_ago),
+        );
+        ch.basic_publish(
+            "".into(),
+            delay.as_str().into(),
+            BasicPublishOptions::default(),
+            &d.data,
+            d.properties.clone().with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        d.acker.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    // A worker moves it back to its queue within a few looks, and runs it.
+    let s = t
+        .wait_finished(&store, &stuck, Duration::from_secs(30))
+        .await;
+    assert_eq!(s.state(), "completed");
+    assert_eq!(s.batches_done, 1);
+    // The other one's time has not come: it stays where it is.
+    let s = store.job_status(&held).await.unwrap().unwrap();
+    assert_eq!(s.batches_done, 0, "{s:?}");
+    assert_eq!(count(conn.clone(), delay.clone()).await, 1);
+    stop(w);
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}

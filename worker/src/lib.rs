@@ -44,6 +44,7 @@ pub mod retry;
 mod session;
 mod sink;
 mod stats;
+mod sweep;
 
 use std::{process::ExitCode, sync::Arc, time::Duration};
 

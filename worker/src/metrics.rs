@@ -5,7 +5,9 @@
 //!   `taskmill_records_total{task,outcome}` (`done`, `invalid`),
 //!   `taskmill_task_duration_seconds{task}`, `taskmill_batch_latency_seconds{task}` and
 //!   `taskmill_batch_in_worker_seconds{task}` (histograms), `taskmill_batches_in_flight`,
-//!   `taskmill_worker_threads`, `taskmill_connected{to}` (`rabbitmq`, `redis`).
+//!   `taskmill_worker_threads`, `taskmill_connected{to}` (`rabbitmq`, `redis`),
+//!   `taskmill_delayed_batches_moved_total` (batches moved back from a delay queue kept past
+//!   its TTL: `sweep.rs`).
 //! - `GET /healthz`: 200 while the process runs.
 //! - `GET /readyz`: 200 when connected to RabbitMQ and Redis and consuming, else 503 and why.
 //! - `GET /stats`: this worker's counters and exact batch-latency quantiles (HdrHistogram) as

@@ -96,6 +96,18 @@ impl Session {
         let events_task =
             tokio::spawn(dead_events::run(events, store.clone(), events_stop.clone()));
         let (channels, tags, deliveries) = consume_queues(&conn, shared).await?;
+        // The delay queues this session declares, and a look at their heads now and then.
+        let declared = crate::sweep::Declared::default();
+        let sweep_ch = publish_conn.create_channel().await?;
+        sweep_ch
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        tokio::spawn(crate::sweep::run(
+            sweep_ch,
+            shared.names.clone(),
+            declared.clone(),
+            events_stop.clone(),
+        ));
         // Stored batches wait for lower tags at most half a prefetch a channel.
         let tracker = Arc::new(std::sync::Mutex::new(AckTracker::new(
             channels.len(),
@@ -113,7 +125,7 @@ impl Session {
             stats: shared.stats.clone(),
             health: shared.health.clone(),
             hard_stop: hard_stop.clone(),
-            declared: Default::default(),
+            declared,
             registry: shared.analyser.registry.clone(),
         };
         info!(queues = %args.queues.join(","), "consuming");

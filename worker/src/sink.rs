@@ -15,7 +15,7 @@
 //! job holds the wrong type, say), which are dead-lettered as `store_error` instead of being
 //! retried for ever.
 
-use std::{collections::HashSet, future::Future, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use futures::{stream::FuturesUnordered, StreamExt};
 use lapin::{
@@ -68,7 +68,7 @@ pub(crate) struct Sink {
     /// Cancelled when the shutdown timeout ends: stop retrying Redis, ack nothing more.
     pub(crate) hard_stop: CancellationToken,
     /// Delay queues declared in this session.
-    pub(crate) declared: tokio::sync::Mutex<HashSet<String>>,
+    pub(crate) declared: crate::sweep::Declared,
     /// The tasks, to fold a finished job's results into its summary.
     pub(crate) registry: taskmill_common::task::Registry,
 }
@@ -424,7 +424,7 @@ impl Sink {
     /// attempt unchanged, then acked.
     async fn delay(&self, p: &Processed, delay_ms: u64) -> anyhow::Result<()> {
         let name = self.delay_queue(&p.queue, delay_ms).await?;
-        let props = p.delivery.properties.clone();
+        let props = with_extra_headers(&p.delivery.properties, [delayed_at()]);
         if !self.publish_confirmed("", &name, &p.body, props).await? {
             warn!("the broker refused a delayed copy; the batch goes back to the queue");
             return self.settle_one(p, false).await;
@@ -465,7 +465,10 @@ impl Sink {
         }
         let name = self.delay_queue(&p.queue, delay_ms).await?;
         let attempt = AMQPValue::LongLongInt(i64::from(p.attempt) + 1);
-        let props = with_extra_headers(&p.delivery.properties, [(HEADER_ATTEMPT, attempt)]);
+        let props = with_extra_headers(
+            &p.delivery.properties,
+            [(HEADER_ATTEMPT, attempt), delayed_at()],
+        );
         if !self.publish_confirmed("", &name, &p.body, props).await? {
             warn!("the broker refused a retry copy; the batch goes back to the queue");
             return self.settle_one(p, false).await;
@@ -686,6 +689,14 @@ fn record_durations(group: &[Processed]) {
         )
         .record(took.as_secs_f64());
     }
+}
+
+/// The header that says when a batch went into a delay queue (now).
+fn delayed_at() -> (&'static str, AMQPValue) {
+    (
+        taskmill_common::envelope::HEADER_DELAYED_AT,
+        AMQPValue::LongLongInt(i64::try_from(now_ms()).unwrap_or(i64::MAX)),
+    )
 }
 
 /// The action for a batch whose result Redis refused for good.

@@ -47,6 +47,9 @@ pub const HEADER_RATE_KEY: &str = "x-taskmill-rate-key";
 pub const HEADER_CONTROL: &str = "x-taskmill-control";
 /// Dead-letter header: when it was dead-lettered, in ms since the epoch.
 pub const HEADER_DEAD_AT: &str = "x-taskmill-dead-at-ms";
+/// When a worker put the batch into a delay queue, in ms since the epoch: a batch still there
+/// long after the queue's TTL was left behind by the broker, and a worker moves it back.
+pub const HEADER_DELAYED_AT: &str = "x-taskmill-delayed-at-ms";
 
 /// Longest text taskmill writes into a header or a log field taken from a message (an error
 /// text, a task name): a message's headers must fit in one AMQP frame (128 KiB by default).
