@@ -173,8 +173,6 @@ impl Sink {
             Stored::Failed(_) => self.store_each_job(&batches).await?,
         };
         let now = now_ms();
-        let mut latencies = Vec::with_capacity(done.len());
-        let mut in_worker = Vec::with_capacity(done.len());
         let mut counts = GroupCounts::default();
         let mut acks = Vec::with_capacity(done.len());
         for ((b, rec), p) in batches.iter().zip(recorded).zip(done) {
@@ -182,9 +180,7 @@ impl Sink {
                 Ok(Recorded::Stored) => {
                     let latency = p.analysed.as_ref().and_then(|a| a.0.created_ms);
                     let latency = latency.map(|ms| now.saturating_sub(ms));
-                    latencies.extend(latency);
                     let here = u64::try_from(p.arrived.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    in_worker.push(here);
                     counts.done(p.label(), b, latency, here);
                     Stats::add(&self.stats.batches_done, 1);
                     Stats::add(&self.stats.records_done, b.records_done);
@@ -202,8 +198,7 @@ impl Sink {
                 Err(e) => others.push((p, store_failed(&e))),
             }
         }
-        counts.publish();
-        self.stats.record_latencies(&latencies, &in_worker);
+        counts.publish(&self.stats);
         self.ack_group(&acks).await?;
         Ok(others)
     }
@@ -635,7 +630,13 @@ impl GroupCounts {
         c.in_worker_us.push(us);
     }
 
-    fn publish(self) {
+    /// Into the worker's `/stats` and the Prometheus metrics.
+    fn publish(self, stats: &Stats) {
+        let tasks = self.by_task.iter().map(|(_, c)| c);
+        stats.record_latencies(
+            tasks.clone().flat_map(|c| c.latencies_ms.iter().copied()),
+            tasks.flat_map(|c| c.in_worker_us.iter().copied()),
+        );
         for (label, c) in self.by_task {
             metrics::counter!("taskmill_batches_total", "task" => label, "outcome" => "done")
                 .increment(c.batches);

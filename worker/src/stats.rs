@@ -26,10 +26,10 @@ pub struct Stats {
     /// Batches received and not settled yet (analysing, or waiting to be stored and acked).
     pub in_flight: std::sync::atomic::AtomicI64,
     /// Batch latency in ms: from the batch's creation to its result stored.
-    pub latency_ms: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
+    pub latency_ms: Hist,
     /// Time in this worker in µs: from the delivery's arrival to its result stored (the rest
     /// of the latency is the broker's and the network's).
-    pub in_worker_us: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
+    pub in_worker_us: Hist,
 }
 
 impl Default for Stats {
@@ -45,16 +45,10 @@ impl Default for Stats {
             store_errors: AtomicU64::new(0),
             in_flight: std::sync::atomic::AtomicI64::new(0),
             acks_sent: AtomicU64::new(0),
-            // 1 ms to 1 day, 3 significant figures; cannot fail with these bounds.
-            latency_ms: std::sync::Mutex::new(
-                hdrhistogram::Histogram::new_with_bounds(1, 86_400_000, 3)
-                    .expect("constant histogram bounds are valid"),
-            ),
+            // 1 ms to 1 day.
+            latency_ms: histogram(86_400_000),
             // 1 µs to 1 day.
-            in_worker_us: std::sync::Mutex::new(
-                hdrhistogram::Histogram::new_with_bounds(1, 86_400_000_000, 3)
-                    .expect("constant histogram bounds are valid"),
-            ),
+            in_worker_us: histogram(86_400_000_000),
         }
     }
 }
@@ -80,22 +74,18 @@ impl Stats {
         counter.load(Ordering::Relaxed)
     }
 
-    /// Records batch latencies (ms), for batches stored now.
-    pub(crate) fn record_latencies(&self, latencies: &[u64], in_worker_us: &[u64]) {
-        let mut h = self.latency_ms.lock().unwrap_or_else(|e| e.into_inner());
-        for &l in latencies {
-            h.saturating_record(l.max(1));
-        }
-        drop(h);
-        let mut h = self.in_worker_us.lock().unwrap_or_else(|e| e.into_inner());
-        for &us in in_worker_us {
-            h.saturating_record(us.max(1));
-        }
+    /// Records the latencies (ms) and the times in this worker (µs) of batches stored now.
+    pub(crate) fn record_latencies(
+        &self,
+        latencies_ms: impl IntoIterator<Item = u64>,
+        in_worker_us: impl IntoIterator<Item = u64>,
+    ) {
+        record(&self.latency_ms, latencies_ms);
+        record(&self.in_worker_us, in_worker_us);
     }
 
     /// The counters and latency quantiles as JSON (the worker's `/stats`).
     pub fn to_json(&self) -> serde_json::Value {
-        let (p50, p95, p99, max) = self.latency_quantiles();
         serde_json::json!({
             "batches_done": Self::get(&self.batches_done),
             "batches_duplicate": Self::get(&self.batches_duplicate),
@@ -107,8 +97,8 @@ impl Stats {
             "store_errors": Self::get(&self.store_errors),
             "in_flight": self.in_flight.load(Ordering::Relaxed).max(0),
             "acks_sent": Self::get(&self.acks_sent),
-            "latency_ms": {"p50": p50, "p95": p95, "p99": p99, "max": max},
-            "in_worker_us": quantiles(&self.in_worker_us),
+            "latency_ms": quantiles_json(&self.latency_ms),
+            "in_worker_us": quantiles_json(&self.in_worker_us),
         })
     }
 
@@ -131,21 +121,41 @@ impl Stats {
 
     /// (p50, p95, p99, max) batch latency in ms.
     pub fn latency_quantiles(&self) -> (u64, u64, u64, u64) {
-        let h = self.latency_ms.lock().unwrap_or_else(|e| e.into_inner());
-        (
-            h.value_at_quantile(0.5),
-            h.value_at_quantile(0.95),
-            h.value_at_quantile(0.99),
-            h.max(),
-        )
+        quantiles(&self.latency_ms)
     }
 }
 
-/// p50, p95, p99 and max of a histogram, as JSON.
-fn quantiles(h: &std::sync::Mutex<hdrhistogram::Histogram<u64>>) -> serde_json::Value {
+/// A histogram shared between the sink and `/stats`.
+pub type Hist = std::sync::Mutex<hdrhistogram::Histogram<u64>>;
+
+/// A histogram from 1 to `max`, 3 significant figures.
+fn histogram(max: u64) -> Hist {
+    std::sync::Mutex::new(
+        hdrhistogram::Histogram::new_with_bounds(1, max, 3)
+            .expect("constant histogram bounds are valid"),
+    )
+}
+
+fn record(h: &Hist, values: impl IntoIterator<Item = u64>) {
+    let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
+    for v in values {
+        h.saturating_record(v.max(1));
+    }
+}
+
+/// (p50, p95, p99, max) of a histogram.
+fn quantiles(h: &Hist) -> (u64, u64, u64, u64) {
     let h = h.lock().unwrap_or_else(|e| e.into_inner());
-    serde_json::json!({
-        "p50": h.value_at_quantile(0.5), "p95": h.value_at_quantile(0.95),
-        "p99": h.value_at_quantile(0.99), "max": h.max(),
-    })
+    (
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.95),
+        h.value_at_quantile(0.99),
+        h.max(),
+    )
+}
+
+/// p50, p95, p99 and max of a histogram, as JSON.
+fn quantiles_json(h: &Hist) -> serde_json::Value {
+    let (p50, p95, p99, max) = quantiles(h);
+    serde_json::json!({"p50": p50, "p95": p95, "p99": p99, "max": max})
 }

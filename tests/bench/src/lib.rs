@@ -378,14 +378,42 @@ struct RawQueue {
     pch: lapin::Channel,
 }
 
+/// The broker the harness measures.
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A consumer of `queue` with `prefetch` on a channel of its own on `conn`.
+async fn bare_consumer(
+    conn: &lapin::Connection,
+    queue: &str,
+    prefetch: u16,
+) -> anyhow::Result<lapin::Consumer> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(prefetch, BasicQosOptions { global: false })
+        .await?;
+    Ok(ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?)
+}
+
 impl RawQueue {
+    /// The queue and its consumer.
     async fn open(name: &str, prefetch: u16) -> anyhow::Result<(Self, lapin::Consumer)> {
+        let raw = Self::declare(name).await?;
+        let consumer = bare_consumer(&raw.cconn, &raw.queue, prefetch).await?;
+        Ok((raw, consumer))
+    }
+
+    /// The queue, no consumer yet.
+    async fn declare(name: &str) -> anyhow::Result<Self> {
         let queue = format!("{}.{name}", bench_ns(name));
-        let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
-        let pconn = taskmill_common::amqp::connect(url, &format!("bench-{name}-pub")).await?;
-        let cconn = taskmill_common::amqp::connect(url, &format!("bench-{name}-con")).await?;
+        let pconn = taskmill_common::amqp::connect(AMQP_URL, &format!("bench-{name}-pub")).await?;
+        let cconn = taskmill_common::amqp::connect(AMQP_URL, &format!("bench-{name}-con")).await?;
         let pch = pconn.create_channel().await?;
-        let cch = cconn.create_channel().await?;
         let mut args = FieldTable::default();
         args.insert(
             "x-queue-type".into(),
@@ -404,25 +432,35 @@ impl RawQueue {
         };
         pch.queue_declare(queue.as_str().into(), opts, args).await?;
         pch.confirm_select(ConfirmSelectOptions::default()).await?;
-        cch.basic_qos(prefetch, BasicQosOptions { global: false })
-            .await?;
-        let consumer = cch
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok((
-            Self {
-                queue,
-                pconn,
-                cconn,
-                pch,
-            },
-            consumer,
-        ))
+        Ok(Self {
+            queue,
+            pconn,
+            cconn,
+            pch,
+        })
+    }
+
+    /// Publishes `msgs` (message id, body) with at most `window` confirms outstanding, and
+    /// waits for the last confirms.
+    async fn publish_all(
+        &self,
+        msgs: &[(String, Vec<u8>)],
+        window: usize,
+        props: impl Fn(&str) -> BasicProperties,
+    ) -> anyhow::Result<()> {
+        let mut in_flight = std::collections::VecDeque::new();
+        for (id, body) in msgs {
+            in_flight.push_back(self.publish(body, props(id)).await?);
+            if in_flight.len() >= window {
+                if let Some(c) = in_flight.pop_front() {
+                    c.await?;
+                }
+            }
+        }
+        for c in in_flight {
+            c.await?;
+        }
+        Ok(())
     }
 
     /// Publishes one persistent message to the queue (default exchange).
@@ -555,30 +593,21 @@ pub async fn raw_round_trip(
         "x".repeat(150),
         |_, _| {},
     ));
-    let mut in_flight = std::collections::VecDeque::new();
     let xp_props = std::env::var("XP_PROPS").is_ok();
-    for (id, body) in &msgs {
-        let props = if xp_props {
+    raw.publish_all(&msgs, window, |id| {
+        if xp_props {
             let mut h = FieldTable::default();
             h.insert("x-taskmill-attempt".into(), AMQPValue::LongLongInt(1));
             BasicProperties::default()
-                .with_message_id(id.as_str().into())
+                .with_message_id(id.into())
                 .with_content_type("application/msgpack".into())
                 .with_timestamp(now_ms() / 1000)
                 .with_headers(h)
         } else {
-            BasicProperties::default().with_message_id(id.as_str().into())
-        };
-        in_flight.push_back(raw.publish(body, props).await?);
-        if in_flight.len() >= window {
-            if let Some(c) = in_flight.pop_front() {
-                c.await?;
-            }
+            BasicProperties::default().with_message_id(id.into())
         }
-    }
-    for c in in_flight {
-        c.await?;
-    }
+    })
+    .await?;
     consume.await??;
     let elapsed = started.elapsed();
     let broker_cpu_s = broker_cpu_s() - broker_before;
@@ -687,8 +716,7 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
     // dead-letter numbers above the reservation as forgeries).
     store.reserve_batches(job, total).await?;
     let names = Names::new(&ns);
-    let conn = taskmill_common::amqp::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "bench-lat")
-        .await?;
+    let conn = taskmill_common::amqp::connect(AMQP_URL, "bench-lat").await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     topology::declare(&ch, &names, &["tasks".to_string()]).await?;
@@ -1032,85 +1060,26 @@ pub async fn split(file: &Path, n_posts: u64) -> anyhow::Result<Value> {
     let ns = bench_ns("split");
     producer_only(&ns, file).await?;
     let b3 = broker_cpu_s();
-    let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
-    let cconn = taskmill_common::amqp::connect(url, "bench-split-con").await?;
-    let cch = cconn.create_channel().await?;
-    cch.basic_qos(1000, BasicQosOptions { global: false })
-        .await?;
+    let cconn = taskmill_common::amqp::connect(AMQP_URL, "bench-split-con").await?;
     let queue = format!("{ns}.tasks");
-    let consumer = cch
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    consume_raw(consumer, n, queue.clone(), "x".repeat(150), |_, _| {}).await?;
+    let consumer = bare_consumer(&cconn, &queue, 1000).await?;
+    consume_raw(consumer, n, queue, "x".repeat(150), |_, _| {}).await?;
     let b4 = broker_cpu_s();
     let _ = cconn.close(200, "done".into()).await;
     kit::cleanup_namespace(&ns).await;
     // The bare round trip, its halves apart.
     let msgs = bodies(n_posts, 10);
-    let queue = format!("{}.raw", bench_ns("split"));
-    let pconn = taskmill_common::amqp::connect(url, "bench-split-pub").await?;
-    let pch = pconn.create_channel().await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    pch.queue_declare(queue.as_str().into(), durable, args)
-        .await?;
-    pch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let raw = RawQueue::declare("split").await?;
     let b5 = broker_cpu_s();
-    let mut in_flight = std::collections::VecDeque::new();
-    for (id, body) in &msgs {
-        let props = BasicProperties::default()
-            .with_message_id(id.as_str().into())
-            .with_delivery_mode(2);
-        in_flight.push_back(
-            pch.basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
-            .await?,
-        );
-        if in_flight.len() >= 4000 {
-            if let Some(c) = in_flight.pop_front() {
-                c.await?;
-            }
-        }
-    }
-    for c in in_flight {
-        c.await?;
-    }
+    raw.publish_all(&msgs, 4000, |id| {
+        BasicProperties::default().with_message_id(id.into())
+    })
+    .await?;
     let b6 = broker_cpu_s();
-    let cconn = taskmill_common::amqp::connect(url, "bench-split-con").await?;
-    let cch = cconn.create_channel().await?;
-    cch.basic_qos(1000, BasicQosOptions { global: false })
-        .await?;
-    let consumer = cch
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    consume_raw(consumer, n, queue.clone(), "x".repeat(150), |_, _| {}).await?;
+    let consumer = bare_consumer(&raw.cconn, &raw.queue, 1000).await?;
+    consume_raw(consumer, n, raw.queue.clone(), "x".repeat(150), |_, _| {}).await?;
     let b7 = broker_cpu_s();
-    pch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await?;
-    let _ = pconn.close(200, "done".into()).await;
-    let _ = cconn.close(200, "done".into()).await;
+    raw.close().await?;
     Ok(json!({
         "messages": n,
         "taskmill_publish": per_k(b1 - b0, n),

@@ -73,6 +73,40 @@ struct Report {
     results: serde_json::Map<String, Value>,
 }
 
+impl Report {
+    /// The rows of run-pair ratios `pairs` (sorted) of `what`: each pair, then their median
+    /// against `target`. Returns the median (None without pairs).
+    fn pair_rows(
+        &mut self,
+        workload: &str,
+        what: &str,
+        target: &str,
+        pairs: &[f64],
+    ) -> Option<f64> {
+        let m = bench::median(pairs)?;
+        self.rows.push((
+            workload.into(),
+            format!("{what} of each run pair"),
+            listed(pairs),
+        ));
+        self.rows.push((
+            workload.into(),
+            format!("{what}, median of the pairs ({target})"),
+            format!("{m:.2}"),
+        ));
+        Some(m)
+    }
+}
+
+/// Ratios as "0.85, 0.91, …".
+fn listed(ratios: &[f64]) -> String {
+    ratios
+        .iter()
+        .map(|r| format!("{r:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let want = |w: &str| args.only.iter().any(|o| o == w);
     let data = PathBuf::from("target/bench-data");
@@ -253,23 +287,9 @@ async fn throughput_and_raw(
                 format!("{:.2}", t / rate),
             ));
         }
-        if let Some(m) = bench::median(&pairs) {
+        if let Some(m) = rep.pair_rows("raw", "throughput / raw", "target ≥ 0.85", &pairs) {
             j["pair_ratios"] = json!(pairs);
             j["throughput_over_raw_pairs_median"] = json!(m);
-            rep.rows.push((
-                "raw".into(),
-                "throughput / raw of each run pair".into(),
-                pairs
-                    .iter()
-                    .map(|r| format!("{r:.2}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            ));
-            rep.rows.push((
-                "raw".into(),
-                "throughput / raw, median of the pairs (target ≥ 0.85)".into(),
-                format!("{m:.2}"),
-            ));
         }
         rep.results.insert("raw".into(), j);
     }
@@ -329,15 +349,8 @@ async fn cpu(args: &Args, data: &std::path::Path, rep: &mut Report) -> anyhow::R
         "end to end / in-process speed (target ≥ 0.90)".into(),
         format!("{ratio:.2}"),
     ));
-    rep.rows.push((
-        "cpu".into(),
-        "ratio of each run".into(),
-        ratios
-            .iter()
-            .map(|r| format!("{r:.2}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-    ));
+    rep.rows
+        .push(("cpu".into(), "ratio of each run".into(), listed(&ratios)));
     rep.results.insert(
         "cpu".into(),
         json!({"posts": posts, "end_to_end": e2e.to_json(), "in_process_seconds": inproc,
@@ -418,21 +431,9 @@ async fn latency(args: &Args, rep: &mut Report, throughput: Option<f64>) -> anyh
         format!("{ratio:.2}"),
     ));
     j["p99_over_raw_p99"] = json!(ratio);
-    let paired = bench::median(&pairs).unwrap_or(f64::NAN);
-    rep.rows.push((
-        "latency".into(),
-        "p99 / raw p99 of each run pair".into(),
-        pairs
-            .iter()
-            .map(|r| format!("{r:.2}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-    ));
-    rep.rows.push((
-        "latency".into(),
-        "p99 / raw p99, median of the pairs (target ≤ 1.5)".into(),
-        format!("{paired:.2}"),
-    ));
+    let paired = rep
+        .pair_rows("latency", "p99 / raw p99", "target ≤ 1.5", &pairs)
+        .unwrap_or(f64::NAN);
     j["p99_over_raw_p99_pairs_median"] = json!(paired);
     j["pair_ratios"] = json!(pairs);
     j["raw"] = raw;
