@@ -19,7 +19,7 @@ use taskmill_common::{
         encode, Envelope, FORMAT_VERSION, HEADER_ERROR, HEADER_ERROR_KIND, HEADER_ORIGINAL_QUEUE,
         MAX_HEADER_TEXT,
     },
-    store::{NewJob, PublishTotals},
+    store::{DoneBatch, NewJob, PublishTotals, Recorded},
     topology::{Names, DELAY_TIERS_MS},
 };
 use taskmill_producer::cmd::{
@@ -493,6 +493,102 @@ async fn a_job_keeps_the_ttl_it_was_enqueued_with() {
     assert_eq!(exists, 0);
     w.stop().await.unwrap();
     let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
+
+/// One store call with a batch twice counts it once; a later call with a stored batch calls
+/// it a duplicate; the keys' TTL is renewed when the results' has run down, not at every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storing_results_counts_each_batch_once_and_renews_the_ttl_when_it_runs_down() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    let job = "store-once";
+    store
+        .register_job(&NewJob {
+            id: job,
+            task: "post-stats",
+            queue: "tasks",
+            params: &BTreeMap::new(),
+            unique_key: None,
+        })
+        .await
+        .unwrap();
+    store.reserve_batches(job, 10).await.unwrap();
+    let done = |batch: u64| DoneBatch {
+        job: job.into(),
+        batch,
+        result: format!("{{\"batch\":{batch}}}"),
+        records_done: 10,
+        records_invalid: 1,
+    };
+    let first = store
+        .record_done_many(&[done(0), done(1), done(0), done(12)])
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        [
+            Recorded::Stored,
+            Recorded::Stored,
+            Recorded::Duplicate,
+            Recorded::UnknownBatch
+        ]
+    );
+    let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let keys = store.keys().clone();
+    let full = store.job_status(job).await.unwrap().unwrap().ttl as i64;
+    let ttl_con = con.clone();
+    let ttl = |key: String| {
+        let mut con = ttl_con.clone();
+        async move {
+            redis::cmd("TTL")
+                .arg(key)
+                .query_async::<i64>(&mut con)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(
+        ttl(keys.results(job)).await > full - 5,
+        "a new results hash gets the TTL"
+    );
+
+    // The results' TTL is fresh: the next call leaves the keys' TTL alone (the job's,
+    // raised here by hand, stays raised).
+    let _: () = redis::cmd("EXPIRE")
+        .arg(keys.job(job))
+        .arg(full * 2)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let second = store.record_done_many(&[done(1), done(2)]).await.unwrap();
+    assert_eq!(second, [Recorded::Duplicate, Recorded::Stored]);
+    assert!(ttl(keys.job(job)).await > full);
+    // The results' TTL ran down: the next call renews every key's.
+    let _: () = redis::cmd("EXPIRE")
+        .arg(keys.results(job))
+        .arg(full / 2)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let third = store.record_done_many(&[done(3)]).await.unwrap();
+    assert_eq!(third, [Recorded::Stored]);
+    assert!(ttl(keys.results(job)).await > full - 5);
+    let job_ttl = ttl(keys.job(job)).await;
+    assert!(job_ttl <= full && job_ttl > full - 5, "{job_ttl}");
+
+    let s = store.job_status(job).await.unwrap().unwrap();
+    assert_eq!(s.batches_done, 4);
+    assert_eq!(s.records_done, 40);
+    assert_eq!(s.records_invalid, 4);
+    let results: BTreeMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys.results(job))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 4);
+    assert_eq!(results["2"], "{\"batch\":2}");
     t.cleanup().await;
 }
 
