@@ -649,6 +649,42 @@ pub fn in_process(
     task: &str,
     params: &[(&str, &str)],
 ) -> anyhow::Result<f64> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    in_process_on(threads, n_posts, batch_size, task, params)
+}
+
+/// The work any queue must do for the throughput workload beyond moving bytes, which the bare
+/// round trip (bodies encoded beforehand, no task) does not: the records' transcoding from
+/// the file's JSON lines to MessagePack, and `task` over the batches, each alone on one
+/// thread. CPU seconds per 1,000 batches of `batch_size`: (transcoding, task).
+pub fn inherent_work(
+    file: &Path,
+    n_posts: u64,
+    batch_size: usize,
+    task: &str,
+) -> anyhow::Result<(f64, f64)> {
+    let text = std::fs::read_to_string(file)?;
+    let mut out = Vec::with_capacity(4096);
+    let started = Instant::now();
+    for (i, line) in text.lines().enumerate() {
+        out.clear();
+        taskmill_protocol::transcode::json_to_msgpack(line, &mut out)
+            .map_err(|_| anyhow::anyhow!("line {} of the posts file is not JSON", i + 1))?;
+    }
+    let transcode_s = started.elapsed().as_secs_f64();
+    let task_s = in_process_on(1, n_posts, batch_size, task, &[])?;
+    let per_1000 = 1000.0 / (n_posts.div_ceil(batch_size as u64).max(1) as f64);
+    Ok((transcode_s * per_1000, task_s * per_1000))
+}
+
+/// [`in_process`] on a pool of `threads`.
+fn in_process_on(
+    threads: usize,
+    n_posts: u64,
+    batch_size: usize,
+    task: &str,
+    params: &[(&str, &str)],
+) -> anyhow::Result<f64> {
     use rayon::prelude::*;
     let posts: Vec<Value> = sample::posts(n_posts).collect();
     let encoded: Vec<Vec<Vec<u8>>> = posts
@@ -662,7 +698,6 @@ pub fn in_process(
     let task = taskmill_common::tasks::builtin()
         .get(task)
         .context("unknown task")?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;

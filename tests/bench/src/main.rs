@@ -250,6 +250,16 @@ async fn throughput_and_raw(
             "worker peak RSS MiB".into(),
             f(&j["worker_peak_rss_mib"]),
         ));
+        // What of the client side is work the bare round trip skips (it sends bodies encoded
+        // beforehand and runs no task), measured alone.
+        let (transcode, task) = bench::inherent_work(&file, args.posts, 10, "post-stats")?;
+        rep.rows.push((
+            "throughput".into(),
+            "of which the records' JSON → MessagePack alone / the task alone, CPU s / 1000 batches"
+                .into(),
+            format!("{transcode:.3} / {task:.3}"),
+        ));
+        j["inherent_cpu_s_per_1000_batches"] = json!({"transcode": transcode, "task": task});
         throughput = Some(r.batches_per_s());
         rep.results.insert("throughput".into(), j);
     }
