@@ -28,8 +28,8 @@ use lapin::{
 };
 use serde_json::{json, Value};
 use taskmill_common::{
-    amqp::batch_properties,
-    envelope::{encode, Envelope, FORMAT_VERSION},
+    amqp::batch_properties_of,
+    envelope::{encode, encode_records, Envelope, Record, FORMAT_VERSION},
     now_ms,
     store::{NewJob, PublishTotals, Store},
     task::{Records, TaskContext},
@@ -755,20 +755,25 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     topology::declare(&ch, &names, &["tasks".to_string()]).await?;
-    let posts: Vec<Value> = sample::posts(batch_size as u64 * 100).collect();
+    // The records in MessagePack beforehand, as the producer's readers hand them over (the
+    // raw round trip's bodies are encoded beforehand too); the envelope is written around
+    // them at each publish, as the producer's batcher does.
+    let records = sample::posts(batch_size as u64 * 100)
+        .map(|p| Record::from_json_str(&p.to_string()))
+        .collect::<Result<Vec<Record>, _>>()?;
     let exchange = names.work_exchange();
     publish_at_rate(rate, total, |b| {
         let start = (b as usize % 100) * batch_size;
-        let e = Envelope {
-            v: FORMAT_VERSION,
-            job: job.into(),
-            batch: b,
-            task: "post-stats".into(),
-            params: params.clone(),
-            records: posts[start..start + batch_size].to_vec(),
-            created_ms: now_ms(),
-        };
-        let (body, props) = (encode(&e), batch_properties(&e, 1));
+        let created_ms = now_ms();
+        let body = encode_records(
+            job,
+            b,
+            "post-stats",
+            &params,
+            &records[start..start + batch_size],
+            created_ms,
+        );
+        let props = batch_properties_of(job, b, created_ms, 1);
         let (ch, exchange) = (&ch, exchange.as_str());
         async move {
             ch.basic_publish(
