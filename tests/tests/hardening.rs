@@ -19,7 +19,7 @@ use taskmill_common::{
         encode, Envelope, FORMAT_VERSION, HEADER_ERROR, HEADER_ERROR_KIND, HEADER_ORIGINAL_QUEUE,
         MAX_HEADER_TEXT,
     },
-    store::{DoneBatch, NewJob, PublishTotals, Recorded},
+    store::{DoneBatch, NewJob, PublishTotals, Recorded, Store},
     topology::{Names, DELAY_TIERS_MS},
 };
 use taskmill_producer::cmd::{
@@ -589,6 +589,53 @@ async fn storing_results_counts_each_batch_once_and_renews_the_ttl_when_it_runs_
         .unwrap();
     assert_eq!(results.len(), 4);
     assert_eq!(results["2"], "{\"batch\":2}");
+
+    // A job with a TTL of two seconds is renewed as it runs down too (its results' TTL is
+    // read in ms: 1.9 s left is less than 2 s less a hundredth).
+    let short = "store-once-short";
+    let short_store = Store::connect("redis://127.0.0.1:6379/0", &t.ns, 2)
+        .await
+        .unwrap();
+    short_store
+        .register_job(&NewJob {
+            id: short,
+            task: "post-stats",
+            queue: "tasks",
+            params: &BTreeMap::new(),
+            unique_key: None,
+        })
+        .await
+        .unwrap();
+    short_store.reserve_batches(short, 10).await.unwrap();
+    let short_done = |batch: u64| DoneBatch {
+        job: short.into(),
+        ..done(batch)
+    };
+    short_store
+        .record_done_many(&[short_done(0)])
+        .await
+        .unwrap();
+    for key in [keys.job(short), keys.results(short)] {
+        let _: () = redis::cmd("PEXPIRE")
+            .arg(key)
+            .arg(1900)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+    }
+    short_store
+        .record_done_many(&[short_done(1)])
+        .await
+        .unwrap();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(keys.job(short))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(
+        pttl > 1950,
+        "the short job's TTL was not renewed: {pttl} ms left"
+    );
     t.cleanup().await;
 }
 

@@ -57,12 +57,12 @@ if batches > 0 then
   published_at_least_j(j, w)
   finish_j(KEYS[1], j, w, now)
   write(KEYS[1], w)
-  -- The keys' TTL is renewed when the results' has run down by a hundredth of it (at least a
-  -- second), not at every call: every script that renews one renews all of a job's keys
-  -- together, and the results hash is the last of them to be created, so its TTL is the
-  -- lowest. A new results hash has none (-1).
-  local full = tonumber(j.ttl) or tonumber(ttl)
-  if redis.call('TTL', KEYS[2]) < full - math.max(1, math.floor(full / 100)) then
+  -- The keys' TTL is renewed when the results' has run down by a hundredth of it, not at
+  -- every call: every script that renews one renews all of a job's keys together, and the
+  -- results hash is the last of them to be created, so its TTL is the lowest. A new results
+  -- hash has none (-1). In ms, so that a TTL of a few seconds is renewed as it runs down too.
+  local full_ms = (tonumber(j.ttl) or tonumber(ttl)) * 1000
+  if redis.call('PTTL', KEYS[2]) < full_ms - math.max(1, math.floor(full_ms / 100)) then
     expire_all_j(j, ttl)
   end
 end
