@@ -127,13 +127,24 @@ fn dockerfile_builds_and_ships_the_workspace_binaries() {
 
 #[test]
 fn kubernetes_manifests_hang_together() {
+    // The workers' objects by kind; the dashboard's by kind apart.
     let mut kinds = std::collections::BTreeMap::new();
+    let mut dashboard = std::collections::BTreeMap::new();
     for f in std::fs::read_dir(root().join("deploy/k8s")).unwrap() {
         for doc in yaml_docs(&f.unwrap().path()) {
             let kind = doc["kind"].as_str().unwrap().to_string();
-            kinds.insert(kind, doc);
+            let component = &doc["metadata"]["labels"]["app.kubernetes.io/component"];
+            if component.as_str() == Some("dashboard") {
+                assert!(
+                    dashboard.insert(kind, doc).is_none(),
+                    "two dashboard objects of a kind"
+                );
+            } else {
+                kinds.insert(kind, doc);
+            }
         }
     }
+    dashboard_manifest_hangs_together(&dashboard);
     for k in [
         "Deployment",
         "PodDisruptionBudget",
@@ -189,6 +200,60 @@ fn kubernetes_manifests_hang_together() {
     for key in ["AMQP_URL", "REDIS_URL", "RABBITMQ_HOST"] {
         assert!(secret[key].is_string(), "secret lacks {key}");
     }
+}
+
+/// The dashboard's Deployment runs `producer dashboard` on its container port with a token
+/// and the management API's URL from its Secret, and its Service selects its pods.
+fn dashboard_manifest_hangs_together(objs: &std::collections::BTreeMap<String, Yaml>) {
+    for k in ["Deployment", "Service", "Secret"] {
+        assert!(objs.contains_key(k), "no dashboard {k}");
+    }
+    let pod = &objs["Deployment"]["spec"]["template"];
+    let c = &pod["spec"]["containers"][0];
+    let command: Vec<&str> = c["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(&command[..2], ["producer", "dashboard"]);
+    let listen = command
+        .iter()
+        .position(|a| *a == "--listen")
+        .map(|i| command[i + 1])
+        .expect("the dashboard listens beyond loopback");
+    let port = c["ports"][0]["containerPort"].as_i64().unwrap();
+    assert_eq!(listen, format!("0.0.0.0:{port}"));
+    // Beyond loopback the dashboard needs a token: the pod gets it, and the API URL, from
+    // the dashboard's Secret (under the names the README's flag table gives).
+    let secret_name = objs["Secret"]["metadata"]["name"].as_str().unwrap();
+    let from: Vec<&str> = c["envFrom"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["secretRef"]["name"].as_str())
+        .collect();
+    assert!(from.contains(&secret_name), "{from:?}");
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    for key in ["TASKMILL_DASHBOARD_TOKEN", "RABBITMQ_API_URL"] {
+        assert!(
+            objs["Secret"]["stringData"][key].is_string(),
+            "secret lacks {key}"
+        );
+        assert!(
+            readme.contains(&format!("`{key}`")),
+            "the README has no {key}"
+        );
+    }
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["path"], "/", "{probe}");
+    }
+    // The Service selects the Deployment's pods and sends to its named port.
+    let svc = &objs["Service"]["spec"];
+    for (k, v) in svc["selector"].as_mapping().unwrap() {
+        assert_eq!(&pod["metadata"]["labels"][k.as_str().unwrap()], v);
+    }
+    assert_eq!(svc["ports"][0]["targetPort"], c["ports"][0]["name"]);
 }
 
 #[test]
