@@ -32,6 +32,10 @@ app.conf.update(
     accept_content=["json"],
     result_expires=3600,
     worker_hijack_root_logger=False,
+    # No remote control, events or heartbeats: nothing the benchmark needs, and they would
+    # leave Celery's exchanges (celery.pidbox, celeryev) behind in the user's broker.
+    worker_enable_remote_control=False,
+    worker_send_task_events=False,
     broker_connection_retry_on_startup=True,
 )
 
@@ -49,4 +53,9 @@ if __name__ == "__main__" and sys.argv[1:2] == ["produce"]:
     for r in results:
         r.get(timeout=600)
     seconds = time.time() - start
+    # Leave nothing behind in the user's Redis: the results' keys, deleted a thousand at a
+    # time (not timed).
+    keys = [app.backend.get_key_for_task(r.id) for r in results]
+    for i in range(0, len(keys), 1000):
+        app.backend.client.delete(*keys[i : i + 1000])
     print(json.dumps({"tasks": len(work), "seconds": seconds}))

@@ -990,6 +990,7 @@ pub async fn peer(
                 "WARNING",
                 "--without-gossip",
                 "--without-mingle",
+                "--without-heartbeat",
             ]
             .iter()
             .map(|s| s.to_string())
