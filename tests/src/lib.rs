@@ -313,6 +313,23 @@ pub async fn raw_channel() -> (lapin::Connection, lapin::Channel) {
     (conn, ch)
 }
 
+/// Messages ready in `queue`, asked of the broker with a passive declare on a channel of its
+/// own (a failed one closes its channel); None when the queue does not exist.
+pub async fn queue_messages(conn: &lapin::Connection, queue: &str) -> Option<u32> {
+    use lapin::{options::QueueDeclareOptions, types::FieldTable};
+    let ch = conn.create_channel().await.ok()?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let q = ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .ok()?;
+    let _ = ch.close(200, "done".into()).await;
+    Some(q.message_count())
+}
+
 /// Takes every message now in `queue` (basic.get until empty), acking each.
 pub async fn drain_queue(ch: &lapin::Channel, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
     use lapin::options::{BasicAckOptions, BasicGetOptions};

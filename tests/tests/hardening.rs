@@ -8,7 +8,6 @@ use std::{
 };
 
 use lapin::{
-    options::QueueDeclareOptions,
     types::{AMQPValue, FieldTable, LongString},
     BasicProperties,
 };
@@ -27,8 +26,8 @@ use taskmill_producer::cmd::{
     enqueue::{enqueue, EnqueueArgs},
 };
 use taskmill_tests::{
-    bin_path, broker_queues, drain_queue, peak_rss_kib, publish_raw, raw_channel, sample, until,
-    write_jsonl, TestNs,
+    bin_path, broker_queues, drain_queue, peak_rss_kib, publish_raw, queue_messages, raw_channel,
+    sample, until, write_jsonl, TestNs,
 };
 use taskmill_worker::Stats;
 
@@ -51,6 +50,36 @@ async fn wait_dead(stats: &Stats, n: u64) {
         || async { Stats::get(&stats.batches_dead) >= n },
     )
     .await;
+}
+
+/// Registers a job of `task` on the `tasks` queue.
+async fn register(store: &Store, id: &str, task: &str) {
+    store
+        .register_job(&NewJob {
+            id,
+            task,
+            queue: "tasks",
+            params: &BTreeMap::new(),
+            unique_key: None,
+        })
+        .await
+        .unwrap();
+}
+
+/// An integer Redis command on `key`: `TTL`, `PTTL`, or `EXPIRE`/`PEXPIRE` with `arg`.
+async fn key_cmd(
+    con: &redis::aio::MultiplexedConnection,
+    cmd: &str,
+    key: String,
+    arg: Option<i64>,
+) -> i64 {
+    let mut con = con.clone();
+    redis::cmd(cmd)
+        .arg(key)
+        .arg(arg)
+        .query_async(&mut con)
+        .await
+        .unwrap()
 }
 
 /// Item 1: a replay takes each dead letter that was there once, and ends, even when the
@@ -247,16 +276,7 @@ async fn forged_messages_leave_jobs_unchanged() {
 
     // While a job is still publishing, a batch above what it published is refused too.
     let open = "still-publishing";
-    store
-        .register_job(&NewJob {
-            id: open,
-            task: "post-stats",
-            queue: "tasks",
-            params: &BTreeMap::new(),
-            unique_key: None,
-        })
-        .await
-        .unwrap();
+    register(&store, open, "post-stats").await;
     store.reserve_batches(open, 2).await.unwrap();
     for batch in [5, 1] {
         let (body, props) = send(envelope(open, batch, "post-stats", records.clone()));
@@ -325,16 +345,7 @@ async fn headers_are_bounded_and_replay_skips_what_it_cannot_route() {
     let store = t.store().await;
     let w = t.spawn_worker(t.worker_args());
     let job = "huge-task-name";
-    store
-        .register_job(&NewJob {
-            id: job,
-            task: "?",
-            queue: "tasks",
-            params: &BTreeMap::new(),
-            unique_key: None,
-        })
-        .await
-        .unwrap();
+    register(&store, job, "?").await;
     store.reserve_batches(job, 1).await.unwrap();
     let env = envelope(job, 0, &"t".repeat(7 * 1024 * 1024), vec![json!(1)]);
     let (_c, ch) = raw_channel().await;
@@ -429,16 +440,7 @@ async fn a_job_keeps_the_ttl_it_was_enqueued_with() {
 
     let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let ttl = |key: String| {
-        let mut con = con.clone();
-        async move {
-            redis::cmd("TTL")
-                .arg(key)
-                .query_async::<i64>(&mut con)
-                .await
-                .unwrap()
-        }
-    };
+    let ttl = |key: String| key_cmd(&con, "TTL", key, None);
     let keys = store.keys().clone();
     assert!((1..=3).contains(&ttl(keys.job(&short)).await));
     assert!((1..=3).contains(&ttl(keys.results(&short)).await));
@@ -503,16 +505,7 @@ async fn storing_results_counts_each_batch_once_and_renews_the_ttl_when_it_runs_
     let t = TestNs::new();
     let store = t.store().await;
     let job = "store-once";
-    store
-        .register_job(&NewJob {
-            id: job,
-            task: "post-stats",
-            queue: "tasks",
-            params: &BTreeMap::new(),
-            unique_key: None,
-        })
-        .await
-        .unwrap();
+    register(&store, job, "post-stats").await;
     store.reserve_batches(job, 10).await.unwrap();
     let done = |batch: u64| DoneBatch {
         job: job.into(),
@@ -538,17 +531,7 @@ async fn storing_results_counts_each_batch_once_and_renews_the_ttl_when_it_runs_
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
     let keys = store.keys().clone();
     let full = store.job_status(job).await.unwrap().unwrap().ttl as i64;
-    let ttl_con = con.clone();
-    let ttl = |key: String| {
-        let mut con = ttl_con.clone();
-        async move {
-            redis::cmd("TTL")
-                .arg(key)
-                .query_async::<i64>(&mut con)
-                .await
-                .unwrap()
-        }
-    };
+    let ttl = |key: String| key_cmd(&con, "TTL", key, None);
     assert!(
         ttl(keys.results(job)).await > full - 5,
         "a new results hash gets the TTL"
@@ -556,22 +539,12 @@ async fn storing_results_counts_each_batch_once_and_renews_the_ttl_when_it_runs_
 
     // The results' TTL is fresh: the next call leaves the keys' TTL alone (the job's,
     // raised here by hand, stays raised).
-    let _: () = redis::cmd("EXPIRE")
-        .arg(keys.job(job))
-        .arg(full * 2)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    key_cmd(&con, "EXPIRE", keys.job(job), Some(full * 2)).await;
     let second = store.record_done_many(&[done(1), done(2)]).await.unwrap();
     assert_eq!(second, [Recorded::Duplicate, Recorded::Stored]);
     assert!(ttl(keys.job(job)).await > full);
     // The results' TTL ran down: the next call renews every key's.
-    let _: () = redis::cmd("EXPIRE")
-        .arg(keys.results(job))
-        .arg(full / 2)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    key_cmd(&con, "EXPIRE", keys.results(job), Some(full / 2)).await;
     let third = store.record_done_many(&[done(3)]).await.unwrap();
     assert_eq!(third, [Recorded::Stored]);
     assert!(ttl(keys.results(job)).await > full - 5);
@@ -596,16 +569,7 @@ async fn storing_results_counts_each_batch_once_and_renews_the_ttl_when_it_runs_
     let short_store = Store::connect("redis://127.0.0.1:6379/0", &t.ns, 2)
         .await
         .unwrap();
-    short_store
-        .register_job(&NewJob {
-            id: short,
-            task: "post-stats",
-            queue: "tasks",
-            params: &BTreeMap::new(),
-            unique_key: None,
-        })
-        .await
-        .unwrap();
+    register(&short_store, short, "post-stats").await;
     short_store.reserve_batches(short, 10).await.unwrap();
     let short_done = |batch: u64| DoneBatch {
         job: short.into(),
@@ -616,22 +580,13 @@ async fn storing_results_counts_each_batch_once_and_renews_the_ttl_when_it_runs_
         .await
         .unwrap();
     for key in [keys.job(short), keys.results(short)] {
-        let _: () = redis::cmd("PEXPIRE")
-            .arg(key)
-            .arg(1900)
-            .query_async(&mut con)
-            .await
-            .unwrap();
+        key_cmd(&con, "PEXPIRE", key, Some(1900)).await;
     }
     short_store
         .record_done_many(&[short_done(1)])
         .await
         .unwrap();
-    let pttl: i64 = redis::cmd("PTTL")
-        .arg(keys.job(short))
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let pttl = key_cmd(&con, "PTTL", keys.job(short), None).await;
     assert!(
         pttl > 1950,
         "the short job's TTL was not renewed: {pttl} ms left"
@@ -774,17 +729,8 @@ async fn retries_use_a_fixed_set_of_delay_queues() {
     let (conn, _ch) = raw_channel().await;
     let mut tiers = Vec::new();
     for &ms in DELAY_TIERS_MS {
-        let ch = conn.create_channel().await.unwrap();
         let name = names.delay_queue("tasks", ms);
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        if ch
-            .queue_declare(name.as_str().into(), passive, FieldTable::default())
-            .await
-            .is_ok()
-        {
+        if queue_messages(&conn, &name).await.is_some() {
             tiers.push(name);
         }
     }

@@ -8,12 +8,11 @@ use std::{
     time::Duration,
 };
 
-use lapin::{options::QueueDeclareOptions, types::FieldTable};
 use taskmill_common::{store::Store, topology::Names};
 use taskmill_producer::cmd::enqueue::{enqueue, EnqueueArgs};
 use taskmill_tests::{
-    batches_done, bin_path, proxy::Proxy, raw_channel, redis_server::PrivateRedis, sample, sigterm,
-    until, wait_batches_done, write_jsonl, TestNs,
+    batches_done, bin_path, proxy::Proxy, queue_messages, raw_channel, redis_server::PrivateRedis,
+    sample, sigterm, until, wait_batches_done, write_jsonl, TestNs,
 };
 use taskmill_worker::Stats;
 
@@ -192,19 +191,9 @@ async fn sigterm_drains_and_exits_0_and_leaves_the_rest_in_the_queue() {
     // Whatever the worker had is done; the rest waits in the queue: none lost.
     let done = batches_done(&store, &job).await;
     assert!(done < 200, "SIGTERM came before the end of the job");
-    let (_conn, ch) = raw_channel().await;
-    let q = ch
-        .queue_declare(
-            Names::new(&t.ns).queue("tasks").into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(done + u64::from(q.message_count()), 200);
+    let (conn, _ch) = raw_channel().await;
+    let ready = queue_messages(&conn, &Names::new(&t.ns).queue("tasks")).await;
+    assert_eq!(done + u64::from(ready.unwrap()), 200);
 
     let w = t.spawn_worker(t.worker_args());
     t.wait_finished(&store, &job, Duration::from_secs(120))
@@ -224,19 +213,10 @@ async fn shutdown_timeout_and_second_signal_give_batches_back_without_an_attempt
     let report = enqueue(&t.conn(), &chaos(&file, &["sleep_ms=3000"]), |_| {})
         .await
         .unwrap();
-    let (_conn, ch) = raw_channel().await;
-    let ready = |ch: lapin::Channel, names: Names| async move {
-        ch.queue_declare(
-            names.queue("tasks").into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .message_count()
+    let (conn, ch) = raw_channel().await;
+    let conn = std::sync::Arc::new(conn);
+    let ready = |conn: std::sync::Arc<lapin::Connection>, names: Names| async move {
+        queue_messages(&conn, &names.queue("tasks")).await.unwrap()
     };
     for signals in [1, 2] {
         // One signal: the 1 s timeout ends the drain. Two: the second ends a 30 s drain at once.
@@ -294,8 +274,8 @@ async fn shutdown_timeout_and_second_signal_give_batches_back_without_an_attempt
             "the batches back in the queue",
             Duration::from_secs(30),
             || {
-                let (ch, names) = (ch.clone(), names.clone());
-                async move { ready(ch, names).await == 4 }
+                let (conn, names) = (conn.clone(), names.clone());
+                async move { ready(conn, names).await == 4 }
             },
         )
         .await;

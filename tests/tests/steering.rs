@@ -571,7 +571,7 @@ async fn a_high_priority_job_overtakes_a_low_priority_backlog() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_the_broker_leaves_in_a_delay_queue_past_its_ttl_is_moved_back() {
     use lapin::{
-        options::{BasicAckOptions, BasicPublishOptions, BasicRejectOptions, QueueDeclareOptions},
+        options::{BasicAckOptions, BasicPublishOptions, BasicRejectOptions},
         types::{AMQPValue, FieldTable},
     };
     use taskmill_common::envelope::{HEADER_DELAYED_AT, HEADER_ETA};
@@ -588,21 +588,9 @@ async fn a_batch_the_broker_leaves_in_a_delay_queue_past_its_ttl_is_moved_back()
     let delay = format!("{}.tasks.delay.3600000", t.ns);
     let (conn, ch) = taskmill_tests::raw_channel().await;
     let conn = std::sync::Arc::new(conn);
-    // Messages in a queue (0 while it does not exist: a failed passive declare closes its
-    // channel, so each look has a channel of its own).
+    // Messages in a queue (0 while it does not exist).
     let count = |conn: std::sync::Arc<lapin::Connection>, q: String| async move {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let ch = conn.create_channel().await.unwrap();
-        match ch
-            .queue_declare(q.into(), passive, FieldTable::default())
-            .await
-        {
-            Ok(q) => q.message_count(),
-            Err(_) => 0,
-        }
+        taskmill_tests::queue_messages(&conn, &q).await.unwrap_or(0)
     };
     until(
         "both batches in the delay queue",

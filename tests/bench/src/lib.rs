@@ -678,6 +678,13 @@ pub fn inherent_work(
     Ok((transcode_s * per_1000, task_s * per_1000))
 }
 
+/// `n` generated posts in MessagePack, as the producer's readers hand records over.
+fn sample_records(n: u64) -> anyhow::Result<Vec<Record>> {
+    Ok(sample::posts(n)
+        .map(|p| Record::from_json_str(&p.to_string()))
+        .collect::<Result<_, _>>()?)
+}
+
 /// [`in_process`] on a pool of `threads`.
 fn in_process_on(
     threads: usize,
@@ -689,9 +696,7 @@ fn in_process_on(
     use rayon::prelude::*;
     // Each batch one message body, its records read in place from it: the memory the worker's
     // task reads (decoding the envelope is not timed: the reference is the task alone).
-    let records = sample::posts(n_posts)
-        .map(|p| Record::from_json_str(&p.to_string()))
-        .collect::<Result<Vec<Record>, _>>()?;
+    let records = sample_records(n_posts)?;
     let none = BTreeMap::new();
     let bodies: Vec<Vec<u8>> = records
         .chunks(batch_size)
@@ -769,9 +774,7 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
     // The records in MessagePack beforehand, as the producer's readers hand them over (the
     // raw round trip's bodies are encoded beforehand too); the envelope is written around
     // them at each publish, as the producer's batcher does.
-    let records = sample::posts(batch_size as u64 * 100)
-        .map(|p| Record::from_json_str(&p.to_string()))
-        .collect::<Result<Vec<Record>, _>>()?;
+    let records = sample_records(batch_size as u64 * 100)?;
     let exchange = names.work_exchange();
     publish_at_rate(rate, total, |b| {
         let start = (b as usize % 100) * batch_size;
