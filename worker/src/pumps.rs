@@ -36,6 +36,11 @@ pub(crate) const SPLIT_WORTH: Duration = Duration::from_micros(200);
 /// The guess of a job's run time before one has run: high, so that the first jobs spread.
 const FIRST_GUESS: Duration = Duration::from_millis(1);
 
+thread_local! {
+    /// Whether this thread runs a pump now (one may start on top of another: see `pump`).
+    static IN_PUMP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// A job for the pool.
 pub(crate) type Job = Box<dyn FnOnce() + Send + 'static>;
 
@@ -72,7 +77,10 @@ impl State {
         let per_job = self.job_ns.unwrap_or(FIRST_GUESS.as_nanos() as u64);
         let work = per_job.saturating_mul(self.jobs.len() as u64);
         let threads = work.div_ceil(SPLIT_WORTH.as_nanos() as u64).max(1);
-        usize::try_from(threads).unwrap_or(usize::MAX).min(max)
+        usize::try_from(threads)
+            .unwrap_or(usize::MAX)
+            .min(max)
+            .min(self.jobs.len())
     }
 
     /// Pumps to wake and pumps to start so that as many work as the queue wants (counting
@@ -153,6 +161,10 @@ impl Pumps {
 
     /// Runs jobs until none came for [`LINGER`].
     fn pump(self: Arc<Self>) {
+        // A pump started on a thread that waits inside a job (for a half of the job's own
+        // `par_iter` that another thread took, say) runs on top of that job: it must not
+        // linger there, or the job below waits for it.
+        let nested = IN_PUMP.with(|p| p.replace(true));
         let mut st = self.lock();
         loop {
             if let Some(job) = st.jobs.pop_front() {
@@ -167,7 +179,7 @@ impl Pumps {
                 st.took(ns);
                 continue;
             }
-            let until = Instant::now() + LINGER;
+            let until = Instant::now() + if nested { Duration::ZERO } else { LINGER };
             st.idle += 1;
             while st.jobs.is_empty() {
                 let left = until.saturating_duration_since(Instant::now());
@@ -184,6 +196,8 @@ impl Pumps {
             if st.jobs.is_empty() {
                 // Checked and given up under the lock: a job queued later starts a pump.
                 st.running -= 1;
+                drop(st);
+                IN_PUMP.with(|p| p.set(nested));
                 return;
             }
         }
@@ -258,6 +272,9 @@ mod tests {
         // ... but with none waiting, a spare starts, to take what the busy one leaves.
         assert_eq!(state(us(5), 8, 1, 0).engage(2), (0, 1));
         assert_eq!(state(us(5), 8, 2, 0).engage(2), (0, 0));
+        // No more pumps than jobs.
+        assert_eq!(state(us(10_000), 1, 2, 2).engage(2), (1, 0));
+        assert_eq!(state(None, 1, 0, 0).engage(2), (0, 1));
         // Nothing queued: nothing to do.
         assert_eq!(state(us(10_000), 0, 2, 2).engage(2), (0, 0));
         let mut st = state(None, 0, 0, 0);
