@@ -135,6 +135,19 @@ impl<'a> Records<'a> {
         msgpack::str_field(self.raw(index)?, name)
     }
 
+    /// The texts under keys `names` of record `index`, read in place in one walk over the
+    /// record (each None as [`Records::str_field`] gives it).
+    pub fn str_fields<const N: usize>(
+        &self,
+        index: usize,
+        names: [&str; N],
+    ) -> [Option<&'a str>; N] {
+        match self.raw(index) {
+            Some(record) => msgpack::str_fields(record, names),
+            None => [None; N],
+        }
+    }
+
     /// The value under key `name` of record `index` as a JSON value (None when the record is
     /// no object, lacks the key, or the value is no JSON).
     pub fn field_value(&self, index: usize, name: &str) -> Option<Value> {

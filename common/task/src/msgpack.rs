@@ -236,6 +236,38 @@ pub fn field<'a>(record: &'a [u8], name: &str) -> Option<&'a [u8]> {
     found
 }
 
+/// The values under keys `names` of a MessagePack map, as their bytes, in one walk over the
+/// map: each as [`field`] gives it (the last one, should a key repeat). All None when
+/// `record` is no map or ends early.
+pub fn fields<'a, const N: usize>(record: &'a [u8], names: [&str; N]) -> [Option<&'a [u8]>; N] {
+    let walk = || {
+        let mut found = [None; N];
+        let mut r = Reader::new(record);
+        let n = r.map_len()?;
+        for _ in 0..n {
+            match r.raw_str() {
+                Some(k) => match names.iter().position(|name| name.as_bytes() == k) {
+                    Some(at) => found[at] = Some(r.value()?),
+                    None => r.skip()?,
+                },
+                // A key that is not text (no JSON record has one): skip it and its value.
+                None => {
+                    r.skip()?;
+                    r.skip()?;
+                }
+            }
+        }
+        Some(found)
+    };
+    walk().unwrap_or([None; N])
+}
+
+/// The texts under keys `names` of a MessagePack map, in one walk: each as [`str_field`]
+/// gives it.
+pub fn str_fields<'a, const N: usize>(record: &'a [u8], names: [&str; N]) -> [Option<&'a str>; N] {
+    fields(record, names).map(|v| v.and_then(|v| Reader::new(v).str()))
+}
+
 /// The text under key `name` of a MessagePack map: None when `record` is no map, lacks the
 /// key, or holds no UTF-8 text there.
 pub fn str_field<'a>(record: &'a [u8], name: &str) -> Option<&'a str> {
@@ -353,9 +385,34 @@ mod tests {
                 );
             }
         }
+        for r in &records {
+            let bytes = mp(r);
+            let names = ["title", "body", "id", "x"];
+            assert_eq!(
+                str_fields(&bytes, names),
+                names.map(|f| str_field(&bytes, f)),
+                "{r}"
+            );
+            assert_eq!(
+                fields(&bytes, names),
+                names.map(|f| field(&bytes, f)),
+                "{r}"
+            );
+        }
+        // Cut short, a record gives nothing, as `field` does.
+        let whole = mp(&records[0]);
+        for cut in 0..whole.len() {
+            let part = &whole[..cut];
+            assert_eq!(
+                fields(part, ["title", "body"]),
+                [field(part, "title"), field(part, "body")],
+                "cut at {cut}"
+            );
+        }
         // A repeated key: the last one counts, as in a JSON object.
         let twice = [0x82, 0xa1, b'a', 0xa1, b'1', 0xa1, b'a', 0xa1, b'2'];
         assert_eq!(str_field(&twice, "a"), Some("2"));
+        assert_eq!(str_fields(&twice, ["a", "b"]), [Some("2"), None]);
         assert_eq!(
             field(&mp(&json!({"id": [1]})), "id"),
             Some(&mp(&json!([1]))[..])
