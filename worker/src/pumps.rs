@@ -65,8 +65,8 @@ struct State {
     running: usize,
     /// Pumps waiting for a job now.
     idle: usize,
-    /// A job's run time, a moving average (ns); None before the first job ran.
-    job_ns: Option<u64>,
+    /// A job's run time, a moving average; None before the first job ran.
+    job_time: Option<Duration>,
 }
 
 impl State {
@@ -76,9 +76,9 @@ impl State {
         if self.jobs.is_empty() {
             return 0;
         }
-        let per_job = self.job_ns.unwrap_or(FIRST_GUESS.as_nanos() as u64);
-        let work = per_job.saturating_mul(self.jobs.len() as u64);
-        let threads = work.div_ceil(SPLIT_WORTH.as_nanos() as u64).max(1);
+        let per_job = self.job_time.unwrap_or(FIRST_GUESS);
+        let work = per_job.saturating_mul(u32::try_from(self.jobs.len()).unwrap_or(u32::MAX));
+        let threads = work.as_nanos().div_ceil(SPLIT_WORTH.as_nanos()).max(1);
         usize::try_from(threads)
             .unwrap_or(usize::MAX)
             .min(max)
@@ -90,9 +90,7 @@ impl State {
     fn engage(&mut self, max: usize) -> (usize, usize) {
         // Pumps at work count when jobs are short (they are free again soon); with long jobs
         // they are not, and every queued job may have a waiting pump.
-        let short = self
-            .job_ns
-            .is_some_and(|ns| u128::from(ns) < SPLIT_WORTH.as_nanos());
+        let short = self.job_time.is_some_and(|t| t < SPLIT_WORTH);
         let busy = if short {
             self.running.saturating_sub(self.idle)
         } else {
@@ -104,7 +102,7 @@ impl State {
         // With no pump waiting, one more starts (room permitting): once idle, it lingers and
         // takes what the busy ones leave queued (behind a job far longer than the average,
         // say) when its wait times out, within LINGER.
-        if start == 0 && wake == 0 && self.idle == 0 && !self.jobs.is_empty() {
+        if start == 0 && self.idle == 0 && !self.jobs.is_empty() {
             start = usize::from(self.running < max);
         }
         self.running += start;
@@ -112,10 +110,10 @@ impl State {
     }
 
     /// Takes a job's run time into the average.
-    fn took(&mut self, ns: u64) {
-        self.job_ns = Some(match self.job_ns {
-            None => ns,
-            Some(avg) => (avg.saturating_mul(7) / 8).saturating_add(ns / 8),
+    fn took(&mut self, time: Duration) {
+        self.job_time = Some(match self.job_time {
+            None => time,
+            Some(avg) => (avg.saturating_mul(7) / 8).saturating_add(time / 8),
         });
     }
 }
@@ -185,9 +183,8 @@ impl Pumps {
                 self.kick(wake, start);
                 let started = Instant::now();
                 job();
-                let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 st = self.lock();
-                st.took(ns);
+                st.took(started.elapsed());
                 continue;
             }
             let until = Instant::now() + if nested { Duration::ZERO } else { LINGER };
@@ -250,26 +247,31 @@ mod tests {
             assert_eq!(seen, (0..500).collect::<Vec<_>>(), "round {round}");
             assert!(pumps.lock().running <= 2);
             // Idle for longer than LINGER: the pumps end, and the next round starts new ones.
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while pumps.lock().running > 0 {
-                assert!(std::time::Instant::now() < deadline, "pumps never ended");
-                std::thread::sleep(LINGER);
-            }
+            until_pumps_end(&pumps);
         }
     }
 
-    fn state(job_ns: Option<u64>, jobs: usize, running: usize, idle: usize) -> State {
+    fn state(job_time: Option<Duration>, jobs: usize, running: usize, idle: usize) -> State {
         State {
             jobs: (0..jobs).map(|_| Box::new(|| ()) as Job).collect(),
             running,
             idle,
-            job_ns,
+            job_time,
+        }
+    }
+
+    /// Waits until every pump has ended (each does after LINGER without work).
+    fn until_pumps_end(pumps: &Pumps) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pumps.lock().running > 0 {
+            assert!(std::time::Instant::now() < deadline, "pumps never ended");
+            std::thread::sleep(LINGER);
         }
     }
 
     #[test]
     fn small_jobs_wake_one_pump_and_long_ones_every_thread() {
-        let us = |n: u64| Some(n * 1000);
+        let us = |n: u64| Some(Duration::from_micros(n));
         // Eight jobs of 5 µs: one waiting pump takes them all.
         assert_eq!(state(us(5), 8, 2, 2).engage(2), (1, 0));
         // ... or one starts when none waits.
@@ -291,9 +293,9 @@ mod tests {
         // Nothing queued: nothing to do.
         assert_eq!(state(us(10_000), 0, 2, 2).engage(2), (0, 0));
         let mut st = state(None, 0, 0, 0);
-        st.took(8_000);
-        st.took(16_000);
-        assert_eq!(st.job_ns, Some(9_000));
+        st.took(Duration::from_micros(8));
+        st.took(Duration::from_micros(16));
+        assert_eq!(st.job_time, Some(Duration::from_micros(9)));
     }
 
     #[test]
@@ -310,13 +312,9 @@ mod tests {
         for _ in 0..200 {
             rx.recv_timeout(Duration::from_secs(10)).unwrap();
         }
-        assert!(pumps.lock().job_ns.unwrap() < SPLIT_WORTH.as_nanos() as u64);
+        assert!(pumps.lock().job_time.unwrap() < SPLIT_WORTH);
         // Down to one pump, waiting: the pumps end when idle, then one starts for a job.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while pumps.lock().running > 0 {
-            assert!(std::time::Instant::now() < deadline, "pumps never ended");
-            std::thread::sleep(LINGER);
-        }
+        until_pumps_end(&pumps);
         let tx2 = tx.clone();
         pumps.run(Box::new(move || {
             let _ = tx2.send(());

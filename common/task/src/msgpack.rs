@@ -215,30 +215,9 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The value under key `name` of a MessagePack map, as its bytes (the last one, should the key
-/// repeat, as a JSON object keeps it). None when `record` is no map or lacks the key.
-pub fn field<'a>(record: &'a [u8], name: &str) -> Option<&'a [u8]> {
-    let mut r = Reader::new(record);
-    let n = r.map_len()?;
-    let mut found = None;
-    for _ in 0..n {
-        let is_it = r.raw_str().map(|k| k == name.as_bytes());
-        match is_it {
-            Some(true) => found = Some(r.value()?),
-            Some(false) => r.skip()?,
-            // A key that is not text (no JSON record has one): skip it and its value.
-            None => {
-                r.skip()?;
-                r.skip()?;
-            }
-        }
-    }
-    found
-}
-
 /// The values under keys `names` of a MessagePack map, as their bytes, in one walk over the
-/// map: each as [`field`] gives it (the last one, should a key repeat). All None when
-/// `record` is no map or ends early.
+/// map (the last one, should a key repeat, as a JSON object keeps it). All None when `record`
+/// is no map or ends early.
 pub fn fields<'a, const N: usize>(record: &'a [u8], names: [&str; N]) -> [Option<&'a [u8]>; N] {
     let walk = || {
         let mut found = [None; N];
@@ -262,16 +241,24 @@ pub fn fields<'a, const N: usize>(record: &'a [u8], names: [&str; N]) -> [Option
     walk().unwrap_or([None; N])
 }
 
-/// The texts under keys `names` of a MessagePack map, in one walk: each as [`str_field`]
-/// gives it.
+/// The texts under keys `names` of a MessagePack map, in one walk: None for a key the map
+/// lacks or whose value is no UTF-8 text.
 pub fn str_fields<'a, const N: usize>(record: &'a [u8], names: [&str; N]) -> [Option<&'a str>; N] {
     fields(record, names).map(|v| v.and_then(|v| Reader::new(v).str()))
+}
+
+/// The value under key `name` of a MessagePack map, as its bytes (the last one, should the key
+/// repeat, as a JSON object keeps it). None when `record` is no map or lacks the key.
+pub fn field<'a>(record: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    let [value] = fields(record, [name]);
+    value
 }
 
 /// The text under key `name` of a MessagePack map: None when `record` is no map, lacks the
 /// key, or holds no UTF-8 text there.
 pub fn str_field<'a>(record: &'a [u8], name: &str) -> Option<&'a str> {
-    Reader::new(field(record, name)?).str()
+    let [text] = str_fields(record, [name]);
+    text
 }
 
 #[cfg(test)]
