@@ -109,6 +109,16 @@ impl State {
         (wake, start)
     }
 
+    /// How many groups of jobs the session keeps on the pool at once: one while jobs are
+    /// short, else `max` (see [`Pumps::groups_wanted`]).
+    fn groups_wanted(&self, max: usize) -> usize {
+        if self.job_time.is_some_and(|t| t < SPLIT_WORTH) {
+            1
+        } else {
+            max
+        }
+    }
+
     /// Takes a job's run time into the average.
     fn took(&mut self, time: Duration) {
         self.job_time = Some(match self.job_time {
@@ -130,9 +140,17 @@ impl Pumps {
         })
     }
 
-    /// The pool's threads.
-    pub(crate) fn threads(&self) -> usize {
-        self.max
+    /// How many groups of jobs (a group: the deliveries that arrived together) the session
+    /// keeps on the pool at once. While jobs are short, one: the deliveries that arrive
+    /// while it runs wait and go together as the next group, so a group carries more
+    /// batches and the pool and the session wake less often (its batches still spread over
+    /// as many threads as they are worth). Measured on 50,000 batches of ten posts, nine
+    /// runs alternating with the worker before: worker CPU 1.15 -> 1.12 s (medians; lower in
+    /// six pairs), groups about 6,800 -> 5,100; a small gain, in the noise of a run. Long
+    /// jobs keep one group a thread: a new group starts while the last jobs of the one
+    /// before still run, and no thread idles at a group's tail.
+    pub(crate) fn groups_wanted(&self) -> usize {
+        self.lock().groups_wanted(self.max)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -292,6 +310,10 @@ mod tests {
         assert_eq!(state(None, 1, 0, 0).engage(2), (0, 1));
         // Nothing queued: nothing to do.
         assert_eq!(state(us(10_000), 0, 2, 2).engage(2), (0, 0));
+        // One group on the pool at a time while jobs are short, one a thread otherwise.
+        assert_eq!(state(us(5), 0, 0, 0).groups_wanted(4), 1);
+        assert_eq!(state(us(10_000), 0, 0, 0).groups_wanted(4), 4);
+        assert_eq!(state(None, 0, 0, 0).groups_wanted(4), 4);
         let mut st = state(None, 0, 0, 0);
         st.took(Duration::from_micros(8));
         st.took(Duration::from_micros(16));

@@ -156,12 +156,15 @@ impl Session {
     ) -> anyhow::Result<()> {
         let mut inflight: FuturesUnordered<BoxFuture<'static, Vec<Processed>>> =
             FuturesUnordered::new();
-        // Deliveries that arrived while every analysis thread had a group: they go together
-        // as the next group, so that under load a wake-up of the pool carries many batches.
+        // Deliveries that arrived while the pool had as many groups as it takes: they go
+        // together as the next group, so that under load a wake-up of the pool carries many
+        // batches.
         let mut waiting: Vec<Arrived> = Vec::new();
-        let max_groups = shared.analyser.pumps.threads();
         let mut ended = false;
         loop {
+            // One group at a time while batches are short, else one a thread (the pumps'
+            // rule: see `Pumps::groups_wanted`).
+            let max_groups = shared.analyser.pumps.groups_wanted();
             while !waiting.is_empty() && inflight.len() < max_groups {
                 let n = waiting.len().min(RAYON_GROUP);
                 let group: Vec<Arrived> = waiting.drain(..n).collect();
