@@ -90,8 +90,7 @@ impl State {
     fn engage(&mut self, max: usize) -> (usize, usize) {
         // Pumps at work count when jobs are short (they are free again soon); with long jobs
         // they are not, and every queued job may have a waiting pump.
-        let short = self.job_time.is_some_and(|t| t < SPLIT_WORTH);
-        let busy = if short {
+        let busy = if self.short_jobs() {
             self.running.saturating_sub(self.idle)
         } else {
             0
@@ -109,10 +108,15 @@ impl State {
         (wake, start)
     }
 
+    /// Whether jobs are short: their average run time is known and under [`SPLIT_WORTH`].
+    fn short_jobs(&self) -> bool {
+        self.job_time.is_some_and(|t| t < SPLIT_WORTH)
+    }
+
     /// How many groups of jobs the session keeps on the pool at once: one while jobs are
     /// short, else `max` (see [`Pumps::groups_wanted`]).
     fn groups_wanted(&self, max: usize) -> usize {
-        if self.job_time.is_some_and(|t| t < SPLIT_WORTH) {
+        if self.short_jobs() {
             1
         } else {
             max

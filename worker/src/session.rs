@@ -163,9 +163,8 @@ impl Session {
         let mut ended = false;
         loop {
             // One group at a time while batches are short, else one a thread (the pumps'
-            // rule: see `Pumps::groups_wanted`).
-            let max_groups = shared.analyser.pumps.groups_wanted();
-            while !waiting.is_empty() && inflight.len() < max_groups {
+            // rule: see `Pumps::groups_wanted`), asked only when deliveries wait.
+            while !waiting.is_empty() && inflight.len() < shared.analyser.pumps.groups_wanted() {
                 let n = waiting.len().min(RAYON_GROUP);
                 let group: Vec<Arrived> = waiting.drain(..n).collect();
                 inflight.push(shared.analyser.analyse_group(group));
