@@ -543,8 +543,15 @@ fn spawn_lease_keeper(
     guard
 }
 
-/// Writes the latest confirmed count into `batches_published` whenever it changes, off the
-/// publishing path; ends when the sender is dropped.
+/// Least time between two writes of `batches_published`: confirms arrive every publish round
+/// (about 600 a second at full speed), and a Redis call each cost the producer and Redis more
+/// than a percent of the throughput; 20 ms keeps the count within a few hundred batches of
+/// the confirms (the confirm window already leaves up to 2,000 unconfirmed).
+const PUBLISHED_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Writes the latest confirmed count into `batches_published` when it changes, at most once
+/// every [`PUBLISHED_EVERY`] (the latest count is written after the pause), off the publishing
+/// path; ends when the sender is dropped.
 fn spawn_published_writer(store: Store, job: &str) -> tokio::sync::watch::Sender<u64> {
     let (tx, mut rx) = tokio::sync::watch::channel(0u64);
     let job = job.to_string();
@@ -554,6 +561,7 @@ fn spawn_published_writer(store: Store, job: &str) -> tokio::sync::watch::Sender
             if let Err(e) = store.set_published(&job, n).await {
                 warn!("recording the batches published: {e}");
             }
+            tokio::time::sleep(PUBLISHED_EVERY).await;
         }
     });
     tx
