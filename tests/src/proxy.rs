@@ -115,6 +115,17 @@ impl Proxy {
         self.restore();
     }
 
+    /// An outage once `bytes` went through (a part of the client's work on the wire).
+    pub async fn outage_after(&self, bytes: u64) {
+        crate::until(
+            "a part of the traffic through the proxy",
+            std::time::Duration::from_secs(60),
+            || async { self.bytes() >= bytes },
+        )
+        .await;
+        self.outage().await;
+    }
+
     /// Accepts connections again.
     pub fn restore(&self) {
         self.state.cut.store(false, Ordering::SeqCst);

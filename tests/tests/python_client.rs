@@ -6,12 +6,13 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use serde_json::Value;
 use taskmill_common::store::Store;
 use taskmill_common::task::TaskContext;
-use taskmill_tests::{catalog_ready, producer, sample, write_jsonl, TestNs};
+use taskmill_tests::{catalog_ready, producer, proxy::Proxy, sample, write_jsonl, TestNs};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -116,6 +117,7 @@ async fn the_python_client_enqueues_jobs_the_rust_workers_run() {
         .env("TASKMILL_NAMESPACE", &t.ns)
         .output()
         .unwrap();
+    let cut = cut_connection_half_way(&t, &venv).await;
     let _ = std::fs::remove_dir_all(&venv);
     let _ = std::fs::remove_file(&file);
     assert!(
@@ -157,7 +159,8 @@ async fn the_python_client_enqueues_jobs_the_rust_workers_run() {
         .as_str()
         .unwrap()
         .contains("is not a whole number"));
-    assert_eq!(store.jobs().await.unwrap().len(), 3);
+    // (The jobs: post-stats, text-stats, the quickstart's and the cut connection's.)
+    assert_eq!(store.jobs().await.unwrap().len(), 4);
 
     // post-stats: 95 records and 2 that are not JSON, in batches of 10.
     let job = got["job"].as_str().unwrap();
@@ -213,8 +216,56 @@ async fn the_python_client_enqueues_jobs_the_rust_workers_run() {
 
     assert!(got["unknown"].as_str().unwrap().contains("no-such-job"));
     assert_eq!(got["unchecked_warned"], true);
+
+    // The connection cut half-way through an enqueue: the client reconnected and published
+    // again what was unconfirmed; every batch is done exactly once.
+    let job = cut.expect("the enqueue through a cut connection finished");
+    let s = t
+        .wait_finished(&store, &job, Duration::from_secs(180))
+        .await;
+    assert_eq!(s.state(), "completed", "{s:?}");
+    assert_eq!(s.batches_total, Some(10_000));
+    assert_eq!(s.batches_done, 10_000);
+    assert_eq!(s.batches_dead, 0);
+    assert_eq!(s.records_done, 40_000);
+    assert_eq!(store.results(&job).await.unwrap().len(), 10_000);
     worker.stop().await.unwrap();
     t.cleanup().await;
+}
+
+/// Enqueues 40,000 posts in batches of 4 through a proxy that is cut once 2 MB went through
+/// (a part of the batches published, confirms in flight) and restored once the client tries
+/// to reconnect; the job's id, or what the client printed when it failed.
+async fn cut_connection_half_way(t: &TestNs, venv: &Path) -> Result<String, String> {
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap())
+        .await
+        .unwrap();
+    let file = write_jsonl(sample::posts(40_000));
+    let script = "import json, os, taskmill\n\
+        c = taskmill.Client(amqp_url=os.environ['AMQP_URL'], namespace=os.environ['TASKMILL_NAMESPACE'])\n\
+        records = [json.loads(line) for line in open(os.environ['RECORDS'])]\n\
+        print(c.enqueue('post-stats', records, batch_size=4))\n";
+    let child = Command::new(venv.join("bin/python"))
+        .args(["-c", script])
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .env("AMQP_URL", proxy.amqp_url())
+        .env("RECORDS", &file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    proxy.outage_after(2_000_000).await;
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    if !out.status.success() {
+        return Err(said);
+    }
+    assert!(proxy.accepted() >= 2, "the client reconnected: {said}");
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 #[test]

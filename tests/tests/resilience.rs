@@ -82,13 +82,7 @@ async fn the_producer_republishes_what_a_cut_connection_left_unconfirmed() {
     let mut args = chaos(&file, &[]);
     args.batch_size = 4;
     let producer = tokio::spawn(async move { enqueue(&conn, &args, |_| {}).await });
-    until(
-        "a part of the batches on the wire",
-        Duration::from_secs(60),
-        || async { proxy.bytes() >= 2_000_000 },
-    )
-    .await;
-    proxy.outage().await;
+    proxy.outage_after(2_000_000).await;
     let report = producer.await.unwrap().unwrap();
     assert!(proxy.accepted() >= 2, "the producer reconnected");
     assert_eq!(report.batches, 10_000);

@@ -12,6 +12,7 @@ import re
 import time
 import uuid
 import warnings
+from collections import deque
 from importlib import resources
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -37,9 +38,17 @@ RESERVE_AHEAD = 1024
 # How many times one batch may be refused (nack or return), and reconnects in a row.
 MAX_REFUSALS = 5
 MAX_RECONNECTS = 8
+# Publisher confirms kept in flight (and bytes of unconfirmed batches held for republishing):
+# waiting for each confirm before the next publish made one broker round trip a batch.
+CONFIRM_WINDOW = 1000
+MAX_INFLIGHT_BYTES = 16 * 1024 * 1024
 LEASE_SECONDS = 30
 POLL_SECONDS = 0.1
 RESULTS_PAGE = 500
+
+# What a lost connection or channel raises.
+_LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError,
+         pika.exceptions.StreamLostError, ConnectionError)
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
@@ -311,13 +320,22 @@ class _Publishing:
         self.lease_renewed = 0.0
         self.connection: Optional[pika.BlockingConnection] = None
         self.channel = None
+        # Publishing with a window of confirms: the unconfirmed batches by delivery tag (in
+        # publish order), the batches to publish again (nacked, returned, or unconfirmed when
+        # the connection went), message ids the broker returned, and the confirmed count.
+        self.next_tag = 1
+        self.unconfirmed: Dict[int, List[Any]] = {}
+        self.inflight_bytes = 0
+        self.again: deque = deque()
+        self.returned: set = set()
+        self.refused_error: Optional[str] = None
+        self.confirmed = 0
 
     # The broker -------------------------------------------------------------------------
     def connect(self) -> None:
         self.close()
         self.connection = pika.BlockingConnection(pika.URLParameters(self.c.amqp_url))
         ch = self.connection.channel()
-        ch.confirm_delivery()
         ns = self.c.namespace
         ch.exchange_declare(f"{ns}.work", "direct", durable=True)
         ch.exchange_declare(f"{ns}.dlx", "fanout", durable=True)
@@ -331,6 +349,18 @@ class _Publishing:
                     "x-delivery-limit": DELIVERY_LIMIT}
             ch.queue_declare(f"{ns}.{short}", durable=True, arguments=args)
             ch.queue_bind(f"{ns}.{short}", f"{ns}.work", routing_key=short)
+        # Confirms are taken on the channel's asynchronous side (pika's BlockingChannel
+        # waits for each one before the next publish); the blocking connection's event
+        # processing runs its callbacks.
+        impl = ch._impl
+        impl.add_on_return_callback(self._on_return)
+        selected: List[bool] = []
+        impl.confirm_delivery(ack_nack_callback=self._on_confirm,
+                              callback=lambda _frame: selected.append(True))
+        self.connection._flush_output(lambda: bool(selected) or not impl.is_open)
+        if not selected:
+            raise pika.exceptions.ChannelWrongStateError("the channel closed before confirms")
+        self.next_tag = 1
         self.channel = ch
 
     def close(self) -> None:
@@ -343,27 +373,115 @@ class _Publishing:
         self.channel = None
 
     def publish(self, body: bytes, props: pika.BasicProperties) -> None:
-        """Publishes one message and returns once the broker confirmed it."""
-        refusals = reconnects = 0
-        while True:
+        """Publishes one message; its confirm is awaited later (`settle`), with at most
+        CONFIRM_WINDOW of them in flight."""
+        self.again.append([body, props, 0])
+        # Every 64 publishes the output is written out and what the broker sent is read
+        # (confirms, returns), so the broker works while more are prepared.
+        self.settle(CONFIRM_WINDOW - 1, flush=self.next_tag % 64 == 0)
+
+    def send_again(self) -> None:
+        """Publishes what waits to be published (new, refused or cut off), reconnecting when
+        the connection or channel went."""
+        reconnects = 0
+        while self.again:
             try:
                 if self.channel is None:
                     self.connect()
-                self.channel.basic_publish(f"{self.c.namespace}.work", self.routing_key,
-                                           body, props, mandatory=True)
+                while self.again:
+                    item = self.again[0]
+                    self.channel._impl.basic_publish(
+                        f"{self.c.namespace}.work", self.routing_key, item[0], item[1],
+                        mandatory=True)
+                    self.again.popleft()
+                    self.unconfirmed[self.next_tag] = item
+                    self.inflight_bytes += len(item[0])
+                    self.next_tag += 1
                 return
-            except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as e:
-                refusals += 1
-                if refusals >= MAX_REFUSALS:
-                    raise RuntimeError(f"the broker refused a batch {refusals} times: {e!r}")
-            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError,
-                    pika.exceptions.StreamLostError, ConnectionError) as e:
-                reconnects += 1
-                self.channel = None
-                if reconnects > MAX_RECONNECTS:
-                    raise
-                warnings.warn(f"publishing: {e!r}; reconnecting")
-                time.sleep(min(0.1 * 2 ** reconnects, 5.0))
+            except _LOST as e:
+                reconnects = self.after_loss(e, reconnects, "publishing")
+
+    def after_loss(self, e: Exception, reconnects: int, what: str) -> int:
+        """The connection or channel went while `what`: unconfirmed batches go back to be
+        published again; re-raises after MAX_RECONNECTS in a row, else waits (backoff) and
+        returns the new count."""
+        reconnects += 1
+        self.lost()
+        if reconnects > MAX_RECONNECTS:
+            raise e
+        warnings.warn(f"{what}: {e!r}; reconnecting")
+        time.sleep(min(0.1 * 2 ** reconnects, 5.0))
+        return reconnects
+
+    def lost(self) -> None:
+        """The connection or channel went: every unconfirmed batch is published again, in
+        order, ahead of those still waiting."""
+        self.again.extendleft(reversed(list(self.unconfirmed.values())))
+        self.unconfirmed.clear()
+        self.inflight_bytes = 0
+        self.returned.clear()
+        self.close()
+
+    def settle(self, keep: int, flush: bool = False) -> None:
+        """Waits for confirms until at most `keep` batches are unconfirmed (and their bytes
+        under MAX_INFLIGHT_BYTES), publishing refused ones again; with `flush`, writes the
+        output and reads what arrived first."""
+        reconnects = 0
+
+        def settled() -> bool:
+            return len(self.unconfirmed) <= keep and self.inflight_bytes <= MAX_INFLIGHT_BYTES
+
+        def stop_waiting() -> bool:
+            return (settled() or bool(self.again) or self.refused_error is not None
+                    or not self.channel._impl.is_open)
+
+        while True:
+            if self.refused_error is not None:
+                raise RuntimeError(self.refused_error)
+            self.send_again()
+            if settled() and (not flush or self.channel is None):
+                return
+            try:
+                if not self.channel._impl.is_open:
+                    raise pika.exceptions.ChannelWrongStateError("the channel was closed")
+                # pika's BlockingConnection has no public call that waits for a condition
+                # of the channel's asynchronous side; this is the one its own channels use.
+                if flush:
+                    flush = False
+                    self.connection._flush_output()
+                else:
+                    self.connection._flush_output(stop_waiting)
+            except _LOST as e:
+                reconnects = self.after_loss(e, reconnects, "waiting for confirms")
+
+    def _on_return(self, _channel: Any, _method: Any, props: pika.BasicProperties,
+                   _body: bytes) -> None:
+        # The broker returns an unroutable mandatory message before it confirms it.
+        self.returned.add(props.message_id)
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        nacked = isinstance(method, pika.spec.Basic.Nack)
+        tags = []
+        for t in self.unconfirmed:  # in publish order: ascending tags
+            if t > method.delivery_tag:
+                break
+            if method.multiple or t == method.delivery_tag:
+                tags.append(t)
+        for tag in tags:
+            item = self.unconfirmed.pop(tag)
+            self.inflight_bytes -= len(item[0])
+            refused = nacked or item[1].message_id in self.returned
+            self.returned.discard(item[1].message_id)
+            if not refused:
+                self.confirmed += 1
+                continue
+            item[2] += 1
+            if item[2] >= MAX_REFUSALS:
+                self.refused_error = (f"the broker refused message {item[1].message_id} "
+                                      f"{item[2]} times (nacked or unroutable)")
+            else:
+                self.again.append(item)
 
     # The job ----------------------------------------------------------------------------
     def problem(self, text: str) -> None:
@@ -429,8 +547,8 @@ class _Publishing:
         self.publish(body, props)
         self.batches += 1
         self.records += len(records)
-        if self.batches % 64 == 0:
-            self.c._raise(keys=[self.key], args=["batches_published", self.batches])
+        if self.batches % 64 == 0 and self.confirmed:
+            self.c._raise(keys=[self.key], args=["batches_published", self.confirmed])
 
     def run(self, records: Iterable[Any], batch_size: int) -> str:
         batch: List[Any] = []
@@ -457,6 +575,7 @@ class _Publishing:
         problems = list(self.problems)
         if self.more_problems:
             problems.append(f"... and {self.more_problems} more")
+        self.settle(0)
         code = self.c._finish(
             keys=[self.key],
             args=[self.batches, self.records, self.invalid, 0,
@@ -468,6 +587,7 @@ class _Publishing:
                                          headers={HEADER_CONTROL: "summarize"})
             try:
                 self.publish(b"", props)
+                self.settle(0)
             except Exception as e:  # the job is done; only its summary is missing
                 warnings.warn(f"could not ask the workers for job {self.job}'s summary: {e!r}")
         return self.job
