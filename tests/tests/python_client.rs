@@ -159,8 +159,9 @@ async fn the_python_client_enqueues_jobs_the_rust_workers_run() {
         .as_str()
         .unwrap()
         .contains("is not a whole number"));
-    // (The jobs: post-stats, text-stats, the quickstart's and the cut connection's.)
-    assert_eq!(store.jobs().await.unwrap().len(), 4);
+    // (The jobs: post-stats, text-stats, the unroutable one, the quickstart's and the cut
+    // connection's.)
+    assert_eq!(store.jobs().await.unwrap().len(), 5);
 
     // post-stats: 95 records and 2 that are not JSON, in batches of 10.
     let job = got["job"].as_str().unwrap();
@@ -216,6 +217,12 @@ async fn the_python_client_enqueues_jobs_the_rust_workers_run() {
 
     assert!(got["unknown"].as_str().unwrap().contains("no-such-job"));
     assert_eq!(got["unchecked_warned"], true);
+    // Unroutable batches: published again, and the fifth refusal ends the enqueue.
+    let unroutable = got["unroutable"].as_str().unwrap_or_default();
+    assert!(
+        unroutable.contains("5 times (nacked or unroutable)"),
+        "{unroutable:?}"
+    );
 
     // The connection cut half-way through an enqueue: the client reconnected and published
     // again what was unconfirmed; every batch is done exactly once.

@@ -44,6 +44,28 @@ try:
 except KeyError as e:
     unknown = str(e)
 
+# A batch the broker cannot route (the queue's binding removed behind the client's back) is
+# refused, published again, and the enqueue ends with an error at the fifth refusal.
+import taskmill.client as tc  # noqa: E402
+
+ns = os.environ["TASKMILL_NAMESPACE"]
+connect = tc._Publishing.connect
+
+
+def connect_then_unbind(self):
+    connect(self)
+    self.channel.queue_unbind(f"{ns}.unrouted", f"{ns}.work", routing_key="unrouted")
+
+
+tc._Publishing.connect = connect_then_unbind
+try:
+    c.enqueue("post-stats", records[:20], queue="unrouted", check=False)
+    unroutable = None
+except RuntimeError as e:
+    unroutable = str(e)
+finally:
+    tc._Publishing.connect = connect
+
 with warnings.catch_warnings():
     warnings.simplefilter("error")
     unchecked_warned = False
@@ -55,5 +77,5 @@ with warnings.catch_warnings():
 json.dump({
     "job": job, "status": status, "results": results, "refused": refused,
     "top": top, "top_status": top_status, "unknown": unknown,
-    "unchecked_warned": unchecked_warned,
+    "unchecked_warned": unchecked_warned, "unroutable": unroutable,
 }, sys.stdout)
