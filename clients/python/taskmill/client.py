@@ -416,7 +416,7 @@ class _Publishing:
     def lost(self) -> None:
         """The connection or channel went: every unconfirmed batch is published again, in
         order, ahead of those still waiting."""
-        self.again.extendleft(reversed(list(self.unconfirmed.values())))
+        self.again.extendleft(reversed(self.unconfirmed.values()))
         self.unconfirmed.clear()
         self.inflight_bytes = 0
         self.returned.clear()

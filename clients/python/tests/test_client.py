@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 
+import taskmill.client as tc
 from taskmill import Client
 
 c = Client(namespace=os.environ["TASKMILL_NAMESPACE"])
@@ -46,8 +47,6 @@ except KeyError as e:
 
 # A batch the broker cannot route (the queue's binding removed behind the client's back) is
 # refused, published again, and the enqueue ends with an error at the fifth refusal.
-import taskmill.client as tc  # noqa: E402
-
 ns = os.environ["TASKMILL_NAMESPACE"]
 connect = tc._Publishing.connect
 
