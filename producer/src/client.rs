@@ -328,12 +328,16 @@ impl JobHandle {
     pub fn results(&self) -> impl Stream<Item = anyhow::Result<(u64, Value)>> + Unpin + '_ {
         struct Page {
             next: u64,
-            end: Option<u64>,
+            /// The last batch number + 1, and how many results are stored: paging stops at
+            /// either (a total edited by hand cannot make it read empty pages for ever).
+            end: Option<(u64, u64)>,
+            seen: u64,
             buf: std::vec::IntoIter<(u64, Value)>,
         }
         let start = Page {
             next: 0,
             end: None,
+            seen: 0,
             buf: Vec::new().into_iter(),
         };
         Box::pin(futures::stream::try_unfold(
@@ -343,24 +347,23 @@ impl JobHandle {
                     if let Some(item) = p.buf.next() {
                         return Ok(Some((item, p)));
                     }
-                    let end = match p.end {
+                    let (end, stored) = match p.end {
                         Some(end) => end,
                         None => {
                             let s = self.status().await?;
                             let end = s.batches_total.unwrap_or(s.batches_published);
-                            p.end = Some(end);
-                            end
+                            let stored = self.store.results_count(&self.id).await?;
+                            p.end = Some((end, stored));
+                            (end, stored)
                         }
                     };
-                    if p.next >= end {
+                    if p.next >= end || p.seen >= stored {
                         return Ok(None);
                     }
                     let to = (p.next + RESULTS_PAGE).min(end);
-                    p.buf = self
-                        .store
-                        .results_range(&self.id, p.next, to)
-                        .await?
-                        .into_iter();
+                    let page = self.store.results_range(&self.id, p.next, to).await?;
+                    p.seen += page.len() as u64;
+                    p.buf = page.into_iter();
                     p.next = to;
                 }
             },
@@ -371,7 +374,7 @@ impl JobHandle {
     /// in.
     pub async fn cancel(&self) -> anyhow::Result<String> {
         match self.store.cancel(&self.id).await? {
-            Some(state) => Ok(state.to_string()),
+            Some(c) => Ok(c.was.to_string()),
             None => Err(crate::error::CliError::NoSuchJob(format!("no job {:?}", self.id)).into()),
         }
     }

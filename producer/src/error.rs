@@ -8,6 +8,7 @@
 //! | 3 | timeout (`wait --timeout`, `enqueue --wait --timeout`) |
 //! | 4 | no such job (or no such dead letter) |
 //! | 5 | a service (RabbitMQ, Redis, the management API) is unreachable or refused the credentials |
+//! | 6 | a job's record in Redis is unreadable (edited by hand, or written by another program); `delete JOB --yes` removes it |
 
 use taskmill_common::{amqp::ConnectError, store::StoreError};
 
@@ -21,6 +22,8 @@ pub const EXIT_TIMEOUT: u8 = 3;
 pub const EXIT_NO_SUCH_JOB: u8 = 4;
 /// Exit code: a service is unreachable or refused the credentials.
 pub const EXIT_SERVICE: u8 = 5;
+/// Exit code: a job's record in Redis cannot be read as a job.
+pub const EXIT_UNREADABLE: u8 = 6;
 
 /// A failure whose exit code is known.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +57,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         if let Some(s) = cause.downcast_ref::<StoreError>() {
             return match s {
                 StoreError::JobExists(_) => EXIT_USAGE,
+                StoreError::BadJob(_) => EXIT_UNREADABLE,
                 _ => EXIT_SERVICE,
             };
         }

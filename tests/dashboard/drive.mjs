@@ -4,6 +4,7 @@
 //   TOKEN        its token (the page asks for it)
 //   JOB          a slow job enqueued by the CLI, running on two workers
 //   DEAD_JOB     a finished job whose batches all died (chaos, permanent)
+//   BAD_JOB      a job whose state was edited by hand into nonsense (unreadable)
 //   WORKER_PIDS  the two workers' pids: the first is stopped (SIGTERM) during the run
 //   SHOTS        where to write one screenshot of each page (optional)
 // Prints one JSON object of what it saw; exits non-zero when a check fails.
@@ -67,6 +68,20 @@ try {
   seen.summary = summary;
   await page.waitForSelector("#job-results tbody tr");
   await shot(page, "job");
+
+  // An unreadable job: listed as such with what is wrong; its page says so and deletes it.
+  const bad = `tr[data-job="${env("BAD_JOB")}"]`;
+  await page.goto(url + "#/jobs");
+  await page.waitForSelector(`${bad} .state-unreadable`);
+  seen.unreadable_row = (await page.textContent(`${bad} td.muted`)).trim();
+  await page.click(`${bad} a`);
+  await page.waitForSelector("#job-actions button.danger");
+  seen.unreadable_page = (await page.textContent(".message.error")).trim();
+  await page.click("#job-actions button.danger");
+  await page.click("#job-confirm [data-yes]");
+  await page.waitForSelector('#job-confirm .message:text("Deleted.")');
+  await page.waitForSelector(row);
+  seen.unreadable_listed_after = await page.isVisible(bad);
 
   // Dead letters: the chaos job's are listed; one's records shown; replayed from the page.
   await page.goto(url + "#/dead");

@@ -14,7 +14,13 @@ pub mod redis_server;
 /// Deterministic sample posts and their HTTP server (the `taskmill-sample-server` crate).
 pub use taskmill_sample_server as sample;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
 
 use taskmill_common::{
     config::ConnArgs,
@@ -468,4 +474,139 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A fresh virtualenv with the client installed by pip, as a user would.
+pub fn python_venv() -> PathBuf {
+    let dir = workspace_root().join(format!(
+        "target/py-client-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&dir)
+        .status()
+        .expect("python3");
+    assert!(ok.success(), "python3 -m venv failed");
+    // pip builds a local project in place (build/, *.egg-info): install from a copy so that
+    // the source tree stays as it is.
+    let src = dir.join("src");
+    let copied = Command::new("cp")
+        .arg("-r")
+        .arg(workspace_root().join("clients/python"))
+        .arg(&src)
+        .status()
+        .expect("cp");
+    assert!(copied.success(), "copying clients/python failed");
+    let out = Command::new(dir.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(&src)
+        .output()
+        .expect("pip");
+    assert!(
+        out.status.success(),
+        "pip install ./clients/python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+/// A running `producer dashboard` and its URL (it listens on a free port and prints it).
+pub struct Dashboard {
+    /// The process.
+    pub child: Child,
+    /// Where it serves, `http://127.0.0.1:PORT/`.
+    pub url: String,
+}
+
+impl Dashboard {
+    /// Starts `producer dashboard` on a free loopback port in namespace `ns`.
+    pub fn start(ns: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(bin_path("producer"))
+            .args([
+                "dashboard",
+                "--listen",
+                "127.0.0.1:0",
+                "--sample-seconds",
+                "1",
+            ])
+            .args(extra)
+            .env("TASKMILL_NAMESPACE", ns)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("running producer dashboard");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("the dashboard's first line");
+        assert!(line.starts_with("http://127.0.0.1:"), "{line:?}");
+        Self {
+            child,
+            url: line.trim().to_string(),
+        }
+    }
+
+    /// Stops it with SIGTERM; it exits 0.
+    pub fn stop(mut self) {
+        assert!(sigterm(self.child.id()));
+        assert_eq!(self.child.wait().expect("wait").code(), Some(0));
+    }
+}
+
+impl Drop for Dashboard {
+    /// A failing test does not leave it running (after `stop` it has exited already).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the `producer` binary in namespace `ns` like [`producer`], failing the test when it
+/// has not ended after `limit` (a hung command, not a timing check: it is killed first).
+pub fn producer_within(ns: &str, args: &[&str], limit: Duration) -> std::process::Output {
+    let mut child = Command::new(bin_path("producer"))
+        .args(args)
+        .env("TASKMILL_NAMESPACE", ns)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running the producer binary");
+    // Read both pipes on threads, so that a full pipe cannot stall the command.
+    let mut out_pipe = child.stdout.take().expect("stdout");
+    let mut err_pipe = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out_pipe, &mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err_pipe, &mut v);
+        v
+    });
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the producer") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("producer {args:?} did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
 }

@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -12,59 +11,11 @@ use std::{
 
 use serde_json::{json, Value};
 use taskmill_tests::{
-    bin_path, catalog_ready, producer, sample, sigterm, until, write_jsonl, TestNs,
+    bin_path, catalog_ready, producer, sample, sigterm, until, write_jsonl, Dashboard, TestNs,
 };
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A running `producer dashboard` and its URL (it listens on a free port and prints it).
-struct Dashboard {
-    child: Child,
-    url: String,
-}
-
-impl Dashboard {
-    fn start(ns: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(bin_path("producer"))
-            .args([
-                "dashboard",
-                "--listen",
-                "127.0.0.1:0",
-                "--sample-seconds",
-                "1",
-            ])
-            .args(extra)
-            .env("TASKMILL_NAMESPACE", ns)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.starts_with("http://127.0.0.1:"), "{line:?}");
-        Self {
-            child,
-            url: line.trim().to_string(),
-        }
-    }
-
-    /// Stops it with SIGTERM; it exits 0.
-    fn stop(mut self) {
-        assert!(sigterm(self.child.id()));
-        assert_eq!(self.child.wait().unwrap().code(), Some(0));
-    }
-}
-
-impl Drop for Dashboard {
-    /// A failing test does not leave it running (after `stop` it has exited already).
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Worker processes killed when the test ends, however it ends.
@@ -341,6 +292,31 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
             many.to_str().unwrap(),
         ],
     );
+    // A job whose state was edited by hand into nonsense.
+    let bad_job = "edited-by-hand";
+    let mut con = redis::Client::open("redis://127.0.0.1:6379/0")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = store.keys().job(bad_job);
+    let _: () = redis::pipe()
+        .cmd("HSET")
+        .arg(&key)
+        .arg(&["state", "weird", "task", "post-stats", "created_ms", "1"])
+        .ignore()
+        .cmd("EXPIRE")
+        .arg(&key)
+        .arg(600)
+        .ignore()
+        .cmd("ZADD")
+        .arg(store.keys().jobs())
+        .arg(taskmill_common::now_ms())
+        .arg(bad_job)
+        .ignore()
+        .query_async(&mut con)
+        .await
+        .unwrap();
     let shots = std::env::var("DASHBOARD_SHOTS").unwrap_or_default();
     let out = Command::new("node")
         .arg(root().join("tests/dashboard/drive.mjs"))
@@ -348,6 +324,7 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
         .env("TOKEN", "letmein")
         .env("JOB", &job)
         .env("DEAD_JOB", &dead_job)
+        .env("BAD_JOB", bad_job)
         .env(
             "WORKER_PIDS",
             format!("{},{}", workers.0[0].id(), workers.0[1].id()),
@@ -368,6 +345,17 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
     assert!(progress[1].as_u64() > progress[0].as_u64(), "{seen}");
     assert_eq!(seen["summary"]["batches"], 200);
     assert_eq!(seen["summary"]["records"], 2000);
+    assert_eq!(
+        seen["unreadable_row"], "state: holds \"weird\", not a job state",
+        "{seen}"
+    );
+    let page = seen["unreadable_page"].as_str().unwrap_or_default();
+    assert!(
+        page.contains("job edited-by-hand is unreadable: state"),
+        "{seen}"
+    );
+    assert_eq!(seen["unreadable_listed_after"], false, "{seen}");
+    assert!(store.job_status(bad_job).await.unwrap().is_none());
     assert_eq!(seen["dead_count"], 3);
     assert_eq!(seen["dead_records"], 10);
     assert_eq!(seen["replay_message"], "Replayed 3 dead letters.");

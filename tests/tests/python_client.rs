@@ -12,45 +12,12 @@ use std::{
 use serde_json::Value;
 use taskmill_common::store::Store;
 use taskmill_common::task::TaskContext;
-use taskmill_tests::{catalog_ready, producer, proxy::Proxy, sample, write_jsonl, TestNs};
+use taskmill_tests::{
+    catalog_ready, producer, proxy::Proxy, python_venv, sample, write_jsonl, TestNs,
+};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A fresh virtualenv with the client installed by pip, as a user would.
-fn venv() -> PathBuf {
-    let dir = root().join(format!(
-        "target/py-client-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    let ok = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&dir)
-        .status()
-        .unwrap();
-    assert!(ok.success(), "python3 -m venv failed");
-    // pip builds a local project in place (build/, *.egg-info): install from a copy so that
-    // the source tree stays as it is.
-    let src = dir.join("src");
-    let copied = Command::new("cp")
-        .arg("-r")
-        .arg(root().join("clients/python"))
-        .arg(&src)
-        .status()
-        .unwrap();
-    assert!(copied.success(), "copying clients/python failed");
-    let out = Command::new(dir.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check"])
-        .arg(&src)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pip install ./clients/python: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir
 }
 
 /// What the task computes for these records, batch by batch, here in the test.
@@ -99,7 +66,7 @@ fn same(a: &Value, b: &Value) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_enqueues_jobs_the_rust_workers_run() {
     let t = TestNs::new();
-    let venv = tokio::task::spawn_blocking(venv);
+    let venv = tokio::task::spawn_blocking(python_venv);
     let worker = t.spawn_worker(t.worker_args());
     let store = t.store().await;
     catalog_ready(&store).await;

@@ -562,9 +562,16 @@ async fn fold_in_pages(
             return None;
         }
     };
+    let stored = match store.results_count(job).await {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(%job, "counting the results to sum them up: {e}");
+            return None;
+        }
+    };
     let mut so_far: Option<serde_json::Value> = None;
-    let mut from = 0;
-    while from < total {
+    let (mut from, mut seen) = (0, 0);
+    while from < total && seen < stored {
         let to = (from + FOLD_PAGE).min(total);
         let page = match store.results_range(job, from, to).await {
             Ok(p) => p,
@@ -573,6 +580,7 @@ async fn fold_in_pages(
                 return None;
             }
         };
+        seen += page.len() as u64;
         let mut values: Vec<serde_json::Value> = so_far.take().into_iter().collect();
         values.extend(page.into_iter().map(|(_, v)| v));
         let task = task.clone();

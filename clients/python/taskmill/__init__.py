@@ -9,6 +9,7 @@
 """
 
 from .client import Client
+from .exceptions import NoSuchJob, TaskmillError, Timeout, UnreadableJob
 
-__all__ = ["Client"]
+__all__ = ["Client", "NoSuchJob", "TaskmillError", "Timeout", "UnreadableJob"]
 __version__ = "0.1.0"

@@ -21,6 +21,8 @@ import pika
 import pika.exceptions
 import redis
 
+from .exceptions import NoSuchJob, Timeout, UnreadableJob
+
 FORMAT_VERSION = 1
 CONTENT_TYPE = "application/msgpack"
 HEADER_ATTEMPT = "x-taskmill-attempt"
@@ -43,6 +45,9 @@ MAX_RECONNECTS = 8
 CONFIRM_WINDOW = 1000
 MAX_INFLIGHT_BYTES = 16 * 1024 * 1024
 LEASE_SECONDS = 30
+# A job with no lease registered longer ago than this was abandoned by its producer (which
+# writes its lease right after registering): the store's LEASE_GRACE_MS.
+LEASE_GRACE_MS = 60_000
 POLL_SECONDS = 0.1
 RESULTS_PAGE = 500
 
@@ -218,29 +223,80 @@ class Client:
             publishing.close()
 
     # Follow -----------------------------------------------------------------------------
-    def status(self, job: str) -> dict:
-        """The job's state and counters: the dict ``producer status --json`` prints. Raises
-        ``KeyError`` for an unknown (or expired) job."""
-        key = self._job_key(job)
-        raw = self.redis.hgetall(key)
-        if not raw:
-            raise KeyError(f"no job {job[:200]!r} in namespace {self.namespace}")
-        lapsed = "batches_total" not in raw and int(raw.get("lease_until_ms", _now_ms())) < _now_ms()
-        if lapsed and self._check_lease(keys=[key], args=[_now_ms()]) == 1:
-            raw = self.redis.hgetall(key)
+    def _read(self, job: str) -> Optional[Dict[str, str]]:
+        """The job hash as it is, None when there is none; ``UnreadableJob`` when the key
+        holds another type."""
+        try:
+            raw = self.redis.hgetall(self._job_key(job))
+        except redis.exceptions.ResponseError as e:
+            if str(e).startswith("WRONGTYPE"):
+                raise UnreadableJob(job, "key", "not a hash (the key holds another type: "
+                                    "written by something else)") from None
+            raise
+        return raw or None
+
+    @staticmethod
+    def _parse(job: str, raw: Dict[str, str]) -> dict:
+        """The job hash as ``producer status --json`` prints it; ``UnreadableJob`` names the
+        first field that is not what taskmill writes there."""
+        def number(k: str) -> int:
+            v = raw[k]
+            try:
+                return max(int(v), 0)
+            except ValueError:
+                raise UnreadableJob(job, k, f"holds {v[:100]!r}, not a whole number") from None
+        state = raw.get("state")
+        if state is None:
+            raise UnreadableJob(job, "state", "missing")
+        if state not in STATES:
+            raise UnreadableJob(job, "state", f"holds {state[:100]!r}, not a job state")
         out: Dict[str, Any] = {"job": job}
         for k in _NUMBERS:
-            out[k] = max(int(raw.get(k, 0)), 0)
-        for k in _OPTIONAL_NUMBERS:
+            out[k] = number(k) if k in raw else 0
+        for k in _OPTIONAL_NUMBERS + ("lease_until_ms",):
             if k in raw:
-                out[k] = max(int(raw[k]), 0)
+                out[k] = number(k)
         for k in ("state", "task", "queue"):
             out[k] = raw.get(k, "")
-        out["params"] = json.loads(raw.get("params") or "{}")
-        out["problems"] = json.loads(raw.get("problems") or "[]")
+        for k, default in (("params", {}), ("problems", [])):
+            try:
+                out[k] = json.loads(raw.get(k) or json.dumps(default))
+            except ValueError:
+                out[k] = default
         if "summary" in raw:
-            out["summary"] = json.loads(raw["summary"])
+            try:
+                out["summary"] = json.loads(raw["summary"])
+            except ValueError:
+                pass
         return out
+
+    @staticmethod
+    def _lease_lapsed(status: dict, now: int) -> bool:
+        """Publishing has no total and nobody renews the lease (the store's rule)."""
+        if "batches_total" in status:
+            return False
+        if "lease_until_ms" in status:
+            return status["lease_until_ms"] < now
+        return status["created_ms"] + LEASE_GRACE_MS < now
+
+    def status(self, job: str) -> dict:
+        """The job's state and counters: the dict ``producer status --json`` prints. Raises
+        ``NoSuchJob`` (a ``KeyError``) for an unknown (or expired) job, ``UnreadableJob`` for
+        a record that is not a job's. A lapsed publishing lease is settled once, as the CLI
+        does."""
+        raw = self._read(job)
+        if raw is None:
+            raise NoSuchJob(job, self.namespace)
+        status = self._parse(job, raw)
+        now = _now_ms()
+        if self._lease_lapsed(status, now):
+            changed = self._check_lease(keys=[self._job_key(job)], args=[now, LEASE_GRACE_MS])
+            if changed == 1:
+                raw = self._read(job)
+                if raw is None:
+                    raise NoSuchJob(job, self.namespace)
+                status = self._parse(job, raw)
+        return status
 
     @staticmethod
     def finished(status: dict) -> bool:
@@ -252,21 +308,24 @@ class Client:
 
     def wait(self, job: str, timeout: Optional[float] = None) -> dict:
         """Waits until the job finishes and returns its final status (with the summary the
-        workers fold); raises ``TimeoutError`` after ``timeout`` seconds."""
+        workers fold); raises ``Timeout`` (a ``TimeoutError``) after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             status = self.status(job)
             if self.finished(status):
                 break
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(
+                raise Timeout(
                     f"job {job} not finished after {timeout} s: "
-                    f"{status['batches_done']} batches done of {status.get('batches_total', '?')}"
+                    f"{status['batches_done']} batches done of {status.get('batches_total', '?')}",
+                    status,
                 )
             time.sleep(POLL_SECONDS)
-        # The worker that stored the last batch folds the summary just after.
+        # The worker that stored the last batch of a completed job folds the summary just
+        # after; a cancelled or interrupted job gets none.
         for _ in range(50):
-            if "summary" in status or status["batches_done"] == 0:
+            if ("summary" in status or status["batches_done"] == 0
+                    or status["state"] not in ("completed", "completed_with_errors")):
                 break
             time.sleep(POLL_SECONDS)
             status = self.status(job)
@@ -278,16 +337,43 @@ class Client:
         status = self.status(job)
         end = status.get("batches_total", status["batches_published"])
         key = f"{self._job_key(job)}:results"
+        try:
+            stored = self.redis.hlen(key)
+        except redis.exceptions.ResponseError as e:
+            if str(e).startswith("WRONGTYPE"):
+                raise UnreadableJob(job, "results", "not a hash (the key holds another "
+                                    "type: written by something else)") from None
+            raise
+        seen = 0
         for start in range(0, end, RESULTS_PAGE):
+            if seen >= stored:
+                break
             numbers = list(range(start, min(start + RESULTS_PAGE, end)))
             for batch, value in zip(numbers, self.redis.hmget(key, numbers)):
                 if value is not None:
-                    yield batch, json.loads(value)
+                    seen += 1
+                    try:
+                        yield batch, json.loads(value)
+                    except ValueError:
+                        yield batch, value
 
     def dead(self, job: str) -> Dict[int, dict]:
         """Why each dead batch of the job died, by batch number."""
-        raw = self.redis.hgetall(f"{self._job_key(job)}:dead")
-        return {int(b): json.loads(v) for b, v in sorted(raw.items(), key=lambda kv: int(kv[0]))}
+        try:
+            raw = self.redis.hgetall(f"{self._job_key(job)}:dead")
+        except redis.exceptions.ResponseError as e:
+            if str(e).startswith("WRONGTYPE"):
+                raise UnreadableJob(job, "dead batches", "not a hash (the key holds another "
+                                    "type: written by something else)") from None
+            raise
+        out: Dict[int, dict] = {}
+        for b, v in raw.items():
+            if b.isdigit():
+                try:
+                    out[int(b)] = json.loads(v)
+                except ValueError:
+                    out[int(b)] = {"error": v}
+        return dict(sorted(out.items()))
 
 
 class _Publishing:

@@ -254,27 +254,68 @@ pub struct JobStatus {
     /// Batches not started by this time are dropped (`--expires`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_ms: Option<u64>,
+    /// While it publishes, the producer's lease on the job: past it, with no `batches_total`,
+    /// the producer is taken to be dead and publishing to have ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_until_ms: Option<u64>,
 }
 
-/// A job hash that cannot be read as a job.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("job {job}: field {field} holds {value:?}")]
+/// One job of a listing: its status, or why its hash cannot be read.
+pub type JobRead = Result<JobStatus, BadJobHash>;
+
+/// What cancelling an existing job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cancelled {
+    /// The state it had.
+    pub was: JobState,
+    /// True when it is cancelled now; false when it had finished already (nothing changed).
+    pub now: bool,
+}
+
+/// A job whose hash cannot be read as a job: edited by hand, or written by another program.
+/// Readers report it (its id and what is wrong) and go on with the other jobs; `delete`
+/// removes it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("job {job} is unreadable: {field}: {why}")]
 pub struct BadJobHash {
     /// The job.
     pub job: String,
-    /// The field.
+    /// The field (or `key` when the job's key is not a hash at all).
     pub field: String,
-    /// What it holds.
-    pub value: String,
+    /// What is wrong with it, with what it holds.
+    pub why: String,
 }
+
+impl BadJobHash {
+    fn new(job: &str, field: &str, why: impl Into<String>) -> Self {
+        Self {
+            job: job.to_string(),
+            field: field.to_string(),
+            why: why.into(),
+        }
+    }
+
+    /// `field: why`, the part after the job's id.
+    pub fn reason(&self) -> String {
+        format!("{}: {}", self.field, self.why)
+    }
+
+    /// The job in a listing: its id and why it cannot be read.
+    pub fn to_json(&self) -> Value {
+        json!({"job": self.job, "unreadable": self.reason()})
+    }
+}
+
+/// A job hash without a lease whose job was registered longer ago than this counts as
+/// abandoned by its producer (which writes its lease right after registering).
+pub const LEASE_GRACE_MS: u64 = 60_000;
 
 impl JobStatus {
     /// Reads a job hash (all fields as strings).
     pub fn from_hash(job: &str, f: &BTreeMap<String, String>) -> Result<Self, BadJobHash> {
-        let bad = |field: &str, value: &str| BadJobHash {
-            job: job.to_string(),
-            field: field.to_string(),
-            value: value.chars().take(100).collect(),
+        let bad = |field: &str, value: &str, what: &str| {
+            let shown: String = value.chars().take(100).collect();
+            BadJobHash::new(job, field, format!("holds {shown:?}, {what}"))
         };
         let opt = |field: &str| -> Result<Option<u64>, BadJobHash> {
             match f.get(field) {
@@ -282,13 +323,17 @@ impl JobStatus {
                 Some(v) => v
                     .parse::<i64>()
                     .map(|n| Some(n.max(0) as u64))
-                    .map_err(|_| bad(field, v)),
+                    .map_err(|_| bad(field, v, "not a whole number")),
             }
         };
         let num = |field: &str| opt(field).map(Option::unwrap_or_default);
         let text = |field: &str| f.get(field).cloned().unwrap_or_default();
-        let state_raw = text("state");
-        let state = state_raw.parse().map_err(|_| bad("state", &state_raw))?;
+        let state = match f.get("state") {
+            None => return Err(BadJobHash::new(job, "state", "missing")),
+            Some(raw) => raw
+                .parse()
+                .map_err(|_| bad("state", raw, "not a job state"))?,
+        };
         Ok(Self {
             job: job.to_string(),
             state,
@@ -323,6 +368,7 @@ impl JobStatus {
             summary: f.get("summary").and_then(|v| serde_json::from_str(v).ok()),
             eta_ms: opt("eta_ms")?,
             expires_ms: opt("expires_ms")?,
+            lease_until_ms: opt("lease_until_ms")?,
         })
     }
 
@@ -339,6 +385,15 @@ impl JobStatus {
     pub fn is_finished(&self) -> bool {
         self.state.is_finished()
             || (self.state == JobState::Interrupted && self.finished_ms.is_some())
+    }
+    /// Publishing has no total and nobody is renewing the lease any more (the producer died):
+    /// the lease script settles it. The same rule as `check_lease.lua`.
+    pub fn lease_lapsed(&self, now: u64) -> bool {
+        self.batches_total.is_none()
+            && match self.lease_until_ms {
+                Some(until) => until < now,
+                None => self.created_ms.saturating_add(LEASE_GRACE_MS) < now,
+            }
     }
     /// The problems the producer reported (first few).
     pub fn problems(&self) -> &[String] {
@@ -934,11 +989,11 @@ impl Store {
         }
     }
 
-    /// Cancels a job: `Ok(None)` when there is no such job, else the state it had (a job that
-    /// was already finished keeps it; a pending or running one is `cancelled` from now on).
-    pub async fn cancel(&self, job: &str) -> Result<Option<JobState>, StoreError> {
+    /// Cancels a job: `Ok(None)` when there is no such job; a job whose state cannot be read
+    /// is left as it is ([`StoreError::BadJob`]).
+    pub async fn cancel(&self, job: &str) -> Result<Option<Cancelled>, StoreError> {
         let mut con = self.con.clone();
-        let before: Option<String> = self
+        let got: Option<(i64, String)> = self
             .scripts
             .cancel
             .key(self.keys.job(job))
@@ -947,8 +1002,25 @@ impl Store {
             .arg(now_ms())
             .invoke_async(&mut con)
             .await
-            .map_err(|e| self.err(e))?;
-        Ok(before.and_then(|s| s.parse().ok()))
+            .or_else(|e| Err(StoreError::from(self.unreadable(job, "key", e)?)))?;
+        let Some((code, before)) = got else {
+            return Ok(None);
+        };
+        let parsed = before.parse::<JobState>();
+        match (code, parsed) {
+            (1, Ok(was)) => Ok(Some(Cancelled { was, now: true })),
+            (2, Ok(was)) => Ok(Some(Cancelled { was, now: false })),
+            _ if before.is_empty() => Err(BadJobHash::new(job, "state", "missing").into()),
+            _ => Err(BadJobHash::new(
+                job,
+                "state",
+                format!(
+                    "holds {:?}, not a job state",
+                    before.chars().take(100).collect::<String>()
+                ),
+            )
+            .into()),
+        }
     }
 
     /// Deletes a job's keys (hash, results, dead and cancelled batches) and its index entries;
@@ -1011,63 +1083,116 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// A job's status, or None when no such job is known (or it expired).
+    /// A job's status, or None when no such job is known (or it expired); a hash that is
+    /// not a job's is [`StoreError::BadJob`]. A lapsed publishing lease is settled first.
     pub async fn job_status(&self, job: &str) -> Result<Option<JobStatus>, StoreError> {
-        let mut con = self.con.clone();
-        let fields: BTreeMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.keys.job(job))
-            .query_async(&mut con)
-            .await
-            .map_err(|e| self.err(e))?;
-        if fields.is_empty() {
-            return Ok(None);
+        let read = self.job_statuses(&[job.to_string()]).await?;
+        match read.into_iter().next().flatten() {
+            None => Ok(None),
+            Some(Ok(status)) => Ok(Some(status)),
+            Some(Err(bad)) => Err(bad.into()),
         }
-        let status = JobStatus::from_hash(job, &fields)?;
-        let lapsed = status.batches_total.is_none()
-            && fields
-                .get("lease_until_ms")
-                .and_then(|l| l.parse::<u64>().ok())
-                .is_some_and(|until| until < now_ms());
-        if lapsed {
-            let _: i64 = self
-                .scripts
-                .check_lease
-                .key(self.keys.job(job))
-                .arg(now_ms())
-                .invoke_async(&mut con)
-                .await
-                .map_err(|e| self.err(e))?;
-            return Box::pin(self.job_status(job)).await;
-        }
-        Ok(Some(status))
     }
 
-    /// Several jobs' statuses in one round trip a chunk of 500 (None where a job is gone or
-    /// its hash is unreadable); for listings. Lapsed leases are not settled here.
-    pub async fn job_statuses(&self, ids: &[String]) -> Result<Vec<Option<JobStatus>>, StoreError> {
-        let mut con = self.con.clone();
-        let mut out = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(500) {
-            let mut pipe = redis::pipe();
-            for id in chunk {
-                pipe.cmd("HGETALL").arg(self.keys.job(id));
-            }
-            let hashes: Vec<BTreeMap<String, String>> =
-                pipe.query_async(&mut con).await.map_err(|e| self.err(e))?;
-            out.extend(chunk.iter().zip(hashes).map(|(id, f)| {
-                if f.is_empty() {
-                    None
-                } else {
-                    JobStatus::from_hash(id, &f).ok()
-                }
-            }));
+    /// Several jobs' statuses, one round trip a chunk of 500: None where a job is gone, `Err`
+    /// where its hash cannot be read as a job (the others are read all the same). A job whose
+    /// producer's lease lapsed is settled by the lease script, once, and read again only when
+    /// the script changed it: no read loops.
+    pub async fn job_statuses(&self, ids: &[String]) -> Result<Vec<Option<JobRead>>, StoreError> {
+        let mut out = self.read_hashes(ids).await?;
+        let now = now_ms();
+        let lapsed: Vec<usize> = out
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| matches!(r, Some(Ok(s)) if s.lease_lapsed(now)))
+            .map(|(i, _)| i)
+            .collect();
+        if lapsed.is_empty() {
+            return Ok(out);
+        }
+        let mut pipe = redis::pipe();
+        for &i in &lapsed {
+            pipe.cmd("EVALSHA")
+                .arg(self.scripts.check_lease.get_hash())
+                .arg(1)
+                .arg(self.keys.job(&ids[i]))
+                .arg(now)
+                .arg(LEASE_GRACE_MS);
+        }
+        let changed: Vec<i64> = self.query_with_scripts(&pipe).await?;
+        let again: Vec<usize> = lapsed
+            .into_iter()
+            .zip(changed)
+            .filter(|&(_, c)| c == 1)
+            .map(|(i, _)| i)
+            .collect();
+        let ids_again: Vec<String> = again.iter().map(|&i| ids[i].clone()).collect();
+        for (i, read) in again.into_iter().zip(self.read_hashes(&ids_again).await?) {
+            out[i] = read;
         }
         Ok(out)
     }
 
+    /// The job hashes of `ids`, parsed, as they are (nothing settled).
+    async fn read_hashes(&self, ids: &[String]) -> Result<Vec<Option<JobRead>>, StoreError> {
+        let mut con = self.con.clone();
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for id in chunk {
+                pipe.cmd("HGETALL").arg(self.keys.job(id));
+            }
+            let hashes: Vec<redis::RedisResult<BTreeMap<String, String>>> =
+                pipe.query_async(&mut con).await.map_err(|e| self.err(e))?;
+            for (id, f) in chunk.iter().zip(hashes) {
+                out.push(match f {
+                    Ok(f) if f.is_empty() => None,
+                    Ok(f) => Some(JobStatus::from_hash(id, &f)),
+                    Err(e) => Some(Err(self.unreadable(id, "key", e)?)),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// A read of one of a job's keys that failed: unreadable when the key holds another
+    /// type than taskmill writes there (edited by hand), else the error.
+    fn unreadable(
+        &self,
+        job: &str,
+        what: &str,
+        e: redis::RedisError,
+    ) -> Result<BadJobHash, StoreError> {
+        if e.code() == Some("WRONGTYPE") {
+            Ok(BadJobHash::new(
+                job,
+                what,
+                "not a hash (the key holds another type: written by something else)",
+            ))
+        } else {
+            Err(self.err(e))
+        }
+    }
+
     /// All stored batch results of a job, by batch number.
     pub async fn results(&self, job: &str) -> Result<Vec<(u64, Value)>, StoreError> {
-        self.hash_by_batch(&self.keys.results(job)).await
+        self.hash_by_batch(job, "results", &self.keys.results(job))
+            .await
+    }
+
+    /// How many batch results are stored for a job: readers that page through batch numbers
+    /// stop once they have seen this many (a total edited by hand cannot make them loop).
+    pub async fn results_count(&self, job: &str) -> Result<u64, StoreError> {
+        let mut con = self.con.clone();
+        match redis::cmd("HLEN")
+            .arg(self.keys.results(job))
+            .query_async(&mut con)
+            .await
+        {
+            Ok(n) => Ok(n),
+            Err(e) => Err(self.unreadable(job, "results", e)?.into()),
+        }
     }
 
     /// The stored results of batches `from..to` of a job, in batch order (batches without a
@@ -1083,12 +1208,15 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut con = self.con.clone();
-        let got: Vec<Option<String>> = redis::cmd("HMGET")
+        let got: Vec<Option<String>> = match redis::cmd("HMGET")
             .arg(self.keys.results(job))
             .arg((from..to).collect::<Vec<u64>>())
             .query_async(&mut con)
             .await
-            .map_err(|e| self.err(e))?;
+        {
+            Ok(got) => got,
+            Err(e) => return Err(self.unreadable(job, "results", e)?.into()),
+        };
         Ok((from..to)
             .zip(got)
             .filter_map(|(b, v)| {
@@ -1100,17 +1228,23 @@ impl Store {
 
     /// Why each dead batch of a job died, by batch number.
     pub async fn dead_batches(&self, job: &str) -> Result<Vec<(u64, Value)>, StoreError> {
-        self.hash_by_batch(&self.keys.dead(job)).await
+        self.hash_by_batch(job, "dead batches", &self.keys.dead(job))
+            .await
     }
 
     /// A hash of batch number → JSON text, parsed and in batch order.
-    async fn hash_by_batch(&self, key: &str) -> Result<Vec<(u64, Value)>, StoreError> {
+    async fn hash_by_batch(
+        &self,
+        job: &str,
+        what: &str,
+        key: &str,
+    ) -> Result<Vec<(u64, Value)>, StoreError> {
         let mut con = self.con.clone();
-        let raw: BTreeMap<String, String> = redis::cmd("HGETALL")
-            .arg(key)
-            .query_async(&mut con)
-            .await
-            .map_err(|e| self.err(e))?;
+        let raw: BTreeMap<String, String> =
+            match redis::cmd("HGETALL").arg(key).query_async(&mut con).await {
+                Ok(raw) => raw,
+                Err(e) => return Err(self.unreadable(job, what, e)?.into()),
+            };
         let mut out: Vec<(u64, Value)> = raw
             .into_iter()
             .filter_map(|(k, v)| {

@@ -11,7 +11,11 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use taskmill_common::{config::ConnArgs, store::Store, JobState};
+use taskmill_common::{
+    config::ConnArgs,
+    store::{Store, StoreError},
+    JobState,
+};
 
 use crate::error::CliError;
 
@@ -48,50 +52,61 @@ pub async fn run_cancel(conn: &ConnArgs, args: &CancelArgs) -> anyhow::Result<Ex
     let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
     match store.cancel(&args.job).await? {
         None => Err(no_such_job(&args.job)),
-        Some(before) if before.is_finished() => {
+        Some(c) if !c.now => {
             eprintln!(
-                "job {} had already finished ({before}); nothing changed",
-                args.job
+                "job {} had already finished ({}); nothing changed",
+                args.job, c.was
             );
             Ok(ExitCode::SUCCESS)
         }
-        Some(before) => {
-            let s = super::status::load(&store, &args.job).await?;
+        Some(c) => {
+            // The cancel is done: a count that cannot be read does not undo or hide it.
+            let done = match store.job_status(&args.job).await {
+                Ok(Some(s)) => format!("{} batches done; ", s.batches_done),
+                _ => String::new(),
+            };
             eprintln!(
-                "cancelled job {} (was {before}): {} batches done; workers drop the rest unrun",
-                args.job, s.batches_done
+                "cancelled job {} (was {}): {done}workers drop the rest unrun",
+                args.job, c.was
             );
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-/// `delete`.
+/// `delete`. A job whose hash cannot be read is deleted too (that is how it goes away).
 pub async fn run_delete(conn: &ConnArgs, args: &DeleteArgs) -> anyhow::Result<ExitCode> {
     let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
-    let status = super::status::load(&store, &args.job).await?;
-    let running = matches!(status.state, JobState::Pending | JobState::Running)
-        || (status.state == JobState::Interrupted && status.finished_ms.is_none());
-    if running && !args.cancel {
+    let (running, what) = match store.job_status(&args.job).await {
+        Ok(Some(status)) => {
+            let running = matches!(status.state, JobState::Pending | JobState::Running)
+                || (status.state == JobState::Interrupted && status.finished_ms.is_none());
+            (running.then_some(status.state), String::new())
+        }
+        Ok(None) => return Err(no_such_job(&args.job)),
+        Err(StoreError::BadJob(bad)) => (None, format!(" ({}, deleted as it is)", bad.reason())),
+        Err(e) => return Err(e.into()),
+    };
+    if let (Some(state), false) = (running, args.cancel) {
         return Err(CliError::Usage(format!(
-            "job {} is {}: cancel it first, or add --cancel",
-            args.job, status.state
+            "job {} is {state}: cancel it first, or add --cancel",
+            args.job
         ))
         .into());
     }
     if !crate::out::confirm(
-        &format!("delete job {} and its results", args.job),
+        &format!("delete job {}{what} and its results", args.job),
         args.yes,
     )? {
         eprintln!("nothing deleted");
         return Ok(ExitCode::from(crate::error::EXIT_USAGE));
     }
-    if running {
+    if running.is_some() {
         store.cancel(&args.job).await?;
     }
     if !store.delete_job(&args.job).await? {
         return Err(no_such_job(&args.job));
     }
-    eprintln!("deleted job {}", args.job);
+    eprintln!("deleted job {}{what}", args.job);
     Ok(ExitCode::SUCCESS)
 }

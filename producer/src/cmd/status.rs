@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use taskmill_common::{
     config::ConnArgs,
-    store::{JobStatus, Store},
+    store::{JobStatus, Store, StoreError},
 };
 
 /// Arguments of `status`.
@@ -104,6 +104,18 @@ pub fn describe(status: &JobStatus, summary: Option<&Value>) -> String {
             status.batches_total.unwrap_or(0)
         ));
     }
+    if status.batches_expired > 0 {
+        s.push_str(&format!(
+            "\n  expired: {} batches dropped unrun (not started before the job's expiry)",
+            status.batches_expired
+        ));
+    }
+    if let Some(eta) = status.eta_ms.filter(|&e| e > taskmill_common::now_ms()) {
+        s.push_str(&format!(
+            "\n  starts:  in {:.0} s (--countdown/--eta)",
+            (eta - taskmill_common::now_ms()) as f64 / 1000.0
+        ));
+    }
     if status.batches_cancelled > 0 || status.cancelled_ms.is_some() {
         s.push_str(&format!(
             "\n  cancelled: {} batches dropped unrun",
@@ -132,7 +144,21 @@ pub fn describe(status: &JobStatus, summary: Option<&Value>) -> String {
 /// The command.
 pub async fn run(conn: &ConnArgs, args: &StatusArgs) -> anyhow::Result<std::process::ExitCode> {
     let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
-    let status = load(&store, &args.job).await?;
+    let status = match load(&store, &args.job).await {
+        Ok(s) => s,
+        Err(e) => {
+            // An unreadable job: what is wrong goes to stdout too (`--json` readers get an
+            // object), and the exit code says it (6).
+            if let Some(StoreError::BadJob(bad)) = e.downcast_ref::<StoreError>() {
+                if args.json {
+                    crate::out::line(&bad.to_json().to_string());
+                } else {
+                    crate::out::line(&format!("job {}: unreadable\n  {}", bad.job, bad.reason()));
+                }
+            }
+            return Err(e);
+        }
+    };
     if args.json {
         crate::out::line(&status_json(&store, &status).await?.to_string());
     } else {

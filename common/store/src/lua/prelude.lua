@@ -10,8 +10,9 @@ local function load(job)
   for i, k in ipairs(FIELDS) do j[k] = f[i] end
   return j
 end
+-- A counter as a number; one that is missing or not a number (a hash edited by hand) is 0.
 local function num(v)
-  return tonumber(v or '0')
+  return tonumber(v or '0') or 0
 end
 -- Sets field k to v in the job table and in the writes.
 local function put(j, w, k, v)

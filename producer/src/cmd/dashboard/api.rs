@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use taskmill_common::{
     now_ms,
-    store::{JobStatus, StoreError},
+    store::{JobRead, JobStatus, StoreError},
     JobState,
 };
 
@@ -64,8 +64,18 @@ impl From<anyhow::Error> for ApiError {
                 };
                 return Self(status, c.to_string());
             }
-            if let Some(StoreError::JobExists(_)) = cause.downcast_ref::<StoreError>() {
-                return Self(StatusCode::CONFLICT, cause.to_string());
+            match cause.downcast_ref::<StoreError>() {
+                Some(StoreError::JobExists(_)) => {
+                    return Self(StatusCode::CONFLICT, cause.to_string());
+                }
+                // Not a service that is down: data that is not a job's. 500, never 503.
+                Some(StoreError::BadJob(bad)) => {
+                    return Self(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("{bad} (DELETE /api/jobs/{} removes it)", bad.job),
+                    );
+                }
+                _ => {}
             }
         }
         Self(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))
@@ -105,9 +115,12 @@ fn with_live_fields(mut v: Value, s: &JobStatus) -> Value {
     v
 }
 
-/// A job as the lists show it.
-fn row(s: &JobStatus) -> Value {
-    with_live_fields(s.to_json(), s)
+/// A job as the lists show it; an unreadable one as its id and what is wrong.
+fn row(r: &JobRead) -> Value {
+    match r {
+        Ok(s) => with_live_fields(s.to_json(), s),
+        Err(bad) => bad.to_json(),
+    }
 }
 
 async fn load(state: &AppState, id: &str) -> Result<JobStatus, ApiError> {
@@ -160,18 +173,21 @@ pub(crate) async fn jobs(
         (total, statuses.into_iter().flatten().collect::<Vec<_>>())
     } else {
         let all: Vec<String> = ids.into_iter().map(|(id, _)| id).collect();
-        let matching: Vec<JobStatus> = st
+        // An unreadable job has no state or task to match: it shows only unfiltered.
+        let matching: Vec<JobRead> = st
             .store
             .job_statuses(&all)
             .await?
             .into_iter()
             .flatten()
-            .filter(|s| {
-                state_filter
-                    .as_deref()
-                    .is_none_or(|f| s.state.as_str() == f)
+            .filter(|r| {
+                r.as_ref().is_ok_and(|s| {
+                    state_filter
+                        .as_deref()
+                        .is_none_or(|f| s.state.as_str() == f)
+                        && task_filter.as_deref().is_none_or(|f| s.task == f)
+                })
             })
-            .filter(|s| task_filter.as_deref().is_none_or(|f| s.task == f))
             .collect();
         let total = matching.len();
         (
@@ -244,19 +260,26 @@ pub(crate) async fn cancel(State(st): Shared, Path(id): Path<String>) -> ApiResu
         .cancel(&id)
         .await?
         .ok_or_else(|| ApiError::no_job(&id))?;
-    ok(json!({"job": id, "was": before.as_str(), "cancelled": !before.is_finished()}))
+    ok(json!({"job": id, "was": before.was.as_str(), "cancelled": before.now}))
 }
 
-/// `DELETE /api/jobs/{id}`: a finished or cancelled job (409 while it runs).
+/// `DELETE /api/jobs/{id}`: a finished or cancelled job (409 while it runs), or one whose
+/// record cannot be read.
 pub(crate) async fn delete(State(st): Shared, Path(id): Path<String>) -> ApiResult {
-    let s = load(&st, &id).await?;
-    let running = matches!(s.state, JobState::Pending | JobState::Running)
-        || (s.state == JobState::Interrupted && s.finished_ms.is_none());
-    if running {
-        return Err(ApiError(
-            StatusCode::CONFLICT,
-            format!("job {id} is {}: cancel it first", s.state),
-        ));
+    match st.store.job_status(&id).await {
+        Ok(Some(s)) => {
+            let running = matches!(s.state, JobState::Pending | JobState::Running)
+                || (s.state == JobState::Interrupted && s.finished_ms.is_none());
+            if running {
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!("job {id} is {}: cancel it first", s.state),
+                ));
+            }
+        }
+        Ok(None) => return Err(ApiError::no_job(&id)),
+        Err(StoreError::BadJob(_)) => {}
+        Err(e) => return Err(e.into()),
     }
     let deleted = st.store.delete_job(&id).await?;
     ok(json!({"job": id, "deleted": deleted}))

@@ -55,7 +55,11 @@ async function api(path, opts = {}) {
     showLogin(token ? data.error || "wrong token" : "");
     throw new Error(data.error || "a token is needed");
   }
-  if (!r.ok) throw new Error(data.error || r.status + " " + r.statusText);
+  if (!r.ok) {
+    const e = new Error(data.error || r.status + " " + r.statusText);
+    e.status = r.status;
+    throw e;
+  }
   return data;
 }
 
@@ -140,7 +144,9 @@ function jobsView(params) {
       return;
     }
     $("#jobs-table").innerHTML = `<table><thead><tr><th>Job</th><th>State</th><th>Task</th><th>Queue</th><th>Progress</th><th class="num">Records/s</th><th class="num">Age</th></tr></thead><tbody>` +
-      data.jobs.map(j => `<tr data-job="${esc(j.job)}">
+      data.jobs.map(j => j.unreadable !== undefined ? `<tr data-job="${esc(j.job)}">
+        <td><a href="#/jobs/${encodeURIComponent(j.job)}"><code>${esc(j.job)}</code></a></td>
+        <td>${badge("unreadable")}</td><td colspan="5" class="muted">${esc(j.unreadable)}</td></tr>` : `<tr data-job="${esc(j.job)}">
         <td><a href="#/jobs/${encodeURIComponent(j.job)}"><code>${esc(j.job)}</code></a></td>
         <td>${badge(j.state)}</td><td>${esc(j.task)}</td><td>${esc(j.queue)}</td>
         <td class="progress">${progress(j)}</td>
@@ -176,8 +182,21 @@ function jobView(id) {
       current(g);
     } catch (e) {
       if (e instanceof Stale) throw e;
-      main.innerHTML = `<h1>Job <code>${esc(id)}</code></h1><div class="message error">${esc(e.message)}</div><p><a href="#/jobs">all jobs</a></p>`;
+      main.innerHTML = `<h1>Job <code>${esc(id)}</code></h1><div class="message error">${esc(e.message)}</div>
+        <div class="actions" id="job-actions"></div><div id="job-confirm"></div><p><a href="#/jobs">all jobs</a></p>`;
       stop();
+      // A job whose record cannot be read can still be removed.
+      if (e.status === 500 && e.message.includes(" is unreadable: ")) {
+        const b = document.createElement("button");
+        b.textContent = "Delete";
+        b.className = "danger";
+        b.onclick = () => confirmStep($("#job-confirm"), "Delete this unreadable job and its keys? This cannot be undone.", "Yes, delete", async () => {
+          await api(`/jobs/${encodeURIComponent(id)}`, { method: "DELETE" });
+          setTimeout(() => { location.hash = "#/jobs"; }, 800);
+          return "Deleted.";
+        });
+        $("#job-actions").append(b);
+      }
       return;
     }
     $("#job-state").innerHTML = badge(j.state);
