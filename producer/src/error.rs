@@ -10,6 +10,7 @@
 //! | 5 | a service (RabbitMQ, Redis, the management API) is unreachable or refused the credentials |
 //! | 6 | a job's record in Redis is unreadable (edited by hand, or written by another program); `delete JOB --yes` removes it |
 
+use taskmill_client::ErrorKind;
 use taskmill_common::{amqp::ConnectError, store::StoreError};
 
 /// Exit code: the job finished, but not every batch was done.
@@ -52,6 +53,16 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
                 CliError::NoSuchJob(_) => EXIT_NO_SUCH_JOB,
                 CliError::Service(_) => EXIT_SERVICE,
                 CliError::Interrupted(_) => EXIT_UNFINISHED,
+            };
+        }
+        if let Some(c) = cause.downcast_ref::<taskmill_client::Error>() {
+            return match c.kind() {
+                ErrorKind::Invalid | ErrorKind::Exists => EXIT_USAGE,
+                ErrorKind::NoSuchJob => EXIT_NO_SUCH_JOB,
+                ErrorKind::Timeout => EXIT_TIMEOUT,
+                ErrorKind::Interrupted => EXIT_UNFINISHED,
+                ErrorKind::Unreadable => EXIT_UNREADABLE,
+                _ => EXIT_SERVICE,
             };
         }
         if let Some(s) = cause.downcast_ref::<StoreError>() {

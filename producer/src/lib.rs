@@ -1,21 +1,18 @@
 //! taskmill-producer: reads records, batches them, publishes them, and reports on jobs.
 //!
+//! Every command is a front door over the client library (`taskmill-client`): it turns its
+//! flags into a typed [`taskmill_client::JobSpec`] or a job handle, calls the client, and
+//! renders what comes back; exit codes come from the client's error kinds ([`error`]).
+//!
 //! # Layout
-//! - [`client`]: enqueue and follow jobs from your own code (what the command line does, as a
-//!   library).
 //! - [`Cli`] and [`run`]: the command line and its dispatch.
 //! - [`cmd`]: one subcommand a file (`enqueue`, `status`, `wait`, `results`, `jobs`, `dlq`, `queues`,
 //!   `workers`).
 //! - [`sources`]: files, stdin and HTTP, streamed into one bounded channel.
-//! - [`batcher`]: records in, numbered and encoded batches out (no I/O).
-//! - [`publisher`]: confirm-window publishing with republish on nack, return or reconnect.
 
-pub mod batcher;
-pub mod client;
 pub mod cmd;
 pub mod error;
 pub mod out;
-pub mod publisher;
 pub mod sources;
 
 use std::process::ExitCode;
@@ -138,6 +135,21 @@ pub fn parse() -> Cli {
     use clap::FromArgMatches;
     let matches = command().get_matches();
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// The client's settings from the command line's connection options.
+pub fn settings(conn: &ConnArgs) -> taskmill_client::Settings {
+    taskmill_client::Settings {
+        amqp_url: conn.amqp_url.clone(),
+        redis_url: conn.redis_url.clone(),
+        namespace: conn.namespace.clone(),
+        result_ttl: conn.result_ttl,
+    }
+}
+
+/// A client for the command line's connection options.
+pub async fn client(conn: &ConnArgs) -> anyhow::Result<taskmill_client::Client> {
+    Ok(taskmill_client::Client::connect(settings(conn)).await?)
 }
 
 /// Runs one command.

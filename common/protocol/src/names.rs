@@ -210,7 +210,13 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
 /// separator of Redis keys, so that no job's keys can alias another's). The producer checks
 /// the ids it is given, the worker the ids that messages carry.
 pub fn validate_job_id(job: &str) -> Result<(), String> {
-    check_chars("job id", job, ".")
+    validate_key("job id", job)
+}
+
+/// Checks a key of the same form as a job id (a unique key, a rate key), naming it `kind` in
+/// the error.
+pub fn validate_key(kind: &str, key: &str) -> Result<(), String> {
+    check_chars(kind, key, ".")
 }
 
 fn check_chars(kind: &str, name: &str, extra: &str) -> Result<(), String> {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures::TryStreamExt as _;
 use serde::Serialize;
-use taskmill_producer::client::{Client, Job};
+use taskmill_client::{Client, JobSpec, Settings};
 
 #[derive(Serialize)]
 struct Post {
@@ -16,14 +16,14 @@ struct Post {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // AMQP_URL, REDIS_URL and TASKMILL_NAMESPACE, with the command line's defaults.
-    let client = Client::from_env().await?;
+    let client = Client::connect(Settings::from_env()?).await?;
     let posts = (1..=100).map(|id| Post {
         id,
         title: format!("post number {id}"),
         body: "lorem ipsum dolor sit amet ".repeat(id as usize % 5 + 1),
     });
     let job = client
-        .enqueue(&Job::new("post-stats").batch_size(10), posts)
+        .enqueue(&JobSpec::new("post-stats").batch_size(10), posts)
         .await?;
     println!("job {}", job.id());
 

@@ -11,11 +11,8 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use taskmill_common::{
-    config::ConnArgs,
-    store::{Store, StoreError},
-    JobState,
-};
+use taskmill_client::{handle::running, Error};
+use taskmill_common::config::ConnArgs;
 
 use crate::error::CliError;
 
@@ -39,61 +36,45 @@ pub struct DeleteArgs {
     pub yes: bool,
 }
 
-fn no_such_job(job: &str) -> anyhow::Error {
-    CliError::NoSuchJob(format!(
-        "no job {:?} in this namespace (wrong --namespace, or it expired)",
-        taskmill_common::envelope::bounded(job, 200)
-    ))
-    .into()
-}
-
 /// `cancel`.
 pub async fn run_cancel(conn: &ConnArgs, args: &CancelArgs) -> anyhow::Result<ExitCode> {
-    let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
-    match store.cancel(&args.job).await? {
-        None => Err(no_such_job(&args.job)),
-        Some(c) if !c.now => {
-            eprintln!(
-                "job {} had already finished ({}); nothing changed",
-                args.job, c.was
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Some(c) => {
-            // The cancel is done: a count that cannot be read does not undo or hide it.
-            let done = match store.job_status(&args.job).await {
-                Ok(Some(s)) => format!("{} batches done; ", s.batches_done),
-                _ => String::new(),
-            };
-            eprintln!(
-                "cancelled job {} (was {}): {done}workers drop the rest unrun",
-                args.job, c.was
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+    let job = crate::client(conn).await?.job(&args.job);
+    let c = job.cancel().await?;
+    if !c.now {
+        eprintln!(
+            "job {} had already finished ({}); nothing changed",
+            args.job, c.was
+        );
+        return Ok(ExitCode::SUCCESS);
     }
+    // The cancel is done: a count that cannot be read does not undo or hide it.
+    let done = match job.read().await {
+        Ok(s) => format!("{} batches done; ", s.batches_done),
+        Err(_) => String::new(),
+    };
+    eprintln!(
+        "cancelled job {} (was {}): {done}workers drop the rest unrun",
+        args.job, c.was
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
-/// `delete`. A job whose hash cannot be read is deleted too (that is how it goes away).
+/// `delete`. A job whose record cannot be read is deleted too (that is how it goes away).
 pub async fn run_delete(conn: &ConnArgs, args: &DeleteArgs) -> anyhow::Result<ExitCode> {
-    let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
-    let (running, what) = match store.job_status(&args.job).await {
-        Ok(Some(status)) => {
-            let running = matches!(status.state, JobState::Pending | JobState::Running)
-                || (status.state == JobState::Interrupted && status.finished_ms.is_none());
-            (running.then_some(status.state), String::new())
+    let job = crate::client(conn).await?.job(&args.job);
+    // Refused before asking, when it still runs and --cancel was not given.
+    let what = match job.read().await {
+        Ok(s) if running(&s) && !args.cancel => {
+            return Err(CliError::Usage(format!(
+                "job {} is {}: cancel it first, or add --cancel",
+                args.job, s.state
+            ))
+            .into());
         }
-        Ok(None) => return Err(no_such_job(&args.job)),
-        Err(StoreError::BadJob(bad)) => (None, format!(" ({}, deleted as it is)", bad.reason())),
+        Ok(_) => String::new(),
+        Err(Error::Unreadable(bad)) => format!(" ({}, deleted as it is)", bad.reason()),
         Err(e) => return Err(e.into()),
     };
-    if let (Some(state), false) = (running, args.cancel) {
-        return Err(CliError::Usage(format!(
-            "job {} is {state}: cancel it first, or add --cancel",
-            args.job
-        ))
-        .into());
-    }
     if !crate::out::confirm(
         &format!("delete job {}{what} and its results", args.job),
         args.yes,
@@ -101,12 +82,7 @@ pub async fn run_delete(conn: &ConnArgs, args: &DeleteArgs) -> anyhow::Result<Ex
         eprintln!("nothing deleted");
         return Ok(ExitCode::from(crate::error::EXIT_USAGE));
     }
-    if running.is_some() {
-        store.cancel(&args.job).await?;
-    }
-    if !store.delete_job(&args.job).await? {
-        return Err(no_such_job(&args.job));
-    }
+    job.delete(args.cancel).await?;
     eprintln!("deleted job {}{what}", args.job);
     Ok(ExitCode::SUCCESS)
 }

@@ -18,7 +18,7 @@ pub struct ResultsArgs {
 /// The command.
 pub async fn run(conn: &ConnArgs, args: &ResultsArgs) -> anyhow::Result<std::process::ExitCode> {
     let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
-    super::status::load(&store, &args.job).await?;
+    crate::client(conn).await?.job(&args.job).read().await?;
     let mut out = String::new();
     for (batch, result) in store.results(&args.job).await? {
         if args.json {

@@ -3,10 +3,8 @@
 use clap::Args;
 use serde_json::Value;
 
-use taskmill_common::{
-    config::ConnArgs,
-    store::{JobStatus, Store, StoreError},
-};
+use taskmill_client::{Client, Error};
+use taskmill_common::{config::ConnArgs, store::JobStatus};
 
 /// Arguments of `status`.
 #[derive(Args, Debug, Clone)]
@@ -16,50 +14,6 @@ pub struct StatusArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Reads a job, failing with a clear sentence when it is unknown.
-pub async fn load(store: &Store, job: &str) -> anyhow::Result<JobStatus> {
-    store.job_status(job).await?.ok_or_else(|| {
-        crate::error::CliError::NoSuchJob(format!(
-            "no job {:?} in this namespace (wrong --namespace, or it expired)",
-            taskmill_common::envelope::bounded(job, 200)
-        ))
-        .into()
-    })
-}
-
-/// The job's summary: its task's aggregate over all stored batch results. None before the job
-/// is finished, or when the task is not built in (a custom worker's task).
-pub async fn summary(store: &Store, status: &JobStatus) -> anyhow::Result<Option<Value>> {
-    if !status.is_finished() {
-        return Ok(None);
-    }
-    // The worker that stored the last batch folds the summary (it has the task's code).
-    if let Some(s) = &status.summary {
-        return Ok(Some(s.clone()));
-    }
-    let Some(task) = taskmill_common::tasks::builtin().get(status.task()) else {
-        return Ok(None);
-    };
-    let results: Vec<Value> = store
-        .results(&status.job)
-        .await?
-        .into_iter()
-        .map(|(_, r)| r)
-        .collect();
-    Ok(Some(task.aggregate(&results)))
-}
-
-/// The status as JSON: the job hash with numbers as numbers, plus `job` and `summary`.
-pub async fn status_json(store: &Store, status: &JobStatus) -> anyhow::Result<Value> {
-    let mut v = status.to_json();
-    if let (Some(obj), Some(s)) = (v.as_object_mut(), summary(store, status).await?) {
-        // (The stored summary is already in the JSON; a built-in task's is folded here for
-        // jobs finished without one, e.g. by a dead letter.)
-        obj.insert("summary".into(), s);
-    }
-    Ok(v)
 }
 
 /// Records per second from creation to finish (or to now).
@@ -74,8 +28,9 @@ pub fn rate(status: &JobStatus) -> (f64, f64) {
     (secs, rate)
 }
 
-/// The status for people.
-pub fn describe(status: &JobStatus, summary: Option<&Value>) -> String {
+/// The status for people (with its summary, once finished).
+pub fn describe(status: &JobStatus) -> String {
+    let summary: Option<&Value> = status.summary.as_ref();
     let total = status
         .batches_total
         .map(|t| t.to_string())
@@ -143,27 +98,26 @@ pub fn describe(status: &JobStatus, summary: Option<&Value>) -> String {
 
 /// The command.
 pub async fn run(conn: &ConnArgs, args: &StatusArgs) -> anyhow::Result<std::process::ExitCode> {
-    let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
-    let status = match load(&store, &args.job).await {
+    let client: Client = crate::client(conn).await?;
+    let status = match client.job(&args.job).status().await {
         Ok(s) => s,
         Err(e) => {
             // An unreadable job: what is wrong goes to stdout too (`--json` readers get an
             // object), and the exit code says it (6).
-            if let Some(StoreError::BadJob(bad)) = e.downcast_ref::<StoreError>() {
+            if let Error::Unreadable(bad) = &e {
                 if args.json {
                     crate::out::line(&bad.to_json().to_string());
                 } else {
                     crate::out::line(&format!("job {}: unreadable\n  {}", bad.job, bad.reason()));
                 }
             }
-            return Err(e);
+            return Err(e.into());
         }
     };
     if args.json {
-        crate::out::line(&status_json(&store, &status).await?.to_string());
+        crate::out::line(&status.to_json().to_string());
     } else {
-        let sum = summary(&store, &status).await?;
-        crate::out::line(&describe(&status, sum.as_ref()));
+        crate::out::line(&describe(&status));
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

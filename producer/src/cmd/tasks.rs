@@ -1,17 +1,11 @@
 //! `producer tasks`: the task catalog, i.e. the tasks the live workers serve, with their
-//! parameters; and the check `enqueue` makes against it.
+//! parameters (the check `enqueue` makes against it is the client's).
 
-use std::{collections::BTreeMap, process::ExitCode};
+use std::process::ExitCode;
 
 use clap::Args;
 use serde_json::Value;
-use taskmill_common::{
-    config::ConnArgs,
-    store::Store,
-    task::{check_params, ParamSpec},
-};
-
-use crate::error::CliError;
+use taskmill_common::{config::ConnArgs, store::Store};
 
 /// Arguments of `tasks`.
 #[derive(Args, Debug, Clone)]
@@ -19,34 +13,6 @@ pub struct TasksArgs {
     /// One JSON object a line (a catalog entry).
     #[arg(long)]
     pub json: bool,
-}
-
-/// Checks a task and its parameters against the catalog of live workers: an unknown task, an
-/// unknown parameter or a value of the wrong type is a usage error that says what is valid.
-/// With no live worker to ask, it warns and lets the job go.
-pub async fn check(
-    store: &Store,
-    task: &str,
-    params: &BTreeMap<String, String>,
-) -> anyhow::Result<()> {
-    let catalog = store.catalog().await?;
-    if catalog.is_empty() {
-        tracing::warn!(
-            "no live worker has recorded its tasks in this namespace: task {task:?} and its parameters are not checked"
-        );
-        return Ok(());
-    }
-    let Some(entry) = catalog.iter().find(|e| e["name"] == task) else {
-        let names: Vec<&str> = catalog.iter().filter_map(|e| e["name"].as_str()).collect();
-        return Err(CliError::Usage(format!(
-            "unknown task {:?}: the live workers serve {} (or add --no-check for a worker not deployed yet)",
-            taskmill_common::envelope::bounded(task, 200),
-            names.join(", ")
-        ))
-        .into());
-    };
-    let specs: Vec<ParamSpec> = serde_json::from_value(entry["params"].clone()).unwrap_or_default();
-    check_params(task, &specs, params).map_err(|e| CliError::Usage(e).into())
 }
 
 /// `tasks`.

@@ -8,15 +8,10 @@ use std::{io::IsTerminal, process::ExitCode, time::Duration};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use taskmill_common::{
-    config::ConnArgs,
-    store::{JobStatus, Store},
-};
+use taskmill_client::{Client, Error};
+use taskmill_common::{config::ConnArgs, store::JobStatus};
 
-use super::status::{describe, load, rate, status_json, summary};
-
-/// How often the job is read while waiting.
-const POLL: Duration = Duration::from_millis(100);
+use super::status::{describe, rate};
 
 /// Arguments of `wait`.
 #[derive(Args, Debug, Clone)]
@@ -53,14 +48,13 @@ impl WaitEnd {
     }
 }
 
-/// Polls the job until it finishes or `timeout` passes; `progress` draws a bar on stderr.
+/// Follows the job until it finishes or `timeout` passes; `progress` draws a bar on stderr.
 pub async fn follow(
-    store: &Store,
+    client: &Client,
     job: &str,
     timeout: Option<Duration>,
     progress: bool,
 ) -> anyhow::Result<(JobStatus, WaitEnd)> {
-    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let bar = progress.then(|| {
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -71,70 +65,49 @@ pub async fn follow(
         );
         bar
     });
-    loop {
-        let status = load(store, job).await?;
-        if let Some(bar) = &bar {
-            let settled = status.batches_done + status.batches_dead + status.batches_cancelled;
-            let (_, r) = rate(&status);
-            let publishing = match status.batches_total {
-                Some(total) => {
-                    bar.set_length(total);
-                    ""
-                }
-                None => {
-                    // The total is not known while publishing: the bar's end moves with it.
-                    bar.set_length(status.batches_published.max(settled));
-                    ", still publishing"
-                }
-            };
-            bar.set_position(settled);
-            bar.set_message(format!(
-                "{} dead, {} records/s{publishing}",
-                status.batches_dead, r as u64
-            ));
-        }
-        if status.is_finished() {
-            if let Some(bar) = &bar {
-                // The final status goes on lines of its own, under no bar.
-                bar.finish_and_clear();
+    let draw = |status: &JobStatus| {
+        let Some(bar) = &bar else { return };
+        let settled = status.batches_done + status.batches_dead + status.batches_cancelled;
+        let (_, r) = rate(status);
+        let publishing = match status.batches_total {
+            Some(total) => {
+                bar.set_length(total);
+                ""
             }
-            let status = with_summary(store, status).await?;
+            None => {
+                // The total is not known while publishing: the bar's end moves with it.
+                bar.set_length(status.batches_published.max(settled));
+                ", still publishing"
+            }
+        };
+        bar.set_position(settled);
+        bar.set_message(format!(
+            "{} dead, {} records/s{publishing}",
+            status.batches_dead, r as u64
+        ));
+    };
+    let waited = client.job(job).wait_with(timeout, draw).await;
+    if let Some(bar) = &bar {
+        // The final status goes on lines of its own, under no bar.
+        bar.finish_and_clear();
+    }
+    match waited {
+        Ok(status) => {
             let end = if status.state() == "completed" {
                 WaitEnd::Completed
             } else {
                 WaitEnd::Failed
             };
-            return Ok((status, end));
+            Ok((status, end))
         }
-        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-            if let Some(bar) = &bar {
-                bar.finish_and_clear();
-            }
-            return Ok((status, WaitEnd::TimedOut));
-        }
-        tokio::time::sleep(POLL).await;
+        Err(Error::Timeout(status)) => Ok((*status, WaitEnd::TimedOut)),
+        Err(e) => Err(e.into()),
     }
-}
-
-/// A finished job whose summary the worker is still folding (a custom task's, which only
-/// the worker can fold): read it again for up to 2 s.
-async fn with_summary(store: &Store, mut status: JobStatus) -> anyhow::Result<JobStatus> {
-    let foldable_here = taskmill_common::tasks::builtin()
-        .get(status.task())
-        .is_some();
-    for _ in 0..20 {
-        if status.summary.is_some() || foldable_here || status.batches_done == 0 {
-            break;
-        }
-        tokio::time::sleep(POLL).await;
-        status = load(store, &status.job).await?;
-    }
-    Ok(status)
 }
 
 /// The command.
 pub async fn run(conn: &ConnArgs, args: &WaitArgs) -> anyhow::Result<ExitCode> {
-    let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
+    let client = crate::client(conn).await?;
     let timeout = match args.timeout {
         Some(t) if !(t >= 0.0 && t.is_finite()) => {
             return Err(crate::error::CliError::Usage(
@@ -146,12 +119,11 @@ pub async fn run(conn: &ConnArgs, args: &WaitArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let progress = std::io::stderr().is_terminal() && !args.json;
-    let (status, end) = follow(&store, &args.job, timeout, progress).await?;
+    let (status, end) = follow(&client, &args.job, timeout, progress).await?;
     if args.json {
-        crate::out::line(&status_json(&store, &status).await?.to_string());
+        crate::out::line(&status.to_json().to_string());
     } else {
-        let sum = summary(&store, &status).await?;
-        crate::out::line(&describe(&status, sum.as_ref()));
+        crate::out::line(&describe(&status));
         if end == WaitEnd::TimedOut {
             eprintln!("producer: timed out waiting for job {}", args.job);
         }

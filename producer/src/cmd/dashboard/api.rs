@@ -20,11 +20,9 @@ use taskmill_common::{
 };
 
 use super::AppState;
-use crate::{
-    client::Job,
-    cmd::{dlq, status::status_json},
-    error::CliError,
-};
+use taskmill_client::{Error as ClientError, ErrorKind, JobSpec};
+
+use crate::{cmd::dlq, error::CliError};
 
 type Shared = State<Arc<AppState>>;
 type ApiResult = Result<Response, ApiError>;
@@ -56,6 +54,9 @@ impl IntoResponse for ApiError {
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
         for cause in e.chain() {
+            if let Some(c) = cause.downcast_ref::<ClientError>() {
+                return c.into();
+            }
             if let Some(c) = cause.downcast_ref::<CliError>() {
                 let status = match c {
                     CliError::Usage(_) => StatusCode::BAD_REQUEST,
@@ -79,6 +80,32 @@ impl From<anyhow::Error> for ApiError {
             }
         }
         Self(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))
+    }
+}
+
+impl From<&ClientError> for ApiError {
+    fn from(e: &ClientError) -> Self {
+        let status = match e.kind() {
+            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ErrorKind::Exists => StatusCode::CONFLICT,
+            ErrorKind::NoSuchJob => StatusCode::NOT_FOUND,
+            // Not a service that is down: data that is not a job's. 500, never 503.
+            ErrorKind::Unreadable => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        match e {
+            ClientError::Unreadable(bad) => Self(
+                status,
+                format!("{bad} (DELETE /api/jobs/{} removes it)", bad.job),
+            ),
+            other => Self(status, taskmill_common::error_text(other)),
+        }
+    }
+}
+
+impl From<ClientError> for ApiError {
+    fn from(e: ClientError) -> Self {
+        (&e).into()
     }
 }
 
@@ -210,8 +237,8 @@ pub(crate) async fn jobs(
 /// `GET /api/jobs/{id}`: the status (`producer status --json`), its rate, and its dead
 /// batches with their reasons.
 pub(crate) async fn job(State(st): Shared, Path(id): Path<String>) -> ApiResult {
-    let s = load(&st, &id).await?;
-    let mut v = with_live_fields(status_json(&st.store, &s).await?, &s);
+    let s = st.client.job(&id).status().await?;
+    let mut v = with_live_fields(s.to_json(), &s);
     let dead: Vec<Value> = st
         .store
         .dead_batches(&id)
@@ -452,7 +479,7 @@ pub(crate) async fn enqueue(
         JsonRejection::BytesRejection(b) => ApiError(b.status(), b.body_text()),
         other => ApiError::bad(other.body_text()),
     })?;
-    let mut job = Job::new(&new.task);
+    let mut job = JobSpec::new(&new.task);
     for (k, v) in &new.params {
         let text = match v {
             Value::String(s) => s.clone(),
@@ -475,9 +502,6 @@ pub(crate) async fn enqueue(
         job = job.id(id);
     }
     if let Some(p) = new.priority {
-        if p > 9 {
-            return Err(ApiError::bad("priority: 0 to 9"));
-        }
         job = job.priority(p);
     }
     if let Some(k) = &new.unique_key {

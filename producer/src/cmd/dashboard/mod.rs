@@ -27,7 +27,9 @@ use tracing::{info, warn};
 
 use taskmill_common::{config::ConnArgs, now_ms, store::Store};
 
-use crate::{client::Client, error::CliError};
+use taskmill_client::Client;
+
+use crate::error::CliError;
 
 /// Arguments of `dashboard`.
 #[derive(Args, Debug, Clone)]
@@ -192,7 +194,7 @@ pub async fn run(conn: &ConnArgs, args: &DashboardArgs) -> anyhow::Result<ExitCo
     }
     taskmill_common::config::validate_name("namespace", &conn.namespace)
         .map_err(CliError::Usage)?;
-    let client = Client::with_settings(conn.clone()).await?;
+    let client = crate::client(conn).await?;
     let state = Arc::new(AppState {
         conn: conn.clone(),
         store: Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?,

@@ -3,13 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use taskmill_common::{
-    amqp::batch_properties_of,
+use taskmill_broker::amqp::batch_properties_of;
+use taskmill_protocol::{
     envelope::{encode_records, Record},
     now_ms,
 };
 
-use crate::sources::ProblemLog;
+use crate::problems::ProblemLog;
 
 /// A batch ready to publish: (batch number, records, body, properties).
 pub type Prepared = (u64, u64, Vec<u8>, lapin::BasicProperties);
@@ -129,7 +129,7 @@ impl Batcher {
                     .text_headers
                     .iter()
                     .map(|(k, v)| (*k, AMQPValue::LongString(LongString::from(v.clone()))));
-                props = taskmill_common::amqp::with_extra_headers(&props, ints.chain(texts));
+                props = taskmill_broker::amqp::with_extra_headers(&props, ints.chain(texts));
             }
             out.push((self.next, records.len() as u64, body, props));
             self.next += 1;
@@ -141,7 +141,7 @@ impl Batcher {
 mod tests {
     use super::*;
     use serde_json::json;
-    use taskmill_common::envelope::decode;
+    use taskmill_protocol::envelope::decode;
 
     fn batcher(size: usize, max_bytes: usize) -> Batcher {
         Batcher::new("j", "post-stats", &BTreeMap::new(), size, max_bytes)

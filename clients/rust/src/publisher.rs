@@ -8,18 +8,19 @@
 
 use std::{collections::VecDeque, time::Duration};
 
-use anyhow::Context as _;
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
     BasicProperties, Channel, Connection, PublisherConfirm,
 };
 use tracing::{debug, warn};
 
-use taskmill_common::{
+use taskmill_broker::{
     amqp,
     topology::{self, Names},
     Backoff,
 };
+
+use crate::error::{Error, Result};
 
 /// How many times one batch may be refused (nack/return) before enqueue gives up.
 const MAX_REFUSALS: u32 = 5;
@@ -57,15 +58,21 @@ pub struct Publisher {
     pub confirmed_records: u64,
 }
 
-async fn open(amqp_url: &str, names: &Names, queue: &str) -> anyhow::Result<(Connection, Channel)> {
-    let conn = amqp::connect(amqp_url, "taskmill-producer").await?;
-    let channel = conn.create_channel().await?;
+async fn open(amqp_url: &str, names: &Names, queue: &str) -> Result<(Connection, Channel)> {
+    let conn = amqp::connect(amqp_url, "taskmill-producer")
+        .await
+        .map_err(|e| Error::Broker(taskmill_protocol::error_text(&e)))?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| Error::broker("opening a channel", &e))?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+        .await
+        .map_err(|e| Error::broker("enabling publisher confirms", &e))?;
     topology::declare(&channel, names, &[queue.to_string()])
         .await
-        .context("declaring the topology")?;
+        .map_err(|e| Error::broker("declaring the topology", &e))?;
     Ok((conn, channel))
 }
 
@@ -77,12 +84,7 @@ impl Publisher {
     }
 
     /// Connects, enables confirms and declares the topology for `queue`.
-    pub async fn connect(
-        amqp_url: &str,
-        names: Names,
-        queue: &str,
-        window: usize,
-    ) -> anyhow::Result<Self> {
+    pub async fn connect(amqp_url: &str, names: Names, queue: &str, window: usize) -> Result<Self> {
         let (conn, channel) = open(amqp_url, &names, queue).await?;
         Ok(Self {
             amqp_url: amqp_url.to_string(),
@@ -120,7 +122,7 @@ impl Publisher {
     pub async fn publish_many(
         &mut self,
         batches: Vec<(u64, u64, Vec<u8>, BasicProperties)>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         let mut items = batches
             .into_iter()
             .map(|(batch, records, body, props)| InFlight {
@@ -154,14 +156,14 @@ impl Publisher {
     }
 
     /// Waits until all published batches are confirmed.
-    pub async fn finish(&mut self) -> anyhow::Result<()> {
+    pub async fn finish(&mut self) -> Result<()> {
         self.settle(0).await?;
         let _ = self.conn.close(200, "producer done".into()).await;
         Ok(())
     }
 
     /// Waits until all published batches are confirmed, keeping the connection open.
-    pub async fn settle_all(&mut self) -> anyhow::Result<()> {
+    pub async fn settle_all(&mut self) -> Result<()> {
         self.settle(0).await
     }
 
@@ -171,7 +173,7 @@ impl Publisher {
         use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
         let mut headers = FieldTable::default();
         headers.insert(
-            taskmill_common::envelope::HEADER_CONTROL.into(),
+            taskmill_protocol::envelope::HEADER_CONTROL.into(),
             AMQPValue::LongString(LongString::from("summarize")),
         );
         let props = BasicProperties::default()
@@ -212,7 +214,7 @@ impl Publisher {
 
     /// Waits for confirms until at most `keep` are outstanding (and at most
     /// [`MAX_INFLIGHT_BYTES`] of them).
-    async fn settle(&mut self, keep: usize) -> anyhow::Result<()> {
+    async fn settle(&mut self, keep: usize) -> Result<()> {
         while self.inflight.len() > keep || self.inflight_bytes > MAX_INFLIGHT_BYTES {
             let Some(mut item) = self.take_oldest() else {
                 break;
@@ -232,11 +234,10 @@ impl Publisher {
                 Ok(false) => {
                     item.refusals += 1;
                     if item.refusals > MAX_REFUSALS {
-                        anyhow::bail!(
+                        return Err(Error::Broker(format!(
                             "the broker refused batch {} {} times (nacked or unroutable)",
-                            item.batch,
-                            item.refusals
-                        );
+                            item.batch, item.refusals
+                        )));
                     }
                     warn!(
                         batch = item.batch,
@@ -263,14 +264,14 @@ impl Publisher {
     }
 
     /// Reconnects after a connection or channel error and republishes every unconfirmed batch.
-    async fn recover(&mut self, error: lapin::Error) -> anyhow::Result<()> {
+    async fn recover(&mut self, error: lapin::Error) -> Result<()> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let mut last = anyhow::Error::new(error);
+        let mut last = Error::broker("publishing", &error);
         for attempt in 1..=MAX_RECONNECTS {
             let delay = backoff.next_delay();
             warn!(
                 unconfirmed = self.inflight.len(),
-                "broker connection lost ({last:#}); reconnecting in {delay:?} (attempt {attempt})"
+                "broker connection lost ({last}); reconnecting in {delay:?} (attempt {attempt})"
             );
             tokio::time::sleep(delay).await;
             match open(&self.amqp_url, &self.names, &self.queue).await {
@@ -283,7 +284,7 @@ impl Publisher {
                         match self.send(&self.inflight[i]).await {
                             Ok(c) => self.inflight[i].confirm = Some(c),
                             Err(e) => {
-                                last = anyhow::Error::new(e);
+                                last = Error::broker("publishing again", &e);
                                 ok = false;
                                 break;
                             }
@@ -297,8 +298,8 @@ impl Publisher {
                 Err(e) => last = e,
             }
         }
-        Err(last.context(format!(
-            "the broker connection could not be restored after {MAX_RECONNECTS} attempts"
+        Err(Error::Broker(format!(
+            "the broker connection could not be restored after {MAX_RECONNECTS} attempts: {last}"
         )))
     }
 }
