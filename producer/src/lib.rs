@@ -88,7 +88,7 @@ const USES: &[(&str, &[&str])] = &[
     ("wait", &["redis_url", "namespace"]),
     ("results", &["redis_url", "namespace"]),
     ("jobs", &["redis_url", "namespace"]),
-    ("dlq", &["amqp_url", "namespace"]),
+    ("dlq", &["amqp_url", "redis_url", "namespace"]),
     ("queues", &["rabbitmq_api_url", "namespace"]),
     ("workers", &["rabbitmq_api_url", "namespace"]),
     ("tasks", &["redis_url", "namespace"]),

@@ -400,6 +400,15 @@ impl Sink {
             self.store.record_dropped(&job, batch, expired)
         });
         match recorded.await? {
+            // A cancelled job whose keys are gone was deleted: its batches are dropped
+            // quietly, counted nowhere (there is no job to count them in), no dead letter.
+            Stored::Ok(Recorded::UnknownJob) if !expired => {
+                metrics::counter!("taskmill_batches_total", "task" => p.label(), "outcome" => "deleted")
+                    .increment(1);
+                Stats::add(&self.stats.batches_deleted, 1);
+                debug!("dropped unrun: its job was deleted");
+                return self.settle_one(p, true).await;
+            }
             Stored::Ok(rec) => {
                 if let Some(Action::Dead { kind, error }) = decide::refused(rec, &job, batch) {
                     return self.dead(p, kind, &error).await;
@@ -506,10 +515,16 @@ impl Sink {
                 "queue": original, "at_ms": at,
             });
             let marked = self.redis("marking a batch dead", || {
-                self.store.record_dead(&job, batch, &reason)
+                self.store.record_dead_finishing(&job, batch, &reason)
             });
-            if let Stored::Failed(e) = marked.await? {
-                warn!("Redis refused to mark the batch dead (it stays a dead letter): {e}");
+            match marked.await? {
+                Stored::Failed(e) => {
+                    warn!("Redis refused to mark the batch dead (it stays a dead letter): {e}");
+                }
+                // The job is finished without a summary (this dead batch was its last to
+                // settle): nobody else will fold it.
+                Stored::Ok((_, true)) => self.fold_summary(job, std::slice::from_ref(p)),
+                Stored::Ok(_) => {}
             }
         }
         Stats::add(&self.stats.batches_dead, 1);

@@ -15,6 +15,8 @@ pub struct Stats {
     pub batches_dead: AtomicU64,
     /// Batches dropped unrun because their job was cancelled.
     pub batches_cancelled: AtomicU64,
+    /// Batches dropped unrun, quietly, because their job was deleted.
+    pub batches_deleted: AtomicU64,
     /// Records in the batches stored.
     pub records_done: AtomicU64,
     /// Sessions started (1 + reconnects).
@@ -40,6 +42,7 @@ impl Default for Stats {
             batches_retried: AtomicU64::new(0),
             batches_dead: AtomicU64::new(0),
             batches_cancelled: AtomicU64::new(0),
+            batches_deleted: AtomicU64::new(0),
             records_done: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
@@ -92,6 +95,7 @@ impl Stats {
             "batches_retried": Self::get(&self.batches_retried),
             "batches_dead": Self::get(&self.batches_dead),
             "batches_cancelled": Self::get(&self.batches_cancelled),
+            "batches_deleted": Self::get(&self.batches_deleted),
             "records_done": Self::get(&self.records_done),
             "sessions": Self::get(&self.sessions),
             "store_errors": Self::get(&self.store_errors),

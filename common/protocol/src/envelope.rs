@@ -45,6 +45,16 @@ pub const HEADER_RATE_KEY: &str = "x-taskmill-rate-key";
 /// results into its summary (sent by the producer when publishing ends, since a job that its
 /// last batch did not finish has nobody else to do it). Its message id is `{job}:summary`.
 pub const HEADER_CONTROL: &str = "x-taskmill-control";
+/// The headers a job's options ride in, set by the producer on every batch: a replayed dead
+/// letter keeps them (the job's limits and times still apply), unlike the headers of its
+/// attempt and death.
+pub const JOB_OPTION_HEADERS: [&str; 5] = [
+    HEADER_ETA,
+    HEADER_EXPIRES,
+    HEADER_TIME_LIMIT,
+    HEADER_RATE_INTERVAL,
+    HEADER_RATE_KEY,
+];
 /// Dead-letter header: when it was dead-lettered, in ms since the epoch.
 pub const HEADER_DEAD_AT: &str = "x-taskmill-dead-at-ms";
 /// When a worker put the batch into a delay queue, in ms since the epoch: a batch still there

@@ -60,8 +60,9 @@ impl Recorded {
 const RECORD_DONE_LUA: &str = include_str!("lua/record_done.lua");
 
 /// Lua: mark one batch dead once. KEYS: job, results, dead. ARGV: batch, reason, now, ttl.
-/// Returns 1 when marked, 0 when it was already done or already dead, -1 no such job, -2 a
-/// batch number the job never published.
+/// Returns {code, summary}: code 1 when marked, 0 when it was already done or already dead,
+/// -1 no such job, -2 a batch number the job never published; summary 1 when the job is
+/// finished without a summary.
 const RECORD_DEAD_LUA: &str = include_str!("lua/record_dead.lua");
 
 /// Lua: count one retry of a batch of an existing job. KEYS: job. ARGV: batch. Returns 1
@@ -418,6 +419,7 @@ struct Scripts {
     delete: redis::Script,
     record_dropped: redis::Script,
     raise: redis::Script,
+    reopen: redis::Script,
 }
 
 impl Scripts {
@@ -436,6 +438,7 @@ impl Scripts {
             delete: with_finish(include_str!("lua/delete.lua")),
             record_dropped: with_finish(include_str!("lua/record_dropped.lua")),
             raise: with_finish(RAISE_LUA),
+            reopen: with_finish(include_str!("lua/reopen.lua")),
         }
     }
 }
@@ -504,6 +507,7 @@ impl Store {
             &self.scripts.delete,
             &self.scripts.record_dropped,
             &self.scripts.raise,
+            &self.scripts.reopen,
         ] {
             s.load_async(&mut con).await.map_err(|e| self.err(e))?;
         }
@@ -959,6 +963,17 @@ impl Store {
         batch: u64,
         reason: &Value,
     ) -> Result<Recorded, StoreError> {
+        Ok(self.record_dead_finishing(job, batch, reason).await?.0)
+    }
+
+    /// [`Store::record_dead`], also saying whether the job is finished without a summary (the
+    /// caller, when it has the job's task, folds one; whoever marked the batch).
+    pub async fn record_dead_finishing(
+        &self,
+        job: &str,
+        batch: u64,
+        reason: &Value,
+    ) -> Result<(Recorded, bool), StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("EVALSHA")
             .arg(self.scripts.dead.get_hash())
@@ -970,8 +985,33 @@ impl Store {
             .arg(reason.to_string())
             .arg(now_ms())
             .arg(self.ttl);
-        let flags: Vec<i64> = self.query_with_scripts(&pipe).await?;
-        Ok(Recorded::from_code(flags.first().copied().unwrap_or(0)))
+        let got: Vec<(i64, i64)> = self.query_with_scripts(&pipe).await?;
+        let (code, summary) = got.first().copied().unwrap_or((0, 0));
+        Ok((Recorded::from_code(code), summary == 1))
+    }
+
+    /// A dead batch is about to be replayed: it stops counting as dead and its job is open
+    /// again until it settles (`reopen.lua`). Returns the reason it died when it was dead
+    /// (to restore it with [`Store::record_dead`] if the replay cannot be published), None
+    /// when it was not (done since, or never counted) or there is no such job.
+    pub async fn reopen_batch(&self, job: &str, batch: u64) -> Result<Option<Value>, StoreError> {
+        let mut con = self.con.clone();
+        let got: Option<(i64, String)> = self
+            .scripts
+            .reopen
+            .key(self.keys.job(job))
+            .key(self.keys.dead(job))
+            .arg(batch)
+            .arg(now_ms())
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(match got {
+            Some((1, reason)) => {
+                Some(serde_json::from_str(&reason).unwrap_or(Value::String(reason)))
+            }
+            _ => None,
+        })
     }
 
     /// Runs a pipeline of EVALSHA calls, loading the scripts again if Redis lost them.

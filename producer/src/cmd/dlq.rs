@@ -3,8 +3,11 @@
 //! Dead letters sit in the quorum queue `{ns}.dead`. Reading them without removing them uses
 //! `basic.get` without ack and gives them back (nack with requeue) at the end, so `list` and
 //! `show` change nothing. `replay` republishes matching batches to their original work queue
-//! with the attempt counter reset and the error headers removed, waits for the broker's
-//! confirm, and only then acks the dead letter. Every command reads only the dead letters
+//! with the attempt counter reset, the headers of their attempt and death removed and their
+//! job's options kept (time limit, rate limit, expiry, start time), waits for the broker's
+//! confirm, and only then acks the dead letter. Before publishing it reopens the batch in its
+//! job (no longer dead, the job running again, its summary to be folded again), and puts the
+//! dead count back if the broker does not take the batch. Every command reads only the dead letters
 //! that were there when it started (the queue's depth then): a replayed batch that fails
 //! again comes back behind them and is left for the next replay, so a command always ends.
 
@@ -27,8 +30,9 @@ use taskmill_common::{
     config::ConnArgs,
     envelope::{
         self, HEADER_ATTEMPT, HEADER_DEAD_AT, HEADER_ERROR, HEADER_ERROR_KIND,
-        HEADER_ORIGINAL_QUEUE,
+        HEADER_ORIGINAL_QUEUE, JOB_OPTION_HEADERS,
     },
+    store::Store,
     topology::{self, Names},
 };
 
@@ -283,6 +287,7 @@ pub struct Replayed {
 /// A dead letter whose original queue is not a work queue of this namespace is skipped and
 /// reported; it stays a dead letter.
 pub async fn replay(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<Replayed> {
+    let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
     let mut q = DeadQueue::open(conn).await?;
     let mut out = Replayed::default();
     while let Some(m) = q.next().await? {
@@ -310,6 +315,13 @@ pub async fn replay(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<Replay
             q.held.push(m);
             continue;
         };
+        // Reopened first, so that the replayed batch, however fast a worker settles it, is
+        // counted once: done, or dead again.
+        let identity = d.job.as_deref().zip(d.batch);
+        let reopened = match identity {
+            Some((j, b)) => store.reopen_batch(j, b).await?,
+            None => None,
+        };
         let props = replay_properties(&m.delivery.properties);
         let routed = amqp::publish_confirmed(
             &q.channel,
@@ -318,7 +330,21 @@ pub async fn replay(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<Replay
             &m.delivery.data,
             props,
         )
-        .await?;
+        .await;
+        let routed = match routed {
+            Ok(r) => r,
+            Err(e) => {
+                if let (Some((j, b)), Some(reason)) = (identity, &reopened) {
+                    store.record_dead(j, b, reason).await?;
+                }
+                return Err(e.into());
+            }
+        };
+        if !routed {
+            if let (Some((j, b)), Some(reason)) = (identity, &reopened) {
+                store.record_dead(j, b, reason).await?;
+            }
+        }
         if routed {
             m.delivery.acker.ack(BasicAckOptions::default()).await?;
             out.replayed += 1;
@@ -333,13 +359,14 @@ pub async fn replay(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<Replay
     Ok(out)
 }
 
-/// The original properties with the attempt reset to 1 and the dead-letter headers removed.
+/// The original properties with the attempt reset to 1, the headers of its attempt and death
+/// removed, and its job's options kept.
 fn replay_properties(p: &BasicProperties) -> BasicProperties {
     let mut headers = FieldTable::default();
     if let Some(old) = p.headers() {
         for (k, v) in old.inner() {
             let k = k.as_str();
-            if k.starts_with("x-taskmill-")
+            if (k.starts_with("x-taskmill-") && !JOB_OPTION_HEADERS.contains(&k))
                 || k == "x-delivery-count"
                 || k.starts_with("x-death")
                 || k.starts_with("x-first-death")
