@@ -140,6 +140,7 @@ pub const SETTING_KEYS: &[&str] = &[
     "task",
     "threads",
     "token",
+    "unknown_task_wait",
 ];
 
 /// The settings of a command line: (key, environment variable) for every flag of `cmd` and

@@ -610,3 +610,27 @@ pub fn producer_within(ns: &str, args: &[&str], limit: Duration) -> std::process
         stderr: err.join().unwrap_or_default(),
     }
 }
+
+/// A task that counts its records (`{"records": n}`) and folds to `{"batches": n}`, under a
+/// name of the test's choosing: the task some workers have and others lack.
+pub struct CountingTask(pub &'static str);
+
+impl taskmill_common::task::Task for CountingTask {
+    fn name(&self) -> &'static str {
+        self.0
+    }
+    fn run(
+        &self,
+        _: &taskmill_common::task::TaskContext<'_>,
+        records: &[serde_json::Value],
+    ) -> Result<taskmill_common::task::TaskOutput, taskmill_common::task::TaskError> {
+        Ok(taskmill_common::task::TaskOutput {
+            result: serde_json::json!({"records": records.len()}),
+            records_done: records.len() as u64,
+            records_invalid: 0,
+        })
+    }
+    fn aggregate(&self, results: &[serde_json::Value]) -> serde_json::Value {
+        serde_json::json!({"batches": results.len()})
+    }
+}

@@ -9,26 +9,7 @@ use taskmill_producer::cmd::{
     dlq,
     enqueue::{enqueue, EnqueueArgs},
 };
-use taskmill_tests::{sample, write_jsonl, TestNs};
-
-/// A task that the first workers do not know: deploying it is "removing the cause".
-struct LateTask;
-
-impl Task for LateTask {
-    fn name(&self) -> &'static str {
-        "late-task"
-    }
-    fn run(&self, _: &TaskContext<'_>, records: &[Value]) -> Result<TaskOutput, TaskError> {
-        Ok(TaskOutput {
-            result: json!({"records": records.len()}),
-            records_done: records.len() as u64,
-            records_invalid: 0,
-        })
-    }
-    fn aggregate(&self, results: &[Value]) -> Value {
-        json!({"batches": results.len()})
-    }
-}
+use taskmill_tests::{sample, write_jsonl, CountingTask, TestNs};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_after_the_cause_is_removed_completes_the_job() {
@@ -69,7 +50,7 @@ async fn replay_after_the_cause_is_removed_completes_the_job() {
     // Deploy workers that know the task, then replay that job's dead letters.
     old.stop().await.unwrap();
     let mut registry = taskmill_common::tasks::builtin();
-    registry.register(LateTask);
+    registry.register(CountingTask("late-task"));
     let new = t.spawn_worker_with(t.worker_args(), registry);
     assert_eq!(
         dlq::replay(&t.conn(), Some(&late.job))

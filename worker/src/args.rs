@@ -50,6 +50,12 @@ pub struct WorkerArgs {
     #[arg(long, env = "TASKMILL_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
 
+    /// A batch of a task this worker lacks goes back (through a 1 s delay queue) while a live
+    /// worker of its queue serves the task (a rolling deploy, a mixed fleet); when none does,
+    /// it waits this many seconds for one to start before it is dead-lettered `unknown_task`.
+    #[arg(long, env = "TASKMILL_UNKNOWN_TASK_WAIT", default_value_t = 0)]
+    pub unknown_task_wait: u64,
+
     /// Retries of transient failures.
     #[command(flatten)]
     pub retry: RetryPolicy,
@@ -76,6 +82,7 @@ impl WorkerArgs {
             shutdown_timeout: 30,
             metrics_addr: None,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            unknown_task_wait: 0,
             retry: RetryPolicy::default(),
             log_format: LogFormat::Pretty,
         }

@@ -185,7 +185,12 @@ pub async fn run_with_stats(
             async move { publish_catalog(s, &entries).await }
         },
     ));
-    let beat = Arc::new(Heartbeat::new(&args, threads, stats.clone()));
+    let beat = Arc::new(Heartbeat::new(
+        &args,
+        threads,
+        registry.names(),
+        stats.clone(),
+    ));
     let heartbeat = tokio::spawn(every(
         background.clone(),
         HEARTBEAT_EVERY,
@@ -246,17 +251,22 @@ struct Heartbeat {
 }
 
 impl Heartbeat {
-    fn new(args: &WorkerArgs, threads: usize, stats: Arc<Stats>) -> Self {
+    fn new(args: &WorkerArgs, threads: usize, tasks: Vec<&str>, stats: Arc<Stats>) -> Self {
         let started = taskmill_common::now_ms();
         let host = amqp::hostname();
         let pid = std::process::id();
+        // Workers started in one process in the same millisecond (a custom binary running
+        // two, the tests) still have ids of their own.
+        static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self {
-            id: format!("{host}:{pid}:{started}"),
+            id: format!("{host}:{pid}:{started}:{n}"),
             fixed: serde_json::json!({
                 "host": host,
                 "pid": pid,
                 "version": env!("CARGO_PKG_VERSION"),
                 "queues": args.queues,
+                "tasks": tasks,
                 "threads": threads,
                 "prefetch": args.prefetch,
                 "started_ms": started,

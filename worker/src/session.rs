@@ -127,6 +127,7 @@ impl Session {
             hard_stop: hard_stop.clone(),
             declared,
             registry: shared.analyser.registry.clone(),
+            unknown_task_wait: std::time::Duration::from_secs(args.unknown_task_wait),
         };
         info!(queues = %args.queues.join(","), "consuming");
         shared.health.set_rabbitmq(true);

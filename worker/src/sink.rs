@@ -71,6 +71,8 @@ pub(crate) struct Sink {
     pub(crate) declared: crate::sweep::Declared,
     /// The tasks, to fold a finished job's results into its summary.
     pub(crate) registry: taskmill_common::task::Registry,
+    /// How long a batch of a task no live worker of its queue serves waits for one.
+    pub(crate) unknown_task_wait: std::time::Duration,
 }
 
 /// How a Redis call ended, once transient errors were retried away.
@@ -367,6 +369,10 @@ impl Sink {
                 Action::Cancel => self.dropped(&p, false).await,
                 Action::Expire => self.dropped(&p, true).await,
                 Action::Delay { delay_ms } => self.delay(&p, delay_ms).await,
+                Action::Dead {
+                    kind: DeadKind::UnknownTask,
+                    error,
+                } => self.unknown_task(&p, &error).await,
                 Action::Dead { kind, error } => self.dead(&p, kind, &error).await,
                 Action::Store => {
                     self.dead(&p, DeadKind::UnknownJob, "batch without identity")
@@ -421,6 +427,72 @@ impl Sink {
         metrics::counter!("taskmill_batches_total", "task" => p.label(), "outcome" => outcome)
             .increment(1);
         debug!("dropped unrun: {outcome}");
+        self.settle_one(p, true).await
+    }
+
+    /// A batch of a task this worker lacks: back through the 1 s delay queue while a live
+    /// worker of its queue serves the task, or while it has waited less than
+    /// `unknown_task_wait` for one (at most [`MAX_DEFERRAL`] in all); else dead-lettered.
+    async fn unknown_task(&self, p: &Processed, error: &str) -> anyhow::Result<()> {
+        let now = now_ms();
+        let since = taskmill_common::amqp::header_i64(
+            &p.delivery.properties,
+            taskmill_common::envelope::HEADER_DEFERRED_SINCE,
+        )
+        .and_then(|s| u64::try_from(s).ok())
+        .filter(|&s| s <= now)
+        .unwrap_or(now);
+        let waited = std::time::Duration::from_millis(now - since);
+        let task = p.analysed.as_ref().and_then(|(id, _)| id.task.clone());
+        // Served on the queue the batch came from, priority bands included.
+        let queue = topology::base_queue(&p.queue);
+        let served = match &task {
+            Some(t) => match self.store.served(queue, t).await {
+                Ok(s) => s,
+                Err(e) => {
+                    // Cannot tell: give it back rather than lose it to a dead letter.
+                    warn!("reading who serves the task: {e}");
+                    true
+                }
+            },
+            None => false,
+        };
+        let defer = identity(p).is_some()
+            && waited < MAX_DEFERRAL
+            && (served || waited < self.unknown_task_wait);
+        if !defer {
+            let why = if served {
+                format!(
+                    "{error} (given back for {} s: no worker took it)",
+                    waited.as_secs()
+                )
+            } else {
+                format!("{error}; no live worker of queue {queue} serves it")
+            };
+            return self.dead(p, DeadKind::UnknownTask, &why).await;
+        }
+        let name = self.delay_queue(&p.queue, DEFER_MS).await?;
+        let props = with_extra_headers(
+            &p.delivery.properties,
+            [
+                (
+                    taskmill_common::envelope::HEADER_DEFERRED_SINCE,
+                    AMQPValue::LongLongInt(i64::try_from(since).unwrap_or(i64::MAX)),
+                ),
+                delayed_at(),
+            ],
+        );
+        if !self.publish_confirmed("", &name, &p.body, props).await? {
+            warn!("the broker refused a deferred copy; the batch goes back to the queue");
+            return self.settle_one(p, false).await;
+        }
+        Stats::add(&self.stats.batches_deferred, 1);
+        metrics::counter!("taskmill_batches_total", "task" => "unknown", "outcome" => "deferred")
+            .increment(1);
+        debug!(
+            served,
+            "a task this worker lacks: given back for a worker that has it"
+        );
         self.settle_one(p, true).await
     }
 
@@ -722,6 +794,11 @@ fn delayed_at() -> (&'static str, AMQPValue) {
         AMQPValue::LongLongInt(i64::try_from(now_ms()).unwrap_or(i64::MAX)),
     )
 }
+
+/// The delay tier a batch of a task this worker lacks waits in before it comes back.
+const DEFER_MS: u64 = 1000;
+/// The longest a batch is given back for a worker that has its task, in all.
+const MAX_DEFERRAL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The action for a batch whose result Redis refused for good.
 fn store_failed(error: &str) -> Action {

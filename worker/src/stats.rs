@@ -17,6 +17,8 @@ pub struct Stats {
     pub batches_cancelled: AtomicU64,
     /// Batches dropped unrun, quietly, because their job was deleted.
     pub batches_deleted: AtomicU64,
+    /// Batches of a task this worker lacks, given back for a worker that has it.
+    pub batches_deferred: AtomicU64,
     /// Records in the batches stored.
     pub records_done: AtomicU64,
     /// Sessions started (1 + reconnects).
@@ -43,6 +45,7 @@ impl Default for Stats {
             batches_dead: AtomicU64::new(0),
             batches_cancelled: AtomicU64::new(0),
             batches_deleted: AtomicU64::new(0),
+            batches_deferred: AtomicU64::new(0),
             records_done: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
@@ -96,6 +99,7 @@ impl Stats {
             "batches_dead": Self::get(&self.batches_dead),
             "batches_cancelled": Self::get(&self.batches_cancelled),
             "batches_deleted": Self::get(&self.batches_deleted),
+            "batches_deferred": Self::get(&self.batches_deferred),
             "records_done": Self::get(&self.records_done),
             "sessions": Self::get(&self.sessions),
             "store_errors": Self::get(&self.store_errors),

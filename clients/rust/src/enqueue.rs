@@ -46,6 +46,9 @@ pub struct EnqueueReport {
     pub interrupted: bool,
     /// Nothing was enqueued: this job holds the unique key (`job` is this id then).
     pub duplicate_of: Option<String>,
+    /// What the enqueue noticed and went on with (live workers of the queue that lack the
+    /// task: their batches go back until a worker that has it takes them).
+    pub warnings: Vec<String>,
 }
 
 impl EnqueueReport {
@@ -59,6 +62,7 @@ impl EnqueueReport {
             seconds: started.elapsed().as_secs_f64(),
             interrupted: false,
             duplicate_of: Some(holder),
+            warnings: Vec::new(),
         }
     }
 
@@ -75,6 +79,7 @@ impl EnqueueReport {
             "seconds": self.seconds,
             "interrupted": self.interrupted,
             "duplicate": self.duplicate_of.is_some(),
+            "warnings": self.warnings,
         })
     }
 
@@ -101,6 +106,10 @@ impl EnqueueReport {
             "enqueued job {}: {} records in {} batches in {:.2} s",
             self.job, self.records, self.batches, self.seconds
         );
+        for w in &self.warnings {
+            s.push_str("\nwarning: ");
+            s.push_str(w);
+        }
         let p = &self.problems;
         if p.records_invalid > 0 || p.sources_failed > 0 {
             s.push_str(&format!(
@@ -140,6 +149,42 @@ pub async fn check(store: &Store, task: &str, params: &BTreeMap<String, String>)
     };
     let specs: Vec<ParamSpec> = serde_json::from_value(entry["params"].clone()).unwrap_or_default();
     check_params(task, &specs, params).map_err(Error::Invalid)
+}
+
+/// A warning when some live workers of `queue` lack `task` (a rolling deploy half-way, a mixed
+/// fleet): their batches go back until a worker that has it takes them. From the workers'
+/// heartbeats; a worker too old to say which tasks it has is not counted.
+async fn lacking(store: &Store, queue: &str, task: &str) -> Option<String> {
+    let now = now_ms();
+    let workers = store.workers().await.ok()?;
+    let live: Vec<&Value> = workers
+        .iter()
+        .filter(|w| {
+            let seen = w["last_seen_ms"].as_u64().unwrap_or(0);
+            let period = w["heartbeat_ms"].as_u64().unwrap_or(2000);
+            w["stopped_ms"].as_u64().is_none()
+                && now.saturating_sub(seen) <= period * 3
+                && w["queues"]
+                    .as_array()
+                    .is_some_and(|qs| qs.iter().any(|q| q == queue))
+                && w["tasks"].is_array()
+        })
+        .collect();
+    let without = live
+        .iter()
+        .filter(|w| {
+            !w["tasks"]
+                .as_array()
+                .is_some_and(|ts| ts.iter().any(|t| t == task))
+        })
+        .count();
+    (without > 0).then(|| {
+        format!(
+            "{without} of the {} live workers of queue {queue} lack task {}: they give its batches back until a worker that has it takes them",
+            live.len(),
+            bounded(task, 200)
+        )
+    })
 }
 
 /// Batch numbers reserved at a time, ahead of publishing: one Redis round trip per this many
@@ -290,8 +335,13 @@ where
     let params = &spec.params;
     let (eta_ms, expires_ms) = spec.timing()?;
     let started = Instant::now();
+    let mut warnings = Vec::new();
     if spec.check {
         check(store, &spec.task, params).await?;
+        warnings.extend(lacking(store, &spec.queue, &spec.task).await);
+        for w in &warnings {
+            warn!("{w}");
+        }
     } else {
         warn!(task = %bounded(&spec.task, 200), "not checked: the task and its parameters are not checked against the catalog");
     }
@@ -400,6 +450,7 @@ where
         seconds: started.elapsed().as_secs_f64(),
         interrupted,
         duplicate_of: None,
+        warnings,
     };
     if store.finish_publishing(&job, &report.totals()).await? {
         publisher.request_summary_and_close(&job).await;

@@ -55,6 +55,9 @@ pub const JOB_OPTION_HEADERS: [&str; 5] = [
     HEADER_RATE_INTERVAL,
     HEADER_RATE_KEY,
 ];
+/// When a worker that lacks the batch's task first gave it back (ms since the epoch): it keeps
+/// going back while a live worker of its queue serves the task, and the wait is bounded.
+pub const HEADER_DEFERRED_SINCE: &str = "x-taskmill-deferred-since-ms";
 /// Dead-letter header: when it was dead-lettered, in ms since the epoch.
 pub const HEADER_DEAD_AT: &str = "x-taskmill-dead-at-ms";
 /// When a worker put the batch into a delay queue, in ms since the epoch: a batch still there

@@ -57,6 +57,14 @@ pub fn priority_queue(queue: &str, priority: u8) -> String {
 }
 
 /// The short names of a work queue and of its priority bands.
+/// The work queue a routed queue belongs to: `tasks` for `tasks` and its bands `tasks.p5`...
+pub fn base_queue(routed: &str) -> &str {
+    PRIORITY_BANDS
+        .iter()
+        .find_map(|(_, band)| routed.strip_suffix(band)?.strip_suffix('.'))
+        .unwrap_or(routed)
+}
+
 pub fn with_bands(queue: &str) -> Vec<String> {
     std::iter::once(queue.to_string())
         .chain(PRIORITY_BANDS.iter().map(|(_, b)| format!("{queue}.{b}")))
@@ -192,6 +200,12 @@ impl Keys {
     /// A task's catalog entry (JSON; expires unless a live worker renews it).
     pub fn catalog_task(&self, task: &str) -> String {
         format!("{}:task:{task}", self.ns)
+    }
+
+    /// Set (with the catalog's lifetime) while a live worker consuming `queue` serves `task`:
+    /// a worker that lacks the task gives its batches back instead of dead-lettering them.
+    pub fn served(&self, queue: &str, task: &str) -> String {
+        format!("{}:served:{queue}:{task}", self.ns)
     }
     /// Ids of the cancelled jobs (workers read it to drop their batches).
     pub fn cancelled_jobs(&self) -> String {

@@ -654,6 +654,16 @@ impl Store {
         let mut con = self.con.clone();
         let mut pipe = redis::pipe();
         for (name, entry) in entries {
+            for queue in entry["queues"].as_array().into_iter().flatten() {
+                if let Some(q) = queue.as_str() {
+                    pipe.cmd("SET")
+                        .arg(self.keys.served(q, name))
+                        .arg(1)
+                        .arg("EX")
+                        .arg(ttl_secs.max(1))
+                        .ignore();
+                }
+            }
             pipe.cmd("SADD").arg(self.keys.catalog()).arg(name).ignore();
             pipe.cmd("SET")
                 .arg(self.keys.catalog_task(name))
@@ -663,6 +673,16 @@ impl Store {
                 .ignore();
         }
         pipe.query_async::<()>(&mut con)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Whether a live worker consuming `queue` (short name) serves `task`.
+    pub async fn served(&self, queue: &str, task: &str) -> Result<bool, StoreError> {
+        let mut con = self.con.clone();
+        redis::cmd("EXISTS")
+            .arg(self.keys.served(queue, task))
+            .query_async(&mut con)
             .await
             .map_err(|e| self.err(e))
     }
