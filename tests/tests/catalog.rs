@@ -69,6 +69,20 @@ async fn the_catalog_lists_live_tasks_and_enqueue_checks_against_it() {
             vec!["--task", "text-stats", "--param", "top=abc"],
             "not a whole number",
         ),
+        // Declared ranges and choices, refused at enqueue (they used to pass and then
+        // dead-letter every batch, or run in an undefined mode).
+        (
+            vec!["--task", "similarity", "--param", "hashes=99999"],
+            "parameter hashes=\"99999\" of task similarity is out of range: 1 to 4096",
+        ),
+        (
+            vec!["--task", "text-stats", "--param", "top=-1"],
+            "out of range: at least 0",
+        ),
+        (
+            vec!["--task", "chaos", "--param", "fail=sometimes"],
+            "is not one of: transient, permanent, panic, abort",
+        ),
     ] {
         let mut all = vec!["enqueue", "--file", f];
         all.extend(args.iter());

@@ -88,6 +88,10 @@ async fn the_client_checks_the_catalog_streams_and_reports() {
         (JobSpec::new("post-statz"), "unknown task"),
         (JobSpec::new("post-stats").param("treshold", 1), "treshold"),
         (JobSpec::new("text-stats").param("top", "abc"), "abc"),
+        (
+            JobSpec::new("similarity").param("threshold", 2),
+            "out of range: 0 to 1",
+        ),
     ];
     for (spec, expect) in bad {
         let e = c.enqueue(&spec, sample::posts(5)).await.err().unwrap();

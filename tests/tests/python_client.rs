@@ -126,6 +126,14 @@ async fn the_python_client_enqueues_jobs_the_rust_workers_run() {
         .as_str()
         .unwrap()
         .contains("is not a whole number"));
+    assert_eq!(
+        refused["out_of_range"],
+        "parameter hashes='99999' of task similarity is out of range: 1 to 4096"
+    );
+    assert_eq!(
+        refused["not_a_choice"],
+        "parameter fail='sometimes' of task chaos is not one of: transient, permanent, panic, abort"
+    );
     // (The jobs: post-stats, text-stats, the unroutable one, the quickstart's and the cut
     // connection's.)
     assert_eq!(store.jobs().await.unwrap().len(), 5);

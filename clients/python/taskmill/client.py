@@ -117,6 +117,19 @@ def _check_param(task: str, specs: List[dict], name: str, value: str) -> None:
     if not ok:
         what = {"int": "a whole number", "float": "a number", "bool": "true or false"}.get(kind, kind)
         raise ValueError(f"parameter {name}={value!r} of task {task} is not {what}")
+    # Declared ranges and choices (the Rust `ParamSpec::allowed`).
+    lo, hi, choices = spec.get("min"), spec.get("max"), spec.get("choices") or []
+
+    def num(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else str(x)
+    if kind in ("int", "float") and (
+            (lo is not None and float(v) < lo) or (hi is not None and float(v) > hi)):
+        allowed = (f"{num(lo)} to {num(hi)}" if lo is not None and hi is not None
+                   else f"at least {num(lo)}" if lo is not None else f"at most {num(hi)}")
+        raise ValueError(f"parameter {name}={value!r} of task {task} is out of range: {allowed}")
+    if choices and v not in choices:
+        raise ValueError(
+            f"parameter {name}={value!r} of task {task} is not one of: {', '.join(choices)}")
 
 
 class Client:

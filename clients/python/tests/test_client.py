@@ -23,6 +23,8 @@ for name, kwargs in {
     "unknown_task": {"task": "post-statz"},
     "unknown_param": {"task": "text-stats", "params": {"treshold": 1}},
     "bad_value": {"task": "text-stats", "params": {"top": "abc"}},
+    "out_of_range": {"task": "similarity", "params": {"hashes": 99999}},
+    "not_a_choice": {"task": "chaos", "params": {"fail": "sometimes"}},
 }.items():
     try:
         c.enqueue(records=records, **kwargs)

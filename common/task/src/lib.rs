@@ -233,6 +233,15 @@ pub struct ParamSpec {
     pub default: String,
     /// One line on what it does.
     pub description: String,
+    /// The least value a number may have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    /// The greatest value a number may have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// The only values it may have (empty: any of its type).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<String>,
 }
 
 impl ParamSpec {
@@ -243,6 +252,47 @@ impl ParamSpec {
             kind,
             default: default.into(),
             description: description.into(),
+            min: None,
+            max: None,
+            choices: Vec::new(),
+        }
+    }
+
+    /// A number from `min` to `max`, both included.
+    pub fn range(mut self, min: f64, max: f64) -> Self {
+        self.min = Some(min);
+        self.max = Some(max);
+        self
+    }
+
+    /// A number of at least `min`.
+    pub fn at_least(mut self, min: f64) -> Self {
+        self.min = Some(min);
+        self
+    }
+
+    /// One of these values.
+    pub fn choices(mut self, values: &[&str]) -> Self {
+        self.choices = values.iter().map(|v| v.to_string()).collect();
+        self
+    }
+
+    /// What it accepts beyond its type, for people: `1 to 4096`, `at least 0`, `one of: a, b`;
+    /// empty when any value of its type is accepted.
+    pub fn allowed(&self) -> String {
+        let num = |v: f64| {
+            if v.fract() == 0.0 && v.abs() < 1e15 {
+                format!("{}", v as i64)
+            } else {
+                v.to_string()
+            }
+        };
+        match (self.min, self.max) {
+            _ if !self.choices.is_empty() => format!("one of: {}", self.choices.join(", ")),
+            (Some(lo), Some(hi)) => format!("{} to {}", num(lo), num(hi)),
+            (Some(lo), None) => format!("at least {}", num(lo)),
+            (None, Some(hi)) => format!("at most {}", num(hi)),
+            (None, None) => String::new(),
         }
     }
 }
@@ -296,6 +346,24 @@ pub fn check_params(
                     ParamKind::Str => "text",
                     ParamKind::Bool => "true or false",
                 }
+            ));
+        }
+        let out_of_range = match spec.kind {
+            ParamKind::Int | ParamKind::Float => v.parse::<f64>().is_ok_and(|n| {
+                spec.min.is_some_and(|lo| n < lo) || spec.max.is_some_and(|hi| n > hi)
+            }),
+            _ => false,
+        };
+        if out_of_range {
+            return Err(format!(
+                "parameter {name}={value:?} of task {task} is out of range: {}",
+                spec.allowed()
+            ));
+        }
+        if !spec.choices.is_empty() && !spec.choices.iter().any(|c| c == v) {
+            return Err(format!(
+                "parameter {name}={value:?} of task {task} is not {}",
+                spec.allowed()
             ));
         }
     }

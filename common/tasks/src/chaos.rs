@@ -81,20 +81,23 @@ impl Task for Chaos {
                 ParamKind::Float,
                 "0",
                 "share of attempts that fail, 0 to 1",
-            ),
+            )
+            .range(0.0, 1.0),
             ParamSpec::new(
                 "fail",
                 ParamKind::Str,
                 "transient",
                 "how: transient, permanent, panic or abort",
-            ),
-            ParamSpec::new("sleep_ms", ParamKind::Int, "0", "ms each batch sleeps"),
+            )
+            .choices(&["transient", "permanent", "panic", "abort"]),
+            ParamSpec::new("sleep_ms", ParamKind::Int, "0", "ms each batch sleeps").at_least(0.0),
             ParamSpec::new(
                 "spin_us",
                 ParamKind::Int,
                 "0",
                 "CPU microseconds per record",
-            ),
+            )
+            .at_least(0.0),
             ParamSpec::new("seed", ParamKind::Int, "0", "seed of the failure draws"),
         ]
     }

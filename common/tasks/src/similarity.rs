@@ -157,14 +157,16 @@ impl Task for Similarity {
                 ParamKind::Float,
                 "0.8",
                 "least estimated Jaccard similarity of a pair",
-            ),
-            ParamSpec::new("shingle", ParamKind::Int, "3", "words in a shingle"),
+            )
+            .range(0.0, 1.0),
+            ParamSpec::new("shingle", ParamKind::Int, "3", "words in a shingle").at_least(1.0),
             ParamSpec::new(
                 "hashes",
                 ParamKind::Int,
                 "128",
                 "MinHash functions (1 to 4096)",
-            ),
+            )
+            .range(1.0, 4096.0),
         ]
     }
 

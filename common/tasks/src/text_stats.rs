@@ -135,7 +135,7 @@ impl Task for TextStats {
         use taskmill_task::{ParamKind, ParamSpec};
         vec![
             ParamSpec::new("field", ParamKind::Str, "body", "the text field analysed"),
-            ParamSpec::new("top", ParamKind::Int, "10", "how many top words"),
+            ParamSpec::new("top", ParamKind::Int, "10", "how many top words").at_least(0.0),
         ]
     }
 

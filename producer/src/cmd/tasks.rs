@@ -40,8 +40,17 @@ pub async fn run(conn: &ConnArgs, args: &TasksArgs) -> anyhow::Result<ExitCode> 
             e["description"].as_str().unwrap_or("")
         ));
         for p in e["params"].as_array().into_iter().flatten() {
+            // What it accepts beyond its type (a range, choices), as the check words it.
+            let allowed = serde_json::from_value::<taskmill_common::task::ParamSpec>(p.clone())
+                .map(|s| s.allowed())
+                .unwrap_or_default();
+            let allowed = if allowed.is_empty() {
+                String::new()
+            } else {
+                format!(", {allowed}")
+            };
             out.push_str(&format!(
-                "    --param {}=…  {} (default {:?}): {}\n",
+                "    --param {}=…  {} (default {:?}{allowed}): {}\n",
                 p["name"].as_str().unwrap_or("?"),
                 p["kind"].as_str().unwrap_or("?"),
                 p["default"].as_str().unwrap_or(""),
