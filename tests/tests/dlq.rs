@@ -152,6 +152,19 @@ async fn a_replay_reopens_the_job_and_keeps_its_options() {
     .await;
     let s = store.job_status(&job).await.unwrap().unwrap();
     assert_eq!(s.summary, Some(json!({"batches": 2, "records": 20})));
+    // Text status says why they died and what the job was enqueued with.
+    let out = taskmill_tests::producer_within(&t.ns, &["status", &job], Duration::from_secs(30));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("  dead:    permanent 2 (batch 1: \"odd batches fail until the fix\")"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "  options: time limit 60000 ms, rate limit one start every 1 ms (key job-{job})"
+        )),
+        "{text}"
+    );
     old.stop().await.unwrap();
 
     // No worker runs: what the replay did to the job can be read before anything settles.

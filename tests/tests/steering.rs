@@ -368,6 +368,11 @@ async fn countdown_waits_in_the_broker_and_expired_batches_are_dropped() {
     assert_eq!(wait.status.code(), Some(1));
     let s = store.job_status(&job).await.unwrap().unwrap();
     assert_eq!(s.batches_expired, 5);
+    let text = String::from_utf8_lossy(&producer(&t.ns, &["status", &job]).stdout).into_owned();
+    assert!(
+        text.contains("  expired: 5 batches dropped unrun") && text.contains("expires "),
+        "{text}"
+    );
     assert_eq!(s.batches_done, 0);
     assert!(store.results(&job).await.unwrap().is_empty());
     for w in late {
@@ -680,6 +685,8 @@ async fn a_deleted_jobs_batches_are_dropped_quietly_wherever_they_are() {
     args.files = vec![file.clone()];
     args.countdown = Some("2s".into());
     let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let text = String::from_utf8_lossy(&producer(&t.ns, &["status", &job]).stdout).into_owned();
+    assert!(text.contains("  options: starts in "), "{text}");
     // All three wait in a delay queue of the broker (the worker saw they were early).
     let (conn, _ch) = taskmill_tests::raw_channel().await;
     until(

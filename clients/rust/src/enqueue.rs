@@ -209,6 +209,8 @@ struct Outlet<'a, F: FnOnce(&str)> {
     duplicate_of: Option<String>,
     /// The job's start time, expiry and priority, recorded with it.
     timing: (Option<u64>, Option<u64>, u8),
+    /// The job's time limit, rate interval and rate key, recorded with it for readers.
+    limits: (Option<u64>, Option<u64>, Option<String>),
     lease: std::time::Duration,
     /// Stops the lease keeper when the outlet goes.
     lease_keeper: Option<tokio_util::sync::DropGuard>,
@@ -230,6 +232,10 @@ impl<F: FnOnce(&str)> Outlet<'_, F> {
             }
             self.store
                 .set_timing(self.job, self.timing.0, self.timing.1, self.timing.2)
+                .await?;
+            let (time_limit, rate, key) = &self.limits;
+            self.store
+                .set_limits(self.job, *time_limit, *rate, key.as_deref())
                 .await?;
             let lease_ms = self.lease.as_millis() as u64;
             self.store
@@ -379,6 +385,7 @@ where
         published: None,
         duplicate_of: None,
         timing: (None, None, 0),
+        limits: (None, None, None),
         lease: spec.lease.max(std::time::Duration::from_secs(1)),
         lease_keeper: None,
     };
@@ -403,6 +410,11 @@ where
         text_headers.push((HEADER_RATE_KEY, key));
     }
     outlet.timing = (eta_ms, expires_ms, spec.priority);
+    outlet.limits = (
+        spec.time_limit.map(|t| t.as_millis() as u64),
+        spec.rate_limit.map(|r| r.interval_ms),
+        text_headers.first().map(|(_, k)| k.clone()),
+    );
     let mut batcher = Batcher::new(
         &job,
         &spec.task,

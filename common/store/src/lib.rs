@@ -255,6 +255,15 @@ pub struct JobStatus {
     /// Batches not started by this time are dropped (`--expires`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_ms: Option<u64>,
+    /// The longest one batch may run (`--time-limit`), in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_limit_ms: Option<u64>,
+    /// The least interval between two batch starts (`--rate-limit`), in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_interval_ms: Option<u64>,
+    /// The key the rate limit is shared under.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_key: Option<String>,
     /// While it publishes, the producer's lease on the job: past it, with no `batches_total`,
     /// the producer is taken to be dead and publishing to have ended.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -370,6 +379,9 @@ impl JobStatus {
             eta_ms: opt("eta_ms")?,
             expires_ms: opt("expires_ms")?,
             lease_until_ms: opt("lease_until_ms")?,
+            time_limit_ms: opt("time_limit_ms")?,
+            rate_interval_ms: opt("rate_interval_ms")?,
+            rate_key: f.get("rate_key").cloned(),
         })
     }
 
@@ -860,6 +872,38 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Records the job's limits, as its batches carry them in headers, so that readers can
+    /// show them: `time_limit_ms`, `rate_interval_ms`, `rate_key` (those given).
+    pub async fn set_limits(
+        &self,
+        job: &str,
+        time_limit_ms: Option<u64>,
+        rate_interval_ms: Option<u64>,
+        rate_key: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut fields: Vec<(&str, String)> = Vec::new();
+        if let Some(t) = time_limit_ms {
+            fields.push(("time_limit_ms", t.to_string()));
+        }
+        if let Some(r) = rate_interval_ms {
+            fields.push(("rate_interval_ms", r.to_string()));
+        }
+        if let Some(k) = rate_key {
+            fields.push(("rate_key", k.to_string()));
+        }
+        if fields.is_empty() {
+            return Ok(());
+        }
+        let mut con = self.con.clone();
+        redis::cmd("HSET")
+            .arg(self.keys.job(job))
+            .arg(fields)
+            .query_async::<i64>(&mut con)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err(e))
     }
 
     /// Extends the producer's lease on a publishing job to `until_ms`. A job whose lease

@@ -28,6 +28,65 @@ pub fn rate(status: &JobStatus) -> (f64, f64) {
     (secs, rate)
 }
 
+/// `in 5 s` or `5 s ago`, from now.
+fn from_now(ms: u64) -> String {
+    let now = taskmill_common::now_ms();
+    if ms >= now {
+        format!("in {:.0} s", (ms - now) as f64 / 1000.0)
+    } else {
+        format!("{:.0} s ago", (now - ms) as f64 / 1000.0)
+    }
+}
+
+/// What the job was enqueued with that steers it: priority, limits, start and expiry.
+fn options(status: &JobStatus) -> Vec<String> {
+    let mut o = Vec::new();
+    if status.priority > 0 {
+        o.push(format!("priority {}", status.priority));
+    }
+    if let Some(t) = status.time_limit_ms {
+        o.push(format!("time limit {} ms", t));
+    }
+    if let Some(r) = status.rate_interval_ms {
+        let key = status
+            .rate_key
+            .as_deref()
+            .map(|k| format!(" (key {k})"))
+            .unwrap_or_default();
+        o.push(format!("rate limit one start every {r} ms{key}"));
+    }
+    if let Some(eta) = status.eta_ms {
+        o.push(format!("starts {}", from_now(eta)));
+    }
+    if let Some(exp) = status.expires_ms {
+        o.push(format!("expires {}", from_now(exp)));
+    }
+    o
+}
+
+/// The dead batches by kind, each with one example: `permanent 2 (batch 1: "why")`.
+pub fn describe_dead(dead: &[(u64, Value)]) -> Option<String> {
+    let mut kinds: std::collections::BTreeMap<String, (u64, u64, String)> = Default::default();
+    for (batch, reason) in dead {
+        let kind = reason["kind"].as_str().unwrap_or("unknown").to_string();
+        let e = kinds.entry(kind).or_insert_with(|| {
+            let why = reason["error"]
+                .as_str()
+                .map(|e| taskmill_common::envelope::bounded(e, 120).into_owned())
+                .unwrap_or_else(|| reason.to_string());
+            (0, *batch, why)
+        });
+        e.0 += 1;
+    }
+    (!kinds.is_empty()).then(|| {
+        let parts: Vec<String> = kinds
+            .iter()
+            .map(|(k, (n, b, why))| format!("{k} {n} (batch {b}: {why:?})"))
+            .collect();
+        format!("  dead:    {}", parts.join("; "))
+    })
+}
+
 /// The status for people (with its summary, once finished).
 pub fn describe(status: &JobStatus) -> String {
     let summary: Option<&Value> = status.summary.as_ref();
@@ -65,11 +124,17 @@ pub fn describe(status: &JobStatus) -> String {
             status.batches_expired
         ));
     }
-    if let Some(eta) = status.eta_ms.filter(|&e| e > taskmill_common::now_ms()) {
-        s.push_str(&format!(
-            "\n  starts:  in {:.0} s (--countdown/--eta)",
-            (eta - taskmill_common::now_ms()) as f64 / 1000.0
-        ));
+    let options = options(status);
+    if !options.is_empty() {
+        s.push_str(&format!("\n  options: {}", options.join(", ")));
+    }
+    if !status.params.is_empty() {
+        let params: Vec<String> = status
+            .params
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        s.push_str(&format!("\n  params:  {}", params.join(", ")));
     }
     if status.batches_cancelled > 0 || status.cancelled_ms.is_some() {
         s.push_str(&format!(
@@ -117,7 +182,14 @@ pub async fn run(conn: &ConnArgs, args: &StatusArgs) -> anyhow::Result<std::proc
     if args.json {
         crate::out::line(&status.to_json().to_string());
     } else {
-        crate::out::line(&describe(&status));
+        let mut text = describe(&status);
+        if status.batches_dead > 0 {
+            if let Some(d) = describe_dead(&client.store().dead_batches(&args.job).await?) {
+                text.push('\n');
+                text.push_str(&d);
+            }
+        }
+        crate::out::line(&text);
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

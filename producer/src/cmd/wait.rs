@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use taskmill_client::{Client, Error};
 use taskmill_common::{config::ConnArgs, store::JobStatus};
 
-use super::status::{describe, rate};
+use super::status::{describe, describe_dead, rate};
 
 /// Arguments of `wait`.
 #[derive(Args, Debug, Clone)]
@@ -123,7 +123,14 @@ pub async fn run(conn: &ConnArgs, args: &WaitArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         crate::out::line(&status.to_json().to_string());
     } else {
-        crate::out::line(&describe(&status));
+        let mut text = describe(&status);
+        if status.batches_dead > 0 {
+            if let Some(d) = describe_dead(&client.store().dead_batches(&args.job).await?) {
+                text.push('\n');
+                text.push_str(&d);
+            }
+        }
+        crate::out::line(&text);
         if end == WaitEnd::TimedOut {
             eprintln!("producer: timed out waiting for job {}", args.job);
         }
