@@ -169,7 +169,12 @@ fn settings_file_keys_are_the_flags_of_both_binaries() {
 
 #[test]
 fn the_docs_stand_alone() {
-    for doc in ["README.md", "docs/ARCHITECTURE.md"] {
+    for doc in [
+        "README.md",
+        "docs/ARCHITECTURE.md",
+        "docs/PERFORMANCE.md",
+        "docs/PROTOCOL.md",
+    ] {
         let text = std::fs::read_to_string(root().join(doc)).unwrap();
         assert!(
             !text.contains("../shared"),
