@@ -75,6 +75,8 @@ pub enum Command {
     Delete(cmd::cancel::DeleteArgs),
     /// Serve the web dashboard and its JSON API (jobs, dead letters, queues, workers).
     Dashboard(cmd::dashboard::DashboardArgs),
+    /// Remove a namespace: its queues, exchanges and Redis keys.
+    Namespace(cmd::namespace::NamespaceArgs),
 }
 
 /// The connection options each command uses; the others stay accepted (they can stand
@@ -94,6 +96,7 @@ const USES: &[(&str, &[&str])] = &[
     ("tasks", &["redis_url", "namespace"]),
     ("cancel", &["redis_url", "namespace"]),
     ("delete", &["redis_url", "namespace"]),
+    ("namespace", &["redis_url", "rabbitmq_api_url"]),
     (
         "dashboard",
         &[
@@ -168,5 +171,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cancel(a) => cmd::cancel::run_cancel(&cli.conn, a).await,
         Command::Delete(a) => cmd::cancel::run_delete(&cli.conn, a).await,
         Command::Dashboard(a) => cmd::dashboard::run(&cli.conn, a).await,
+        Command::Namespace(a) => cmd::namespace::run(&cli.conn, a).await,
     }
 }

@@ -6,6 +6,8 @@ use std::{
     time::Duration,
 };
 
+use serde_json::Value;
+use taskmill_common::store::Store;
 use taskmill_producer::cmd::enqueue::{enqueue, EnqueueArgs};
 use taskmill_tests::{
     batches_done, bin_path, publish_raw, raw_channel, sample, sigterm, until, wait_batches_done,
@@ -275,5 +277,84 @@ async fn queues_and_workers_views_show_the_namespace() {
     );
     assert!(!err.contains("s3cret"), "{err}");
     w.stop().await.unwrap();
+    t.cleanup().await;
+}
+
+/// `producer namespace delete`: refused while a worker of the namespace lives; then its queues,
+/// exchanges and keys go, and nothing of a namespace whose name merely starts the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_is_deleted_whole_and_alone() {
+    let t = TestNs::new();
+    let sibling = format!("{}x", t.ns);
+    let file = write_jsonl(sample::posts(20));
+    let store = t.store().await;
+    let w = t.spawn_worker(t.worker_args());
+    let mut args = EnqueueArgs::new("post-stats");
+    args.files = vec![file.clone()];
+    let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    // The sibling namespace, with a job of its own (no worker: its batches wait).
+    let mut other = t.conn();
+    other.namespace = sibling.clone();
+    let other_job = enqueue(&other, &args, |_| {}).await.unwrap().job;
+
+    let out = taskmill_tests::producer(&t.ns, &["namespace", "delete", &t.ns, "--yes"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("1 live workers") && err.contains("--force"),
+        "{err}"
+    );
+    w.stop().await.unwrap();
+
+    let out = taskmill_tests::producer(&t.ns, &["namespace", "delete", &t.ns]);
+    assert_eq!(out.status.code(), Some(2), "no --yes off a terminal");
+    let out = taskmill_tests::producer(&t.ns, &["namespace", "delete", &t.ns, "--yes"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("deleted namespace {}", t.ns)));
+    assert!(taskmill_tests::broker_queues(&format!("{}.", t.ns))
+        .await
+        .is_empty());
+    let exchanges: Value = reqwest::Client::new()
+        .get("http://127.0.0.1:15672/api/exchanges")
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = exchanges
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with(&format!("{}.", t.ns))),
+        "{names:?}"
+    );
+    assert!(names.iter().any(|n| n.starts_with(&format!("{sibling}."))));
+    let keys = Store::connect("redis://127.0.0.1:6379/0", &t.ns, 60)
+        .await
+        .unwrap()
+        .keys_of_namespace()
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+    // The sibling is untouched.
+    let sib = Store::connect("redis://127.0.0.1:6379/0", &sibling, 60)
+        .await
+        .unwrap();
+    assert!(sib.job_status(&other_job).await.unwrap().is_some());
+    assert!(!taskmill_tests::broker_queues(&format!("{sibling}."))
+        .await
+        .is_empty());
+    taskmill_tests::cleanup_namespace(&sibling).await;
+    let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }

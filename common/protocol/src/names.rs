@@ -144,6 +144,11 @@ pub struct Keys {
 }
 
 impl Keys {
+    /// The namespace.
+    pub fn ns(&self) -> &str {
+        &self.ns
+    }
+
     /// Keys under namespace `ns`.
     pub fn new(ns: &str) -> Self {
         Self { ns: ns.into() }

@@ -798,6 +798,46 @@ impl Store {
             .collect())
     }
 
+    /// Every key of this namespace (`{ns}:*`, read with SCAN, so Redis is never blocked).
+    pub async fn keys_of_namespace(&self) -> Result<Vec<String>, StoreError> {
+        let mut con = self.con.clone();
+        let pattern = format!("{}:*", self.keys.ns());
+        let mut cursor: u64 = 0;
+        let mut out = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut con)
+                .await
+                .map_err(|e| self.err(e))?;
+            out.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Deletes these keys (a thousand a command).
+    pub async fn delete_keys(&self, keys: &[String]) -> Result<(), StoreError> {
+        let mut con = self.con.clone();
+        for chunk in keys.chunks(1000) {
+            redis::cmd("DEL")
+                .arg(chunk)
+                .query_async::<i64>(&mut con)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
     /// Takes a lock that lapses after `ttl` (SET NX PX); true when this call took it.
     pub async fn try_lock(&self, key: &str, ttl: std::time::Duration) -> bool {
         let mut con = self.con.clone();

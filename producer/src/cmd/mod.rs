@@ -5,6 +5,7 @@ pub mod dashboard;
 pub mod dlq;
 pub mod enqueue;
 pub mod jobs;
+pub mod namespace;
 pub mod queues;
 pub mod results;
 pub mod status;

@@ -16,7 +16,7 @@ pub struct ViewArgs {
 }
 
 /// A client of the management API (credentials taken from the URL).
-struct Api {
+pub(crate) struct Api {
     http: reqwest::Client,
     base: url::Url,
     user: String,
@@ -25,7 +25,7 @@ struct Api {
 }
 
 impl Api {
-    fn new(raw: &str) -> anyhow::Result<Self> {
+    pub(crate) fn new(raw: &str) -> anyhow::Result<Self> {
         let mut base = url::Url::parse(raw).map_err(|e| {
             CliError::Usage(format!(
                 "--rabbitmq-api-url {} is not a URL: {e}",
@@ -50,7 +50,34 @@ impl Api {
         })
     }
 
-    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+    /// Deletes `path` (a queue, an exchange); one already gone is fine.
+    pub(crate) async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let url = format!("{}/{path}", self.base.as_str().trim_end_matches('/'));
+        let resp = self
+            .http
+            .delete(&url)
+            .basic_auth(&self.user, Some(&self.password))
+            .send()
+            .await
+            .map_err(|e| {
+                CliError::Service(format!(
+                    "cannot reach the RabbitMQ management API at {}: {}",
+                    self.shown,
+                    taskmill_common::error_text(&e)
+                ))
+            })?;
+        let status = resp.status();
+        if !status.is_success() && status != reqwest::StatusCode::NOT_FOUND {
+            return Err(CliError::Service(format!(
+                "the RabbitMQ management API at {} answered {status} to deleting {path}",
+                self.shown
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn get(&self, path: &str) -> anyhow::Result<Value> {
         let url = format!("{}/{path}", self.base.as_str().trim_end_matches('/'));
         let resp = self
             .http
