@@ -100,8 +100,23 @@ async fn the_catalog_lists_live_tasks_and_enqueue_checks_against_it() {
         err.contains("word-count") && err.contains("post-stats"),
         "lists what is valid: {err}"
     );
+    // The client's words are no front door's: no command-line flag in them (the HTTP API and
+    // Python say the same sentence).
+    assert!(!err.contains("--"), "{err}");
     let store = t.store().await;
     assert!(store.jobs().await.unwrap().is_empty());
+    // The set of task names expires with its entries (it never did).
+    let mut con = redis::Client::open("redis://127.0.0.1:6379/0")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("{}:tasks", t.ns))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!((1..=60).contains(&ttl), "{ttl}");
 
     // A declared parameter goes through.
     let out = producer(

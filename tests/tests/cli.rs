@@ -244,6 +244,28 @@ fn the_command_line_end_to_end() {
     );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stdout(&out).is_empty());
+    // A line nested 100,000 deep says so (it read "not a JSON value"); one record is one
+    // record in one batch (it read "1 records in 1 batches").
+    let deep = std::env::temp_dir().join(format!("{}-deep.jsonl", t.ns));
+    let mut text = "{\"id\": 1, \"title\": \"t\", \"body\": \"b\"}\n".to_string();
+    text.push_str(&"{\"a\": ".repeat(100_000));
+    text.push('1');
+    text.push_str(&"}".repeat(100_000));
+    text.push('\n');
+    std::fs::write(&deep, text).unwrap();
+    let out = producer(&t.ns, &["enqueue", "--file", deep.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nested deeper than 128 levels"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains(": 1 record in 1 batch in "),
+        "{}",
+        stderr(&out)
+    );
+    let _ = std::fs::remove_file(deep);
     // Wrong credentials: exit 5, one sentence, the password never shown.
     let out = producer(
         &t.ns,

@@ -102,9 +102,14 @@ impl EnqueueReport {
 
     /// One paragraph for people, on stderr.
     pub fn describe(&self) -> String {
+        let count =
+            |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
         let mut s = format!(
-            "enqueued job {}: {} records in {} batches in {:.2} s",
-            self.job, self.records, self.batches, self.seconds
+            "enqueued job {}: {} in {} in {:.2} s",
+            self.job,
+            count(self.records, "record", "records"),
+            count(self.batches, "batch", "batches"),
+            self.seconds
         );
         for w in &self.warnings {
             s.push_str("\nwarning: ");
@@ -142,7 +147,7 @@ pub async fn check(store: &Store, task: &str, params: &BTreeMap<String, String>)
     let Some(entry) = catalog.iter().find(|e| e["name"] == task) else {
         let names: Vec<&str> = catalog.iter().filter_map(|e| e["name"].as_str()).collect();
         return Err(Error::Invalid(format!(
-            "unknown task {:?}: the live workers serve {} (or skip the check for a worker not deployed yet: --no-check)",
+            "unknown task {:?}: the live workers serve {} (or enqueue without the catalog check, for a worker not deployed yet)",
             bounded(task, 200),
             names.join(", ")
         )));

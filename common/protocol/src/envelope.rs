@@ -180,9 +180,13 @@ impl Record {
         if crate::transcode::json_to_msgpack(text, &mut out).is_ok() {
             return Ok(Self(out));
         }
-        // The error path only: parse again for serde_json's own message.
+        // The error path only: parse again for serde_json's own message. JSON that it takes
+        // and the transcoder refused is nested too deep to be a record.
         serde_json::from_str::<serde::de::IgnoredAny>(text)?;
-        Err(serde::de::Error::custom("not a JSON value"))
+        Err(serde::de::Error::custom(format!(
+            "nested deeper than {} levels",
+            crate::transcode::MAX_DEPTH + 1
+        )))
     }
 
     /// Encodes a parsed value.

@@ -10,7 +10,7 @@
 use rmp::encode::{write_f64, write_sint, write_str, write_uint};
 
 /// How deep arrays and objects may nest: serde_json's own limit (its 128th level fails).
-const MAX_DEPTH: usize = 127;
+pub const MAX_DEPTH: usize = 127;
 
 /// The text is not one JSON value (the caller asks serde_json why, for its message).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -677,6 +677,11 @@ impl Store {
                 }
             }
             pipe.cmd("SADD").arg(self.keys.catalog()).arg(name).ignore();
+            // The set of names lives as long as its entries (it never expired before).
+            pipe.cmd("EXPIRE")
+                .arg(self.keys.catalog())
+                .arg(ttl_secs.max(1))
+                .ignore();
             pipe.cmd("SET")
                 .arg(self.keys.catalog_task(name))
                 .arg(entry.to_string())

@@ -271,6 +271,8 @@ pub async fn list(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<Vec<Dead
         q.held.push(m);
     }
     q.release().await?;
+    // By job, then batch (the queue's order is the order they died in).
+    out.sort_by(|a, b| (&a.job, a.batch).cmp(&(&b.job, b.batch)));
     Ok(out)
 }
 
