@@ -7,6 +7,7 @@ Rust producer runs (copies in ``lua/``).
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import re
 import time
@@ -27,6 +28,12 @@ FORMAT_VERSION = 1
 CONTENT_TYPE = "application/msgpack"
 HEADER_ATTEMPT = "x-taskmill-attempt"
 HEADER_CONTROL = "x-taskmill-control"
+# The headers a job's options ride in, on every batch (docs/PROTOCOL.md).
+HEADER_ETA = "x-taskmill-eta-ms"
+HEADER_EXPIRES = "x-taskmill-expires-ms"
+HEADER_TIME_LIMIT = "x-taskmill-time-limit-ms"
+HEADER_RATE_INTERVAL = "x-taskmill-rate-interval-ms"
+HEADER_RATE_KEY = "x-taskmill-rate-key"
 DEFAULT_QUEUE = "tasks"
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 DELIVERY_LIMIT = 10
@@ -91,6 +98,66 @@ def _param_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def _seconds(what: str, value: Any) -> float:
+    """A duration given as seconds (int or float) or a ``timedelta``."""
+    if isinstance(value, _dt.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{what}: a number of seconds or a timedelta, not {value!r}")
+    if value < 0:
+        raise ValueError(f"{what}: must not be negative")
+    return float(value)
+
+
+def _rate_interval_ms(rate: str) -> int:
+    """``N/s``, ``N/m`` or ``N/h`` as the interval between starts in ms (the Rust
+    ``parse_rate``)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*/\s*([smh])\s*", str(rate))
+    per = {"s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+    try:
+        n = float(m.group(1)) if m else 0.0
+    except ValueError:
+        n = 0.0
+    if not m or not n > 0:
+        raise ValueError(f"rate_limit: {rate!r} is not a rate like 100/s, 30/m or 500/h")
+    return max(int(round(per[m.group(2)] / n)), 1)
+
+
+def _options(countdown: Any, eta: Any, expires: Any, time_limit: Any, rate_limit: Any,
+             rate_key: Optional[str]) -> Dict[str, Any]:
+    """The job's steering options as the headers every batch carries (ms since the epoch or
+    ms), checked as the Rust ``JobSpec::check`` checks them."""
+    now = _now_ms()
+    out: Dict[str, Any] = {}
+    if countdown is not None and eta is not None:
+        raise ValueError("countdown and eta: give one of them")
+    if countdown is not None:
+        out[HEADER_ETA] = now + int(_seconds("countdown", countdown) * 1000)
+    elif eta is not None:
+        if isinstance(eta, _dt.datetime):
+            if eta.tzinfo is None:
+                raise ValueError("eta: a datetime with a time zone")
+            out[HEADER_ETA] = int(eta.timestamp() * 1000)
+        else:
+            out[HEADER_ETA] = int(_seconds("eta", eta) * 1000)
+    if expires is not None:
+        out[HEADER_EXPIRES] = now + int(_seconds("expires", expires) * 1000)
+        if HEADER_ETA in out and out[HEADER_EXPIRES] <= out[HEADER_ETA]:
+            raise ValueError("expires: ends before the batches may start (countdown/eta)")
+    if time_limit is not None:
+        ms = int(_seconds("time_limit", time_limit) * 1000)
+        if ms <= 0:
+            raise ValueError("time_limit: must be more than 0")
+        out[HEADER_TIME_LIMIT] = ms
+    if rate_limit is not None:
+        out[HEADER_RATE_INTERVAL] = _rate_interval_ms(rate_limit)
+        if rate_key is not None:
+            out[HEADER_RATE_KEY] = rate_key
+    elif rate_key is not None:
+        raise ValueError("rate_key: only with rate_limit")
+    return out
 
 
 def _check_param(task: str, specs: List[dict], name: str, value: str) -> None:
@@ -204,6 +271,12 @@ class Client:
         priority: int = 0,
         unique_key: Optional[str] = None,
         check: bool = True,
+        countdown: Any = None,
+        eta: Any = None,
+        expires: Any = None,
+        time_limit: Any = None,
+        rate_limit: Optional[str] = None,
+        rate_key: Optional[str] = None,
     ) -> str:
         """Publishes ``records`` (JSON-like values) as a new job of ``task`` and returns its id
         once the broker confirmed every batch.
@@ -212,7 +285,11 @@ class Client:
         problems. Raises ``ValueError`` before anything is registered or published for an
         unknown task, parameter or value, a bad name, a taken job id, or no record at all.
         With ``unique_key``, while a job with that key is pending or running nothing is
-        enqueued and that job's id is returned.
+        enqueued and that job's id is returned. The options that steer the job are the
+        command line's: ``countdown`` (seconds or a ``timedelta``) or ``eta`` (an aware
+        ``datetime``, or seconds since the epoch), ``expires`` and ``time_limit`` (seconds or
+        a ``timedelta``), ``rate_limit`` (``"100/s"``, ``"30/m"``, ``"500/h"``) and its
+        ``rate_key``.
         """
         params = {str(k): _param_text(v) for k, v in (params or {}).items()}
         if not _NAME.match(queue):
@@ -222,14 +299,17 @@ class Client:
         if not 0 <= priority <= 9:
             raise ValueError("priority must be 0 to 9")
         job = job_id or uuid.uuid4().hex
-        for what, value in (("job id", job), ("unique key", unique_key)):
+        for what, value in (("job id", job), ("unique key", unique_key), ("rate key", rate_key)):
             if value is not None and not _JOB_ID.match(value):
                 raise ValueError(f"{what} {value!r}: use 1 to 100 of A-Z a-z 0-9 - _ . (no ':')")
         if check:
             self.check(task, params)
         if self.redis.exists(self._job_key(job)):
             raise ValueError(f"job {job} already exists; choose another job_id")
-        publishing = _Publishing(self, job, task, queue, params, priority, unique_key)
+        options = _options(countdown, eta, expires, time_limit, rate_limit, rate_key)
+        if HEADER_RATE_INTERVAL in options and HEADER_RATE_KEY not in options:
+            options[HEADER_RATE_KEY] = f"job-{job}"
+        publishing = _Publishing(self, job, task, queue, params, priority, unique_key, options)
         try:
             return publishing.run(records, batch_size)
         finally:
@@ -395,8 +475,10 @@ class _Publishing:
     the totals."""
 
     def __init__(self, client: Client, job: str, task: str, queue: str,
-                 params: Dict[str, str], priority: int, unique_key: Optional[str]) -> None:
+                 params: Dict[str, str], priority: int, unique_key: Optional[str],
+                 options: Dict[str, Any]) -> None:
         self.c = client
+        self.options = options
         self.job = job
         self.key = client._job_key(job)
         self.task = task
@@ -606,6 +688,14 @@ class _Publishing:
             return False
         if self.priority > 0:
             self.c._raise(keys=[self.key], args=["priority", self.priority])
+        # The options, recorded with the job for its readers (as the Rust enqueue does).
+        fields = {"eta_ms": HEADER_ETA, "expires_ms": HEADER_EXPIRES,
+                  "time_limit_ms": HEADER_TIME_LIMIT, "rate_interval_ms": HEADER_RATE_INTERVAL}
+        for field, header in fields.items():
+            if header in self.options:
+                self.c._raise(keys=[self.key], args=[field, self.options[header]])
+        if HEADER_RATE_KEY in self.options:
+            self.c.redis.hset(self.key, "rate_key", self.options[HEADER_RATE_KEY])
         self.renew_lease()
         self.registered = True
         return True
@@ -641,7 +731,7 @@ class _Publishing:
             self.renew_lease()
         props = pika.BasicProperties(
             delivery_mode=2, content_type=CONTENT_TYPE, message_id=f"{self.job}:{self.batches}",
-            timestamp=int(time.time()),
+            timestamp=int(time.time()), headers=dict(self.options) or None,
         )  # no x-taskmill-attempt header: a first publish means attempt 1
         self.publish(body, props)
         self.batches += 1

@@ -20,7 +20,12 @@ use taskmill_common::{
 };
 
 use super::AppState;
-use taskmill_client::{Error as ClientError, ErrorKind, JobSpec};
+use std::time::Duration;
+
+use taskmill_client::{
+    spec::{parse_duration, parse_rfc3339},
+    Error as ClientError, ErrorKind, JobSpec, Rate,
+};
 
 use crate::{cmd::dlq, error::CliError};
 
@@ -467,6 +472,31 @@ pub(crate) struct NewJob {
     job: Option<String>,
     priority: Option<u8>,
     unique_key: Option<String>,
+    /// `30s`, `5m`, ... (or a number of seconds): no batch starts before then.
+    countdown: Option<String>,
+    /// An RFC 3339 time: no batch starts before it.
+    eta: Option<String>,
+    /// A duration: batches not started within it are dropped.
+    expires: Option<String>,
+    /// A duration: the longest one batch may run.
+    time_limit: Option<String>,
+    /// `100/s`, `30/m`, `500/h`.
+    rate_limit: Option<String>,
+    /// The key the rate limit is shared under.
+    rate_key: Option<String>,
+    /// Check the task and parameters against the catalog (default true).
+    check: Option<bool>,
+}
+
+/// A field's duration (`30s`, `5m`, a number of seconds), or a 400 naming the field.
+fn duration_of(field: &str, raw: &Option<String>) -> Result<Option<Duration>, ApiError> {
+    raw.as_deref()
+        .map(|r| {
+            parse_duration(r)
+                .map(Duration::from_millis)
+                .map_err(|e| ApiError::bad(format!("{field}: {e}")))
+        })
+        .transpose()
 }
 
 /// `POST /api/jobs`: enqueues the records; `201 {"job": ID, ...}` once every batch is
@@ -506,6 +536,33 @@ pub(crate) async fn enqueue(
     }
     if let Some(k) = &new.unique_key {
         job = job.unique_key(k);
+    }
+    if new.countdown.is_some() && new.eta.is_some() {
+        return Err(ApiError::bad("countdown and eta: give one of them"));
+    }
+    if let Some(d) = duration_of("countdown", &new.countdown)? {
+        job = job.countdown(d);
+    }
+    if let Some(t) = &new.eta {
+        job = job.eta_ms(parse_rfc3339(t).map_err(|e| ApiError::bad(format!("eta: {e}")))?);
+    }
+    if let Some(d) = duration_of("expires", &new.expires)? {
+        job = job.expires(d);
+    }
+    if let Some(d) = duration_of("time_limit", &new.time_limit)? {
+        job = job.time_limit(d);
+    }
+    if let Some(r) = &new.rate_limit {
+        let rate: Rate = r
+            .parse()
+            .map_err(|e: String| ApiError::bad(format!("rate_limit: {e}")))?;
+        job = job.rate_limit(rate);
+    }
+    if let Some(k) = &new.rate_key {
+        job = job.rate_key(k);
+    }
+    if new.check == Some(false) {
+        job = job.no_check();
     }
     let handle = st.client.enqueue(&job, new.records).await?;
     let report = handle.report();
