@@ -634,3 +634,23 @@ impl taskmill_common::task::Task for CountingTask {
         serde_json::json!({"batches": results.len()})
     }
 }
+
+/// A connection to the local Redis (127.0.0.1:6379, db 0), for tests that read or edit keys
+/// by hand.
+pub async fn redis_con() -> redis::aio::MultiplexedConnection {
+    redis::Client::open("redis://127.0.0.1:6379/0")
+        .expect("a Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis on 127.0.0.1:6379")
+}
+
+/// Gives back (nack, requeue) every message taken on `ch` and not acked yet.
+pub async fn nack_all(ch: &lapin::Channel) {
+    use lapin::options::BasicNackOptions;
+    let all = BasicNackOptions {
+        multiple: true,
+        requeue: true,
+    };
+    ch.basic_nack(0, all).await.expect("basic.nack");
+}

@@ -106,11 +106,7 @@ async fn the_catalog_lists_live_tasks_and_enqueue_checks_against_it() {
     let store = t.store().await;
     assert!(store.jobs().await.unwrap().is_empty());
     // The set of task names expires with its entries (it never did).
-    let mut con = redis::Client::open("redis://127.0.0.1:6379/0")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut con = taskmill_tests::redis_con().await;
     let ttl: i64 = redis::cmd("TTL")
         .arg(format!("{}:tasks", t.ns))
         .query_async(&mut con)

@@ -294,11 +294,7 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
     );
     // A job whose state was edited by hand into nonsense.
     let bad_job = "edited-by-hand";
-    let mut con = redis::Client::open("redis://127.0.0.1:6379/0")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut con = taskmill_tests::redis_con().await;
     let key = store.keys().job(bad_job);
     let _: () = redis::pipe()
         .cmd("HSET")

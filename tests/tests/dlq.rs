@@ -119,7 +119,7 @@ impl Task for Fixable {
 /// the summary again from every result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_reopens_the_job_and_keeps_its_options() {
-    use lapin::options::{BasicGetOptions, BasicNackOptions};
+    use lapin::options::BasicGetOptions;
     let t = TestNs::new();
     let store = t.store().await;
     let with = |fixed| {
@@ -212,15 +212,7 @@ async fn a_replay_reopens_the_job_and_keeps_its_options() {
             assert!(!h.contains_key(gone), "{gone} kept: {h:?}");
         }
     }
-    ch.basic_nack(
-        0,
-        BasicNackOptions {
-            multiple: true,
-            requeue: true,
-        },
-    )
-    .await
-    .unwrap();
+    taskmill_tests::nack_all(&ch).await;
     let _ = conn.close(200, "done".into()).await;
 
     // The fix is deployed: the replayed batches run, the job completes, the summary is folded

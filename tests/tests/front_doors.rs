@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
-use lapin::options::{BasicGetOptions, BasicNackOptions};
+use lapin::options::BasicGetOptions;
 use serde_json::{json, Value};
 use taskmill_client::{Client, JobSpec};
 use taskmill_tests::{
@@ -126,11 +126,7 @@ Client(namespace=os.environ["TASKMILL_NAMESPACE"]).enqueue(
     );
 
     // Each job recorded the same options.
-    let mut con = redis::Client::open("redis://127.0.0.1:6379/0")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut con = taskmill_tests::redis_con().await;
     for door in DOORS {
         let s = store
             .job_status(&format!("fd-{door}"))
@@ -203,15 +199,7 @@ Client(namespace=os.environ["TASKMILL_NAMESPACE"]).enqueue(
             .map(|d| (d.to_string(), 2))
             .collect::<BTreeMap<_, _>>()
     );
-    ch.basic_nack(
-        0,
-        BasicNackOptions {
-            multiple: true,
-            requeue: true,
-        },
-    )
-    .await
-    .unwrap();
+    taskmill_tests::nack_all(&ch).await;
     let _ = conn.close(200, "done".into()).await;
 
     dash.stop();

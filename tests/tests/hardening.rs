@@ -438,8 +438,7 @@ async fn a_job_keeps_the_ttl_it_was_enqueued_with() {
     t.wait_finished(&store, &short, Duration::from_secs(60))
         .await;
 
-    let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let mut con = taskmill_tests::redis_con().await;
     let ttl = |key: String| key_cmd(&con, "TTL", key, None);
     let keys = store.keys().clone();
     assert!((1..=3).contains(&ttl(keys.job(&short)).await));
@@ -527,8 +526,7 @@ async fn storing_results_counts_each_batch_once_and_renews_the_ttl_when_it_runs_
             Recorded::UnknownBatch
         ]
     );
-    let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let mut con = taskmill_tests::redis_con().await;
     let keys = store.keys().clone();
     let full = store.job_status(job).await.unwrap().unwrap().ttl as i64;
     let ttl = |key: String| key_cmd(&con, "TTL", key, None);
@@ -836,8 +834,7 @@ async fn a_permanent_redis_error_dead_letters_instead_of_spinning() {
     let broken = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
     let fine = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
     // Someone overwrote the results hash of one job with a string.
-    let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let mut con = taskmill_tests::redis_con().await;
     let _: () = redis::cmd("SET")
         .arg(store.keys().results(&broken))
         .arg("not a hash")

@@ -162,8 +162,7 @@ async fn cmd(con: &mut redis::aio::MultiplexedConnection, args: &[&str]) {
 /// Writes every case into the namespace, as the scripts would have left it (or as a hand
 /// edit did), each in the jobs index.
 async fn forge(store: &Store) -> Vec<Case> {
-    let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let mut con = taskmill_tests::redis_con().await;
     let keys = store.keys().clone();
     let now = now_ms();
     let created = now - 3_600_000;
@@ -792,8 +791,7 @@ async fn a_cancelled_job_whose_producer_died_reads_everywhere() {
         .unwrap();
     // The lease (1 s) lapses: nobody renews it.
     let key = store.keys().job(&job);
-    let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let mut con = taskmill_tests::redis_con().await;
     until("the lease to lapse", Duration::from_secs(30), || {
         let mut con = con.clone();
         let key = key.clone();
