@@ -134,6 +134,17 @@ async fn the_python_client_enqueues_jobs_the_rust_workers_run() {
         refused["not_a_choice"],
         "parameter fail='sometimes' of task chaos is not one of: transient, permanent, panic, abort"
     );
+    // A wrong password or an unreachable service: the client's own exception, the password
+    // never shown, and no job registered (the count below would be one more per ghost).
+    let broker = &got["broker"];
+    assert_eq!(broker["wrong_password"][0], "Refused", "{broker}");
+    let said = broker["wrong_password"][1].as_str().unwrap();
+    assert!(
+        said.contains("refused the credentials") && !said.contains("wrong-pw"),
+        "{said}"
+    );
+    assert_eq!(broker["unreachable"][0], "Unavailable", "{broker}");
+    assert_eq!(broker["redis_unreachable"][0], "Unavailable", "{broker}");
     // (The jobs: post-stats, text-stats, the unroutable one, the quickstart's and the cut
     // connection's.)
     assert_eq!(store.jobs().await.unwrap().len(), 5);

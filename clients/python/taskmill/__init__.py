@@ -9,7 +9,9 @@
 """
 
 from .client import Client
-from .exceptions import NoSuchJob, TaskmillError, Timeout, UnreadableJob
+from .exceptions import (NoSuchJob, Refused, TaskmillError, Timeout, Unavailable,
+                         UnreadableJob)
 
-__all__ = ["Client", "NoSuchJob", "TaskmillError", "Timeout", "UnreadableJob"]
+__all__ = ["Client", "NoSuchJob", "Refused", "TaskmillError", "Timeout", "Unavailable",
+           "UnreadableJob"]
 __version__ = "0.1.0"

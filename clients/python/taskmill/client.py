@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import re
 import time
+import urllib.parse
 import uuid
 import warnings
 from collections import deque
@@ -22,7 +23,7 @@ import pika
 import pika.exceptions
 import redis
 
-from .exceptions import NoSuchJob, Timeout, UnreadableJob
+from .exceptions import NoSuchJob, Refused, Timeout, Unavailable, UnreadableJob
 
 FORMAT_VERSION = 1
 CONTENT_TYPE = "application/msgpack"
@@ -88,6 +89,18 @@ def _state_table() -> str:
 def _with_finish(body: str) -> str:
     """A script as the Rust store builds it: the state table, the shared prelude, the body."""
     return f"{_state_table()}{_lua('prelude.lua')}\n{body}"
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for errors."""
+    try:
+        u = urllib.parse.urlsplit(url)
+        if u.password is None:
+            return url
+        netloc = u.netloc.replace(f":{u.password}@", ":***@", 1)
+        return urllib.parse.urlunsplit(u._replace(netloc=netloc))
+    except ValueError:
+        return "<unparseable URL>"
 
 
 def _now_ms() -> int:
@@ -220,7 +233,16 @@ class Client:
         self.result_ttl = int(result_ttl)
         self.max_message_bytes = int(max_message_bytes)
         self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
-        self.redis.ping()
+        try:
+            self.redis.ping()
+        except redis.exceptions.AuthenticationError as e:
+            raise Refused(f"Redis at {_redact(redis_url)} refused the credentials: {e}") from None
+        except redis.exceptions.ResponseError as e:
+            if "NOAUTH" in str(e) or "WRONGPASS" in str(e) or "NOPERM" in str(e):
+                raise Refused(f"Redis at {_redact(redis_url)} refused us: {e}") from None
+            raise
+        except redis.exceptions.ConnectionError as e:
+            raise Unavailable(f"cannot reach Redis at {_redact(redis_url)}: {e}") from None
         self._register = self.redis.register_script(_with_finish(_lua("register.lua")))
         self._finish = self.redis.register_script(_with_finish(_lua("finish_publishing.lua")))
         self._raise = self.redis.register_script(_with_finish(_lua("raise.lua")))
@@ -311,6 +333,9 @@ class Client:
             options[HEADER_RATE_KEY] = f"job-{job}"
         publishing = _Publishing(self, job, task, queue, params, priority, unique_key, options)
         try:
+            # The broker first: a wrong password or a broker that is down fails now, once,
+            # before anything is registered (no retries, no job left behind).
+            publishing.first_connect()
             return publishing.run(records, batch_size)
         finally:
             publishing.close()
@@ -543,6 +568,19 @@ class _Publishing:
             raise pika.exceptions.ChannelWrongStateError("the channel closed before confirms")
         self.next_tag = 1
         self.channel = ch
+
+    def first_connect(self) -> None:
+        """The first connection: refused credentials are ``Refused`` and an unreachable
+        broker ``Unavailable``, at once (reconnects with backoff are for later losses)."""
+        where = _redact(self.c.amqp_url)
+        try:
+            self.connect()
+        except (pika.exceptions.ProbableAuthenticationError,
+                pika.exceptions.AuthenticationError,
+                pika.exceptions.ProbableAccessDeniedError) as e:
+            raise Refused(f"RabbitMQ at {where} refused the credentials: {e!r}") from None
+        except _LOST as e:
+            raise Unavailable(f"cannot reach RabbitMQ at {where}: {e!r}") from None
 
     def close(self) -> None:
         if self.connection is not None and self.connection.is_open:

@@ -39,3 +39,13 @@ class Timeout(TaskmillError, TimeoutError):
     def __init__(self, message: str, status: dict) -> None:
         super().__init__(message)
         self.status = status
+
+
+class Refused(TaskmillError, ConnectionError):
+    """RabbitMQ or Redis refused the credentials or the permissions: trying again cannot
+    help (the CLI's exit code 5). Nothing was registered or published."""
+
+
+class Unavailable(TaskmillError, ConnectionError):
+    """RabbitMQ or Redis could not be reached (the CLI's exit code 5). Nothing was registered
+    or published when it happens before the first batch."""

@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 
+import taskmill
 import taskmill.client as tc
 from taskmill import Client
 
@@ -75,8 +76,24 @@ with warnings.catch_warnings():
     except UserWarning:
         unchecked_warned = True
 
+# A wrong password, or a broker that is not there: the client's own exception at once, and no
+# job registered (it used to retry for 21 s and leave an interrupted 0/0 job behind).
+broker = {}
+for name, url in (("wrong_password", "amqp://guest:wrong-pw@127.0.0.1:5672/%2f"),
+                  ("unreachable", "amqp://guest:guest@127.0.0.1:1/%2f")):
+    try:
+        Client(amqp_url=url, namespace=ns).enqueue("post-stats", records[:10])
+        broker[name] = None
+    except taskmill.TaskmillError as e:
+        broker[name] = [type(e).__name__, str(e)]
+try:
+    Client(redis_url="redis://127.0.0.1:1/0", namespace=ns)
+    broker["redis_unreachable"] = None
+except taskmill.TaskmillError as e:
+    broker["redis_unreachable"] = [type(e).__name__, str(e)]
+
 json.dump({
-    "job": job, "status": status, "results": results, "refused": refused,
+    "job": job, "status": status, "results": results, "refused": refused, "broker": broker,
     "top": top, "top_status": top_status, "unknown": unknown,
     "unchecked_warned": unchecked_warned, "unroutable": unroutable,
 }, sys.stdout)
