@@ -269,6 +269,8 @@ fn the_python_client_runs_the_stores_own_scripts() {
         "finish_publishing",
         "raise",
         "check_lease",
+        "cancel",
+        "delete",
     ] {
         let ours =
             std::fs::read_to_string(root().join(format!("common/store/src/lua/{f}.lua"))).unwrap();

@@ -682,10 +682,14 @@ fn walk_python(ns: &str, venv: &std::path::Path, cases: &[Case], cli: &BTreeMap<
                     assert_eq!(v["wait"]["error"], "Timeout", "{v}");
                 }
                 assert_eq!(v["results"]["ok"], c["batches_done"], "{v}");
+                assert_eq!(v["cancel"]["ok"]["cancelled"], !finished(c), "{v}");
+                assert_eq!(v["delete"]["ok"], Value::Null, "{v}");
+                assert_eq!(v["after"]["error"], "NoSuchJob", "{v}");
             }
             Kind::Deleted => {
-                assert_eq!(v["status"]["error"], "NoSuchJob", "{v}");
-                assert_eq!(v["wait"]["error"], "NoSuchJob", "{v}");
+                for k in ["status", "wait", "cancel", "delete"] {
+                    assert_eq!(v[k]["error"], "NoSuchJob", "{k}: {v}");
+                }
             }
             Kind::Unreadable { field } => {
                 for k in ["status", "wait", "results"] {
@@ -693,10 +697,20 @@ fn walk_python(ns: &str, venv: &std::path::Path, cases: &[Case], cli: &BTreeMap<
                     let m = v[k]["message"].as_str().unwrap();
                     assert!(m.contains(&format!("unreadable: {field}: ")), "{m}");
                 }
+                // A state it cannot read is left as it is; deleting removes it all the same.
+                if *field == "batches_done" {
+                    assert_eq!(v["cancel"]["ok"]["cancelled"], true, "{v}");
+                } else {
+                    assert_eq!(v["cancel"]["error"], "UnreadableJob", "{v}");
+                }
+                assert_eq!(v["delete"]["ok"], Value::Null, "{v}");
+                assert_eq!(v["after"]["error"], "NoSuchJob", "{v}");
             }
             Kind::ResultsWrongType => {
                 assert_eq!(v["status"]["ok"]["state"], "completed", "{v}");
                 assert_eq!(v["results"]["error"], "UnreadableJob", "{v}");
+                assert_eq!(v["cancel"]["ok"]["cancelled"], false, "{v}");
+                assert_eq!(v["after"]["error"], "NoSuchJob", "{v}");
             }
         }
     }

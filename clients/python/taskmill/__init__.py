@@ -8,10 +8,10 @@
     for batch, result in c.results(job): ...
 """
 
-from .client import Client
+from .client import Client, Job
 from .exceptions import (NoSuchJob, Refused, TaskmillError, Timeout, Unavailable,
                          UnreadableJob)
 
-__all__ = ["Client", "NoSuchJob", "Refused", "TaskmillError", "Timeout", "Unavailable",
+__all__ = ["Client", "Job", "NoSuchJob", "Refused", "TaskmillError", "Timeout", "Unavailable",
            "UnreadableJob"]
 __version__ = "0.1.0"

@@ -247,6 +247,24 @@ class Client:
         self._finish = self.redis.register_script(_with_finish(_lua("finish_publishing.lua")))
         self._raise = self.redis.register_script(_with_finish(_lua("raise.lua")))
         self._check_lease = self.redis.register_script(_with_finish(_lua("check_lease.lua")))
+        self._cancel = self.redis.register_script(_with_finish(_lua("cancel.lua")))
+        self._delete = self.redis.register_script(_with_finish(_lua("delete.lua")))
+
+    # Life --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Closes the Redis connections (each enqueue closes its own broker connection)."""
+        self.redis.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.close()
+
+    def job(self, job: str) -> "Job":
+        """A handle on a job (enqueued by anyone): ``status()``, ``wait()``, ``results()``,
+        ``dead()``, ``cancel()``, ``delete()``."""
+        return Job(self, job)
 
     # Keys -------------------------------------------------------------------------------
     def _job_key(self, job: str) -> str:
@@ -475,6 +493,47 @@ class Client:
                     except ValueError:
                         yield batch, value
 
+    def cancel(self, job: str) -> dict:
+        """Cancels the job: its batches not started yet are dropped unrun. Returns
+        ``{"was": STATE, "cancelled": bool}`` (False: it had finished already, nothing
+        changed). ``NoSuchJob``; ``UnreadableJob`` when its state cannot be read (left as it
+        is)."""
+        key = self._job_key(job)
+        try:
+            got = self._cancel(keys=[key, f"{self.namespace}:cancelled"], args=[job, _now_ms()])
+        except redis.exceptions.ResponseError as e:
+            if "WRONGTYPE" in str(e):
+                raise UnreadableJob(job, "key", "not a hash (the key holds another type: "
+                                    "written by something else)") from None
+            raise
+        if got is None:
+            raise NoSuchJob(job, self.namespace)
+        code, before = int(got[0]), got[1]
+        if code == 3:
+            why = "missing" if before == "" else f"holds {before[:100]!r}, not a job state"
+            raise UnreadableJob(job, "state", why)
+        return {"was": before, "cancelled": code == 1}
+
+    def delete(self, job: str, cancel: bool = False) -> None:
+        """Deletes the job's keys and results. A job still pending or running is refused
+        (``ValueError``) unless ``cancel``; a job whose record cannot be read is deleted as it
+        is. ``NoSuchJob`` when there is none."""
+        try:
+            status = self.status(job)
+            running = status["state"] in ("pending", "running") or (
+                status["state"] == "interrupted" and "finished_ms" not in status)
+        except UnreadableJob:
+            running = False
+        if running:
+            if not cancel:
+                raise ValueError(f"job {job} is {status['state']}: cancel it first")
+            self.cancel(job)
+        k = self._job_key(job)
+        keys = [k, f"{k}:results", f"{k}:dead", f"{k}:dropped", f"{k}:retried",
+                f"{self.namespace}:jobs", f"{self.namespace}:cancelled"]
+        if self._delete(keys=keys, args=[job]) != 1:
+            raise NoSuchJob(job, self.namespace)
+
     def dead(self, job: str) -> Dict[int, dict]:
         """Why each dead batch of the job died, by batch number."""
         try:
@@ -492,6 +551,41 @@ class Client:
                 except ValueError:
                     out[int(b)] = {"error": v}
         return dict(sorted(out.items()))
+
+
+class Job:
+    """A handle on one job of a client's namespace (``Client.job(id)``)."""
+
+    def __init__(self, client: Client, job: str) -> None:
+        self.client = client
+        self.id = job
+
+    def status(self) -> dict:
+        """The job's state and counters (``Client.status``)."""
+        return self.client.status(self.id)
+
+    def wait(self, timeout: Optional[float] = None) -> dict:
+        """Waits until it finishes (``Client.wait``)."""
+        return self.client.wait(self.id, timeout)
+
+    def results(self) -> Iterator[Tuple[int, Any]]:
+        """Each stored batch result, in batch order (``Client.results``)."""
+        return self.client.results(self.id)
+
+    def dead(self) -> Dict[int, dict]:
+        """Why each dead batch died (``Client.dead``)."""
+        return self.client.dead(self.id)
+
+    def cancel(self) -> dict:
+        """Cancels it (``Client.cancel``)."""
+        return self.client.cancel(self.id)
+
+    def delete(self, cancel: bool = False) -> None:
+        """Deletes it (``Client.delete``)."""
+        self.client.delete(self.id, cancel)
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
 
 
 class _Publishing:

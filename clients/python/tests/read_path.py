@@ -20,7 +20,11 @@ def outcome(call):
 
 
 def main() -> None:
-    c = Client(namespace=os.environ["TASKMILL_NAMESPACE"])
+    with Client(namespace=os.environ["TASKMILL_NAMESPACE"]) as c:
+        read(c)
+
+
+def read(c: Client) -> None:
     for job in sys.argv[1:]:
         reads = {"n": 0}
         status = c.status
@@ -40,6 +44,10 @@ def main() -> None:
             "wait_reads": wait_reads,
             "results": outcome(lambda: len(list(c.results(job)))),
             "dead": outcome(lambda: len(c.dead(job))),
+            # Then steered through a job handle: cancel, delete (cancelling first), gone.
+            "cancel": outcome(lambda: c.job(job).cancel()),
+            "delete": outcome(lambda: c.job(job).delete(cancel=True)),
+            "after": outcome(lambda: c.job(job).status()),
         }), flush=True)
 
 
