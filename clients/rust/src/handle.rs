@@ -59,6 +59,7 @@ impl JobHandle {
     }
 
     /// The job's state and counters now, with its summary once it is finished.
+    #[tracing::instrument(level = "debug", name = "status", skip_all, fields(job = %self.id))]
     pub async fn status(&self) -> Result<JobStatus> {
         let status = self.read().await?;
         with_summary(&self.store, status).await
@@ -73,6 +74,7 @@ impl JobHandle {
 
     /// [`JobHandle::wait`], with no timeout when None, calling `seen` with each status read
     /// (a progress bar).
+    #[tracing::instrument(level = "debug", name = "wait", skip_all, fields(job = %self.id))]
     pub async fn wait_with(
         &self,
         timeout: Option<Duration>,
@@ -161,6 +163,7 @@ impl JobHandle {
 
     /// Cancels the job: batches not started yet are dropped unrun. Says the state it had and
     /// whether it was cancelled now (false: it had finished already, nothing changed).
+    #[tracing::instrument(level = "debug", name = "cancel", skip_all, fields(job = %self.id))]
     pub async fn cancel(&self) -> Result<Cancelled> {
         self.store
             .cancel(&self.id)
@@ -171,6 +174,7 @@ impl JobHandle {
     /// Deletes the job's keys and results. A job still pending or running is refused
     /// ([`Error::Invalid`]) unless `cancel_first`; a job whose record cannot be read is
     /// deleted as it is.
+    #[tracing::instrument(level = "debug", name = "delete", skip_all, fields(job = %self.id))]
     pub async fn delete(&self, cancel_first: bool) -> Result<()> {
         match self.store.job_status(&self.id).await {
             Ok(Some(s)) if running(&s) => {

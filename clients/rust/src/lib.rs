@@ -202,6 +202,7 @@ impl Client {
     /// The general enqueue, for front doors with readers of their own: the chunks of records
     /// of the stream `start` gives (called once the spec, the services and the catalog have
     /// accepted the job, so that nothing is read for a job that is refused).
+    #[tracing::instrument(level = "debug", name = "enqueue", skip_all, fields(task = %spec.task, queue = %spec.queue))]
     pub async fn enqueue_chunks<S, F>(
         &self,
         spec: &JobSpec,

@@ -527,6 +527,7 @@ impl Store {
     }
 
     /// Registers a job; fails when its id is taken.
+    #[tracing::instrument(level = "debug", skip_all, fields(job = %job.id))]
     pub async fn register_job(&self, job: &NewJob<'_>) -> Result<Registered, StoreError> {
         let params = serde_json::to_string(job.params).unwrap_or_else(|_| "{}".into());
         let mut con = self.con.clone();
@@ -1103,6 +1104,7 @@ impl Store {
     /// again until it settles (`reopen.lua`). Returns the reason it died when it was dead
     /// (to restore it with [`Store::record_dead`] if the replay cannot be published), None
     /// when it was not (done since, or never counted) or there is no such job.
+    #[tracing::instrument(level = "debug", skip_all, fields(job = %job, batch))]
     pub async fn reopen_batch(&self, job: &str, batch: u64) -> Result<Option<Value>, StoreError> {
         let mut con = self.con.clone();
         let got: Option<(i64, String)> = self
@@ -1140,6 +1142,7 @@ impl Store {
 
     /// Cancels a job: `Ok(None)` when there is no such job; a job whose state cannot be read
     /// is left as it is ([`StoreError::BadJob`]).
+    #[tracing::instrument(level = "debug", skip_all, fields(job = %job))]
     pub async fn cancel(&self, job: &str) -> Result<Option<Cancelled>, StoreError> {
         let mut con = self.con.clone();
         let got: Option<(i64, String)> = self
@@ -1174,6 +1177,7 @@ impl Store {
 
     /// Deletes a job's keys (hash, results, dead and cancelled batches) and its index entries;
     /// true when it existed.
+    #[tracing::instrument(level = "debug", skip_all, fields(job = %job))]
     pub async fn delete_job(&self, job: &str) -> Result<bool, StoreError> {
         let mut con = self.con.clone();
         let existed: i64 = self
@@ -1247,6 +1251,7 @@ impl Store {
     /// where its hash cannot be read as a job (the others are read all the same). A job whose
     /// producer's lease lapsed is settled by the lease script, once, and read again only when
     /// the script changed it: no read loops.
+    #[tracing::instrument(level = "debug", skip_all, fields(jobs = ids.len()))]
     pub async fn job_statuses(&self, ids: &[String]) -> Result<Vec<Option<JobRead>>, StoreError> {
         let mut out = self.read_hashes(ids).await?;
         let now = now_ms();

@@ -174,6 +174,7 @@ pub(crate) struct JobsQuery {
 }
 
 /// `GET /api/jobs?state=&task=&q=&offset=&limit=`: newest first.
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "jobs"))]
 pub(crate) async fn jobs(
     State(st): Shared,
     query: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
@@ -241,6 +242,7 @@ pub(crate) async fn jobs(
 
 /// `GET /api/jobs/{id}`: the status (`producer status --json`), its rate, and its dead
 /// batches with their reasons.
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "job", id = %id))]
 pub(crate) async fn job(State(st): Shared, Path(id): Path<String>) -> ApiResult {
     let s = st.client.job(&id).status().await?;
     let mut v = with_live_fields(s.to_json(), &s);
@@ -266,6 +268,7 @@ pub(crate) struct Page {
 
 /// `GET /api/jobs/{id}/results?offset=&limit=`: stored results of batches
 /// `offset..offset+limit`, in batch order.
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "results"))]
 pub(crate) async fn results(
     State(st): Shared,
     Path(id): Path<String>,
@@ -286,6 +289,7 @@ pub(crate) async fn results(
 }
 
 /// `POST /api/jobs/{id}/cancel`.
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "cancel", id = %id))]
 pub(crate) async fn cancel(State(st): Shared, Path(id): Path<String>) -> ApiResult {
     let before = st
         .store
@@ -297,6 +301,7 @@ pub(crate) async fn cancel(State(st): Shared, Path(id): Path<String>) -> ApiResu
 
 /// `DELETE /api/jobs/{id}`: a finished or cancelled job (409 while it runs), or one whose
 /// record cannot be read.
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "delete", id = %id))]
 pub(crate) async fn delete(State(st): Shared, Path(id): Path<String>) -> ApiResult {
     match st.store.job_status(&id).await {
         Ok(Some(s)) => {
@@ -318,6 +323,7 @@ pub(crate) async fn delete(State(st): Shared, Path(id): Path<String>) -> ApiResu
 }
 
 /// `POST /api/jobs/{id}/replay`: the job's dead letters back to their queue.
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "replay_job", id = %id))]
 pub(crate) async fn replay_job(State(st): Shared, Path(id): Path<String>) -> ApiResult {
     load(&st, &id).await?;
     let r = dlq::replay(&st.conn, Some(&id)).await?;
@@ -330,6 +336,7 @@ pub(crate) struct DeadQuery {
 }
 
 /// `GET /api/dead?job=`: the dead letters in the queue now, and their count by job and kind.
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "dead"))]
 pub(crate) async fn dead(
     State(st): Shared,
     q: Result<Query<DeadQuery>, axum::extract::rejection::QueryRejection>,
@@ -359,6 +366,7 @@ pub(crate) async fn dead(
 }
 
 /// `GET /api/dead/{JOB:BATCH}`: one dead letter with headers, params and records.
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "dead_letter", id = %id))]
 pub(crate) async fn dead_letter(State(st): Shared, Path(id): Path<String>) -> ApiResult {
     match dlq::find(&st.conn, &id).await? {
         Some(v) => ok(v),
@@ -392,6 +400,7 @@ fn which(body: Result<Json<Which>, JsonRejection>) -> Result<Option<String>, Api
 }
 
 /// `POST /api/dead/replay` with `{"job": ID}` or `{"all": true}`.
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "replay_dead"))]
 pub(crate) async fn replay_dead(
     State(st): Shared,
     body: Result<Json<Which>, JsonRejection>,
@@ -402,6 +411,7 @@ pub(crate) async fn replay_dead(
 }
 
 /// `POST /api/dead/purge` with `{"job": ID}` or `{"all": true}`.
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "purge_dead"))]
 pub(crate) async fn purge_dead(
     State(st): Shared,
     body: Result<Json<Which>, JsonRejection>,
@@ -412,6 +422,7 @@ pub(crate) async fn purge_dead(
 }
 
 /// `GET /api/queues`: each queue now, and the samples of the last hour.
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "queues"))]
 pub(crate) async fn queues(State(st): Shared) -> ApiResult {
     let queues = crate::cmd::queues::queues(&st.conn).await?;
     let history = st.store.samples(&st.store.keys().queue_history()).await?;
@@ -424,6 +435,7 @@ pub(crate) async fn queues(State(st): Shared) -> ApiResult {
 
 /// `GET /api/workers`: every worker that beat in the last hour; `alive` when its last
 /// heartbeat is recent (three periods) and it did not say it stopped.
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "workers"))]
 pub(crate) async fn workers(State(st): Shared) -> ApiResult {
     let now = now_ms();
     let list: Vec<Value> = st
@@ -455,6 +467,7 @@ pub(crate) async fn workers(State(st): Shared) -> ApiResult {
 }
 
 /// `GET /api/tasks`: the task catalog.
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "tasks"))]
 pub(crate) async fn tasks(State(st): Shared) -> ApiResult {
     ok(json!({"tasks": st.store.catalog().await?}))
 }
@@ -501,6 +514,7 @@ fn duration_of(field: &str, raw: &Option<String>) -> Result<Option<Duration>, Ap
 
 /// `POST /api/jobs`: enqueues the records; `201 {"job": ID, ...}` once every batch is
 /// confirmed by the broker.
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "enqueue"))]
 pub(crate) async fn enqueue(
     State(st): Shared,
     body: Result<Json<NewJob>, JsonRejection>,
