@@ -654,3 +654,29 @@ pub async fn nack_all(ch: &lapin::Channel) {
     };
     ch.basic_nack(0, all).await.expect("basic.nack");
 }
+
+/// A child process killed (and reaped) when dropped, so that a failing test leaves no worker
+/// running; one that ended already is left alone.
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

@@ -8,21 +8,24 @@ use std::{
 
 use taskmill_producer::cmd::enqueue::{enqueue, EnqueueArgs};
 use taskmill_tests::{
-    bin_path, producer, sample, sigterm, until, wait_batches_done, write_jsonl, TestNs,
+    bin_path, producer, sample, sigterm, until, wait_batches_done, write_jsonl, KillOnDrop, TestNs,
 };
 
-fn worker(ns: &str) -> Child {
-    Command::new(bin_path("worker"))
-        .env("TASKMILL_NAMESPACE", ns)
-        .env("TASKMILL_THREADS", "2")
-        .env("TASKMILL_PREFETCH", "16")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+/// A worker process, killed if the test fails before it stops it.
+fn worker(ns: &str) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(bin_path("worker"))
+            .env("TASKMILL_NAMESPACE", ns)
+            .env("TASKMILL_THREADS", "2")
+            .env("TASKMILL_PREFETCH", "16")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
-fn stop(mut w: Child) {
+fn stop(mut w: KillOnDrop) {
     assert!(sigterm(w.id()));
     assert_eq!(w.wait().unwrap().code(), Some(0));
 }
@@ -355,13 +358,15 @@ async fn countdown_waits_in_the_broker_and_expired_batches_are_dropped() {
     })
     .await;
     let late = |ns: &str| {
-        Command::new(bin_path("worker"))
-            .env("TASKMILL_NAMESPACE", ns)
-            .env("TASKMILL_QUEUES", "later")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+        KillOnDrop(
+            Command::new(bin_path("worker"))
+                .env("TASKMILL_NAMESPACE", ns)
+                .env("TASKMILL_QUEUES", "later")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
     };
     let late = [late(&t.ns), late(&t.ns)];
     let wait = producer(&t.ns, &["wait", &job, "--timeout", "60"]);
@@ -525,14 +530,16 @@ async fn a_high_priority_job_overtakes_a_low_priority_backlog() {
     let t = TestNs::new();
     let store = t.store().await;
     let slow = |ns: &str| {
-        Command::new(bin_path("worker"))
-            .env("TASKMILL_NAMESPACE", ns)
-            .env("TASKMILL_THREADS", "1")
-            .env("TASKMILL_PREFETCH", "4")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+        KillOnDrop(
+            Command::new(bin_path("worker"))
+                .env("TASKMILL_NAMESPACE", ns)
+                .env("TASKMILL_THREADS", "1")
+                .env("TASKMILL_PREFETCH", "4")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
     };
     let workers = [slow(&t.ns), slow(&t.ns)];
     // A backlog of 200 low-priority batches of 20 ms each (two single-threaded workers: ~2 s).
