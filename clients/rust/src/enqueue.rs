@@ -165,10 +165,7 @@ async fn lacking(store: &Store, queue: &str, task: &str) -> Option<String> {
     let live: Vec<&Value> = workers
         .iter()
         .filter(|w| {
-            let seen = w["last_seen_ms"].as_u64().unwrap_or(0);
-            let period = w["heartbeat_ms"].as_u64().unwrap_or(2000);
-            w["stopped_ms"].as_u64().is_none()
-                && now.saturating_sub(seen) <= period * 3
+            taskmill_store::heartbeat_alive(w, now)
                 && w["queues"]
                     .as_array()
                     .is_some_and(|qs| qs.iter().any(|q| q == queue))

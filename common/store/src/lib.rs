@@ -282,6 +282,14 @@ pub struct Cancelled {
     pub now: bool,
 }
 
+/// Whether a worker's heartbeat (as [`Store::workers`] returns it) says it is alive at `now`:
+/// it has not said it stopped and has beaten within three of its periods.
+pub fn heartbeat_alive(heartbeat: &Value, now: u64) -> bool {
+    let seen = heartbeat["last_seen_ms"].as_u64().unwrap_or(0);
+    let period = heartbeat["heartbeat_ms"].as_u64().unwrap_or(2000);
+    heartbeat["stopped_ms"].as_u64().is_none() && now.saturating_sub(seen) <= period * 3
+}
+
 /// A job whose hash cannot be read as a job: edited by hand, or written by another program.
 /// Readers report it (its id and what is wrong) and go on with the other jobs; `delete`
 /// removes it.

@@ -97,11 +97,7 @@ fn live_workers(workers: &[Value]) -> Vec<String> {
     let now = now_ms();
     workers
         .iter()
-        .filter(|w| {
-            let seen = w["last_seen_ms"].as_u64().unwrap_or(0);
-            let period = w["heartbeat_ms"].as_u64().unwrap_or(2000);
-            w["stopped_ms"].as_u64().is_none() && now.saturating_sub(seen) <= period * 3
-        })
+        .filter(|w| taskmill_common::store::heartbeat_alive(w, now))
         .map(|w| format!("{}:{}", w["host"].as_str().unwrap_or("?"), w["pid"]))
         .collect()
 }

@@ -445,9 +445,8 @@ pub(crate) async fn workers(State(st): Shared) -> ApiResult {
         .into_iter()
         .map(|mut w| {
             let seen = w["last_seen_ms"].as_u64().unwrap_or(0);
-            let period = w["heartbeat_ms"].as_u64().unwrap_or(2000);
             let stopped = w["stopped_ms"].as_u64().is_some();
-            let alive = !stopped && now.saturating_sub(seen) <= period * 3;
+            let alive = taskmill_common::store::heartbeat_alive(&w, now);
             if let Some(o) = w.as_object_mut() {
                 o.insert("alive".into(), json!(alive));
                 o.insert("seen_ago_ms".into(), json!(now.saturating_sub(seen)));
