@@ -8,7 +8,8 @@ use std::{
 
 use taskmill_producer::cmd::enqueue::{enqueue, EnqueueArgs};
 use taskmill_tests::{
-    bin_path, producer, sample, sigterm, until, wait_batches_done, write_jsonl, KillOnDrop, TestNs,
+    batches_done, bin_path, producer, queue_messages, raw_channel, sample, sigterm, until,
+    wait_batches_done, write_jsonl, KillOnDrop, TestNs,
 };
 
 /// A worker process, killed if the test fails before it stops it.
@@ -575,6 +576,66 @@ async fn a_high_priority_job_overtakes_a_low_priority_backlog() {
     for w in workers {
         stop(w);
     }
+    let _ = std::fs::remove_file(file);
+    let _ = std::fs::remove_file(small);
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_default_flags_a_priority_job_overtakes_the_backlog_a_worker_holds() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    // One worker with default flags: it takes up to 256 batches of the backlog in hand.
+    let w = KillOnDrop(
+        Command::new(bin_path("worker"))
+            .env("TASKMILL_NAMESPACE", &t.ns)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // 600 batches of 20 ms each.
+    let file = write_jsonl(sample::posts(600));
+    let mut low = EnqueueArgs::new("chaos");
+    low.files = vec![file.clone()];
+    low.batch_size = 1;
+    low.params = vec!["sleep_ms=20".into()];
+    let low = enqueue(&t.conn(), &low, |_| {}).await.unwrap().job;
+    wait_batches_done(&store, &low, 10).await;
+    // The worker holds a full prefetch of the backlog now (in hand: neither ready in the
+    // queue nor done; done is read last, so the count errs low).
+    let work = format!("{}.tasks", t.ns);
+    let (conn, _ch) = raw_channel().await;
+    until(
+        "the worker holds 256 batches",
+        Duration::from_secs(30),
+        || async {
+            let ready = queue_messages(&conn, &work).await.unwrap_or(600);
+            let done = batches_done(&store, &low).await;
+            600 - u64::from(ready) - done >= 250
+        },
+    )
+    .await;
+    let before = store.job_status(&low).await.unwrap().unwrap().batches_done;
+    // A priority-9 job of three batches: they run next, not after the 256 in hand.
+    let small = write_jsonl(sample::posts(3));
+    let mut high = EnqueueArgs::new("chaos");
+    high.files = vec![small.clone()];
+    high.batch_size = 1;
+    high.params = vec!["sleep_ms=20".into()];
+    high.priority = 9;
+    let high = enqueue(&t.conn(), &high, |_| {}).await.unwrap().job;
+    let h = t
+        .wait_finished(&store, &high, Duration::from_secs(60))
+        .await;
+    let l = store.job_status(&low).await.unwrap().unwrap();
+    assert_eq!(h.state(), "completed");
+    assert!(
+        l.batches_done - before < 64,
+        "{} backlog batches ran before the priority job's 3 ({before} done before it)",
+        l.batches_done - before
+    );
+    stop(w);
     let _ = std::fs::remove_file(file);
     let _ = std::fs::remove_file(small);
     t.cleanup().await;

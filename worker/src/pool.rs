@@ -8,7 +8,7 @@ use std::{
 
 use futures::{future::BoxFuture, FutureExt};
 use lapin::message::Delivery;
-use taskmill_common::{amqp, task::Registry};
+use taskmill_common::{amqp, task::Registry, topology};
 use tokio::sync::oneshot;
 
 use crate::analyse::{analyse, BatchId, Outcome};
@@ -208,7 +208,8 @@ impl Analyser {
     /// Hands a group of deliveries to the rayon pool as one job and returns the future of
     /// their outcomes. Grouping what arrived together saves a wake-up of the pool per batch
     /// (small batches take microseconds); inside the group, rayon spreads the batches over
-    /// the threads.
+    /// the threads. A group's batches come from queues of one priority rank, and run before
+    /// the queued batches of lower ranks.
     pub(crate) fn analyse_group(&self, group: Vec<Arrived>) -> BoxFuture<'static, Vec<Processed>> {
         if !group
             .iter()
@@ -314,6 +315,9 @@ impl Analyser {
             inputs.push((body, attempt, message_id, Timing::of(&delivery.properties)));
             metas.push((chan, queue, delivery, attempt, arrived));
         }
+        let rank = metas
+            .first()
+            .map_or(0, |(_, queue, ..)| topology::band_rank(queue));
         let (tx, rx) = oneshot::channel();
         let results = Arc::new(GroupResults::new(inputs.len(), tx));
         // A job a batch: the pool's threads share a group's batches as they come free, and the
@@ -331,7 +335,7 @@ impl Analyser {
                 }) as crate::pumps::Job
             })
             .collect();
-        self.pumps.run_all(jobs);
+        self.pumps.run_all(rank, jobs);
         async move {
             let mut out = rx.await.unwrap_or_default().into_iter();
             metas

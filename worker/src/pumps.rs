@@ -22,6 +22,8 @@
 //! are jobs: a pump with nothing to do lingers on its thread, where a task's own `par_iter`
 //! could have used it (waking two for one job cost the CPU-bound workload a seventh).
 
+use taskmill_common::topology;
+
 use std::{
     collections::VecDeque,
     sync::{Arc, Condvar, Mutex},
@@ -46,6 +48,33 @@ thread_local! {
 /// A job for the pool.
 pub(crate) type Job = Box<dyn FnOnce() + Send + 'static>;
 
+/// Queued jobs by priority rank (see `topology::band_rank`): a thread that comes free takes
+/// the oldest job of the highest rank, so a priority band's batch waits for the batches
+/// running now, never for the backlog queued before it.
+#[derive(Default)]
+struct Queued {
+    ranks: [VecDeque<Job>; topology::BAND_RANKS],
+}
+
+impl Queued {
+    fn len(&self) -> usize {
+        self.ranks.iter().map(VecDeque::len).sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ranks.iter().all(VecDeque::is_empty)
+    }
+
+    fn extend(&mut self, rank: usize, jobs: Vec<Job>) {
+        let last = self.ranks.len() - 1;
+        self.ranks[rank.min(last)].extend(jobs);
+    }
+
+    fn pop_front(&mut self) -> Option<Job> {
+        self.ranks.iter_mut().rev().find_map(VecDeque::pop_front)
+    }
+}
+
 /// The queue of analysis jobs and the pumps that run them on the rayon pool.
 pub(crate) struct Pumps {
     pool: Arc<rayon::ThreadPool>,
@@ -60,7 +89,7 @@ pub(crate) struct Pumps {
 /// where a channel's receiver would first spin and yield.
 #[derive(Default)]
 struct State {
-    jobs: VecDeque<Job>,
+    jobs: Queued,
     /// Pumps started and not ended.
     running: usize,
     /// Pumps waiting for a job now.
@@ -164,16 +193,16 @@ impl Pumps {
     /// Runs `job` on the pool: a waiting pump takes it, or a new one starts for it.
     #[cfg(test)]
     pub(crate) fn run(self: &Arc<Self>, job: Job) {
-        self.run_all(vec![job]);
+        self.run_all(0, vec![job]);
     }
 
-    /// Runs `jobs` on the pool, in order as threads come free: as many pumps as the queued
-    /// work wants (see [`SPLIT_WORTH`]) take them, waiting ones first, then new ones, up to
-    /// one a thread.
-    pub(crate) fn run_all(self: &Arc<Self>, jobs: Vec<Job>) {
+    /// Runs `jobs` of priority rank `rank` on the pool, in order as threads come free and
+    /// before any queued job of a lower rank: as many pumps as the queued work wants (see
+    /// [`SPLIT_WORTH`]) take them, waiting ones first, then new ones, up to one a thread.
+    pub(crate) fn run_all(self: &Arc<Self>, rank: usize, jobs: Vec<Job>) {
         let (wake, start) = {
             let mut st = self.lock();
-            st.jobs.extend(jobs);
+            st.jobs.extend(rank, jobs);
             st.engage(self.max)
         };
         self.kick(wake, start);
@@ -275,7 +304,13 @@ mod tests {
 
     fn state(job_time: Option<Duration>, jobs: usize, running: usize, idle: usize) -> State {
         State {
-            jobs: (0..jobs).map(|_| Box::new(|| ()) as Job).collect(),
+            jobs: Queued {
+                ranks: [
+                    (0..jobs).map(|_| Box::new(|| ()) as Job).collect(),
+                    VecDeque::new(),
+                    VecDeque::new(),
+                ],
+            },
             running,
             idle,
             job_time,
@@ -325,6 +360,40 @@ mod tests {
     }
 
     #[test]
+    fn a_higher_rank_is_taken_first_and_each_rank_in_order() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let job = |tag: &'static str| {
+            let tx = tx.clone();
+            Box::new(move || {
+                let _ = tx.send(tag);
+            }) as Job
+        };
+        let mut q = Queued::default();
+        q.extend(0, vec![job("low 1"), job("low 2")]);
+        q.extend(2, vec![job("p5 1")]);
+        q.extend(1, vec![job("p1 1")]);
+        q.extend(2, vec![job("p5 2")]);
+        q.extend(9, vec![job("beyond the last rank")]);
+        assert_eq!(q.len(), 6);
+        while let Some(j) = q.pop_front() {
+            j();
+        }
+        assert!(q.is_empty());
+        let order: Vec<_> = rx.try_iter().collect();
+        assert_eq!(
+            order,
+            [
+                "p5 1",
+                "p5 2",
+                "beyond the last rank",
+                "p1 1",
+                "low 1",
+                "low 2"
+            ]
+        );
+    }
+
+    #[test]
     fn jobs_queued_behind_a_long_one_do_not_wait_for_it() {
         let pumps = Pumps::new(pool(2));
         // Teach the pumps that jobs are short.
@@ -359,7 +428,7 @@ mod tests {
                 let _ = short_tx.send(());
             }));
         }
-        pumps.run_all(jobs);
+        pumps.run_all(0, jobs);
         assert_eq!(
             long_rx.recv_timeout(Duration::from_secs(20)),
             Ok(true),

@@ -155,20 +155,34 @@ impl Session {
         shared: &Shared,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let mut inflight: FuturesUnordered<BoxFuture<'static, Vec<Processed>>> =
+        let mut inflight: FuturesUnordered<BoxFuture<'static, (bool, Vec<Processed>)>> =
             FuturesUnordered::new();
         // Deliveries that arrived while the pool had as many groups as it takes: they go
         // together as the next group, so that under load a wake-up of the pool carries many
-        // batches.
-        let mut waiting: Vec<Arrived> = Vec::new();
+        // batches. Priority bands first.
+        let mut waiting = Waiting::default();
+        // Groups of priority bands on the pool now: they have their own allowance, so that a
+        // band's batch never waits for groups of the backlog to finish.
+        let mut urgent = 0;
         let mut ended = false;
         loop {
             // One group at a time while batches are short, else one a thread (the pumps'
             // rule: see `Pumps::groups_wanted`), asked only when deliveries wait.
-            while !waiting.is_empty() && inflight.len() < shared.analyser.pumps.groups_wanted() {
-                let n = waiting.len().min(RAYON_GROUP);
-                let group: Vec<Arrived> = waiting.drain(..n).collect();
-                inflight.push(shared.analyser.analyse_group(group));
+            while let Some(rank) = waiting.top_rank() {
+                let wanted = shared.analyser.pumps.groups_wanted();
+                let is_urgent = rank > 0;
+                let room = if is_urgent {
+                    urgent < wanted
+                } else {
+                    inflight.len() - urgent < wanted
+                };
+                if !room {
+                    break;
+                }
+                let group = waiting.take(rank, RAYON_GROUP);
+                urgent += usize::from(is_urgent);
+                let analysed = shared.analyser.analyse_group(group);
+                inflight.push(analysed.map(move |g| (is_urgent, g)).boxed());
             }
             let in_hand = inflight.len() + waiting.len();
             if self.drain.progress(ended, in_hand) {
@@ -177,7 +191,10 @@ impl Session {
             let deadline = self.drain.deadline();
             let draining = self.drain.draining();
             tokio::select! {
-                Some(group) = inflight.next(), if !inflight.is_empty() => to_sink(self.tx.as_ref(), group).await?,
+                Some((was_urgent, group)) = inflight.next(), if !inflight.is_empty() => {
+                    urgent -= usize::from(was_urgent);
+                    to_sink(self.tx.as_ref(), group).await?;
+                }
                 res = &mut self.sink_task => return Err(ended_with(res, "the result writer")),
                 res = &mut self.events_task, if !draining => {
                     return Err(ended_with(res, "the dead-letter counter"));
@@ -349,6 +366,38 @@ async fn consume_queues(
         streams.push(consumer.map(move |d| (i, q.clone(), d)).boxed());
     }
     Ok((channels, tags, futures::stream::select_all(streams).boxed()))
+}
+
+/// Deliveries not yet on the pool, by priority rank (see `topology::band_rank`), each rank in
+/// order of arrival.
+#[derive(Default)]
+struct Waiting {
+    ranks: [std::collections::VecDeque<Arrived>; topology::BAND_RANKS],
+}
+
+impl Waiting {
+    fn extend(&mut self, arrived: Vec<Arrived>) {
+        let last = self.ranks.len() - 1;
+        for a in arrived {
+            self.ranks[topology::band_rank(&a.1).min(last)].push_back(a);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.ranks.iter().map(std::collections::VecDeque::len).sum()
+    }
+
+    /// The highest rank that has deliveries waiting.
+    fn top_rank(&self) -> Option<usize> {
+        self.ranks.iter().rposition(|r| !r.is_empty())
+    }
+
+    /// The oldest `n` deliveries (or fewer) of `rank`.
+    fn take(&mut self, rank: usize, n: usize) -> Vec<Arrived> {
+        let r = &mut self.ranks[rank];
+        let n = n.min(r.len());
+        r.drain(..n).collect()
+    }
 }
 
 /// Hands analysed batches to the sink, in order.

@@ -56,7 +56,6 @@ pub fn priority_queue(queue: &str, priority: u8) -> String {
     }
 }
 
-/// The short names of a work queue and of its priority bands.
 /// The work queue a routed queue belongs to: `tasks` for `tasks` and its bands `tasks.p5`...
 pub fn base_queue(routed: &str) -> &str {
     PRIORITY_BANDS
@@ -65,6 +64,19 @@ pub fn base_queue(routed: &str) -> &str {
         .unwrap_or(routed)
 }
 
+/// How urgent a routed queue's batches are: 0 for a work queue, then 1, 2... for its priority
+/// bands, lowest first (`tasks` 0, `tasks.p1` 1, `tasks.p5` 2).
+pub fn band_rank(routed: &str) -> usize {
+    PRIORITY_BANDS
+        .iter()
+        .position(|(_, band)| routed.strip_suffix(band).is_some_and(|b| b.ends_with('.')))
+        .map_or(0, |i| i + 1)
+}
+
+/// How many ranks [`band_rank`] gives: the work queue and each band.
+pub const BAND_RANKS: usize = PRIORITY_BANDS.len() + 1;
+
+/// The short names of a work queue and of its priority bands.
 pub fn with_bands(queue: &str) -> Vec<String> {
     std::iter::once(queue.to_string())
         .chain(PRIORITY_BANDS.iter().map(|(_, b)| format!("{queue}.{b}")))
@@ -260,6 +272,19 @@ fn check_chars(kind: &str, name: &str, extra: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bands_rank_above_their_work_queue() {
+        assert_eq!(band_rank("tasks"), 0);
+        assert_eq!(band_rank("tasks.p1"), 1);
+        assert_eq!(band_rank("tasks.p5"), 2);
+        assert_eq!(band_rank("p5"), 0);
+        assert_eq!(band_rank("tasksp5"), 0);
+        for (rank, q) in with_bands("tasks").iter().enumerate() {
+            assert_eq!(band_rank(q), rank);
+        }
+        assert_eq!(with_bands("tasks").len(), BAND_RANKS);
+    }
 
     #[test]
     fn names_are_checked() {

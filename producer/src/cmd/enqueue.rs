@@ -72,7 +72,9 @@ pub struct EnqueueArgs {
     /// not deployed yet).
     #[arg(long)]
     pub no_check: bool,
-    /// Priority, 0 (default) to 9: a higher band's batches overtake a backlog of lower ones.
+    /// Priority, 0 (default) to 9, in two bands (1-4, 5-9): a higher band's batches overtake
+    /// the lower ones' backlog, in the queue and in each worker's hands; they wait only for
+    /// the batches the workers' analysis threads are running (one a thread).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=9))]
     pub priority: u8,
     /// At most this many batches start, across all workers: `100/s`, `30/m`, `500/h`.
