@@ -221,11 +221,17 @@ fn urlencode(s: &str) -> String {
 }
 
 /// A minimal client for the RabbitMQ management API on 127.0.0.1:15672 (guest/guest).
-mod mgmt {
+pub mod mgmt {
     use serde_json::Value;
 
     pub struct Client {
         http: reqwest::Client,
+    }
+
+    impl Default for Client {
+        fn default() -> Self {
+            Self::new()
+        }
     }
 
     impl Client {
@@ -246,6 +252,16 @@ mod mgmt {
                 .error_for_status()?
                 .json()
                 .await
+        }
+        pub async fn put_json(&self, path: &str, body: &Value) -> reqwest::Result<()> {
+            self.http
+                .put(format!("http://127.0.0.1:15672{path}"))
+                .basic_auth("guest", Some("guest"))
+                .json(body)
+                .send()
+                .await?
+                .error_for_status()?;
+            Ok(())
         }
         pub async fn delete(&self, path: &str) -> reqwest::Result<()> {
             self.http

@@ -186,6 +186,146 @@ async fn a_crash_loop_ends_with_the_batch_counted_dead() {
     t.cleanup().await;
 }
 
+/// The broker's most recent dead-lettering is the reason: a batch that once waited in a delay
+/// queue (an `expired` death, how every retry comes back) and then hit the delivery limit
+/// died of the delivery limit, in the job and in `dlq list` alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_batch_that_hits_the_delivery_limit_reads_delivery_limit() {
+    use lapin::options::{
+        BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+        ConfirmSelectOptions,
+    };
+    let t = TestNs::new();
+    let names = Names::new(&t.ns);
+    let store = t.store().await;
+    let file = write_jsonl(sample::posts(10));
+    let mut args = EnqueueArgs::new("post-stats");
+    args.files = vec![file.clone()];
+    let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    // No worker yet: move the batch through the shortest delay queue, as a retry goes.
+    let (conn, ch) = raw_channel().await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let work = names.queue("tasks");
+    let m = ch
+        .basic_get(work.as_str().into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .expect("the batch");
+    let delay =
+        taskmill_common::topology::declare_delay_queue(&ch, &names, "tasks", DELAY_TIERS_MS[0])
+            .await
+            .unwrap();
+    ch.basic_publish(
+        "".into(),
+        delay.as_str().into(),
+        BasicPublishOptions::default(),
+        &m.delivery.data,
+        m.delivery.properties.clone(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    m.delivery
+        .acker
+        .ack(BasicAckOptions::default())
+        .await
+        .unwrap();
+    until(
+        "the batch back from the delay queue",
+        Duration::from_secs(30),
+        || async { queue_messages(&conn, &work).await == Some(1) },
+    )
+    .await;
+    // Now consumers that never ack it: the broker dead-letters it after its delivery limit.
+    for _ in 0..100 {
+        let Some(m) = ch
+            .basic_get(work.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        else {
+            if queue_messages(&conn, &names.dead_queue()).await == Some(1) {
+                break;
+            }
+            continue;
+        };
+        let again = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        m.delivery.acker.nack(again).await.unwrap();
+    }
+    assert_eq!(queue_messages(&conn, &names.dead_queue()).await, Some(1));
+    // A worker counts it in the job.
+    let w = t.spawn_worker(t.worker_args());
+    let s = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    assert_eq!(s.state(), "completed_with_errors");
+    let dead = store.dead_batches(&job).await.unwrap();
+    assert_eq!(dead[0].1["kind"], "delivery_limit", "{:?}", dead[0].1);
+    assert_eq!(dead[0].1["queue"], work.as_str(), "{:?}", dead[0].1);
+    let letters = dlq::list(&t.conn(), Some(&job)).await.unwrap();
+    assert_eq!(letters[0].kind, "delivery_limit", "{:?}", letters[0]);
+    assert_eq!(letters[0].queue.as_deref(), Some(work.as_str()));
+    assert_eq!(letters[0].error, dead[0].1["error"].as_str().unwrap());
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
+
+/// An operator adds a length policy to a work queue: the batches the broker drops from the
+/// full queue are dead letters of kind `queue_full`, the same in the job and in `dlq list`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_a_length_policy_drops_read_queue_full_everywhere() {
+    let t = TestNs::new();
+    let names = Names::new(&t.ns);
+    let store = t.store().await;
+    let mgmt = taskmill_tests::mgmt::Client::new();
+    let policy = format!("/api/policies/%2f/{}-maxlen", t.ns);
+    mgmt.put_json(
+        &policy,
+        &json!({
+            "pattern": format!("^{}\\.tasks$", t.ns),
+            "definition": {"max-length": 5},
+            "apply-to": "queues",
+            "priority": 7,
+        }),
+    )
+    .await
+    .unwrap();
+    let file = write_jsonl(sample::posts(20));
+    let mut args = EnqueueArgs::new("post-stats");
+    args.files = vec![file.clone()];
+    args.batch_size = 1;
+    // The policy applies to the queue when it is declared: the enqueue's declaration.
+    let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let w = t.spawn_worker(t.worker_args());
+    let s = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    mgmt.delete(&policy).await.unwrap();
+    assert_eq!(s.state(), "completed_with_errors");
+    assert_eq!((s.batches_done, s.batches_dead), (5, 15));
+    let dead = store.dead_batches(&job).await.unwrap();
+    assert!(
+        dead.iter().all(|(_, r)| r["kind"] == "queue_full"),
+        "{dead:?}"
+    );
+    assert!(dead[0].1["error"].as_str().unwrap().contains("full queue"));
+    let letters = dlq::list(&t.conn(), Some(&job)).await.unwrap();
+    assert_eq!(letters.len(), 15);
+    assert!(
+        letters.iter().all(|l| l.kind == "queue_full"),
+        "{letters:?}"
+    );
+    assert_eq!(
+        letters[0].queue.as_deref(),
+        Some(names.queue("tasks").as_str())
+    );
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
+
 /// Item 3: forged batch numbers, message ids and job ids leave every job unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_messages_leave_jobs_unchanged() {

@@ -11,15 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::{message::Delivery, options::BasicAckOptions, Consumer};
-use serde_json::json;
-use taskmill_common::{
-    amqp::{header_i64, header_str},
-    config::validate_job_id,
-    envelope::{self, bounded, HEADER_ATTEMPT, HEADER_ERROR, HEADER_ERROR_KIND, MAX_HEADER_TEXT},
-    now_ms,
-    store::Store,
-    Backoff,
-};
+use taskmill_common::{config::validate_job_id, envelope, now_ms, store::Store, Backoff};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -43,34 +35,8 @@ fn identity(d: &Delivery) -> Option<(String, u64)> {
 
 /// What the dead letter says of why it died, as stored in the job's dead hash.
 fn reason(d: &Delivery) -> serde_json::Value {
-    let p = &d.properties;
-    let broker_reason = header_str(p, "x-first-death-reason");
-    let kind = header_str(p, HEADER_ERROR_KIND)
-        .or_else(|| broker_reason.clone().map(|r| kind_of_broker_reason(&r)))
-        .unwrap_or_else(|| "unknown".into());
-    let error = header_str(p, HEADER_ERROR).unwrap_or_else(|| {
-        let count = header_i64(p, "x-delivery-count").map_or(String::new(), |c| {
-            format!(" after {} deliveries without an ack", c + 1)
-        });
-        format!(
-            "dead-lettered by the broker: {}{count} (workers died or lost their connection while holding it)",
-            broker_reason.as_deref().unwrap_or("unknown reason")
-        )
-    });
-    json!({
-        "kind": bounded(&kind, 100),
-        "error": bounded(&error, MAX_HEADER_TEXT),
-        "attempts": header_i64(p, HEADER_ATTEMPT).unwrap_or(1),
-        "queue": header_str(p, "x-first-death-queue")
-            .or_else(|| header_str(p, envelope::HEADER_ORIGINAL_QUEUE)),
-        "at_ms": now_ms(),
-    })
-}
-
-/// The broker's `x-first-death-reason` as a dead-letter kind.
-fn kind_of_broker_reason(reason: &str) -> String {
-    taskmill_common::DeadKind::from_broker_reason(reason)
-        .map_or_else(|| bounded(reason, 100).into_owned(), |k| k.as_str().into())
+    let why = taskmill_common::dead::reason_of(&d.properties, now_ms() as i64);
+    serde_json::to_value(why).unwrap_or_default()
 }
 
 /// Counts dead letters until the consumer ends or `stop` is cancelled. Redis trouble is

@@ -23,7 +23,7 @@ use lapin::{
     types::{AMQPValue, LongString},
     Channel,
 };
-use serde_json::json;
+use taskmill_common::dead::DeadReason;
 use taskmill_common::{
     amqp::{self, with_extra_headers},
     envelope::{
@@ -582,10 +582,14 @@ impl Sink {
             return self.settle_one(p, false).await;
         }
         if let Some((job, batch)) = identity(p) {
-            let reason = json!({
-                "kind": kind.as_str(), "error": error, "attempts": p.attempt,
-                "queue": original, "at_ms": at,
-            });
+            let reason = serde_json::to_value(DeadReason {
+                kind: kind.as_str().into(),
+                error: error.to_string(),
+                attempts: i64::from(p.attempt),
+                queue: Some(original),
+                at_ms: at as i64,
+            })
+            .unwrap_or_default();
             let marked = self.redis("marking a batch dead", || {
                 self.store.record_dead_finishing(&job, batch, &reason)
             });

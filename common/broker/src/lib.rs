@@ -2,11 +2,13 @@
 //!
 //! - [`amqp`]: connecting (with errors in one sentence), batch properties, header helpers and
 //!   the one confirmed publish that retries, dead letters and replays use.
+//! - [`dead`]: the one reader of a dead letter's headers (why its batch died).
 //! - [`topology`]: declaring the exchanges and queues (names come from
 //!   `taskmill_protocol::names`).
 //! - [`Backoff`]: the one exponential backoff every reconnect and retry loop uses.
 
 pub mod amqp;
+pub mod dead;
 pub mod topology;
 
 use std::time::Duration;

@@ -109,6 +109,50 @@ impl std::str::FromStr for DeadKind {
     }
 }
 
+/// Why one batch died: stored in its job's dead hash (as JSON), shown by `producer dlq`,
+/// `status` and the dashboard. Read from a dead letter's headers by one reader
+/// (`taskmill_broker::dead::reason_of`), whoever dead-lettered it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeadReason {
+    /// A [`DeadKind`] name (a broker reason taskmill does not know stays as the broker gave it).
+    pub kind: String,
+    /// What went wrong, for people.
+    pub error: String,
+    /// Attempts made (1 for the first delivery).
+    pub attempts: i64,
+    /// Full name of the queue it died in, when known.
+    pub queue: Option<String>,
+    /// When it died, ms since the epoch (0 when unknown).
+    pub at_ms: i64,
+}
+
+impl DeadReason {
+    /// The broker's explanation of a death it caused, for people.
+    pub fn broker_text(reason: &str, queue: Option<&str>, deliveries: Option<i64>) -> String {
+        let queue = queue.unwrap_or("its queue");
+        match DeadKind::from_broker_reason(reason) {
+            Some(DeadKind::DeliveryLimit) => {
+                let count = deliveries.map_or(String::new(), |c| format!(" ({c} deliveries)"));
+                format!(
+                    "dead-lettered by the broker: delivered too often without an ack{count} \
+                     (workers died or lost their connection while holding it)"
+                )
+            }
+            Some(DeadKind::Expired) => {
+                format!("dead-lettered by the broker: its time to live ran out in {queue}")
+            }
+            Some(DeadKind::QueueFull) => format!(
+                "dropped by the broker from a full queue, {queue} (a length limit, by policy or \
+                 x-max-length, is set on it)"
+            ),
+            Some(DeadKind::Rejected) => {
+                format!("dead-lettered by the broker: a consumer of {queue} rejected it")
+            }
+            _ => format!("dead-lettered by the broker: {reason} in {queue}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +167,15 @@ mod tests {
             Some(DeadKind::QueueFull)
         );
         assert!("nope".parse::<DeadKind>().is_err());
+    }
+
+    #[test]
+    fn broker_texts_name_the_queue_and_the_cause() {
+        let t = DeadReason::broker_text("maxlen", Some("ns.tasks"), None);
+        assert!(t.contains("full queue, ns.tasks"), "{t}");
+        let t = DeadReason::broker_text("delivery_limit", Some("ns.tasks"), Some(11));
+        assert!(t.contains("(11 deliveries)"), "{t}");
+        let t = DeadReason::broker_text("odd", None, None);
+        assert_eq!(t, "dead-lettered by the broker: odd in its queue");
     }
 }

@@ -26,12 +26,9 @@ use serde_json::{json, Value};
 
 use crate::error::CliError;
 use taskmill_common::{
-    amqp::{self, header_i64, header_str},
+    amqp,
     config::ConnArgs,
-    envelope::{
-        self, HEADER_ATTEMPT, HEADER_DEAD_AT, HEADER_ERROR, HEADER_ERROR_KIND,
-        HEADER_ORIGINAL_QUEUE, JOB_OPTION_HEADERS,
-    },
+    envelope::{self, HEADER_ATTEMPT, JOB_OPTION_HEADERS},
     store::Store,
     topology::{self, Names},
 };
@@ -98,7 +95,8 @@ pub struct DeadLetter {
     pub batch: Option<u64>,
     /// Task name, when the body decodes.
     pub task: Option<String>,
-    /// Error kind (`x-taskmill-error-kind`, or `delivery_limit` etc. from the broker's `x-death`).
+    /// Error kind (`x-taskmill-error-kind`, or `delivery_limit`, `queue_full`... for the
+    /// broker's own dead-letterings).
     pub kind: String,
     /// Error text.
     pub error: String,
@@ -123,23 +121,16 @@ impl DeadLetter {
             (None, Some((j, b))) => (Some(j), Some(b)),
             (None, None) => (None, None),
         };
-        let death = first_death(p);
-        let kind = header_str(p, HEADER_ERROR_KIND)
-            .or_else(|| death.as_ref().and_then(|d| d.0.clone()))
-            .unwrap_or_else(|| "unknown".into());
-        let error = header_str(p, HEADER_ERROR).unwrap_or_else(|| match &death {
-            Some((Some(reason), _)) => format!("dead-lettered by the broker: {reason}"),
-            _ => "no reason given".into(),
-        });
+        let why = taskmill_common::dead::reason_of(p, 0);
         DeadLetter {
             job,
             batch,
             task: env.as_ref().map(|e| e.task.clone()),
-            kind,
-            error,
-            attempts: header_i64(p, HEADER_ATTEMPT).unwrap_or(1),
-            at_ms: header_i64(p, HEADER_DEAD_AT).unwrap_or(0),
-            queue: header_str(p, HEADER_ORIGINAL_QUEUE).or_else(|| death.and_then(|d| d.1)),
+            kind: why.kind,
+            error: why.error,
+            attempts: why.attempts,
+            at_ms: why.at_ms,
+            queue: why.queue,
         }
     }
 
@@ -151,13 +142,6 @@ impl DeadLetter {
             "queue": self.queue,
         })
     }
-}
-
-/// (reason, queue) of the broker's first `x-death` entry, for messages the broker dead-lettered.
-fn first_death(p: &BasicProperties) -> Option<(Option<String>, Option<String>)> {
-    let reason = header_str(p, "x-first-death-reason");
-    let queue = header_str(p, "x-first-death-queue");
-    (reason.is_some() || queue.is_some()).then_some((reason, queue))
 }
 
 struct DeadQueue {
