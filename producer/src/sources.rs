@@ -1,8 +1,9 @@
 //! Record sources: files (JSON Lines, a JSON array, or one JSON document), stdin, and HTTP.
 //!
 //! Every source streams its records into one bounded channel, so memory stays flat whatever
-//! the input size: a file is read a line (or an array element) at a time, and HTTP fetches run
-//! with bounded concurrency. What cannot be read is counted and described in [`Problems`].
+//! the input size: a file or an HTTP response is read a line (or an array element) at a time,
+//! each record capped (`--max-record-bytes`), on a blocking thread; HTTP fetches run with
+//! bounded concurrency. What cannot be read is counted and described in [`Problems`].
 
 use std::{
     io::{BufRead, BufReader, Read},
@@ -15,9 +16,6 @@ pub use taskmill_client::problems::{ProblemLog, Problems, MAX_PROBLEMS};
 use taskmill_common::envelope::Record;
 use tokio::sync::mpsc;
 use tracing::debug;
-
-/// An HTTP response larger than this is a failed source (it is read whole to parse it).
-pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Records travel in chunks of this many, so that the channel wakes its reader once a chunk
 /// rather than once a record.
@@ -460,6 +458,19 @@ fn read_lines<R: Read>(
     sent
 }
 
+/// Which HTTP redirects a source follows (`--follow-redirects`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Redirects {
+    /// None: a redirect is a failed source, naming where it pointed.
+    None,
+    /// Only to the same scheme, host and port as the URL given (the default): a source cannot
+    /// send the producer to another machine, such as a service on the producer's network.
+    #[default]
+    SameHost,
+    /// To any host (at most 10 hops).
+    Any,
+}
+
 /// HTTP fetching settings.
 #[derive(Debug, Clone)]
 pub struct HttpOptions {
@@ -467,10 +478,16 @@ pub struct HttpOptions {
     pub concurrency: usize,
     /// Attempts after the first, for connection errors, timeouts, 429 and 5xx.
     pub retries: u32,
-    /// Timeout of one request.
+    /// Timeout of one request, its body included.
     pub timeout: Duration,
     /// First backoff delay; doubles with each retry (with jitter).
     pub backoff: Duration,
+    /// A record (an array element, a line, a document) larger than this is skipped unread.
+    pub max_record_bytes: usize,
+    /// A response is cut after this many bytes (the records before are kept); None: no cap.
+    pub max_response_bytes: Option<u64>,
+    /// Which redirects are followed.
+    pub redirects: Redirects,
 }
 
 impl Default for HttpOptions {
@@ -480,66 +497,65 @@ impl Default for HttpOptions {
             retries: 3,
             timeout: Duration::from_secs(30),
             backoff: Duration::from_millis(200),
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            max_response_bytes: None,
+            redirects: Redirects::SameHost,
         }
     }
 }
 
-enum FetchError {
-    /// The URL gave no usable answer; the whole source failed.
-    Failed(String),
-    /// It answered, but not with JSON: one invalid record.
-    NotJson(String),
-}
+/// The reader's buffer for a response body (a file's is larger: it is read for longer).
+const HTTP_READ_BUFFER: usize = 32 * 1024;
 
-async fn fetch_once(client: &reqwest::Client, url: &str) -> Result<Value, (bool, FetchError)> {
+/// Chunks of a body in flight from the async side to the reader thread, per response.
+const HTTP_CHUNKS_IN_FLIGHT: usize = 2;
+
+/// The request with its status checked: Err((retryable, message)).
+async fn open(
+    client: &reqwest::Client,
+    url: &str,
+    opts: &HttpOptions,
+) -> Result<reqwest::Response, (bool, String)> {
     let resp = client.get(url).send().await.map_err(|e| {
-        (
-            true,
-            FetchError::Failed(format!("{url}: {}", error_chain(&e))),
-        )
+        // A refused redirect is the source's answer: trying again cannot help.
+        (!e.is_redirect(), format!("{url}: {}", error_chain(&e)))
     })?;
+    let source = named(url, &resp);
     let status = resp.status();
-    if !status.is_success() {
-        let retry = status.as_u16() == 429 || status.is_server_error();
-        return Err((retry, FetchError::Failed(format!("{url}: HTTP {status}"))));
-    }
-    if resp
-        .content_length()
-        .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64)
-    {
+    if status.is_redirection() {
+        let to = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .map(|l| taskmill_common::envelope::bounded(l, 300).into_owned())
+            .unwrap_or_default();
         return Err((
             false,
-            FetchError::Failed(format!(
-                "{url}: the response is larger than {MAX_RESPONSE_BYTES} bytes"
-            )),
+            format!("{source}: HTTP {status} to {to:?}, not followed (--follow-redirects)"),
         ));
     }
-    let mut body = Vec::new();
-    let mut resp = resp;
-    loop {
-        let chunk = resp.chunk().await.map_err(|e| {
-            (
-                true,
-                FetchError::Failed(format!("{url}: {}", error_chain(&e))),
-            )
-        })?;
-        let Some(chunk) = chunk else { break };
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+    if !status.is_success() {
+        let retry = status.as_u16() == 429 || status.is_server_error();
+        return Err((retry, format!("{source}: HTTP {status}")));
+    }
+    if let (Some(cap), Some(len)) = (opts.max_response_bytes, resp.content_length()) {
+        if len > cap {
             return Err((
                 false,
-                FetchError::Failed(format!(
-                    "{url}: the response is larger than {MAX_RESPONSE_BYTES} bytes"
-                )),
+                format!("{source}: the response ({len} bytes) is larger than --max-response-bytes {cap}"),
             ));
         }
-        body.extend_from_slice(&chunk);
     }
-    serde_json::from_slice(&body).map_err(|e| {
-        (
-            false,
-            FetchError::NotJson(format!("{url}: response is not JSON: {e}")),
-        )
-    })
+    Ok(resp)
+}
+
+/// The URL as problems name it: with where it was redirected to, if it was.
+fn named(url: &str, resp: &reqwest::Response) -> String {
+    if resp.url().as_str() == url {
+        url.to_string()
+    } else {
+        format!("{url} (redirected to {})", resp.url())
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -553,37 +569,231 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A response body as a blocking reader: its chunks come from the async side through a
+/// small bounded channel, so a response holds a few chunks and the reader's buffer at most,
+/// whatever its size.
+struct BodyReader {
+    rx: mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    cur: bytes::Bytes,
+}
+
+impl Read for BodyReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(chunk)) => self.cur = chunk,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len());
+        out[..n].copy_from_slice(&self.cur.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Reads one response's records (blocking; on a blocking thread): an array streams its
+/// elements like a file's; an object body is one record (a body of several objects, one a
+/// line, is JSON Lines); anything else is not JSON. Each record is capped like a file's.
+fn read_response(
+    reader: impl Read,
+    source: &str,
+    cap: usize,
+    tx: &mpsc::Sender<Vec<Record>>,
+    problems: &ProblemLog,
+) -> u64 {
+    let mut out = Chunker::new(tx);
+    let cap = cap.max(1);
+    let mut input = Input {
+        reader: BufReader::with_capacity(HTTP_READ_BUFFER, reader),
+        cap,
+    };
+    let n = match input.peek() {
+        Ok(Some(b'[')) => read_array(&mut input, source, &mut out, problems),
+        Ok(Some(b'{')) => read_objects(&mut input, source, &mut out, problems),
+        Ok(Some(b)) => {
+            problems.invalid(format!(
+                "{source}: response is not JSON: it starts with {:?}, not an object or an array",
+                b as char
+            ));
+            0
+        }
+        Ok(None) => {
+            problems.invalid(format!("{source}: response is not JSON: it is empty"));
+            0
+        }
+        Err(e) => {
+            problems.failed(format!("{source}: cannot read: {e}"));
+            0
+        }
+    };
+    out.flush();
+    n
+}
+
+/// A body that starts with `{`: when it fits in the record limit, parsed whole as one or
+/// more JSON values (an object in any layout, or JSON Lines); when longer, read as JSON Lines
+/// a line at a time (each line capped), never held.
+fn read_objects<R: Read>(
+    input: &mut Input<R>,
+    source: &str,
+    out: &mut Chunker<'_>,
+    problems: &ProblemLog,
+) -> u64 {
+    let cap = input.cap;
+    let mut head = Vec::new();
+    if let Err(e) = (&mut input.reader)
+        .take(cap as u64 + 1)
+        .read_to_end(&mut head)
+    {
+        problems.failed(format!("{source}: cannot read: {e}"));
+        return 0;
+    }
+    if head.len() > cap {
+        let mut lines = Input {
+            reader: BufReader::with_capacity(
+                HTTP_READ_BUFFER,
+                std::io::Cursor::new(head).chain(&mut input.reader),
+            ),
+            cap,
+        };
+        return read_lines(&mut lines, source, out, problems);
+    }
+    let mut sent = 0u64;
+    for (i, v) in serde_json::Deserializer::from_slice(&head)
+        .into_iter::<Value>()
+        .enumerate()
+    {
+        match v {
+            Ok(v @ (Value::Object(_) | Value::Array(_))) => {
+                let n = if let Value::Array(a) = &v {
+                    a.len() as u64
+                } else {
+                    1
+                };
+                if !out.emit(v) {
+                    return sent;
+                }
+                sent += n;
+            }
+            Ok(_) => problems.invalid(format!(
+                "{source}: value {i} is JSON but neither an object nor an array; skipped"
+            )),
+            Err(e) => {
+                let what = if i == 0 {
+                    "response is not JSON"
+                } else {
+                    "malformed JSON"
+                };
+                problems.invalid(format!(
+                    "{source}: {what}: {e}; the records before it were kept"
+                ));
+                return sent;
+            }
+        }
+    }
+    sent
+}
+
+/// Fetches one URL (retrying what may pass) and streams its records.
 async fn fetch(
     client: &reqwest::Client,
-    url: &str,
+    url: String,
     opts: &HttpOptions,
-) -> Result<Value, FetchError> {
+    tx: mpsc::Sender<Vec<Record>>,
+    problems: ProblemLog,
+) {
     let mut backoff = taskmill_common::Backoff::new(opts.backoff, Duration::from_secs(10));
     let mut attempt = 0;
-    loop {
-        match fetch_once(client, url).await {
-            Ok(v) => return Ok(v),
-            Err((true, e)) if attempt < opts.retries => {
-                let (FetchError::Failed(m) | FetchError::NotJson(m)) = &e;
+    let resp = loop {
+        match open(client, &url, opts).await {
+            Ok(resp) => break resp,
+            Err((true, m)) if attempt < opts.retries => {
                 // Jitter, so that many failing URLs do not come back all at once.
                 let delay = backoff.next_delay().mul_f64(rand::random_range(0.5..1.5));
                 debug!("{m}; retrying in {delay:?}");
                 tokio::time::sleep(delay).await;
                 attempt += 1;
             }
-            Err((retryable, e)) => {
-                return Err(match e {
-                    FetchError::Failed(m) if retryable => {
-                        FetchError::Failed(format!("{m} (gave up after {} attempts)", attempt + 1))
-                    }
-                    other => other,
-                })
+            Err((retryable, m)) => {
+                problems.failed(if retryable {
+                    format!("{m} (gave up after {} attempts)", attempt + 1)
+                } else {
+                    m
+                });
+                return;
             }
         }
+    };
+    let source = named(&url, &resp);
+    // The body is parsed on a blocking thread, a chunk at a time, as it arrives.
+    let (body_tx, body_rx) = mpsc::channel(HTTP_CHUNKS_IN_FLIGHT);
+    let reader = {
+        let (source, cap, problems) = (source.clone(), opts.max_record_bytes, problems.clone());
+        tokio::task::spawn_blocking(move || {
+            let body = BodyReader {
+                rx: body_rx,
+                cur: bytes::Bytes::new(),
+            };
+            read_response(body, &source, cap, &tx, &problems)
+        })
+    };
+    let mut resp = resp;
+    let mut seen = 0u64;
+    loop {
+        let item = match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                seen += chunk.len() as u64;
+                match opts.max_response_bytes {
+                    Some(cap) if seen > cap => Err(std::io::Error::other(format!(
+                        "the response is larger than --max-response-bytes {cap}; cut there"
+                    ))),
+                    _ => Ok(chunk),
+                }
+            }
+            Ok(None) => break,
+            Err(e) => Err(std::io::Error::other(error_chain(&e))),
+        };
+        let last = item.is_err();
+        // The reader stops early (not JSON, or nobody takes records any more): so do we.
+        if body_tx.send(item).await.is_err() || last {
+            break;
+        }
+    }
+    drop(body_tx);
+    if let Err(e) = reader.await {
+        problems.failed(format!("{source}: the reader failed: {e}"));
     }
 }
 
-/// Fetches every URL with bounded concurrency and sends the records of each response.
+/// The redirect policy of `--follow-redirects`.
+fn redirect_policy(redirects: Redirects) -> reqwest::redirect::Policy {
+    match redirects {
+        Redirects::None => reqwest::redirect::Policy::none(),
+        Redirects::Any => reqwest::redirect::Policy::limited(10),
+        Redirects::SameHost => reqwest::redirect::Policy::custom(|attempt| {
+            let first = attempt.previous().first();
+            let same = first.is_some_and(|f| {
+                f.scheme() == attempt.url().scheme()
+                    && f.host_str() == attempt.url().host_str()
+                    && f.port_or_known_default() == attempt.url().port_or_known_default()
+            });
+            if attempt.previous().len() > 10 {
+                attempt.error("more than 10 redirects")
+            } else if same {
+                attempt.follow()
+            } else {
+                let to = attempt.url().to_string();
+                attempt.error(format!(
+                    "redirected to another host, {to}: not followed (--follow-redirects any follows it)"
+                ))
+            }
+        }),
+    }
+}
+
+/// Fetches every URL with bounded concurrency; each response's records stream into `tx` as
+/// they are read.
 pub async fn fetch_all(
     urls: Box<dyn Iterator<Item = String> + Send>,
     opts: &HttpOptions,
@@ -594,38 +804,22 @@ pub async fn fetch_all(
         .timeout(opts.timeout)
         .connect_timeout(opts.timeout.min(Duration::from_secs(10)))
         .pool_max_idle_per_host(opts.concurrency)
+        .redirect(redirect_policy(opts.redirects))
         .user_agent(concat!("taskmill/", env!("CARGO_PKG_VERSION")))
         .build()?;
-    let mut results = futures::stream::iter(urls)
+    let mut fetches = futures::stream::iter(urls)
         .map(|url| {
-            let client = client.clone();
-            let opts = opts.clone();
-            async move { (fetch(&client, &url, &opts).await, url) }
+            let (client, opts, tx, problems) =
+                (client.clone(), opts.clone(), tx.clone(), problems.clone());
+            async move {
+                // Nobody takes records any more (the enqueue stopped): fetch nothing.
+                if !tx.is_closed() {
+                    fetch(&client, url, &opts, tx, problems).await;
+                }
+            }
         })
         .buffer_unordered(opts.concurrency.max(1));
-    while let Some((res, url)) = results.next().await {
-        match res {
-            Ok(Value::Array(items)) => {
-                if tx
-                    .send(items.iter().map(Record::from_value).collect())
-                    .await
-                    .is_err()
-                {
-                    return Ok(());
-                }
-            }
-            Ok(v @ Value::Object(_)) => {
-                if tx.send(vec![Record::from_value(&v)]).await.is_err() {
-                    return Ok(());
-                }
-            }
-            Ok(_) => problems.invalid(format!(
-                "{url}: response is JSON but neither an object nor an array"
-            )),
-            Err(FetchError::Failed(m)) => problems.failed(m),
-            Err(FetchError::NotJson(m)) => problems.invalid(m),
-        }
-    }
+    while fetches.next().await.is_some() {}
     Ok(())
 }
 
@@ -683,6 +877,63 @@ mod tests {
         }
         assert_eq!(n as usize, out.len());
         (out, problems.snapshot())
+    }
+
+    use serde_json::json;
+
+    fn read_body(input: &str, cap: usize) -> (Vec<Value>, Problems) {
+        let (tx, mut rx) = mpsc::channel(1000);
+        let problems = ProblemLog::default();
+        let n = read_response(input.as_bytes(), "url", cap, &tx, &problems);
+        drop(tx);
+        let mut out = Vec::new();
+        while let Ok(v) = rx.try_recv() {
+            out.extend(v.iter().map(Record::to_value));
+        }
+        assert_eq!(n as usize, out.len());
+        (out, problems.snapshot())
+    }
+
+    #[test]
+    fn response_bodies_are_read_like_files_with_the_record_cap() {
+        // One object, in any layout.
+        let (v, p) = read_body("{\"a\":\n 1}", 1000);
+        assert_eq!((v, p.records_invalid), (vec![json!({"a": 1})], 0));
+        // JSON Lines, short and long (over the cap: read a line at a time).
+        let (v, _) = read_body("{\"a\":1}\n{\"a\":2}\n", 1000);
+        assert_eq!(v, vec![json!({"a": 1}), json!({"a": 2})]);
+        let big = format!("{{\"s\":\"{}\"}}", "x".repeat(50));
+        let (v, p) = read_body(&format!("{{\"a\":1}}\n{big}\n{{\"a\":3}}\n"), 40);
+        assert_eq!(v, vec![json!({"a": 1}), json!({"a": 3})]);
+        assert_eq!(p.records_invalid, 1);
+        assert!(
+            p.samples[0].contains("--max-record-bytes"),
+            "{:?}",
+            p.samples
+        );
+        // An array streams; an element over the cap is skipped unread.
+        let (v, p) = read_body(&format!("[{{\"a\":1}}, {big}, {{\"a\":3}}]"), 40);
+        assert_eq!(v, vec![json!({"a": 1}), json!({"a": 3})]);
+        assert_eq!(p.records_invalid, 1);
+        // Not JSON, empty, a scalar.
+        for (body, says) in [
+            ("<html>", "response is not JSON: it starts with '<'"),
+            ("", "response is not JSON: it is empty"),
+            ("  42", "not an object or an array"),
+        ] {
+            let (v, p) = read_body(body, 1000);
+            assert!(v.is_empty());
+            assert_eq!(p.records_invalid, 1, "{body}");
+            assert!(p.samples[0].contains(says), "{:?}", p.samples);
+        }
+        // A broken object after a good one keeps the good one.
+        let (v, p) = read_body("{\"a\":1} {\"a\":", 1000);
+        assert_eq!(v, vec![json!({"a": 1})]);
+        assert!(
+            p.samples[0].contains("the records before it were kept"),
+            "{:?}",
+            p.samples
+        );
     }
 
     #[test]

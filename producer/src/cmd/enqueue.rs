@@ -21,7 +21,7 @@ pub use taskmill_client::EnqueueReport;
 
 use crate::{
     error::CliError,
-    sources::{self, HttpOptions, ProblemLog, DEFAULT_MAX_RECORD_BYTES},
+    sources::{self, HttpOptions, ProblemLog, Redirects, DEFAULT_MAX_RECORD_BYTES},
 };
 
 /// Arguments of `enqueue`.
@@ -118,7 +118,7 @@ pub struct EnqueueArgs {
         help_heading = "Sources"
     )]
     pub http_retries: u32,
-    /// Timeout of one HTTP request, in seconds.
+    /// Timeout of one HTTP request, its whole body included, in seconds.
     #[arg(
         long,
         env = "TASKMILL_HTTP_TIMEOUT",
@@ -126,6 +126,26 @@ pub struct EnqueueArgs {
         help_heading = "Sources"
     )]
     pub http_timeout: u64,
+    /// An HTTP response is cut after this many bytes (its records before the cut are kept,
+    /// the source counts as failed); a declared longer one is not read. Default: no cap (a
+    /// response streams in flat memory; --http-timeout bounds it).
+    #[arg(
+        long,
+        env = "TASKMILL_MAX_RESPONSE_BYTES",
+        value_name = "BYTES",
+        help_heading = "Sources"
+    )]
+    pub max_response_bytes: Option<u64>,
+    /// Which HTTP redirects a source may follow: none, same-host (same scheme, host and
+    /// port), any (at most 10 hops).
+    #[arg(
+        long,
+        env = "TASKMILL_FOLLOW_REDIRECTS",
+        value_enum,
+        default_value_t = Redirects::SameHost,
+        help_heading = "Sources"
+    )]
+    pub follow_redirects: Redirects,
     /// A record, line or document larger than this (bytes) is skipped and reported.
     #[arg(long, env = "TASKMILL_MAX_RECORD_BYTES", default_value_t = DEFAULT_MAX_RECORD_BYTES, help_heading = "Sources")]
     pub max_record_bytes: usize,
@@ -175,6 +195,8 @@ impl EnqueueArgs {
             http_retries: 3,
             http_timeout: 30,
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            max_response_bytes: None,
+            follow_redirects: Redirects::SameHost,
             confirm_window: 2000,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             wait: false,
@@ -377,6 +399,9 @@ fn spawn_sources(
         concurrency: args.concurrency.max(1),
         retries: args.http_retries,
         timeout: std::time::Duration::from_secs(args.http_timeout.max(1)),
+        max_record_bytes: args.max_record_bytes,
+        max_response_bytes: args.max_response_bytes,
+        redirects: args.follow_redirects,
         ..HttpOptions::default()
     };
     let http_problems = problems.clone();
