@@ -9,6 +9,7 @@
 //! (an hour of history that survives its restarts; one sampler per namespace at a time).
 
 mod api;
+mod serve;
 
 use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
@@ -49,9 +50,20 @@ pub struct DashboardArgs {
     /// in Redis).
     #[arg(long, default_value_t = 10)]
     pub sample_seconds: u64,
-    /// Largest request body `POST /api/jobs` accepts, in bytes.
+    /// Largest request body `POST /api/jobs` accepts, in bytes (a declared longer one gets a
+    /// 413 before anything is read).
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Connections open at once; more are closed as they come.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers; also how long a kept-alive
+    /// connection may idle.
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Seconds a client has to send a request's body (then 408).
+    #[arg(long, default_value_t = 30)]
+    pub body_timeout: u64,
 }
 
 /// What every handler shares.
@@ -68,7 +80,7 @@ const APP_JS: &str = include_str!("assets/app.js");
 const STYLE_CSS: &str = include_str!("assets/style.css");
 
 /// The router: the page, its assets, and the API (behind the token, if there is one).
-pub(crate) fn router(state: Arc<AppState>, max_body: usize) -> Router {
+pub(crate) fn router(state: Arc<AppState>, limits: serve::Limits) -> Router {
     let api = Router::new()
         .route("/jobs", get(api::jobs).post(api::enqueue))
         .route("/jobs/{id}", get(api::job).delete(api::delete))
@@ -83,8 +95,12 @@ pub(crate) fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/workers", get(api::workers))
         .route("/tasks", get(api::tasks))
         .fallback(api::not_found)
-        .layer(axum::extract::DefaultBodyLimit::max(max_body))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(axum::extract::DefaultBodyLimit::max(limits.max_body))
+        // Outermost last: every answer is JSON; the token is checked before anything else,
+        // on every path (an unknown one too); then the body is read, bounded.
+        .layer(middleware::from_fn_with_state(limits, serve::bounded_body))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn(serve::json_errors))
         .with_state(state);
     Router::new()
         .route(
@@ -192,6 +208,20 @@ pub async fn run(conn: &ConnArgs, args: &DashboardArgs) -> anyhow::Result<ExitCo
     if args.token.as_deref().is_some_and(str::is_empty) {
         return Err(CliError::Usage("--token must not be empty".into()).into());
     }
+    // A browser sends header values as visible ASCII: any other token can never be entered.
+    if args
+        .token
+        .as_deref()
+        .is_some_and(|t| !t.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(CliError::Usage(
+            "--token must be printable ASCII without spaces (it travels in an HTTP header)".into(),
+        )
+        .into());
+    }
+    if args.max_connections == 0 {
+        return Err(CliError::Usage("--max-connections must be at least 1".into()).into());
+    }
     taskmill_common::config::validate_name("namespace", &conn.namespace)
         .map_err(CliError::Usage)?;
     let client = crate::client(conn).await?;
@@ -210,14 +240,19 @@ pub async fn run(conn: &ConnArgs, args: &DashboardArgs) -> anyhow::Result<ExitCo
     info!(%addr, namespace = %conn.namespace, token = args.token.is_some(), "dashboard listening");
     let stop = CancellationToken::new();
     let sampler = tokio::spawn(sample_queues(state.clone(), stop.clone()));
-    let app = router(state, args.max_body_bytes);
+    let limits = serve::Limits {
+        max_connections: args.max_connections,
+        header_timeout: Duration::from_secs(args.header_timeout.max(1)),
+        body_timeout: Duration::from_secs(args.body_timeout.max(1)),
+        max_body: args.max_body_bytes,
+    };
+    let app = router(state, limits);
     let shutdown = stop.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            super::signalled().await;
-            shutdown.cancel();
-        })
-        .await?;
+    tokio::spawn(async move {
+        super::signalled().await;
+        shutdown.cancel();
+    });
+    serve::serve(listener, app, limits, stop.clone()).await?;
     stop.cancel();
     let _ = sampler.await;
     Ok(ExitCode::SUCCESS)
