@@ -116,7 +116,7 @@ async fn the_dashboard_api_enqueues_reports_and_refuses_bad_requests() {
 
     // Bad requests say what is wrong.
     let bad = [
-        ("{not json", "Failed to parse the request body as JSON"),
+        ("{not json", "the request body is not a job"),
         (r#"{"task": "post-stats"}"#, "records"),
         (
             r#"{"task": "post-stats", "records": [], "colour": 1}"#,

@@ -147,3 +147,86 @@ async fn bodies_paths_methods_and_tokens_get_precise_json_answers() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("printable ASCII"));
 }
+
+/// Four 64 MiB enqueues at once: three of tiny records for a task no worker has (refused
+/// after the first pass, no record parsed), one of ~1 KB records that is enqueued. The
+/// dashboard's peak memory stays bounded: bodies are held one at a time a turn
+/// (`--max-enqueues`), and records stream from the body into batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_64_mib_enqueues_keep_the_dashboard_small() {
+    let t = TestNs::new();
+    let w = t.spawn_worker(t.worker_args());
+    let store = t.store().await;
+    taskmill_tests::catalog_ready(&store).await;
+    let d = Dashboard::start(&t.ns, &["--max-body-bytes", "70000000"]);
+    const MIB64: usize = 64 * 1024 * 1024;
+    let tiny = {
+        let mut b = String::with_capacity(MIB64 + 64);
+        b.push_str(r#"{"task": "post-statz", "records": [1"#);
+        while b.len() < MIB64 {
+            b.push_str(",1");
+        }
+        b.push_str("]}");
+        b
+    };
+    let (big, big_records) = {
+        let rec = format!(r#"{{"title": "t", "body": "{}"}}"#, "y".repeat(1000));
+        let mut b = String::with_capacity(MIB64 + 2048);
+        b.push_str(r#"{"task": "post-stats", "batch_size": 1000, "records": ["#);
+        let mut n = 0u64;
+        while b.len() < MIB64 {
+            if n > 0 {
+                b.push(',');
+            }
+            b.push_str(&rec);
+            n += 1;
+        }
+        b.push_str("]}");
+        (b, n)
+    };
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap();
+    let post = |body: String| {
+        let http = http.clone();
+        let url = format!("{}api/jobs", d.url);
+        async move {
+            let r = http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let answers = futures::future::join_all([
+        post(tiny.clone()),
+        post(big),
+        post(tiny.clone()),
+        post(tiny),
+    ])
+    .await;
+    // VmHWM: the dashboard's peak resident memory so far (it is still running).
+    let peak_mb = taskmill_tests::peak_rss_kib(d.child.id()) / 1024;
+    eprintln!("dashboard peak RSS: {peak_mb} MB");
+    for (i, (status, body)) in answers.iter().enumerate() {
+        if i == 1 {
+            assert_eq!(*status, 201, "{body}");
+            assert_eq!(body["records"], big_records, "{body}");
+        } else {
+            assert_eq!(*status, 400, "{body}");
+            assert!(
+                body["error"].as_str().unwrap().contains("unknown task"),
+                "{body}"
+            );
+        }
+    }
+    assert!(peak_mb < 300, "the dashboard peaked at {peak_mb} MB");
+    d.stop();
+    w.stop().await.unwrap();
+    t.cleanup().await;
+}

@@ -479,7 +479,9 @@ pub(crate) struct NewJob {
     #[serde(default)]
     params: BTreeMap<String, Value>,
     batch_size: Option<usize>,
-    records: Vec<Value>,
+    /// Checked to be an array and counted here; the records themselves are read in a second
+    /// pass over the body, streaming, once the job is accepted (see [`enqueue`]).
+    records: RecordCount,
     queue: Option<String>,
     job: Option<String>,
     priority: Option<u8>,
@@ -500,6 +502,101 @@ pub(crate) struct NewJob {
     check: Option<bool>,
 }
 
+/// How many records a body's `records` array holds (each skipped unparsed).
+struct RecordCount(u64);
+
+impl<'de> Deserialize<'de> for RecordCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Counter;
+        impl<'de> serde::de::Visitor<'de> for Counter {
+            type Value = RecordCount;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array of records")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RecordCount, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(RecordCount(n))
+            }
+        }
+        d.deserialize_seq(Counter)
+    }
+}
+
+/// Streams the `records` array of a job's body into chunks of records (other fields are
+/// skipped: the first pass read them).
+struct RecordsOf<'a> {
+    tx: &'a tokio::sync::mpsc::Sender<Vec<taskmill_common::envelope::Record>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for RecordsOf<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for RecordsOf<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a job")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "records" {
+                map.next_value_seed(RecordChunks { tx: self.tx })?;
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The records of the array, a chunk at a time into the channel.
+struct RecordChunks<'a> {
+    tx: &'a tokio::sync::mpsc::Sender<Vec<taskmill_common::envelope::Record>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for RecordChunks<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for RecordChunks<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of records")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        use serde::de::Error as _;
+        const CHUNK: usize = 256;
+        let mut chunk = Vec::with_capacity(CHUNK);
+        while let Some(v) = seq.next_element::<Value>()? {
+            chunk.push(taskmill_common::envelope::Record::from_value(&v));
+            if chunk.len() == CHUNK
+                && self
+                    .tx
+                    .blocking_send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)))
+                    .is_err()
+            {
+                return Err(A::Error::custom("the enqueue stopped"));
+            }
+        }
+        if !chunk.is_empty() {
+            let _ = self.tx.blocking_send(chunk);
+        }
+        Ok(())
+    }
+}
+
 /// A field's duration (`30s`, `5m`, a number of seconds), or a 400 naming the field.
 fn duration_of(field: &str, raw: &Option<String>) -> Result<Option<Duration>, ApiError> {
     raw.as_deref()
@@ -514,14 +611,14 @@ fn duration_of(field: &str, raw: &Option<String>) -> Result<Option<Duration>, Ap
 /// `POST /api/jobs`: enqueues the records; `201 {"job": ID, ...}` once every batch is
 /// confirmed by the broker.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "enqueue"))]
-pub(crate) async fn enqueue(
-    State(st): Shared,
-    body: Result<Json<NewJob>, JsonRejection>,
-) -> ApiResult {
-    let Json(new) = body.map_err(|e| match e {
-        JsonRejection::BytesRejection(b) => ApiError(b.status(), b.body_text()),
-        other => ApiError::bad(other.body_text()),
-    })?;
+pub(crate) async fn enqueue(State(st): Shared, body: axum::body::Bytes) -> ApiResult {
+    // First pass, off tokio's threads: every field but the records, which are only checked
+    // (an array) and counted; nothing is held per record.
+    let head = body.clone();
+    let new = tokio::task::spawn_blocking(move || serde_json::from_slice::<NewJob>(&head))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::bad(format!("the request body is not a job: {e}")))?;
     let mut job = JobSpec::new(&new.task);
     for (k, v) in &new.params {
         let text = match v {
@@ -577,17 +674,37 @@ pub(crate) async fn enqueue(
     if new.check == Some(false) {
         job = job.no_check();
     }
-    let handle = st.client.enqueue(&job, new.records).await?;
-    let report = handle.report();
+    if new.records.0 == 0 {
+        return Err(ApiError::bad(
+            "records: nothing to enqueue (an empty array)",
+        ));
+    }
+    // Second pass, once the spec, the services and the catalog accepted the job: the records
+    // stream from the body into batches, a chunk at a time.
+    let hooks = taskmill_client::Hooks {
+        problems: taskmill_client::ProblemLog::default(),
+        on_registered: |_: &str| {},
+        stop: tokio_util::sync::CancellationToken::new(),
+    };
+    let start = move || {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        tokio::task::spawn_blocking(move || {
+            let mut de = serde_json::Deserializer::from_slice(&body);
+            // The first pass read this body whole: nothing can fail here but the receiver.
+            let _ = serde::de::DeserializeSeed::deserialize(RecordsOf { tx: &tx }, &mut de);
+        });
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    };
+    let report = st.client.enqueue_chunks(&job, start, hooks).await?;
     let body = json!({
-        "job": handle.id(),
-        "batches": report.map(|r| r.batches),
-        "records": report.map(|r| r.records),
-        "records_invalid": report.map(|r| r.problems.records_invalid),
-        "problems": report.map(|r| r.problems.samples.clone()),
-        "duplicate_of": handle.duplicate(),
+        "job": report.job,
+        "batches": report.batches,
+        "records": report.records,
+        "records_invalid": report.problems.records_invalid,
+        "problems": report.problems.samples,
+        "duplicate_of": report.duplicate_of,
     });
-    let status = if handle.duplicate().is_some() {
+    let status = if report.duplicate_of.is_some() {
         StatusCode::OK
     } else {
         StatusCode::CREATED

@@ -64,6 +64,9 @@ pub struct DashboardArgs {
     /// Seconds a client has to send a request's body (then 408).
     #[arg(long, default_value_t = 30)]
     pub body_timeout: u64,
+    /// Enqueues (`POST /api/jobs`) read and published at once; more wait their turn.
+    #[arg(long, default_value_t = 2)]
+    pub max_enqueues: usize,
 }
 
 /// What every handler shares.
@@ -98,7 +101,10 @@ pub(crate) fn router(state: Arc<AppState>, limits: serve::Limits) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(limits.max_body))
         // Outermost last: every answer is JSON; the token is checked before anything else,
         // on every path (an unknown one too); then the body is read, bounded.
-        .layer(middleware::from_fn_with_state(limits, serve::bounded_body))
+        .layer(middleware::from_fn_with_state(
+            limits.clone(),
+            serve::bounded_body,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(middleware::from_fn(serve::json_errors))
         .with_state(state);
@@ -245,8 +251,9 @@ pub async fn run(conn: &ConnArgs, args: &DashboardArgs) -> anyhow::Result<ExitCo
         header_timeout: Duration::from_secs(args.header_timeout.max(1)),
         body_timeout: Duration::from_secs(args.body_timeout.max(1)),
         max_body: args.max_body_bytes,
+        enqueues: Arc::new(tokio::sync::Semaphore::new(args.max_enqueues.max(1))),
     };
-    let app = router(state, limits);
+    let app = router(state, limits.clone());
     let shutdown = stop.clone();
     tokio::spawn(async move {
         super::signalled().await;

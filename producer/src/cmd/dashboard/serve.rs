@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 /// The bounds of the server.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Limits {
     /// Connections open at once.
     pub max_connections: usize,
@@ -36,6 +36,9 @@ pub(crate) struct Limits {
     pub body_timeout: Duration,
     /// Largest request body.
     pub max_body: usize,
+    /// Enqueues (`POST /api/jobs`) read and published at once; more wait their turn (up to
+    /// the body timeout) before their bodies are read.
+    pub enqueues: Arc<Semaphore>,
 }
 
 /// How long connections get to finish when the server stops.
@@ -118,7 +121,8 @@ fn error(status: StatusCode, msg: String) -> Response {
 
 /// Bounds a request's body: a declared length over the limit is a 413 before anything is
 /// read; the body must arrive within the body timeout (else 408) and within the limit (else
-/// 413); then the handler gets it whole.
+/// 413); then the handler gets it whole. An enqueue first waits for its turn (at most
+/// `--max-enqueues` bodies are held and published at once).
 pub(crate) async fn bounded_body(
     State(limits): State<Limits>,
     req: Request,
@@ -130,6 +134,27 @@ pub(crate) async fn bounded_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     let max = limits.max_body;
+    // An enqueue's body is held while it is published: so many at once, the rest wait.
+    let is_enqueue =
+        req.method() == axum::http::Method::POST && req.uri().path().ends_with("/jobs");
+    let _turn = if is_enqueue {
+        match tokio::time::timeout(limits.body_timeout, limits.enqueues.clone().acquire_owned())
+            .await
+        {
+            Ok(Ok(permit)) => Some(permit),
+            _ => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "busy: other enqueues ran for all of {} s (--max-enqueues); try again",
+                        limits.body_timeout.as_secs()
+                    ),
+                )
+            }
+        }
+    } else {
+        None
+    };
     if let Some(n) = declared.filter(|n| *n > max as u64) {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -137,10 +162,10 @@ pub(crate) async fn bounded_body(
         );
     }
     let (parts, body) = req.into_parts();
-    let read = tokio::time::timeout(limits.body_timeout, axum::body::to_bytes(body, max)).await;
+    let read = tokio::time::timeout(limits.body_timeout, collect(body, declared, max)).await;
     let bytes = match read {
-        Ok(Ok(b)) => b,
-        Ok(Err(_)) => {
+        Ok(Some(b)) => b,
+        Ok(None) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("the request body is larger than this dashboard takes ({max} bytes, --max-body-bytes), or it was cut off"),
@@ -158,6 +183,23 @@ pub(crate) async fn bounded_body(
     };
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// A body into one buffer sized once from its declared length (collecting chunks and joining
+/// them would hold it twice); None when it is longer than `max` or breaks off.
+async fn collect(body: Body, declared: Option<u64>, max: usize) -> Option<axum::body::Bytes> {
+    use futures::StreamExt;
+    let size = declared.map_or(0, |n| usize::try_from(n).unwrap_or(max).min(max));
+    let mut buf = Vec::with_capacity(size);
+    let mut chunks = body.into_data_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.ok()?;
+        if buf.len() + chunk.len() > max {
+            return None;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Some(buf.into())
 }
 
 /// Every API error answer is JSON `{"error": ...}`: those made outside the handlers (an
