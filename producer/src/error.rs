@@ -7,7 +7,7 @@
 //! | 2 | usage error: bad flags, an unknown task or parameter, nothing to enqueue; refused before anything happened |
 //! | 3 | timeout (`wait --timeout`, `enqueue --wait --timeout`) |
 //! | 4 | no such job (or no such dead letter) |
-//! | 5 | a service (RabbitMQ, Redis, the management API) is unreachable or refused the credentials |
+//! | 5 | a service (RabbitMQ, Redis, the management API) is unreachable or refused the credentials, or every source of an enqueue failed on the network |
 //! | 6 | a job's record in Redis is unreadable (edited by hand, or written by another program); `delete JOB --yes` removes it |
 
 use taskmill_client::ErrorKind;

@@ -7,6 +7,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read},
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -702,13 +703,20 @@ async fn fetch(
     opts: &HttpOptions,
     tx: mpsc::Sender<Vec<Record>>,
     problems: ProblemLog,
+    tally: &Tally,
 ) {
     let mut backoff = taskmill_common::Backoff::new(opts.backoff, Duration::from_secs(10));
     let mut attempt = 0;
     let resp = loop {
         match open(client, &url, opts).await {
-            Ok(resp) => break resp,
+            Ok(resp) => {
+                if attempt > 0 {
+                    tally.settled();
+                }
+                break resp;
+            }
             Err((true, m)) if attempt < opts.retries => {
+                tally.retrying(attempt == 0);
                 // Jitter, so that many failing URLs do not come back all at once.
                 let delay = backoff.next_delay().mul_f64(rand::random_range(0.5..1.5));
                 debug!("{m}; retrying in {delay:?}");
@@ -716,11 +724,15 @@ async fn fetch(
                 attempt += 1;
             }
             Err((retryable, m)) => {
-                problems.failed(if retryable {
-                    format!("{m} (gave up after {} attempts)", attempt + 1)
+                if attempt > 0 {
+                    tally.settled();
+                }
+                tally.failed(&url);
+                if retryable {
+                    problems.unreachable(format!("{m} (gave up after {} attempts)", attempt + 1));
                 } else {
-                    m
-                });
+                    problems.failed(m);
+                }
                 return;
             }
         }
@@ -807,20 +819,116 @@ pub async fn fetch_all(
         .redirect(redirect_policy(opts.redirects))
         .user_agent(concat!("taskmill/", env!("CARGO_PKG_VERSION")))
         .build()?;
+    let tally = std::sync::Arc::new(Tally::default());
     let mut fetches = futures::stream::iter(urls)
         .map(|url| {
-            let (client, opts, tx, problems) =
-                (client.clone(), opts.clone(), tx.clone(), problems.clone());
+            let (client, opts, tx, problems, tally) = (
+                client.clone(),
+                opts.clone(),
+                tx.clone(),
+                problems.clone(),
+                tally.clone(),
+            );
             async move {
                 // Nobody takes records any more (the enqueue stopped): fetch nothing.
                 if !tx.is_closed() {
-                    fetch(&client, url, &opts, tx, problems).await;
+                    fetch(&client, url, &opts, tx, problems, &tally).await;
                 }
+                tally.done.fetch_add(1, Ordering::Relaxed);
             }
         })
         .buffer_unordered(opts.concurrency.max(1));
-    while fetches.next().await.is_some() {}
+    // On a terminal, a line says how the fetching goes while retries take their time.
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut shown = false;
+    loop {
+        tokio::select! {
+            next = fetches.next() => if next.is_none() { break },
+            _ = tick.tick(), if progress => {
+                eprint!("\r\x1b[2K{}", tally.line());
+                shown = true;
+            }
+        }
+    }
+    if shown {
+        eprint!("\r\x1b[2K");
+    }
+    if let Some(summary) = tally.failing_hosts() {
+        eprintln!("{summary}");
+    }
     Ok(())
+}
+
+/// How the fetching goes: for the progress line and the summary of failing hosts.
+#[derive(Default)]
+struct Tally {
+    done: AtomicU64,
+    failed: AtomicU64,
+    /// URLs waiting for a retry now.
+    retrying: AtomicU64,
+    /// Failed URLs by host.
+    hosts: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Tally {
+    /// A URL waits for a retry (counted once, at its first).
+    fn retrying(&self, first: bool) {
+        if first {
+            self.retrying.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    /// A URL that waited for a retry has its answer (or gave up).
+    fn settled(&self) {
+        self.retrying.fetch_sub(1, Ordering::Relaxed);
+    }
+    fn failed(&self, url: &str) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let host = url::Url::parse(url).ok().map_or_else(
+            || "?".to_string(),
+            |u| match (u.host_str(), u.port()) {
+                (Some(h), Some(p)) => format!("{h}:{p}"),
+                (Some(h), None) => h.to_string(),
+                _ => "?".to_string(),
+            },
+        );
+        *self
+            .hosts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(host)
+            .or_default() += 1;
+    }
+    fn line(&self) -> String {
+        format!(
+            "fetching: {} URLs done, {} failed, {} waiting to retry",
+            self.done.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            self.retrying.load(Ordering::Relaxed),
+        )
+    }
+    /// `failing hosts: a:80 (12 URLs), b (3 URLs)`, worst first, at most five named.
+    fn failing_hosts(&self) -> Option<String> {
+        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        if hosts.is_empty() {
+            return None;
+        }
+        let mut worst: Vec<(&String, &u64)> = hosts.iter().collect();
+        worst.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let named: Vec<String> = worst
+            .iter()
+            .take(5)
+            .map(|(h, n)| format!("{h} ({n} URL{})", if **n == 1 { "" } else { "s" }))
+            .collect();
+        let rest = worst.len().saturating_sub(5);
+        let more = if rest > 0 {
+            format!(" and {rest} more")
+        } else {
+            String::new()
+        };
+        Some(format!("failing hosts: {}{more}", named.join(", ")))
+    }
 }
 
 /// Checks a `--url` or `--url-template` before anything is fetched: an http(s) URL with a

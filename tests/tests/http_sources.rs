@@ -321,3 +321,41 @@ async fn hostile_http_sources_stream_in_flat_memory() {
     assert_eq!(report["records_invalid"], 1, "{report}");
     t.cleanup().await;
 }
+
+/// Every source failed on the network: a service failure (exit 5), not a usage error, and
+/// stderr names the failing hosts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_url_unreachable_exits_5_and_names_the_hosts() {
+    let t = TestNs::new();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let a = format!("http://127.0.0.1:{port}/a");
+    let b = format!("http://127.0.0.1:{port}/b");
+    let out = taskmill_tests::producer_within(
+        &t.ns,
+        &[
+            "enqueue",
+            "--no-check",
+            "--http-retries",
+            "1",
+            "--url",
+            &a,
+            "--url",
+            &b,
+        ],
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains("every source failed on the network"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("failing hosts: 127.0.0.1:{port} (2 URLs)")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("gave up after 2 attempts"), "{stderr}");
+    t.cleanup().await;
+}

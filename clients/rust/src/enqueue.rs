@@ -449,12 +449,26 @@ where
     }
     if outlet.on_registered.is_some() {
         // Nothing was read: no job was registered, nothing published.
-        let mut msg = "nothing to enqueue: no record could be read".to_string();
+        let unreachable = p.sources_unreachable > 0
+            && p.sources_unreachable == p.sources_failed
+            && p.records_invalid == 0;
+        let mut msg = if unreachable {
+            format!(
+                "nothing to enqueue: every source failed on the network ({} unreachable)",
+                p.sources_unreachable
+            )
+        } else {
+            "nothing to enqueue: no record could be read".to_string()
+        };
         for line in p.samples.iter().take(5) {
             msg.push_str("\n  ");
             msg.push_str(line);
         }
-        return Err(Error::Invalid(msg));
+        return Err(if unreachable {
+            Error::SourcesUnreachable(msg)
+        } else {
+            Error::Invalid(msg)
+        });
     }
     let report = EnqueueReport {
         job: job.clone(),

@@ -54,6 +54,10 @@ pub enum Error {
     /// RabbitMQ could not be reached, refused, or failed mid-way: what was being done and why.
     #[error("{0}")]
     Broker(String),
+    /// Nothing to enqueue because every source failed on the network (refused, timed out,
+    /// 429 or 5xx after every retry): the sources' failures, a few word for word.
+    #[error("{0}")]
+    SourcesUnreachable(String),
 }
 
 impl Error {
@@ -66,7 +70,9 @@ impl Error {
             Error::Timeout(_) => ErrorKind::Timeout,
             Error::Interrupted(_) => ErrorKind::Interrupted,
             Error::Unreadable(_) => ErrorKind::Unreadable,
-            Error::Store(_) | Error::Broker(_) => ErrorKind::Unavailable,
+            Error::Store(_) | Error::Broker(_) | Error::SourcesUnreachable(_) => {
+                ErrorKind::Unavailable
+            }
         }
     }
 

@@ -15,6 +15,10 @@ pub struct Problems {
     pub records_invalid: u64,
     /// Sources that could not be read at all (unreachable URL, missing file).
     pub sources_failed: u64,
+    /// Of those, sources that failed on the network (refused, timed out, 429 or 5xx after
+    /// every retry): when every source failed so, the enqueue is a service failure (exit 5),
+    /// not a usage error.
+    pub sources_unreachable: u64,
     /// The first [`MAX_PROBLEMS`] problems, each with its source (and line).
     pub samples: Vec<String>,
     /// Problems beyond the samples.
@@ -44,6 +48,14 @@ impl ProblemLog {
     /// A whole source failed.
     pub fn failed(&self, text: String) {
         self.note(text, 0, 1);
+    }
+    /// A whole source failed on the network (after its retries).
+    pub fn unreachable(&self, text: String) {
+        self.note(text, 0, 1);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sources_unreachable += 1;
     }
     /// A copy of what was noted so far.
     pub fn snapshot(&self) -> Problems {
