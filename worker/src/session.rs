@@ -32,7 +32,8 @@ use crate::{
 const RAYON_GROUP: usize = 64;
 
 /// A delivery stream item: channel index, short queue name, delivery or error.
-type Incoming = (usize, String, lapin::Result<Delivery>);
+/// What a consumer gave: a delivery (or its error), or None once that consumer ended.
+type Incoming = (usize, String, Option<lapin::Result<Delivery>>);
 
 /// Everything one session holds.
 struct Session {
@@ -201,13 +202,16 @@ impl Session {
                 }
                 _ = shutdown.cancelled(), if !draining => ended |= self.start_drain(shared, in_hand).await,
                 d = self.deliveries.next(), if !ended => match d {
-                    Some((chan, queue, Ok(delivery))) => {
+                    Some((chan, queue, Some(Ok(delivery)))) => {
                         let (group, end) = self.gather((chan, queue, delivery))?;
                         ended |= end;
                         shared.stats.in_flight(group.len() as i64);
                         waiting.extend(group);
                     }
-                    Some((_, _, Err(e))) => return Err(anyhow::Error::new(e).context("consuming")),
+                    Some((_, _, Some(Err(e)))) => return Err(anyhow::Error::new(e).context("consuming")),
+                    // Ours, cancelled for the drain: the others may still deliver.
+                    Some((_, _, None)) if draining => {}
+                    Some((_, queue, None)) => return Err(consumer_ended(&queue)),
                     None if draining => ended = true,
                     None => anyhow::bail!("the broker cancelled the consumer"),
                 },
@@ -234,8 +238,10 @@ impl Session {
         let mut ended = false;
         while group.len() < RAYON_GROUP {
             match self.deliveries.next().now_or_never() {
-                Some(Some((c, q, Ok(d)))) => group.push((c, q, d, now)),
-                Some(Some((_, _, Err(e)))) => {
+                Some(Some((c, q, Some(Ok(d))))) => group.push((c, q, d, now)),
+                Some(Some((_, _, None))) if self.drain.draining() => {}
+                Some(Some((_, q, None))) => return Err(consumer_ended(&q)),
+                Some(Some((_, _, Some(Err(e))))) => {
                     return Err(anyhow::Error::new(e).context("consuming"))
                 }
                 Some(None) => {
@@ -363,7 +369,15 @@ async fn consume_queues(
         let (ch, consumer) = consume(conn, &shared.names.queue(&q), shared.args.prefetch).await?;
         tags.push(consumer.tag());
         channels.push(ch);
-        streams.push(consumer.map(move |d| (i, q.clone(), d)).boxed());
+        // Its end is an item too: select_all would otherwise drop an ended consumer quietly
+        // and go on with the others (a queue deleted in the console, say).
+        let end = (i, q.clone(), None);
+        streams.push(
+            consumer
+                .map(move |d| (i, q.clone(), Some(d)))
+                .chain(futures::stream::once(async move { end }))
+                .boxed(),
+        );
     }
     Ok((channels, tags, futures::stream::select_all(streams).boxed()))
 }
@@ -398,6 +412,15 @@ impl Waiting {
         let n = n.min(r.len());
         r.drain(..n).collect()
     }
+}
+
+/// The error of a consumer the broker ended while the worker still wanted it: the session
+/// ends and the next declares the topology again and consumes again.
+fn consumer_ended(short: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the broker cancelled the consumer of queue {short} (the queue was deleted, in the \
+         console say, or its node went down); declaring the queues again and consuming again"
+    )
 }
 
 /// Hands analysed batches to the sink, in order.

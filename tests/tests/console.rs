@@ -1,0 +1,104 @@
+//! Operators act in the RabbitMQ console while jobs run: what each action does to workers
+//! and jobs.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use taskmill_producer::cmd::enqueue::{enqueue, EnqueueArgs};
+use taskmill_tests::{
+    bin_path, raw_channel, sample, sigterm, until, wait_batches_done, write_jsonl, KillOnDrop,
+    TestNs,
+};
+
+/// Consumers on `queue` now (a passive declare; 0 while it does not exist).
+async fn consumers(conn: &lapin::Connection, queue: &str) -> u32 {
+    let Ok(ch) = conn.create_channel().await else {
+        return 0;
+    };
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    match ch
+        .queue_declare(queue.into(), passive, Default::default())
+        .await
+    {
+        Ok(q) => {
+            let _ = ch.close(200, "".into()).await;
+            q.consumer_count()
+        }
+        Err(_) => 0,
+    }
+}
+
+/// A queue a worker consumes, deleted as the console's Delete button does, mid-job: the
+/// worker notices (its consumer was cancelled), declares its queues again and consumes again,
+/// and the next job completes. For the work queue, a priority band and the dead-letter
+/// events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_queue_is_declared_again_and_consumed_again() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    let mut w = KillOnDrop(
+        Command::new(bin_path("worker"))
+            .env("TASKMILL_NAMESPACE", &t.ns)
+            .env("TASKMILL_THREADS", "2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (conn, ch) = raw_channel().await;
+    let file = write_jsonl(sample::posts(400));
+    for short in ["tasks", "tasks.p5", "dead.events"] {
+        let queue = format!("{}.{short}", t.ns);
+        // Mid-job: a job of slow batches is running.
+        let mut args = EnqueueArgs::new("chaos");
+        args.files = vec![file.clone()];
+        args.batch_size = 1;
+        args.params = vec!["sleep_ms=10".into()];
+        if short == "tasks.p5" {
+            args.priority = 9;
+        }
+        let running = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+        wait_batches_done(&store, &running, 5).await;
+        until(
+            &format!("a consumer on {queue}"),
+            Duration::from_secs(30),
+            || async { consumers(&conn, &queue).await > 0 },
+        )
+        .await;
+        ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+        // The worker consumes it again (it declares it again itself).
+        until(
+            &format!("the worker consuming {queue} again"),
+            Duration::from_secs(30),
+            || async { consumers(&conn, &queue).await > 0 },
+        )
+        .await;
+        // And work flows: a new job on the same queue completes.
+        let small = write_jsonl(sample::posts(20));
+        let mut next = EnqueueArgs::new("post-stats");
+        next.files = vec![small.clone()];
+        next.batch_size = 2;
+        if short == "tasks.p5" {
+            next.priority = 9;
+        }
+        let next = enqueue(&t.conn(), &next, |_| {}).await.unwrap().job;
+        let s = t
+            .wait_finished(&store, &next, Duration::from_secs(60))
+            .await;
+        assert_eq!(s.state(), "completed", "after deleting {queue}");
+        let _ = std::fs::remove_file(small);
+    }
+    assert!(sigterm(w.id()));
+    assert_eq!(w.wait().unwrap().code(), Some(0));
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
