@@ -102,3 +102,57 @@ async fn a_deleted_queue_is_declared_again_and_consumed_again() {
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
+
+/// A delay queue deleted in the console after workers declared it: the next retry of that
+/// tier declares it again and goes through it, instead of coming back unroutable until the
+/// broker's delivery limit dead-letters the batch with attempts left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_delay_queue_is_declared_again_by_the_next_retry() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    let mut w = KillOnDrop(
+        Command::new(bin_path("worker"))
+            .env("TASKMILL_NAMESPACE", &t.ns)
+            .env("TASKMILL_RETRY_BASE_MS", "100")
+            .env("TASKMILL_RETRY_FACTOR", "1")
+            .env("TASKMILL_RETRY_MAX_ATTEMPTS", "3")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (_conn, ch) = raw_channel().await;
+    let file = write_jsonl(sample::posts(20));
+    let mut args = EnqueueArgs::new("chaos");
+    args.files = vec![file.clone()];
+    args.batch_size = 1;
+    args.params = vec!["fail_rate=1".into()];
+    // Every attempt fails: each batch goes through the 100 ms delay queue twice, then dies.
+    let first = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let s = t
+        .wait_finished(&store, &first, Duration::from_secs(60))
+        .await;
+    assert_eq!(s.batches_dead, 20);
+    ch.queue_delete(
+        format!("{}.tasks.delay.100", t.ns).as_str().into(),
+        QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    let second = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let s = t
+        .wait_finished(&store, &second, Duration::from_secs(60))
+        .await;
+    assert_eq!(s.batches_dead, 20);
+    assert_eq!(s.retries, 40, "{s:?}");
+    let dead = store.dead_batches(&second).await.unwrap();
+    assert!(
+        dead.iter()
+            .all(|(_, r)| r["kind"] == "retries_exhausted" && r["attempts"] == 3),
+        "{dead:?}"
+    );
+    assert!(sigterm(w.id()));
+    assert_eq!(w.wait().unwrap().code(), Some(0));
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}

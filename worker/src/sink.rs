@@ -471,7 +471,6 @@ impl Sink {
             };
             return self.dead(p, DeadKind::UnknownTask, &why).await;
         }
-        let name = self.delay_queue(&p.queue, DEFER_MS).await?;
         let props = with_extra_headers(
             &p.delivery.properties,
             [
@@ -482,7 +481,10 @@ impl Sink {
                 delayed_at(),
             ],
         );
-        if !self.publish_confirmed("", &name, &p.body, props).await? {
+        if !self
+            .publish_delayed(&p.queue, DEFER_MS, &p.body, props)
+            .await?
+        {
             warn!("the broker refused a deferred copy; the batch goes back to the queue");
             return self.settle_one(p, false).await;
         }
@@ -499,14 +501,41 @@ impl Sink {
     /// A batch too early to run: back to wait in a delay queue (in the broker, not here),
     /// attempt unchanged, then acked.
     async fn delay(&self, p: &Processed, delay_ms: u64) -> anyhow::Result<()> {
-        let name = self.delay_queue(&p.queue, delay_ms).await?;
         let props = with_extra_headers(&p.delivery.properties, [delayed_at()]);
-        if !self.publish_confirmed("", &name, &p.body, props).await? {
+        if !self
+            .publish_delayed(&p.queue, delay_ms, &p.body, props)
+            .await?
+        {
             warn!("the broker refused a delayed copy; the batch goes back to the queue");
             return self.settle_one(p, false).await;
         }
         debug!(delay_ms, "too early: waiting in the broker");
         self.settle_one(p, true).await
+    }
+
+    /// Publishes a copy into the delay queue of `queue` for `delay_ms`: true once the broker
+    /// took it. A copy returned unroutable means the queue is gone (deleted in the console,
+    /// say, after this session declared it): it is declared again and the copy published
+    /// once more, rather than the batch going back until its delivery limit.
+    async fn publish_delayed(
+        &self,
+        queue: &str,
+        delay_ms: u64,
+        body: &[u8],
+        props: lapin::BasicProperties,
+    ) -> anyhow::Result<bool> {
+        for _ in 0..2 {
+            let name = self.delay_queue(queue, delay_ms).await?;
+            if self
+                .publish_confirmed("", &name, body, props.clone())
+                .await?
+            {
+                return Ok(true);
+            }
+            warn!(queue = %name, "a delayed copy came back: declaring its delay queue again");
+            self.declared.lock().await.remove(&name);
+        }
+        Ok(false)
     }
 
     /// The delay queue of `queue` for `delay_ms`, declared once a session.
@@ -539,13 +568,15 @@ impl Sink {
         if let Some(Action::Dead { kind, error }) = decide::refused(counted, &job, batch) {
             return self.dead(p, kind, &error).await;
         }
-        let name = self.delay_queue(&p.queue, delay_ms).await?;
         let attempt = AMQPValue::LongLongInt(i64::from(p.attempt) + 1);
         let props = with_extra_headers(
             &p.delivery.properties,
             [(HEADER_ATTEMPT, attempt), delayed_at()],
         );
-        if !self.publish_confirmed("", &name, &p.body, props).await? {
+        if !self
+            .publish_delayed(&p.queue, delay_ms, &p.body, props)
+            .await?
+        {
             warn!("the broker refused a retry copy; the batch goes back to the queue");
             return self.settle_one(p, false).await;
         }
