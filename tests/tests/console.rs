@@ -156,3 +156,53 @@ async fn a_deleted_delay_queue_is_declared_again_by_the_next_retry() {
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
+
+/// A worker frozen mid-job (SIGSTOP: a paused VM, a debugger) holds its prefetched batches
+/// only until the broker misses its heartbeats (10 s by default, about 20 s to notice): the
+/// other worker does them, each exactly once, long before the frozen one wakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_s_batches_go_to_the_other_within_the_default_heartbeat() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    let spawn = || {
+        KillOnDrop(
+            Command::new(bin_path("worker"))
+                .env("TASKMILL_NAMESPACE", &t.ns)
+                .env("TASKMILL_THREADS", "1")
+                .env("TASKMILL_PREFETCH", "50")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut frozen = spawn();
+    let mut other = spawn();
+    let file = write_jsonl(sample::posts(300));
+    let mut args = EnqueueArgs::new("chaos");
+    args.files = vec![file.clone()];
+    args.batch_size = 1;
+    args.params = vec!["sleep_ms=10".into()];
+    let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    wait_batches_done(&store, &job, 20).await;
+    let signal = |sig: &str, pid: u32| {
+        assert!(Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    signal("-STOP", frozen.id());
+    // Before the broker's own default heartbeat (60 s, noticed after two missed: 120 s)
+    // would have given the frozen worker's 50 batches back.
+    let s = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    signal("-CONT", frozen.id());
+    assert_eq!(s.state(), "completed");
+    assert_eq!((s.batches_done, s.records_done), (300, 300));
+    for w in [&mut frozen, &mut other] {
+        assert!(sigterm(w.id()));
+        assert_eq!(w.wait().unwrap().code(), Some(0));
+    }
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
