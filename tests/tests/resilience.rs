@@ -131,6 +131,60 @@ async fn a_redis_outage_delays_the_job_but_loses_nothing() {
     t.cleanup().await;
 }
 
+/// Redis full (`maxmemory` reached, `noeviction`) mid-job is a wait, like an outage: the
+/// worker holds its batches, backs off and stores them when Redis takes writes again; nothing
+/// is dead-lettered for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_mid_job_is_a_wait_not_a_dead_letter() {
+    let t = TestNs::new();
+    let redis = PrivateRedis::start().await;
+    let mut conn = t.conn();
+    conn.redis_url = redis.url();
+    let mut wargs = t.worker_args();
+    wargs.conn.redis_url = redis.url();
+    wargs.prefetch = 10;
+    let file = write_jsonl(sample::posts(2000));
+    let report = enqueue(&conn, &chaos(&file, &["spin_us=1000"]), |_| {})
+        .await
+        .unwrap();
+    let store = Store::connect(&redis.url(), &t.ns, 3600).await.unwrap();
+    let job = report.job.clone();
+    let w = t.spawn_worker(wargs);
+    wait_batches_done(&store, &job, 40).await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let set = |v: &'static str| {
+        let mut admin = admin.clone();
+        async move {
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("maxmemory-policy")
+                .arg("noeviction")
+                .arg("maxmemory")
+                .arg(v)
+                .query_async::<()>(&mut admin)
+                .await
+                .unwrap();
+        }
+    };
+    set("1").await;
+    until(
+        "the worker refused by a full Redis",
+        Duration::from_secs(60),
+        || async { Stats::get(&w.stats.store_errors) >= 3 },
+    )
+    .await;
+    set("0").await;
+    t.wait_finished(&store, &job, Duration::from_secs(120))
+        .await;
+    assert_exactly_once(&store, &job, 200, 2000).await;
+    assert_eq!(Stats::get(&w.stats.batches_dead), 0);
+    let _ = redis::cmd("PING").query_async::<String>(&mut admin).await;
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
+
 fn worker_process(ns: &str, extra: &[(&str, &str)]) -> std::process::Child {
     let mut c = Command::new(bin_path("worker"));
     c.env("TASKMILL_NAMESPACE", ns)

@@ -113,8 +113,24 @@ impl StoreError {
                     || source.is_connection_dropped()
                     || source.is_connection_refusal()
                     || source.is_timeout()
-                    || source.code() == Some("LOADING")
-                    || source.code() == Some("NOSCRIPT")
+                    || server_codes(source).iter().any(|code| {
+                        matches!(
+                            code.as_str(),
+                            // Redis is full (maxmemory with noeviction), busy with a script,
+                            // loading, a replica that cannot write, a primary cut from its
+                            // replicas, a cluster slot moving: each passes, none is the batch's
+                            // fault. NOSCRIPT: the script cache was flushed (loaded again).
+                            "LOADING"
+                                | "NOSCRIPT"
+                                | "OOM"
+                                | "BUSY"
+                                | "MASTERDOWN"
+                                | "READONLY"
+                                | "TRYAGAIN"
+                                | "CLUSTERDOWN"
+                                | "NOREPLICAS"
+                        )
+                    })
             }
             StoreError::JobExists(_) | StoreError::BadJob(_) => false,
         }
@@ -130,6 +146,16 @@ impl StoreError {
             StoreError::JobExists(_) | StoreError::BadJob(_) => false,
         }
     }
+}
+
+/// The codes of the server errors in `e`: its own, or each failed command's in a pipeline
+/// (whose error has no code of its own: "Pipeline failure: [(Index 0, error: OOM ...)]").
+fn server_codes(e: &redis::RedisError) -> Vec<String> {
+    let mut codes: Vec<String> = e.code().map(str::to_string).into_iter().collect();
+    if let Some(items) = e.clone().into_server_errors() {
+        codes.extend(items.iter().map(|(_, se)| se.code().to_string()));
+    }
+    codes
 }
 
 /// A new job, as the producer registers it before its first batch.
