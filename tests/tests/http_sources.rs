@@ -183,10 +183,10 @@ async fn hostile_server() -> u16 {
                     "/endless" => {
                         let _ = sock.write_all(ok.as_bytes()).await;
                         let _ = sock.write_all(b"[{\"title\": \"").await;
-                        // Endless, at a steady 1 MB/s.
+                        // Endless, at a steady 160 KB/s: only the request timeout ends it.
                         let chunk = vec![b'x'; 16 * 1024];
                         while sock.write_all(&chunk).await.is_ok() {
-                            tokio::time::sleep(Duration::from_millis(16)).await;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                         Ok(())
                     }
@@ -261,7 +261,7 @@ async fn hostile_http_sources_stream_in_flat_memory() {
             "--max-record-bytes",
             "2000",
             "--http-timeout",
-            "5",
+            "30",
         ])
         .args([
             "--url",
