@@ -206,3 +206,83 @@ async fn a_frozen_worker_s_batches_go_to_the_other_within_the_default_heartbeat(
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
+
+/// A length policy with `reject-publish` on the work queue: the producer is refused while the
+/// queue is full, publishes again with backoff (a few log lines, not thousands) and finishes
+/// once a worker drains the queue: the full queue is backpressure, not a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_that_rejects_publishes_slows_the_producer_down() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    let mgmt = taskmill_tests::mgmt::Client::new();
+    let policy = format!("/api/policies/%2f/{}-full", t.ns);
+    mgmt.put_json(
+        &policy,
+        &serde_json::json!({
+            "pattern": format!("^{}\\.tasks$", t.ns),
+            "definition": {"max-length": 20, "overflow": "reject-publish"},
+            "apply-to": "queues",
+            "priority": 7,
+        }),
+    )
+    .await
+    .unwrap();
+    let file = write_jsonl(sample::posts(2000));
+    let mut producer = Command::new(bin_path("producer"))
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .env_remove("RUST_LOG")
+        .args(["enqueue", "--no-check", "--batch-size", "1", "--file"])
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The queue fills up to its limit: the producer is being refused now.
+    let (conn, _ch) = raw_channel().await;
+    let work = format!("{}.tasks", t.ns);
+    until("a full work queue", Duration::from_secs(30), || async {
+        // (A quorum queue's limit is approximate: it may go a few over.)
+        taskmill_tests::queue_messages(&conn, &work)
+            .await
+            .is_some_and(|n| n >= 20)
+    })
+    .await;
+    // Held back: still running, with most of its batches refused so far.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        producer.try_wait().unwrap().is_none(),
+        "the producer gave up"
+    );
+    let mut w = KillOnDrop(
+        Command::new(bin_path("worker"))
+            .env("TASKMILL_NAMESPACE", &t.ns)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let out = tokio::task::spawn_blocking(move || producer.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    mgmt.delete(&policy).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let job = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let s = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    assert_eq!(s.state(), "completed");
+    assert_eq!(s.batches_done, 2000);
+    let refusal_lines = stderr.lines().filter(|l| l.contains("refuses")).count();
+    assert!(
+        (1..=20).contains(&refusal_lines),
+        "{refusal_lines} refusal lines:\n{stderr}"
+    );
+    assert!(sigterm(w.id()));
+    assert_eq!(w.wait().unwrap().code(), Some(0));
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}

@@ -426,7 +426,7 @@ where
     )
     .with_headers(headers)
     .with_text_headers(text_headers);
-    let interrupted = pump(
+    let pumped = pump(
         records,
         &mut batcher,
         &mut outlet,
@@ -434,9 +434,36 @@ where
         &problems,
         &stop,
     )
-    .await?;
+    .await;
     let mut publisher = outlet.publisher;
-    publisher.settle_all().await?;
+    let settled = match pumped {
+        Ok(interrupted) => publisher.settle_all().await.map(|()| interrupted),
+        Err(e) => Err(e),
+    };
+    let interrupted = match settled {
+        Ok(interrupted) => interrupted,
+        Err(e) => {
+            // Giving up after registering: the job is interrupted now, saying why, rather
+            // than when its lease lapses (what was confirmed still runs).
+            if outlet.on_registered.is_none() {
+                let p = problems.snapshot();
+                let mut samples = p.samples.clone();
+                samples.push(format!("the producer gave up: {e}"));
+                let totals = PublishTotals {
+                    batches: publisher.confirmed_batches,
+                    records: publisher.confirmed_records,
+                    records_invalid: p.records_invalid,
+                    sources_failed: p.sources_failed,
+                    problems: samples,
+                    interrupted: true,
+                };
+                if let Err(se) = store.finish_publishing(&job, &totals).await {
+                    warn!("marking job {job} interrupted: {se}");
+                }
+            }
+            return Err(e);
+        }
+    };
     if let Some(holder) = outlet.duplicate_of {
         return Ok(EnqueueReport::duplicate(holder, started));
     }

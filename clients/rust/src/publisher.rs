@@ -6,7 +6,10 @@
 //! publisher reconnects, declares the topology again and republishes every batch that was not
 //! confirmed (the worker's idempotent store makes a duplicate harmless).
 
-use std::{collections::VecDeque, time::Duration};
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
 
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
@@ -22,8 +25,12 @@ use taskmill_broker::{
 
 use crate::error::{Error, Result};
 
-/// How many times one batch may be refused (nack/return) before enqueue gives up.
-const MAX_REFUSALS: u32 = 5;
+/// How long the broker may go on refusing batches (nacks: a full queue with `reject-publish`,
+/// say) before enqueue gives up; meanwhile it publishes them again with backoff, which is the
+/// backpressure a full queue asks for (the workers drain it).
+const REFUSED_AT_MOST: Duration = Duration::from_secs(120);
+/// A refusal is logged at most once in this while (with how many there were).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(5);
 /// How many reconnects in a row before enqueue gives up.
 const MAX_RECONNECTS: u32 = 8;
 /// Most bytes of unconfirmed batches held (for republishing) at once, whatever the window:
@@ -37,6 +44,8 @@ struct InFlight {
     props: BasicProperties,
     confirm: Option<PublisherConfirm>,
     refusals: u32,
+    /// When it was last handed to the broker.
+    sent: Instant,
 }
 
 /// A confirm-mode publisher to one work queue.
@@ -56,6 +65,15 @@ pub struct Publisher {
     pub confirmed_batches: u64,
     /// Records in confirmed batches.
     pub confirmed_records: u64,
+    /// Since when the broker refuses batches (reset by an accepted one), the backoff before
+    /// publishing a refused one again, refusals not yet logged and when the last log was.
+    refused_since: Option<Instant>,
+    refusal_backoff: Backoff,
+    refusals_unlogged: u64,
+    refusal_logged: Option<Instant>,
+    /// When the last pause for refusals ended: a batch refused that was sent before it was
+    /// refused in the same burst, and goes again without another pause.
+    paused: Option<Instant>,
 }
 
 async fn open(amqp_url: &str, names: &Names, queue: &str) -> Result<(Connection, Channel)> {
@@ -98,6 +116,11 @@ impl Publisher {
             inflight_bytes: 0,
             confirmed_batches: 0,
             confirmed_records: 0,
+            refused_since: None,
+            refusal_backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
+            refusals_unlogged: 0,
+            refusal_logged: None,
+            paused: None,
         })
     }
 
@@ -132,6 +155,7 @@ impl Publisher {
                 props,
                 confirm: None,
                 refusals: 0,
+                sent: Instant::now(),
             });
         loop {
             let group: Vec<InFlight> = items.by_ref().take(self.window).collect();
@@ -230,19 +254,47 @@ impl Publisher {
                 Ok(true) => {
                     self.confirmed_batches += 1;
                     self.confirmed_records += item.records;
+                    if self.refused_since.take().is_some() {
+                        self.refusal_backoff.reset();
+                        self.refusals_unlogged = 0;
+                        debug!("the broker takes batches again");
+                    }
                 }
                 Ok(false) => {
                     item.refusals += 1;
-                    if item.refusals > MAX_REFUSALS {
+                    let since = *self.refused_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > REFUSED_AT_MOST {
                         return Err(Error::Broker(format!(
-                            "the broker refused batch {} {} times (nacked or unroutable)",
-                            item.batch, item.refusals
+                            "the broker refused batches for {} s (batch {} {} times): a full queue \
+                             (a length limit with reject-publish) that no worker drains, or an \
+                             unroutable queue",
+                            REFUSED_AT_MOST.as_secs(),
+                            item.batch,
+                            item.refusals
                         )));
                     }
-                    warn!(
-                        batch = item.batch,
-                        "batch refused by the broker; publishing it again"
-                    );
+                    self.refusals_unlogged += 1;
+                    // One pause a round: batches refused in the burst before the last pause
+                    // go again at once.
+                    if self.paused.is_none_or(|p| item.sent >= p) {
+                        let delay = self.refusal_backoff.next_delay();
+                        if self
+                            .refusal_logged
+                            .is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY)
+                        {
+                            warn!(
+                                refused = self.refusals_unlogged,
+                                "the broker refuses batches (a full queue, or unroutable): \
+                                 publishing them again with backoff ({delay:?} now) for up to {} s",
+                                REFUSED_AT_MOST.as_secs()
+                            );
+                            self.refusal_logged = Some(Instant::now());
+                            self.refusals_unlogged = 0;
+                        }
+                        tokio::time::sleep(delay).await;
+                        self.paused = Some(Instant::now());
+                    }
+                    item.sent = Instant::now();
                     match self.send(&item).await {
                         Ok(c) => {
                             item.confirm = Some(c);
