@@ -286,3 +286,44 @@ async fn a_full_queue_that_rejects_publishes_slows_the_producer_down() {
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
+
+/// Redis edited by hand: the jobs index deleted is rebuilt on demand (`jobs --reindex`), and
+/// results deleted from a finished job are said to be missing, not silently absent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_index_is_rebuilt_and_missing_results_are_said() {
+    use redis::AsyncCommands;
+    let t = TestNs::new();
+    let store = t.store().await;
+    let w = t.spawn_worker(t.worker_args());
+    let file = write_jsonl(sample::posts(30));
+    let mut args = EnqueueArgs::new("post-stats");
+    args.files = vec![file.clone()];
+    let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    let mut redis = taskmill_tests::redis_con().await;
+    let _: () = redis.del(format!("{}:jobs", t.ns)).await.unwrap();
+    let listed = |out: std::process::Output| String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!listed(taskmill_tests::producer(&t.ns, &["jobs", "--json"])).contains(&job));
+    let out = taskmill_tests::producer(&t.ns, &["jobs", "--reindex", "--json"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reindexed: 1 job(s)"));
+    assert!(listed(out).contains(&job));
+    assert!(listed(taskmill_tests::producer(&t.ns, &["jobs", "--json"])).contains(&job));
+    // Two of its three results deleted by hand.
+    let _: () = redis
+        .hdel(format!("{}:job:{job}:results", t.ns), &["0", "1"])
+        .await
+        .unwrap();
+    let out = taskmill_tests::producer(&t.ns, &["status", &job]);
+    assert!(
+        listed(out).contains("results: missing for 2 of the 3 done batches"),
+        "status says nothing of the missing results"
+    );
+    let out = taskmill_tests::producer(&t.ns, &["status", &job, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["results_missing"], 2);
+    let out = taskmill_tests::producer(&t.ns, &["results", &job]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("results missing for 2"));
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}

@@ -1484,4 +1484,54 @@ impl Store {
         }
         Ok(live)
     }
+
+    /// Puts every job hash of the namespace back into the `{ns}:jobs` index (by its creation
+    /// time), for an index deleted or damaged by hand: the hashes are found with `SCAN`.
+    /// Returns how many jobs were missing from it.
+    pub async fn reindex(&self) -> Result<u64, StoreError> {
+        let mut con = self.con.clone();
+        let prefix = self.keys.job("");
+        let mut cursor: u64 = 0;
+        let mut added = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut con)
+                .await
+                .map_err(|e| self.err(e))?;
+            // A job's own hash: `{ns}:job:{id}`, not one of its `:results`, `:dead`... keys
+            // (ids never hold a `:`).
+            let ids: Vec<&str> = keys
+                .iter()
+                .filter_map(|k| k.strip_prefix(&prefix))
+                .filter(|id| !id.is_empty() && !id.contains(':'))
+                .collect();
+            if !ids.is_empty() {
+                let mut pipe = redis::pipe();
+                for id in &ids {
+                    pipe.cmd("HGET").arg(self.keys.job(id)).arg("created_ms");
+                }
+                let created: Vec<Option<u64>> =
+                    pipe.query_async(&mut con).await.map_err(|e| self.err(e))?;
+                let mut pipe = redis::pipe();
+                for (id, at) in ids.iter().zip(created) {
+                    pipe.cmd("ZADD")
+                        .arg(self.keys.jobs())
+                        .arg("NX")
+                        .arg(at.unwrap_or(0))
+                        .arg(*id);
+                }
+                let got: Vec<u64> = pipe.query_async(&mut con).await.map_err(|e| self.err(e))?;
+                added += got.iter().sum::<u64>();
+            }
+            cursor = next;
+            if cursor == 0 {
+                return Ok(added);
+            }
+        }
+    }
 }

@@ -30,6 +30,10 @@ pub struct JobsArgs {
     /// At most this many jobs, the newest (0: all).
     #[arg(long, default_value_t = 20)]
     pub limit: usize,
+    /// First put every job of the namespace back into its index (after the index key
+    /// `{ns}:jobs` was deleted or damaged by hand); says how many were missing.
+    #[arg(long)]
+    pub reindex: bool,
 }
 
 /// The command.
@@ -42,6 +46,10 @@ pub async fn run(conn: &ConnArgs, args: &JobsArgs) -> anyhow::Result<std::proces
         })?),
     };
     let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
+    if args.reindex {
+        let added = store.reindex().await?;
+        eprintln!("reindexed: {added} job(s) were missing from the index");
+    }
     let mut ids: Vec<String> = store.jobs().await?.into_iter().map(|(j, _)| j).collect();
     ids.reverse();
     let filtered = state.is_some() || args.task.is_some();

@@ -18,9 +18,17 @@ pub struct ResultsArgs {
 /// The command.
 pub async fn run(conn: &ConnArgs, args: &ResultsArgs) -> anyhow::Result<std::process::ExitCode> {
     let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
-    crate::client(conn).await?.job(&args.job).read().await?;
+    let status = crate::client(conn).await?.job(&args.job).read().await?;
     let mut out = String::new();
-    for (batch, result) in store.results(&args.job).await? {
+    let results = store.results(&args.job).await?;
+    let missing = status.batches_done.saturating_sub(results.len() as u64);
+    if missing > 0 {
+        eprintln!(
+            "results missing for {missing} of the {} done batches (deleted, renamed or expired in Redis)",
+            status.batches_done
+        );
+    }
+    for (batch, result) in results {
         if args.json {
             out.push_str(&json!({"batch": batch, "result": result}).to_string());
         } else {

@@ -179,10 +179,25 @@ pub async fn run(conn: &ConnArgs, args: &StatusArgs) -> anyhow::Result<std::proc
             return Err(e.into());
         }
     };
+    // Results deleted or renamed by hand (or expired apart from their job): said, not hidden.
+    // (A results key that cannot be counted, of another type say, is the `results`
+    // command's to report: the status itself reads.)
+    let stored = client.store().results_count(&args.job).await.ok();
+    let missing = stored.map_or(0, |n| status.batches_done.saturating_sub(n));
     if args.json {
-        crate::out::line(&status.to_json().to_string());
+        let mut v = status.to_json();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("results_missing".into(), missing.into());
+        }
+        crate::out::line(&v.to_string());
     } else {
         let mut text = describe(&status);
+        if missing > 0 {
+            text.push_str(&format!(
+                "\n  results: missing for {missing} of the {} done batches (deleted, renamed or expired in Redis)",
+                status.batches_done
+            ));
+        }
         if status.batches_dead > 0 {
             if let Some(d) = describe_dead(&client.store().dead_batches(&args.job).await?) {
                 text.push('\n');
