@@ -262,7 +262,7 @@ async fn cut_connection_half_way(t: &TestNs, venv: &Path) -> Result<String, Stri
 }
 
 #[test]
-fn the_python_client_runs_the_stores_own_scripts() {
+fn the_python_client_and_the_page_use_the_store_s_scripts_and_states() {
     for f in [
         "prelude",
         "register",
@@ -290,5 +290,21 @@ fn the_python_client_runs_the_stores_own_scripts() {
     assert!(
         py.contains(&format!("STATES = ({})", states.join(", "))),
         "the Python client's STATES differ from JobState::ALL"
+    );
+    let finished: Vec<String> = taskmill_common::JobState::ALL
+        .iter()
+        .filter(|s| s.is_finished())
+        .map(|s| format!("\"{}\"", s.as_str()))
+        .collect();
+    assert!(
+        py.contains(&format!("FINISHED = ({})", finished.join(", "))),
+        "the Python client's FINISHED differs from JobState::is_finished"
+    );
+    // The dashboard's page spells them too.
+    let js =
+        std::fs::read_to_string(root().join("producer/src/cmd/dashboard/assets/app.js")).unwrap();
+    assert!(
+        js.contains(&format!("const STATES = [{}];", states.join(", "))),
+        "the dashboard's STATES (app.js) differ from JobState::ALL"
     );
 }
