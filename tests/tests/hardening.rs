@@ -269,6 +269,12 @@ async fn a_retried_batch_that_hits_the_delivery_limit_reads_delivery_limit() {
     assert_eq!(letters[0].kind, "delivery_limit", "{:?}", letters[0]);
     assert_eq!(letters[0].queue.as_deref(), Some(work.as_str()));
     assert_eq!(letters[0].error, dead[0].1["error"].as_str().unwrap());
+    // How many deliveries it had, not "attempts: 1" alone.
+    assert!(
+        letters[0].error.contains("delivered 11 times"),
+        "{}",
+        letters[0].error
+    );
     w.stop().await.unwrap();
     let _ = std::fs::remove_file(file);
     t.cleanup().await;

@@ -158,7 +158,7 @@ mod tests {
         assert_eq!(r.kind, "delivery_limit");
         assert_eq!(r.queue.as_deref(), Some("ns.tasks"));
         assert_eq!(r.at_ms, 1_700_000_000_000);
-        assert!(r.error.contains("11 deliveries"), "{}", r.error);
+        assert!(r.error.contains("delivered 11 times"), "{}", r.error);
     }
 
     #[test]

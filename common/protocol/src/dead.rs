@@ -132,10 +132,14 @@ impl DeadReason {
         let queue = queue.unwrap_or("its queue");
         match DeadKind::from_broker_reason(reason) {
             Some(DeadKind::DeliveryLimit) => {
-                let count = deliveries.map_or(String::new(), |c| format!(" ({c} deliveries)"));
+                // The header a dead letter carries may say 0 (it is the count before the last
+                // delivery, or absent): the queue's limit says how many there were.
+                let limit = crate::names::DELIVERY_LIMIT;
+                let count = deliveries.filter(|c| *c > limit).unwrap_or(limit + 1);
                 format!(
-                    "dead-lettered by the broker: delivered too often without an ack{count} \
-                     (workers died or lost their connection while holding it)"
+                    "dead-lettered by the broker: delivered {count} times without an ack (the \
+                     delivery limit of {queue} is {limit}; workers died or lost their connection \
+                     while holding it)"
                 )
             }
             Some(DeadKind::Expired) => {
@@ -173,8 +177,10 @@ mod tests {
     fn broker_texts_name_the_queue_and_the_cause() {
         let t = DeadReason::broker_text("maxlen", Some("ns.tasks"), None);
         assert!(t.contains("full queue, ns.tasks"), "{t}");
-        let t = DeadReason::broker_text("delivery_limit", Some("ns.tasks"), Some(11));
-        assert!(t.contains("(11 deliveries)"), "{t}");
+        let t = DeadReason::broker_text("delivery_limit", Some("ns.tasks"), Some(0));
+        assert!(t.contains("delivered 11 times"), "{t}");
+        let t = DeadReason::broker_text("delivery_limit", Some("ns.tasks"), Some(14));
+        assert!(t.contains("delivered 14 times"), "{t}");
         let t = DeadReason::broker_text("odd", None, None);
         assert_eq!(t, "dead-lettered by the broker: odd in its queue");
     }
