@@ -175,6 +175,22 @@ pub fn analyse(
         return (id, Outcome::Retry(msg));
     }
     let outcome = match result {
+        // Counts that do not fit the batch are the task's bug: reported, never stored (they
+        // would make a job read "228 done of 20").
+        Ok(Ok(output))
+            if output.records_done.saturating_add(output.records_invalid) > id.records =>
+        {
+            Outcome::Dead(
+                DeadKind::Permanent,
+                format!(
+                    "task error: {} reported {} records done and {} invalid of a batch of {}",
+                    task.name(),
+                    output.records_done,
+                    output.records_invalid,
+                    id.records
+                ),
+            )
+        }
         Ok(Ok(output)) => Outcome::Done(output.into()),
         Ok(Err(TaskError::Transient(e))) => Outcome::Retry(e),
         Ok(Err(TaskError::Permanent(e))) => Outcome::Dead(DeadKind::Permanent, e),
@@ -279,5 +295,41 @@ mod tests {
         let transient = env("chaos", &[("fail_rate", "1")]);
         let (_, out) = analyse(&reg, &transient, None, 1, 1 << 20, None);
         assert!(matches!(out, Outcome::Retry(_)));
+    }
+
+    /// A task that reports more records than its batch had.
+    struct Overcounts;
+
+    impl taskmill_common::task::Task for Overcounts {
+        fn name(&self) -> &'static str {
+            "overcounts"
+        }
+        fn run(
+            &self,
+            _ctx: &TaskContext<'_>,
+            records: &[serde_json::Value],
+        ) -> Result<TaskOutput, TaskError> {
+            Ok(TaskOutput {
+                result: json!({}),
+                records_done: records.len() as u64 * 10,
+                records_invalid: 2,
+            })
+        }
+        fn aggregate(&self, _results: &[serde_json::Value]) -> serde_json::Value {
+            json!({})
+        }
+    }
+
+    #[test]
+    fn counts_that_do_not_fit_the_batch_are_a_task_error() {
+        let reg = Registry::new().with(Overcounts);
+        let (_, out) = analyse(&reg, &env("overcounts", &[]), None, 1, 1 << 20, None);
+        let Outcome::Dead(DeadKind::Permanent, msg) = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            msg,
+            "task error: overcounts reported 10 records done and 2 invalid of a batch of 1"
+        );
     }
 }

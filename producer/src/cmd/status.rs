@@ -186,7 +186,8 @@ pub async fn run(conn: &ConnArgs, args: &StatusArgs) -> anyhow::Result<std::proc
     let missing = stored.map_or(0, |n| status.batches_done.saturating_sub(n));
     if args.json {
         let mut v = status.to_json();
-        if let Some(o) = v.as_object_mut() {
+        // Only then: the object is otherwise the job's status as every client reads it.
+        if let Some(o) = v.as_object_mut().filter(|_| missing > 0) {
             o.insert("results_missing".into(), missing.into());
         }
         crate::out::line(&v.to_string());
