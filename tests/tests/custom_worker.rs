@@ -68,3 +68,60 @@ async fn the_custom_worker_serves_its_own_task() {
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
+
+/// A task whose `aggregate` panics.
+struct BadSummary;
+
+impl taskmill_common::task::Task for BadSummary {
+    fn name(&self) -> &'static str {
+        "bad-summary"
+    }
+    fn run(
+        &self,
+        _ctx: &taskmill_common::task::TaskContext<'_>,
+        records: &[serde_json::Value],
+    ) -> Result<taskmill_common::task::TaskOutput, taskmill_common::task::TaskError> {
+        Ok(taskmill_common::task::TaskOutput {
+            result: serde_json::json!({"n": records.len()}),
+            records_done: records.len() as u64,
+            records_invalid: 0,
+        })
+    }
+    fn aggregate(&self, _results: &[serde_json::Value]) -> serde_json::Value {
+        panic!("the sums do not add up");
+    }
+}
+
+/// A panic in a task's `aggregate` is said in the job's problems ("summary failed: ..."),
+/// which `status` shows, instead of a silent `summary: null`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_summary_that_panics_is_said_in_the_job() {
+    let t = TestNs::new();
+    let mut registry = taskmill_common::tasks::builtin();
+    registry.register(BadSummary);
+    let w = t.spawn_worker_with(t.worker_args(), registry);
+    let file = write_jsonl(sample::posts(30));
+    let mut args = EnqueueArgs::new("bad-summary");
+    args.files = vec![file.clone()];
+    args.no_check = true;
+    let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let store = t.store().await;
+    let s = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    assert_eq!(s.batches_done, 3);
+    taskmill_tests::until(
+        "the summary failure in the job",
+        Duration::from_secs(30),
+        || async {
+            let s = store.job_status(&job).await.unwrap().unwrap();
+            s.problems().iter().any(|p| {
+                p.contains("summary failed: the task's aggregate panicked: the sums do not add up")
+            })
+        },
+    )
+    .await;
+    let out = taskmill_tests::producer(&t.ns, &["status", &job]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("summary failed"));
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}

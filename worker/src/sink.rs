@@ -643,26 +643,56 @@ impl Sink {
 }
 
 /// Folds a job's results into its summary with its task (the fold on a blocking thread, never
-/// on tokio's) and stores it.
+/// on tokio's) and stores it. A fold that fails (the task's `aggregate` panicked) is said in
+/// the job's problems and counted, never a silent `summary: null`.
 async fn fold(store: Store, job: String, task: std::sync::Arc<dyn taskmill_common::task::Task>) {
     let summary = if task.folds_in_pages() {
-        fold_in_pages(&store, &job, task).await
+        fold_in_pages(&store, &job, task.clone()).await
     } else {
         match store.results(&job).await {
             Ok(r) => {
                 let results: Vec<_> = r.into_iter().map(|(_, v)| v).collect();
-                tokio::task::spawn_blocking(move || task.aggregate(&results))
-                    .await
-                    .ok()
+                let task = task.clone();
+                Some(aggregate(move || task.aggregate(&results)).await)
             }
             Err(e) => return warn!(%job, "reading the results to sum them up: {e}"),
         }
     };
-    let Some(summary) = summary else {
-        return;
+    let summary = match summary {
+        None => return,
+        Some(Ok(summary)) => summary,
+        Some(Err(why)) => {
+            metrics::counter!("taskmill_summary_failures_total", "task" => task.name())
+                .increment(1);
+            warn!(%job, "the summary failed: {why}");
+            let text = format!("summary failed: {}", bounded(&why, MAX_HEADER_TEXT));
+            if let Err(e) = store.add_problem(&job, &text).await {
+                warn!(%job, "recording that the summary failed: {e}");
+            }
+            return;
+        }
     };
     if let Err(e) = store.set_summary(&job, &summary).await {
         warn!(%job, "storing the summary: {e}");
+    }
+}
+
+/// Runs a task's `aggregate` on a blocking thread: its value, or what its panic said.
+async fn aggregate(
+    f: impl FnOnce() -> serde_json::Value + Send + 'static,
+) -> Result<serde_json::Value, String> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => Ok(v),
+        Err(e) if e.is_panic() => {
+            let panic = e.into_panic();
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".into());
+            Err(format!("the task's aggregate panicked: {msg}"))
+        }
+        Err(e) => Err(format!("the fold did not finish: {e}")),
     }
 }
 
@@ -675,7 +705,7 @@ async fn fold_in_pages(
     store: &Store,
     job: &str,
     task: std::sync::Arc<dyn taskmill_common::task::Task>,
-) -> Option<serde_json::Value> {
+) -> Option<Result<serde_json::Value, String>> {
     let total = match store.job_status(job).await {
         Ok(Some(s)) => s.batches_total.unwrap_or(s.batches_published),
         Ok(None) => return None,
@@ -706,12 +736,16 @@ async fn fold_in_pages(
         let mut values: Vec<serde_json::Value> = so_far.take().into_iter().collect();
         values.extend(page.into_iter().map(|(_, v)| v));
         let task = task.clone();
-        so_far = tokio::task::spawn_blocking(move || task.aggregate(&values))
-            .await
-            .ok();
+        match aggregate(move || task.aggregate(&values)).await {
+            Ok(v) => so_far = Some(v),
+            Err(why) => return Some(Err(why)),
+        }
         from = to;
     }
-    so_far.or_else(|| Some(task.aggregate(&[])))
+    match so_far {
+        Some(v) => Some(Ok(v)),
+        None => Some(aggregate(move || task.aggregate(&[])).await),
+    }
 }
 
 /// The job and batch of an analysed batch, when it names them.

@@ -1076,6 +1076,31 @@ impl Store {
         Ok(())
     }
 
+    /// Adds `text` to the job's problems (shown by `status` and the dashboard), when the job
+    /// exists: what went wrong after its batches ran (its summary could not be folded, say).
+    pub async fn add_problem(&self, job: &str, text: &str) -> Result<(), StoreError> {
+        const ADD: &str = r"
+            if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+            local raw = redis.call('HGET', KEYS[1], 'problems')
+            local list = {}
+            if raw then
+                local ok, got = pcall(cjson.decode, raw)
+                if ok and type(got) == 'table' then list = got end
+            end
+            table.insert(list, ARGV[1])
+            redis.call('HSET', KEYS[1], 'problems', cjson.encode(list))
+            return 1
+        ";
+        let mut con = self.con.clone();
+        redis::Script::new(ADD)
+            .key(self.keys.job(job))
+            .arg(text)
+            .invoke_async::<i64>(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     /// Counts one retry of a job's batch: `Stored` when counted, or refused (no such job, or
     /// a batch number the job never published) without changing anything.
     pub async fn add_retry(
