@@ -127,6 +127,7 @@ pub const SETTING_KEYS: &[&str] = &[
     "max_message_bytes",
     "max_record_bytes",
     "max_response_bytes",
+    "max_result_bytes",
     "metrics_addr",
     "namespace",
     "prefetch",

@@ -125,3 +125,57 @@ async fn a_summary_that_panics_is_said_in_the_job() {
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
+
+/// A task whose result is 5 KB a batch.
+struct BigResult;
+
+impl taskmill_common::task::Task for BigResult {
+    fn name(&self) -> &'static str {
+        "big-result"
+    }
+    fn run(
+        &self,
+        _ctx: &taskmill_common::task::TaskContext<'_>,
+        records: &[serde_json::Value],
+    ) -> Result<taskmill_common::task::TaskOutput, taskmill_common::task::TaskError> {
+        Ok(taskmill_common::task::TaskOutput {
+            result: serde_json::json!({"blob": "x".repeat(5000)}),
+            records_done: records.len() as u64,
+            records_invalid: 0,
+        })
+    }
+    fn aggregate(&self, _results: &[serde_json::Value]) -> serde_json::Value {
+        serde_json::json!({})
+    }
+}
+
+/// A result over the worker's `--max-result-bytes` is not stored: the batch is dead-lettered
+/// `result_too_large`, saying how large it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_over_the_limit_is_dead_lettered_not_stored() {
+    let t = TestNs::new();
+    let mut registry = taskmill_common::tasks::builtin();
+    registry.register(BigResult);
+    let mut wargs = t.worker_args();
+    wargs.max_result_bytes = 1000;
+    let w = t.spawn_worker_with(wargs, registry);
+    let file = write_jsonl(sample::posts(20));
+    let mut args = EnqueueArgs::new("big-result");
+    args.files = vec![file.clone()];
+    args.no_check = true;
+    let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let store = t.store().await;
+    let s = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+    assert_eq!(s.state(), "completed_with_errors");
+    assert_eq!((s.batches_done, s.batches_dead), (0, 2));
+    assert!(store.results(&job).await.unwrap().is_empty());
+    let dead = store.dead_batches(&job).await.unwrap();
+    assert_eq!(dead[0].1["kind"], "result_too_large", "{:?}", dead[0].1);
+    assert!(dead[0].1["error"]
+        .as_str()
+        .unwrap()
+        .contains("over this worker's limit of 1000"));
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}

@@ -7,6 +7,9 @@ use taskmill_common::{
 
 use crate::retry::RetryPolicy;
 
+/// Default of `--max-result-bytes`: 1 MiB.
+pub const DEFAULT_MAX_RESULT_BYTES: usize = 1024 * 1024;
+
 /// The worker's command line; every flag has an environment variable behind it.
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -50,6 +53,11 @@ pub struct WorkerArgs {
     #[arg(long, env = "TASKMILL_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
 
+    /// A task result larger than this (bytes, as JSON) is not stored: the batch is
+    /// dead-lettered `result_too_large` (results live in Redis, a copy a batch).
+    #[arg(long, env = "TASKMILL_MAX_RESULT_BYTES", default_value_t = DEFAULT_MAX_RESULT_BYTES)]
+    pub max_result_bytes: usize,
+
     /// A batch of a task this worker lacks goes back (through a 1 s delay queue) while a live
     /// worker of its queue serves the task (a rolling deploy, a mixed fleet); when none does,
     /// it waits this many seconds for one to start before it is dead-lettered `unknown_task`.
@@ -82,6 +90,7 @@ impl WorkerArgs {
             shutdown_timeout: 30,
             metrics_addr: None,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
             unknown_task_wait: 0,
             retry: RetryPolicy::default(),
             log_format: LogFormat::Pretty,

@@ -215,6 +215,7 @@ pub async fn run_with_stats(
             pumps: pumps::Pumps::new(Arc::new(pool)),
             registry,
             max_message_bytes: args.max_message_bytes,
+            max_result_bytes: args.max_result_bytes,
             cancelled,
             running,
             rate_store: Default::default(),

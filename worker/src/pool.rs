@@ -68,6 +68,7 @@ pub(crate) struct Analyser {
     pub(crate) pumps: Arc<crate::pumps::Pumps>,
     pub(crate) registry: Registry,
     pub(crate) max_message_bytes: usize,
+    pub(crate) max_result_bytes: usize,
     pub(crate) cancelled: Cancelled,
     pub(crate) running: Running,
     pub(crate) rate_store: RateStore,
@@ -297,7 +298,17 @@ impl Analyser {
         if let Some(slot) = slot {
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
-        analysed
+        analysed.map(|(id, outcome)| match outcome {
+            Outcome::Done(d) if d.result.len() > self.max_result_bytes => {
+                let why = format!(
+                    "the task's result is {} bytes, over this worker's limit of {} (--max-result-bytes)",
+                    d.result.len(),
+                    self.max_result_bytes
+                );
+                (id, Outcome::Dead(crate::analyse::DeadKind::ResultTooLarge, why))
+            }
+            other => (id, other),
+        })
     }
 
     /// Hands deliveries to the rayon pool (see [`Analyser::analyse_group`]).

@@ -37,11 +37,13 @@ pub enum DeadKind {
     Rejected,
     /// The broker dropped it from a full queue.
     QueueFull,
+    /// The task's result is larger than the worker's `--max-result-bytes`.
+    ResultTooLarge,
 }
 
 impl DeadKind {
     /// Every kind.
-    pub const ALL: [DeadKind; 15] = [
+    pub const ALL: [DeadKind; 16] = [
         DeadKind::Undecodable,
         DeadKind::UnsupportedVersion,
         DeadKind::TooLarge,
@@ -57,6 +59,7 @@ impl DeadKind {
         DeadKind::Expired,
         DeadKind::Rejected,
         DeadKind::QueueFull,
+        DeadKind::ResultTooLarge,
     ];
 
     /// The header value.
@@ -77,6 +80,7 @@ impl DeadKind {
             DeadKind::Expired => "expired",
             DeadKind::Rejected => "rejected",
             DeadKind::QueueFull => "queue_full",
+            DeadKind::ResultTooLarge => "result_too_large",
         }
     }
 
