@@ -49,10 +49,14 @@ impl<'a> Chunker<'a> {
         self.tx.blocking_send(chunk).is_ok()
     }
     /// Sends a parsed document's records: an array gives its elements, anything else one.
-    fn emit(&mut self, v: Value) -> bool {
+    /// How many it sent, or None when the receiver is gone.
+    fn emit(&mut self, v: Value) -> Option<u64> {
         match v {
-            Value::Array(items) => items.iter().all(|i| self.push(Record::from_value(i))),
-            other => self.push(Record::from_value(&other)),
+            Value::Array(items) => {
+                let all = items.iter().all(|i| self.push(Record::from_value(i)));
+                all.then_some(items.len() as u64)
+            }
+            other => self.push(Record::from_value(&other)).then_some(1),
         }
     }
 }
@@ -434,14 +438,9 @@ fn read_lines<R: Read>(
                 sent += 1;
             }
             Some(LineRead::Document(v)) => {
-                let n = if let Value::Array(a) = &v {
-                    a.len() as u64
-                } else {
-                    1
-                };
-                if !out.emit(v) {
+                let Some(n) = out.emit(v) else {
                     return sent;
-                }
+                };
                 sent += n;
             }
             None => {}
@@ -667,14 +666,9 @@ fn read_objects<R: Read>(
     {
         match v {
             Ok(v @ (Value::Object(_) | Value::Array(_))) => {
-                let n = if let Value::Array(a) = &v {
-                    a.len() as u64
-                } else {
-                    1
-                };
-                if !out.emit(v) {
+                let Some(n) = out.emit(v) else {
                     return sent;
-                }
+                };
                 sent += n;
             }
             Ok(_) => problems.invalid(format!(

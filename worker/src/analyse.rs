@@ -197,16 +197,21 @@ pub fn analyse(
         Ok(Err(TaskError::BadRecord(e))) => Outcome::Dead(DeadKind::Undecodable, e),
         Ok(Err(e)) => Outcome::Dead(DeadKind::Permanent, e.to_string()),
         Err(panic) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".into());
+            let msg = panic_message(panic.as_ref());
             Outcome::Dead(DeadKind::Panic, format!("task panicked: {msg}"))
         }
     };
     id.params = env.params;
     (id, outcome)
+}
+
+/// What a panic said (its `&str` or `String` payload).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
 }
 
 #[cfg(test)]

@@ -684,12 +684,7 @@ async fn aggregate(
     match tokio::task::spawn_blocking(f).await {
         Ok(v) => Ok(v),
         Err(e) if e.is_panic() => {
-            let panic = e.into_panic();
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".into());
+            let msg = crate::analyse::panic_message(e.into_panic().as_ref());
             Err(format!("the task's aggregate panicked: {msg}"))
         }
         Err(e) => Err(format!("the fold did not finish: {e}")),
