@@ -140,6 +140,7 @@ pub const SETTING_KEYS: &[&str] = &[
     "retry_max_attempts",
     "retry_max_delay_ms",
     "shutdown_timeout",
+    "stall_after",
     "task",
     "threads",
     "token",

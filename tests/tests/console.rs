@@ -327,3 +327,153 @@ async fn a_deleted_index_is_rebuilt_and_missing_results_are_said() {
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
+
+/// A work queue purged in the console mid-job takes batches that no worker will ever meet:
+/// the job ends `stalled` soon after `--stall-after`, its lost batches counted and said, and
+/// `wait` ends (exit 1) saying so. A job whose batches were all taken away stalls too, and
+/// finishes `completed` when they come back after all (published again by hand).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_queue_s_job_ends_stalled_with_its_lost_batches_counted() {
+    use lapin::options::{BasicPublishOptions, QueuePurgeOptions};
+    let t = TestNs::new();
+    let store = t.store().await;
+    let (conn, ch) = raw_channel().await;
+    let work = format!("{}.tasks", t.ns);
+    // No worker yet: a small job whose batches the test takes away (and keeps).
+    let small = write_jsonl(sample::posts(6));
+    let mut args = EnqueueArgs::new("post-stats");
+    args.files = vec![small.clone()];
+    args.batch_size = 1;
+    args.no_check = true;
+    let taken_job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let taken = taskmill_tests::drain_queue(&ch, &work).await;
+    assert_eq!(taken.len(), 6);
+    // A job of slow batches, purged once a few are done.
+    let file = write_jsonl(sample::posts(40));
+    let mut args = EnqueueArgs::new("chaos");
+    args.files = vec![file.clone()];
+    args.batch_size = 1;
+    args.params = vec!["sleep_ms=100".into()];
+    args.no_check = true;
+    let purged = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let mut wa = t.worker_args();
+    wa.stall_after = 2;
+    wa.threads = 1;
+    wa.prefetch = 1;
+    let w = t.spawn_worker(wa);
+    wait_batches_done(&store, &purged, 3).await;
+    ch.queue_purge(work.as_str().into(), QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    let s = t
+        .wait_finished(&store, &purged, Duration::from_secs(60))
+        .await;
+    assert_eq!(s.state(), "stalled", "{s:?}");
+    assert!(s.batches_lost > 0 && s.batches_done < 40, "{s:?}");
+    assert_eq!(
+        s.batches_done + s.batches_dead + s.batches_lost,
+        40,
+        "{s:?}"
+    );
+    assert!(
+        s.problems.iter().any(|p| p.starts_with(&format!(
+            "stalled: {} batches never came back",
+            s.batches_lost
+        ))),
+        "{:?}",
+        s.problems
+    );
+    // The CLI says it, and `wait` ends with 1.
+    let out = taskmill_tests::producer(&t.ns, &["wait", &purged, "--timeout", "10"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains(&format!("job {purged}: stalled")), "{text}");
+    assert!(
+        text.contains(&format!("lost:    {} batches", s.batches_lost)),
+        "{text}"
+    );
+    let out = taskmill_tests::producer(&t.ns, &["status", &purged, "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["batches_lost"], s.batches_lost, "{json}");
+    // The job whose batches were taken: stalled with all 6 lost...
+    let s = t
+        .wait_finished(&store, &taken_job, Duration::from_secs(60))
+        .await;
+    assert_eq!(s.state(), "stalled", "{s:?}");
+    assert_eq!(s.batches_lost, 6, "{s:?}");
+    // ...until they come back: then it completes, with its summary, nothing lost.
+    for m in &taken {
+        ch.basic_publish(
+            "".into(),
+            work.as_str().into(),
+            BasicPublishOptions::default(),
+            &m.delivery.data,
+            m.delivery.properties.clone(),
+        )
+        .await
+        .unwrap();
+    }
+    until(
+        "the taken batches stored",
+        Duration::from_secs(60),
+        || async {
+            store
+                .job_status(&taken_job)
+                .await
+                .unwrap()
+                .is_some_and(|s| s.state() == "completed" && s.summary.is_some())
+        },
+    )
+    .await;
+    let s = store.job_status(&taken_job).await.unwrap().unwrap();
+    assert_eq!((s.batches_done, s.batches_lost), (6, 0), "{s:?}");
+    w.stop().await.unwrap();
+    drop(conn);
+    let _ = std::fs::remove_file(file);
+    let _ = std::fs::remove_file(small);
+    t.cleanup().await;
+}
+
+/// A slow but healthy job is never called stalled, however short `--stall-after`: batches
+/// that run longer than it are in a worker's hands, batches held by `--countdown` are in a
+/// delay queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_healthy_job_is_never_called_stalled() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    let mut wa = t.worker_args();
+    wa.stall_after = 1;
+    wa.threads = 2;
+    wa.prefetch = 2;
+    let w = t.spawn_worker(wa.clone());
+    wa.queues = vec!["later".into()];
+    let w_later = t.spawn_worker(wa);
+    // Two batches of 12 s, side by side: the watcher looks (every 5 s) at least twice while
+    // the queue is empty and both are in the worker's hands.
+    let file = write_jsonl(sample::posts(2));
+    let mut args = EnqueueArgs::new("chaos");
+    args.files = vec![file.clone()];
+    args.batch_size = 1;
+    args.params = vec!["sleep_ms=12000".into()];
+    args.no_check = true;
+    let slow = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    // Two batches that wait 15 s in the broker's delay queues (10 s, then 5 s) before they
+    // run, on a queue of their own.
+    let mut args = EnqueueArgs::new("post-stats");
+    args.files = vec![file.clone()];
+    args.batch_size = 1;
+    args.queue = "later".into();
+    args.countdown = Some("15s".into());
+    args.no_check = true;
+    let later = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    for job in [&slow, &later] {
+        let s = t.wait_finished(&store, job, Duration::from_secs(90)).await;
+        assert_eq!(s.state(), "completed", "{s:?}");
+        assert_eq!((s.batches_done, s.batches_lost), (2, 0), "{s:?}");
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+    }
+    w.stop().await.unwrap();
+    w_later.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}

@@ -64,6 +64,13 @@ pub struct WorkerArgs {
     #[arg(long, env = "TASKMILL_UNKNOWN_TASK_WAIT", default_value_t = 0)]
     pub unknown_task_wait: u64,
 
+    /// A job that made no progress for this many seconds, while nothing of its queue is in
+    /// the broker (work queue, priority bands, delay queues) and no worker holds one of its
+    /// batches, is given up on: its missing batches are counted lost and it finishes
+    /// `stalled` (a queue purged or deleted in the console). 0: never.
+    #[arg(long, env = "TASKMILL_STALL_AFTER", default_value_t = 300)]
+    pub stall_after: u64,
+
     /// Retries of transient failures.
     #[command(flatten)]
     pub retry: RetryPolicy,
@@ -92,6 +99,7 @@ impl WorkerArgs {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
             unknown_task_wait: 0,
+            stall_after: 300,
             retry: RetryPolicy::default(),
             log_format: LogFormat::Pretty,
         }

@@ -43,6 +43,7 @@ mod pumps;
 pub mod retry;
 mod session;
 mod sink;
+mod stalls;
 mod stats;
 mod sweep;
 
@@ -203,6 +204,27 @@ pub async fn run_with_stats(
             }
         },
     ));
+    // Jobs whose batches can no longer arrive (a queue purged in the console) finish as
+    // `stalled`, looked for by one worker of the namespace at a time.
+    let stalls = (args.stall_after > 0).then(|| {
+        let stall_after = Duration::from_secs(args.stall_after);
+        let watcher = Arc::new(tokio::sync::Mutex::new(stalls::Watcher::new(
+            Names::new(&args.conn.namespace),
+            args.conn.amqp_url.clone(),
+            stall_after,
+            beat.id.clone(),
+            registry.clone(),
+        )));
+        tokio::spawn(every(
+            background.clone(),
+            stalls::period(stall_after),
+            metrics_stop.clone(),
+            move |s| {
+                let watcher = watcher.clone();
+                async move { watcher.lock().await.tick(&s).await }
+            },
+        ))
+    });
     let running: pool::Running = Arc::new((0..threads).map(|_| Default::default()).collect());
     let watchdog = tokio::spawn(watch_stuck(
         running.clone(),
@@ -230,6 +252,9 @@ pub async fn run_with_stats(
     let _ = watchdog.await;
     let _ = catalog.await;
     let _ = heartbeat.await;
+    if let Some(stalls) = stalls {
+        let _ = stalls.await;
+    }
     // The last heartbeat says the worker stopped (a killed one just stops beating).
     if let Some(s) = background.get().await {
         beat.send(&s, true).await;

@@ -538,12 +538,21 @@ impl Sink {
         Ok(false)
     }
 
-    /// The delay queue of `queue` for `delay_ms`, declared once a session.
+    /// The delay queue of `queue` for `delay_ms`, declared once a session and recorded in
+    /// Redis (the stalled-job watcher looks into every delay queue of a job's queue).
     async fn delay_queue(&self, queue: &str, delay_ms: u64) -> anyhow::Result<String> {
         let name = self.names.delay_queue(queue, delay_ms);
         let mut declared = self.declared.lock().await;
         if !declared.contains(&name) {
             topology::declare_delay_queue(&self.channel, &self.names, queue, delay_ms).await?;
+            if let Stored::Failed(e) = self
+                .redis("recording a delay queue", || {
+                    self.store.add_delay_queue(&name)
+                })
+                .await?
+            {
+                anyhow::bail!("recording delay queue {name}: {e}");
+            }
             declared.insert(name.clone());
         }
         Ok(name)
@@ -645,7 +654,11 @@ impl Sink {
 /// Folds a job's results into its summary with its task (the fold on a blocking thread, never
 /// on tokio's) and stores it. A fold that fails (the task's `aggregate` panicked) is said in
 /// the job's problems and counted, never a silent `summary: null`.
-async fn fold(store: Store, job: String, task: std::sync::Arc<dyn taskmill_common::task::Task>) {
+pub(crate) async fn fold(
+    store: Store,
+    job: String,
+    task: std::sync::Arc<dyn taskmill_common::task::Task>,
+) {
     let summary = if task.folds_in_pages() {
         fold_in_pages(&store, &job, task.clone()).await
     } else {

@@ -41,8 +41,8 @@ DELIVERY_LIMIT = 10
 DEAD_EVENTS_MAX = 1_000_000
 PRIORITY_BANDS = ((1, "p1"), (5, "p5"))
 RETRY_PARAMS = ("retry_max_attempts", "retry_base_ms", "retry_factor", "retry_max_delay_ms")
-STATES = ("pending", "running", "completed", "completed_with_errors", "cancelled", "interrupted")
-FINISHED = ("completed", "completed_with_errors", "cancelled")
+STATES = ("pending", "running", "completed", "completed_with_errors", "cancelled", "interrupted", "stalled")  # noqa: E501
+FINISHED = ("completed", "completed_with_errors", "cancelled", "stalled")
 # Batch numbers reserved ahead of publishing (one Redis round trip per this many).
 RESERVE_AHEAD = 1024
 # How many times one batch may be refused (nack or return), and reconnects in a row.
@@ -392,6 +392,9 @@ class Client:
         for k in _OPTIONAL_NUMBERS + ("lease_until_ms",):
             if k in raw:
                 out[k] = number(k)
+        # Batches given up on (a stalled job): shown while there are any, as the CLI does.
+        if "batches_lost" in raw and number("batches_lost") > 0:
+            out["batches_lost"] = number("batches_lost")
         for k in ("state", "task", "queue"):
             out[k] = raw.get(k, "")
         for k, default in (("params", {}), ("problems", [])):
@@ -436,8 +439,8 @@ class Client:
 
     @staticmethod
     def finished(status: dict) -> bool:
-        """Completed, completed with errors, cancelled, or interrupted with all it published
-        settled."""
+        """Completed, completed with errors, cancelled, stalled (batches lost), or interrupted
+        with all it published settled."""
         return status["state"] in FINISHED or (
             status["state"] == "interrupted" and "finished_ms" in status
         )
@@ -461,7 +464,7 @@ class Client:
         # after; a cancelled or interrupted job gets none.
         for _ in range(50):
             if ("summary" in status or status["batches_done"] == 0
-                    or status["state"] not in ("completed", "completed_with_errors")):
+                    or status["state"] not in ("completed", "completed_with_errors", "stalled")):
                 break
             time.sleep(POLL_SECONDS)
             status = self.status(job)

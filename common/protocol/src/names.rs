@@ -224,6 +224,19 @@ impl Keys {
     pub fn served(&self, queue: &str, task: &str) -> String {
         format!("{}:served:{queue}:{task}", self.ns)
     }
+    /// Ids of the jobs not finished, scored by their last progress (ms): the scripts keep it
+    /// (written as `{ns}:active` in Lua, from a job's key), the stalled-job watcher reads it.
+    pub fn active_jobs(&self) -> String {
+        format!("{}:active", self.ns)
+    }
+    /// The delay queues workers declared (full names): where a job's retries may wait.
+    pub fn delay_queues(&self) -> String {
+        format!("{}:delay-queues", self.ns)
+    }
+    /// The lock of the worker that watches for stalled jobs.
+    pub fn stall_watch(&self) -> String {
+        format!("{}:stall-watch", self.ns)
+    }
     /// Ids of the cancelled jobs (workers read it to drop their batches).
     pub fn cancelled_jobs(&self) -> String {
         format!("{}:cancelled", self.ns)

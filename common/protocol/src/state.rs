@@ -19,17 +19,22 @@ pub enum JobState {
     Cancelled,
     /// Its enqueue was interrupted; what was published runs.
     Interrupted,
+    /// Finished without some batches: they can no longer arrive (their queue was purged or
+    /// deleted, say), counted in `batches_lost`. Stored batches that come back after all
+    /// still count, and a job whose lost batches all come back finishes as it would have.
+    Stalled,
 }
 
 impl JobState {
     /// Every state.
-    pub const ALL: [JobState; 6] = [
+    pub const ALL: [JobState; 7] = [
         JobState::Pending,
         JobState::Running,
         JobState::Completed,
         JobState::CompletedWithErrors,
         JobState::Cancelled,
         JobState::Interrupted,
+        JobState::Stalled,
     ];
 
     /// The name stored in Redis and printed.
@@ -41,6 +46,7 @@ impl JobState {
             JobState::CompletedWithErrors => "completed_with_errors",
             JobState::Cancelled => "cancelled",
             JobState::Interrupted => "interrupted",
+            JobState::Stalled => "stalled",
         }
     }
 
@@ -48,7 +54,10 @@ impl JobState {
     pub fn is_finished(self) -> bool {
         matches!(
             self,
-            JobState::Completed | JobState::CompletedWithErrors | JobState::Cancelled
+            JobState::Completed
+                | JobState::CompletedWithErrors
+                | JobState::Cancelled
+                | JobState::Stalled
         )
     }
 

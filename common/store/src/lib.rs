@@ -249,6 +249,10 @@ pub struct JobStatus {
     pub batches_cancelled: u64,
     /// Batches dropped unrun because they were not started before the job's expiry.
     pub batches_expired: u64,
+    /// Batches given up on: they could no longer arrive (a stalled job). Left out of the
+    /// JSON while 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub batches_lost: u64,
     /// Retries of the job's batches.
     pub retries: u64,
     /// Sources (URLs, files) that could not be read.
@@ -397,6 +401,7 @@ impl JobStatus {
             records_invalid: num("records_invalid")?,
             batches_cancelled: num("batches_cancelled")?,
             batches_expired: num("batches_expired")?,
+            batches_lost: num("batches_lost")?,
             retries: num("retries")?,
             sources_failed: num("sources_failed")?,
             problems: f
@@ -452,6 +457,10 @@ impl JobStatus {
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// The Lua scripts, built once.
 struct Scripts {
     done: redis::Script,
@@ -466,6 +475,8 @@ struct Scripts {
     record_dropped: redis::Script,
     raise: redis::Script,
     reopen: redis::Script,
+    stall: redis::Script,
+    add_problem: redis::Script,
 }
 
 impl Scripts {
@@ -485,6 +496,11 @@ impl Scripts {
             record_dropped: with_finish(include_str!("lua/record_dropped.lua")),
             raise: with_finish(RAISE_LUA),
             reopen: with_finish(include_str!("lua/reopen.lua")),
+            stall: with_finish(include_str!("lua/stall.lua")),
+            add_problem: with_finish(
+                "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end\n\
+                 append_problem(KEYS[1], ARGV[1])\nreturn 1",
+            ),
         }
     }
 }
@@ -878,6 +894,117 @@ impl Store {
         Ok(())
     }
 
+    /// Takes the lock `key` for `owner`, or keeps it when `owner` holds it already; it lapses
+    /// after `ttl` unless taken again. True when `owner` holds it now.
+    pub async fn hold_lock(&self, key: &str, owner: &str, ttl: std::time::Duration) -> bool {
+        const HOLD: &str = r"
+            if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+            if redis.call('GET', KEYS[1]) == ARGV[1] then
+                redis.call('PEXPIRE', KEYS[1], ARGV[2])
+                return 1
+            end
+            return 0
+        ";
+        let mut con = self.con.clone();
+        redis::Script::new(HOLD)
+            .key(key)
+            .arg(owner)
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async::<i64>(&mut con)
+            .await
+            .is_ok_and(|held| held == 1)
+    }
+
+    /// Jobs not finished whose last progress is at or before `before_ms` (ms), oldest first,
+    /// at most `limit`, each with its score as stored (for [`Store::mark_stalled`]).
+    pub async fn quiet_jobs(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(String, f64)>, StoreError> {
+        let mut con = self.con.clone();
+        redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.active_jobs())
+            .arg("-inf")
+            .arg(before_ms)
+            .arg("WITHSCORES")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Takes `job` out of the jobs not finished (its hash is gone, or it is finished).
+    pub async fn forget_active(&self, job: &str) -> Result<(), StoreError> {
+        let mut con = self.con.clone();
+        redis::cmd("ZREM")
+            .arg(self.keys.active_jobs())
+            .arg(job)
+            .query_async::<()>(&mut con)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records that a delay queue exists (full name): a job's retries may wait there.
+    pub async fn add_delay_queue(&self, name: &str) -> Result<(), StoreError> {
+        let mut con = self.con.clone();
+        redis::cmd("SADD")
+            .arg(self.keys.delay_queues())
+            .arg(name)
+            .query_async::<()>(&mut con)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// The delay queues workers declared (full names; some may have been deleted since).
+    pub async fn delay_queues(&self) -> Result<Vec<String>, StoreError> {
+        let mut con = self.con.clone();
+        redis::cmd("SMEMBERS")
+            .arg(self.keys.delay_queues())
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Forgets a delay queue that no longer exists.
+    pub async fn forget_delay_queue(&self, name: &str) -> Result<(), StoreError> {
+        let mut con = self.con.clone();
+        redis::cmd("SREM")
+            .arg(self.keys.delay_queues())
+            .arg(name)
+            .query_async::<()>(&mut con)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Gives up on the batches of `job` not settled yet, if it made no progress since `score`
+    /// (its last progress, as [`Store::quiet_jobs`] gave it): they are counted lost, `problem`
+    /// (with `{lost}` replaced by their number) joins its problems, and the job finishes
+    /// (`stalled`; an interrupted job keeps its state). Returns None when nothing changed
+    /// (progress since, finished, still publishing), else the batches lost and whether the
+    /// job wants a summary folded.
+    pub async fn mark_stalled(
+        &self,
+        job: &str,
+        score: f64,
+        problem: &str,
+    ) -> Result<Option<(u64, bool)>, StoreError> {
+        let mut con = self.con.clone();
+        let (code, lost, summary): (i64, i64, i64) = self
+            .scripts
+            .stall
+            .key(self.keys.job(job))
+            .arg(now_ms())
+            .arg(score)
+            .arg(problem)
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok((code == 1).then_some((lost.max(0) as u64, summary == 1)))
+    }
+
     /// Takes a lock that lapses after `ttl` (SET NX PX); true when this call took it.
     pub async fn try_lock(&self, key: &str, ttl: std::time::Duration) -> bool {
         let mut con = self.con.clone();
@@ -1079,20 +1206,9 @@ impl Store {
     /// Adds `text` to the job's problems (shown by `status` and the dashboard), when the job
     /// exists: what went wrong after its batches ran (its summary could not be folded, say).
     pub async fn add_problem(&self, job: &str, text: &str) -> Result<(), StoreError> {
-        const ADD: &str = r"
-            if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-            local raw = redis.call('HGET', KEYS[1], 'problems')
-            local list = {}
-            if raw then
-                local ok, got = pcall(cjson.decode, raw)
-                if ok and type(got) == 'table' then list = got end
-            end
-            table.insert(list, ARGV[1])
-            redis.call('HSET', KEYS[1], 'problems', cjson.encode(list))
-            return 1
-        ";
         let mut con = self.con.clone();
-        redis::Script::new(ADD)
+        self.scripts
+            .add_problem
             .key(self.keys.job(job))
             .arg(text)
             .invoke_async::<i64>(&mut con)
@@ -1118,6 +1234,7 @@ impl Store {
             .arg(batch)
             .arg(attempt)
             .arg(self.ttl)
+            .arg(now_ms())
             .invoke_async::<i64>(&mut con)
             .await
             .map_err(|e| self.err(e))?;

@@ -118,6 +118,12 @@ pub fn describe(status: &JobStatus) -> String {
             status.batches_total.unwrap_or(0)
         ));
     }
+    if status.batches_lost > 0 {
+        s.push_str(&format!(
+            "\n  lost:    {} batches never came back (the job stalled: see its problems)",
+            status.batches_lost
+        ));
+    }
     if status.batches_expired > 0 {
         s.push_str(&format!(
             "\n  expired: {} batches dropped unrun (not started before the job's expiry)",

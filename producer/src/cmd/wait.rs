@@ -1,7 +1,7 @@
 //! `producer wait JOB`: follow a job until it finishes.
 //!
-//! Exit 0 when every batch is done, 1 when the job finished with dead batches or was
-//! cancelled, 3 on timeout. On a terminal, a progress bar shows the batches done.
+//! Exit 0 when every batch is done, 1 when the job finished with dead or lost batches (stalled)
+//! or was cancelled, 3 on timeout. On a terminal, a progress bar shows the batches done.
 
 use std::{io::IsTerminal, process::ExitCode, time::Duration};
 

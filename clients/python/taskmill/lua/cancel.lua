@@ -8,13 +8,15 @@ local state = f[1]
 local known = false
 for _, s in pairs(STATE) do if s == state then known = true end end
 if not known then return {3, state or ''} end
-if state == STATE.completed or state == STATE.completed_with_errors
+if state == STATE.completed or state == STATE.completed_with_errors or state == STATE.stalled
    or state == STATE.cancelled or (state == STATE.interrupted and f[2]) then
   return {2, state}
 end
 redis.call('HSET', KEYS[1], 'state', STATE.cancelled, 'cancelled_ms', ARGV[2],
   'finished_ms', ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
+local active, id = active_of(KEYS[1])
+if active then redis.call('ZREM', active, id) end
 release_unique(KEYS[1])
 local ttl = job_ttl(KEYS[1], 604800)
 if redis.call('TTL', KEYS[2]) < ttl then redis.call('EXPIRE', KEYS[2], ttl) end

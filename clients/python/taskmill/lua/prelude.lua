@@ -3,7 +3,7 @@
 -- (field -> value), written with one HSET (`write`).
 local FIELDS = {'state', 'batches_total', 'batches_reserved', 'batches_published',
   'batches_done', 'batches_dead', 'batches_cancelled', 'batches_expired', 'ttl', 'started_ms',
-  'finished_ms', 'records_done', 'records_invalid'}
+  'finished_ms', 'records_done', 'records_invalid', 'batches_lost'}
 local function load(job)
   local f = redis.call('HMGET', job, unpack(FIELDS))
   local j = {}
@@ -35,31 +35,86 @@ local function release_unique(job)
   local u = redis.call('HGET', job, 'unique_key')
   if u and redis.call('GET', u) == job then redis.call('DEL', u) end
 end
+-- Appends `text` to the job's problems (a JSON array; one that is not is started again).
+local function append_problem(job, text)
+  local raw = redis.call('HGET', job, 'problems')
+  local list = {}
+  if raw then
+    local ok, got = pcall(cjson.decode, raw)
+    if ok and type(got) == 'table' then list = got end
+  end
+  table.insert(list, text)
+  redis.call('HSET', job, 'problems', cjson.encode(list))
+end
+-- The namespace's `active` sorted set (ids of jobs not finished, scored by their last
+-- progress in ms: what workers look at to find jobs whose batches are gone) and the job's id.
+local function active_of(job)
+  local ns, id = string.match(job, '^(.*):job:([^:]*)$')
+  if not ns then return nil, nil end
+  return ns .. ':active', id
+end
+-- The job made progress now (or is new): a stalled-job watcher starts counting again.
+local function touch_active(job, now)
+  local key, id = active_of(job)
+  if key then redis.call('ZADD', key, now, id) end
+end
+local function settled_j(j)
+  return num(j.batches_done) + num(j.batches_dead) + num(j.batches_cancelled)
+    + num(j.batches_expired)
+end
+-- Decides whether a job is finished and sets its state and finish time. Batches counted lost
+-- (`batches_lost`, set when a stalled job was given up on) finish it as `stalled`; a lost
+-- batch that comes back after all is stored and no longer counted lost, so a job whose lost
+-- batches all come back finishes as it would have (its summary folded again).
 local function finish_j(job, j, w, now)
-  if not j.batches_total then return end
-  local total = tonumber(j.batches_total)
-  local done = num(j.batches_done)
-  local dead = num(j.batches_dead) + num(j.batches_cancelled) + num(j.batches_expired)
-  if j.state == STATE.cancelled then return end
-  local state = j.state
-  if state == STATE.interrupted then
-    -- An interrupted job keeps its state; it finishes when what was published has settled.
-    if done + dead >= total then
-      if not j.finished_ms then put(j, w, 'finished_ms', now) end
-      release_unique(job)
+  local ended = false
+  if j.batches_total and j.state ~= STATE.cancelled then
+    local total = tonumber(j.batches_total)
+    local settled = settled_j(j)
+    local dead = settled - num(j.batches_done)
+    local lost = num(j.batches_lost)
+    if lost > 0 and settled + lost > total then
+      lost = math.max(total - settled, 0)
+      put(j, w, 'batches_lost', lost)
     end
-    return
+    local state = j.state
+    if state == STATE.interrupted then
+      -- An interrupted job keeps its state; it finishes when what was published has settled.
+      if settled + lost >= total then
+        if not j.finished_ms then put(j, w, 'finished_ms', now) end
+        release_unique(job)
+        ended = true
+      end
+    else
+      if settled + lost >= total then
+        if lost > 0 then
+          state = STATE.stalled
+        elseif dead > 0 then
+          state = STATE.completed_with_errors
+        else
+          state = STATE.completed
+        end
+        ended = true
+      elseif settled > 0 then
+        state = STATE.running
+      end
+      if state ~= j.state then
+        -- A stalled job that finishes after all: its summary is folded again.
+        if j.state == STATE.stalled then redis.call('HDEL', job, 'summary') end
+        put(j, w, 'state', state)
+        if ended then
+          put(j, w, 'finished_ms', now)
+          release_unique(job)
+        end
+      end
+    end
   end
-  if done + dead >= total then
-    if dead > 0 then state = STATE.completed_with_errors else state = STATE.completed end
-  elseif done + dead > 0 then
-    state = STATE.running
-  end
-  if state ~= j.state then
-    put(j, w, 'state', state)
-    if state == STATE.completed or state == STATE.completed_with_errors then
-      put(j, w, 'finished_ms', now)
-      release_unique(job)
+  local key, id = active_of(job)
+  if key then
+    if ended or j.state == STATE.cancelled then
+      redis.call('ZREM', key, id)
+    else
+      redis.call('ZADD', key, now, id)
     end
   end
 end
@@ -88,8 +143,7 @@ local function batch_limit(job)
 end
 -- A batch counted done or dead was published: batches_published is never below them.
 local function published_at_least_j(j, w)
-  local settled = num(j.batches_done) + num(j.batches_dead) + num(j.batches_cancelled)
-    + num(j.batches_expired)
+  local settled = settled_j(j)
   if settled > num(j.batches_published) then put(j, w, 'batches_published', settled) end
 end
 local function published_at_least(job)

@@ -24,6 +24,7 @@ redis.call('HSET', KEYS[1], 'state', STATE.pending, 'task', ARGV[2], 'queue', AR
   'records_invalid', 0, 'retries', 0, 'sources_failed', 0)
 if KEYS[3] ~= '' then redis.call('HSET', KEYS[1], 'unique_key', KEYS[3]) end
 redis.call('EXPIRE', KEYS[1], ttl)
+touch_active(KEYS[1], ARGV[5])
 local before = redis.call('TTL', KEYS[2])
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
 if before == -2 or (before >= 0 and before < ttl) then redis.call('EXPIRE', KEYS[2], ttl) end

@@ -10,6 +10,8 @@ local ttl = (type(t) == 'string' and tonumber(t)) or 604800
 local existed = redis.call('EXISTS', KEYS[1])
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 redis.call('ZREM', KEYS[6], ARGV[1])
+local active, id = active_of(KEYS[1])
+if active then redis.call('ZREM', active, id) end
 if existed == 1 then
   redis.call('SADD', KEYS[7], ARGV[1])
   if redis.call('TTL', KEYS[7]) < ttl then redis.call('EXPIRE', KEYS[7], ttl) end

@@ -4,7 +4,7 @@
 -- dead letters' counter may have marked it first).
 local function wants_summary()
   local st = redis.call('HGET', KEYS[1], 'state')
-  if (st == STATE.completed or st == STATE.completed_with_errors)
+  if (st == STATE.completed or st == STATE.completed_with_errors or st == STATE.stalled)
      and redis.call('HEXISTS', KEYS[1], 'summary') == 0 then
     return 1
   end

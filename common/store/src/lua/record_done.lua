@@ -68,7 +68,8 @@ if batches > 0 then
 end
 -- A last element: 1 when the job is finished and has no summary yet (this worker folds it).
 local st = j.state
-if batches > 0 and (st == STATE.completed or st == STATE.completed_with_errors)
+if batches > 0 and (st == STATE.completed or st == STATE.completed_with_errors
+                    or st == STATE.stalled)
    and redis.call('HEXISTS', KEYS[1], 'summary') == 0 then
   out[n + 1] = 1
 else

@@ -11,10 +11,12 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 local j = load(KEYS[1])
 local w = {}
 put(j, w, 'batches_dead', math.max(num(j.batches_dead) - 1, 0))
-if j.state == STATE.completed or j.state == STATE.completed_with_errors then
+if j.state == STATE.completed or j.state == STATE.completed_with_errors
+   or j.state == STATE.stalled then
   put(j, w, 'state', STATE.running)
 end
 write(KEYS[1], w)
 if j.state ~= STATE.cancelled then redis.call('HDEL', KEYS[1], 'finished_ms') end
 redis.call('HDEL', KEYS[1], 'summary')
+touch_active(KEYS[1], ARGV[2])
 return {1, reason}

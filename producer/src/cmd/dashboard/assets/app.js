@@ -14,7 +14,7 @@ function current(g) {
 }
 class Stale extends Error {}
 
-const STATES = ["pending", "running", "completed", "completed_with_errors", "cancelled", "interrupted"];
+const STATES = ["pending", "running", "completed", "completed_with_errors", "cancelled", "interrupted", "stalled"];
 
 function esc(v) {
   return String(v ?? "").replace(/[&<>"']/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -81,7 +81,7 @@ function progress(j, big = false) {
   const total = j.batches_total ?? j.batches_published ?? 0;
   const done = j.batches_done || 0;
   const dead = j.batches_dead || 0;
-  const other = (j.batches_cancelled || 0) + (j.batches_expired || 0);
+  const other = (j.batches_cancelled || 0) + (j.batches_expired || 0) + (j.batches_lost || 0);
   const pct = n => (total > 0 ? Math.min(100, (100 * n) / total) : 0);
   const publishing = j.batches_total === undefined || j.batches_total === null;
   return `<span class="bar${big ? " big" : ""}"><span style="width:${pct(done)}%"></span><span class="dead" style="width:${pct(dead + other)}%"></span></span>` +
@@ -232,6 +232,7 @@ function jobView(id) {
       stat(j.batches_total ?? j.batches_published, j.batches_total === undefined ? "batches published so far" : "batches"),
       stat(j.batches_done, "batches done"), stat(j.batches_dead, "batches dead"),
       stat(j.batches_cancelled, "batches cancelled"), stat(j.batches_expired, "batches expired"),
+      ...(j.batches_lost ? [stat(j.batches_lost, "batches lost")] : []),
       stat(j.retries, "retries"), stat(j.records_total, "records"), stat(j.records_done, "records done"),
       stat(j.records_invalid, "records invalid"), stat(j.rate, "records/s"),
     ].join("");
