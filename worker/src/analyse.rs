@@ -80,6 +80,9 @@ pub enum Outcome {
     Done(Done),
     /// A transient failure: retry later.
     Retry(String),
+    /// It ran past its time limit: retry later, or dead-letter `time_limit` once out of
+    /// attempts.
+    OverTime(String),
     /// Give up: dead-letter with this kind and error text.
     Dead(DeadKind, String),
     /// The job was cancelled: drop the batch unrun (counted in `batches_cancelled`).
@@ -102,6 +105,7 @@ pub fn analyse(
     attempt: u32,
     max_bytes: usize,
     time_limit: Option<std::time::Duration>,
+    started: Option<&dyn Fn(&BatchId)>,
 ) -> (BatchId, Outcome) {
     let mut id = BatchId::default();
     if let Some((job, batch)) = message_id.and_then(envelope::parse_message_id) {
@@ -152,6 +156,12 @@ pub fn analyse(
             return (id, Outcome::Dead(DeadKind::BadParams, e));
         }
     }
+    if let Some(f) = started {
+        // What the batch is, for settling it without this thread at its time limit.
+        let mut known = id.clone();
+        known.params = env.params.clone();
+        f(&known);
+    }
     let started = std::time::Instant::now();
     let ctx = TaskContext {
         params: &env.params,
@@ -165,14 +175,13 @@ pub fn analyse(
     let took = started.elapsed();
     id.ran_for = Some(took);
     if let Some(limit) = time_limit.filter(|&l| took > l) {
-        metrics::counter!("taskmill_time_limit_overruns_total", "task" => task.name()).increment(1);
         id.params = env.params;
         let msg = format!(
             "time_limit: the batch ran {} ms, over its limit of {} ms",
             took.as_millis(),
             limit.as_millis()
         );
-        return (id, Outcome::Retry(msg));
+        return (id, Outcome::OverTime(msg));
     }
     let outcome = match result {
         // Counts that do not fit the batch are the task's bug: reported, never stored (they
@@ -239,22 +248,30 @@ mod tests {
     #[test]
     fn outcomes() {
         let reg = taskmill_common::tasks::builtin();
-        let (id, out) = analyse(&reg, &env("post-stats", &[]), None, 1, 1 << 20, None);
+        let (id, out) = analyse(&reg, &env("post-stats", &[]), None, 1, 1 << 20, None, None);
         assert!(matches!(out, Outcome::Done(_)));
         assert_eq!(id.label, "post-stats");
         assert_eq!(id.job.as_deref(), Some("j"));
         assert_eq!(id.batch, Some(3));
 
-        let (_, out) = analyse(&reg, &env("nope", &[]), None, 1, 1 << 20, None);
+        let (_, out) = analyse(&reg, &env("nope", &[]), None, 1, 1 << 20, None, None);
         assert!(matches!(out, Outcome::Dead(DeadKind::UnknownTask, _)));
 
-        let (id, out) = analyse(&reg, b"garbage", Some("job9:4"), 1, 1 << 20, None);
+        let (id, out) = analyse(&reg, b"garbage", Some("job9:4"), 1, 1 << 20, None, None);
         assert!(matches!(out, Outcome::Dead(DeadKind::Undecodable, _)));
         assert_eq!(id.job.as_deref(), Some("job9"));
         assert_eq!(id.batch, Some(4));
 
         // A message id that aliases another key names no job.
-        let (id, _) = analyse(&reg, b"garbage", Some("job9:results:4"), 1, 1 << 20, None);
+        let (id, _) = analyse(
+            &reg,
+            b"garbage",
+            Some("job9:results:4"),
+            1,
+            1 << 20,
+            None,
+            None,
+        );
         assert_eq!(id.job, None);
 
         let mut forged = Envelope {
@@ -266,7 +283,7 @@ mod tests {
             records: vec![],
             created_ms: 1,
         };
-        let (id, out) = analyse(&reg, &encode(&forged), None, 1, 1 << 20, None);
+        let (id, out) = analyse(&reg, &encode(&forged), None, 1, 1 << 20, None, None);
         assert!(
             matches!(out, Outcome::Dead(DeadKind::UnknownJob, _)),
             "{out:?}"
@@ -275,30 +292,30 @@ mod tests {
         assert!(id.task.unwrap().len() <= MAX_HEADER_TEXT);
         assert_eq!(id.label, "unknown");
         forged.job = "ok".into();
-        let (id, out) = analyse(&reg, &encode(&forged), None, 1, 1 << 20, None);
+        let (id, out) = analyse(&reg, &encode(&forged), None, 1, 1 << 20, None, None);
         let Outcome::Dead(DeadKind::UnknownTask, msg) = out else {
             panic!("{out:?}")
         };
         assert!(msg.len() < 1000, "{}", msg.len());
         assert_eq!(id.label, "unknown");
 
-        let (_, out) = analyse(&reg, &env("post-stats", &[]), None, 1, 4, None);
+        let (_, out) = analyse(&reg, &env("post-stats", &[]), None, 1, 4, None, None);
         assert!(matches!(out, Outcome::Dead(DeadKind::TooLarge, _)));
 
         let panicky = env("chaos", &[("fail_rate", "1"), ("fail", "panic")]);
-        let (_, out) = analyse(&reg, &panicky, None, 1, 1 << 20, None);
+        let (_, out) = analyse(&reg, &panicky, None, 1, 1 << 20, None, None);
         assert!(matches!(out, Outcome::Dead(DeadKind::Panic, _)), "{out:?}");
 
         let slow = env("chaos", &[("sleep_ms", "30")]);
         let limit = Some(std::time::Duration::from_millis(5));
-        let (_, out) = analyse(&reg, &slow, None, 1, 1 << 20, limit);
-        let Outcome::Retry(msg) = out else {
+        let (_, out) = analyse(&reg, &slow, None, 1, 1 << 20, limit, None);
+        let Outcome::OverTime(msg) = out else {
             panic!("{out:?}")
         };
         assert!(msg.starts_with("time_limit"), "{msg}");
 
         let transient = env("chaos", &[("fail_rate", "1")]);
-        let (_, out) = analyse(&reg, &transient, None, 1, 1 << 20, None);
+        let (_, out) = analyse(&reg, &transient, None, 1, 1 << 20, None, None);
         assert!(matches!(out, Outcome::Retry(_)));
     }
 
@@ -328,7 +345,7 @@ mod tests {
     #[test]
     fn counts_that_do_not_fit_the_batch_are_a_task_error() {
         let reg = Registry::new().with(Overcounts);
-        let (_, out) = analyse(&reg, &env("overcounts", &[]), None, 1, 1 << 20, None);
+        let (_, out) = analyse(&reg, &env("overcounts", &[]), None, 1, 1 << 20, None, None);
         let Outcome::Dead(DeadKind::Permanent, msg) = out else {
             panic!("{out:?}")
         };

@@ -62,11 +62,13 @@ pub fn decide(analysed: Option<&(BatchId, Outcome)>, attempt: u32, policy: &Retr
             }
         }
         Outcome::Done(_) if identified => Action::Store,
-        Outcome::Done(_) | Outcome::Retry(_) if !identified => Action::Dead {
-            kind: DeadKind::UnknownJob,
-            error: "batch without identity".into(),
-        },
-        Outcome::Retry(error) => {
+        Outcome::Done(_) | Outcome::Retry(_) | Outcome::OverTime(_) if !identified => {
+            Action::Dead {
+                kind: DeadKind::UnknownJob,
+                error: "batch without identity".into(),
+            }
+        }
+        Outcome::Retry(error) | Outcome::OverTime(error) => {
             let policy = policy.for_params(&id.params);
             if policy.may_retry(attempt) {
                 let job = id.job.as_deref().unwrap_or_default();
@@ -74,8 +76,12 @@ pub fn decide(analysed: Option<&(BatchId, Outcome)>, attempt: u32, policy: &Retr
                     delay_ms: policy.delay_ms(attempt, job, id.batch.unwrap_or(0)),
                 }
             } else {
+                let kind = match outcome {
+                    Outcome::OverTime(_) => DeadKind::TimeLimit,
+                    _ => DeadKind::RetriesExhausted,
+                };
                 Action::Dead {
-                    kind: DeadKind::RetriesExhausted,
+                    kind,
                     error: format!("{error} (gave up after {attempt} attempts)"),
                 }
             }
@@ -154,6 +160,21 @@ mod tests {
         };
         assert_eq!(kind, DeadKind::RetriesExhausted);
         assert!(error.contains("gave up after 5 attempts"), "{error}");
+        // A batch that ran over its time limit is retried the same way, and its last
+        // overrun says so in its kind.
+        let over = (id(), Outcome::OverTime("time_limit: ran 2000 ms".into()));
+        assert!(matches!(decide(Some(&over), 1, &p), Action::Retry { .. }));
+        let last = decide(Some(&over), p.max_attempts, &p);
+        assert!(
+            matches!(
+                last,
+                Action::Dead {
+                    kind: DeadKind::TimeLimit,
+                    ..
+                }
+            ),
+            "{last:?}"
+        );
     }
 
     #[test]

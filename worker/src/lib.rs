@@ -60,7 +60,7 @@ use taskmill_common::{
     Backoff,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use args::WorkerArgs;
 pub use stats::Stats;
@@ -226,27 +226,40 @@ pub async fn run_with_stats(
         ))
     });
     let running: pool::Running = Arc::new((0..threads).map(|_| Default::default()).collect());
+    let analyser = pool::Analyser {
+        pumps: pumps::Pumps::new(Arc::new(pool)),
+        registry,
+        max_message_bytes: args.max_message_bytes,
+        max_result_bytes: args.max_result_bytes,
+        cancelled,
+        running,
+        rate_store: Default::default(),
+        stuck: Default::default(),
+    };
+    // Batches past their time limit are settled without their threads; once every thread is
+    // stuck, the worker drains and exits for its supervisor to restart it.
     let watchdog = tokio::spawn(watch_stuck(
-        running.clone(),
+        analyser.clone(),
         health.clone(),
+        shutdown.clone(),
         metrics_stop.clone(),
     ));
     let shared = Shared {
         names: Names::new(&args.conn.namespace),
-        analyser: pool::Analyser {
-            pumps: pumps::Pumps::new(Arc::new(pool)),
-            registry,
-            max_message_bytes: args.max_message_bytes,
-            max_result_bytes: args.max_result_bytes,
-            cancelled,
-            running,
-            rate_store: Default::default(),
-        },
+        analyser,
         args,
         stats,
         health,
     };
-    let result = sessions(&shared, &shutdown).await;
+    let mut result = sessions(&shared, &shutdown).await;
+    if result.is_ok()
+        && shared
+            .analyser
+            .stuck
+            .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        result = Err(ThreadsStuck.into());
+    }
     metrics_stop.cancel();
     let _ = watcher.await;
     let _ = watchdog.await;
@@ -419,18 +432,51 @@ async fn publish_catalog(
 /// Says on `/readyz` (and `taskmill_analysis_threads_stuck`) how many analysis threads have
 /// run their batch for more than twice its time limit, every second, until `stop`.
 async fn watch_stuck(
-    running: pool::Running,
+    analyser: pool::Analyser,
     health: Arc<metrics::Health>,
+    shutdown: CancellationToken,
     stop: CancellationToken,
 ) {
+    let threads = analyser.running.len();
     loop {
-        health.set_stuck(pool::stuck(&running));
+        let (stuck, hopeless) = pool::settle_overtime(&analyser.running);
+        health.set_stuck(stuck);
+        if threads > 0 && hopeless == threads {
+            if !analyser
+                .stuck
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                error!(
+                    threads,
+                    "every analysis thread is stuck in a task past its batch's time limit: \
+                     their batches are settled, the others go back to the queue, and the worker \
+                     exits with code {EXIT_THREADS_STUCK} for its supervisor to restart it"
+                );
+                shutdown.cancel();
+            }
+            // What was queued for the pool will never run here: it goes back unrun.
+            for job in analyser.pumps.take_queued() {
+                job();
+            }
+        }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(OVERTIME_CHECK) => {}
             _ = stop.cancelled() => return,
         }
     }
 }
+
+/// How often batches are checked against their time limits.
+const OVERTIME_CHECK: Duration = Duration::from_millis(50);
+
+/// The worker's exit code once every analysis thread is stuck in a task past its batch's time
+/// limit (after it settled those batches and gave the rest back): restart it.
+pub const EXIT_THREADS_STUCK: u8 = 7;
+
+/// Every analysis thread was stuck past a time limit (exit code [`EXIT_THREADS_STUCK`]).
+#[derive(Debug, thiserror::Error)]
+#[error("every analysis thread is stuck in a task past its batch's time limit; restart the worker")]
+pub struct ThreadsStuck;
 
 /// Checks the settings before anything connects.
 fn check(args: &WorkerArgs) -> anyhow::Result<()> {
@@ -521,6 +567,8 @@ fn refused(e: &anyhow::Error) -> bool {
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     if e.chain().any(|c| c.is::<UsageError>()) {
         2
+    } else if e.chain().any(|c| c.is::<ThreadsStuck>()) {
+        EXIT_THREADS_STUCK
     } else if refused(e)
         || e.chain()
             .any(|c| c.is::<amqp::ConnectError>() || c.is::<StoreError>())

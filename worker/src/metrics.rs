@@ -102,7 +102,7 @@ impl Health {
         let stuck = self.stuck.load(Ordering::Relaxed);
         if stuck > 0 {
             missing.push(format!(
-                "{stuck} analysis threads stuck (running a batch past twice its time limit)"
+                "{stuck} analysis threads stuck (running a batch past its time limit)"
             ));
         }
         (!missing.is_empty()).then(|| missing.join(", "))

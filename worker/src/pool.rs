@@ -44,19 +44,71 @@ pub(crate) type Arrived = (usize, String, Delivery, Instant);
 /// Ids of the cancelled jobs, refreshed from Redis by the worker.
 pub(crate) type Cancelled = Arc<std::sync::RwLock<std::collections::HashSet<String>>>;
 
-/// What each analysis thread runs now: since when, and its batch's time limit (if any).
-pub(crate) type Running = Arc<Vec<std::sync::Mutex<Option<(std::time::Instant, Duration)>>>>;
-
-/// How many analysis threads have run their batch for more than twice its time limit.
-pub(crate) fn stuck(running: &Running) -> usize {
-    running
-        .iter()
-        .filter(|slot| {
-            let slot = slot.lock().unwrap_or_else(|e| e.into_inner());
-            slot.is_some_and(|(since, limit)| since.elapsed() > limit * 2)
-        })
-        .count()
+/// A batch with a time limit on an analysis thread.
+pub(crate) struct RunningBatch {
+    since: Instant,
+    limit: Duration,
+    /// Its group's outcomes and its place there: at its limit the watchdog settles it there,
+    /// without its thread.
+    group: Arc<GroupResults>,
+    index: usize,
+    /// What it is (once decoded: job, batch, params, for its retry).
+    id: BatchId,
+    /// A copy of its body, for the retry or dead copy.
+    body: Vec<u8>,
+    /// Settled without its thread: the thread is stuck in the task past the limit.
+    abandoned: bool,
 }
+
+/// What each analysis thread runs now, when its batch has a time limit.
+pub(crate) type Running = Arc<Vec<std::sync::Mutex<Option<RunningBatch>>>>;
+
+/// Settles every batch that ran past its time limit, without waiting for its thread: its
+/// outcome is `OverTime` (retried, or dead-lettered `time_limit` once out of attempts); what
+/// its thread returns later is dropped. Returns how many threads are stuck in a batch past
+/// its limit, and how many of those for good: past twice the limit and at least
+/// [`HOPELESS_AFTER`] past it.
+pub(crate) fn settle_overtime(running: &Running) -> (usize, usize) {
+    let (mut stuck, mut hopeless) = (0, 0);
+    for slot in running.iter() {
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(rb) = slot.as_mut() else { continue };
+        let ran = rb.since.elapsed();
+        if ran <= rb.limit {
+            continue;
+        }
+        stuck += 1;
+        if ran > (rb.limit * 2).max(rb.limit + HOPELESS_AFTER) {
+            hopeless += 1;
+        }
+        if rb.abandoned {
+            continue;
+        }
+        rb.abandoned = true;
+        metrics::counter!("taskmill_time_limit_overruns_total", "task" => rb.id.label).increment(1);
+        let msg = format!(
+            "time_limit: the batch ran past its limit of {} ms (still running after {} ms: \
+             settled without waiting for its thread)",
+            rb.limit.as_millis(),
+            ran.as_millis()
+        );
+        tracing::warn!(job = ?rb.id.job, batch = ?rb.id.batch, "{msg}");
+        let mut id = rb.id.clone();
+        id.ran_for = Some(ran);
+        rb.group.put(
+            rb.index,
+            (
+                Some((id, Outcome::OverTime(msg))),
+                std::mem::take(&mut rb.body),
+            ),
+        );
+    }
+    (stuck, hopeless)
+}
+
+/// How long past its limit a thread must still run its batch to count as stuck for good
+/// (every thread so stuck: the worker exits for its supervisor to restart it).
+pub(crate) const HOPELESS_AFTER: Duration = Duration::from_secs(5);
 
 /// The current session's store, for rate limits (None between sessions).
 pub(crate) type RateStore = Arc<std::sync::Mutex<Option<taskmill_common::store::Store>>>;
@@ -72,6 +124,9 @@ pub(crate) struct Analyser {
     pub(crate) cancelled: Cancelled,
     pub(crate) running: Running,
     pub(crate) rate_store: RateStore,
+    /// Set once every analysis thread is stuck past a time limit: batches not started are
+    /// given back unrun (the worker is on its way out).
+    pub(crate) stuck: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A batch's rate limit: at most one start per `interval_ms` for rate key `key`.
@@ -168,8 +223,9 @@ fn not_now(
 /// One analysed batch, with its body back.
 type Analysed = (Option<(BatchId, Outcome)>, Vec<u8>);
 
-/// A group's outcomes, filled in by its batches' jobs in any order; the last one sends them.
-struct GroupResults {
+/// A group's outcomes, filled in by its batches' jobs in any order (or by the watchdog, for
+/// a batch past its time limit: the first outcome of a slot stands); the last one sends them.
+pub(crate) struct GroupResults {
     slots: std::sync::Mutex<(Vec<Option<Analysed>>, usize)>,
     tx: std::sync::Mutex<Option<oneshot::Sender<Vec<Analysed>>>>,
 }
@@ -185,9 +241,13 @@ impl GroupResults {
     fn put(&self, i: usize, analysed: Analysed) {
         let done = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(slot) = slots.0.get_mut(i) {
-                *slot = Some(analysed);
-                slots.1 -= 1;
+            match slots.0.get_mut(i) {
+                Some(slot) if slot.is_none() => {
+                    *slot = Some(analysed);
+                    slots.1 -= 1;
+                }
+                // Settled already (past its time limit): what the thread found is dropped.
+                _ => return,
             }
             (slots.1 == 0).then(|| std::mem::take(&mut slots.0))
         };
@@ -265,24 +325,55 @@ impl Analyser {
         (settled, run)
     }
 
-    /// Analyses one batch on a pool thread (one that may not run now is settled unrun).
+    /// Analyses one batch on a pool thread (one that may not run now is settled unrun) and
+    /// puts its outcome in slot `index` of `group`. A batch with a time limit is registered
+    /// with the watchdog while it runs, which settles it at its limit if it has not returned.
     fn run_one(
+        &self,
+        body: Vec<u8>,
+        attempt: u32,
+        message_id: Option<&str>,
+        timing: Timing,
+        (group, index): (&Arc<GroupResults>, usize),
+    ) {
+        // Every thread is stuck: the worker gives back what it has not started, and exits.
+        if self.stuck.load(std::sync::atomic::Ordering::Relaxed) {
+            return group.put(index, (None, body));
+        }
+        let analysed = self.run_timed(&body, attempt, message_id, timing, (group, index));
+        group.put(index, (analysed, body));
+    }
+
+    fn run_timed(
         &self,
         body: &[u8],
         attempt: u32,
         message_id: Option<&str>,
         timing: Timing,
+        (group, index): (&Arc<GroupResults>, usize),
     ) -> Option<(BatchId, Outcome)> {
         // A batch of a cancelled job, an expired or an early one does not run, even one that
         // waited in this worker's prefetch.
         if let Some(skip) = not_now(&self.cancelled, message_id, timing) {
             return Some(skip);
         }
-        let slot = rayon::current_thread_index().and_then(|i| self.running.get(i));
-        if let (Some(slot), Some(limit)) = (slot, timing.time_limit) {
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some((std::time::Instant::now(), limit));
-        }
+        let slot = rayon::current_thread_index()
+            .and_then(|i| self.running.get(i))
+            .filter(|_| timing.time_limit.is_some());
+        let started = |id: &BatchId| {
+            let (Some(slot), Some(limit)) = (slot, timing.time_limit) else {
+                return;
+            };
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(RunningBatch {
+                since: Instant::now(),
+                limit,
+                group: Arc::clone(group),
+                index,
+                id: id.clone(),
+                body: body.to_vec(),
+                abandoned: false,
+            });
+        };
         let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let max = self.max_message_bytes;
             analyse(
@@ -292,11 +383,18 @@ impl Analyser {
                 attempt,
                 max,
                 timing.time_limit,
+                slot.is_some().then_some(&started as &dyn Fn(&BatchId)),
             )
         }))
         .ok();
-        if let Some(slot) = slot {
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let abandoned = slot.is_some_and(|slot| {
+            let was = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            was.is_some_and(|rb| rb.abandoned)
+        });
+        if let (false, Some((id, Outcome::OverTime(_)))) = (abandoned, &analysed) {
+            // (One the watchdog settled was counted there.)
+            metrics::counter!("taskmill_time_limit_overruns_total", "task" => id.label)
+                .increment(1);
         }
         analysed.map(|(id, outcome)| match outcome {
             Outcome::Done(d) if d.result.len() > self.max_result_bytes => {
@@ -341,8 +439,7 @@ impl Analyser {
                 let this = Arc::clone(&analyser);
                 let results = Arc::clone(&results);
                 Box::new(move || {
-                    let analysed = this.run_one(&body, attempt, message_id.as_deref(), timing);
-                    results.put(i, (analysed, body));
+                    this.run_one(body, attempt, message_id.as_deref(), timing, (&results, i));
                 }) as crate::pumps::Job
             })
             .collect();

@@ -196,6 +196,12 @@ impl Pumps {
         self.run_all(0, vec![job]);
     }
 
+    /// Takes every job queued and not started (to run elsewhere: the worker is giving up).
+    pub(crate) fn take_queued(&self) -> Vec<Job> {
+        let mut st = self.lock();
+        st.jobs.ranks.iter_mut().flat_map(|r| r.drain(..)).collect()
+    }
+
     /// Runs `jobs` of priority rank `rank` on the pool, in order as threads come free and
     /// before any queued job of a lower rank: as many pumps as the queued work wants (see
     /// [`SPLIT_WORTH`]) take them, waiting ones first, then new ones, up to one a thread.

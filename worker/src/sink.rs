@@ -593,7 +593,9 @@ impl Sink {
         metrics::counter!("taskmill_batches_total", "task" => p.label(), "outcome" => "retried")
             .increment(1);
         let error = match &p.analysed {
-            Some((_, Outcome::Retry(e))) => bounded(e, MAX_HEADER_TEXT).into_owned(),
+            Some((_, Outcome::Retry(e) | Outcome::OverTime(e))) => {
+                bounded(e, MAX_HEADER_TEXT).into_owned()
+            }
             _ => String::new(),
         };
         warn!(delay_ms, "transient failure, retrying: {error}");

@@ -39,11 +39,13 @@ pub enum DeadKind {
     QueueFull,
     /// The task's result is larger than the worker's `--max-result-bytes`.
     ResultTooLarge,
+    /// The batch ran past its time limit (`--time-limit`) on every allowed attempt.
+    TimeLimit,
 }
 
 impl DeadKind {
     /// Every kind.
-    pub const ALL: [DeadKind; 16] = [
+    pub const ALL: [DeadKind; 17] = [
         DeadKind::Undecodable,
         DeadKind::UnsupportedVersion,
         DeadKind::TooLarge,
@@ -60,6 +62,7 @@ impl DeadKind {
         DeadKind::Rejected,
         DeadKind::QueueFull,
         DeadKind::ResultTooLarge,
+        DeadKind::TimeLimit,
     ];
 
     /// The header value.
@@ -81,6 +84,7 @@ impl DeadKind {
             DeadKind::Rejected => "rejected",
             DeadKind::QueueFull => "queue_full",
             DeadKind::ResultTooLarge => "result_too_large",
+            DeadKind::TimeLimit => "time_limit",
         }
     }
 
