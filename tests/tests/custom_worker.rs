@@ -7,8 +7,9 @@ use std::{
     time::Duration,
 };
 
+use taskmill_common::JobState;
 use taskmill_producer::cmd::enqueue::{enqueue, EnqueueArgs};
-use taskmill_tests::{bin_path, sample, sigterm, write_jsonl, TestNs};
+use taskmill_tests::{bin_path, sample, sigterm, until, write_jsonl, TestNs};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_custom_worker_serves_its_own_task() {
@@ -175,6 +176,136 @@ async fn a_result_over_the_limit_is_dead_lettered_not_stored() {
         .as_str()
         .unwrap()
         .contains("over this worker's limit of 1000"));
+    w.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
+
+/// A task whose result nests arrays `depth` deep (param), and whose summary one level more.
+struct DeepResult;
+
+fn nested(depth: usize) -> serde_json::Value {
+    let mut v = serde_json::json!(1);
+    for _ in 0..depth {
+        v = serde_json::Value::Array(vec![v]);
+    }
+    v
+}
+
+impl taskmill_common::task::Task for DeepResult {
+    fn name(&self) -> &'static str {
+        "deep-result"
+    }
+    fn run(
+        &self,
+        ctx: &taskmill_common::task::TaskContext<'_>,
+        records: &[serde_json::Value],
+    ) -> Result<taskmill_common::task::TaskOutput, taskmill_common::task::TaskError> {
+        let depth: usize = ctx.param("depth", 1)?;
+        Ok(taskmill_common::task::TaskOutput {
+            result: nested(depth),
+            records_done: records.len() as u64,
+            records_invalid: 0,
+        })
+    }
+    fn params(&self) -> Vec<taskmill_common::task::ParamSpec> {
+        use taskmill_common::task::{ParamKind, ParamSpec};
+        vec![ParamSpec::new("depth", ParamKind::Int, "1", "levels of nesting").at_least(0.0)]
+    }
+    fn aggregate(&self, results: &[serde_json::Value]) -> serde_json::Value {
+        // One level deeper than the results.
+        serde_json::Value::Array(results.first().cloned().into_iter().collect())
+    }
+}
+
+/// What is stored is what is read back: a result or summary nested as deep as JSON readers
+/// parse is stored and read back equal; a result nested deeper (5,000 levels) is dead-lettered
+/// as a task error saying so, never stored to read back as a string, and a summary nested
+/// deeper is a summary failure in the job's problems, never a silent `summary: null`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_too_deep_to_read_back_is_refused_and_one_at_the_limit_reads_back() {
+    use taskmill_common::task::MAX_JSON_DEPTH;
+    let t = TestNs::new();
+    let mut registry = taskmill_common::tasks::builtin();
+    registry.register(DeepResult);
+    let w = t.spawn_worker_with(t.worker_args(), registry);
+    let file = write_jsonl(sample::posts(4));
+    let store = t.store().await;
+    let run = |depth: usize| {
+        let mut args = EnqueueArgs::new("deep-result");
+        args.files = vec![file.clone()];
+        args.batch_size = 2;
+        args.no_check = true;
+        args.params = vec![format!("depth={depth}")];
+        args
+    };
+    let at_limit = enqueue(&t.conn(), &run(MAX_JSON_DEPTH - 1), |_| {})
+        .await
+        .unwrap()
+        .job;
+    let s = t
+        .wait_finished(&store, &at_limit, Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        (s.state(), s.batches_done),
+        (JobState::Completed, 2),
+        "{s:?} {:?}",
+        store.dead_batches(&at_limit).await.unwrap()
+    );
+    let results = store.results(&at_limit).await.unwrap();
+    assert!(
+        results
+            .iter()
+            .all(|(_, r)| *r == nested(MAX_JSON_DEPTH - 1)),
+        "{results:?}"
+    );
+    until("the summary", Duration::from_secs(30), || async {
+        store
+            .job_status(&at_limit)
+            .await
+            .unwrap()
+            .is_some_and(|s| s.summary == Some(nested(MAX_JSON_DEPTH)))
+    })
+    .await;
+    // Results at the limit read back; their summary, one level deeper, is said to fail.
+    let summary_over = enqueue(&t.conn(), &run(MAX_JSON_DEPTH), |_| {})
+        .await
+        .unwrap()
+        .job;
+    let s = t
+        .wait_finished(&store, &summary_over, Duration::from_secs(60))
+        .await;
+    assert_eq!((s.state(), s.batches_done), (JobState::Completed, 2));
+    let results = store.results(&summary_over).await.unwrap();
+    assert!(results.iter().all(|(_, r)| *r == nested(MAX_JSON_DEPTH)));
+    until("the summary failure", Duration::from_secs(30), || async {
+        store
+            .job_status(&summary_over)
+            .await
+            .unwrap()
+            .is_some_and(|s| {
+                s.problems.iter().any(|p| {
+                    p.starts_with("summary failed: the task's aggregate returned a summary nested more than 127")
+                })
+            })
+    })
+    .await;
+    let deep = enqueue(&t.conn(), &run(5000), |_| {}).await.unwrap().job;
+    let s = t
+        .wait_finished(&store, &deep, Duration::from_secs(60))
+        .await;
+    assert_eq!((s.batches_done, s.batches_dead), (0, 2), "{s:?}");
+    assert!(store.results(&deep).await.unwrap().is_empty());
+    let dead = store.dead_batches(&deep).await.unwrap();
+    assert_eq!(dead[0].1["kind"], "permanent", "{:?}", dead[0].1);
+    assert!(
+        dead[0].1["error"]
+            .as_str()
+            .unwrap()
+            .contains("nested more than 127 levels deep"),
+        "{:?}",
+        dead[0].1
+    );
     w.stop().await.unwrap();
     let _ = std::fs::remove_file(file);
     t.cleanup().await;

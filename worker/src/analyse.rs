@@ -200,6 +200,23 @@ pub fn analyse(
                 ),
             )
         }
+        // A result nested deeper than readers parse would read back as something else.
+        Ok(Ok(output))
+            if taskmill_common::task::json_depth(
+                &output.result,
+                taskmill_common::task::MAX_JSON_DEPTH,
+            ) > taskmill_common::task::MAX_JSON_DEPTH =>
+        {
+            Outcome::Dead(
+                DeadKind::Permanent,
+                format!(
+                    "task error: {} returned a result nested more than {} levels deep, \
+                     which JSON readers refuse (nothing stored)",
+                    task.name(),
+                    taskmill_common::task::MAX_JSON_DEPTH
+                ),
+            )
+        }
         Ok(Ok(output)) => Outcome::Done(output.into()),
         Ok(Err(TaskError::Transient(e))) => Outcome::Retry(e),
         Ok(Err(TaskError::Permanent(e))) => Outcome::Dead(DeadKind::Permanent, e),

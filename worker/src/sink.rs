@@ -673,6 +673,17 @@ pub(crate) async fn fold(
             Err(e) => return warn!(%job, "reading the results to sum them up: {e}"),
         }
     };
+    use taskmill_common::task::{json_depth, MAX_JSON_DEPTH};
+    // A summary nested deeper than readers parse would read back as none at all.
+    let summary = summary.map(|s| {
+        s.and_then(|v| match json_depth(&v, MAX_JSON_DEPTH) {
+            d if d > MAX_JSON_DEPTH => Err(format!(
+                "the task's aggregate returned a summary nested more than {MAX_JSON_DEPTH} \
+                 levels deep, which JSON readers refuse"
+            )),
+            _ => Ok(v),
+        })
+    });
     let summary = match summary {
         None => return,
         Some(Ok(summary)) => summary,

@@ -63,6 +63,31 @@ impl TaskContext<'_> {
     }
 }
 
+/// The deepest nesting of arrays and objects a stored result or summary may have: what
+/// serde_json (the producer, the dashboard, the client) reads back (it refuses 128 levels).
+pub const MAX_JSON_DEPTH: usize = 127;
+
+/// How deeply `value` nests arrays and objects (a scalar is 0, `[]` is 1), counted without
+/// recursion, and only up to `limit + 1`: enough to tell a value over `limit`.
+pub fn json_depth(value: &Value, limit: usize) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Array(a) => Box::new(a.iter()),
+            Value::Object(o) => Box::new(o.values()),
+            _ => continue,
+        };
+        let depth = depth + 1;
+        deepest = deepest.max(depth);
+        if deepest > limit {
+            return deepest;
+        }
+        stack.extend(children.map(|c| (c, depth)));
+    }
+    deepest
+}
+
 /// A batch's result.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskOutput {
@@ -480,6 +505,24 @@ pub fn u64_of(v: &Value, field: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn depth_is_what_serde_json_reads_back() {
+        let nested = |d: usize| -> Value {
+            serde_json::from_str(&("[".repeat(d) + &"]".repeat(d))).unwrap()
+        };
+        assert_eq!(json_depth(&serde_json::json!(1), 10), 0);
+        assert_eq!(json_depth(&serde_json::json!({"a": [1, {"b": []}]}), 10), 4);
+        let at_limit = nested(MAX_JSON_DEPTH);
+        assert_eq!(json_depth(&at_limit, MAX_JSON_DEPTH), MAX_JSON_DEPTH);
+        // What is at the limit reads back; one level more does not.
+        let text = serde_json::to_string(&at_limit).unwrap();
+        assert!(serde_json::from_str::<Value>(&text).is_ok());
+        let over = Value::Array(vec![at_limit]);
+        assert_eq!(json_depth(&over, MAX_JSON_DEPTH), MAX_JSON_DEPTH + 1);
+        let text = serde_json::to_string(&over).unwrap();
+        assert!(serde_json::from_str::<Value>(&text).is_err());
+    }
 
     #[test]
     fn params_are_checked_by_name_and_type() {
