@@ -28,3 +28,50 @@ pub fn init(format: LogFormat, default_filter: &str) {
         LogFormat::Json => builder.json().try_init(),
     };
 }
+
+/// How many places a backtrace is logged for (the first panic at each): a task that panics on
+/// every batch logs one backtrace, not one a batch.
+const BACKTRACE_PLACES: usize = 64;
+
+/// Sends panics through the log instead of stderr's raw lines: one event a panic (`error`,
+/// target `taskmill::panic`) with its thread, place and message; the backtrace as a field of
+/// that event only when asked (`RUST_BACKTRACE` or `RUST_LIB_BACKTRACE` set and not `0`), and
+/// only for the first panic at each place. Resolving a backtrace loads the binary's debug
+/// information (tens of MB); the cache is let go of right after, so a worker's memory does
+/// not keep it. Panics are still caught where they were.
+pub fn install_panic_hook() {
+    use std::{collections::HashSet, sync::Mutex};
+    static TRACED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".into());
+        let place = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        let asked = std::env::var_os("RUST_BACKTRACE")
+            .or_else(|| std::env::var_os("RUST_LIB_BACKTRACE"))
+            .is_some_and(|v| v != "0");
+        let first_here = || {
+            let mut traced = TRACED.lock().unwrap_or_else(|e| e.into_inner());
+            let traced = traced.get_or_insert_with(HashSet::new);
+            traced.len() < BACKTRACE_PLACES && traced.insert(place.clone())
+        };
+        if asked && first_here() {
+            let trace = format!("{:?}", backtrace::Backtrace::new());
+            backtrace::clear_symbol_cache();
+            tracing::error!(
+                target: "taskmill::panic", thread, place = %place, backtrace = %trace,
+                "panicked: {message}"
+            );
+        } else {
+            tracing::error!(target: "taskmill::panic", thread, place = %place, "panicked: {message}");
+        }
+    }));
+}

@@ -143,3 +143,65 @@ async fn a_panicking_task_is_dead_lettered_and_the_worker_goes_on() {
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
+
+/// A task's panics go through the worker's log, never as raw lines: with `--log-format json`
+/// every stderr line is a JSON object; each panic is one event (target `taskmill::panic`,
+/// with its place); the backtrace is a field of the first panic's event when it is asked for
+/// (`RUST_BACKTRACE=1`), and of none when it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panics_are_log_events_with_a_backtrace_only_when_asked() {
+    use std::process::{Command, Stdio};
+    let t = TestNs::new();
+    let store = t.store().await;
+    let file = write_jsonl(sample::posts(30));
+    for asked in ["1", "0"] {
+        let w = Command::new(taskmill_tests::bin_path("worker"))
+            .env("TASKMILL_NAMESPACE", &t.ns)
+            .env("TASKMILL_LOG_FORMAT", "json")
+            .env("RUST_BACKTRACE", asked)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut args = EnqueueArgs::new("chaos");
+        args.files = vec![file.clone()];
+        args.params = ["fail_rate=1", "fail=panic"].map(String::from).to_vec();
+        let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+        let s = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
+        assert_eq!(s.batches_dead, 3);
+        assert!(taskmill_tests::sigterm(w.id()));
+        let out = tokio::task::spawn_blocking(move || w.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let events: Vec<serde_json::Value> = stderr
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|_| panic!("a raw line in the log: {l:?}"))
+            })
+            .collect();
+        let panics: Vec<_> = events
+            .iter()
+            .filter(|e| e["target"] == "taskmill::panic")
+            .collect();
+        assert_eq!(panics.len(), 3, "{stderr}");
+        assert!(panics.iter().all(|e| e["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("panicked: chaos: batch")
+            && e["fields"]["place"].as_str().unwrap().contains("chaos.rs")));
+        let traced = panics
+            .iter()
+            .filter(|e| e["fields"]["backtrace"].is_string())
+            .count();
+        assert_eq!(
+            traced,
+            usize::from(asked == "1"),
+            "RUST_BACKTRACE={asked}: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}

@@ -74,6 +74,8 @@ pub fn main(registry: Registry) -> ExitCode {
     taskmill_common::run_binary("worker", &WorkerArgs::command(), || async move {
         let args = WorkerArgs::parse();
         logging::init(args.log_format, "info,lapin=off");
+        // A task's panic is one log event (the backtrace only when asked), not raw lines.
+        logging::install_panic_hook();
         let shutdown = CancellationToken::new();
         tokio::spawn(watch_signals(shutdown.clone()));
         match run(args, registry, shutdown).await {
