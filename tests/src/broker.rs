@@ -8,9 +8,39 @@ use std::{
     time::Duration,
 };
 
-/// Where the RabbitMQ scripts are (Debian's package), run directly so that the node runs as
-/// the current user with its own cookie and data.
-const SBIN: &str = "/usr/lib/rabbitmq/bin";
+/// Where the RabbitMQ scripts are, run directly (not through Debian's wrapper in /usr/sbin,
+/// which switches to the `rabbitmq` user) so that the node runs as the current user with its
+/// own cookie and data: `$RABBITMQ_SBIN`, Debian's `/usr/lib/rabbitmq/bin`, the `sbin` of an
+/// installation under `$RABBITMQ_HOME`, `/usr/lib/rabbitmq/lib/rabbitmq_server-*` or
+/// `/opt/rabbitmq`, else the directory of `rabbitmq-server` on the `PATH`.
+fn sbin() -> PathBuf {
+    static FOUND: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            let mut candidates: Vec<PathBuf> = Vec::new();
+            if let Some(dir) = std::env::var_os("RABBITMQ_SBIN") {
+                candidates.push(dir.into());
+            }
+            candidates.push("/usr/lib/rabbitmq/bin".into());
+            if let Some(home) = std::env::var_os("RABBITMQ_HOME") {
+                candidates.push(PathBuf::from(home).join("sbin"));
+            }
+            if let Ok(dirs) = std::fs::read_dir("/usr/lib/rabbitmq/lib") {
+                candidates.extend(dirs.flatten().map(|d| d.path().join("sbin")));
+            }
+            candidates.push("/opt/rabbitmq/sbin".into());
+            if let Some(path) = std::env::var_os("PATH") {
+                candidates.extend(std::env::split_paths(&path));
+            }
+            candidates
+                .into_iter()
+                .find(|d| d.join("rabbitmq-server").is_file() && d.join("rabbitmqctl").is_file())
+                .expect(
+                    "a RabbitMQ installation (rabbitmq-server and rabbitmqctl); set RABBITMQ_SBIN",
+                )
+        })
+        .clone()
+}
 
 /// A running private broker.
 pub struct PrivateBroker {
@@ -43,7 +73,7 @@ impl PrivateBroker {
             format!("listeners.tcp.default = 127.0.0.1:{port}\n"),
         )
         .expect("config file");
-        let child = Command::new(format!("{SBIN}/rabbitmq-server"))
+        let child = Command::new(sbin().join("rabbitmq-server"))
             .envs(Self::env(&dir, &node))
             .env("RABBITMQ_NODE_PORT", port.to_string())
             .env("RABBITMQ_DIST_PORT", dist.to_string())
@@ -89,7 +119,7 @@ impl PrivateBroker {
 
     /// Runs `rabbitmqctl -n NODE args…`; true when it succeeded.
     pub fn ctl(&self, args: &[&str]) -> bool {
-        Command::new(format!("{SBIN}/rabbitmqctl"))
+        Command::new(sbin().join("rabbitmqctl"))
             .envs(Self::env(&self.dir, &self.node))
             .arg("-n")
             .arg(&self.node)

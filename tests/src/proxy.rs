@@ -90,6 +90,11 @@ impl Proxy {
         format!("amqp://guest:guest@{}/%2f?heartbeat=5", self.addr)
     }
 
+    /// A Redis URL through this proxy.
+    pub fn redis_url(&self) -> String {
+        format!("redis://{}/0", self.addr)
+    }
+
     /// Closes every open connection and refuses new ones.
     pub fn cut(&self) {
         self.state.cut.store(true, Ordering::SeqCst);
