@@ -8,13 +8,14 @@ demo:
 # The tests: services up, formatting and lints, then the whole suite against them.
 test: services lint
 	bash deploy/scripts/browser.sh
+	bash deploy/scripts/test-tools.sh
 	bash deploy/scripts/validate.sh
 	cargo build --workspace --bins
 	./target/debug/tmt-cleanup
 	if command -v cargo-nextest >/dev/null; then \
 		cargo nextest run --workspace && cargo test --workspace --doc; \
 	else \
-		cargo test --workspace --no-fail-fast; \
+		timeout 1800 cargo test --workspace --no-fail-fast; \
 	fi
 
 lint:

@@ -308,7 +308,63 @@ pub fn bin_path(name: &str) -> std::path::PathBuf {
         "{} is missing: run `cargo build --workspace --bins` first (make test does)",
         path.display()
     );
+    // A test run straight after a change to the binaries' sources would test the old ones.
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    if let (Some(built), Some((newest, source))) = (built, newest_source()) {
+        assert!(
+            built >= *newest,
+            "{} is older than {}: run `cargo build --workspace --bins` first (make test does)",
+            path.display(),
+            source.display()
+        );
+    }
     path
+}
+
+/// The most recently changed source file of the binaries (Rust, Lua, the dashboard's assets,
+/// manifests; not the tests'), read once a test process.
+fn newest_source() -> Option<&'static (std::time::SystemTime, PathBuf)> {
+    static NEWEST: std::sync::OnceLock<Option<(std::time::SystemTime, PathBuf)>> =
+        std::sync::OnceLock::new();
+    NEWEST
+        .get_or_init(|| {
+            let root = workspace_root();
+            let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+            let mut dirs: Vec<PathBuf> =
+                ["worker", "producer", "common", "clients/rust", "examples"]
+                    .iter()
+                    .map(|d| root.join(d))
+                    .collect();
+            let source = |p: &Path| {
+                p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| matches!(e, "rs" | "lua" | "js" | "css" | "html" | "toml"))
+            };
+            while let Some(dir) = dirs.pop() {
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for e in entries.flatten() {
+                    let p = e.path();
+                    let Ok(meta) = e.metadata() else { continue };
+                    if meta.is_dir() {
+                        if p.file_name()
+                            .is_some_and(|n| n != "target" && n != "node_modules")
+                        {
+                            dirs.push(p);
+                        }
+                    } else if source(&p) {
+                        if let Ok(m) = meta.modified() {
+                            if newest.as_ref().is_none_or(|(t, _)| m > *t) {
+                                newest = Some((m, p));
+                            }
+                        }
+                    }
+                }
+            }
+            newest
+        })
+        .as_ref()
 }
 
 /// Writes records as JSON Lines into a temporary file and returns its path.
@@ -520,7 +576,8 @@ pub fn python_venv() -> PathBuf {
         .expect("cp");
     assert!(copied.success(), "copying clients/python failed");
     let out = Command::new(dir.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(["install", "--quiet", "--disable-pip-version-check", "-c"])
+        .arg(workspace_root().join("clients/python/test-constraints.txt"))
         .arg(&src)
         .output()
         .expect("pip");

@@ -89,31 +89,39 @@ async fn replaying_still_failing_dead_letters_ends() {
     let t = TestNs::new();
     let store = t.store().await;
     let w = t.spawn_worker(t.worker_args());
-    let file = write_jsonl(sample::posts(20));
+    // 200 letters: enough that the worker fails replayed ones again and dead-letters them
+    // back while the replay still reads, so a replay that reads until the queue is empty
+    // would take them again (and never end, or replay more than there were).
+    const N: u64 = 200;
+    let file = write_jsonl(sample::posts(N));
     let mut args = EnqueueArgs::new("chaos");
     args.files = vec![file.clone()];
+    args.batch_size = 1;
     args.params = vec!["fail_rate=1".into(), "fail=permanent".into()];
     let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
     let s = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
-    assert_eq!(s.batches_dead, 2);
+    assert_eq!(s.batches_dead, N);
 
     for round in 1..=2 {
-        let r = tokio::time::timeout(Duration::from_secs(30), dlq::replay(&t.conn(), Some(&job)))
+        let r = tokio::time::timeout(Duration::from_secs(60), dlq::replay(&t.conn(), Some(&job)))
             .await
             .expect("replay ends")
             .unwrap();
-        assert_eq!(r.replayed, 2, "round {round}");
+        assert_eq!(r.replayed, N, "round {round}");
         assert!(r.skipped.is_empty());
-        // They fail again and come back: two dead letters, counted once in the job.
+        // They fail again and come back: N dead letters, each counted once in the job.
         until(
             "the replays dead again",
             Duration::from_secs(60),
-            || async { Stats::get(&w.stats.batches_dead) >= 2 + 2 * round },
+            || async { Stats::get(&w.stats.batches_dead) >= N + N * round },
         )
         .await;
-        assert_eq!(dlq::list(&t.conn(), Some(&job)).await.unwrap().len(), 2);
+        assert_eq!(
+            dlq::list(&t.conn(), Some(&job)).await.unwrap().len() as u64,
+            N
+        );
         let s = store.job_status(&job).await.unwrap().unwrap();
-        assert_eq!(s.batches_dead, 2);
+        assert_eq!(s.batches_dead, N);
         assert_eq!(s.state(), "completed_with_errors");
     }
     w.stop().await.unwrap();
