@@ -89,8 +89,13 @@ impl TestNs {
     /// A fresh namespace.
     pub fn new() -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
+        // Random first (tests take tags from it), then when it was made (seconds, hex), so
+        // that `tmt-cleanup` can tell a failed run's leftovers from a running run's.
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         Self {
-            ns: format!("{TEST_PREFIX}{}", &id[..12]),
+            ns: format!("{TEST_PREFIX}{}{:08x}", &id[..12], secs as u32),
             cleaned: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -211,6 +216,53 @@ pub async fn cleanup_namespace(prefix: &str) {
     }
 }
 
+/// When test namespace `ns` was made (seconds since the epoch), read from its name; None for
+/// a name that does not carry it (made by an older test kit).
+fn made_at(ns: &str) -> Option<u64> {
+    let rest = ns.strip_prefix(TEST_PREFIX)?;
+    (rest.len() == 20)
+        .then(|| u64::from_str_radix(&rest[12..], 16).ok())
+        .flatten()
+}
+
+/// Deletes the test namespaces (broker objects and Redis keys under `tmt-`) made longer than
+/// `older_than` ago, and those whose name does not say when: what failed runs left behind,
+/// never the namespaces of a run still going on beside this one.
+pub async fn cleanup_stale(older_than: Duration) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let stale = |ns: &str| made_at(ns).is_none_or(|t| now.saturating_sub(t) > older_than.as_secs());
+    let mut namespaces = std::collections::BTreeSet::new();
+    let client = mgmt::Client::new();
+    for kind in ["queues", "exchanges"] {
+        if let Ok(list) = client.get_json(&format!("/api/{kind}/%2f")).await {
+            for item in list.as_array().into_iter().flatten() {
+                if let Some(name) = item["name"].as_str().filter(|n| n.starts_with(TEST_PREFIX)) {
+                    namespaces.insert(name.split('.').next().unwrap_or(name).to_string());
+                }
+            }
+        }
+    }
+    if let Ok(client) = redis::Client::open("redis://127.0.0.1:6379/0") {
+        if let Ok(mut con) = client.get_multiplexed_async_connection().await {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{TEST_PREFIX}*"))
+                .query_async(&mut con)
+                .await
+                .unwrap_or_default();
+            for k in keys {
+                namespaces.insert(k.split(':').next().unwrap_or(&k).to_string());
+            }
+        }
+    }
+    for ns in namespaces.into_iter().filter(|ns| stale(ns)) {
+        // The separator too: a namespace is never taken for the prefix of another.
+        cleanup_namespace(&format!("{ns}.")).await;
+        cleanup_namespace(&format!("{ns}:")).await;
+    }
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -308,11 +360,9 @@ pub fn bin_path(name: &str) -> std::path::PathBuf {
         "{} is missing: run `cargo build --workspace --bins` first (make test does)",
         path.display()
     );
-    // A test run straight after a change to the binaries' sources would test the old ones.
-    let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-    if let (Some(built), Some((newest, source))) = (built, newest_source()) {
-        assert!(
-            built >= *newest,
+    // A test run straight after a change to the binary's sources would test the old one.
+    if let Some(source) = newer_source(&path) {
+        panic!(
             "{} is older than {}: run `cargo build --workspace --bins` first (make test does)",
             path.display(),
             source.display()
@@ -321,50 +371,22 @@ pub fn bin_path(name: &str) -> std::path::PathBuf {
     path
 }
 
-/// The most recently changed source file of the binaries (Rust, Lua, the dashboard's assets,
-/// manifests; not the tests'), read once a test process.
-fn newest_source() -> Option<&'static (std::time::SystemTime, PathBuf)> {
-    static NEWEST: std::sync::OnceLock<Option<(std::time::SystemTime, PathBuf)>> =
-        std::sync::OnceLock::new();
-    NEWEST
-        .get_or_init(|| {
-            let root = workspace_root();
-            let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
-            let mut dirs: Vec<PathBuf> =
-                ["worker", "producer", "common", "clients/rust", "examples"]
-                    .iter()
-                    .map(|d| root.join(d))
-                    .collect();
-            let source = |p: &Path| {
-                p.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| matches!(e, "rs" | "lua" | "js" | "css" | "html" | "toml"))
-            };
-            while let Some(dir) = dirs.pop() {
-                let Ok(entries) = std::fs::read_dir(&dir) else {
-                    continue;
-                };
-                for e in entries.flatten() {
-                    let p = e.path();
-                    let Ok(meta) = e.metadata() else { continue };
-                    if meta.is_dir() {
-                        if p.file_name()
-                            .is_some_and(|n| n != "target" && n != "node_modules")
-                        {
-                            dirs.push(p);
-                        }
-                    } else if source(&p) {
-                        if let Ok(m) = meta.modified() {
-                            if newest.as_ref().is_none_or(|(t, _)| m > *t) {
-                                newest = Some((m, p));
-                            }
-                        }
-                    }
-                }
-            }
-            newest
+/// A source file of the workspace that changed after `binary` was built, from the dep-info
+/// file cargo writes beside it (`{binary}.d`: every source file the binary was built from).
+fn newer_source(binary: &Path) -> Option<PathBuf> {
+    let built = std::fs::metadata(binary).and_then(|m| m.modified()).ok()?;
+    let deps = std::fs::read_to_string(binary.with_extension("d")).ok()?;
+    let root = workspace_root().canonicalize().ok()?;
+    let (_, sources) = deps.split_once(": ")?;
+    sources
+        .split_whitespace()
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(&root))
+        .find(|p| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m > built)
         })
-        .as_ref()
 }
 
 /// Writes records as JSON Lines into a temporary file and returns its path.
@@ -751,5 +773,18 @@ impl Drop for KillOnDrop {
             let _ = self.0.kill();
             let _ = self.0.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod kit_tests {
+    use super::made_at;
+
+    #[test]
+    fn a_test_namespace_says_when_it_was_made() {
+        assert_eq!(made_at("tmt-0123456789ab6565a1f0"), Some(0x6565_a1f0));
+        // Made by an older kit, or not a test namespace at all.
+        assert_eq!(made_at("tmt-0123456789ab"), None);
+        assert_eq!(made_at("taskmill"), None);
     }
 }
