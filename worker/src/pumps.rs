@@ -402,18 +402,10 @@ mod tests {
     #[test]
     fn jobs_queued_behind_a_long_one_do_not_wait_for_it() {
         let pumps = Pumps::new(pool(2));
-        // Teach the pumps that jobs are short.
-        let (tx, rx) = std::sync::mpsc::channel();
-        for _ in 0..200 {
-            let tx = tx.clone();
-            pumps.run(Box::new(move || {
-                let _ = tx.send(());
-            }));
-        }
-        for _ in 0..200 {
-            rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        }
-        assert!(pumps.lock().job_time.unwrap() < SPLIT_WORTH);
+        // Jobs are short (set, not measured: a loaded machine can make a job of a few
+        // microseconds take milliseconds).
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        pumps.lock().job_time = Some(Duration::from_micros(5));
         // Down to one pump, waiting: the pumps end when idle, then one starts for a job.
         until_pumps_end(&pumps);
         let tx2 = tx.clone();
