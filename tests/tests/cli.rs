@@ -350,6 +350,27 @@ fn the_command_line_end_to_end() {
     assert!(err.contains("refused the connection"), "{err}");
     assert!(!err.contains("wrong-pw"), "{err}");
     assert!(!err.contains('\u{1b}'), "colour codes in a pipe: {err}");
+    // Redis refusing the credentials (a user it does not know): the worker and the producer
+    // stop at once with exit 5, saying so, the password not shown.
+    let redis_refuses = "redis://nobody-here:redis-wrong-pw@127.0.0.1:6379/0";
+    let out = Command::new(bin_path("worker"))
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .env("REDIS_URL", redis_refuses)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("refused the worker's credentials"), "{err}");
+    assert!(!err.contains("redis-wrong-pw"), "{err}");
+    let out = Command::new(bin_path("producer"))
+        .args(["jobs"])
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .env("REDIS_URL", redis_refuses)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(!err.contains("redis-wrong-pw"), "{err}");
 
     let _ = std::fs::remove_file(file);
     let _ = std::fs::remove_file(junk);

@@ -1,0 +1,191 @@
+//! The store's Lua scripts called directly against the real Redis, each test in a namespace of
+//! its own: the finish rule with lost batches, the set of jobs not finished that the stalled-
+//! job watcher reads, and the ways out of `stalled`.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+
+use serde_json::json;
+use taskmill_common::{
+    store::{DoneBatch, NewJob, PublishTotals, Recorded, Store},
+    JobState,
+};
+use taskmill_tests::TestNs;
+
+async fn register(store: &Store, id: &str) {
+    store
+        .register_job(&NewJob {
+            id,
+            task: "post-stats",
+            queue: "tasks",
+            params: &BTreeMap::new(),
+            unique_key: None,
+        })
+        .await
+        .unwrap();
+}
+
+/// A job whose publishing ended with `total` batches.
+async fn published(store: &Store, id: &str, total: u64, interrupted: bool) {
+    register(store, id).await;
+    store.reserve_batches(id, total).await.unwrap();
+    let totals = PublishTotals {
+        batches: total,
+        records: total,
+        interrupted,
+        ..PublishTotals::default()
+    };
+    store.finish_publishing(id, &totals).await.unwrap();
+}
+
+async fn done(store: &Store, id: &str, batch: u64) -> Recorded {
+    let b = DoneBatch {
+        job: id.into(),
+        batch,
+        result: json!({"batch": batch}).to_string(),
+        records_done: 1,
+        records_invalid: 0,
+    };
+    store.record_done_many(&[b]).await.unwrap()[0]
+}
+
+/// The score of `id` among the jobs not finished, None when it is not there.
+async fn active(store: &Store, id: &str) -> Option<f64> {
+    let all = store.quiet_jobs(u64::MAX / 2, 10_000).await.unwrap();
+    all.into_iter().find(|(j, _)| j == id).map(|(_, s)| s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_set_of_jobs_not_finished_follows_each_job() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    register(&store, "a").await;
+    let registered = active(&store, "a")
+        .await
+        .expect("a registered job is active");
+    store.reserve_batches("a", 2).await.unwrap();
+    assert_eq!(done(&store, "a", 0).await, Recorded::Stored);
+    let progressed = active(&store, "a").await.unwrap();
+    assert!(progressed >= registered);
+    // A duplicate is no progress: the score stays.
+    assert_eq!(done(&store, "a", 0).await, Recorded::Duplicate);
+    assert_eq!(active(&store, "a").await, Some(progressed));
+    let totals = PublishTotals {
+        batches: 2,
+        records: 2,
+        ..PublishTotals::default()
+    };
+    store.finish_publishing("a", &totals).await.unwrap();
+    assert!(active(&store, "a").await.is_some());
+    assert_eq!(done(&store, "a", 1).await, Recorded::Stored);
+    assert_eq!(
+        active(&store, "a").await,
+        None,
+        "a completed job left the set"
+    );
+    // Cancelled and deleted jobs leave it too.
+    register(&store, "c").await;
+    store.cancel("c").await.unwrap();
+    assert_eq!(active(&store, "c").await, None);
+    register(&store, "d").await;
+    store.delete_job("d").await.unwrap();
+    assert_eq!(active(&store, "d").await, None);
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_job_counts_its_lost_batches_and_finishes_when_they_come_back() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    published(&store, "s", 4, false).await;
+    assert_eq!(done(&store, "s", 0).await, Recorded::Stored);
+    let score = active(&store, "s").await.unwrap();
+    // Progress since the look: nothing changes.
+    assert_eq!(
+        store.mark_stalled("s", score - 1.0, "x").await.unwrap(),
+        None
+    );
+    let marked = store
+        .mark_stalled("s", score, "stalled: {lost} lost")
+        .await
+        .unwrap();
+    assert_eq!(marked, Some((3, true)));
+    let s = store.job_status("s").await.unwrap().unwrap();
+    assert_eq!((s.state, s.batches_lost), (JobState::Stalled, 3));
+    assert!(s.is_finished() && s.finished_ms.is_some());
+    assert_eq!(s.problems, vec!["stalled: 3 lost".to_string()]);
+    assert_eq!(active(&store, "s").await, None);
+    // Finished: not marked again, and not cancelled.
+    assert_eq!(store.mark_stalled("s", score, "x").await.unwrap(), None);
+    let c = store.cancel("s").await.unwrap().unwrap();
+    assert!(!c.now && c.was == JobState::Stalled);
+    store
+        .set_summary("s", &json!({"partial": true}))
+        .await
+        .unwrap();
+
+    // Lost batches come back after all: one dies, two are done.
+    let dead = store
+        .record_dead("s", 1, &json!({"kind": "permanent", "error": "boom"}))
+        .await
+        .unwrap();
+    assert_eq!(dead, Recorded::Stored);
+    let s = store.job_status("s").await.unwrap().unwrap();
+    assert_eq!(
+        (s.state, s.batches_lost, s.batches_dead),
+        (JobState::Stalled, 2, 1)
+    );
+    assert_eq!(done(&store, "s", 2).await, Recorded::Stored);
+    assert_eq!(done(&store, "s", 3).await, Recorded::Stored);
+    let s = store.job_status("s").await.unwrap().unwrap();
+    assert_eq!(
+        (s.state, s.batches_lost, s.batches_done, s.batches_dead),
+        (JobState::CompletedWithErrors, 0, 3, 1)
+    );
+    assert_eq!(
+        s.summary, None,
+        "the partial summary is dropped, to be folded again"
+    );
+    // A replay of the dead one reopens it; done, the job completes.
+    assert!(store.reopen_batch("s", 1).await.unwrap().is_some());
+    let s = store.job_status("s").await.unwrap().unwrap();
+    assert_eq!(s.state, JobState::Running);
+    assert!(
+        active(&store, "s").await.is_some(),
+        "a reopened job is watched again"
+    );
+    assert_eq!(done(&store, "s", 1).await, Recorded::Stored);
+    let s = store.job_status("s").await.unwrap().unwrap();
+    assert_eq!((s.state, s.batches_done), (JobState::Completed, 4));
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_job_keeps_its_state_when_its_batches_are_lost() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    published(&store, "i", 2, true).await;
+    assert_eq!(done(&store, "i", 0).await, Recorded::Stored);
+    let score = active(&store, "i").await.unwrap();
+    // Interrupted jobs get no summary, so none is asked for.
+    assert_eq!(
+        store
+            .mark_stalled("i", score, "stalled: {lost}")
+            .await
+            .unwrap(),
+        Some((1, false))
+    );
+    let s = store.job_status("i").await.unwrap().unwrap();
+    assert_eq!((s.state, s.batches_lost), (JobState::Interrupted, 1));
+    assert!(s.is_finished());
+    // A job still publishing is never given up on.
+    register(&store, "p").await;
+    store.reserve_batches("p", 5).await.unwrap();
+    let score = active(&store, "p").await.unwrap();
+    assert_eq!(store.mark_stalled("p", score, "x").await.unwrap(), None);
+    assert_eq!(
+        store.job_status("p").await.unwrap().unwrap().state,
+        JobState::Pending
+    );
+    t.cleanup().await;
+}
