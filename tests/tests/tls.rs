@@ -128,15 +128,24 @@ fn a_job_through_redis_over_tls() {
     assert_eq!(status["records_done"], 50);
 
     // Without the CA the server's certificate is refused: TLS is really checked.
+    let mut other_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    other_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let other = CertifiedIssuer::self_signed(other_params, KeyPair::generate().unwrap()).unwrap();
+    let other_ca = dir.join("other-ca.pem");
+    std::fs::write(&other_ca, other.pem()).unwrap();
     let mut untrusted = Command::new(bin_path("producer"));
     with_env(&mut untrusted);
     let out = untrusted
-        .env("SSL_CERT_FILE", "/nonexistent/ca.pem")
+        // Another CA's certificate: a readable root that did not sign the server's.
+        .env("SSL_CERT_FILE", &other_ca)
         .args(["jobs"])
         .output()
         .unwrap();
-    // Exit 5: a service is unreachable.
-    assert_eq!(out.status.code(), Some(5));
+    // Exit 5: a service is unreachable, and it is the certificate that was refused (not,
+    // say, a port nobody listens on).
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
 
     let _ = std::fs::remove_file(file);
     let _ = std::fs::remove_dir_all(dir);
