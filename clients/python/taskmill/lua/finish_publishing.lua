@@ -13,9 +13,5 @@ finish(KEYS[1], ARGV[6])
 expire_all(KEYS[1], ARGV[7])
 -- 2: the job is finished now without a summary (no worker's last batch finished it, so no
 -- worker folded it: the producer asks one to).
-local st = redis.call('HGET', KEYS[1], 'state')
-if (st == STATE.completed or st == STATE.completed_with_errors or st == STATE.stalled)
-   and redis.call('HEXISTS', KEYS[1], 'summary') == 0 then
-  return 2
-end
+if wants_summary(KEYS[1]) then return 2 end
 return 1

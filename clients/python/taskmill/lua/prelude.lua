@@ -118,6 +118,13 @@ local function finish_j(job, j, w, now)
     end
   end
 end
+-- Whether a job in `state` is finished and has no summary yet (a worker folds one: completed,
+-- with errors, or stalled; cancelled and interrupted jobs get none). `state` nil: read it.
+local function wants_summary(job, state)
+  state = state or redis.call('HGET', job, 'state')
+  return (state == STATE.completed or state == STATE.completed_with_errors
+    or state == STATE.stalled) and redis.call('HEXISTS', job, 'summary') == 0
+end
 local function finish(job, now)
   local j, w = load(job), {}
   finish_j(job, j, w, now)

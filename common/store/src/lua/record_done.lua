@@ -67,10 +67,7 @@ if batches > 0 then
   end
 end
 -- A last element: 1 when the job is finished and has no summary yet (this worker folds it).
-local st = j.state
-if batches > 0 and (st == STATE.completed or st == STATE.completed_with_errors
-                    or st == STATE.stalled)
-   and redis.call('HEXISTS', KEYS[1], 'summary') == 0 then
+if batches > 0 and wants_summary(KEYS[1], j.state) then
   out[n + 1] = 1
 else
   out[n + 1] = 0

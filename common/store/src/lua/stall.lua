@@ -23,7 +23,5 @@ end
 finish_j(KEYS[1], j, w, ARGV[1])
 write(KEYS[1], w)
 local summary = 0
-if j.state == STATE.stalled and redis.call('HEXISTS', KEYS[1], 'summary') == 0 then
-  summary = 1
-end
+if wants_summary(KEYS[1], j.state) then summary = 1 end
 return {1, lost, summary}
