@@ -43,6 +43,7 @@
 //! - [`error`]: [`Error`] and [`ErrorKind`].
 
 pub mod batcher;
+pub mod dead;
 pub mod enqueue;
 pub mod error;
 pub mod handle;
@@ -55,6 +56,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+pub use dead::{DeadLetter, Replayed};
 pub use enqueue::{EnqueueReport, Hooks};
 pub use error::{Error, ErrorKind, Result};
 pub use handle::JobHandle;

@@ -27,7 +27,7 @@ use taskmill_client::{
     Error as ClientError, ErrorKind, JobSpec, Rate,
 };
 
-use crate::{cmd::dlq, error::CliError};
+use crate::error::CliError;
 
 type Shared = State<Arc<AppState>>;
 type ApiResult = Result<Response, ApiError>;
@@ -326,7 +326,7 @@ pub(crate) async fn delete(State(st): Shared, Path(id): Path<String>) -> ApiResu
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "replay_job", id = %id))]
 pub(crate) async fn replay_job(State(st): Shared, Path(id): Path<String>) -> ApiResult {
     load(&st, &id).await?;
-    let r = dlq::replay(&st.conn, Some(&id)).await?;
+    let r = st.client.replay_dead(Some(&id)).await?;
     ok(json!({"job": id, "replayed": r.replayed, "skipped": r.skipped}))
 }
 
@@ -343,7 +343,7 @@ pub(crate) async fn dead(
 ) -> ApiResult {
     let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
     let job = q.job.filter(|j| !j.is_empty());
-    let letters = dlq::list(&st.conn, job.as_deref()).await?;
+    let letters = st.client.dead_letters(job.as_deref()).await?;
     let mut groups: BTreeMap<(String, String), (u64, Option<String>)> = BTreeMap::new();
     for d in &letters {
         let key = (d.job.clone().unwrap_or_default(), d.kind.clone());
@@ -368,7 +368,7 @@ pub(crate) async fn dead(
 /// `GET /api/dead/{JOB:BATCH}`: one dead letter with headers, params and records.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "dead_letter", id = %id))]
 pub(crate) async fn dead_letter(State(st): Shared, Path(id): Path<String>) -> ApiResult {
-    match dlq::find(&st.conn, &id).await? {
+    match st.client.dead_letter(&id).await? {
         Some(v) => ok(v),
         None => Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -406,7 +406,7 @@ pub(crate) async fn replay_dead(
     body: Result<Json<Which>, JsonRejection>,
 ) -> ApiResult {
     let job = which(body)?;
-    let r = dlq::replay(&st.conn, job.as_deref()).await?;
+    let r = st.client.replay_dead(job.as_deref()).await?;
     ok(json!({"replayed": r.replayed, "skipped": r.skipped}))
 }
 
@@ -417,7 +417,7 @@ pub(crate) async fn purge_dead(
     body: Result<Json<Which>, JsonRejection>,
 ) -> ApiResult {
     let job = which(body)?;
-    let purged = dlq::purge(&st.conn, job.as_deref()).await?;
+    let purged = st.client.purge_dead(job.as_deref()).await?;
     ok(json!({"purged": purged}))
 }
 
