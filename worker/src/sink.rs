@@ -545,13 +545,16 @@ impl Sink {
         let mut declared = self.declared.lock().await;
         if !declared.contains(&name) {
             topology::declare_delay_queue(&self.channel, &self.names, queue, delay_ms).await?;
+            // Redis refusing for good (a key edited by hand) must not stop retries: the
+            // watcher then misses this queue, and treats a job as stalled only after
+            // --stall-after with nothing else of its queue anywhere.
             if let Stored::Failed(e) = self
                 .redis("recording a delay queue", || {
                     self.store.add_delay_queue(&name)
                 })
                 .await?
             {
-                anyhow::bail!("recording delay queue {name}: {e}");
+                warn!(queue = %name, "recording a delay queue for the stalled-job watcher: {e}");
             }
             declared.insert(name.clone());
         }
