@@ -27,6 +27,9 @@
 //! - `dead_events`: counts every dead letter in its job, including those the broker
 //!   dead-lettered by itself.
 //! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz` (`--metrics-addr`).
+//! - `upkeep`: beside the sessions, the cancelled jobs, the task catalog, the heartbeat and
+//!   `stalls`, the watcher that finishes jobs whose batches can no longer arrive.
+//! - `sweep`: batches a delay queue kept past its TTL, moved back.
 //!
 //! A delivery flows: consumer stream → rayon (`analyse`) → sink (`decide`, then store /
 //! publish) → ack (as `ack` plans).
@@ -46,6 +49,7 @@ mod sink;
 mod stalls;
 mod stats;
 mod sweep;
+mod upkeep;
 
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
@@ -165,68 +169,14 @@ pub async fn run_with_stats(
     let health = Arc::new(metrics::Health::new());
     let metrics_server = serve_metrics(&args, threads, &health, &stats, &metrics_stop).await?;
     let cancelled = pool::Cancelled::default();
-    let background = Arc::new(BackgroundStore {
-        conn: args.conn.clone(),
-        store: Default::default(),
-    });
-    let watcher = tokio::spawn(every(
-        background.clone(),
-        CANCELLED_POLL,
-        metrics_stop.clone(),
-        {
-            let cancelled = cancelled.clone();
-            move |s| watch_cancelled(s, cancelled.clone())
-        },
-    ));
-    let entries = Arc::new(catalog_entries(&registry, &args.queues));
-    let catalog = tokio::spawn(every(
-        background.clone(),
-        CATALOG_EVERY,
-        metrics_stop.clone(),
-        move |s| {
-            let entries = entries.clone();
-            async move { publish_catalog(s, &entries).await }
-        },
-    ));
-    let beat = Arc::new(Heartbeat::new(
+    let upkeep = upkeep::Upkeep::start(
         &args,
         threads,
-        registry.names(),
-        stats.clone(),
-    ));
-    let heartbeat = tokio::spawn(every(
-        background.clone(),
-        HEARTBEAT_EVERY,
+        &registry,
+        &stats,
+        &cancelled,
         metrics_stop.clone(),
-        {
-            let beat = beat.clone();
-            move |s| {
-                let beat = beat.clone();
-                async move { beat.send(&s, false).await }
-            }
-        },
-    ));
-    // Jobs whose batches can no longer arrive (a queue purged in the console) finish as
-    // `stalled`, looked for by one worker of the namespace at a time.
-    let stalls = (args.stall_after > 0).then(|| {
-        let stall_after = Duration::from_secs(args.stall_after);
-        let watcher = Arc::new(tokio::sync::Mutex::new(stalls::Watcher::new(
-            Names::new(&args.conn.namespace),
-            args.conn.amqp_url.clone(),
-            stall_after,
-            beat.id.clone(),
-            registry.clone(),
-        )));
-        tokio::spawn(every(
-            background.clone(),
-            stalls::period(stall_after),
-            metrics_stop.clone(),
-            move |s| {
-                let watcher = watcher.clone();
-                async move { watcher.lock().await.tick(&s).await }
-            },
-        ))
-    });
+    );
     let running: pool::Running = Arc::new((0..threads).map(|_| Default::default()).collect());
     let analyser = pool::Analyser {
         pumps: pumps::Pumps::new(Arc::new(pool)),
@@ -263,176 +213,18 @@ pub async fn run_with_stats(
         result = Err(ThreadsStuck.into());
     }
     metrics_stop.cancel();
-    let _ = watcher.await;
     let _ = watchdog.await;
-    let _ = catalog.await;
-    let _ = heartbeat.await;
-    if let Some(stalls) = stalls {
-        let _ = stalls.await;
-    }
-    // The last heartbeat says the worker stopped (a killed one just stops beating).
-    if let Some(s) = background.get().await {
-        beat.send(&s, true).await;
-    }
+    upkeep.stopped().await;
     if let Some(server) = metrics_server {
         let _ = server.await;
     }
     result
 }
 
-/// How often a worker records its heartbeat, and how long a stopped worker stays listed.
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
-const HEARTBEAT_KEEP_SECS: u64 = 3600;
-
-/// What a worker says about itself every [`HEARTBEAT_EVERY`] (the dashboard's workers page).
-struct Heartbeat {
-    id: String,
-    fixed: serde_json::Value,
-    stats: Arc<Stats>,
-}
-
-impl Heartbeat {
-    fn new(args: &WorkerArgs, threads: usize, tasks: Vec<&str>, stats: Arc<Stats>) -> Self {
-        let started = taskmill_common::now_ms();
-        let host = amqp::hostname();
-        let pid = std::process::id();
-        // Workers started in one process in the same millisecond (a custom binary running
-        // two, the tests) still have ids of their own.
-        static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self {
-            id: format!("{host}:{pid}:{started}:{n}"),
-            fixed: serde_json::json!({
-                "host": host,
-                "pid": pid,
-                "version": env!("CARGO_PKG_VERSION"),
-                "queues": args.queues,
-                "tasks": tasks,
-                "threads": threads,
-                "prefetch": args.prefetch,
-                "started_ms": started,
-            }),
-            stats,
-        }
-    }
-
-    async fn send(&self, store: &taskmill_common::store::Store, stopped: bool) {
-        let now = taskmill_common::now_ms();
-        // Its counters are the ones `/stats` serves.
-        let mut entry = self.stats.to_json();
-        if let Some(e) = entry.as_object_mut() {
-            e.extend(self.fixed.as_object().cloned().unwrap_or_default());
-            e.insert("id".into(), self.id.clone().into());
-            e.insert("last_seen_ms".into(), now.into());
-            e.insert(
-                "heartbeat_ms".into(),
-                (HEARTBEAT_EVERY.as_millis() as u64).into(),
-            );
-            e.insert("stopped_ms".into(), stopped.then_some(now).into());
-        }
-        if let Err(e) = store
-            .heartbeat(&self.id, &entry, now, HEARTBEAT_KEEP_SECS)
-            .await
-        {
-            warn!("recording the heartbeat: {e}");
-        }
-    }
-}
-
-/// How often the cancelled jobs are read from Redis.
-const CANCELLED_POLL: Duration = Duration::from_millis(250);
-
-/// How often a worker renews its tasks in the catalog, and how long an entry lives.
-const CATALOG_EVERY: Duration = Duration::from_secs(20);
-const CATALOG_TTL_SECS: u64 = 60;
-
-/// Runs `tick` with a Redis store now and then every `period`, until `stop`; connects (again)
-/// when it has no store. For the worker's background upkeep, beside the sessions.
-async fn every<F, Fut>(
-    store: Arc<BackgroundStore>,
-    period: Duration,
-    stop: CancellationToken,
-    mut tick: F,
-) where
-    F: FnMut(taskmill_common::store::Store) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    loop {
-        if let Some(s) = store.get().await {
-            tick(s).await;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(period) => {}
-            _ = stop.cancelled() => return,
-        }
-    }
-}
-
-/// One Redis connection shared by the worker's background tasks, made when first needed and
-/// again after a failed attempt.
-struct BackgroundStore {
-    conn: taskmill_common::config::ConnArgs,
-    store: tokio::sync::Mutex<Option<taskmill_common::store::Store>>,
-}
-
-impl BackgroundStore {
-    async fn get(&self) -> Option<taskmill_common::store::Store> {
-        let mut store = self.store.lock().await;
-        if store.is_none() {
-            let c = &self.conn;
-            *store =
-                taskmill_common::store::Store::connect(&c.redis_url, &c.namespace, c.result_ttl)
-                    .await
-                    .ok();
-        }
-        store.clone()
-    }
-}
-
-/// Keeps `cancelled` equal to the namespace's cancelled jobs (read every 250 ms). Errors are
-/// retried quietly: the worst a stale set does is run a batch that a cancel would have dropped.
-async fn watch_cancelled(store: taskmill_common::store::Store, cancelled: pool::Cancelled) {
-    if let Ok(ids) = store.cancelled_jobs().await {
-        *cancelled.write().unwrap_or_else(|e| e.into_inner()) = ids;
-    }
-}
-
-/// The catalog entries of this worker's tasks.
-fn catalog_entries(registry: &Registry, queues: &[String]) -> Vec<(String, serde_json::Value)> {
-    let worker = format!("{}:{}", amqp::hostname(), std::process::id());
-    registry
-        .names()
-        .into_iter()
-        .filter_map(|name| {
-            let task = registry.get(name)?;
-            let entry = serde_json::json!({
-                "name": name,
-                "description": task.description(),
-                "params": registry.params(name),
-                "queues": queues,
-                "worker": worker,
-            });
-            Some((name.to_string(), entry))
-        })
-        .collect()
-}
-
-/// Records the worker's tasks in the catalog (every 20 s; entries live 60 s).
-async fn publish_catalog(
-    store: taskmill_common::store::Store,
-    entries: &[(String, serde_json::Value)],
-) {
-    let mut now = entries.to_vec();
-    for (_, e) in &mut now {
-        e["seen_ms"] = serde_json::json!(taskmill_common::now_ms());
-    }
-    if let Err(e) = store.publish_catalog(&now, CATALOG_TTL_SECS).await {
-        warn!("recording the task catalog: {e}");
-    }
-}
-
-/// Says on `/readyz` (and `taskmill_analysis_threads_stuck`) how many analysis threads have
-/// run their batch for more than twice its time limit, every second, until `stop`.
+/// Every [`OVERTIME_CHECK`] until `stop`: settles the batches past their time limit without
+/// their threads, says on `/readyz` (and `taskmill_analysis_threads_stuck`) how many threads
+/// are stuck, and once every one is stuck for good, gives back what is queued and starts the
+/// drain (the worker then exits [`EXIT_THREADS_STUCK`]).
 async fn watch_stuck(
     analyser: pool::Analyser,
     health: Arc<metrics::Health>,
