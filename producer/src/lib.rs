@@ -14,6 +14,7 @@ pub mod cmd;
 pub mod error;
 pub mod out;
 pub mod sources;
+pub mod web;
 
 use std::process::ExitCode;
 
@@ -74,7 +75,7 @@ pub enum Command {
     /// Delete a finished (or cancelled) job and its results.
     Delete(cmd::cancel::DeleteArgs),
     /// Serve the web dashboard and its JSON API (jobs, dead letters, queues, workers).
-    Dashboard(cmd::dashboard::DashboardArgs),
+    Dashboard(web::DashboardArgs),
     /// Remove a namespace: its queues, exchanges and Redis keys.
     Namespace(cmd::namespace::NamespaceArgs),
 }
@@ -170,7 +171,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tasks(a) => cmd::tasks::run(&cli.conn, a).await,
         Command::Cancel(a) => cmd::cancel::run_cancel(&cli.conn, a).await,
         Command::Delete(a) => cmd::cancel::run_delete(&cli.conn, a).await,
-        Command::Dashboard(a) => cmd::dashboard::run(&cli.conn, a).await,
+        Command::Dashboard(a) => web::run(&cli.conn, a).await,
         Command::Namespace(a) => cmd::namespace::run(&cli.conn, a).await,
     }
 }

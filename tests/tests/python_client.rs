@@ -301,8 +301,7 @@ fn the_python_client_and_the_page_use_the_store_s_scripts_and_states() {
         "the Python client's FINISHED differs from JobState::is_finished"
     );
     // The dashboard's page spells them too.
-    let js =
-        std::fs::read_to_string(root().join("producer/src/cmd/dashboard/assets/app.js")).unwrap();
+    let js = std::fs::read_to_string(root().join("producer/src/web/assets/app.js")).unwrap();
     assert!(
         js.contains(&format!("const STATES = [{}];", states.join(", "))),
         "the dashboard's STATES (app.js) differ from JobState::ALL"

@@ -1,7 +1,6 @@
 //! One subcommand a file.
 
 pub mod cancel;
-pub mod dashboard;
 pub mod dlq;
 pub mod enqueue;
 pub mod jobs;

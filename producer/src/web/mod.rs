@@ -256,7 +256,7 @@ pub async fn run(conn: &ConnArgs, args: &DashboardArgs) -> anyhow::Result<ExitCo
     let app = router(state, limits.clone());
     let shutdown = stop.clone();
     tokio::spawn(async move {
-        super::signalled().await;
+        crate::cmd::signalled().await;
         shutdown.cancel();
     });
     serve::serve(listener, app, limits, stop.clone()).await?;
