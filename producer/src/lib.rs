@@ -12,6 +12,7 @@
 
 pub mod cmd;
 pub mod error;
+pub mod mgmt;
 pub mod out;
 pub mod sources;
 pub mod web;

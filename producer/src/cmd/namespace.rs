@@ -14,8 +14,8 @@ use taskmill_common::{
     store::Store,
 };
 
-use super::queues::Api;
 use crate::error::CliError;
+use crate::mgmt::ManagementApi as Api;
 
 /// Arguments of `namespace`.
 #[derive(Args, Debug, Clone)]

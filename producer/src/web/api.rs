@@ -424,7 +424,7 @@ pub(crate) async fn purge_dead(
 /// `GET /api/queues`: each queue now, and the samples of the last hour.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "queues"))]
 pub(crate) async fn queues(State(st): Shared) -> ApiResult {
-    let queues = crate::cmd::queues::queues(&st.conn).await?;
+    let queues = crate::mgmt::queues(&st.conn.rabbitmq_api_url, &st.conn.namespace).await?;
     let history = st.store.samples(&st.store.keys().queue_history()).await?;
     ok(json!({
         "queues": queues,

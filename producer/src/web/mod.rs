@@ -179,7 +179,7 @@ async fn sample_queues(state: Arc<AppState>, stop: CancellationToken) {
             .saturating_sub(Duration::from_millis(250))
             .max(Duration::from_millis(100));
         if state.store.try_lock(&format!("{key}:lock"), hold).await {
-            match crate::cmd::queues::queues(&state.conn).await {
+            match crate::mgmt::queues(&state.conn.rabbitmq_api_url, &state.conn.namespace).await {
                 Ok(queues) => {
                     let sample = json!({"t": now_ms(), "queues": queues
                         .iter()
