@@ -183,20 +183,27 @@ pub fn analyse(
         );
         return (id, Outcome::OverTime(msg));
     }
-    let outcome = match result {
+    let outcome = outcome_of(task.name(), result, id.records);
+    id.params = env.params;
+    (id, outcome)
+}
+
+/// What a task's run comes to: its output, checked (counts that fit the batch of `records`,
+/// a result readers can parse back), its error's kind, or its panic.
+fn outcome_of(
+    task: &str,
+    result: std::thread::Result<Result<taskmill_common::task::TaskOutput, TaskError>>,
+    records: u64,
+) -> Outcome {
+    match result {
         // Counts that do not fit the batch are the task's bug: reported, never stored (they
         // would make a job read "228 done of 20").
-        Ok(Ok(output))
-            if output.records_done.saturating_add(output.records_invalid) > id.records =>
-        {
+        Ok(Ok(output)) if output.records_done.saturating_add(output.records_invalid) > records => {
             Outcome::Dead(
                 DeadKind::Permanent,
                 format!(
                     "task error: {} reported {} records done and {} invalid of a batch of {}",
-                    task.name(),
-                    output.records_done,
-                    output.records_invalid,
-                    id.records
+                    task, output.records_done, output.records_invalid, records
                 ),
             )
         }
@@ -212,7 +219,7 @@ pub fn analyse(
                 format!(
                     "task error: {} returned a result nested more than {} levels deep, \
                      which JSON readers refuse (nothing stored)",
-                    task.name(),
+                    task,
                     taskmill_common::task::MAX_JSON_DEPTH
                 ),
             )
@@ -226,9 +233,7 @@ pub fn analyse(
             let msg = panic_message(panic.as_ref());
             Outcome::Dead(DeadKind::Panic, format!("task panicked: {msg}"))
         }
-    };
-    id.params = env.params;
-    (id, outcome)
+    }
 }
 
 /// What a panic said (its `&str` or `String` payload).
