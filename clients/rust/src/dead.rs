@@ -208,19 +208,7 @@ fn replay_properties(p: &BasicProperties) -> BasicProperties {
 impl Client {
     /// Lists dead letters (all, or one job's) without removing them.
     pub async fn dead_letters(&self, job: Option<&str>) -> Result<Vec<DeadLetter>> {
-        let mut q = DeadQueue::open(self.settings()).await?;
-        let mut out = Vec::new();
-        while let Some(m) = q.next().await? {
-            let d = DeadLetter::from_message(&m);
-            if matches(&d, job) {
-                out.push(d);
-            }
-            q.held.push(m);
-        }
-        q.release().await?;
-        // By job, then batch (the queue's order is the order they died in).
-        out.sort_by(|a, b| (&a.job, a.batch).cmp(&(&b.job, b.batch)));
-        Ok(out)
+        list(self.settings(), job).await
     }
 
     /// Republishes matching dead letters (of those there when it starts) to their work queue.
@@ -305,55 +293,82 @@ impl Client {
 
     /// Deletes matching dead letters; returns how many.
     pub async fn purge_dead(&self, job: Option<&str>) -> Result<u64> {
-        let mut q = DeadQueue::open(self.settings()).await?;
-        let mut purged = 0;
-        while let Some(m) = q.next().await? {
-            if matches(&DeadLetter::from_message(&m), job) {
-                m.delivery
-                    .acker
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .map_err(lapin_err)?;
-                purged += 1;
-            } else {
-                q.held.push(m);
-            }
-        }
-        q.release().await?;
-        Ok(purged)
+        purge(self.settings(), job).await
     }
 
     /// One dead letter (by its message id `JOB:BATCH`) as JSON: what `list` shows, plus its
     /// params, records and headers; None when it is not in the dead-letter queue.
     pub async fn dead_letter(&self, id: &str) -> Result<Option<Value>> {
-        let mut q = DeadQueue::open(self.settings()).await?;
-        let mut found = None;
-        while let Some(m) = q.next().await? {
-            let d = DeadLetter::from_message(&m);
-            let this = match (&d.job, d.batch) {
-                (Some(j), Some(b)) => envelope::message_id(j, b) == id,
-                _ => false,
-            };
-            if this && found.is_none() {
-                let env = envelope::decode(&m.delivery.data, usize::MAX);
-                let records = match &env {
-                    Ok(e) => json!(e.records),
-                    Err(e) => json!(format!("<{e}; {} bytes>", m.delivery.data.len())),
-                };
-                let params = env.as_ref().map(|e| json!(e.params)).unwrap_or(Value::Null);
-                let mut v = d.to_json();
-                if let Some(o) = v.as_object_mut() {
-                    o.insert("params".into(), params);
-                    o.insert("records".into(), records);
-                    o.insert("headers".into(), headers_json(&m.delivery.properties));
-                }
-                found = Some(v);
-            }
+        find(self.settings(), id).await
+    }
+}
+
+/// [`Client::dead_letters`] from settings. Needs RabbitMQ only (no client, no Redis): the command line's way.
+pub async fn list(settings: &Settings, job: Option<&str>) -> Result<Vec<DeadLetter>> {
+    let mut q = DeadQueue::open(settings).await?;
+    let mut out = Vec::new();
+    while let Some(m) = q.next().await? {
+        let d = DeadLetter::from_message(&m);
+        if matches(&d, job) {
+            out.push(d);
+        }
+        q.held.push(m);
+    }
+    q.release().await?;
+    // By job, then batch (the queue's order is the order they died in).
+    out.sort_by(|a, b| (&a.job, a.batch).cmp(&(&b.job, b.batch)));
+    Ok(out)
+}
+
+/// [`Client::purge_dead`] from settings. Needs RabbitMQ only (no client, no Redis): the command line's way.
+pub async fn purge(settings: &Settings, job: Option<&str>) -> Result<u64> {
+    let mut q = DeadQueue::open(settings).await?;
+    let mut purged = 0;
+    while let Some(m) = q.next().await? {
+        if matches(&DeadLetter::from_message(&m), job) {
+            m.delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(lapin_err)?;
+            purged += 1;
+        } else {
             q.held.push(m);
         }
-        q.release().await?;
-        Ok(found)
     }
+    q.release().await?;
+    Ok(purged)
+}
+
+/// [`Client::dead_letter`] from settings. Needs RabbitMQ only (no client, no Redis): the command line's way.
+pub async fn find(settings: &Settings, id: &str) -> Result<Option<Value>> {
+    let mut q = DeadQueue::open(settings).await?;
+    let mut found = None;
+    while let Some(m) = q.next().await? {
+        let d = DeadLetter::from_message(&m);
+        let this = match (&d.job, d.batch) {
+            (Some(j), Some(b)) => envelope::message_id(j, b) == id,
+            _ => false,
+        };
+        if this && found.is_none() {
+            let env = envelope::decode(&m.delivery.data, usize::MAX);
+            let records = match &env {
+                Ok(e) => json!(e.records),
+                Err(e) => json!(format!("<{e}; {} bytes>", m.delivery.data.len())),
+            };
+            let params = env.as_ref().map(|e| json!(e.params)).unwrap_or(Value::Null);
+            let mut v = d.to_json();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("params".into(), params);
+                o.insert("records".into(), records);
+                o.insert("headers".into(), headers_json(&m.delivery.properties));
+            }
+            found = Some(v);
+        }
+        q.held.push(m);
+    }
+    q.release().await?;
+    Ok(found)
 }
 
 /// A message's headers as JSON (text bounded, nested tables as objects).
