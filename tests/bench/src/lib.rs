@@ -46,12 +46,39 @@ pub struct ProcStats {
     pub cpu_s: f64,
     /// Peak resident set size, MiB.
     pub peak_rss_mib: f64,
+    /// Context switches of all its threads (voluntary: it waited; involuntary: it was
+    /// preempted), as last seen before it exited.
+    pub ctxt: (u64, u64),
 }
 
 /// A child process whose CPU and peak RSS are watched through /proc.
 pub struct Watched {
     child: Child,
     peak_kb: Arc<AtomicU64>,
+    ctxt: Arc<(AtomicU64, AtomicU64)>,
+}
+
+/// Voluntary and involuntary context switches of every thread of `pid` now (the sum over
+/// `/proc/PID/task/*/status`), None once it is gone. A thread that ended takes its own with it:
+/// taskmill's threads live as long as the process.
+pub fn proc_ctxt(pid: u32) -> Option<(u64, u64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut sum = (0, 0);
+    for t in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        sum.0 += field("voluntary_ctxt_switches:");
+        sum.1 += field("nonvoluntary_ctxt_switches:");
+    }
+    Some(sum)
 }
 
 fn proc_cpu_and_state(pid: u32) -> Option<(char, f64)> {
@@ -76,7 +103,8 @@ impl Watched {
         let child = cmd.spawn().context("starting a benchmark process")?;
         let pid = child.id();
         let peak_kb = Arc::new(AtomicU64::new(0));
-        let peak = peak_kb.clone();
+        let ctxt = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let (peak, seen) = (peak_kb.clone(), ctxt.clone());
         std::thread::spawn(move || loop {
             match proc_hwm_kb(pid) {
                 Some(kb) => {
@@ -84,9 +112,17 @@ impl Watched {
                 }
                 None => return,
             }
+            if let Some((v, i)) = proc_ctxt(pid) {
+                seen.0.fetch_max(v, Ordering::Relaxed);
+                seen.1.fetch_max(i, Ordering::Relaxed);
+            }
             std::thread::sleep(Duration::from_millis(20));
         });
-        Ok(Self { child, peak_kb })
+        Ok(Self {
+            child,
+            peak_kb,
+            ctxt,
+        })
     }
 
     /// The process id.
@@ -118,6 +154,10 @@ impl Watched {
             ProcStats {
                 cpu_s: cpu,
                 peak_rss_mib: self.peak_kb.load(Ordering::Relaxed) as f64 / 1024.0,
+                ctxt: (
+                    self.ctxt.0.load(Ordering::Relaxed),
+                    self.ctxt.1.load(Ordering::Relaxed),
+                ),
             },
             status.success(),
             stderr,
@@ -229,7 +269,14 @@ impl RunFigures {
             "worker_cpu_s_per_1000_batches": per_k(self.worker.cpu_s),
             "producer_peak_rss_mib": self.producer.peak_rss_mib,
             "worker_peak_rss_mib": self.worker.peak_rss_mib,
+            "producer_ctxt_per_1000_batches": self.ctxt_per_k(self.producer.ctxt),
+            "worker_ctxt_per_1000_batches": self.ctxt_per_k(self.worker.ctxt),
         })
+    }
+    /// Context switches a 1,000 batches, voluntary and involuntary.
+    fn ctxt_per_k(&self, (v, i): (u64, u64)) -> Value {
+        let per_k = |n: u64| n as f64 / self.batches.max(1) as f64 * 1000.0;
+        json!({"voluntary": per_k(v), "involuntary": per_k(i)})
     }
 }
 
@@ -585,6 +632,7 @@ pub async fn raw_round_trip(
     quiesce().await;
     let broker_before = broker_cpu_s();
     let (redis_before, own_before) = (redis_cpu_s(), own_cpu_s());
+    let ctxt_before = proc_ctxt(std::process::id()).unwrap_or_default();
     let started = Instant::now();
     let consume = tokio::spawn(consume_raw(
         consumer,
@@ -613,6 +661,8 @@ pub async fn raw_round_trip(
     let broker_cpu_s = broker_cpu_s() - broker_before;
     let per_k = |cpu: f64| cpu / n.max(1) as f64 * 1000.0;
     let (redis_cpu, client_cpu) = (redis_cpu_s() - redis_before, own_cpu_s() - own_before);
+    let ctxt_after = proc_ctxt(std::process::id()).unwrap_or_default();
+    let ctxt_per_k = |a: u64, b: u64| a.saturating_sub(b) as f64 / n.max(1) as f64 * 1000.0;
     raw.close().await?;
     Ok(RawFigures {
         messages: n,
@@ -621,6 +671,10 @@ pub async fn raw_round_trip(
         broker_cpu_s_per_1000: per_k(broker_cpu_s),
         redis_cpu_s_per_1000: per_k(redis_cpu),
         client_cpu_s_per_1000: per_k(client_cpu),
+        client_ctxt_per_1000: (
+            ctxt_per_k(ctxt_after.0, ctxt_before.0),
+            ctxt_per_k(ctxt_after.1, ctxt_before.1),
+        ),
     })
 }
 
@@ -639,6 +693,8 @@ pub struct RawFigures {
     pub redis_cpu_s_per_1000: f64,
     /// The publishing and consuming client's (this process's) CPU seconds per 1,000 messages.
     pub client_cpu_s_per_1000: f64,
+    /// This process's context switches per 1,000 messages (voluntary, involuntary).
+    pub client_ctxt_per_1000: (f64, f64),
 }
 
 /// The same task code in-process on a rayon pool of all cores, called as the worker calls it

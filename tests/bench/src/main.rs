@@ -240,6 +240,18 @@ async fn throughput_and_raw(
                 format!("{:.3}", j[key].as_f64().unwrap_or(0.0)),
             ));
         }
+        for who in ["producer", "worker"] {
+            let c = &j[format!("{who}_ctxt_per_1000_batches")];
+            rep.rows.push((
+                "throughput".into(),
+                format!("{who} context switches / 1000 batches, voluntary / involuntary"),
+                format!(
+                    "{:.0} / {:.0}",
+                    c["voluntary"].as_f64().unwrap_or(0.0),
+                    c["involuntary"].as_f64().unwrap_or(0.0)
+                ),
+            ));
+        }
         rep.rows.push((
             "throughput".into(),
             "producer peak RSS MiB".into(),
@@ -282,8 +294,20 @@ async fn throughput_and_raw(
                 format!("{v:.3}"),
             ));
         }
+        rep.rows.push((
+            "raw".into(),
+            "client context switches / 1000 messages, voluntary / involuntary".into(),
+            format!(
+                "{:.0} / {:.0}",
+                raw.client_ctxt_per_1000.0, raw.client_ctxt_per_1000.1
+            ),
+        ));
         let mut j = json!({
             "messages": raw.messages, "messages_per_s": rate, "confirm_window": raw.window,
+            "client_ctxt_per_1000_messages": {
+                "voluntary": raw.client_ctxt_per_1000.0,
+                "involuntary": raw.client_ctxt_per_1000.1,
+            },
             "prefetch": 1000, "broker_cpu_s_per_1000_messages": raw.broker_cpu_s_per_1000,
             "redis_cpu_s_per_1000_messages": raw.redis_cpu_s_per_1000,
             "client_cpu_s_per_1000_messages": raw.client_cpu_s_per_1000,
