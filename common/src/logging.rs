@@ -43,12 +43,7 @@ pub fn install_panic_hook() {
     use std::{collections::HashSet, sync::Mutex};
     static TRACED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
     std::panic::set_hook(Box::new(|info| {
-        let payload = info.payload();
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "non-string panic payload".into());
+        let message = taskmill_protocol::panic_message(info.payload());
         let place = info
             .location()
             .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))

@@ -8,6 +8,8 @@ use std::{
     time::Duration,
 };
 
+use crate::free_port;
+
 /// Where the RabbitMQ scripts are, run directly (not through Debian's wrapper in /usr/sbin,
 /// which switches to the `rabbitmq` user) so that the node runs as the current user with its
 /// own cookie and data: `$RABBITMQ_SBIN`, Debian's `/usr/lib/rabbitmq/bin`, the `sbin` of an
@@ -49,13 +51,6 @@ pub struct PrivateBroker {
     node: String,
     dir: PathBuf,
     child: Child,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 impl PrivateBroker {

@@ -389,6 +389,14 @@ fn newer_source(binary: &Path) -> Option<PathBuf> {
         })
 }
 
+/// A TCP port on 127.0.0.1 that nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
 /// Writes records as JSON Lines into a temporary file and returns its path.
 pub fn write_jsonl(records: impl IntoIterator<Item = serde_json::Value>) -> std::path::PathBuf {
     use std::io::Write;

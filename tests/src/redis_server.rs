@@ -7,19 +7,14 @@ use std::{
     time::Duration,
 };
 
+use crate::free_port;
+
 /// A redis-server process owned by a test.
 pub struct PrivateRedis {
     /// Its port on 127.0.0.1.
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 impl PrivateRedis {

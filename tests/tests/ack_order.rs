@@ -30,11 +30,7 @@ async fn a_worker_killed_holding_unstored_results_loses_no_batch() {
     let proxy = Proxy::start("127.0.0.1:6379".parse::<SocketAddr>().unwrap())
         .await
         .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = taskmill_tests::free_port();
     let mut first = KillOnDrop(
         Command::new(bin_path("worker"))
             .env("TASKMILL_NAMESPACE", &t.ns)
@@ -115,11 +111,7 @@ async fn a_worker_killed_holding_unconfirmed_retries_loses_no_batch() {
     ];
     let job = enqueue(&conn, &args, |_| {}).await.unwrap().job;
     broker.memory_alarm(true);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = taskmill_tests::free_port();
     let mut first = KillOnDrop(
         Command::new(bin_path("worker"))
             .env("TASKMILL_NAMESPACE", &t.ns)

@@ -236,14 +236,7 @@ fn outcome_of(
     }
 }
 
-/// What a panic said (its `&str` or `String` payload).
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".into())
-}
+pub(crate) use taskmill_common::panic_message;
 
 #[cfg(test)]
 mod tests {

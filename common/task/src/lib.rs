@@ -73,17 +73,16 @@ pub fn json_depth(value: &Value, limit: usize) -> usize {
     let mut deepest = 0;
     let mut stack = vec![(value, 0usize)];
     while let Some((v, depth)) = stack.pop() {
-        let children: Box<dyn Iterator<Item = &Value>> = match v {
-            Value::Array(a) => Box::new(a.iter()),
-            Value::Object(o) => Box::new(o.values()),
-            _ => continue,
-        };
         let depth = depth + 1;
+        match v {
+            Value::Array(a) => stack.extend(a.iter().map(|c| (c, depth))),
+            Value::Object(o) => stack.extend(o.values().map(|c| (c, depth))),
+            _ => continue,
+        }
         deepest = deepest.max(depth);
         if deepest > limit {
             return deepest;
         }
-        stack.extend(children.map(|c| (c, depth)));
     }
     deepest
 }

@@ -21,8 +21,7 @@ else
   if not born or born + tonumber(ARGV[2]) >= now then return 0 end
 end
 local j = load(KEYS[1])
-local settled = num(j.batches_done) + num(j.batches_dead) + num(j.batches_cancelled)
-  + num(j.batches_expired)
+local settled = settled_j(j)
 local published = math.max(num(j.batches_published), settled)
 redis.call('HSET', KEYS[1], 'batches_total', published, 'batches_published', published)
 if state == STATE.pending or state == STATE.running then
