@@ -283,6 +283,18 @@ fn the_python_client_and_the_page_use_the_store_s_scripts_and_states() {
         );
     }
     let py = std::fs::read_to_string(root().join("clients/python/taskmill/client.py")).unwrap();
+    // pika is used through its public API only: no private attribute of a connection or
+    // channel (they change between pika releases without notice).
+    for module in ["client.py", "_amqp.py", "exceptions.py", "__init__.py"] {
+        let text =
+            std::fs::read_to_string(root().join("clients/python/taskmill").join(module)).unwrap();
+        for private in ["._impl", "._flush_output", "._process_data_events"] {
+            assert!(
+                !text.contains(private),
+                "clients/python/taskmill/{module} uses pika's private {private}"
+            );
+        }
+    }
     let states: Vec<String> = taskmill_common::JobState::ALL
         .iter()
         .map(|s| format!("\"{}\"", s.as_str()))

@@ -23,6 +23,7 @@ import pika
 import pika.exceptions
 import redis
 
+from ._amqp import ConfirmChannel, Declare
 from .exceptions import NoSuchJob, Refused, Timeout, Unavailable, UnreadableJob
 
 FORMAT_VERSION = 1
@@ -621,12 +622,11 @@ class _Publishing:
         self.problems: List[str] = []
         self.more_problems = 0
         self.lease_renewed = 0.0
-        self.connection: Optional[pika.BlockingConnection] = None
-        self.channel = None
+        self.channel: Optional[ConfirmChannel] = None
         # Publishing with a window of confirms: the unconfirmed batches by delivery tag (in
         # publish order), the batches to publish again (nacked, returned, or unconfirmed when
         # the connection went), message ids the broker returned, and the confirmed count.
-        self.next_tag = 1
+        self.next_tag = 1  # the channel's next delivery tag
         self.unconfirmed: Dict[int, List[Any]] = {}
         self.inflight_bytes = 0
         self.again: deque = deque()
@@ -637,34 +637,26 @@ class _Publishing:
     # The broker -------------------------------------------------------------------------
     def connect(self) -> None:
         self.close()
-        self.connection = pika.BlockingConnection(pika.URLParameters(self.c.amqp_url))
-        ch = self.connection.channel()
         ns = self.c.namespace
-        ch.exchange_declare(f"{ns}.work", "direct", durable=True)
-        ch.exchange_declare(f"{ns}.dlx", "fanout", durable=True)
         quorum = {"x-queue-type": "quorum"}
+        declares: List[Declare] = [
+            ("exchange_declare", (f"{ns}.work", "direct"), {"durable": True}),
+            ("exchange_declare", (f"{ns}.dlx", "fanout"), {"durable": True}),
+        ]
         for name, args in ((f"{ns}.dead", dict(quorum)),
                            (f"{ns}.dead.events", {**quorum, "x-max-length": DEAD_EVENTS_MAX})):
-            ch.queue_declare(name, durable=True, arguments=args)
-            ch.queue_bind(name, f"{ns}.dlx", routing_key="")
+            declares.append(("queue_declare", (name,), {"durable": True, "arguments": args}))
+            declares.append(("queue_bind", (name, f"{ns}.dlx"), {"routing_key": ""}))
         for short in (self.queue, f"{self.queue}.p1", f"{self.queue}.p5"):
             args = {**quorum, "x-dead-letter-exchange": f"{ns}.dlx",
                     "x-delivery-limit": DELIVERY_LIMIT}
-            ch.queue_declare(f"{ns}.{short}", durable=True, arguments=args)
-            ch.queue_bind(f"{ns}.{short}", f"{ns}.work", routing_key=short)
-        # Confirms are taken on the channel's asynchronous side (pika's BlockingChannel
-        # waits for each one before the next publish); the blocking connection's event
-        # processing runs its callbacks.
-        impl = ch._impl
-        impl.add_on_return_callback(self._on_return)
-        selected: List[bool] = []
-        impl.confirm_delivery(ack_nack_callback=self._on_confirm,
-                              callback=lambda _frame: selected.append(True))
-        self.connection._flush_output(lambda: bool(selected) or not impl.is_open)
-        if not selected:
-            raise pika.exceptions.ChannelWrongStateError("the channel closed before confirms")
+            declares.append(("queue_declare", (f"{ns}.{short}",),
+                             {"durable": True, "arguments": args}))
+            declares.append(("queue_bind", (f"{ns}.{short}", f"{ns}.work"),
+                             {"routing_key": short}))
+        self.channel = ConfirmChannel(self.c.amqp_url, declares, self._on_confirm,
+                                      self._on_return)
         self.next_tag = 1
-        self.channel = ch
 
     def first_connect(self) -> None:
         """The first connection: refused credentials are ``Refused`` and an unreachable
@@ -680,12 +672,8 @@ class _Publishing:
             raise Unavailable(f"cannot reach RabbitMQ at {where}: {e!r}") from None
 
     def close(self) -> None:
-        if self.connection is not None and self.connection.is_open:
-            try:
-                self.connection.close()
-            except pika.exceptions.AMQPError:
-                pass
-        self.connection = None
+        if self.channel is not None:
+            self.channel.close()
         self.channel = None
 
     def publish(self, body: bytes, props: pika.BasicProperties) -> None:
@@ -706,9 +694,8 @@ class _Publishing:
                     self.connect()
                 while self.again:
                     item = self.again[0]
-                    self.channel._impl.basic_publish(
-                        f"{self.c.namespace}.work", self.routing_key, item[0], item[1],
-                        mandatory=True)
+                    self.channel.publish(f"{self.c.namespace}.work", self.routing_key,
+                                         item[0], item[1])
                     self.again.popleft()
                     self.unconfirmed[self.next_tag] = item
                     self.inflight_bytes += len(item[0])
@@ -747,10 +734,6 @@ class _Publishing:
         def settled() -> bool:
             return len(self.unconfirmed) <= keep and self.inflight_bytes <= MAX_INFLIGHT_BYTES
 
-        def stop_waiting() -> bool:
-            return (settled() or bool(self.again) or self.refused_error is not None
-                    or not self.channel._impl.is_open)
-
         while True:
             if self.refused_error is not None:
                 raise RuntimeError(self.refused_error)
@@ -758,20 +741,16 @@ class _Publishing:
             if settled() and (not flush or self.channel is None):
                 return
             try:
-                if not self.channel._impl.is_open:
-                    raise pika.exceptions.ChannelWrongStateError("the channel was closed")
-                # pika's BlockingConnection has no public call that waits for a condition
-                # of the channel's asynchronous side; this is the one its own channels use.
                 if flush:
                     flush = False
-                    self.connection._flush_output()
+                    self.channel.pump()
                 else:
-                    self.connection._flush_output(stop_waiting)
+                    self.channel.wait(lambda: settled() or bool(self.again)
+                                      or self.refused_error is not None)
             except _LOST as e:
                 reconnects = self.after_loss(e, reconnects, "waiting for confirms")
 
-    def _on_return(self, _channel: Any, _method: Any, props: pika.BasicProperties,
-                   _body: bytes) -> None:
+    def _on_return(self, props: pika.BasicProperties) -> None:
         # The broker returns an unroutable mandatory message before it confirms it.
         self.returned.add(props.message_id)
 

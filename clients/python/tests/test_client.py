@@ -10,6 +10,8 @@ import os
 import sys
 import warnings
 
+import pika
+
 import taskmill
 import taskmill.client as tc
 from taskmill import Client
@@ -56,7 +58,8 @@ connect = tc._Publishing.connect
 
 def connect_then_unbind(self):
     connect(self)
-    self.channel.queue_unbind(f"{ns}.unrouted", f"{ns}.work", routing_key="unrouted")
+    with pika.BlockingConnection(pika.URLParameters(self.c.amqp_url)) as other:
+        other.channel().queue_unbind(f"{ns}.unrouted", f"{ns}.work", routing_key="unrouted")
 
 
 tc._Publishing.connect = connect_then_unbind
