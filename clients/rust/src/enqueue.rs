@@ -218,7 +218,42 @@ struct Outlet<'a, F: FnOnce(&str)> {
     lease_keeper: Option<tokio_util::sync::DropGuard>,
 }
 
-impl<F: FnOnce(&str)> Outlet<'_, F> {
+impl<'a, F: FnOnce(&str)> Outlet<'a, F> {
+    fn new(
+        store: &'a Store,
+        publisher: Publisher,
+        job: &'a str,
+        spec: &'a JobSpec,
+        on_registered: F,
+        (eta_ms, expires_ms): (Option<u64>, Option<u64>),
+        rate_key: Option<String>,
+    ) -> Self {
+        Outlet {
+            store,
+            publisher,
+            job,
+            new_job: NewJob {
+                id: job,
+                task: &spec.task,
+                queue: &spec.queue,
+                params: &spec.params,
+                unique_key: spec.unique_key.as_deref(),
+            },
+            on_registered: Some(on_registered),
+            reserved: 0,
+            published: None,
+            duplicate_of: None,
+            timing: (eta_ms, expires_ms, spec.priority),
+            limits: (
+                spec.time_limit.map(|t| t.as_millis() as u64),
+                spec.rate_limit.map(|r| r.interval_ms),
+                rate_key,
+            ),
+            lease: spec.lease.max(std::time::Duration::from_secs(1)),
+            lease_keeper: None,
+        }
+    }
+
     async fn send(&mut self, ready: Vec<Prepared>, batches_so_far: u64) -> Result<()> {
         if ready.is_empty() {
             return Ok(());
@@ -340,87 +375,33 @@ where
         on_registered,
         stop,
     } = hooks;
-    let params = &spec.params;
     let (eta_ms, expires_ms) = spec.timing()?;
     let started = Instant::now();
-    let mut warnings = Vec::new();
-    if spec.check {
-        check(store, &spec.task, params).await?;
-        warnings.extend(lacking(store, &spec.queue, &spec.task).await);
-        for w in &warnings {
-            warn!("{w}");
-        }
-    } else {
-        warn!(task = %bounded(&spec.task, 200), "not checked: the task and its parameters are not checked against the catalog");
-    }
-    let job = spec
-        .id
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    let store = store.clone();
-    let store = &store;
-    if store.job_exists(&job).await? {
-        return Err(Error::JobExists(job));
-    }
-    if let Some(key) = &spec.unique_key {
-        if let Some(holder) = store.unique_holder(key).await? {
-            return Ok(EnqueueReport::duplicate(holder, started));
-        }
-    }
+    let warnings = checked(store, spec).await?;
+    let job = match new_job_id(store, spec).await? {
+        Ok(job) => job,
+        Err(holder) => return Ok(EnqueueReport::duplicate(holder, started)),
+    };
     let names = Names::new(&settings.namespace);
     let publisher = Publisher::connect(&settings.amqp_url, names, &spec.queue, spec.confirm_window)
         .await?
         .with_routing_key(topology::priority_queue(&spec.queue, spec.priority));
-    let mut outlet = Outlet {
+    let (headers, text_headers) = option_headers(spec, &job, eta_ms, expires_ms);
+    let rate_key = text_headers.first().map(|(_, k)| k.clone());
+    let mut outlet = Outlet::new(
         store,
         publisher,
-        job: &job,
-        new_job: NewJob {
-            id: &job,
-            task: &spec.task,
-            queue: &spec.queue,
-            params,
-            unique_key: spec.unique_key.as_deref(),
-        },
-        on_registered: Some(on_registered),
-        reserved: 0,
-        published: None,
-        duplicate_of: None,
-        timing: (None, None, 0),
-        limits: (None, None, None),
-        lease: spec.lease.max(std::time::Duration::from_secs(1)),
-        lease_keeper: None,
-    };
-    let records = start();
-    let mut headers = Vec::new();
-    if let Some(eta) = eta_ms {
-        headers.push((HEADER_ETA, eta as i64));
-    }
-    if let Some(exp) = expires_ms {
-        headers.push((HEADER_EXPIRES, exp as i64));
-    }
-    if let Some(limit) = spec.time_limit {
-        headers.push((HEADER_TIME_LIMIT, limit.as_millis() as i64));
-    }
-    let mut text_headers = Vec::new();
-    if let Some(rate) = spec.rate_limit {
-        headers.push((HEADER_RATE_INTERVAL, rate.interval_ms as i64));
-        let key = spec
-            .rate_key
-            .clone()
-            .unwrap_or_else(|| format!("job-{job}"));
-        text_headers.push((HEADER_RATE_KEY, key));
-    }
-    outlet.timing = (eta_ms, expires_ms, spec.priority);
-    outlet.limits = (
-        spec.time_limit.map(|t| t.as_millis() as u64),
-        spec.rate_limit.map(|r| r.interval_ms),
-        text_headers.first().map(|(_, k)| k.clone()),
+        &job,
+        spec,
+        on_registered,
+        (eta_ms, expires_ms),
+        rate_key,
     );
+    let records = start();
     let mut batcher = Batcher::new(
         &job,
         &spec.task,
-        params,
+        &spec.params,
         spec.batch_size,
         spec.max_message_bytes,
     )
@@ -446,20 +427,7 @@ where
             // Giving up after registering: the job is interrupted now, saying why, rather
             // than when its lease lapses (what was confirmed still runs).
             if outlet.on_registered.is_none() {
-                let p = problems.snapshot();
-                let mut samples = p.samples.clone();
-                samples.push(format!("the producer gave up: {e}"));
-                let totals = PublishTotals {
-                    batches: publisher.confirmed_batches,
-                    records: publisher.confirmed_records,
-                    records_invalid: p.records_invalid,
-                    sources_failed: p.sources_failed,
-                    problems: samples,
-                    interrupted: true,
-                };
-                if let Err(se) = store.finish_publishing(&job, &totals).await {
-                    warn!("marking job {job} interrupted: {se}");
-                }
+                give_up(store, &job, &problems, &publisher, &e).await;
             }
             return Err(e);
         }
@@ -469,33 +437,8 @@ where
     }
 
     let p = problems.snapshot();
-    if outlet.on_registered.is_some() && interrupted {
-        return Err(Error::Interrupted(
-            "interrupted before the first batch: no job was registered".into(),
-        ));
-    }
     if outlet.on_registered.is_some() {
-        // Nothing was read: no job was registered, nothing published.
-        let unreachable = p.sources_unreachable > 0
-            && p.sources_unreachable == p.sources_failed
-            && p.records_invalid == 0;
-        let mut msg = if unreachable {
-            format!(
-                "nothing to enqueue: every source failed on the network ({} unreachable)",
-                p.sources_unreachable
-            )
-        } else {
-            "nothing to enqueue: no record could be read".to_string()
-        };
-        for line in p.samples.iter().take(5) {
-            msg.push_str("\n  ");
-            msg.push_str(line);
-        }
-        return Err(if unreachable {
-            Error::SourcesUnreachable(msg)
-        } else {
-            Error::Invalid(msg)
-        });
+        return Err(nothing_read(&p, interrupted));
     }
     let report = EnqueueReport {
         job: job.clone(),
@@ -513,6 +456,132 @@ where
         publisher.finish().await?;
     }
     Ok(report)
+}
+
+/// The catalog's checks, when the spec asks for them: an unknown task or a parameter it
+/// refuses is an error; live workers of the queue that lack the task are a warning (logged and
+/// returned).
+async fn checked(store: &Store, spec: &JobSpec) -> Result<Vec<String>> {
+    if !spec.check {
+        warn!(task = %bounded(&spec.task, 200), "not checked: the task and its parameters are not checked against the catalog");
+        return Ok(Vec::new());
+    }
+    check(store, &spec.task, &spec.params).await?;
+    let warnings: Vec<String> = lacking(store, &spec.queue, &spec.task)
+        .await
+        .into_iter()
+        .collect();
+    for w in &warnings {
+        warn!("{w}");
+    }
+    Ok(warnings)
+}
+
+/// The new job's id: the spec's (refused when such a job exists) or a fresh one; `Err` with
+/// the holder when another job holds the spec's unique key.
+async fn new_job_id(store: &Store, spec: &JobSpec) -> Result<std::result::Result<String, String>> {
+    let job = spec
+        .id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    if store.job_exists(&job).await? {
+        return Err(Error::JobExists(job));
+    }
+    if let Some(key) = &spec.unique_key {
+        if let Some(holder) = store.unique_holder(key).await? {
+            return Ok(Err(holder));
+        }
+    }
+    Ok(Ok(job))
+}
+
+/// Headers with numbers, and headers with text.
+type OptionHeaders = (Vec<(&'static str, i64)>, Vec<(&'static str, String)>);
+
+/// The headers every batch of the job carries for its options: numbers (start time, expiry,
+/// time limit, rate interval) and text (the rate key, by default the job's own).
+fn option_headers(
+    spec: &JobSpec,
+    job: &str,
+    eta_ms: Option<u64>,
+    expires_ms: Option<u64>,
+) -> OptionHeaders {
+    let mut headers = Vec::new();
+    if let Some(eta) = eta_ms {
+        headers.push((HEADER_ETA, eta as i64));
+    }
+    if let Some(exp) = expires_ms {
+        headers.push((HEADER_EXPIRES, exp as i64));
+    }
+    if let Some(limit) = spec.time_limit {
+        headers.push((HEADER_TIME_LIMIT, limit.as_millis() as i64));
+    }
+    let mut text_headers = Vec::new();
+    if let Some(rate) = spec.rate_limit {
+        headers.push((HEADER_RATE_INTERVAL, rate.interval_ms as i64));
+        let key = spec
+            .rate_key
+            .clone()
+            .unwrap_or_else(|| format!("job-{job}"));
+        text_headers.push((HEADER_RATE_KEY, key));
+    }
+    (headers, text_headers)
+}
+
+/// The enqueue failed after the job was registered: the job ends `interrupted` now with what
+/// was confirmed (which still runs) and the reason among its problems, rather than when its
+/// lease lapses.
+async fn give_up(
+    store: &Store,
+    job: &str,
+    problems: &ProblemLog,
+    publisher: &Publisher,
+    e: &Error,
+) {
+    let p = problems.snapshot();
+    let mut samples = p.samples.clone();
+    samples.push(format!("the producer gave up: {e}"));
+    let totals = PublishTotals {
+        batches: publisher.confirmed_batches,
+        records: publisher.confirmed_records,
+        records_invalid: p.records_invalid,
+        sources_failed: p.sources_failed,
+        problems: samples,
+        interrupted: true,
+    };
+    if let Err(se) = store.finish_publishing(job, &totals).await {
+        warn!("marking job {job} interrupted: {se}");
+    }
+}
+
+/// The error of an enqueue that registered nothing: stopped before the first batch, every
+/// source unreachable, or nothing readable (with the first problems).
+fn nothing_read(p: &Problems, interrupted: bool) -> Error {
+    if interrupted {
+        return Error::Interrupted(
+            "interrupted before the first batch: no job was registered".into(),
+        );
+    }
+    let unreachable = p.sources_unreachable > 0
+        && p.sources_unreachable == p.sources_failed
+        && p.records_invalid == 0;
+    let mut msg = if unreachable {
+        format!(
+            "nothing to enqueue: every source failed on the network ({} unreachable)",
+            p.sources_unreachable
+        )
+    } else {
+        "nothing to enqueue: no record could be read".to_string()
+    };
+    for line in p.samples.iter().take(5) {
+        msg.push_str("\n  ");
+        msg.push_str(line);
+    }
+    if unreachable {
+        Error::SourcesUnreachable(msg)
+    } else {
+        Error::Invalid(msg)
+    }
 }
 
 /// Feeds what the sources send into the batcher and the batches into the outlet; a partial
