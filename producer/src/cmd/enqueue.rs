@@ -158,9 +158,14 @@ pub struct EnqueueArgs {
     /// Follow the job until it finishes (progress bar on a terminal) and exit like `wait`.
     #[arg(long, help_heading = "Output")]
     pub wait: bool,
-    /// With --wait: give up after this many seconds (exit 3).
-    #[arg(long, help_heading = "Output")]
-    pub timeout: Option<f64>,
+    /// With --wait: give up after this long (exit 3): `90s`, `5m`, or seconds.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        value_parser = crate::cmd::wait::timeout_arg,
+        help_heading = "Output"
+    )]
+    pub timeout: Option<std::time::Duration>,
     /// Print one JSON object (the enqueue report) instead of the job id, and with --wait a
     /// second one, the final status.
     #[arg(long, help_heading = "Output")]

@@ -18,9 +18,9 @@ use super::status::{describe, describe_dead, rate};
 pub struct WaitArgs {
     /// Job id.
     pub job: String,
-    /// Give up after this many seconds (exit 3).
-    #[arg(long)]
-    pub timeout: Option<f64>,
+    /// Give up after this long (exit 3): `90s`, `5m`, `1h`, `500ms`, or seconds (`2.5`).
+    #[arg(long, value_name = "DURATION", value_parser = timeout_arg)]
+    pub timeout: Option<Duration>,
     /// Print the final status as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -105,19 +105,15 @@ pub async fn follow(
     }
 }
 
+/// `--timeout`: a duration (`90s`, `5m`, `500ms`) or a number of seconds, 0 or more.
+pub fn timeout_arg(raw: &str) -> Result<Duration, String> {
+    taskmill_client::spec::parse_duration(raw).map(Duration::from_millis)
+}
+
 /// The command.
 pub async fn run(conn: &ConnArgs, args: &WaitArgs) -> anyhow::Result<ExitCode> {
     let client = crate::client(conn).await?;
-    let timeout = match args.timeout {
-        Some(t) if !(t >= 0.0 && t.is_finite()) => {
-            return Err(crate::error::CliError::Usage(
-                "--timeout must be a number of seconds, 0 or more".into(),
-            )
-            .into())
-        }
-        Some(t) => Some(Duration::from_secs_f64(t)),
-        None => None,
-    };
+    let timeout = args.timeout;
     let progress = std::io::stderr().is_terminal() && !args.json;
     let (status, end) = follow(&client, &args.job, timeout, progress).await?;
     if args.json {
