@@ -19,6 +19,8 @@ pub struct ConnArgs {
     pub config: Option<std::path::PathBuf>,
 
     /// RabbitMQ URL (amqp:// or amqps://); `?heartbeat=N` sets the AMQP heartbeat in seconds.
+    /// Several nodes of one cluster, separated by commas: a connection goes to the first that
+    /// answers, in a shuffled order, and a lost one moves on to the next.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -38,7 +40,8 @@ pub struct ConnArgs {
     )]
     pub redis_url: String,
 
-    /// RabbitMQ management API, for queue views.
+    /// RabbitMQ management API, for queue views; several nodes' APIs separated by commas are
+    /// tried in turn.
     #[arg(
         long,
         env = "RABBITMQ_API_URL",
@@ -81,18 +84,28 @@ impl ConnArgs {
     /// error instead of a connection retried.
     pub fn check(&self) -> Result<(), String> {
         validate_name("namespace", &self.namespace)?;
-        check_url("--amqp-url", &self.amqp_url, &["amqp", "amqps"])?;
+        check_urls("--amqp-url", &self.amqp_url, &["amqp", "amqps"])?;
         check_url(
             "--redis-url",
             &self.redis_url,
             &["redis", "rediss", "unix", "redis+unix"],
         )?;
-        check_url(
+        check_urls(
             "--rabbitmq-api-url",
             &self.rabbitmq_api_url,
             &["http", "https"],
         )
     }
+}
+
+/// Checks a setting that may list several URLs (the nodes of one cluster), each one.
+fn check_urls(flag: &str, raw: &str, schemes: &[&str]) -> Result<(), String> {
+    let list = taskmill_protocol::url_list(raw);
+    if list.is_empty() {
+        return Err(format!("{flag} is empty"));
+    }
+    list.into_iter()
+        .try_for_each(|one| check_url(flag, one, schemes))
 }
 
 fn check_url(flag: &str, raw: &str, schemes: &[&str]) -> Result<(), String> {

@@ -12,7 +12,9 @@ pub mod config;
 pub mod logging;
 
 pub use taskmill_broker::{amqp, dead, Backoff};
-pub use taskmill_protocol::{envelope, error_text, now_ms, panic_message, DeadKind, JobState};
+pub use taskmill_protocol::{
+    envelope, error_text, now_ms, panic_message, url_list, DeadKind, JobState,
+};
 pub use taskmill_store as store;
 pub use taskmill_task as task;
 pub use taskmill_tasks as tasks;

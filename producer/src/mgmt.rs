@@ -7,18 +7,26 @@ use serde_json::{json, Value};
 use taskmill_client::{Error, Result};
 use taskmill_common::config::redact;
 
-/// A client of the management API (credentials taken from the URL).
+/// A client of the management API (credentials taken from the URL). With several nodes'
+/// APIs (comma-separated, one cluster), each request goes to the first that answers, starting
+/// with the one that answered last.
 pub struct ManagementApi {
     http: reqwest::Client,
+    nodes: Vec<Node>,
+    /// The node that answered last.
+    current: std::sync::atomic::AtomicUsize,
+}
+
+/// One node's API: its base URL without credentials, the credentials, and how it is shown.
+struct Node {
     base: url::Url,
     user: String,
     password: String,
     shown: String,
 }
 
-impl ManagementApi {
-    /// A client of the API at `raw` (`http://user:password@host:15672/api`).
-    pub fn new(raw: &str) -> Result<Self> {
+impl Node {
+    fn parse(raw: &str) -> Result<Self> {
         let mut base = url::Url::parse(raw).map_err(|e| {
             Error::Invalid(format!(
                 "the RabbitMQ management API URL {} is not a URL: {e}",
@@ -33,6 +41,32 @@ impl ManagementApi {
         let _ = base.set_username("");
         let _ = base.set_password(None);
         Ok(Self {
+            shown: base.to_string(),
+            base,
+            user,
+            password,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/{path}", self.base.as_str().trim_end_matches('/'))
+    }
+}
+
+impl ManagementApi {
+    /// A client of the API at `raw` (`http://user:password@host:15672/api`, or several such
+    /// URLs of one cluster's nodes separated by commas).
+    pub fn new(raw: &str) -> Result<Self> {
+        let nodes = taskmill_common::url_list(raw)
+            .into_iter()
+            .map(Node::parse)
+            .collect::<Result<Vec<_>>>()?;
+        if nodes.is_empty() {
+            return Err(Error::Invalid(
+                "the RabbitMQ management API URL is empty".into(),
+            ));
+        }
+        Ok(Self {
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(10))
                 .build()
@@ -42,34 +76,59 @@ impl ManagementApi {
                         taskmill_common::error_text(&e)
                     ))
                 })?,
-            shown: base.to_string(),
-            base,
-            user,
-            password,
+            nodes,
+            current: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Sends `method path` to the node that answered last, else to each other in turn; the
+    /// answer and the node that gave it. Only a node that cannot be reached (or answers 5xx:
+    /// a node starting or stopping) moves on to the next.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<(reqwest::Response, &Node)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let first = self.current.load(Relaxed);
+        let mut failed = None;
+        for i in 0..self.nodes.len() {
+            let at = (first + i) % self.nodes.len();
+            let node = &self.nodes[at];
+            let sent = self
+                .http
+                .request(method.clone(), node.url(path))
+                .basic_auth(&node.user, Some(&node.password))
+                .send()
+                .await;
+            match sent {
+                Ok(resp) if !resp.status().is_server_error() || i + 1 == self.nodes.len() => {
+                    self.current.store(at, Relaxed);
+                    return Ok((resp, node));
+                }
+                Ok(resp) => {
+                    failed = Some(format!("{} answered {}", node.shown, resp.status()));
+                }
+                Err(e) => {
+                    failed = Some(format!(
+                        "cannot reach the RabbitMQ management API at {}: {} (is the rabbitmq_management plugin enabled?)",
+                        node.shown,
+                        taskmill_common::error_text(&e)
+                    ));
+                }
+            }
+        }
+        Err(Error::Broker(failed.unwrap_or_default()))
     }
 
     /// Deletes `path` (a queue, an exchange); one already gone is fine.
     pub async fn delete(&self, path: &str) -> Result<()> {
-        let url = format!("{}/{path}", self.base.as_str().trim_end_matches('/'));
-        let resp = self
-            .http
-            .delete(&url)
-            .basic_auth(&self.user, Some(&self.password))
-            .send()
-            .await
-            .map_err(|e| {
-                Error::Broker(format!(
-                    "cannot reach the RabbitMQ management API at {}: {}",
-                    self.shown,
-                    taskmill_common::error_text(&e)
-                ))
-            })?;
+        let (resp, node) = self.send(reqwest::Method::DELETE, path).await?;
         let status = resp.status();
         if !status.is_success() && status != reqwest::StatusCode::NOT_FOUND {
             return Err(Error::Broker(format!(
                 "the RabbitMQ management API at {} answered {status} to deleting {path}",
-                self.shown
+                node.shown
             )));
         }
         Ok(())
@@ -77,31 +136,18 @@ impl ManagementApi {
 
     /// `GET path` as JSON.
     pub async fn get(&self, path: &str) -> Result<Value> {
-        let url = format!("{}/{path}", self.base.as_str().trim_end_matches('/'));
-        let resp = self
-            .http
-            .get(&url)
-            .basic_auth(&self.user, Some(&self.password))
-            .send()
-            .await
-            .map_err(|e| {
-                Error::Broker(format!(
-                    "cannot reach the RabbitMQ management API at {}: {} (is the rabbitmq_management plugin enabled?)",
-                    self.shown,
-                    taskmill_common::error_text(&e)
-                ))
-            })?;
+        let (resp, node) = self.send(reqwest::Method::GET, path).await?;
         let status = resp.status();
         if status == reqwest::StatusCode::UNAUTHORIZED {
             return Err(Error::Broker(format!(
                 "the RabbitMQ management API at {} refused the credentials of --rabbitmq-api-url",
-                self.shown
+                node.shown
             )));
         }
         if !status.is_success() {
             return Err(Error::Broker(format!(
                 "the RabbitMQ management API at {} answered {status} for {path}",
-                self.shown
+                node.shown
             )));
         }
         resp.json().await.map_err(|e| {

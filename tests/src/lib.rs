@@ -8,6 +8,7 @@
 //! - [`TestNs`]: a fresh namespace per test, with helpers to run workers and clean up.
 
 pub mod broker;
+pub mod cluster;
 pub mod proxy;
 pub mod redis_server;
 

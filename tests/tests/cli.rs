@@ -165,6 +165,11 @@ fn the_command_line_end_to_end() {
     let idle_job = stdout(&out).lines().next().unwrap().to_string();
     let out = producer(&t.ns, &["wait", &idle_job, "--timeout", "0.3"]);
     assert_eq!(out.status.code(), Some(3));
+    // The timeout is a duration like every other (a bare number being seconds).
+    let out = producer(&t.ns, &["wait", &idle_job, "--timeout", "300ms"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let out = producer(&t.ns, &["wait", &idle_job, "--timeout", "soon"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     // No such job: exit 4, for every command that takes one.
     for cmd in ["status", "wait", "results"] {
         let out = producer(&t.ns, &[cmd, "no-such-job"]);

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import random
 import re
 import time
 import urllib.parse
@@ -48,6 +49,7 @@ FINISHED = ("completed", "completed_with_errors", "cancelled", "stalled")
 RESERVE_AHEAD = 1024
 # How many times one batch may be refused (nack or return), and reconnects in a row.
 MAX_REFUSALS = 5
+REFUSALS_BEFORE_RECONNECT = 3
 MAX_RECONNECTS = 8
 # Publisher confirms kept in flight (and bytes of unconfirmed batches held for republishing):
 # waiting for each confirm before the next publish made one broker round trip a batch.
@@ -63,6 +65,10 @@ RESULTS_PAGE = 500
 # What a lost connection or channel raises.
 _LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError,
          pika.exceptions.StreamLostError, ConnectionError)
+
+# What refused credentials or vhost raise (every node of a cluster would say the same).
+_REFUSED = (pika.exceptions.ProbableAuthenticationError, pika.exceptions.AuthenticationError,
+            pika.exceptions.ProbableAccessDeniedError)
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
@@ -93,7 +99,9 @@ def _with_finish(body: str) -> str:
 
 
 def _redact(url: str) -> str:
-    """The URL without its password, for errors."""
+    """The URL without its password, for errors (each of a comma-separated list)."""
+    if "," in url:
+        return ",".join(_redact(one) for one in url.split(","))
     try:
         u = urllib.parse.urlsplit(url)
         if u.password is None:
@@ -221,7 +229,7 @@ class Client:
 
     def __init__(
         self,
-        amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2f",  # or several, comma-separated
         redis_url: str = "redis://127.0.0.1:6379/0",
         namespace: str = "taskmill",
         result_ttl: int = 7 * 24 * 3600,
@@ -632,6 +640,7 @@ class _Publishing:
         self.again: deque = deque()
         self.returned: set = set()
         self.refused_error: Optional[str] = None
+        self.reopen = False
         self.confirmed = 0
 
     # The broker -------------------------------------------------------------------------
@@ -654,8 +663,19 @@ class _Publishing:
                              {"durable": True, "arguments": args}))
             declares.append(("queue_bind", (f"{ns}.{short}", f"{ns}.work"),
                              {"routing_key": short}))
-        self.channel = ConfirmChannel(self.c.amqp_url, declares, self._on_confirm,
-                                      self._on_return)
+        # Several nodes of one cluster (comma-separated): tried in a shuffled order, the
+        # first that accepts is used; refused credentials are refused by every node.
+        nodes = [u.strip() for u in self.c.amqp_url.split(",") if u.strip()]
+        random.shuffle(nodes)
+        for i, url in enumerate(nodes):
+            try:
+                self.channel = ConfirmChannel(url, declares, self._on_confirm, self._on_return)
+                break
+            except _REFUSED:
+                raise
+            except _LOST:
+                if i + 1 == len(nodes):
+                    raise
         self.next_tag = 1
 
     def first_connect(self) -> None:
@@ -664,9 +684,7 @@ class _Publishing:
         where = _redact(self.c.amqp_url)
         try:
             self.connect()
-        except (pika.exceptions.ProbableAuthenticationError,
-                pika.exceptions.AuthenticationError,
-                pika.exceptions.ProbableAccessDeniedError) as e:
+        except _REFUSED as e:
             raise Refused(f"RabbitMQ at {where} refused the credentials: {e!r}") from None
         except _LOST as e:
             raise Unavailable(f"cannot reach RabbitMQ at {where}: {e!r}") from None
@@ -737,6 +755,9 @@ class _Publishing:
         while True:
             if self.refused_error is not None:
                 raise RuntimeError(self.refused_error)
+            if self.reopen:
+                self.reopen = False
+                self.lost()  # what is unconfirmed goes again, on a new connection
             self.send_again()
             if settled() and (not flush or self.channel is None):
                 return
@@ -772,6 +793,11 @@ class _Publishing:
                 self.confirmed += 1
                 continue
             item[2] += 1
+            if item[2] % REFUSALS_BEFORE_RECONNECT == 0:
+                # A connection that keeps refusing a batch is replaced (as the Rust producer
+                # does): after a cluster node died, a new connection was seen to nack what
+                # the old one had left unconfirmed, round after round.
+                self.reopen = True
             if item[2] >= MAX_REFUSALS:
                 self.refused_error = (f"the broker refused message {item[1].message_id} "
                                       f"{item[2]} times (nacked or unroutable)")

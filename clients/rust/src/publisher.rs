@@ -33,6 +33,13 @@ const REFUSED_AT_MOST: Duration = Duration::from_secs(120);
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(5);
 /// How many reconnects in a row before enqueue gives up.
 const MAX_RECONNECTS: u32 = 8;
+/// A batch refused this many times in a row is published again on a new connection (which
+/// may go to another node of a cluster). Seen on a three-node cluster: after the node the
+/// producer was connected to died, the batches it had left unconfirmed were nacked on every
+/// republish through the new connection, for as long as it stayed open, while new batches on
+/// it were taken. A full queue (a length limit with reject-publish) refuses on any connection;
+/// for it this costs a reconnect every few rounds of the backoff.
+const REFUSALS_BEFORE_RECONNECT: u32 = 3;
 /// Most bytes of unconfirmed batches held (for republishing) at once, whatever the window:
 /// a window of 2,000 batches of 100 posts would otherwise hold 70 MB.
 const MAX_INFLIGHT_BYTES: usize = 16 * 1024 * 1024;
@@ -249,9 +256,9 @@ impl Publisher {
                     lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed),
                 )),
             };
-            let outcome = outcome.map(amqp::accepted);
+            let outcome = outcome.map(amqp::refusal);
             match outcome {
-                Ok(true) => {
+                Ok(None) => {
                     self.confirmed_batches += 1;
                     self.confirmed_records += item.records;
                     if self.refused_since.take().is_some() {
@@ -260,14 +267,14 @@ impl Publisher {
                         debug!("the broker takes batches again");
                     }
                 }
-                Ok(false) => {
+                Ok(Some(why)) => {
                     item.refusals += 1;
                     let since = *self.refused_since.get_or_insert_with(Instant::now);
                     if since.elapsed() > REFUSED_AT_MOST {
                         return Err(Error::Broker(format!(
-                            "the broker refused batches for {} s (batch {} {} times): a full queue \
-                             (a length limit with reject-publish) that no worker drains, or an \
-                             unroutable queue",
+                            "the broker refused batches for {} s (batch {} {} times, {why}): a \
+                             full queue (a length limit with reject-publish) that no worker \
+                             drains, or an unroutable queue",
                             REFUSED_AT_MOST.as_secs(),
                             item.batch,
                             item.refusals
@@ -284,6 +291,7 @@ impl Publisher {
                         {
                             warn!(
                                 refused = self.refusals_unlogged,
+                                last = %why,
                                 "the broker refuses batches (a full queue, or unroutable): \
                                  publishing them again with backoff ({delay:?} now) for up to {} s",
                                 REFUSED_AT_MOST.as_secs()
@@ -295,6 +303,17 @@ impl Publisher {
                         self.paused = Some(Instant::now());
                     }
                     item.sent = Instant::now();
+                    if item.refusals % REFUSALS_BEFORE_RECONNECT == 0 {
+                        warn!(
+                            batch = item.batch,
+                            "batch refused {} times in a row ({why}): publishing the unconfirmed \
+                             batches again on a new connection",
+                            item.refusals
+                        );
+                        self.hold(item, true);
+                        self.reopen().await?;
+                        continue;
+                    }
                     match self.send(&item).await {
                         Ok(c) => {
                             item.confirm = Some(c);
@@ -317,8 +336,24 @@ impl Publisher {
 
     /// Reconnects after a connection or channel error and republishes every unconfirmed batch.
     async fn recover(&mut self, error: lapin::Error) -> Result<()> {
+        self.reconnect(Error::broker("publishing", &error)).await
+    }
+
+    /// Replaces a connection that refuses batches over and over (see
+    /// [`REFUSALS_BEFORE_RECONNECT`]) and republishes every unconfirmed batch on the new one.
+    async fn reopen(&mut self) -> Result<()> {
+        let _ = self
+            .conn
+            .close(200, "replaced: it refused batches".into())
+            .await;
+        self.reconnect(Error::Broker("the connection refused batches".into()))
+            .await
+    }
+
+    /// Opens a new connection (with backoff, up to [`MAX_RECONNECTS`] attempts) and
+    /// republishes every unconfirmed batch on it; `last` is why.
+    async fn reconnect(&mut self, mut last: Error) -> Result<()> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let mut last = Error::broker("publishing", &error);
         for attempt in 1..=MAX_RECONNECTS {
             let delay = backoff.next_delay();
             warn!(

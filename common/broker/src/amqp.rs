@@ -7,10 +7,12 @@ use taskmill_protocol::redact;
 /// Error connecting to the broker: one sentence with the (redacted) URL and the cause once.
 #[derive(Debug)]
 pub struct ConnectError {
-    /// The URL without its password.
+    /// The URL without its password (the last one tried, when several were).
     pub url: String,
     /// What lapin reported.
     pub source: lapin::Error,
+    /// How many nodes were tried (each failed); 1 for a single URL.
+    pub tried: usize,
 }
 
 impl ConnectError {
@@ -28,6 +30,13 @@ impl std::fmt::Display for ConnectError {
                 "RabbitMQ at {} refused the connection ({}): check the user, password and vhost of the AMQP URL",
                 self.url,
                 e.get_message().as_str().split(" - ").next().unwrap_or("refused")
+            ),
+            _ if self.tried > 1 => write!(
+                f,
+                "cannot connect to any of the {} RabbitMQ nodes of the AMQP URL (the last tried, {}: {})",
+                self.tried,
+                self.url,
+                taskmill_protocol::error_text(&self.source)
             ),
             _ => write!(
                 f,
@@ -66,20 +75,78 @@ pub fn with_default_heartbeat(url: &str) -> String {
     format!("{url}{sep}heartbeat={DEFAULT_HEARTBEAT_SECS}")
 }
 
+/// How long one node of several may take to accept a connection before the next is tried
+/// (a node that is up but does not answer, e.g. stopped with SIGSTOP or partitioned).
+pub const NODE_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Opens a connection named `name` (shown in the RabbitMQ console's Connections page), with
 /// a heartbeat of [`DEFAULT_HEARTBEAT_SECS`] unless the URL sets one.
-pub async fn connect(url: &str, name: &str) -> Result<Connection, ConnectError> {
+///
+/// `urls` is one URL or several nodes of one cluster separated by commas: they are tried in a
+/// shuffled order (so that a fleet spreads over the nodes, as RabbitMQ's Java client does),
+/// each for at most [`NODE_CONNECT_TIMEOUT`], and the first that accepts is used; refused
+/// credentials end the attempt at once (every node of a cluster shares its users). A caller
+/// that reconnects after a lost connection calls this again, and so moves to a live node.
+pub async fn connect(urls: &str, name: &str) -> Result<Connection, ConnectError> {
     let host = hostname();
     let props = ConnectionProperties::default().with_connection_name(LongString::from(format!(
         "{name}@{host}:{}",
         std::process::id()
     )));
-    Connection::connect(&with_default_heartbeat(url), props)
-        .await
-        .map_err(|source| ConnectError {
+    let mut nodes = taskmill_protocol::url_list(urls);
+    if nodes.len() <= 1 {
+        return Connection::connect(&with_default_heartbeat(urls.trim()), props)
+            .await
+            .map_err(|source| ConnectError {
+                url: redact(urls),
+                source,
+                tried: 1,
+            });
+    }
+    shuffle(&mut nodes);
+    let tried = nodes.len();
+    let mut last = None;
+    for url in nodes {
+        let with_heartbeat = with_default_heartbeat(url);
+        let attempt = Connection::connect(&with_heartbeat, props.clone());
+        let source = match tokio::time::timeout(NODE_CONNECT_TIMEOUT, attempt).await {
+            Ok(Ok(conn)) => return Ok(conn),
+            Ok(Err(source)) => source,
+            Err(_) => lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {} s", NODE_CONNECT_TIMEOUT.as_secs()),
+                ),
+            ))),
+        };
+        let e = ConnectError {
             url: redact(url),
             source,
-        })
+            tried,
+        };
+        if e.refused() {
+            return Err(e);
+        }
+        last = Some(e);
+    }
+    Err(last.unwrap_or_else(|| unreachable!("a list of several URLs was tried")))
+}
+
+/// Shuffles the nodes in place (Fisher–Yates), seeded from the clock and the process id:
+/// processes started together still spread over the nodes.
+fn shuffle(nodes: &mut [&str]) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut x = (nanos ^ (u64::from(std::process::id()) << 32)) | 1;
+    for i in (1..nodes.len()).rev() {
+        // xorshift64
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        nodes.swap(i, (x % (i as u64 + 1)) as usize);
+    }
 }
 
 use lapin::{
@@ -183,7 +250,18 @@ pub async fn publish_confirmed(
 /// Whether a publisher confirm says the broker took the message: acked, and not returned as
 /// unroutable (a `mandatory` message that no queue took comes back before its ack).
 pub fn accepted(confirm: lapin::Confirmation) -> bool {
-    confirm.is_ack() && confirm.take_message().is_none()
+    refusal(confirm).is_none()
+}
+
+/// Why a publisher confirm says the broker did not take the message (`nacked`, or
+/// `returned` with the broker's reply), or None when it did.
+pub fn refusal(confirm: lapin::Confirmation) -> Option<String> {
+    let nacked = confirm.is_nack();
+    match (nacked, confirm.take_message()) {
+        (_, Some(r)) => Some(format!("returned ({} {})", r.reply_code, r.reply_text)),
+        (true, None) => Some("nacked".into()),
+        (false, None) => None,
+    }
 }
 
 /// A copy of `props` with `extra` headers added (replacing same-named ones).

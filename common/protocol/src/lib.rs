@@ -48,9 +48,26 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "non-string panic payload".into())
 }
 
-/// A URL with its password replaced by `***`, safe for logs and error messages.
+/// A URL with its password replaced by `***`, safe for logs and error messages; a list of
+/// URLs separated by commas (the nodes of a cluster) has each one's replaced.
 pub fn redact(raw: &str) -> String {
-    match url::Url::parse(raw) {
+    if raw.contains(',') {
+        return raw.split(',').map(redact_one).collect::<Vec<_>>().join(",");
+    }
+    redact_one(raw)
+}
+
+/// The URLs of a setting that takes several (the nodes of one RabbitMQ cluster, separated by
+/// commas), in the order given; a setting with one URL is a list of one.
+pub fn url_list(raw: &str) -> Vec<&str> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+fn redact_one(raw: &str) -> String {
+    match url::Url::parse(raw.trim()) {
         Ok(mut u) => {
             if u.password().is_some() {
                 // set_password only fails for URLs that cannot have one, which has none then.
@@ -74,6 +91,10 @@ mod tests {
         assert_eq!(
             redact("redis://127.0.0.1:6379/0"),
             "redis://127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact("amqp://u:a@h1:5672/%2f,amqp://u:b@h2:5672/%2f"),
+            "amqp://u:***@h1:5672/%2f,amqp://u:***@h2:5672/%2f"
         );
         assert!(!redact("rediss://:pw@h/0").contains("pw"));
     }

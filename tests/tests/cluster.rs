@@ -1,0 +1,275 @@
+//! Losing a broker node: a three-node RabbitMQ cluster (`deploy/scripts/cluster.sh`), the real
+//! `producer` and two real `worker`s given the three nodes' URLs, and a node killed with
+//! kill -9 mid-job: every batch's result stored and counted exactly once, nothing
+//! dead-lettered, the producer and `producer wait` exit 0. The cluster's ports are fixed, so
+//! both scenarios run in one test, one after the other, with the killed node started again in
+//! between.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use taskmill_tests::{
+    bin_path, catalog_ready, cluster::Cluster, sample, until, KillOnDrop, TestNs,
+};
+
+/// Batches of one post each: enough that the producer is still publishing when the node goes.
+const BATCHES: u64 = 12_000;
+
+/// Which node to kill.
+#[derive(Clone, Copy, Debug)]
+enum Victim {
+    /// The node that leads the work queue (its quorum queue elects a new leader).
+    Leader,
+    /// A node the workers are connected to (they reconnect to another).
+    WorkersNode,
+    /// The node the producer is connected to, while it publishes a burst (it reconnects to
+    /// another and publishes again what was unconfirmed).
+    ProducersNode,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_loses_nothing_when_a_broker_node_dies() {
+    let cluster = tokio::task::spawn_blocking(Cluster::up).await.unwrap();
+    for victim in [Victim::Leader, Victim::WorkersNode, Victim::ProducersNode] {
+        let killed = lose_a_node(&cluster, victim).await;
+        tokio::task::block_in_place(|| cluster.start(killed));
+    }
+}
+
+/// A child process with the cluster's URLs; what it writes on stderr goes to a file (a pipe
+/// nobody reads could fill and stop it).
+struct Child {
+    process: KillOnDrop,
+    stderr: std::path::PathBuf,
+}
+
+impl Child {
+    fn spawn(cluster: &Cluster, ns: &str, bin: &str, args: &[&str]) -> Self {
+        Self::spawn_with(cluster, ns, bin, args, Stdio::null())
+    }
+
+    fn spawn_with(cluster: &Cluster, ns: &str, bin: &str, args: &[&str], stdin: Stdio) -> Self {
+        let stderr = std::env::temp_dir().join(format!(
+            "taskmill-cluster-{bin}-{}.log",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let file = std::fs::File::create(&stderr).expect("a log file");
+        let process = KillOnDrop(
+            Command::new(bin_path(bin))
+                .args(args)
+                .env("AMQP_URL", cluster.amqp_url())
+                .env("RABBITMQ_API_URL", cluster.api_url())
+                .env("TASKMILL_NAMESPACE", ns)
+                .env("RUST_LOG", "warn")
+                .stdin(stdin)
+                .stdout(Stdio::null())
+                .stderr(file)
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {bin}: {e}")),
+        );
+        Self { process, stderr }
+    }
+
+    /// Waits for it to exit (blocking); its exit status and what it said.
+    fn wait(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.process.0.wait().expect("waiting for a child");
+        let said = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.stderr);
+        (status, said)
+    }
+
+    /// Waits without blocking the runtime's threads.
+    async fn exited(self) -> (std::process::ExitStatus, String) {
+        tokio::task::spawn_blocking(move || self.wait())
+            .await
+            .expect("the waiting thread")
+    }
+}
+
+/// One scenario; the node it killed.
+async fn lose_a_node(cluster: &Cluster, victim: Victim) -> u8 {
+    let t = TestNs::new();
+    let store = t.store().await;
+    let workers: Vec<Child> = (0..2)
+        .map(|_| Child::spawn(cluster, &t.ns, "worker", &["--threads", "1"]))
+        .collect();
+    catalog_ready(&store).await;
+    // The producer reads the posts from a pipe: the first half now, the second half once
+    // the node is about to die (so that it is publishing a burst then).
+    let job = format!("lose-{victim:?}").to_lowercase();
+    let mut producer = Child::spawn_with(
+        cluster,
+        &t.ns,
+        "producer",
+        &["enqueue", "--file", "-", "--batch-size", "1", "--job", &job],
+        Stdio::piped(),
+    );
+    let stdin = producer
+        .process
+        .0
+        .stdin
+        .take()
+        .expect("the producer's stdin");
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut stdin = std::io::BufWriter::new(stdin);
+        let posts: Vec<String> = sample::posts(BATCHES).map(|p| p.to_string()).collect();
+        let (first, second) = posts.split_at(posts.len() / 2);
+        for line in first {
+            writeln!(stdin, "{line}")?;
+        }
+        stdin.flush()?;
+        let _ = gate.recv();
+        for line in second {
+            writeln!(stdin, "{line}")?;
+        }
+        stdin.flush()
+    });
+    // The connection of whoever is to lose its node, as the management API lists it (once
+    // its node has sampled it, within seconds).
+    let name = match victim {
+        Victim::Leader => None,
+        Victim::WorkersNode => Some("taskmill-worker@"),
+        Victim::ProducersNode => Some("taskmill-producer@"),
+    };
+    if let Some(name) = name {
+        until(
+            "the connections listed",
+            Duration::from_secs(30),
+            || async { !cluster.connections(name).await.is_empty() },
+        )
+        .await;
+    }
+
+    // Mid-job: a part published and some done.
+    until(
+        "a quarter of the batches published",
+        Duration::from_secs(120),
+        || async {
+            store
+                .job_status(&job)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.batches_published >= BATCHES / 4 && s.batches_done > 0)
+        },
+    )
+    .await;
+    let node = match name {
+        None => cluster.leader(&format!("{}.tasks", t.ns)).await,
+        Some(name) => cluster.connections(name).await.first().map(|(_, n)| *n),
+    }
+    .unwrap_or_else(|| panic!("no node found for {victim:?}"));
+    let done_before = taskmill_tests::batches_done(&store, &job).await;
+    let published_before = store
+        .job_status(&job)
+        .await
+        .ok()
+        .flatten()
+        .map_or(0, |s| s.batches_published);
+    let _ = go.send(());
+    let killed_at = Instant::now();
+    tokio::task::block_in_place(|| cluster.kill(node));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let resumed_at = (done_before + 200).min(BATCHES);
+    while taskmill_tests::batches_done(&store, &job).await < resumed_at {
+        if Instant::now() > deadline {
+            let queues = cluster.api("queues").await.unwrap_or_default();
+            let ours: Vec<_> = queues
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|q| q["name"].as_str().is_some_and(|n| n.starts_with(&t.ns)))
+                .map(|q| {
+                    serde_json::json!({"name": q["name"], "leader": q["leader"], "members": q["members"],
+                        "online": q["online"], "messages": q["messages"], "consumers": q["consumers"]})
+                })
+                .collect();
+            panic!(
+                "no progress within 120 s of killing tm{node}: {:?}\nqueues: {ours:#?}\nconnections: {:?}",
+                store.job_status(&job).await,
+                cluster.connections("").await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resumed = killed_at.elapsed();
+    // Every worker is connected again, each through a live node: those that were on the dead
+    // node moved to another of the list.
+    let pids: Vec<String> = workers
+        .iter()
+        .map(|w| format!(":{}", w.process.id()))
+        .collect();
+    until(
+        "every worker connected through a live node",
+        Duration::from_secs(60),
+        || async {
+            let conns = cluster.connections("taskmill-worker@").await;
+            pids.iter().all(|pid| {
+                conns
+                    .iter()
+                    .any(|(name, n)| name.ends_with(pid.as_str()) && *n != node)
+            }) && conns.iter().all(|(_, n)| *n != node)
+        },
+    )
+    .await;
+    eprintln!(
+        "{victim:?}: killed tm{node} with {done_before} done and {published_before} published; \
+         200 more done {:.1} s later, every worker connected through a live node {:.1} s later",
+        resumed.as_secs_f64(),
+        killed_at.elapsed().as_secs_f64()
+    );
+
+    // The producer finished publishing through another node, and says so.
+    writer
+        .join()
+        .expect("the writer")
+        .expect("writing the posts");
+    let (code, said) = producer.exited().await;
+    assert!(code.success(), "producer: {said}");
+    let reopened = said.matches("on a new connection").count();
+    if reopened > 0 {
+        eprintln!("{victim:?}: the producer replaced a refusing connection {reopened} times");
+    }
+    let (code, said) = Child::spawn(
+        cluster,
+        &t.ns,
+        "producer",
+        &["wait", &job, "--timeout", "180s"],
+    )
+    .exited()
+    .await;
+    assert!(code.success(), "producer wait: {said}");
+
+    let s = store.job_status(&job).await.unwrap().unwrap();
+    assert_eq!(s.state(), "completed", "{s:?}");
+    assert_eq!(s.batches_total, Some(BATCHES), "{s:?}");
+    assert_eq!(s.batches_done, BATCHES, "{s:?}");
+    assert_eq!(s.batches_dead, 0, "{s:?}");
+    assert_eq!(s.records_done, BATCHES, "{s:?}");
+    assert_eq!(store.results(&job).await.unwrap().len() as u64, BATCHES);
+    // Nothing reached the dead-letter queue (innocent batches redelivered by the node's loss
+    // stay under the delivery limit).
+    let conn = taskmill_common::amqp::connect(&cluster.amqp_url(), "test")
+        .await
+        .unwrap();
+    assert_eq!(
+        taskmill_tests::queue_messages(&conn, &format!("{}.dead", t.ns)).await,
+        Some(0)
+    );
+    let _ = conn.close(0, "done".into()).await;
+    for w in &workers {
+        taskmill_tests::sigterm(w.process.id());
+    }
+    for w in workers {
+        let (code, said) = w.exited().await;
+        assert!(code.success(), "worker: {said}");
+    }
+    t.cleanup().await;
+    node
+}
