@@ -79,6 +79,10 @@ pub enum Command {
     Dashboard(web::DashboardArgs),
     /// Remove a namespace: its queues, exchanges and Redis keys.
     Namespace(cmd::namespace::NamespaceArgs),
+    /// Periodic jobs: add, list, show, remove, pause and resume schedules.
+    Schedule(cmd::schedule::ScheduleArgs),
+    /// Run the namespace's schedules (several schedulers may run at once).
+    Scheduler(cmd::schedule::SchedulerArgs),
 }
 
 /// The connection options each command uses; the others stay accepted (they can stand
@@ -99,6 +103,11 @@ const USES: &[(&str, &[&str])] = &[
     ("cancel", &["redis_url", "namespace"]),
     ("delete", &["redis_url", "namespace"]),
     ("namespace", &["redis_url", "rabbitmq_api_url"]),
+    ("schedule", &["redis_url", "namespace"]),
+    (
+        "scheduler",
+        &["amqp_url", "redis_url", "namespace", "result_ttl"],
+    ),
     (
         "dashboard",
         &[
@@ -174,5 +183,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Delete(a) => cmd::cancel::run_delete(&cli.conn, a).await,
         Command::Dashboard(a) => web::run(&cli.conn, a).await,
         Command::Namespace(a) => cmd::namespace::run(&cli.conn, a).await,
+        Command::Schedule(a) => cmd::schedule::run(&cli.conn, a).await,
+        Command::Scheduler(a) => cmd::schedule::run_scheduler(&cli.conn, a).await,
     }
 }

@@ -261,12 +261,17 @@ impl<'a, F: FnOnce(&str)> Outlet<'a, F> {
         if self.duplicate_of.is_some() {
             return Ok(());
         }
-        if let Some(f) = self.on_registered.take() {
+        if self.on_registered.is_some() {
+            // Registered before `on_registered` is taken: a registration refused (another
+            // producer registered this id first) leaves it, so that giving up does not mark
+            // the other producer's job interrupted.
             if let Registered::Duplicate(holder) = self.store.register_job(&self.new_job).await? {
                 self.duplicate_of = Some(holder);
-                self.on_registered = Some(f);
                 return Ok(());
             }
+            let Some(f) = self.on_registered.take() else {
+                return Ok(());
+            };
             self.store
                 .set_timing(self.job, self.timing.0, self.timing.1, self.timing.2)
                 .await?;

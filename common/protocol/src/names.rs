@@ -241,6 +241,14 @@ impl Keys {
     pub fn cancelled_jobs(&self) -> String {
         format!("{}:cancelled", self.ns)
     }
+    /// The names of the namespace's periodic schedules.
+    pub fn schedules(&self) -> String {
+        format!("{}:schedules", self.ns)
+    }
+    /// One schedule (a hash: its spec as JSON, `next_ms`, `paused`, the last run).
+    pub fn schedule(&self, name: &str) -> String {
+        format!("{}:schedule:{name}", self.ns)
+    }
 }
 
 /// Checks that a namespace or queue name is safe inside AMQP names and Redis keys. `.` is the

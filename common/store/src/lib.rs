@@ -19,6 +19,7 @@
 
 mod fleet;
 mod read;
+mod schedules;
 mod status;
 
 pub use status::{heartbeat_alive, BadJobHash, Cancelled, JobRead, JobStatus, LEASE_GRACE_MS};

@@ -7,6 +7,7 @@ pub mod jobs;
 pub mod namespace;
 pub mod queues;
 pub mod results;
+pub mod schedule;
 pub mod status;
 pub mod tasks;
 pub mod wait;

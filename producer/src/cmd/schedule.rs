@@ -1,0 +1,597 @@
+//! Periodic jobs: `producer schedule add|list|show|remove|pause|resume` keeps schedules in
+//! Redis, `producer scheduler` runs them.
+//!
+//! A schedule is a period (`--every 30s`, aligned on the epoch, so every scheduler agrees on
+//! the ticks) or a five-field cron expression (UTC), and the enqueue options of each tick's
+//! job. Each tick enqueues the job `sched-NAME-SECONDS` (the tick's Unix time): several
+//! schedulers may run at once, on different machines, and a tick two of them reach is
+//! enqueued once, because the job registration refuses an id that exists. The schedule's
+//! `next_ms` moves from a tick only by compare-and-set, so no tick is skipped or run twice by
+//! a scheduler that lags behind another. Correctness needs no lock and no leader.
+
+use std::{process::ExitCode, str::FromStr, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use taskmill_client::spec::parse_duration;
+use taskmill_common::{
+    config::{validate_name, ConnArgs},
+    now_ms,
+    store::Store,
+};
+
+use crate::{cmd::enqueue::EnqueueArgs, error::CliError};
+
+/// The longest schedule name: its ticks' job ids (`sched-NAME-SECONDS`) stay within the 100
+/// characters of a job id.
+const MAX_NAME: usize = 64;
+/// How late a tick may be and still run under `--missed skip` (a scheduler that was busy or
+/// restarting); older ticks were missed while every scheduler was down.
+pub const GRACE_MS: u64 = 60_000;
+/// Ticks enqueued for a schedule in one pass at most.
+const MAX_TICKS_A_PASS: usize = 100;
+/// The shortest period.
+const MIN_EVERY_MS: u64 = 1000;
+
+/// Arguments of `schedule`.
+#[derive(Args, Debug, Clone)]
+pub struct ScheduleArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: ScheduleAction,
+}
+
+/// What `schedule` does.
+#[derive(Subcommand, Debug, Clone)]
+pub enum ScheduleAction {
+    /// Add a schedule: `schedule add nightly --cron "0 3 * * *" -- --file posts.jsonl`.
+    Add(AddArgs),
+    /// List the schedules: period, next tick, last job, state.
+    List {
+        /// One JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one schedule.
+    Show {
+        /// The schedule.
+        name: String,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a schedule (its jobs stay).
+    Remove {
+        /// The schedule.
+        name: String,
+    },
+    /// Pause a schedule: no tick runs until it is resumed.
+    Pause {
+        /// The schedule.
+        name: String,
+    },
+    /// Resume a paused schedule from its next tick (the ticks of the pause are not run).
+    Resume {
+        /// The schedule.
+        name: String,
+    },
+}
+
+/// Arguments of `schedule add`.
+#[derive(Args, Debug, Clone)]
+pub struct AddArgs {
+    /// The schedule's name (letters, digits, `-`, `_`; at most 64).
+    pub name: String,
+    /// Run every this long (`30s`, `5m`, `1h`; at least 1 s), on multiples of it since the
+    /// Unix epoch.
+    #[arg(long, value_name = "DURATION", required_unless_present = "cron")]
+    pub every: Option<String>,
+    /// Run at the times of this cron expression (five fields, UTC): `*/5 * * * *`.
+    #[arg(long, value_name = "EXPR", conflicts_with = "every")]
+    pub cron: Option<String>,
+    /// Ticks more than a minute late (every scheduler was down): `skip` them, or
+    /// `catch-up:N` to run the last N of them.
+    #[arg(long, default_value = "skip", value_name = "skip|catch-up:N")]
+    pub missed: String,
+    /// The options of `producer enqueue` for each tick's job, after `--`.
+    #[arg(last = true, required = true, value_name = "ENQUEUE OPTIONS")]
+    pub enqueue: Vec<String>,
+}
+
+/// A schedule as stored (`spec` of its hash).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Schedule {
+    /// The period in ms, or
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_ms: Option<u64>,
+    /// a cron expression (UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// `skip` or `catch-up:N`.
+    pub missed: String,
+    /// The enqueue options.
+    pub enqueue: Vec<String>,
+}
+
+/// `producer enqueue`'s flags alone, to parse a schedule's options.
+#[derive(Parser, Debug)]
+#[command(name = "enqueue")]
+struct EnqueueOptions {
+    #[command(flatten)]
+    args: EnqueueArgs,
+}
+
+impl Schedule {
+    /// The first tick after `t_ms`.
+    pub fn next_after(&self, t_ms: u64) -> Result<u64, String> {
+        if let Some(every) = self.every_ms {
+            return Ok((t_ms / every + 1) * every);
+        }
+        let expr = self.cron.as_deref().unwrap_or_default();
+        let cron = croner::Cron::from_str(expr)
+            .map_err(|e| format!("--cron {expr:?} is not a cron expression: {e}"))?;
+        let start = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(t_ms as i64)
+            .ok_or_else(|| format!("{t_ms} ms is not a time"))?;
+        let next = cron
+            .find_next_occurrence(&start, false)
+            .map_err(|e| format!("--cron {expr:?} has no next time: {e}"))?;
+        Ok(next.timestamp_millis().max(0) as u64)
+    }
+
+    /// How many missed ticks to run (`catch-up:N`), 0 for `skip`.
+    pub fn catch_up(&self) -> Result<usize, String> {
+        match self.missed.as_str() {
+            "skip" => Ok(0),
+            m => m
+                .strip_prefix("catch-up:")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| format!("--missed {m:?}: use skip or catch-up:N")),
+        }
+    }
+
+    /// The enqueue options of tick job `job`.
+    pub fn enqueue_args(&self, job: &str) -> Result<EnqueueArgs, String> {
+        let argv = std::iter::once("enqueue".to_string())
+            .chain(self.enqueue.iter().cloned())
+            .chain(["--job".to_string(), job.to_string()]);
+        EnqueueOptions::try_parse_from(argv)
+            .map(|o| o.args)
+            .map_err(|e| {
+                format!(
+                    "the enqueue options {:?}: {}",
+                    self.enqueue,
+                    e.to_string().lines().next().unwrap_or_default()
+                )
+            })
+    }
+
+    fn period(&self) -> String {
+        match (&self.every_ms, &self.cron) {
+            (Some(ms), _) => format!("every {}", human_ms(*ms)),
+            (_, Some(c)) => format!("cron {c}"),
+            _ => "?".into(),
+        }
+    }
+}
+
+fn human_ms(ms: u64) -> String {
+    match ms {
+        ms if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => format!("{ms}ms"),
+    }
+}
+
+/// The job id of schedule `name`'s tick at `tick_ms`.
+pub fn tick_job(name: &str, tick_ms: u64) -> String {
+    format!("sched-{name}-{}", tick_ms / 1000)
+}
+
+fn usage(msg: String) -> anyhow::Error {
+    CliError::Usage(msg).into()
+}
+
+/// Checks `schedule add`'s arguments; the schedule to store.
+fn checked(args: &AddArgs) -> anyhow::Result<Schedule> {
+    validate_name("schedule", &args.name).map_err(usage)?;
+    if args.name.len() > MAX_NAME {
+        return Err(usage(format!(
+            "schedule name {:?} is longer than {MAX_NAME} characters",
+            args.name
+        )));
+    }
+    let every_ms = match &args.every {
+        Some(raw) => {
+            let ms = parse_duration(raw).map_err(|e| usage(format!("--every {e}")))?;
+            if ms < MIN_EVERY_MS {
+                return Err(usage(format!("--every {raw}: at least 1s")));
+            }
+            Some(ms)
+        }
+        None => None,
+    };
+    let schedule = Schedule {
+        every_ms,
+        cron: args.cron.clone(),
+        missed: args.missed.clone(),
+        enqueue: args.enqueue.clone(),
+    };
+    schedule.catch_up().map_err(usage)?;
+    schedule.next_after(now_ms()).map_err(usage)?;
+    for refused in ["--job", "--wait", "--timeout"] {
+        if args
+            .enqueue
+            .iter()
+            .any(|a| a == refused || a.starts_with(&format!("{refused}=")))
+        {
+            return Err(usage(format!(
+                "{refused} is not an option of a schedule (each tick's job is sched-{}-SECONDS)",
+                args.name
+            )));
+        }
+    }
+    let parsed = schedule
+        .enqueue_args(&tick_job(&args.name, 0))
+        .map_err(usage)?;
+    if parsed.files.iter().any(|f| f.as_os_str() == "-") {
+        return Err(usage(
+            "--file - (stdin) cannot be read at each tick: name a file or a URL".into(),
+        ));
+    }
+    parsed.spec()?;
+    Ok(schedule)
+}
+
+/// The command `schedule`.
+pub async fn run(conn: &ConnArgs, args: &ScheduleArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
+    let missing = |name: &str| -> anyhow::Error {
+        CliError::NoSuchJob(format!(
+            "no schedule {name:?} in namespace {}",
+            conn.namespace
+        ))
+        .into()
+    };
+    match &args.action {
+        ScheduleAction::Add(a) => {
+            let schedule = checked(a)?;
+            let next = schedule.next_after(now_ms()).map_err(usage)?;
+            let spec = serde_json::to_string(&schedule)?;
+            if !store.add_schedule(&a.name, &spec, next).await? {
+                return Err(usage(format!(
+                    "schedule {:?} exists: remove it first, or choose another name",
+                    a.name
+                )));
+            }
+            crate::out::line(&a.name);
+            eprintln!(
+                "producer: schedule {} added ({}), first tick {}; `producer scheduler` runs it",
+                a.name,
+                schedule.period(),
+                rfc3339(next)
+            );
+        }
+        ScheduleAction::List { json } => {
+            let mut all = Vec::new();
+            for name in store.schedule_names().await? {
+                if let Some(v) = view(&store, &name).await? {
+                    all.push(v);
+                }
+            }
+            if *json {
+                crate::out::line(&Value::from(all).to_string());
+            } else {
+                print_table(&all);
+            }
+        }
+        ScheduleAction::Show { name, json } => {
+            let v = view(&store, name).await?.ok_or_else(|| missing(name))?;
+            if *json {
+                crate::out::line(&v.to_string());
+            } else {
+                for (k, val) in v.as_object().into_iter().flatten() {
+                    crate::out::line(&format!("{k}: {}", plain(val)));
+                }
+            }
+        }
+        ScheduleAction::Remove { name } => {
+            if !store.remove_schedule(name).await? {
+                return Err(missing(name));
+            }
+            eprintln!("producer: schedule {name} removed (its jobs stay)");
+        }
+        ScheduleAction::Pause { name } | ScheduleAction::Resume { name } => {
+            let pause = matches!(args.action, ScheduleAction::Pause { .. });
+            let fields = store.schedule(name).await?.ok_or_else(|| missing(name))?;
+            let schedule: Schedule = serde_json::from_str(&fields["spec"])?;
+            let next = schedule.next_after(now_ms()).map_err(usage)?;
+            store.pause_schedule(name, pause, next).await?;
+            eprintln!(
+                "producer: schedule {name} {}",
+                if pause { "paused" } else { "resumed" }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plain(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        v => v.to_string(),
+    }
+}
+
+fn rfc3339(ms: u64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms as i64)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// A schedule as `list` and `show` print it.
+async fn view(store: &Store, name: &str) -> anyhow::Result<Option<Value>> {
+    let Some(fields) = store.schedule(name).await? else {
+        return Ok(None);
+    };
+    let schedule: Option<Schedule> = serde_json::from_str(&fields["spec"]).ok();
+    let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok());
+    let text = |k: &str| {
+        fields
+            .get(k)
+            .filter(|v| !v.is_empty())
+            .map_or(Value::Null, |v| Value::from(v.as_str()))
+    };
+    Ok(Some(json!({
+        "name": name,
+        "period": schedule.as_ref().map_or("unreadable".into(), Schedule::period),
+        "every_ms": schedule.as_ref().and_then(|s| s.every_ms),
+        "cron": schedule.as_ref().and_then(|s| s.cron.clone()),
+        "missed": schedule.as_ref().map(|s| s.missed.clone()),
+        "enqueue": schedule.as_ref().map(|s| s.enqueue.clone()),
+        "paused": fields.get("paused").is_some_and(|p| p == "1"),
+        "next_ms": num("next_ms"),
+        "next": num("next_ms").map(rfc3339),
+        "last_tick_ms": num("last_tick_ms"),
+        "last_job": text("last_job"),
+        "last_error": text("last_error"),
+    })))
+}
+
+fn print_table(all: &[Value]) {
+    let rows: Vec<[String; 6]> = all
+        .iter()
+        .map(|v| {
+            [
+                plain(&v["name"]),
+                plain(&v["period"]),
+                if v["paused"] == true {
+                    "paused".into()
+                } else {
+                    "active".into()
+                },
+                plain(&v["next"]),
+                plain(&v["last_job"]),
+                plain(&v["last_error"]),
+            ]
+        })
+        .collect();
+    let head = ["NAME", "PERIOD", "STATE", "NEXT", "LAST JOB", "LAST ERROR"];
+    let mut widths = head.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: [&str; 6]| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        crate::out::line(s.trim_end());
+    };
+    line(head);
+    for r in &rows {
+        line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
+    }
+}
+
+/// Arguments of `scheduler`.
+#[derive(Args, Debug, Clone)]
+pub struct SchedulerArgs {}
+
+/// The command `scheduler`: runs the namespace's schedules until SIGINT or SIGTERM.
+pub async fn run_scheduler(conn: &ConnArgs, _args: &SchedulerArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            crate::cmd::signalled().await;
+            stop.cancel();
+        }
+    });
+    info!(namespace = %conn.namespace, "scheduler started");
+    while !stop.is_cancelled() {
+        let wake = pass(&store, conn).await;
+        let pause = Duration::from_millis(wake.saturating_sub(now_ms()).clamp(20, 1000));
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.cancelled() => {}
+        }
+    }
+    info!("scheduler stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One look at every schedule, enqueueing the ticks that are due; when the next is due.
+async fn pass(store: &Store, conn: &ConnArgs) -> u64 {
+    let mut wake = now_ms() + 1000;
+    let names = match store.schedule_names().await {
+        Ok(n) => n,
+        Err(e) => {
+            warn!("reading the schedules: {e}");
+            return wake;
+        }
+    };
+    for name in names {
+        match run_due(store, conn, &name).await {
+            Ok(Some(next)) => wake = wake.min(next),
+            Ok(None) => {}
+            Err(e) => {
+                warn!(schedule = %name, "{e}");
+                let _ = store.schedule_error(&name, &e).await;
+            }
+        }
+    }
+    wake
+}
+
+/// Enqueues schedule `name`'s due ticks (in order; a tick more than [`GRACE_MS`] late only
+/// within `catch-up:N`), moving its `next_ms` past each; its next tick, None when paused or
+/// gone. Err (the tick is tried again at the next pass) when a tick could not be enqueued.
+async fn run_due(store: &Store, conn: &ConnArgs, name: &str) -> Result<Option<u64>, String> {
+    for _ in 0..MAX_TICKS_A_PASS {
+        let Some(fields) = store.schedule(name).await.map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        if fields.get("paused").is_some_and(|p| p == "1") {
+            return Ok(None);
+        }
+        let schedule: Schedule = serde_json::from_str(&fields["spec"])
+            .map_err(|e| format!("the schedule's spec is not readable: {e}"))?;
+        let now = now_ms();
+        let tick = match fields.get("next_ms").and_then(|n| n.parse::<u64>().ok()) {
+            Some(t) => t,
+            None => schedule.next_after(now)?,
+        };
+        if tick > now {
+            return Ok(Some(tick));
+        }
+        let mut following = schedule.next_after(tick)?;
+        // Under catch-up:N, a late tick runs when fewer than N later ticks are late too.
+        let late = now - tick > GRACE_MS && {
+            let keep = schedule.catch_up()?;
+            let mut later_late = 0;
+            let mut t = following;
+            while t + GRACE_MS < now && later_late < keep {
+                later_late += 1;
+                t = schedule.next_after(t)?;
+            }
+            later_late >= keep
+        };
+        if late && schedule.catch_up()? == 0 {
+            // Every late tick is skipped: on to the first within the grace, at once.
+            following = following.max(schedule.next_after(now - GRACE_MS)?);
+        }
+        let (job, note) = if late {
+            (
+                String::new(),
+                "skipped: more than a minute late".to_string(),
+            )
+        } else {
+            let job = tick_job(name, tick);
+            (job.clone(), enqueue_tick(conn, &schedule, &job).await?)
+        };
+        if !job.is_empty() {
+            info!(schedule = %name, job = %job, "{note}");
+        }
+        store
+            .advance_schedule(name, tick, following, &job, if late { &note } else { "" })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(Some(now_ms()))
+}
+
+/// Enqueues one tick's job; what became of it (enqueued, or enqueued already by another
+/// scheduler, or its unique key held). Err when it could not be enqueued.
+async fn enqueue_tick(conn: &ConnArgs, schedule: &Schedule, job: &str) -> Result<String, String> {
+    let args = schedule.enqueue_args(job)?;
+    match crate::cmd::enqueue::enqueue(conn, &args, |_| {}).await {
+        Ok(report) => Ok(match report.duplicate_of {
+            Some(holder) => format!("not enqueued: job {holder} holds the unique key"),
+            None => format!("enqueued {} batches", report.batches),
+        }),
+        Err(e) => {
+            let exists = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<taskmill_client::Error>(),
+                    Some(taskmill_client::Error::JobExists(_))
+                )
+            });
+            if exists {
+                Ok("enqueued by another scheduler".into())
+            } else {
+                Err(format!("enqueueing {job}: {e:#}"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Schedule;
+
+    fn every(ms: u64) -> Schedule {
+        Schedule {
+            every_ms: Some(ms),
+            cron: None,
+            missed: "skip".into(),
+            enqueue: vec!["--file".into(), "x".into()],
+        }
+    }
+
+    #[test]
+    fn ticks_are_multiples_of_the_period_or_the_cron_times() {
+        assert_eq!(every(1000).next_after(1_500), Ok(2_000));
+        assert_eq!(every(1000).next_after(2_000), Ok(3_000));
+        assert_eq!(every(60_000).next_after(59_999), Ok(60_000));
+        let cron = Schedule {
+            every_ms: None,
+            cron: Some("*/5 * * * *".into()),
+            ..every(1)
+        };
+        // 2026-12-07T08:03:00Z → 08:05:00Z.
+        assert_eq!(cron.next_after(1_796_630_580_000), Ok(1_796_630_700_000));
+        let bad = Schedule {
+            cron: Some("61 * * * *".into()),
+            ..cron
+        };
+        assert!(bad.next_after(0).is_err());
+    }
+
+    #[test]
+    fn missed_ticks_are_skipped_or_caught_up() {
+        assert_eq!(every(1000).catch_up(), Ok(0));
+        let s = Schedule {
+            missed: "catch-up:3".into(),
+            ..every(1000)
+        };
+        assert_eq!(s.catch_up(), Ok(3));
+        let s = Schedule {
+            missed: "later".into(),
+            ..every(1000)
+        };
+        assert!(s.catch_up().is_err());
+    }
+
+    #[test]
+    fn a_tick_s_job_takes_the_schedule_s_enqueue_options() {
+        let a = every(1000)
+            .enqueue_args("sched-x-1")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.job.as_deref(), Some("sched-x-1"));
+        assert_eq!(a.files, vec![std::path::PathBuf::from("x")]);
+    }
+}

@@ -1,0 +1,198 @@
+//! Periodic schedules (`producer schedule`, `producer scheduler`): what cannot run at each tick
+//! is refused when the schedule is added; three schedulers on one `--every 1s` schedule, one
+//! of them killed with kill -9 and started again every few ticks, enqueue exactly one job a
+//! tick (`sched-NAME-SECONDS`) and miss none.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+use taskmill_tests::{
+    bin_path, catalog_ready, producer, sample, sigterm, until, write_jsonl, KillOnDrop, TestNs,
+};
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn scheduler(ns: &str) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(bin_path("producer"))
+            .arg("scheduler")
+            .env("TASKMILL_NAMESPACE", ns)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting a scheduler"),
+    )
+}
+
+/// The schedule's last tick (ms), 0 before the first.
+async fn last_tick(store: &taskmill_common::store::Store, name: &str) -> u64 {
+    store
+        .schedule(name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|f| f.get("last_tick_ms").and_then(|t| t.parse().ok()))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_schedulers_enqueue_each_tick_once_and_miss_none() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    let worker = t.spawn_worker(t.worker_args());
+    catalog_ready(&store).await;
+    let file = write_jsonl(sample::posts(4));
+    let f = file.to_str().unwrap();
+
+    // Refused when added, with the reason (exit 2), and nothing stored.
+    for (args, why) in [
+        (vec!["--every", "500ms", "--", "--file", f], "at least 1s"),
+        (
+            vec!["--cron", "every day", "--", "--file", f],
+            "not a cron expression",
+        ),
+        (vec!["--every", "1s", "--", "--file", "-"], "stdin"),
+        (
+            vec!["--every", "1s", "--", "--file", f, "--job", "j"],
+            "--job",
+        ),
+        (
+            vec!["--every", "1s", "--", "--file", f, "--priority", "12"],
+            "priority",
+        ),
+        (
+            vec!["--every", "1s", "--missed", "later", "--", "--file", f],
+            "catch-up:N",
+        ),
+        (vec!["--every", "1s", "--", "--flie", f], "--flie"),
+    ] {
+        let mut argv = vec!["schedule", "add", "bad"];
+        argv.extend(args.iter().copied());
+        let out = producer(&t.ns, &argv);
+        assert_eq!(out.status.code(), Some(2), "{argv:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(why), "{argv:?}: {}", stderr(&out));
+    }
+    assert!(store.schedule_names().await.unwrap().is_empty());
+
+    let add = [
+        "schedule",
+        "add",
+        "tick",
+        "--every",
+        "1s",
+        "--",
+        "--file",
+        f,
+        "--batch-size",
+        "2",
+    ];
+    let out = producer(&t.ns, &add);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let again = producer(&t.ns, &add);
+    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
+    assert!(stderr(&again).contains("exists"));
+
+    // Three schedulers; every four ticks one of them is killed and started again.
+    let mut schedulers: Vec<KillOnDrop> = (0..3).map(|_| scheduler(&t.ns)).collect();
+    let mut kills = 0;
+    for round in 0..4 {
+        let from = last_tick(&store, "tick").await;
+        until("four more ticks", Duration::from_secs(60), || async {
+            last_tick(&store, "tick").await >= from + 4000 && from > 0
+                || from == 0 && last_tick(&store, "tick").await > 0
+        })
+        .await;
+        let i = round % 3;
+        let _ = schedulers[i].0.kill();
+        let _ = schedulers[i].0.wait();
+        kills += 1;
+        schedulers[i] = scheduler(&t.ns);
+    }
+    let before_pause = last_tick(&store, "tick").await;
+    until("two more ticks", Duration::from_secs(60), || async {
+        last_tick(&store, "tick").await >= before_pause + 2000
+    })
+    .await;
+
+    // Paused: shown so; the schedulers stop at it.
+    let out = producer(&t.ns, &["schedule", "pause", "tick"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown: Value =
+        serde_json::from_slice(&producer(&t.ns, &["schedule", "show", "tick", "--json"]).stdout)
+            .unwrap();
+    assert_eq!(shown["paused"], true, "{shown}");
+    for s in &schedulers {
+        sigterm(s.id());
+    }
+    for mut s in schedulers {
+        let code = tokio::task::spawn_blocking(move || s.0.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(code.success(), "a scheduler's exit: {code:?}");
+    }
+
+    // One job a tick, none missed: the ticks' seconds are consecutive.
+    let mut ticks: Vec<u64> = store
+        .jobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|(id, _)| id.strip_prefix("sched-tick-")?.parse().ok())
+        .collect();
+    ticks.sort_unstable();
+    assert!(ticks.len() >= 14, "{ticks:?}");
+    for pair in ticks.windows(2) {
+        assert_eq!(
+            pair[1],
+            pair[0] + 1,
+            "a tick missed or run twice: {ticks:?}"
+        );
+    }
+    assert_eq!(
+        shown["last_job"],
+        format!(
+            "sched-tick-{}",
+            shown["last_tick_ms"].as_u64().unwrap() / 1000
+        ),
+        "{shown}"
+    );
+    // Each tick's job ran its 4 posts, but for a scheduler killed in the middle of one
+    // (its job ends `interrupted`, like any producer killed mid-enqueue).
+    let mut interrupted = 0;
+    for tick in &ticks {
+        let job = format!("sched-tick-{tick}");
+        let s = t
+            .wait_finished(&store, &job, Duration::from_secs(120))
+            .await;
+        match s.state() {
+            taskmill_common::JobState::Completed => assert_eq!(s.records_done, 4, "{s:?}"),
+            taskmill_common::JobState::Interrupted => {
+                eprintln!("{job}: {s:?}");
+                interrupted += 1;
+            }
+            other => panic!("{job}: {other:?} {s:?}"),
+        }
+    }
+    assert!(interrupted <= kills, "{interrupted} interrupted");
+
+    let out = producer(&t.ns, &["schedule", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["name"], "tick", "{list}");
+    let out = producer(&t.ns, &["schedule", "remove", "tick"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = producer(&t.ns, &["schedule", "show", "tick"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+
+    worker.stop().await.unwrap();
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
