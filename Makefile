@@ -1,9 +1,13 @@
 # taskmill: the two commands of the README, and a few more.
-.PHONY: demo test lint build services bench
+.PHONY: demo cluster-demo test lint build services bench
 
 # The demo: services up, release build, two workers, 10,000 posts over local HTTP.
 demo:
 	bash deploy/scripts/demo.sh
+
+# The demo against a three-node RabbitMQ cluster, one node killed half-way.
+cluster-demo:
+	bash deploy/scripts/cluster-demo.sh
 
 # The tests: services up, formatting and lints, then the whole suite against them.
 test: services lint

@@ -13,7 +13,7 @@ use std::{
 };
 
 use taskmill_tests::{
-    bin_path, catalog_ready, cluster::Cluster, sample, until, KillOnDrop, TestNs,
+    bin_path, catalog_ready, cluster::Cluster, sample, until, Dashboard, KillOnDrop, TestNs,
 };
 
 /// Batches of one post each: enough that the producer is still publishing when the node goes.
@@ -114,6 +114,23 @@ async fn lose_a_node(cluster: &Cluster, victim: Victim) -> u8 {
         .stdin
         .take()
         .expect("the producer's stdin");
+    // The dashboard, given the cluster's URLs, is asked for the job and the queues every
+    // 100 ms throughout (it must answer while a node is gone).
+    let dashboard = Dashboard::start(
+        &t.ns,
+        &[
+            "--amqp-url",
+            &cluster.amqp_url(),
+            "--rabbitmq-api-url",
+            &cluster.api_url(),
+        ],
+    );
+    let polling = tokio_util::sync::CancellationToken::new();
+    let poller = tokio::spawn(poll_dashboard(
+        dashboard.url.clone(),
+        job.clone(),
+        polling.clone(),
+    ));
     let (go, gate) = std::sync::mpsc::channel::<()>();
     let writer = std::thread::spawn(move || {
         use std::io::Write;
@@ -270,6 +287,77 @@ async fn lose_a_node(cluster: &Cluster, victim: Victim) -> u8 {
         let (code, said) = w.exited().await;
         assert!(code.success(), "worker: {said}");
     }
+    polling.cancel();
+    let polled = poller.await.unwrap();
+    eprintln!("{victim:?}: the dashboard {polled}");
+    assert!(
+        polled.unanswered == 0,
+        "the dashboard did not answer: {polled}"
+    );
+    assert!(polled.job_ok > 0 && polled.job_not_ok == 0, "{polled}");
+    assert!(
+        polled.queues_ok_last,
+        "the queue view did not come back: {polled}"
+    );
+    dashboard.stop();
     t.cleanup().await;
     node
+}
+
+/// What the dashboard answered while a node was lost.
+#[derive(Debug, Default)]
+struct Polled {
+    /// `GET /api/jobs/{job}`: 200 (or 404 before the job is registered), other answers.
+    job_ok: u32,
+    job_not_ok: u32,
+    /// `GET /api/queues`: 200, other answers (the management API of a dying node).
+    queues_ok: u32,
+    queues_not_ok: u32,
+    /// Whether the last answer of the queue view was 200.
+    queues_ok_last: bool,
+    /// Requests with no answer within 10 s, or refused.
+    unanswered: u32,
+}
+
+impl std::fmt::Display for Polled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "answered the job {} times (other answers {}), the queues {} times (other answers \
+             {}), left {} requests unanswered",
+            self.job_ok, self.job_not_ok, self.queues_ok, self.queues_not_ok, self.unanswered
+        )
+    }
+}
+
+async fn poll_dashboard(
+    url: String,
+    job: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> Polled {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut p = Polled::default();
+    while !stop.is_cancelled() {
+        match http.get(format!("{url}api/jobs/{job}")).send().await {
+            Ok(r) if r.status().is_success() || r.status() == 404 => p.job_ok += 1,
+            Ok(_) => p.job_not_ok += 1,
+            Err(_) => p.unanswered += 1,
+        }
+        match http.get(format!("{url}api/queues")).send().await {
+            Ok(r) => {
+                p.queues_ok_last = r.status().is_success();
+                if p.queues_ok_last {
+                    p.queues_ok += 1;
+                } else {
+                    p.queues_not_ok += 1;
+                }
+            }
+            Err(_) => p.unanswered += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    p
 }
