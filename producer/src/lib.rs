@@ -14,6 +14,7 @@ pub mod cmd;
 pub mod error;
 pub mod mgmt;
 pub mod out;
+pub mod schedules;
 pub mod sources;
 pub mod web;
 

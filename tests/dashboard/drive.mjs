@@ -6,6 +6,7 @@
 //   DEAD_JOB     a finished job whose batches all died (chaos, permanent)
 //   BAD_JOB      a job whose state was edited by hand into nonsense (unreadable)
 //   WORKER_PIDS  the two workers' pids: the first is stopped (SIGTERM) during the run
+//   SCHEDULE     a schedule whose first tick was enqueued as SCHEDULE_JOB
 //   SHOTS        where to write one screenshot of each page (optional)
 // Prints one JSON object of what it saw; exits non-zero when a check fails.
 import { chromium } from "playwright-core";
@@ -128,6 +129,19 @@ try {
   await page.waitForSelector(`tr[data-pid="${pids[0]}"] .state-gone`, { timeout: 20_000 });
   seen.gone = (await page.textContent(`tr[data-pid="${pids[0]}"] .status`)).trim();
   seen.still_alive = await page.isVisible(`tr[data-pid="${pids[1]}"] .state-alive`);
+
+  // Schedules: the schedule, its period and its last job, which opens the job.
+  const schedule = env("SCHEDULE"), scheduleJob = env("SCHEDULE_JOB");
+  await page.goto(url + "#/schedules");
+  const srow = `tr[data-schedule="${schedule}"]`;
+  await page.waitForSelector(`${srow} .last-job a`);
+  seen.schedule_row = (await page.innerText(srow)).replace(/\s+/g, " ").trim();
+  seen.schedule_last_job = (await page.textContent(`${srow} .last-job a`)).trim();
+  await shot(page, "schedules");
+  await page.click(`${srow} .last-job a`);
+  await page.waitForFunction(j => location.hash === "#/jobs/" + j, scheduleJob);
+  seen.schedule_job_opened = await page.evaluate(() => location.hash);
+
   check(!seen.page_errors, "errors in the page: " + seen.page_errors);
   console.log(JSON.stringify(seen));
 } finally {

@@ -313,6 +313,50 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
         .query_async(&mut con)
         .await
         .unwrap();
+    // A schedule, and its first tick enqueued by a scheduler (stopped once it has).
+    let add = taskmill_tests::producer(
+        &t.ns,
+        &[
+            "schedule",
+            "add",
+            "hourly-few",
+            "--every",
+            "1s",
+            "--",
+            "--file",
+            few.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    let mut scheduler = taskmill_tests::KillOnDrop(
+        Command::new(taskmill_tests::bin_path("producer"))
+            .arg("scheduler")
+            .env("TASKMILL_NAMESPACE", &t.ns)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    taskmill_tests::until(
+        "the schedule's first tick",
+        Duration::from_secs(30),
+        || async {
+            store
+                .schedule("hourly-few")
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|f| f.get("last_job").is_some_and(|j| !j.is_empty()))
+        },
+    )
+    .await;
+    assert!(taskmill_tests::sigterm(scheduler.id()));
+    let _ = scheduler.0.wait();
+    let schedule_job = store.schedule("hourly-few").await.unwrap().unwrap()["last_job"].clone();
     let shots = std::env::var("DASHBOARD_SHOTS").unwrap_or_default();
     let out = Command::new("node")
         .arg(root().join("tests/dashboard/drive.mjs"))
@@ -325,6 +369,8 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
             "WORKER_PIDS",
             format!("{},{}", workers.0[0].id(), workers.0[1].id()),
         )
+        .env("SCHEDULE", "hourly-few")
+        .env("SCHEDULE_JOB", &schedule_job)
         .env("SHOTS", &shots)
         .output()
         .unwrap();
@@ -337,6 +383,19 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
         String::from_utf8_lossy(&out.stdout)
     );
     let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["schedule_last_job"], schedule_job.as_str(), "{seen}");
+    assert!(
+        seen["schedule_row"]
+            .as_str()
+            .unwrap()
+            .contains("hourly-few every 1s"),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["schedule_job_opened"],
+        format!("#/jobs/{schedule_job}"),
+        "{seen}"
+    );
     let progress = seen["progress"].as_array().unwrap();
     assert!(progress[1].as_u64() > progress[0].as_u64(), "{seen}");
     assert_eq!(seen["summary"]["batches"], 200);

@@ -448,6 +448,18 @@ pub(crate) async fn queues(State(st): Shared) -> ApiResult {
 /// heartbeat is recent (three periods) and it did not say it stopped.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "workers"))]
 #[tracing::instrument(level = "debug", name = "api.workers", skip_all)]
+/// `GET /api/schedules`: the namespace's periodic schedules (as `producer schedule list
+/// --json` prints them).
+pub(crate) async fn schedules(State(st): Shared) -> ApiResult {
+    let mut all = Vec::new();
+    for name in st.store.schedule_names().await? {
+        if let Some(v) = crate::schedules::view(&st.store, &name).await? {
+            all.push(v);
+        }
+    }
+    Ok(Json(json!({ "schedules": all })).into_response())
+}
+
 pub(crate) async fn workers(State(st): Shared) -> ApiResult {
     let now = now_ms();
     let list: Vec<Value> = st

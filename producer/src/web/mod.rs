@@ -96,6 +96,7 @@ pub(crate) fn router(state: Arc<AppState>, limits: serve::Limits) -> Router {
         .route("/dead/{id}", get(api::dead_letter))
         .route("/queues", get(api::queues))
         .route("/workers", get(api::workers))
+        .route("/schedules", get(api::schedules))
         .route("/tasks", get(api::tasks))
         .fallback(api::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limits.max_body))

@@ -399,6 +399,24 @@ function workersView() {
   return { refresh, every: 1000 };
 }
 
+// ------------------------------------------------------------------------------- Schedules
+function schedulesView() {
+  const g = generation;
+  main.innerHTML = `<h1>Schedules</h1><div id="s-table"></div>`;
+  async function refresh() {
+    const { schedules } = await api("/schedules");
+    current(g);
+    $("#s-table").innerHTML = schedules.length
+      ? `<table><thead><tr><th>Name</th><th>Period</th><th>State</th><th>Next tick</th><th>Last job</th><th>Last error</th><th>Enqueue options</th></tr></thead><tbody>` +
+        schedules.map(s => `<tr data-schedule="${esc(s.name)}"><td>${esc(s.name)}</td><td>${esc(s.period)}</td>
+          <td class="state">${s.paused ? badge("paused") : badge("active")}</td><td>${s.paused ? "–" : time(s.next_ms)}</td>
+          <td class="last-job">${s.last_job ? `<a href="#/jobs/${encodeURIComponent(s.last_job)}">${esc(s.last_job)}</a>` : "–"}</td>
+          <td class="error">${esc(s.last_error || "")}</td><td><code>${esc((s.enqueue || []).join(" "))}</code></td></tr>`).join("") + `</tbody></table>`
+      : `<div class="card empty">No schedule in this namespace. Add one: <code>producer schedule add NAME --every 5m -- --file posts.jsonl</code>, and run <code>producer scheduler</code></div>`;
+  }
+  return { refresh, every: 1000 };
+}
+
 // ------------------------------------------------------------------------------- Routing
 function stop() {
   clearTimeout(timer);
@@ -432,6 +450,7 @@ function route() {
   else if (parts[0] === "dead") v = deadView(params);
   else if (parts[0] === "queues") v = queuesView();
   else if (parts[0] === "workers") v = workersView();
+  else if (parts[0] === "schedules") v = schedulesView();
   else v = jobsView(params);
   view = v;
   tick(v);
