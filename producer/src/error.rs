@@ -44,6 +44,11 @@ pub enum CliError {
     Interrupted(String),
 }
 
+/// A usage error (exit 2) saying `msg`.
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
+    CliError::Usage(msg.into()).into()
+}
+
 /// The exit code for an error: the first cause in its chain that says which.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {

@@ -20,7 +20,7 @@ use taskmill_common::{
 pub use taskmill_client::EnqueueReport;
 
 use crate::{
-    error::CliError,
+    error::usage,
     sources::{self, HttpOptions, ProblemLog, Redirects, DEFAULT_MAX_RECORD_BYTES},
 };
 
@@ -268,16 +268,12 @@ impl EnqueueArgs {
     }
 }
 
-fn usage(msg: String) -> anyhow::Error {
-    CliError::Usage(msg).into()
-}
-
 /// Checks the sources of the command line (URLs and files) before anything is connected.
 fn validate_sources(args: &EnqueueArgs) -> anyhow::Result<()> {
     let check = |r: Result<(), String>| r.map_err(usage);
     if args.urls.is_empty() && args.url_template.is_none() && args.files.is_empty() {
         return Err(usage(
-            "no records to read: give --url, --url-template with --ids, or --file".into(),
+            "no records to read: give --url, --url-template with --ids, or --file",
         ));
     }
     for u in &args.urls {
@@ -292,7 +288,7 @@ fn validate_sources(args: &EnqueueArgs) -> anyhow::Result<()> {
         }
     }
     if args.files.iter().filter(|f| f.as_os_str() == "-").count() > 1 {
-        return Err(usage("--file - (stdin) can be given only once".into()));
+        return Err(usage("--file - (stdin) can be given only once"));
     }
     for f in &args.files {
         if f.as_os_str() != "-" && !f.is_file() {

@@ -24,7 +24,7 @@ use taskmill_common::{
 };
 
 use crate::{
-    error::CliError,
+    error::{usage, CliError},
     schedules::{rfc3339, tick_job, view, Schedule, GRACE_MS},
 };
 
@@ -101,10 +101,6 @@ pub struct AddArgs {
     pub enqueue: Vec<String>,
 }
 
-fn usage(msg: String) -> anyhow::Error {
-    CliError::Usage(msg).into()
-}
-
 /// Checks `schedule add`'s arguments; the schedule to store.
 fn checked(args: &AddArgs) -> anyhow::Result<Schedule> {
     validate_name("schedule", &args.name).map_err(usage)?;
@@ -149,7 +145,7 @@ fn checked(args: &AddArgs) -> anyhow::Result<Schedule> {
         .map_err(usage)?;
     if parsed.files.iter().any(|f| f.as_os_str() == "-") {
         return Err(usage(
-            "--file - (stdin) cannot be read at each tick: name a file or a URL".into(),
+            "--file - (stdin) cannot be read at each tick: name a file or a URL",
         ));
     }
     parsed.spec()?;
