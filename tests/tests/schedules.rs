@@ -196,3 +196,77 @@ async fn three_schedulers_enqueue_each_tick_once_and_miss_none() {
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
+
+/// A schedule edited by hand in Redis (its spec not JSON, its next tick not a number): `list`
+/// and `show` still read it and say so, a scheduler records the error and goes on with the
+/// other schedules, `pause` and `remove` work, `resume` says why it cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_edited_by_hand_is_shown_and_does_not_stop_the_others() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    let file = write_jsonl(sample::posts(2));
+    let f = file.to_str().unwrap();
+    for name in ["good", "broken"] {
+        let out = producer(
+            &t.ns,
+            &[
+                "schedule",
+                "add",
+                name,
+                "--every",
+                "1s",
+                "--",
+                "--file",
+                f,
+                "--no-check",
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let mut con = taskmill_tests::redis_con().await;
+    let _: () = redis::cmd("HSET")
+        .arg(store.keys().schedule("broken"))
+        .arg(&["spec", "{not json", "next_ms", "soon"])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let out = producer(&t.ns, &["schedule", "list", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["name"], "broken", "{list}");
+    assert_eq!(list[0]["period"], "unreadable", "{list}");
+    let out = producer(&t.ns, &["schedule", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unreadable"));
+
+    // The scheduler goes on with the good one and records why the broken one cannot run.
+    let mut s = scheduler(&t.ns);
+    until(
+        "the good schedule's tick and the broken one's error",
+        Duration::from_secs(30),
+        || async {
+            last_tick(&store, "good").await > 0
+                && store
+                    .schedule("broken")
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|f| {
+                        f.get("last_error")
+                            .is_some_and(|e| e.contains("not readable"))
+                    })
+        },
+    )
+    .await;
+    assert!(sigterm(s.id()));
+    assert!(s.0.wait().unwrap().success());
+
+    let out = producer(&t.ns, &["schedule", "resume", "broken"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not readable"), "{}", stderr(&out));
+    for cmd in ["pause", "remove"] {
+        let out = producer(&t.ns, &["schedule", cmd, "broken"]);
+        assert!(out.status.success(), "{cmd}: {}", stderr(&out));
+    }
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}

@@ -213,8 +213,17 @@ pub async fn run(conn: &ConnArgs, args: &ScheduleArgs) -> anyhow::Result<ExitCod
         ScheduleAction::Pause { name } | ScheduleAction::Resume { name } => {
             let pause = matches!(args.action, ScheduleAction::Pause { .. });
             let fields = store.schedule(name).await?.ok_or_else(|| missing(name))?;
-            let schedule: Schedule = serde_json::from_str(&fields["spec"])?;
-            let next = schedule.next_after(now_ms()).map_err(usage)?;
+            // A spec edited by hand into something unreadable can still be paused (and
+            // removed); resuming it needs its next tick.
+            let next = match serde_json::from_str::<Schedule>(&fields["spec"]) {
+                Ok(schedule) => schedule.next_after(now_ms()).map_err(usage)?,
+                Err(_) if pause => 0,
+                Err(e) => {
+                    return Err(usage(format!(
+                        "schedule {name}'s spec is not readable ({e}): remove it and add it again"
+                    )))
+                }
+            };
             store.pause_schedule(name, pause, next).await?;
             eprintln!(
                 "producer: schedule {name} {}",
