@@ -175,7 +175,6 @@ pub(crate) struct JobsQuery {
 
 /// `GET /api/jobs?state=&task=&q=&offset=&limit=`: newest first.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "jobs"))]
-#[tracing::instrument(level = "debug", name = "api.jobs", skip_all)]
 pub(crate) async fn jobs(
     State(st): Shared,
     query: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
@@ -244,7 +243,6 @@ pub(crate) async fn jobs(
 /// `GET /api/jobs/{id}`: the status (`producer status --json`), its rate, and its dead
 /// batches with their reasons.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "job", id = %id))]
-#[tracing::instrument(level = "debug", name = "api.job", skip_all)]
 pub(crate) async fn job(State(st): Shared, Path(id): Path<String>) -> ApiResult {
     let s = st.client.job(&id).status().await?;
     let mut v = with_live_fields(s.to_json(), &s);
@@ -271,7 +269,6 @@ pub(crate) struct Page {
 /// `GET /api/jobs/{id}/results?offset=&limit=`: stored results of batches
 /// `offset..offset+limit`, in batch order.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "results"))]
-#[tracing::instrument(level = "debug", name = "api.results", skip_all)]
 pub(crate) async fn results(
     State(st): Shared,
     Path(id): Path<String>,
@@ -293,7 +290,6 @@ pub(crate) async fn results(
 
 /// `POST /api/jobs/{id}/cancel`.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "cancel", id = %id))]
-#[tracing::instrument(level = "debug", name = "api.cancel", skip_all)]
 pub(crate) async fn cancel(State(st): Shared, Path(id): Path<String>) -> ApiResult {
     let before = st
         .store
@@ -306,7 +302,6 @@ pub(crate) async fn cancel(State(st): Shared, Path(id): Path<String>) -> ApiResu
 /// `DELETE /api/jobs/{id}`: a finished or cancelled job (409 while it runs), or one whose
 /// record cannot be read.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "delete", id = %id))]
-#[tracing::instrument(level = "debug", name = "api.delete", skip_all)]
 pub(crate) async fn delete(State(st): Shared, Path(id): Path<String>) -> ApiResult {
     match st.store.job_status(&id).await {
         Ok(Some(s)) => {
@@ -329,7 +324,6 @@ pub(crate) async fn delete(State(st): Shared, Path(id): Path<String>) -> ApiResu
 
 /// `POST /api/jobs/{id}/replay`: the job's dead letters back to their queue.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "replay_job", id = %id))]
-#[tracing::instrument(level = "debug", name = "api.replay_job", skip_all)]
 pub(crate) async fn replay_job(State(st): Shared, Path(id): Path<String>) -> ApiResult {
     load(&st, &id).await?;
     let r = st.client.replay_dead(Some(&id)).await?;
@@ -343,7 +337,6 @@ pub(crate) struct DeadQuery {
 
 /// `GET /api/dead?job=`: the dead letters in the queue now, and their count by job and kind.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "dead"))]
-#[tracing::instrument(level = "debug", name = "api.dead", skip_all)]
 pub(crate) async fn dead(
     State(st): Shared,
     q: Result<Query<DeadQuery>, axum::extract::rejection::QueryRejection>,
@@ -374,7 +367,6 @@ pub(crate) async fn dead(
 
 /// `GET /api/dead/{JOB:BATCH}`: one dead letter with headers, params and records.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "dead_letter", id = %id))]
-#[tracing::instrument(level = "debug", name = "api.dead_letter", skip_all)]
 pub(crate) async fn dead_letter(State(st): Shared, Path(id): Path<String>) -> ApiResult {
     match st.client.dead_letter(&id).await? {
         Some(v) => ok(v),
@@ -409,7 +401,6 @@ fn which(body: Result<Json<Which>, JsonRejection>) -> Result<Option<String>, Api
 
 /// `POST /api/dead/replay` with `{"job": ID}` or `{"all": true}`.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "replay_dead"))]
-#[tracing::instrument(level = "debug", name = "api.replay_dead", skip_all)]
 pub(crate) async fn replay_dead(
     State(st): Shared,
     body: Result<Json<Which>, JsonRejection>,
@@ -421,7 +412,6 @@ pub(crate) async fn replay_dead(
 
 /// `POST /api/dead/purge` with `{"job": ID}` or `{"all": true}`.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "purge_dead"))]
-#[tracing::instrument(level = "debug", name = "api.purge_dead", skip_all)]
 pub(crate) async fn purge_dead(
     State(st): Shared,
     body: Result<Json<Which>, JsonRejection>,
@@ -433,7 +423,6 @@ pub(crate) async fn purge_dead(
 
 /// `GET /api/queues`: each queue now, and the samples of the last hour.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "queues"))]
-#[tracing::instrument(level = "debug", name = "api.queues", skip_all)]
 pub(crate) async fn queues(State(st): Shared) -> ApiResult {
     let queues = crate::mgmt::queues(&st.conn.rabbitmq_api_url, &st.conn.namespace).await?;
     let history = st.store.samples(&st.store.keys().queue_history()).await?;
@@ -444,12 +433,9 @@ pub(crate) async fn queues(State(st): Shared) -> ApiResult {
     }))
 }
 
-/// `GET /api/workers`: every worker that beat in the last hour; `alive` when its last
-/// heartbeat is recent (three periods) and it did not say it stopped.
-#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "workers"))]
-#[tracing::instrument(level = "debug", name = "api.workers", skip_all)]
 /// `GET /api/schedules`: the namespace's periodic schedules (as `producer schedule list
 /// --json` prints them).
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "schedules"))]
 pub(crate) async fn schedules(State(st): Shared) -> ApiResult {
     let mut all = Vec::new();
     for name in st.store.schedule_names().await? {
@@ -460,6 +446,9 @@ pub(crate) async fn schedules(State(st): Shared) -> ApiResult {
     Ok(Json(json!({ "schedules": all })).into_response())
 }
 
+/// `GET /api/workers`: every worker that beat in the last hour; `alive` when its last
+/// heartbeat is recent (three periods) and it did not say it stopped.
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "workers"))]
 pub(crate) async fn workers(State(st): Shared) -> ApiResult {
     let now = now_ms();
     let list: Vec<Value> = st
@@ -491,7 +480,6 @@ pub(crate) async fn workers(State(st): Shared) -> ApiResult {
 
 /// `GET /api/tasks`: the task catalog.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "tasks"))]
-#[tracing::instrument(level = "debug", name = "api.tasks", skip_all)]
 pub(crate) async fn tasks(State(st): Shared) -> ApiResult {
     ok(json!({"tasks": st.store.catalog().await?}))
 }
@@ -636,7 +624,6 @@ fn duration_of(field: &str, raw: &Option<String>) -> Result<Option<Duration>, Ap
 /// `POST /api/jobs`: enqueues the records; `201 {"job": ID, ...}` once every batch is
 /// confirmed by the broker.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "enqueue"))]
-#[tracing::instrument(level = "debug", name = "api.enqueue", skip_all)]
 pub(crate) async fn enqueue(State(st): Shared, body: axum::body::Bytes) -> ApiResult {
     // First pass, off tokio's threads: every field but the records, which are only checked
     // (an array) and counted; nothing is held per record.
