@@ -9,10 +9,16 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use taskmill_common::store::Store;
+use taskmill_client::spec::parse_duration;
+use taskmill_common::{config::validate_name, now_ms, store::Store};
 
 use crate::cmd::enqueue::EnqueueArgs;
 
+/// The longest schedule name: its ticks' job ids (`sched-NAME-SECONDS`) stay within the 100
+/// characters of a job id.
+const MAX_NAME: usize = 64;
+/// The shortest period.
+const MIN_EVERY_MS: u64 = 1000;
 /// How late a tick may be and still run under `--missed skip` (a scheduler that was busy or
 /// restarting); older ticks were missed while every scheduler was down.
 pub const GRACE_MS: u64 = 60_000;
@@ -101,6 +107,146 @@ fn human_ms(ms: u64) -> String {
         ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
         ms => format!("{ms}ms"),
     }
+}
+
+/// A schedule to add, as `producer schedule add` and `POST /api/schedules` take it.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct NewSchedule {
+    /// Its name (letters, digits, `-`, `_`; at most 64).
+    pub name: String,
+    /// A period (`30s`, `5m`), or
+    #[serde(default)]
+    pub every: Option<String>,
+    /// a five-field cron expression (UTC).
+    #[serde(default)]
+    pub cron: Option<String>,
+    /// `skip` (the default) or `catch-up:N`.
+    #[serde(default = "skip")]
+    pub missed: String,
+    /// The options of `producer enqueue` for each tick's job.
+    pub enqueue: Vec<String>,
+}
+
+fn skip() -> String {
+    "skip".into()
+}
+
+impl NewSchedule {
+    /// Checks everything a tick needs (name, period, policy, enqueue options as `enqueue`
+    /// would check them, nothing a tick cannot do again); the schedule to store, or why not.
+    pub fn checked(&self) -> Result<Schedule, String> {
+        validate_name("schedule", &self.name)?;
+        if self.name.len() > MAX_NAME {
+            return Err(format!(
+                "schedule name {:?} is longer than {MAX_NAME} characters",
+                self.name
+            ));
+        }
+        let every_ms = match (&self.every, &self.cron) {
+            (Some(_), Some(_)) => return Err("give --every or --cron, not both".into()),
+            (None, None) => return Err("give --every DURATION or --cron EXPR".into()),
+            (Some(raw), None) => {
+                let ms = parse_duration(raw).map_err(|e| format!("--every {e}"))?;
+                if ms < MIN_EVERY_MS {
+                    return Err(format!("--every {raw}: at least 1s"));
+                }
+                Some(ms)
+            }
+            (None, Some(_)) => None,
+        };
+        let schedule = Schedule {
+            every_ms,
+            cron: self.cron.clone(),
+            missed: self.missed.clone(),
+            enqueue: self.enqueue.clone(),
+        };
+        schedule.catch_up()?;
+        schedule.next_after(now_ms())?;
+        for refused in ["--job", "--wait", "--timeout"] {
+            if self
+                .enqueue
+                .iter()
+                .any(|a| a == refused || a.starts_with(&format!("{refused}=")))
+            {
+                return Err(format!(
+                    "{refused} is not an option of a schedule (each tick's job is sched-{}-SECONDS)",
+                    self.name
+                ));
+            }
+        }
+        let parsed = schedule.enqueue_args(&tick_job(&self.name, 0))?;
+        if parsed.files.iter().any(|f| f.as_os_str() == "-") {
+            return Err(
+                "--file - (stdin) cannot be read at each tick: name a file or a URL".into(),
+            );
+        }
+        parsed.spec().map_err(|e| format!("{e:#}"))?;
+        Ok(schedule)
+    }
+}
+
+/// What adding a schedule came to.
+pub enum Added {
+    /// Stored, with its first tick.
+    Yes(Schedule, u64),
+    /// Refused, saying why.
+    Invalid(String),
+    /// One of that name exists.
+    Exists,
+}
+
+/// Checks and stores a new schedule.
+pub async fn add(store: &Store, new: &NewSchedule) -> anyhow::Result<Added> {
+    let schedule = match new.checked() {
+        Ok(s) => s,
+        Err(why) => return Ok(Added::Invalid(why)),
+    };
+    let next = match schedule.next_after(now_ms()) {
+        Ok(n) => n,
+        Err(why) => return Ok(Added::Invalid(why)),
+    };
+    if !store
+        .add_schedule(&new.name, &serde_json::to_string(&schedule)?, next)
+        .await?
+    {
+        return Ok(Added::Exists);
+    }
+    Ok(Added::Yes(schedule, next))
+}
+
+/// What pausing or resuming came to.
+pub enum Paused {
+    /// Done.
+    Done,
+    /// No such schedule.
+    NoSuch,
+    /// Its spec cannot be read (edited by hand): it can be paused and removed, not resumed.
+    Unreadable(String),
+}
+
+/// Pauses or resumes schedule `name` (resumed from its next tick).
+pub async fn set_paused(store: &Store, name: &str, pause: bool) -> anyhow::Result<Paused> {
+    let Some(fields) = store.schedule(name).await? else {
+        return Ok(Paused::NoSuch);
+    };
+    let next = match serde_json::from_str::<Schedule>(&fields["spec"]) {
+        Ok(schedule) => match schedule.next_after(now_ms()) {
+            Ok(n) => n,
+            Err(why) => return Ok(Paused::Unreadable(why)),
+        },
+        Err(_) if pause => 0,
+        Err(e) => {
+            return Ok(Paused::Unreadable(format!(
+                "schedule {name}'s spec is not readable ({e}): remove it and add it again"
+            )))
+        }
+    };
+    Ok(if store.pause_schedule(name, pause, next).await? {
+        Paused::Done
+    } else {
+        Paused::NoSuch
+    })
 }
 
 /// The job id of schedule `name`'s tick at `tick_ms`.

@@ -228,6 +228,85 @@ async fn the_dashboard_api_enqueues_reports_and_refuses_bad_requests() {
     assert_eq!(status, 200);
     assert_eq!(api.get(&format!("/jobs/{job}")).await.0, 404);
 
+    // Schedules through the API: checked like `producer schedule add`, listed, paused,
+    // resumed, removed.
+    let f = write_jsonl(sample::posts(3));
+    let path = f.to_str().unwrap();
+    for (body, status, why) in [
+        (
+            r#"{"name": "s", "enqueue": []}"#.to_string(),
+            400,
+            "--every",
+        ),
+        (
+            format!(
+                r#"{{"name": "s", "every": "1s", "cron": "* * * * *", "enqueue": ["--file", "{path}"]}}"#
+            ),
+            400,
+            "not both",
+        ),
+        (
+            format!(r#"{{"name": "s", "every": "10ms", "enqueue": ["--file", "{path}"]}}"#),
+            400,
+            "at least 1s",
+        ),
+        (
+            r#"{"name": "s", "every": "1m", "enqueue": ["--file", "-"]}"#.into(),
+            400,
+            "stdin",
+        ),
+        (
+            format!(
+                r#"{{"name": "s", "every": "1m", "enqueue": ["--file", "{path}", "--tsak", "x"]}}"#
+            ),
+            400,
+            "--tsak",
+        ),
+        (
+            r#"{"name": "s", "every": "1m", "colour": 1, "enqueue": []}"#.into(),
+            400,
+            "colour",
+        ),
+    ] {
+        let (got, answer) = api.post("/schedules", &body).await;
+        assert_eq!(got, status, "{body}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains(why),
+            "{body}: {answer}"
+        );
+    }
+    let good = format!(
+        r#"{{"name": "every-minute", "every": "1m", "enqueue": ["--file", "{path}", "--batch-size", "3"]}}"#
+    );
+    let (got, answer) = api.post("/schedules", &good).await;
+    assert_eq!(got, 201, "{answer}");
+    assert_eq!(answer["schedule"]["period"], "every 1m", "{answer}");
+    assert_eq!(api.post("/schedules", &good).await.0, 409);
+    assert_eq!(anon.get("/schedules").await.0, 401);
+    let (_, list) = api.get("/schedules").await;
+    assert_eq!(list["schedules"][0]["name"], "every-minute", "{list}");
+    let (got, answer) = api.post("/schedules/every-minute/pause", "{}").await;
+    assert_eq!(
+        (got, &answer["schedule"]["paused"]),
+        (200, &json!(true)),
+        "{answer}"
+    );
+    let (got, answer) = api.post("/schedules/every-minute/resume", "{}").await;
+    assert_eq!(
+        (got, &answer["schedule"]["paused"]),
+        (200, &json!(false)),
+        "{answer}"
+    );
+    assert_eq!(api.post("/schedules/nope/pause", "{}").await.0, 404);
+    for status in [200, 404] {
+        let (got, _) = api
+            .send(reqwest::Method::DELETE, "/schedules/every-minute", None)
+            .await;
+        assert_eq!(got, status);
+    }
+    assert!(store.schedule_names().await.unwrap().is_empty());
+    let _ = std::fs::remove_file(f);
+
     // No token on a non-loopback address: refused before listening.
     let out = producer(&t.ns, &["dashboard", "--listen", "0.0.0.0:0"]);
     assert_eq!(out.status.code(), Some(2));

@@ -16,25 +16,15 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use taskmill_client::spec::parse_duration;
-use taskmill_common::{
-    config::{validate_name, ConnArgs},
-    now_ms,
-    store::Store,
-};
+use taskmill_common::{config::ConnArgs, now_ms, store::Store};
 
 use crate::{
     error::{usage, CliError},
-    schedules::{rfc3339, tick_job, view, Schedule, GRACE_MS},
+    schedules::{self, rfc3339, tick_job, view, Added, NewSchedule, Paused, Schedule, GRACE_MS},
 };
 
-/// The longest schedule name: its ticks' job ids (`sched-NAME-SECONDS`) stay within the 100
-/// characters of a job id.
-const MAX_NAME: usize = 64;
 /// Ticks enqueued for a schedule in one pass at most.
 const MAX_TICKS_A_PASS: usize = 100;
-/// The shortest period.
-const MIN_EVERY_MS: u64 = 1000;
 
 /// Arguments of `schedule`.
 #[derive(Args, Debug, Clone)]
@@ -101,57 +91,6 @@ pub struct AddArgs {
     pub enqueue: Vec<String>,
 }
 
-/// Checks `schedule add`'s arguments; the schedule to store.
-fn checked(args: &AddArgs) -> anyhow::Result<Schedule> {
-    validate_name("schedule", &args.name).map_err(usage)?;
-    if args.name.len() > MAX_NAME {
-        return Err(usage(format!(
-            "schedule name {:?} is longer than {MAX_NAME} characters",
-            args.name
-        )));
-    }
-    let every_ms = match &args.every {
-        Some(raw) => {
-            let ms = parse_duration(raw).map_err(|e| usage(format!("--every {e}")))?;
-            if ms < MIN_EVERY_MS {
-                return Err(usage(format!("--every {raw}: at least 1s")));
-            }
-            Some(ms)
-        }
-        None => None,
-    };
-    let schedule = Schedule {
-        every_ms,
-        cron: args.cron.clone(),
-        missed: args.missed.clone(),
-        enqueue: args.enqueue.clone(),
-    };
-    schedule.catch_up().map_err(usage)?;
-    schedule.next_after(now_ms()).map_err(usage)?;
-    for refused in ["--job", "--wait", "--timeout"] {
-        if args
-            .enqueue
-            .iter()
-            .any(|a| a == refused || a.starts_with(&format!("{refused}=")))
-        {
-            return Err(usage(format!(
-                "{refused} is not an option of a schedule (each tick's job is sched-{}-SECONDS)",
-                args.name
-            )));
-        }
-    }
-    let parsed = schedule
-        .enqueue_args(&tick_job(&args.name, 0))
-        .map_err(usage)?;
-    if parsed.files.iter().any(|f| f.as_os_str() == "-") {
-        return Err(usage(
-            "--file - (stdin) cannot be read at each tick: name a file or a URL",
-        ));
-    }
-    parsed.spec()?;
-    Ok(schedule)
-}
-
 /// The command `schedule`.
 pub async fn run(conn: &ConnArgs, args: &ScheduleArgs) -> anyhow::Result<ExitCode> {
     let store = Store::connect(&conn.redis_url, &conn.namespace, conn.result_ttl).await?;
@@ -164,15 +103,23 @@ pub async fn run(conn: &ConnArgs, args: &ScheduleArgs) -> anyhow::Result<ExitCod
     };
     match &args.action {
         ScheduleAction::Add(a) => {
-            let schedule = checked(a)?;
-            let next = schedule.next_after(now_ms()).map_err(usage)?;
-            let spec = serde_json::to_string(&schedule)?;
-            if !store.add_schedule(&a.name, &spec, next).await? {
-                return Err(usage(format!(
-                    "schedule {:?} exists: remove it first, or choose another name",
-                    a.name
-                )));
-            }
+            let new = NewSchedule {
+                name: a.name.clone(),
+                every: a.every.clone(),
+                cron: a.cron.clone(),
+                missed: a.missed.clone(),
+                enqueue: a.enqueue.clone(),
+            };
+            let (schedule, next) = match schedules::add(&store, &new).await? {
+                Added::Yes(schedule, next) => (schedule, next),
+                Added::Invalid(why) => return Err(usage(why)),
+                Added::Exists => {
+                    return Err(usage(format!(
+                        "schedule {:?} exists: remove it first, or choose another name",
+                        a.name
+                    )))
+                }
+            };
             crate::out::line(&a.name);
             eprintln!(
                 "producer: schedule {} added ({}), first tick {}; `producer scheduler` runs it",
@@ -212,19 +159,11 @@ pub async fn run(conn: &ConnArgs, args: &ScheduleArgs) -> anyhow::Result<ExitCod
         }
         ScheduleAction::Pause { name } | ScheduleAction::Resume { name } => {
             let pause = matches!(args.action, ScheduleAction::Pause { .. });
-            let fields = store.schedule(name).await?.ok_or_else(|| missing(name))?;
-            // A spec edited by hand into something unreadable can still be paused (and
-            // removed); resuming it needs its next tick.
-            let next = match serde_json::from_str::<Schedule>(&fields["spec"]) {
-                Ok(schedule) => schedule.next_after(now_ms()).map_err(usage)?,
-                Err(_) if pause => 0,
-                Err(e) => {
-                    return Err(usage(format!(
-                        "schedule {name}'s spec is not readable ({e}): remove it and add it again"
-                    )))
-                }
-            };
-            store.pause_schedule(name, pause, next).await?;
+            match schedules::set_paused(&store, name, pause).await? {
+                Paused::Done => {}
+                Paused::NoSuch => return Err(missing(name)),
+                Paused::Unreadable(why) => return Err(usage(why)),
+            }
             eprintln!(
                 "producer: schedule {name} {}",
                 if pause { "paused" } else { "resumed" }

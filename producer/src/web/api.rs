@@ -446,6 +446,85 @@ pub(crate) async fn schedules(State(st): Shared) -> ApiResult {
     Ok(Json(json!({ "schedules": all })).into_response())
 }
 
+fn no_schedule(name: &str) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no schedule {:?} in namespace",
+            taskmill_common::envelope::bounded(name, 200)
+        ),
+    )
+}
+
+/// `POST /api/schedules` `{"name", "every" | "cron", "missed"?, "enqueue": [options]}`: adds a
+/// schedule, checked like `producer schedule add` (400 saying why, 409 when the name is
+/// taken); 201 with the schedule.
+#[tracing::instrument(
+    level = "debug",
+    name = "api",
+    skip_all,
+    fields(route = "add_schedule")
+)]
+pub(crate) async fn add_schedule(
+    State(st): Shared,
+    body: Result<Json<crate::schedules::NewSchedule>, JsonRejection>,
+) -> ApiResult {
+    use crate::schedules::Added;
+    let Json(new) = body.map_err(|e| ApiError::bad(e.body_text()))?;
+    match crate::schedules::add(&st.store, &new).await? {
+        Added::Yes(..) => {
+            let view = crate::schedules::view(&st.store, &new.name).await?;
+            Ok((StatusCode::CREATED, Json(json!({ "schedule": view }))).into_response())
+        }
+        Added::Invalid(why) => Err(ApiError::bad(why)),
+        Added::Exists => Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("schedule {:?} exists", new.name),
+        )),
+    }
+}
+
+/// `DELETE /api/schedules/{name}`: removes it (its jobs stay).
+#[tracing::instrument(
+    level = "debug",
+    name = "api",
+    skip_all,
+    fields(route = "remove_schedule")
+)]
+pub(crate) async fn remove_schedule(State(st): Shared, Path(name): Path<String>) -> ApiResult {
+    if !st.store.remove_schedule(&name).await? {
+        return Err(no_schedule(&name));
+    }
+    ok(json!({ "removed": name }))
+}
+
+/// `POST /api/schedules/{name}/pause` and `/resume`.
+#[tracing::instrument(
+    level = "debug",
+    name = "api",
+    skip_all,
+    fields(route = "pause_schedule")
+)]
+pub(crate) async fn pause_schedule(
+    State(st): Shared,
+    Path((name, action)): Path<(String, String)>,
+) -> ApiResult {
+    use crate::schedules::Paused;
+    let pause = match action.as_str() {
+        "pause" => true,
+        "resume" => false,
+        _ => return Err(ApiError(StatusCode::NOT_FOUND, "pause or resume".into())),
+    };
+    match crate::schedules::set_paused(&st.store, &name, pause).await? {
+        Paused::Done => {
+            let view = crate::schedules::view(&st.store, &name).await?;
+            ok(json!({ "schedule": view }))
+        }
+        Paused::NoSuch => Err(no_schedule(&name)),
+        Paused::Unreadable(why) => Err(ApiError::bad(why)),
+    }
+}
+
 /// `GET /api/workers`: every worker that beat in the last hour; `alive` when its last
 /// heartbeat is recent (three periods) and it did not say it stopped.
 #[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "workers"))]

@@ -96,7 +96,12 @@ pub(crate) fn router(state: Arc<AppState>, limits: serve::Limits) -> Router {
         .route("/dead/{id}", get(api::dead_letter))
         .route("/queues", get(api::queues))
         .route("/workers", get(api::workers))
-        .route("/schedules", get(api::schedules))
+        .route("/schedules", get(api::schedules).post(api::add_schedule))
+        .route(
+            "/schedules/{name}",
+            axum::routing::delete(api::remove_schedule),
+        )
+        .route("/schedules/{name}/{action}", post(api::pause_schedule))
         .route("/tasks", get(api::tasks))
         .fallback(api::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limits.max_body))
