@@ -102,6 +102,11 @@ kill_node() { # N
   if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
     # No pid file (another DIR, or a node left by a killed run): whoever listens on its port.
     pid=$(ss -Hltnp "sport = :568$n" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2 || true)
+    # Only an Erlang VM (a RabbitMQ node) is ever killed, never another program on the port.
+    if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != "beam.smp" ]; then
+      log "port 568$n is held by $(cat "/proc/$pid/comm" 2>/dev/null || echo "pid $pid"), not a RabbitMQ node: left alone"
+      pid=""
+    fi
   fi
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
     kill -9 "$pid"
