@@ -26,13 +26,19 @@ NODES=(1 2 3)
 
 log() { echo "cluster: $*" >&2; }
 
-# Runs a command as the user the nodes run as.
+# Runs a command as the user the nodes run as: `rabbitmq` (through su as root, through sudo
+# otherwise), else the current user.
 as_rabbit() {
-  if [ "$(id -u)" -eq 0 ] && id rabbitmq >/dev/null 2>&1; then
-    su rabbitmq -s /bin/sh -c "$(printf '%q ' "$@")"
-  else
-    "$@"
+  if id rabbitmq >/dev/null 2>&1 && [ "$(id -un)" != rabbitmq ]; then
+    if [ "$(id -u)" -eq 0 ]; then
+      su rabbitmq -s /bin/sh -c "$(printf '%q ' "$@")"
+      return
+    elif sudo -n true 2>/dev/null; then
+      sudo -n -u rabbitmq "$@"
+      return
+    fi
   fi
+  "$@"
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -66,8 +72,12 @@ loopback_users.guest = true
 cluster_partition_handling = pause_minority
 EOF
   echo "[rabbitmq_management]." >"$d/enabled_plugins"
-  if [ "$(id -u)" -eq 0 ] && id rabbitmq >/dev/null 2>&1; then
-    chown -R rabbitmq:rabbitmq "$dir"
+  if id rabbitmq >/dev/null 2>&1 && [ "$(id -un)" != rabbitmq ]; then
+    if [ "$(id -u)" -eq 0 ]; then
+      chown -R rabbitmq:rabbitmq "$dir"
+    elif sudo -n true 2>/dev/null; then
+      sudo -n chown -R rabbitmq:rabbitmq "$dir"
+    fi
   fi
 }
 
@@ -99,7 +109,7 @@ await_node() { # N: its AMQP port opens, then the node says it has fully booted
 kill_node() { # N
   local n=$1 pid
   pid=$(cat "$dir/n$n/pid" 2>/dev/null || true)
-  if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
+  if [ -z "$pid" ] || [ ! -d "/proc/$pid" ]; then
     # No pid file (another DIR, or a node left by a killed run): whoever listens on its port.
     pid=$(ss -Hltnp "sport = :568$n" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2 || true)
     # Only an Erlang VM (a RabbitMQ node) is ever killed, never another program on the port.
@@ -108,10 +118,10 @@ kill_node() { # N
       pid=""
     fi
   fi
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-    kill -9 "$pid"
+  if [ -n "$pid" ] && [ -d "/proc/$pid" ]; then
+    if [ "$(id -u)" -eq 0 ]; then kill -9 "$pid"; else as_rabbit kill -9 "$pid"; fi
     # Gone (its ports closed) before this returns, so that a `start` right after starts it.
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    while [ -d "/proc/$pid" ]; do sleep 0.1; done
     log "killed node tm$n (pid $pid)"
   else
     log "node tm$n is not running"
@@ -149,6 +159,7 @@ case "$cmd" in
   down)
     for n in "${NODES[@]}"; do kill_node "$n"; done
     # The Erlang distribution's port mapper stays for the machine's own broker.
+    if [ "$(id -u)" -ne 0 ]; then as_rabbit rm -rf "$dir" 2>/dev/null || true; fi
     rm -rf "$dir"
     log "cluster stopped and $dir removed"
     ;;
