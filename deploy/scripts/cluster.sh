@@ -153,7 +153,12 @@ case "$cmd" in
       fi
     done
     for n in "${NODES[@]}"; do await_node "$n"; done
-    log "cluster of tm1, tm2, tm3 up under $dir"
+    # New quorum queues get their leader on the node with the fewest (a queue argument would
+    # be refused as inequivalent on queues declared without it; a policy is not). Lowest
+    # priority: any policy of the user's own wins over it.
+    ctl 1 set_policy taskmill-leaders '.*' '{"queue-leader-locator":"balanced"}' \
+      --apply-to queues --priority -1 >/dev/null
+    log "cluster of tm1, tm2, tm3 up under $dir (quorum queue leaders balanced by policy)"
     urls
     ;;
   down)
