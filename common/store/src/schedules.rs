@@ -12,12 +12,16 @@ use crate::{Store, StoreError};
 
 /// Moves `next_ms` from ARGV[1] to ARGV[2] and records the tick's job or error, only while
 /// `next_ms` is still ARGV[1]; 1 when it moved.
-const ADVANCE: &str = r"
+static ADVANCE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
 if redis.call('HGET', KEYS[1], 'next_ms') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'next_ms', ARGV[2], 'last_tick_ms', ARGV[1], 'last_job', ARGV[3],
   'last_error', ARGV[4], 'last_run_ms', ARGV[5])
 return 1
-";
+",
+    )
+});
 
 impl Store {
     /// Adds schedule `name` (its spec as JSON, its first tick); false when one of that name
@@ -133,7 +137,7 @@ impl Store {
         error: &str,
     ) -> Result<bool, StoreError> {
         let mut con = self.con.clone();
-        let moved: i64 = redis::Script::new(ADVANCE)
+        let moved: i64 = ADVANCE
             .key(self.keys.schedule(name))
             .arg(tick_ms)
             .arg(next_ms)
