@@ -30,7 +30,10 @@ pub struct ConnArgs {
     )]
     pub amqp_url: String,
 
-    /// Redis URL (redis:// or rediss://).
+    /// Redis URL (redis:// or rediss://), or the primary named by sentinels:
+    /// `redis+sentinel://[:password@]host1:26379,host2:26379/MASTER_NAME/DB` (rediss+sentinel://
+    /// for TLS). Options: `?wait_replicas=N` (writes wait for N replicas before a batch is acked;
+    /// 1 under Sentinel, else 0), `wait_timeout_ms=T` (1000), `sentinel_password=...`.
     #[arg(
         long,
         env = "REDIS_URL",
@@ -85,11 +88,15 @@ impl ConnArgs {
     pub fn check(&self) -> Result<(), String> {
         validate_name("namespace", &self.namespace)?;
         check_urls("--amqp-url", &self.amqp_url, &["amqp", "amqps"])?;
-        check_url(
-            "--redis-url",
-            &self.redis_url,
-            &["redis", "rediss", "unix", "redis+unix"],
-        )?;
+        taskmill_protocol::redis_url::parse(&self.redis_url)
+            .map_err(|e| format!("--redis-url: {e}"))?;
+        if !taskmill_protocol::redis_url::is_sentinel(&self.redis_url) {
+            check_url(
+                "--redis-url",
+                &self.redis_url,
+                &["redis", "rediss", "unix", "redis+unix"],
+            )?;
+        }
         check_urls(
             "--rabbitmq-api-url",
             &self.rabbitmq_api_url,

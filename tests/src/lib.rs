@@ -11,6 +11,7 @@ pub mod broker;
 pub mod cluster;
 pub mod proxy;
 pub mod redis_server;
+pub mod sentinel;
 
 /// Deterministic sample posts and their HTTP server (the `taskmill-sample-server` crate).
 pub use taskmill_sample_server as sample;

@@ -98,8 +98,121 @@ def _with_finish(body: str) -> str:
     return f"{_state_table()}{_lua('prelude.lua')}\n{body}"
 
 
+def _redis_spec(url: str) -> Dict[str, Any]:
+    """A ``REDIS_URL``, parsed as the Rust side parses it (``taskmill_protocol::redis_url``):
+    ``redis://...`` or ``redis+sentinel://[[user]:password@]h1:26379,h2:26379/MASTER/DB``, with
+    the options ``wait_replicas``, ``wait_timeout_ms``, ``sentinel_username`` and
+    ``sentinel_password``."""
+    url = url.strip()
+    base, _, query = url.partition("?")
+    opts: Dict[str, str] = {}
+    kept = []
+    for pair in filter(None, query.split("&")):
+        k, _, v = pair.partition("=")
+        if k in ("wait_replicas", "wait_timeout_ms", "sentinel_username", "sentinel_password"):
+            opts[k] = urllib.parse.unquote_plus(v)
+        else:
+            kept.append(pair)
+    sentinel = base.startswith(("redis+sentinel://", "rediss+sentinel://"))
+    try:
+        replicas = int(opts.get("wait_replicas", "1" if sentinel else "0"))
+        timeout_ms = int(opts.get("wait_timeout_ms", "1000"))
+    except ValueError:
+        raise ValueError("REDIS_URL options wait_replicas and wait_timeout_ms are whole numbers") from None
+    if replicas < 0 or timeout_ms <= 0:
+        raise ValueError("REDIS_URL: wait_replicas must be 0 or more, wait_timeout_ms above 0")
+    spec: Dict[str, Any] = {"wait_replicas": replicas, "wait_timeout_ms": timeout_ms}
+    if not sentinel:
+        if "sentinel_username" in opts or "sentinel_password" in opts:
+            raise ValueError("REDIS_URL options sentinel_* need the redis+sentinel:// form")
+        spec["url"] = base + ("?" + "&".join(kept) if kept else "")
+        return spec
+    if kept:
+        raise ValueError(f"REDIS_URL option {kept[0].split('=')[0]!r} is not one of wait_replicas, "
+                         "wait_timeout_ms, sentinel_username, sentinel_password")
+    tls = base.startswith("rediss+")
+    rest = base.split("://", 1)[1]
+    authority, _, path = rest.partition("/")
+    userinfo, at, hosts = authority.rpartition("@")
+    user = password = None
+    if at:
+        u, colon, pw = userinfo.partition(":")
+        user = urllib.parse.unquote(u) or None
+        password = urllib.parse.unquote(pw) if colon and pw else None
+    sentinels = []
+    for h in filter(None, (x.strip() for x in hosts.split(","))):
+        if h.startswith("["):
+            host, _, after = h[1:].partition("]")
+            port = after[1:] if after.startswith(":") else "26379"
+        else:
+            host, colon, port = h.rpartition(":")
+            if not colon:
+                host, port = h, "26379"
+        if not host or not port.isdigit():
+            raise ValueError(f"REDIS_URL sentinel {h!r} is not host:port")
+        sentinels.append((host, int(port)))
+    if not sentinels:
+        raise ValueError("REDIS_URL redis+sentinel:// names no sentinel")
+    parts = [p for p in path.split("/") if p]
+    if not parts or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ValueError("REDIS_URL redis+sentinel:// needs /MASTER_NAME[/DB] after the sentinels")
+    spec.update(sentinels=sentinels, master=urllib.parse.unquote(parts[0]),
+                db=int(parts[1]) if len(parts) == 2 else 0, tls=tls, username=user,
+                password=password, sentinel_username=opts.get("sentinel_username"),
+                sentinel_password=opts.get("sentinel_password"))
+    return spec
+
+
+def _connect_redis(spec: Dict[str, Any]) -> "redis.Redis":
+    """A client for the spec: the one server, or the primary the sentinels name (redis-py's
+    Sentinel pool asks them again after a lost connection or a ``READONLY``)."""
+    if "url" in spec:
+        return redis.Redis.from_url(spec["url"], decode_responses=True)
+    from redis.sentinel import Sentinel
+    sentinel_kwargs = {k: spec[f"sentinel_{k}"] for k in ("username", "password")
+                       if spec.get(f"sentinel_{k}")}
+    sentinels = Sentinel(spec["sentinels"], sentinel_kwargs=sentinel_kwargs, socket_timeout=5)
+    extra: Dict[str, Any] = {"ssl": True} if spec["tls"] else {}
+    return sentinels.master_for(spec["master"], db=spec["db"], username=spec["username"],
+                                password=spec["password"], decode_responses=True,
+                                socket_timeout=30, **extra)
+
+
+class _Durable:
+    """A script whose writes must survive a failover: run with ``WAIT`` for the URL's
+    ``wait_replicas`` after it, on the same connection (one pipeline)."""
+
+    def __init__(self, client: "Client", script: Any) -> None:
+        self.c = client
+        self.script = script
+
+    def __call__(self, keys: List[str], args: List[Any]) -> Any:
+        wanted = self.c._wait_replicas
+        if wanted == 0:
+            return self.script(keys=keys, args=args)
+        pipe = self.c.redis.pipeline(transaction=False)
+        self.script(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", wanted, self.c._wait_timeout_ms)
+        got, acked = pipe.execute()
+        if int(acked) < wanted:
+            raise Unavailable(
+                f"Redis: a write reached {acked} of the {wanted} replica(s) asked for within "
+                f"{self.c._wait_timeout_ms} ms (is a replica down? the REDIS_URL option "
+                "wait_replicas sets how many)")
+        return got
+
+
 def _redact(url: str) -> str:
     """The URL without its password, for errors (each of a comma-separated list)."""
+    if url.strip().startswith(("redis+sentinel://", "rediss+sentinel://")):
+        m = re.match(r"^([a-z+]+://)(?:([^@/]*)@)?(.*)$", url.strip())
+        if not m:
+            return "<unparseable URL>"
+        head, userinfo, tail = m.groups()
+        if userinfo and ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        tail = re.sub(r"sentinel_password=[^&]*", "sentinel_password=***", tail)
+        return head + (f"{userinfo}@" if userinfo else "") + tail
     if "," in url:
         return ",".join(_redact(one) for one in url.split(","))
     try:
@@ -241,7 +354,10 @@ class Client:
         self.amqp_url = amqp_url
         self.result_ttl = int(result_ttl)
         self.max_message_bytes = int(max_message_bytes)
-        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        spec = _redis_spec(redis_url)
+        self._wait_replicas = spec["wait_replicas"]
+        self._wait_timeout_ms = spec["wait_timeout_ms"]
+        self.redis = _connect_redis(spec)
         try:
             self.redis.ping()
         except redis.exceptions.AuthenticationError as e:
@@ -252,11 +368,12 @@ class Client:
             raise
         except redis.exceptions.ConnectionError as e:
             raise Unavailable(f"cannot reach Redis at {_redact(redis_url)}: {e}") from None
-        self._register = self.redis.register_script(_with_finish(_lua("register.lua")))
-        self._finish = self.redis.register_script(_with_finish(_lua("finish_publishing.lua")))
-        self._raise = self.redis.register_script(_with_finish(_lua("raise.lua")))
-        self._check_lease = self.redis.register_script(_with_finish(_lua("check_lease.lua")))
-        self._cancel = self.redis.register_script(_with_finish(_lua("cancel.lua")))
+        script = self.redis.register_script
+        self._register = _Durable(self, script(_with_finish(_lua("register.lua"))))
+        self._finish = _Durable(self, script(_with_finish(_lua("finish_publishing.lua"))))
+        self._raise = _Durable(self, script(_with_finish(_lua("raise.lua"))))
+        self._check_lease = script(_with_finish(_lua("check_lease.lua")))
+        self._cancel = _Durable(self, script(_with_finish(_lua("cancel.lua"))))
         self._delete = self.redis.register_script(_with_finish(_lua("delete.lua")))
 
     # Life --------------------------------------------------------------------------------

@@ -4,11 +4,13 @@
 //! - [`names`]: names of exchanges, queues and Redis keys; name and job-id rules.
 //! - [`state`]: the job states.
 //! - [`transcode`]: JSON text straight to MessagePack (the producer's records).
+//! - [`redis_url`]: the Sentinel form of `REDIS_URL` and the replication options.
 //! - [`dead`]: why a batch was dead-lettered, as written into and read from its headers.
 
 pub mod dead;
 pub mod envelope;
 pub mod names;
+pub mod redis_url;
 pub mod state;
 pub mod transcode;
 
@@ -51,6 +53,9 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// A URL with its password replaced by `***`, safe for logs and error messages; a list of
 /// URLs separated by commas (the nodes of a cluster) has each one's replaced.
 pub fn redact(raw: &str) -> String {
+    if redis_url::is_sentinel(raw) {
+        return redis_url::redact_sentinel(raw);
+    }
     if raw.contains(',') {
         return raw.split(',').map(redact_one).collect::<Vec<_>>().join(",");
     }

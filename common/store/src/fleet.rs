@@ -16,7 +16,7 @@ impl Store {
         entries: &[(String, Value)],
         ttl_secs: u64,
     ) -> Result<(), StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let mut pipe = redis::pipe();
         for (name, entry) in entries {
             for queue in entry["queues"].as_array().into_iter().flatten() {
@@ -49,7 +49,7 @@ impl Store {
 
     /// Whether a live worker consuming `queue` (short name) serves `task`.
     pub async fn served(&self, queue: &str, task: &str) -> Result<bool, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         redis::cmd("EXISTS")
             .arg(self.keys.served(queue, task))
             .query_async(&mut con)
@@ -59,7 +59,7 @@ impl Store {
 
     /// The catalog: the entries of the tasks live workers serve, by name.
     pub async fn catalog(&self) -> Result<Vec<Value>, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let mut names: Vec<String> = redis::cmd("SMEMBERS")
             .arg(self.keys.catalog())
             .query_async(&mut con)
@@ -102,7 +102,7 @@ impl Store {
         now_ms: u64,
         keep_secs: u64,
     ) -> Result<(), StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let index = self.keys.workers();
         redis::pipe()
             .cmd("SET")
@@ -132,7 +132,7 @@ impl Store {
 
     /// The workers' last heartbeats, most recent first.
     pub async fn workers(&self) -> Result<Vec<Value>, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let ids: Vec<String> = redis::cmd("ZREVRANGE")
             .arg(self.keys.workers())
             .arg(0)
@@ -158,7 +158,7 @@ impl Store {
 
     /// Every key of this namespace (`{ns}:*`, read with SCAN, so Redis is never blocked).
     pub async fn keys_of_namespace(&self) -> Result<Vec<String>, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let pattern = format!("{}:*", self.keys.ns());
         let mut cursor: u64 = 0;
         let mut out = Vec::new();
@@ -185,7 +185,7 @@ impl Store {
 
     /// Deletes these keys (a thousand a command).
     pub async fn delete_keys(&self, keys: &[String]) -> Result<(), StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         for chunk in keys.chunks(1000) {
             redis::cmd("DEL")
                 .arg(chunk)
@@ -207,7 +207,7 @@ impl Store {
             end
             return 0
         ";
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         redis::Script::new(HOLD)
             .key(key)
             .arg(owner)
@@ -224,7 +224,7 @@ impl Store {
         before_ms: u64,
         limit: usize,
     ) -> Result<Vec<(String, f64)>, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         redis::cmd("ZRANGEBYSCORE")
             .arg(self.keys.active_jobs())
             .arg("-inf")
@@ -240,7 +240,7 @@ impl Store {
 
     /// Takes `job` out of the jobs not finished (its hash is gone, or it is finished).
     pub async fn forget_active(&self, job: &str) -> Result<(), StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         redis::cmd("ZREM")
             .arg(self.keys.active_jobs())
             .arg(job)
@@ -251,7 +251,7 @@ impl Store {
 
     /// Records that a delay queue exists (full name): a job's retries may wait there.
     pub async fn add_delay_queue(&self, name: &str) -> Result<(), StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         redis::cmd("SADD")
             .arg(self.keys.delay_queues())
             .arg(name)
@@ -262,7 +262,7 @@ impl Store {
 
     /// The delay queues workers declared (full names; some may have been deleted since).
     pub async fn delay_queues(&self) -> Result<Vec<String>, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         redis::cmd("SMEMBERS")
             .arg(self.keys.delay_queues())
             .query_async(&mut con)
@@ -272,7 +272,7 @@ impl Store {
 
     /// Forgets a delay queue that no longer exists.
     pub async fn forget_delay_queue(&self, name: &str) -> Result<(), StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         redis::cmd("SREM")
             .arg(self.keys.delay_queues())
             .arg(name)
@@ -293,7 +293,7 @@ impl Store {
         score: f64,
         problem: &str,
     ) -> Result<Option<(u64, bool)>, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let (code, lost, summary): (i64, i64, i64) = self
             .scripts
             .stall
@@ -309,7 +309,7 @@ impl Store {
 
     /// Takes a lock that lapses after `ttl` (SET NX PX); true when this call took it.
     pub async fn try_lock(&self, key: &str, ttl: std::time::Duration) -> bool {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         redis::cmd("SET")
             .arg(key)
             .arg(now_ms())
@@ -330,7 +330,7 @@ impl Store {
         sample: &Value,
         keep: usize,
     ) -> Result<(), StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         redis::pipe()
             .cmd("RPUSH")
             .arg(key)
@@ -348,7 +348,7 @@ impl Store {
 
     /// The samples of a capped list, oldest first.
     pub async fn samples(&self, key: &str) -> Result<Vec<Value>, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let raw: Vec<String> = redis::cmd("LRANGE")
             .arg(key)
             .arg(0)

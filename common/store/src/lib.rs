@@ -17,6 +17,7 @@
 //! stored with `HSETNX`, and the counters move only when that stored something. A batch that is
 //! delivered twice therefore never counts twice.
 
+mod conn;
 mod fleet;
 mod read;
 mod schedules;
@@ -112,6 +113,18 @@ pub enum StoreError {
     /// A job's hash holds something that is not a job (written by something else).
     #[error(transparent)]
     BadJob(#[from] BadJobHash),
+    /// A write reached fewer replicas than `wait_replicas` asks for, in time.
+    #[error("Redis at {url}: a write reached {got} of the {wanted} replica(s) asked for within {timeout_ms} ms (is a replica down? the REDIS_URL option wait_replicas sets how many)")]
+    NotReplicated {
+        /// The URL without its password.
+        url: String,
+        /// Replicas asked for.
+        wanted: u32,
+        /// Replicas that acknowledged.
+        got: i64,
+        /// How long WAIT blocked.
+        timeout_ms: u64,
+    },
 }
 
 impl StoreError {
@@ -142,6 +155,7 @@ impl StoreError {
                         )
                     })
             }
+            StoreError::NotReplicated { .. } => true,
             StoreError::JobExists(_) | StoreError::BadJob(_) => false,
         }
     }
@@ -153,7 +167,9 @@ impl StoreError {
                 matches!(source.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
                     || source.kind() == redis::ErrorKind::AuthenticationFailed
             }
-            StoreError::JobExists(_) | StoreError::BadJob(_) => false,
+            StoreError::JobExists(_) | StoreError::BadJob(_) | StoreError::NotReplicated { .. } => {
+                false
+            }
         }
     }
 }
@@ -272,7 +288,7 @@ impl Scripts {
 /// A handle on one namespace's jobs in Redis. Cheap to clone; reconnects by itself.
 #[derive(Clone)]
 pub struct Store {
-    con: ConnectionManager,
+    conn: std::sync::Arc<conn::Conn>,
     keys: Keys,
     ttl: u64,
     url: String,
@@ -286,17 +302,9 @@ impl Store {
             url: redact(url),
             source,
         };
-        let client = redis::Client::open(url).map_err(err)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_number_of_retries(3)
-            .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(30)));
-        let con = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(err)?;
+        let conn = conn::Conn::open(url).await.map_err(err)?;
         let store = Self {
-            con,
+            conn: std::sync::Arc::new(conn),
             keys: Keys::new(ns),
             ttl: ttl.max(1),
             url: redact(url),
@@ -311,7 +319,43 @@ impl Store {
         &self.keys
     }
 
+    /// A handle on the connection (under Sentinel, to the primary the sentinels name now).
+    async fn con(&self) -> ConnectionManager {
+        self.conn.get().await
+    }
+
+    /// After writes that must survive a failover (a result before its batch is acked, a
+    /// registration, a retry): `WAIT` until `wait_replicas` replicas have them (a REDIS_URL
+    /// option: 1 under Sentinel, else 0 and nothing is sent). `WAIT` covers every write sent
+    /// before it on the connection, which all of this process's commands share. Fewer replicas
+    /// in time is a passing error: the caller retries (a worker does not ack meanwhile).
+    async fn replicated(&self, con: &mut ConnectionManager) -> Result<(), StoreError> {
+        let wait = self.conn.wait;
+        if wait.replicas == 0 {
+            return Ok(());
+        }
+        let got: i64 = redis::cmd("WAIT")
+            .arg(wait.replicas)
+            .arg(wait.timeout_ms)
+            .query_async(con)
+            .await
+            .map_err(|e| self.err(e))?;
+        if got < i64::from(wait.replicas) {
+            // Under Sentinel the primary may have lost its replicas to a failover under way
+            // (and be about to turn replica): ask the sentinels again before the next try.
+            self.conn.suspect();
+            return Err(StoreError::NotReplicated {
+                url: self.url.clone(),
+                wanted: wait.replicas,
+                got,
+                timeout_ms: wait.timeout_ms,
+            });
+        }
+        Ok(())
+    }
+
     fn err(&self, source: redis::RedisError) -> StoreError {
+        self.conn.saw(&source);
         StoreError::Redis {
             url: self.url.clone(),
             source,
@@ -320,7 +364,7 @@ impl Store {
 
     /// Loads the scripts, so that pipelines can call them by hash (again after a Redis restart).
     pub async fn load_scripts(&self) -> Result<(), StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         for s in [
             &self.scripts.done,
             &self.scripts.dead,
@@ -344,7 +388,7 @@ impl Store {
     #[tracing::instrument(level = "debug", skip_all, fields(job = %job.id))]
     pub async fn register_job(&self, job: &NewJob<'_>) -> Result<Registered, StoreError> {
         let params = serde_json::to_string(job.params).unwrap_or_else(|_| "{}".into());
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let unique = job
             .unique_key
             .map(|k| self.keys.unique(k))
@@ -365,6 +409,7 @@ impl Store {
             .invoke_async(&mut con)
             .await
             .map_err(|e| self.err(e))?;
+        self.replicated(&mut con).await?;
         match created {
             redis::Value::Int(1) => Ok(Registered::New),
             redis::Value::BulkString(holder) => Ok(Registered::Duplicate(
@@ -376,7 +421,7 @@ impl Store {
 
     /// The job holding unique key `key` (pending or running), if any.
     pub async fn unique_holder(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let holder: Option<String> = redis::cmd("GET")
             .arg(self.keys.unique(key))
             .query_async(&mut con)
@@ -395,7 +440,7 @@ impl Store {
 
     /// Whether a job of that id exists.
     pub async fn job_exists(&self, job: &str) -> Result<bool, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         redis::cmd("EXISTS")
             .arg(self.keys.job(job))
             .query_async::<i64>(&mut con)
@@ -418,7 +463,7 @@ impl Store {
     }
 
     async fn raise(&self, job: &str, field: &str, n: u64) -> Result<(), StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         self.scripts
             .raise
             .key(self.keys.job(job))
@@ -426,8 +471,8 @@ impl Store {
             .arg(n)
             .invoke_async::<i64>(&mut con)
             .await
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        self.replicated(&mut con).await
     }
 
     /// Publishing ended: sets the totals, which may finish the job at once. True when it did
@@ -438,7 +483,7 @@ impl Store {
         totals: &PublishTotals,
     ) -> Result<bool, StoreError> {
         let problems = serde_json::to_string(&totals.problems).unwrap_or_else(|_| "[]".into());
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let code: i64 = self
             .scripts
             .finish_publishing
@@ -454,13 +499,14 @@ impl Store {
             .invoke_async(&mut con)
             .await
             .map_err(|e| self.err(e))?;
+        self.replicated(&mut con).await?;
         Ok(code == 2)
     }
 
     /// Rate limit: 0 when a batch of rate key `key` may start now (the slot is taken), else
     /// how many ms to wait; at most one start per `interval_ms` across all workers.
     pub async fn take_slot(&self, key: &str, interval_ms: u64) -> Result<u64, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         self.scripts
             .take_slot
             .key(self.keys.rate(key))
@@ -513,7 +559,7 @@ impl Store {
         if fields.is_empty() {
             return Ok(());
         }
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         redis::cmd("HSET")
             .arg(self.keys.job(job))
             .arg(fields)
@@ -594,7 +640,7 @@ impl Store {
 
     /// Stores a finished job's summary (its task's fold of every batch result).
     pub async fn set_summary(&self, job: &str, summary: &Value) -> Result<(), StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let key = self.keys.job(job);
         let exists: i64 = redis::cmd("EXISTS")
             .arg(&key)
@@ -609,6 +655,7 @@ impl Store {
                 .query_async::<()>(&mut con)
                 .await
                 .map_err(|e| self.err(e))?;
+            self.replicated(&mut con).await?;
         }
         Ok(())
     }
@@ -616,7 +663,7 @@ impl Store {
     /// Adds `text` to the job's problems (shown by `status` and the dashboard), when the job
     /// exists: what went wrong after its batches ran (its summary could not be folded, say).
     pub async fn add_problem(&self, job: &str, text: &str) -> Result<(), StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         self.scripts
             .add_problem
             .key(self.keys.job(job))
@@ -635,7 +682,7 @@ impl Store {
         batch: u64,
         attempt: u32,
     ) -> Result<Recorded, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let code = self
             .scripts
             .add_retry
@@ -648,6 +695,7 @@ impl Store {
             .invoke_async::<i64>(&mut con)
             .await
             .map_err(|e| self.err(e))?;
+        self.replicated(&mut con).await?;
         Ok(Recorded::from_code(code))
     }
 
@@ -692,7 +740,7 @@ impl Store {
     /// when it was not (done since, or never counted) or there is no such job.
     #[tracing::instrument(level = "debug", skip_all, fields(job = %job, batch))]
     pub async fn reopen_batch(&self, job: &str, batch: u64) -> Result<Option<Value>, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let got: Option<(i64, String)> = self
             .scripts
             .reopen
@@ -703,6 +751,7 @@ impl Store {
             .invoke_async(&mut con)
             .await
             .map_err(|e| self.err(e))?;
+        self.replicated(&mut con).await?;
         Ok(match got {
             Some((1, reason)) => {
                 Some(serde_json::from_str(&reason).unwrap_or(Value::String(reason)))
@@ -716,21 +765,23 @@ impl Store {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
-        let mut con = self.con.clone();
-        match pipe.query_async(&mut con).await {
+        let mut con = self.con().await;
+        let got = match pipe.query_async(&mut con).await {
             Err(e) if e.code() == Some("NOSCRIPT") => {
                 self.load_scripts().await?;
                 pipe.query_async(&mut con).await.map_err(|e| self.err(e))
             }
             other => other.map_err(|e| self.err(e)),
-        }
+        }?;
+        self.replicated(&mut con).await?;
+        Ok(got)
     }
 
     /// Cancels a job: `Ok(None)` when there is no such job; a job whose state cannot be read
     /// is left as it is ([`StoreError::BadJob`]).
     #[tracing::instrument(level = "debug", skip_all, fields(job = %job))]
     pub async fn cancel(&self, job: &str) -> Result<Option<Cancelled>, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let got: Option<(i64, String)> = self
             .scripts
             .cancel
@@ -741,6 +792,7 @@ impl Store {
             .invoke_async(&mut con)
             .await
             .or_else(|e| Err(StoreError::from(self.unreadable(job, "key", e)?)))?;
+        self.replicated(&mut con).await?;
         let Some((code, before)) = got else {
             return Ok(None);
         };
@@ -765,7 +817,7 @@ impl Store {
     /// true when it existed.
     #[tracing::instrument(level = "debug", skip_all, fields(job = %job))]
     pub async fn delete_job(&self, job: &str) -> Result<bool, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let existed: i64 = self
             .scripts
             .delete
@@ -814,7 +866,7 @@ impl Store {
 
     /// Ids of the cancelled jobs of the namespace.
     pub async fn cancelled_jobs(&self) -> Result<std::collections::HashSet<String>, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         redis::cmd("SMEMBERS")
             .arg(self.keys.cancelled_jobs())
             .query_async(&mut con)

@@ -62,7 +62,7 @@ impl Store {
 
     /// The job hashes of `ids`, parsed, as they are (nothing settled).
     async fn read_hashes(&self, ids: &[String]) -> Result<Vec<Option<JobRead>>, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(500) {
             let mut pipe = redis::pipe();
@@ -111,7 +111,7 @@ impl Store {
     /// How many batch results are stored for a job: readers that page through batch numbers
     /// stop once they have seen this many (a total edited by hand cannot make them loop).
     pub async fn results_count(&self, job: &str) -> Result<u64, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         match redis::cmd("HLEN")
             .arg(self.keys.results(job))
             .query_async(&mut con)
@@ -134,7 +134,7 @@ impl Store {
         if to <= from {
             return Ok(Vec::new());
         }
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let got: Vec<Option<String>> = match redis::cmd("HMGET")
             .arg(self.keys.results(job))
             .arg((from..to).collect::<Vec<u64>>())
@@ -166,7 +166,7 @@ impl Store {
         what: &str,
         key: &str,
     ) -> Result<Vec<(u64, Value)>, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let raw: BTreeMap<String, String> =
             match redis::cmd("HGETALL").arg(key).query_async(&mut con).await {
                 Ok(raw) => raw,
@@ -186,7 +186,7 @@ impl Store {
     /// Job ids, oldest first, with their creation time in ms. Ids whose job expired are
     /// left out, and dropped from the index.
     pub async fn jobs(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let raw: Vec<(String, f64)> = redis::cmd("ZRANGE")
             .arg(self.keys.jobs())
             .arg(0)
@@ -228,7 +228,7 @@ impl Store {
     /// time), for an index deleted or damaged by hand: the hashes are found with `SCAN`.
     /// Returns how many jobs were missing from it.
     pub async fn reindex(&self) -> Result<u64, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let prefix = self.keys.job("");
         let mut cursor: u64 = 0;
         let mut added = 0u64;

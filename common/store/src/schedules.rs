@@ -32,7 +32,7 @@ impl Store {
         spec: &str,
         next_ms: u64,
     ) -> Result<bool, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let key = self.keys.schedule(name);
         let (added, _): (bool, i64) = redis::pipe()
             .atomic()
@@ -62,7 +62,7 @@ impl Store {
 
     /// The schedules' names, sorted.
     pub async fn schedule_names(&self) -> Result<Vec<String>, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let mut names: Vec<String> = redis::cmd("SMEMBERS")
             .arg(self.keys.schedules())
             .query_async(&mut con)
@@ -77,7 +77,7 @@ impl Store {
         &self,
         name: &str,
     ) -> Result<Option<HashMap<String, String>>, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let fields: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(self.keys.schedule(name))
             .query_async(&mut con)
@@ -88,7 +88,7 @@ impl Store {
 
     /// Removes schedule `name`; false when there was none.
     pub async fn remove_schedule(&self, name: &str) -> Result<bool, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let (removed, _): (i64, i64) = redis::pipe()
             .atomic()
             .cmd("DEL")
@@ -113,7 +113,7 @@ impl Store {
         if self.schedule(name).await?.is_none() {
             return Ok(false);
         }
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let mut cmd = redis::cmd("HSET");
         cmd.arg(self.keys.schedule(name))
             .arg("paused")
@@ -136,7 +136,7 @@ impl Store {
         job: &str,
         error: &str,
     ) -> Result<bool, StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let moved: i64 = ADVANCE
             .key(self.keys.schedule(name))
             .arg(tick_ms)
@@ -152,7 +152,7 @@ impl Store {
 
     /// Records a failed attempt at the current tick (it is tried again).
     pub async fn schedule_error(&self, name: &str, error: &str) -> Result<(), StoreError> {
-        let mut con = self.con.clone();
+        let mut con = self.con().await;
         let _: () = redis::cmd("HSET")
             .arg(self.keys.schedule(name))
             .arg("last_error")

@@ -1,0 +1,214 @@
+//! Losing the Redis primary: a private primary, two replicas and three sentinels
+//! (`taskmill_tests::sentinel`), the real `producer` and `worker` given one
+//! `redis+sentinel://` URL, and the machine's RabbitMQ. Two failovers mid-job, each ending
+//! with every batch's result stored and counted once, nothing dead-lettered:
+//! - a graceful one (`SENTINEL FAILOVER`): the old primary, still running, answers the
+//!   worker's writes with `READONLY`, and the worker must move to the new one;
+//! - the primary killed with SIGKILL while both replicas are cut off (SIGSTOP): the writes the
+//!   primary took in that time are lost with it, so the worker must not have acked any batch
+//!   whose result only the primary had. It waits (`WAIT`) for a replica before each ack and,
+//!   with none answering, holds its acks; the batches are stored again on the new primary.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use taskmill_common::store::Store;
+use taskmill_tests::{
+    bin_path, sample, sentinel::SentinelSet, until, write_jsonl, KillOnDrop, TestNs,
+};
+
+/// Batches of one post each, 30 ms of work a batch: the job lasts long enough to fail over
+/// twice in the middle of it.
+const BATCHES: u64 = 1_500;
+
+/// A process with the set's URL; its stderr goes to a file, read while it runs.
+struct Proc {
+    process: KillOnDrop,
+    stderr: PathBuf,
+}
+
+impl Proc {
+    fn spawn(ns: &str, redis_url: &str, bin: &str, args: &[&str]) -> Self {
+        let stderr = std::env::temp_dir().join(format!(
+            "taskmill-sentinel-{bin}-{}.log",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let file = std::fs::File::create(&stderr).expect("a log file");
+        let process = KillOnDrop(
+            Command::new(bin_path(bin))
+                .args(args)
+                .env("REDIS_URL", redis_url)
+                .env("TASKMILL_NAMESPACE", ns)
+                .env("RUST_LOG", "warn,taskmill_store=info")
+                .stdout(Stdio::null())
+                .stderr(file)
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {bin}: {e}")),
+        );
+        Self { process, stderr }
+    }
+
+    fn said(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    async fn exited(mut self) -> (std::process::ExitStatus, String) {
+        let status = tokio::task::spawn_blocking(move || {
+            let s = self.process.0.wait().expect("waiting for a child");
+            (s, self)
+        })
+        .await
+        .expect("the waiting thread");
+        let said = status.1.said();
+        (status.0, said)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.stderr);
+    }
+}
+
+async fn done(store: &Store, job: &str) -> u64 {
+    taskmill_tests::batches_done(store, job).await
+}
+
+/// The job's `batches_done` as the data node on `port` has it (0 when it cannot say).
+async fn done_on(port: u16, store: &Store, job: &str) -> u64 {
+    let Ok(client) = redis::Client::open(SentinelSet::node_url(port)) else {
+        return 0;
+    };
+    let Ok(mut con) = client.get_multiplexed_async_connection().await else {
+        return 0;
+    };
+    redis::cmd("HGET")
+        .arg(store.keys().job(job))
+        .arg("batches_done")
+        .query_async::<Option<u64>>(&mut con)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_loses_nothing_when_the_redis_primary_fails_over() {
+    let mut set = SentinelSet::start().await;
+    let started = std::time::Instant::now();
+    let t = TestNs::new();
+    // A short WAIT, so that a worker with no replica answering says so soon.
+    let url = set.url("wait_timeout_ms=300");
+    let store = Store::connect(&url, &t.ns, 3600).await.unwrap();
+    let worker = Proc::spawn(&t.ns, &url, "worker", &["--threads", "1"]);
+    let file = write_jsonl(sample::posts(BATCHES));
+    let job = "failover";
+    let (code, said) = Proc::spawn(
+        &t.ns,
+        &url,
+        "producer",
+        &[
+            "enqueue",
+            "--file",
+            file.to_str().unwrap(),
+            "--task",
+            "chaos",
+            "--param",
+            "sleep_ms=30",
+            "--batch-size",
+            "1",
+            "--job",
+            job,
+        ],
+    )
+    .exited()
+    .await;
+    assert!(code.success(), "enqueue through the sentinels: {said}");
+    // 1. A graceful failover mid-job: the old primary turns replica under the worker.
+    until("100 batches done", Duration::from_secs(60), || async {
+        done(&store, job).await >= 100
+    })
+    .await;
+    let first = set.primary_port().await.unwrap();
+    set.failover().await;
+    let second = set.await_new_primary(first, Duration::from_secs(30)).await;
+    eprintln!(
+        "{:.1} s: failed over from {first} to {second}",
+        started.elapsed().as_secs_f64()
+    );
+    // Progress read from the new primary itself (the old one, until the sentinels turn it into
+    // a replica, may still take writes that its new primary never sees).
+    let at_failover = done_on(second, &store, job).await;
+    until(
+        "progress on the new primary",
+        Duration::from_secs(60),
+        || async { done_on(second, &store, job).await >= at_failover + 100 },
+    )
+    .await;
+    eprintln!(
+        "{:.1} s: progress on the new primary",
+        started.elapsed().as_secs_f64()
+    );
+    // 2. Both replicas cut off, then the primary killed: what it took meanwhile dies with it.
+    let replicas = set.others(second);
+    let mark = worker.said().len();
+    for r in &replicas {
+        set.pause(*r, true);
+    }
+    until(
+        "the worker holding its acks for want of a replica",
+        Duration::from_secs(30),
+        || async { worker.said()[mark..].contains("replica(s) asked for") },
+    )
+    .await;
+    eprintln!(
+        "{:.1} s: acks held; killing the primary",
+        started.elapsed().as_secs_f64()
+    );
+    set.kill(second);
+    for r in &replicas {
+        set.pause(*r, false);
+    }
+    let third = set.await_new_primary(second, Duration::from_secs(60)).await;
+    assert!(replicas.contains(&third));
+    eprintln!(
+        "{:.1} s: failed over to {third}",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Every batch is stored exactly once on the last primary, nothing dead.
+    let (code, said) = Proc::spawn(&t.ns, &url, "producer", &["wait", job, "--timeout", "180s"])
+        .exited()
+        .await;
+    assert!(
+        code.success(),
+        "producer wait: {said}\nworker: {}",
+        worker.said()
+    );
+    // Read as a new process would (this test's own connection may still point at the dead
+    // primary: its next command fails once, then asks the sentinels again).
+    let store = Store::connect(&url, &t.ns, 3600).await.unwrap();
+    let s = store.job_status(job).await.unwrap().unwrap();
+    assert_eq!(s.batches_done, BATCHES, "{s:?}");
+    assert_eq!(s.batches_dead, 0, "{s:?}");
+    assert_eq!(s.records_done, BATCHES, "{s:?}");
+    let mut con = redis::Client::open(SentinelSet::node_url(third))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let stored: u64 = redis::cmd("HLEN")
+        .arg(store.keys().results(job))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(stored, BATCHES, "results on the last primary");
+    eprintln!("worker said:\n{}", worker.said());
+    drop(worker);
+    t.cleanup().await;
+}
