@@ -19,12 +19,33 @@ use std::{
 
 use taskmill_common::store::Store;
 use taskmill_tests::{
-    bin_path, sample, sentinel::SentinelSet, until, write_jsonl, KillOnDrop, TestNs,
+    bin_path, python_venv, sample, sentinel::SentinelSet, until, write_jsonl, KillOnDrop, TestNs,
 };
 
 /// Batches of one post each, 30 ms of work a batch: the job lasts long enough to fail over
 /// twice in the middle of it.
 const BATCHES: u64 = 1_500;
+
+/// Through the Python client: a job enqueued and waited for; then one asking for three
+/// replicas (`Unavailable`, its message kept).
+const PYTHON: &str = r#"
+import json, os
+from taskmill import Client, Unavailable
+url = os.environ["REDIS_URL"]
+ns = os.environ["TASKMILL_NAMESPACE"]
+records = [json.loads(line) for line in open(os.environ["RECORDS"])]
+c = Client(redis_url=url, namespace=ns)
+job = c.enqueue("post-stats", records, batch_size=10, job_id="py-sentinel")
+st = c.wait(job, timeout=60)
+out = {"state": st["state"], "done": st["batches_done"]}
+strict = Client(redis_url=url + "&wait_replicas=3", namespace=ns)
+try:
+    strict.enqueue("post-stats", records, batch_size=10, job_id="py-strict")
+    out["three"] = "enqueued"
+except Unavailable as e:
+    out["three"] = str(e)
+print(json.dumps(out))
+"#;
 
 /// A process with the set's URL; its stderr goes to a file, read while it runs.
 struct Proc {
@@ -99,6 +120,7 @@ async fn done_on(port: u16, store: &Store, job: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_loses_nothing_when_the_redis_primary_fails_over() {
+    let venv = tokio::task::spawn_blocking(python_venv);
     let mut set = SentinelSet::start().await;
     let started = std::time::Instant::now();
     let t = TestNs::new();
@@ -208,7 +230,36 @@ async fn the_fleet_loses_nothing_when_the_redis_primary_fails_over() {
         .await
         .unwrap();
     assert_eq!(stored, BATCHES, "results on the last primary");
-    eprintln!("worker said:\n{}", worker.said());
+
+    // The Python client through the same URL, on the last primary (one replica left): a job
+    // enqueued, run and waited for; asking for more replicas than there are refuses the
+    // enqueue with the reason.
+    let venv = venv.await.unwrap();
+    let records = write_jsonl(sample::posts(100));
+    let out = Command::new(venv.join("bin/python"))
+        .args(["-c", PYTHON])
+        .env("REDIS_URL", &url)
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .env("RECORDS", &records)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&venv);
+    let _ = std::fs::remove_file(&records);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["state"], "completed", "{got}");
+    assert_eq!(got["done"], 10, "{got}");
+    assert!(
+        got["three"]
+            .as_str()
+            .unwrap()
+            .contains("reached 1 of the 3 replica(s)"),
+        "{got}"
+    );
     drop(worker);
     t.cleanup().await;
 }

@@ -82,7 +82,20 @@ impl JobHandle {
     ) -> Result<JobStatus> {
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         loop {
-            let status = self.read().await?;
+            let status = match self.read().await {
+                Ok(status) => status,
+                // Redis restarting or failing over (Sentinel closes its clients' connections
+                // when it promotes a replica): keep waiting, until the deadline.
+                Err(Error::Store(e))
+                    if e.is_transient()
+                        && deadline.is_none_or(|d| tokio::time::Instant::now() < d) =>
+                {
+                    tracing::warn!("reading job {}: {e}; trying again", self.id);
+                    tokio::time::sleep(POLL).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             seen(&status);
             if status.is_finished() {
                 let status = self.folded(status).await?;
