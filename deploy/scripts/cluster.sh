@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# A three-node RabbitMQ cluster on this machine, beside its own broker (which is left alone):
+# A three-node RabbitMQ cluster and Redis with Sentinel on this machine, beside its own broker
+# and Redis (which are left alone):
 #
 #   deploy/scripts/cluster.sh up [DIR]       start the nodes (and join them into one cluster)
 #   deploy/scripts/cluster.sh down [DIR]     stop every node and remove DIR
 #   deploy/scripts/cluster.sh status [DIR]   which nodes run, and the cluster's view
-#   deploy/scripts/cluster.sh kill N [DIR]   kill -9 node N (1-3)
+#   deploy/scripts/cluster.sh kill N [DIR]   kill -9 RabbitMQ node N (1-3)
 #   deploy/scripts/cluster.sh start N [DIR]  start node N again (it rejoins the cluster)
+#   deploy/scripts/cluster.sh kill redis     kill -9 the Redis primary (the sentinels promote
+#                                            a replica within seconds)
+#   deploy/scripts/cluster.sh start redis    start the Redis nodes that are down, as replicas
+#                                            of the primary the sentinels name
+#
+# Redis: a primary and two replicas on 127.0.0.1:6391-6393 (no persistence, as the machine's
+# own), three sentinels on 26391-26393 watching it as `taskmill` (quorum 2); files under
+# DIR/redis. Two replicas, so that with the primary gone a write still reaches a replica
+# (the workers WAIT for one before they ack).
 #
 # Node N is `tmN@localhost`: AMQP on 127.0.0.1:568N, management on 1568N, Erlang distribution
 # on 2568N; its config, data and logs live under DIR/nN (DIR defaults to /tmp/taskmill-cluster,
@@ -14,6 +24,7 @@
 # prints the AMQP_URL and RABBITMQ_API_URL to use:
 #
 #   AMQP_URL=amqp://guest:guest@127.0.0.1:5681/%2f,amqp://guest:guest@127.0.0.1:5682/%2f,...
+#   REDIS_URL=redis+sentinel://127.0.0.1:26391,127.0.0.1:26392,127.0.0.1:26393/taskmill/0
 set -euo pipefail
 
 cmd=${1:-status}
@@ -128,6 +139,96 @@ kill_node() { # N
   fi
 }
 
+# --- Redis with Sentinel -------------------------------------------------------------------
+REDIS_NODES=(1 2 3)
+MASTER=taskmill
+
+redis_cli() { redis-cli -h 127.0.0.1 "$@"; }
+
+# The port of the primary the sentinels name (empty when none answers).
+redis_primary() {
+  local n
+  for n in "${REDIS_NODES[@]}"; do
+    if port_open "2639$n"; then
+      redis_cli -p "2639$n" sentinel get-master-addr-by-name "$MASTER" 2>/dev/null | sed -n 2p
+      return 0
+    fi
+  done
+}
+
+start_redis_node() { # N [PRIMARY_PORT]
+  local n=$1 primary=${2:-} d="$dir/redis"
+  if port_open "639$n"; then return 0; fi
+  mkdir -p "$d/d$n"
+  local args=(--port "639$n" --bind 127.0.0.1 --save "" --appendonly no --dir "$d/d$n"
+    --daemonize yes --pidfile "$d/d$n.pid" --logfile "$d/d$n.log")
+  if [ -n "$primary" ] && [ "$primary" != "639$n" ]; then
+    args+=(--replicaof 127.0.0.1 "$primary")
+    log "starting Redis on 639$n (replica of $primary)"
+  else
+    log "starting Redis on 639$n (primary)"
+  fi
+  redis-server "${args[@]}"
+}
+
+start_sentinel() { # N
+  local n=$1 d="$dir/redis"
+  if port_open "2639$n"; then return 0; fi
+  printf '%s\n' "port 2639$n" "bind 127.0.0.1" "daemonize yes" "pidfile $d/sentinel$n.pid" \
+    "logfile $d/sentinel$n.log" "dir $d" "sentinel monitor $MASTER 127.0.0.1 6391 2" \
+    "sentinel down-after-milliseconds $MASTER 2000" "sentinel failover-timeout $MASTER 10000" \
+    "sentinel parallel-syncs $MASTER 1" >"$d/sentinel$n.conf"
+  redis-server "$d/sentinel$n.conf" --sentinel
+}
+
+redis_up() {
+  command -v redis-server >/dev/null || { log "redis-server is not installed"; return 1; }
+  mkdir -p "$dir/redis"
+  local primary n i
+  primary=$(redis_primary || true)
+  for n in "${REDIS_NODES[@]}"; do start_redis_node "$n" "${primary:-6391}"; done
+  for n in "${REDIS_NODES[@]}"; do start_sentinel "$n"; done
+  for ((i = 0; i < 300; i++)); do
+    if [ "$(redis_cli -p 26391 sentinel replicas "$MASTER" 2>/dev/null | grep -c '^ip$')" -ge 2 ] &&
+      [ "$(redis_cli -p 26391 sentinel sentinels "$MASTER" 2>/dev/null | grep -c '^ip$')" -ge 2 ] &&
+      [ "$(redis_cli -p "$(redis_primary)" info replication 2>/dev/null | grep -c 'state=online')" -ge 2 ]; then
+      log "Redis primary on $(redis_primary), two replicas, three sentinels, under $dir/redis"
+      return 0
+    fi
+    sleep 0.1
+  done
+  log "the sentinels did not see each other and both replicas in sync within 30 s (logs: $dir/redis)"
+  return 1
+}
+
+# Kills (-9) the redis-server whose pid FILE names, if it is one.
+kill_redis_pidfile() { # FILE NAME
+  local pid
+  pid=$(cat "$1" 2>/dev/null || true)
+  if [ -n "$pid" ] && [ -d "/proc/$pid" ] && grep -q redis-server "/proc/$pid/cmdline" 2>/dev/null; then
+    kill -9 "$pid"
+    while [ -d "/proc/$pid" ]; do sleep 0.05; done
+    log "killed $2 (pid $pid)"
+  fi
+}
+
+redis_kill_primary() {
+  local port n
+  port=$(redis_primary || true)
+  [ -n "$port" ] || { log "no sentinel names a primary"; return 1; }
+  for n in "${REDIS_NODES[@]}"; do
+    if [ "639$n" = "$port" ]; then kill_redis_pidfile "$dir/redis/d$n.pid" "the Redis primary on $port"; fi
+  done
+}
+
+redis_down() {
+  local n
+  for n in "${REDIS_NODES[@]}"; do
+    kill_redis_pidfile "$dir/redis/sentinel$n.pid" "sentinel 2639$n"
+    kill_redis_pidfile "$dir/redis/d$n.pid" "Redis 639$n"
+  done
+}
+
 urls() {
   local amqp="" api="" n
   for n in "${NODES[@]}"; do
@@ -136,6 +237,7 @@ urls() {
   done
   echo "AMQP_URL=$amqp"
   echo "RABBITMQ_API_URL=$api"
+  echo "REDIS_URL=redis+sentinel://127.0.0.1:26391,127.0.0.1:26392,127.0.0.1:26393/$MASTER/0"
 }
 
 case "$cmd" in
@@ -159,9 +261,11 @@ case "$cmd" in
     ctl 1 set_policy taskmill-leaders '.*' '{"queue-leader-locator":"balanced"}' \
       --apply-to queues --priority -1 >/dev/null
     log "cluster of tm1, tm2, tm3 up under $dir (quorum queue leaders balanced by policy)"
+    redis_up
     urls
     ;;
   down)
+    redis_down
     for n in "${NODES[@]}"; do kill_node "$n"; done
     # The Erlang distribution's port mapper stays for the machine's own broker.
     if [ "$(id -u)" -ne 0 ]; then as_rabbit rm -rf "$dir" 2>/dev/null || true; fi
@@ -178,15 +282,29 @@ case "$cmd" in
         break
       fi
     done
+    for n in "${REDIS_NODES[@]}"; do
+      if port_open "639$n"; then
+        echo "redis 639$n: $(redis_cli -p "639$n" role 2>/dev/null | head -1)"
+      else
+        echo "redis 639$n: down"
+      fi
+    done
+    echo "primary named by the sentinels: $(redis_primary || true)"
     ;;
-  kill) kill_node "$node" ;;
+  kill)
+    if [ "$node" = redis ]; then redis_kill_primary; else kill_node "$node"; fi
+    ;;
   start)
-    start_node "$node"
-    await_node "$node"
+    if [ "$node" = redis ]; then
+      redis_up
+    else
+      start_node "$node"
+      await_node "$node"
+    fi
     ;;
   urls) urls ;;
   *)
-    echo "usage: $0 up|down|status|kill N|start N|urls [DIR]" >&2
+    echo "usage: $0 up|down|status|kill N|redis|start N|redis|urls [DIR]" >&2
     exit 2
     ;;
 esac

@@ -61,6 +61,7 @@ async fn register(store: &Store, id: &str, task: &str) {
             queue: "tasks",
             params: &BTreeMap::new(),
             unique_key: None,
+            token: "",
         })
         .await
         .unwrap();

@@ -55,6 +55,10 @@ struct Proc {
 
 impl Proc {
     fn spawn(ns: &str, redis_url: &str, bin: &str, args: &[&str]) -> Self {
+        Self::spawn_with(ns, redis_url, bin, args, Stdio::null())
+    }
+
+    fn spawn_with(ns: &str, redis_url: &str, bin: &str, args: &[&str], stdin: Stdio) -> Self {
         let stderr = std::env::temp_dir().join(format!(
             "taskmill-sentinel-{bin}-{}.log",
             uuid::Uuid::new_v4().simple()
@@ -66,6 +70,7 @@ impl Proc {
                 .env("REDIS_URL", redis_url)
                 .env("TASKMILL_NAMESPACE", ns)
                 .env("RUST_LOG", "warn,taskmill_store=info")
+                .stdin(stdin)
                 .stdout(Stdio::null())
                 .stderr(file)
                 .spawn()
@@ -128,16 +133,26 @@ async fn the_fleet_loses_nothing_when_the_redis_primary_fails_over() {
     let url = set.url("wait_timeout_ms=300");
     let store = Store::connect(&url, &t.ns, 3600).await.unwrap();
     let worker = Proc::spawn(&t.ns, &url, "worker", &["--threads", "1"]);
-    let file = write_jsonl(sample::posts(BATCHES));
+    // 0. Both replicas stopped while the producer registers its job: the registration's WAIT
+    // fails, the producer tries again (its registration token makes the retry of a
+    // registration that did reach the primary count as registered) until they are back.
+    let first = set.primary_port().await.unwrap();
+    let replicas = set.others(first);
+    for r in &replicas {
+        set.pause(*r, true);
+    }
+    // The producer reads the posts from a pipe: the first half now, the second half after
+    // the first failover has begun, so that it is still publishing (reserving batch numbers, counting
+    // confirms) while the primary moves, and ends publishing on the new one.
     let job = "failover";
-    let (code, said) = Proc::spawn(
+    let mut producer = Proc::spawn_with(
         &t.ns,
         &url,
         "producer",
         &[
             "enqueue",
             "--file",
-            file.to_str().unwrap(),
+            "-",
             "--task",
             "chaos",
             "--param",
@@ -147,18 +162,45 @@ async fn the_fleet_loses_nothing_when_the_redis_primary_fails_over() {
             "--job",
             job,
         ],
+        Stdio::piped(),
+    );
+    let stdin = producer.process.0.stdin.take().unwrap();
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut stdin = std::io::BufWriter::new(stdin);
+        let posts: Vec<String> = sample::posts(BATCHES).map(|p| p.to_string()).collect();
+        let (first, second) = posts.split_at(posts.len() / 2);
+        for line in first {
+            writeln!(stdin, "{line}")?;
+        }
+        stdin.flush()?;
+        let _ = gate.recv();
+        for line in second {
+            writeln!(stdin, "{line}")?;
+        }
+        stdin.flush()
+    });
+    until(
+        "the producer trying its registration again",
+        Duration::from_secs(30),
+        || async { producer.said().contains("registering the job") },
     )
-    .exited()
     .await;
-    assert!(code.success(), "enqueue through the sentinels: {said}");
+    for r in &replicas {
+        set.pause(*r, false);
+    }
     // 1. A graceful failover mid-job: the old primary turns replica under the worker.
     until("100 batches done", Duration::from_secs(60), || async {
         done(&store, job).await >= 100
     })
     .await;
-    let first = set.primary_port().await.unwrap();
     set.failover().await;
+    let _ = go.send(());
     let second = set.await_new_primary(first, Duration::from_secs(30)).await;
+    writer.join().unwrap().unwrap();
+    let (code, said) = producer.exited().await;
+    assert!(code.success(), "enqueue through the failover: {said}");
     eprintln!(
         "{:.1} s: failed over from {first} to {second}",
         started.elapsed().as_secs_f64()

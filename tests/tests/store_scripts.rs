@@ -20,6 +20,7 @@ async fn register(store: &Store, id: &str) {
             queue: "tasks",
             params: &BTreeMap::new(),
             unique_key: None,
+            token: "",
         })
         .await
         .unwrap();

@@ -17,7 +17,7 @@ use taskmill_protocol::{
     },
     now_ms,
 };
-use taskmill_store::{NewJob, PublishTotals, Registered, Store};
+use taskmill_store::{NewJob, PublishTotals, Registered, Store, StoreError};
 use taskmill_task::{check_params, ParamSpec};
 
 use crate::{
@@ -222,7 +222,7 @@ impl<'a, F: FnOnce(&str)> Outlet<'a, F> {
     fn new(
         store: &'a Store,
         publisher: Publisher,
-        job: &'a str,
+        (job, token): (&'a str, &'a str),
         spec: &'a JobSpec,
         on_registered: F,
         (eta_ms, expires_ms): (Option<u64>, Option<u64>),
@@ -238,6 +238,7 @@ impl<'a, F: FnOnce(&str)> Outlet<'a, F> {
                 queue: &spec.queue,
                 params: &spec.params,
                 unique_key: spec.unique_key.as_deref(),
+                token,
             },
             on_registered: Some(on_registered),
             reserved: 0,
@@ -265,31 +266,44 @@ impl<'a, F: FnOnce(&str)> Outlet<'a, F> {
             // Registered before `on_registered` is taken: a registration refused (another
             // producer registered this id first) leaves it, so that giving up does not mark
             // the other producer's job interrupted.
-            if let Registered::Duplicate(holder) = self.store.register_job(&self.new_job).await? {
+            let registered = patiently("registering the job", || {
+                self.store.register_job(&self.new_job)
+            })
+            .await?;
+            if let Registered::Duplicate(holder) = registered {
                 self.duplicate_of = Some(holder);
                 return Ok(());
             }
             let Some(f) = self.on_registered.take() else {
                 return Ok(());
             };
-            self.store
-                .set_timing(self.job, self.timing.0, self.timing.1, self.timing.2)
-                .await?;
+            let (eta, expires, priority) = self.timing;
+            patiently("recording the job's timing", || {
+                self.store.set_timing(self.job, eta, expires, priority)
+            })
+            .await?;
             let (time_limit, rate, key) = &self.limits;
-            self.store
-                .set_limits(self.job, *time_limit, *rate, key.as_deref())
-                .await?;
+            patiently("recording the job's limits", || {
+                self.store
+                    .set_limits(self.job, *time_limit, *rate, key.as_deref())
+            })
+            .await?;
             let lease_ms = self.lease.as_millis() as u64;
-            self.store
-                .renew_lease(self.job, now_ms() + lease_ms)
-                .await?;
+            patiently("taking the job's lease", || {
+                self.store.renew_lease(self.job, now_ms() + lease_ms)
+            })
+            .await?;
             f(self.job);
             self.published = Some(spawn_published_writer(self.store.clone(), self.job));
             self.lease_keeper = Some(spawn_lease_keeper(self.store.clone(), self.job, self.lease));
         }
         if batches_so_far > self.reserved {
             self.reserved = batches_so_far + RESERVE_AHEAD;
-            self.store.reserve_batches(self.job, self.reserved).await?;
+            let reserved = self.reserved;
+            patiently("reserving batch numbers", || {
+                self.store.reserve_batches(self.job, reserved)
+            })
+            .await?;
         }
         self.publisher.publish_many(ready).await?;
         if let Some(tx) = &self.published {
@@ -393,10 +407,11 @@ where
         .with_routing_key(topology::priority_queue(&spec.queue, spec.priority));
     let (headers, text_headers) = option_headers(spec, &job, eta_ms, expires_ms);
     let rate_key = text_headers.first().map(|(_, k)| k.clone());
+    let token = uuid::Uuid::new_v4().simple().to_string();
     let mut outlet = Outlet::new(
         store,
         publisher,
-        &job,
+        (&job, &token),
         spec,
         on_registered,
         (eta_ms, expires_ms),
@@ -455,12 +470,43 @@ where
         duplicate_of: None,
         warnings,
     };
-    if store.finish_publishing(&job, &report.totals()).await? {
+    let totals = report.totals();
+    if patiently("recording the end of publishing", || {
+        store.finish_publishing(&job, &totals)
+    })
+    .await?
+    {
         publisher.request_summary_and_close(&job).await;
     } else {
         publisher.finish().await?;
     }
     Ok(report)
+}
+
+/// How long an enqueue waits out Redis errors that pass (a Sentinel failover, a restart, a
+/// replica late to acknowledge) before it gives up: about a failover and a half.
+const STORE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs a store call again while its error passes, with backoff (100 ms to 2 s), for up to
+/// [`STORE_PATIENCE`]: the publishing goes on through a failover instead of ending the job
+/// `interrupted`. Each call is idempotent (the registration by its token).
+async fn patiently<T, F, Fut>(what: &str, mut f: F) -> std::result::Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, StoreError>>,
+{
+    let deadline = tokio::time::Instant::now() + STORE_PATIENCE;
+    let mut delay = std::time::Duration::from_millis(100);
+    loop {
+        match f().await {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() + delay < deadline => {
+                warn!("{what}: {e}; trying again in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The catalog's checks, when the spec asks for them: an unknown task or a parameter it

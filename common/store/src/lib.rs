@@ -88,7 +88,7 @@ const RAISE_LUA: &str = include_str!("lua/raise.lua");
 const FINISH_PUBLISHING_LUA: &str = include_str!("lua/finish_publishing.lua");
 
 /// Lua: register a new job unless the id is taken. KEYS: job, jobs. ARGV: id, task, queue,
-/// params, now, ttl, prefix of job keys. Returns 1 when registered, 0 when the id already
+/// params, now, ttl, prefix of job keys, token. Returns 1 when registered, 0 when the id already
 /// exists. The job keeps its TTL in its hash; the index lives as long as its longest-lived
 /// job, and ids of expired jobs are dropped from it (the oldest few at each registration,
 /// the rest when it is listed).
@@ -197,6 +197,9 @@ pub struct NewJob<'a> {
     pub params: &'a BTreeMap<String, String>,
     /// While this job is pending or running, no other job with this key is registered.
     pub unique_key: Option<&'a str>,
+    /// This registration's token (random): registering again with it after an error counts
+    /// as registered when the first try got through; empty for none.
+    pub token: &'a str,
 }
 
 /// What registering a job did.
@@ -406,6 +409,7 @@ impl Store {
             .arg(now_ms())
             .arg(self.ttl)
             .arg(self.keys.job(""))
+            .arg(job.token)
             .invoke_async(&mut con)
             .await
             .map_err(|e| self.err(e))?;

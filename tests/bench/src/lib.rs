@@ -816,6 +816,7 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
             queue: "tasks",
             params: &params,
             unique_key: None,
+            token: "",
         })
         .await?;
     let total = (rate * seconds as f64) as u64;

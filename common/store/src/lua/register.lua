@@ -1,10 +1,16 @@
 -- Register a new job unless the id is taken. KEYS: job, jobs index, unique key (or '').
--- ARGV: id, task, queue, params, now, ttl, prefix of job keys.
+-- ARGV: id, task, queue, params, now, ttl, prefix of job keys, and optionally a token of
+-- this registration (a retry of a registration whose answer was lost, or whose WAIT for
+-- replicas failed, finds its own token and counts as registered).
 -- Returns 1 when registered, 0 when the id already exists, or the id of the job that holds
 -- the unique key while it is pending or running (nothing registered then).
 -- The job keeps its TTL in its hash; the index lives as long as its longest-lived job, and
 -- ids of expired jobs are dropped from it (the oldest few here, the rest when listed).
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local token = ARGV[8] or ''
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if token ~= '' and redis.call('HGET', KEYS[1], 'reg_token') == token then return 1 end
+  return 0
+end
 local ttl = tonumber(ARGV[6])
 if KEYS[3] ~= '' then
   local holder = redis.call('GET', KEYS[3])
@@ -23,6 +29,7 @@ redis.call('HSET', KEYS[1], 'state', STATE.pending, 'task', ARGV[2], 'queue', AR
   'batches_done', 0, 'batches_dead', 0, 'records_total', 0, 'records_done', 0,
   'records_invalid', 0, 'retries', 0, 'sources_failed', 0)
 if KEYS[3] ~= '' then redis.call('HSET', KEYS[1], 'unique_key', KEYS[3]) end
+if token ~= '' then redis.call('HSET', KEYS[1], 'reg_token', token) end
 redis.call('EXPIRE', KEYS[1], ttl)
 touch_active(KEYS[1], ARGV[5])
 local before = redis.call('TTL', KEYS[2])
