@@ -149,7 +149,12 @@ pub fn command() -> clap::Command {
 pub fn parse() -> Cli {
     use clap::FromArgMatches;
     let matches = command().get_matches();
-    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Command::Enqueue(args), Some(("enqueue", m))) = (&mut cli.command, matches.subcommand())
+    {
+        args.then_at = cmd::enqueue::ThenAt::from_matches(m);
+    }
+    cli
 }
 
 /// The client's settings from the command line's connection options.

@@ -78,8 +78,14 @@ impl Schedule {
         let argv = std::iter::once("enqueue".to_string())
             .chain(self.enqueue.iter().cloned())
             .chain(["--job".to_string(), job.to_string()]);
-        EnqueueOptions::try_parse_from(argv)
-            .map(|o| o.args)
+        use clap::{CommandFactory as _, FromArgMatches as _};
+        EnqueueOptions::command()
+            .try_get_matches_from(argv)
+            .and_then(|m| {
+                let mut o = EnqueueOptions::from_arg_matches(&m)?;
+                o.args.then_at = crate::cmd::enqueue::ThenAt::from_matches(&m);
+                Ok(o.args)
+            })
             .map_err(|e| {
                 format!(
                     "the enqueue options {:?}: {}",

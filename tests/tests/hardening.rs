@@ -62,6 +62,8 @@ async fn register(store: &Store, id: &str, task: &str) {
             params: &BTreeMap::new(),
             unique_key: None,
             token: "",
+            then: "",
+            parent: "",
         })
         .await
         .unwrap();

@@ -21,6 +21,8 @@ async fn register(store: &Store, id: &str) {
             params: &BTreeMap::new(),
             unique_key: None,
             token: "",
+            then: "",
+            parent: "",
         })
         .await
         .unwrap();

@@ -37,6 +37,7 @@
 pub mod ack;
 pub mod analyse;
 mod args;
+mod chains;
 mod dead_events;
 pub mod decide;
 pub mod drain;

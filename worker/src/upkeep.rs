@@ -1,7 +1,7 @@
 //! A worker's upkeep beside its sessions, each on a period and a Redis connection of its own
 //! (connected again when it has none): the cancelled jobs read every 250 ms, the task catalog
-//! renewed, the heartbeat the dashboard's workers page and the stalled-job watcher read, and
-//! the watcher itself.
+//! renewed, the heartbeat the dashboard's workers page and the stalled-job watcher read, the
+//! watcher itself, and the follow-up jobs published from the outbox (`chains`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -67,6 +67,25 @@ impl Upkeep {
                     let beat = beat.clone();
                     async move { beat.send(&s, false).await }
                 }
+            },
+        )));
+        // Follow-up jobs of finished jobs (`enqueue --then`), from the namespace's outbox.
+        let settings = taskmill_client::Settings {
+            amqp_url: args.conn.amqp_url.clone(),
+            redis_url: args.conn.redis_url.clone(),
+            namespace: args.conn.namespace.clone(),
+            result_ttl: args.conn.result_ttl,
+        };
+        let outbox_client = Arc::new(tokio::sync::Mutex::new(None));
+        let who = beat.id.clone();
+        tasks.push(tokio::spawn(every(
+            background.clone(),
+            OUTBOX_EVERY,
+            stop.clone(),
+            move |s| {
+                let (client, settings, who) =
+                    (outbox_client.clone(), settings.clone(), who.clone());
+                async move { crate::chains::sweep(s, &client, &settings, &who).await }
             },
         )));
         // Jobs whose batches can no longer arrive (a queue purged in the console) finish as
@@ -170,6 +189,9 @@ impl Heartbeat {
 
 /// How often the cancelled jobs are read from Redis.
 const CANCELLED_POLL: Duration = Duration::from_millis(250);
+
+/// How often the outbox of follow-up jobs is looked at.
+const OUTBOX_EVERY: Duration = Duration::from_millis(500);
 
 /// How often a worker renews its tasks in the catalog, and how long an entry lives.
 const CATALOG_EVERY: Duration = Duration::from_secs(20);

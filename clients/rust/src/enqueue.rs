@@ -222,7 +222,7 @@ impl<'a, F: FnOnce(&str)> Outlet<'a, F> {
     fn new(
         store: &'a Store,
         publisher: Publisher,
-        (job, token): (&'a str, &'a str),
+        new_job: NewJob<'a>,
         spec: &'a JobSpec,
         on_registered: F,
         (eta_ms, expires_ms): (Option<u64>, Option<u64>),
@@ -231,15 +231,8 @@ impl<'a, F: FnOnce(&str)> Outlet<'a, F> {
         Outlet {
             store,
             publisher,
-            job,
-            new_job: NewJob {
-                id: job,
-                task: &spec.task,
-                queue: &spec.queue,
-                params: &spec.params,
-                unique_key: spec.unique_key.as_deref(),
-                token,
-            },
+            job: new_job.id,
+            new_job,
             on_registered: Some(on_registered),
             reserved: 0,
             published: None,
@@ -408,10 +401,32 @@ where
     let (headers, text_headers) = option_headers(spec, &job, eta_ms, expires_ms);
     let rate_key = text_headers.first().map(|(_, k)| k.clone());
     let token = uuid::Uuid::new_v4().simple().to_string();
+    // The chain this job keeps: its own id is the root when it starts one.
+    let then = spec
+        .then
+        .as_ref()
+        .map(|c| {
+            let mut c = c.clone();
+            if c.root.is_empty() {
+                c.root = job.clone();
+            }
+            serde_json::to_string(&c).unwrap_or_default()
+        })
+        .unwrap_or_default();
+    let new_job = NewJob {
+        id: &job,
+        task: &spec.task,
+        queue: &spec.queue,
+        params: &spec.params,
+        unique_key: spec.unique_key.as_deref(),
+        token: &token,
+        then: &then,
+        parent: spec.parent.as_deref().unwrap_or(""),
+    };
     let mut outlet = Outlet::new(
         store,
         publisher,
-        (&job, &token),
+        new_job,
         spec,
         on_registered,
         (eta_ms, expires_ms),
@@ -518,6 +533,14 @@ async fn checked(store: &Store, spec: &JobSpec) -> Result<Vec<String>> {
         return Ok(Vec::new());
     }
     check(store, &spec.task, &spec.params).await?;
+    for step in spec.then.iter().flat_map(|c| &c.steps) {
+        check(store, &step.task, &step.params)
+            .await
+            .map_err(|e| match e {
+                Error::Invalid(m) => Error::Invalid(format!("follow-up step: {m}")),
+                other => other,
+            })?;
+    }
     let warnings: Vec<String> = lacking(store, &spec.queue, &spec.task)
         .await
         .into_iter()

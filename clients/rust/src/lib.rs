@@ -61,7 +61,7 @@ pub use enqueue::{EnqueueReport, Hooks};
 pub use error::{Error, ErrorKind, Result};
 pub use handle::JobHandle;
 pub use problems::{ProblemLog, Problems};
-pub use spec::{JobSpec, Rate, Start};
+pub use spec::{Chain, JobSpec, Rate, Start, Step, Trigger};
 pub use taskmill_protocol::JobState;
 pub use taskmill_store::{Cancelled, JobStatus, Store};
 

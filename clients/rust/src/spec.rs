@@ -12,6 +12,7 @@ use taskmill_protocol::{
 };
 
 use crate::error::{Error, Result};
+pub use taskmill_store::chains::{Chain, Step, Trigger};
 
 /// When a job's batches may start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +79,12 @@ pub struct JobSpec {
     /// The enqueue's lease on the job: if it dies, the job is `interrupted` this long after
     /// its last renewal.
     pub lease: Duration,
+    /// Follow-up steps: when this job finishes, a job of the first step's task runs over its
+    /// batch results, then the next step over that one's, and so on ([`JobSpec::then`]).
+    /// `root` empty: this job starts the chain.
+    pub then: Option<Chain>,
+    /// The job this one follows up (set by the worker that publishes a follow-up).
+    pub parent: Option<String>,
 }
 
 impl JobSpec {
@@ -101,7 +108,25 @@ impl JobSpec {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             linger: Duration::from_millis(200),
             lease: Duration::from_secs(30),
+            then: None,
+            parent: None,
         }
+    }
+
+    /// Adds a follow-up step: when the job before it finishes (the trigger says how), a job
+    /// of the step's task runs over that job's batch results, one record a result.
+    pub fn then(mut self, step: Step) -> Self {
+        match &mut self.then {
+            Some(chain) => chain.steps.push(step),
+            None => {
+                self.then = Some(Chain {
+                    root: String::new(),
+                    next: 1,
+                    steps: vec![step],
+                })
+            }
+        }
+        self
     }
 
     /// A task parameter (checked against the catalog's declared type).
@@ -217,6 +242,23 @@ impl JobSpec {
         }
         if let Some(id) = &self.id {
             validate_job_id(id).map_err(|e| ("id", e))?;
+        }
+        for step in self.then.iter().flat_map(|c| &c.steps) {
+            if step.task.trim().is_empty() {
+                return Err(("then", "a follow-up step's task must not be empty".into()));
+            }
+            if step.batch_size == 0 {
+                return Err((
+                    "then",
+                    format!(
+                        "the batch size of follow-up {} must be at least 1",
+                        step.task
+                    ),
+                ));
+            }
+            if let Some(k) = step.params.keys().find(|k| k.trim().is_empty()) {
+                return Err(("then", format!("{k:?} is not a parameter name")));
+            }
         }
         if let Some(key) = &self.unique_key {
             validate_key("unique key", key).map_err(|e| ("unique_key", e))?;

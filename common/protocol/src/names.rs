@@ -249,6 +249,14 @@ impl Keys {
     pub fn schedule(&self, name: &str) -> String {
         format!("{}:schedule:{name}", self.ns)
     }
+    /// Finished jobs whose follow-up is not settled yet (a sorted set by the time they fired).
+    pub fn outbox(&self) -> String {
+        format!("{}:outbox", self.ns)
+    }
+    /// A worker's claim on one outbox entry while it publishes the follow-up.
+    pub fn outbox_claim(&self, job: &str) -> String {
+        format!("{}:outbox-claim:{job}", self.ns)
+    }
 }
 
 /// Checks that a namespace or queue name is safe inside AMQP names and Redis keys. `.` is the

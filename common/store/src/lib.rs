@@ -17,6 +17,7 @@
 //! stored with `HSETNX`, and the counters move only when that stored something. A batch that is
 //! delivered twice therefore never counts twice.
 
+pub mod chains;
 mod conn;
 mod fleet;
 mod read;
@@ -200,6 +201,10 @@ pub struct NewJob<'a> {
     /// This registration's token (random): registering again with it after an error counts
     /// as registered when the first try got through; empty for none.
     pub token: &'a str,
+    /// The follow-up steps ([`chains::Chain`] as JSON), empty for none.
+    pub then: &'a str,
+    /// The job this one follows up, empty for none.
+    pub parent: &'a str,
 }
 
 /// What registering a job did.
@@ -410,6 +415,8 @@ impl Store {
             .arg(self.ttl)
             .arg(self.keys.job(""))
             .arg(job.token)
+            .arg(job.then)
+            .arg(job.parent)
             .invoke_async(&mut con)
             .await
             .map_err(|e| self.err(e))?;

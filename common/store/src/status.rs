@@ -89,6 +89,21 @@ pub struct JobStatus {
     /// the producer is taken to be dead and publishing to have ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_until_ms: Option<u64>,
+    /// The job this one follows up (`enqueue --then`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// The follow-up steps still to run after this job (a [`crate::chains::Chain`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub then: Option<Value>,
+    /// When the job's end fired its follow-up (into the outbox).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub then_fired_ms: Option<u64>,
+    /// The follow-up job, once published.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub then_job: Option<String>,
+    /// What became of the follow-up: published, skipped (and why), or not enqueued (why).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub then_note: Option<String>,
 }
 
 /// One job of a listing: its status, or why its hash cannot be read.
@@ -212,6 +227,11 @@ impl JobStatus {
             time_limit_ms: opt("time_limit_ms")?,
             rate_interval_ms: opt("rate_interval_ms")?,
             rate_key: f.get("rate_key").cloned(),
+            parent: f.get("parent").cloned(),
+            then: f.get("then").and_then(|v| serde_json::from_str(v).ok()),
+            then_fired_ms: opt("then_fired_ms")?,
+            then_job: f.get("then_job").cloned(),
+            then_note: f.get("then_note").cloned(),
         })
     }
 

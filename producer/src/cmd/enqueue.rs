@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use taskmill_client::{
     spec::{parse_duration, parse_rate, parse_rfc3339},
-    Hooks, JobSpec, Rate,
+    Hooks, JobSpec, Rate, Step, Trigger,
 };
 use taskmill_common::{
     config::{validate_name, ConnArgs},
@@ -155,7 +155,8 @@ pub struct EnqueueArgs {
     /// Largest message body; larger batches are split, a larger single record is skipped.
     #[arg(long, env = "TASKMILL_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
-    /// Follow the job until it finishes (progress bar on a terminal) and exit like `wait`.
+    /// Follow the job until it finishes (progress bar on a terminal) and exit like `wait`
+    /// (with --then, like `wait --chain`: until the chain's last job finishes).
     #[arg(long, help_heading = "Output")]
     pub wait: bool,
     /// With --wait: give up after this long (exit 3): `90s`, `5m`, or seconds.
@@ -170,6 +171,66 @@ pub struct EnqueueArgs {
     /// second one, the final status.
     #[arg(long, help_heading = "Output")]
     pub json: bool,
+    /// Follow-up job: when this job finishes, run TASK over its batch results (one record a
+    /// result, in batch order). Repeat for a chain: each step runs over the results of the one
+    /// before. Its id is this job's with `.then1` (`.then2`, ...) added.
+    #[arg(long = "then", value_name = "TASK", help_heading = "Follow-up jobs")]
+    pub then: Vec<String>,
+    /// A parameter of the --then before it (repeatable).
+    #[arg(
+        long = "then-param",
+        value_name = "KEY=VALUE",
+        requires = "then",
+        help_heading = "Follow-up jobs"
+    )]
+    pub then_params: Vec<String>,
+    /// When the --then before it runs: complete (every batch settled: completed, with errors,
+    /// or stalled; the default) or success (completed without a dead batch).
+    #[arg(
+        long = "then-on",
+        value_name = "WHEN",
+        requires = "then",
+        help_heading = "Follow-up jobs"
+    )]
+    pub then_on: Vec<String>,
+    /// Records (results) per batch of the --then before it (default 10).
+    #[arg(
+        long = "then-batch-size",
+        value_name = "N",
+        requires = "then",
+        help_heading = "Follow-up jobs"
+    )]
+    pub then_batch_size: Vec<usize>,
+    /// Where each of the --then options stood on the command line (set by the parser), to
+    /// give each option to the --then before it.
+    #[arg(skip)]
+    pub then_at: ThenAt,
+}
+
+/// The positions of the `--then` options among the arguments.
+#[derive(Debug, Clone, Default)]
+pub struct ThenAt {
+    then: Vec<usize>,
+    params: Vec<usize>,
+    on: Vec<usize>,
+    batch_size: Vec<usize>,
+}
+
+impl ThenAt {
+    /// Read from `enqueue`'s matches.
+    pub fn from_matches(m: &clap::ArgMatches) -> Self {
+        let at = |id: &str| {
+            m.indices_of(id)
+                .map(|i| i.collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        Self {
+            then: at("then"),
+            params: at("then_params"),
+            on: at("then_on"),
+            batch_size: at("then_batch_size"),
+        }
+    }
 }
 
 impl EnqueueArgs {
@@ -207,11 +268,70 @@ impl EnqueueArgs {
             wait: false,
             timeout: None,
             json: false,
+            then: Vec::new(),
+            then_params: Vec::new(),
+            then_on: Vec::new(),
+            then_batch_size: Vec::new(),
+            then_at: ThenAt::default(),
         }
     }
 }
 
 impl EnqueueArgs {
+    /// The follow-up steps of `--then` and its options, each option given to the `--then`
+    /// before it (all to the last, when the positions are unknown: arguments built in code).
+    pub fn steps(&self) -> anyhow::Result<Vec<Step>> {
+        let mut steps: Vec<Step> = self
+            .then
+            .iter()
+            .map(|task| Step {
+                task: task.clone(),
+                params: Default::default(),
+                batch_size: 10,
+                on: Trigger::Complete,
+            })
+            .collect();
+        if steps.is_empty() {
+            return Ok(steps);
+        }
+        let starts = &self.then_at.then;
+        let last = steps.len() - 1;
+        // The step an option belongs to: the last --then before its position.
+        let owner = |flag: &str, pos: Option<&usize>| -> anyhow::Result<usize> {
+            match pos {
+                None => Ok(last),
+                Some(p) => starts
+                    .iter()
+                    .rposition(|s| s < p)
+                    .ok_or_else(|| usage(format!("{flag} comes before any --then"))),
+            }
+        };
+        let mut owners = Vec::new();
+        for (i, p) in self.then_params.iter().enumerate() {
+            let (k, v) = p
+                .split_once('=')
+                .ok_or_else(|| usage(format!("--then-param {p:?} is not KEY=VALUE")))?;
+            if k.trim().is_empty() {
+                return Err(usage(format!("--then-param {p:?} has an empty key")));
+            }
+            owners.push((owner("--then-param", self.then_at.params.get(i))?, k, v));
+        }
+        for (s, k, v) in owners {
+            steps[s].params.insert(k.trim().to_string(), v.to_string());
+        }
+        for (i, on) in self.then_on.iter().enumerate() {
+            let s = owner("--then-on", self.then_at.on.get(i))?;
+            steps[s].on = on
+                .parse()
+                .map_err(|e: String| usage(format!("--then-on {e}")))?;
+        }
+        for (i, n) in self.then_batch_size.iter().enumerate() {
+            let s = owner("--then-batch-size", self.then_at.batch_size.get(i))?;
+            steps[s].batch_size = *n;
+        }
+        Ok(steps)
+    }
+
     /// The job these flags describe, each text form parsed and every value checked, in one
     /// sentence naming the flag (before anything is connected).
     pub fn spec(&self) -> anyhow::Result<JobSpec> {
@@ -255,6 +375,9 @@ impl EnqueueArgs {
         if let Some(r) = &self.rate_limit {
             let interval_ms = parse_rate(r).map_err(|e| usage(format!("--rate-limit {e}")))?;
             spec = spec.rate_limit(Rate { interval_ms });
+        }
+        for step in self.steps()? {
+            spec = spec.then(step);
         }
         spec.check().map_err(|(field, why)| {
             let flag = match field {
@@ -466,6 +589,8 @@ pub async fn run(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<std::pro
             job: report.job.clone(),
             timeout: args.timeout,
             json: args.json,
+            // With follow-ups, to the end of the chain.
+            chain: !args.then.is_empty(),
         };
         return crate::cmd::wait::run(conn, &wait).await;
     }

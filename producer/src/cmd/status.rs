@@ -112,6 +112,25 @@ pub fn describe(status: &JobStatus) -> String {
         secs,
         rate,
     );
+    if let Some(parent) = &status.parent {
+        s.push_str(&format!("\n  follows: {parent}"));
+    }
+    if let Some(then) = &status.then {
+        let steps: Vec<&str> = then["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["task"].as_str())
+            .collect();
+        let on = then["steps"][0]["on"].as_str().unwrap_or("complete");
+        let what = match (&status.then_job, &status.then_note, status.then_fired_ms) {
+            (Some(child), Some(note), _) => format!("{note}: job {child}"),
+            (None, Some(note), _) => note.clone(),
+            (None, None, Some(_)) => "publishing".into(),
+            _ => format!("on {on}"),
+        };
+        s.push_str(&format!("\n  then:    {} ({what})", steps.join(" → ")));
+    }
     if status.interrupted_ms.is_some() {
         s.push_str(&format!(
             "\n  interrupted: the enqueue stopped before its input ended (a signal, or the producer died); the {} batches it published run",

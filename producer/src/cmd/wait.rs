@@ -24,6 +24,11 @@ pub struct WaitArgs {
     /// Print the final status as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Wait for the job's follow-ups too (`enqueue --then`), to the last step of its chain,
+    /// and print that job's status (a skipped step ends the chain: its reason is in the status
+    /// of the job before it).
+    #[arg(long)]
+    pub chain: bool,
 }
 
 /// How waiting ended.
@@ -105,6 +110,44 @@ pub async fn follow(
     }
 }
 
+/// What follows a finished job in its chain.
+enum Link {
+    /// Its follow-up, published.
+    Next(String),
+    /// None: it has none, or none runs (the step was skipped or could not be enqueued: the
+    /// job's `then_note` says why); the job's latest status.
+    End(JobStatus),
+    /// The deadline came before the follow-up was published.
+    TimedOut(JobStatus),
+}
+
+/// Reads a finished job until its follow-up is published or will not be.
+async fn follow_up(
+    client: &Client,
+    status: &JobStatus,
+    deadline: Option<tokio::time::Instant>,
+) -> anyhow::Result<Link> {
+    let mut cur = status.clone();
+    loop {
+        if let Some(child) = &cur.then_job {
+            return Ok(Link::Next(child.clone()));
+        }
+        // A follow-up fires in the same script that finishes the job: a finished job that has
+        // not fired never will (it was cancelled).
+        if cur.then.is_none() || cur.then_fired_ms.is_none() || cur.then_note.is_some() {
+            return Ok(Link::End(cur));
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return Ok(Link::TimedOut(cur));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match client.store().job_status(&status.job).await? {
+            Some(s) => cur = s,
+            None => return Ok(Link::End(cur)),
+        }
+    }
+}
+
 /// `--timeout`: a duration (`90s`, `5m`, `500ms`) or a number of seconds, 0 or more.
 pub fn timeout_arg(raw: &str) -> Result<Duration, String> {
     taskmill_client::spec::parse_duration(raw).map(Duration::from_millis)
@@ -115,20 +158,40 @@ pub async fn run(conn: &ConnArgs, args: &WaitArgs) -> anyhow::Result<ExitCode> {
     let client = crate::client(conn).await?;
     let timeout = args.timeout;
     let progress = std::io::stderr().is_terminal() && !args.json;
-    let (status, end) = follow(&client, &args.job, timeout, progress).await?;
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let (mut status, mut end) = follow(&client, &args.job, timeout, progress).await?;
+    if args.chain {
+        while end != WaitEnd::TimedOut {
+            let child = match follow_up(&client, &status, deadline).await? {
+                Link::Next(child) => child,
+                Link::End(latest) => {
+                    // The status with the note saying why no follow-up runs.
+                    status = latest;
+                    break;
+                }
+                Link::TimedOut(latest) => {
+                    (status, end) = (latest, WaitEnd::TimedOut);
+                    break;
+                }
+            };
+            let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+            (status, end) = follow(&client, &child, left, progress).await?;
+        }
+    }
+    let job = status.job.clone();
     if args.json {
         crate::out::line(&status.to_json().to_string());
     } else {
         let mut text = describe(&status);
         if status.batches_dead > 0 {
-            if let Some(d) = describe_dead(&client.store().dead_batches(&args.job).await?) {
+            if let Some(d) = describe_dead(&client.store().dead_batches(&job).await?) {
                 text.push('\n');
                 text.push_str(&d);
             }
         }
         crate::out::line(&text);
         if end == WaitEnd::TimedOut {
-            eprintln!("producer: timed out waiting for job {}", args.job);
+            eprintln!("producer: timed out waiting for job {job}");
         }
     }
     Ok(ExitCode::from(end.code()))

@@ -817,6 +817,8 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
             params: &params,
             unique_key: None,
             token: "",
+            then: "",
+            parent: "",
         })
         .await?;
     let total = (rate * seconds as f64) as u64;

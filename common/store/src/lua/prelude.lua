@@ -110,6 +110,12 @@ local function finish_j(job, j, w, now)
     end
   end
   local key, id = active_of(job)
+  -- A job with follow-up steps fires them once, in this same script: its id goes to the
+  -- namespace's outbox, which workers publish from (see chains.rs).
+  if ended and key and redis.call('HEXISTS', job, 'then') == 1
+     and redis.call('HSETNX', job, 'then_fired_ms', now) == 1 then
+    redis.call('ZADD', string.sub(key, 1, -8) .. ':outbox', now, id)
+  end
   if key then
     if ended or j.state == STATE.cancelled then
       redis.call('ZREM', key, id)

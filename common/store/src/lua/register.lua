@@ -1,7 +1,8 @@
 -- Register a new job unless the id is taken. KEYS: job, jobs index, unique key (or '').
 -- ARGV: id, task, queue, params, now, ttl, prefix of job keys, and optionally a token of
 -- this registration (a retry of a registration whose answer was lost, or whose WAIT for
--- replicas failed, finds its own token and counts as registered).
+-- replicas failed, finds its own token and counts as registered), the follow-up steps (JSON)
+-- and the job this one follows up ('' for none).
 -- Returns 1 when registered, 0 when the id already exists, or the id of the job that holds
 -- the unique key while it is pending or running (nothing registered then).
 -- The job keeps its TTL in its hash; the index lives as long as its longest-lived job, and
@@ -30,6 +31,8 @@ redis.call('HSET', KEYS[1], 'state', STATE.pending, 'task', ARGV[2], 'queue', AR
   'records_invalid', 0, 'retries', 0, 'sources_failed', 0)
 if KEYS[3] ~= '' then redis.call('HSET', KEYS[1], 'unique_key', KEYS[3]) end
 if token ~= '' then redis.call('HSET', KEYS[1], 'reg_token', token) end
+if (ARGV[9] or '') ~= '' then redis.call('HSET', KEYS[1], 'then', ARGV[9]) end
+if (ARGV[10] or '') ~= '' then redis.call('HSET', KEYS[1], 'parent', ARGV[10]) end
 redis.call('EXPIRE', KEYS[1], ttl)
 touch_active(KEYS[1], ARGV[5])
 local before = redis.call('TTL', KEYS[2])

@@ -1,0 +1,216 @@
+//! Follow-up jobs (`enqueue --then`): the outbox that fires them.
+//!
+//! A job enqueued with follow-up steps keeps them in its hash (`then`: JSON, see
+//! [`Chain`]). The script that finishes the job (`finish_j` in `prelude.lua`, run by whichever
+//! script stores the last batch's outcome) also sets `then_fired_ms` (once) and adds the job to
+//! the namespace's outbox, `{ns}:outbox` (a sorted set of job ids by the time they fired): the
+//! trigger is written in the same atomic step as the result that causes it, so no finished job
+//! can lose its follow-up. Any worker then publishes the follow-up (claiming the entry first, so
+//! that one worker at a time does), and settles the entry: `then_job` (the follow-up's id) or
+//! `then_note` (why none runs) written on the parent, the entry removed. A worker that dies
+//! between the two leaves the entry for the next one; the follow-up's id is derived from the
+//! chain, so publishing it again is refused by the registration and counts as published.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Store, StoreError};
+
+/// When a follow-up step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    /// Once every batch of the job before it is settled (completed, completed with errors, or
+    /// stalled): the default.
+    #[default]
+    Complete,
+    /// Only when the job before it completed without a dead batch.
+    Success,
+}
+
+impl Trigger {
+    /// `complete` or `success`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Complete => "complete",
+            Trigger::Success => "success",
+        }
+    }
+}
+
+impl std::str::FromStr for Trigger {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "complete" => Ok(Trigger::Complete),
+            "success" => Ok(Trigger::Success),
+            other => Err(format!("{other:?} is not complete or success")),
+        }
+    }
+}
+
+/// One follow-up step: a task run over the batch results of the job before it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// Task name.
+    pub task: String,
+    /// Task parameters, as text.
+    #[serde(default)]
+    pub params: std::collections::BTreeMap<String, String>,
+    /// Records (results of the job before) per batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// When it runs.
+    #[serde(default)]
+    pub on: Trigger,
+}
+
+fn default_batch_size() -> usize {
+    10
+}
+
+/// What a job's hash keeps of its chain (`then`): the first job's id, the number of the next
+/// step, and the steps still to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chain {
+    /// The id of the chain's first job.
+    pub root: String,
+    /// The number of `steps[0]` in the chain (1 for the first follow-up).
+    pub next: u32,
+    /// The steps still to run, the next first.
+    pub steps: Vec<Step>,
+}
+
+impl Chain {
+    /// The id of the follow-up `steps[0]` becomes: `{root}.then{next}` (a root too long for
+    /// the 100-character limit is cut and given a hash of itself).
+    pub fn next_id(&self) -> String {
+        let suffix = format!(".then{}", self.next);
+        if self.root.len() + suffix.len() <= 100 {
+            return format!("{}{suffix}", self.root);
+        }
+        // FNV-1a: the same id from every worker.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.root.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let cut: String = self.root.chars().take(70).collect();
+        format!("{cut}.{h:016x}{suffix}")
+    }
+
+    /// The chain the follow-up keeps: the steps after its own.
+    pub fn rest(&self) -> Option<Chain> {
+        (self.steps.len() > 1).then(|| Chain {
+            root: self.root.clone(),
+            next: self.next + 1,
+            steps: self.steps[1..].to_vec(),
+        })
+    }
+}
+
+/// Settles an outbox entry. KEYS: parent job, outbox, claim. ARGV: parent id, child id (or
+/// ''), note.
+static SETTLE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'then_job', ARGV[2]) end
+  redis.call('HSET', KEYS[1], 'then_note', ARGV[3])
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1
+",
+    )
+});
+
+impl Store {
+    /// The oldest `n` jobs of the outbox (finished, their follow-up not yet settled).
+    pub async fn outbox(&self, n: usize) -> Result<Vec<String>, StoreError> {
+        let mut con = self.con().await;
+        redis::cmd("ZRANGE")
+            .arg(self.keys.outbox())
+            .arg(0)
+            .arg(n.saturating_sub(1))
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Claims `job`'s outbox entry for `ms` (true when this caller has it now): one worker at
+    /// a time publishes a follow-up.
+    pub async fn claim_outbox(&self, job: &str, who: &str, ms: u64) -> Result<bool, StoreError> {
+        let mut con = self.con().await;
+        let got: Option<String> = redis::cmd("SET")
+            .arg(self.keys.outbox_claim(job))
+            .arg(who)
+            .arg("NX")
+            .arg("PX")
+            .arg(ms)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(got.is_some())
+    }
+
+    /// Lets go of a claim without settling (publishing failed; the next sweep tries again).
+    pub async fn release_outbox(&self, job: &str) -> Result<(), StoreError> {
+        let mut con = self.con().await;
+        redis::cmd("DEL")
+            .arg(self.keys.outbox_claim(job))
+            .query_async::<i64>(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Settles `job`'s outbox entry: its follow-up `child` (when one was published) and a
+    /// note saying what happened, on the job; the entry and the claim removed.
+    pub async fn settle_outbox(
+        &self,
+        job: &str,
+        child: Option<&str>,
+        note: &str,
+    ) -> Result<(), StoreError> {
+        let mut con = self.con().await;
+        SETTLE
+            .key(self.keys.job(job))
+            .key(self.keys.outbox())
+            .key(self.keys.outbox_claim(job))
+            .arg(job)
+            .arg(child.unwrap_or(""))
+            .arg(note)
+            .invoke_async::<i64>(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        self.replicated(&mut con).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn follow_up_ids_are_derived_and_bounded() {
+        let step = Step {
+            task: "t".into(),
+            params: Default::default(),
+            batch_size: 10,
+            on: Trigger::Complete,
+        };
+        let c = Chain {
+            root: "c1".into(),
+            next: 1,
+            steps: vec![step.clone(), step],
+        };
+        assert_eq!(c.next_id(), "c1.then1");
+        assert_eq!(c.rest().map(|r| r.next_id()), Some("c1.then2".into()));
+        let long = Chain {
+            root: "x".repeat(100),
+            ..c
+        };
+        let id = long.next_id();
+        assert!(id.len() <= 100 && id.ends_with(".then1"), "{id}");
+        assert_eq!(id, long.next_id());
+    }
+}

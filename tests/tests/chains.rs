@@ -1,0 +1,338 @@
+//! Follow-up jobs (`enqueue --then`): a chain of steps, each over the batch results of the job
+//! before it, fired by the script that stores the last result (an outbox entry) and published
+//! by a worker; a trigger that does not hold records why; a worker killed as the job finishes
+//! loses no follow-up and makes none twice. The real `producer` binary, workers in-process
+//! and as a binary.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+use taskmill_tests::{
+    bin_path, catalog_ready, producer, sample, until, write_jsonl, KillOnDrop, TestNs,
+};
+
+fn json(out: &std::process::Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn status(ns: &str, job: &str) -> Value {
+    let out = producer(ns, &["status", job, "--json"]);
+    assert!(out.status.success(), "status {job}: {out:?}");
+    json(&out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_runs_each_step_over_the_results_of_the_one_before() {
+    let t = TestNs::new();
+    let worker = t.spawn_worker(t.worker_args());
+    catalog_ready(&t.store().await).await;
+    let file = write_jsonl(sample::posts(100));
+    // post-stats over 100 posts in 10 batches; chaos over its 10 results in batches of 5;
+    // chaos again over those 2 results.
+    let out = producer(
+        &t.ns,
+        &[
+            "enqueue",
+            "--file",
+            file.to_str().unwrap(),
+            "--task",
+            "post-stats",
+            "--batch-size",
+            "10",
+            "--job",
+            "c1",
+            "--then",
+            "chaos",
+            "--then-param",
+            "sleep_ms=1",
+            "--then-batch-size",
+            "5",
+            "--then",
+            "chaos",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = producer(
+        &t.ns,
+        &["wait", "c1", "--chain", "--json", "--timeout", "60s"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let last = json(&out);
+    assert_eq!(last["job"], "c1.then2", "{last}");
+    assert_eq!(last["state"], "completed", "{last}");
+    assert_eq!(last["records_total"], 2, "{last}");
+    assert_eq!(last["parent"], "c1.then1", "{last}");
+    assert!(
+        last.get("then").is_none(),
+        "the last step has none after it: {last}"
+    );
+
+    let first = status(&t.ns, "c1");
+    assert_eq!(first["then_job"], "c1.then1", "{first}");
+    assert_eq!(first["then_note"], "published chaos", "{first}");
+    let middle = status(&t.ns, "c1.then1");
+    assert_eq!(middle["parent"], "c1", "{middle}");
+    assert_eq!(middle["params"]["sleep_ms"], "1", "{middle}");
+    assert_eq!(
+        middle["records_total"], 10,
+        "one record a result of c1: {middle}"
+    );
+    assert_eq!(middle["batches_total"], 2, "{middle}");
+    assert_eq!(middle["then_job"], "c1.then2", "{middle}");
+    // Each result of c1 became one record of c1.then1, in batch order (chaos says how many
+    // records each batch had: 5 and 5).
+    let out = producer(&t.ns, &["results", "c1.then1"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("\"records\":5").count(), 2, "{text}");
+    // The text status names both ends of each link.
+    let out = producer(&t.ns, &["status", "c1.then1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("follows: c1"), "{text}");
+    assert!(
+        text.contains("then:    chaos (published chaos: job c1.then2)"),
+        "{text}"
+    );
+    worker.stop().await.unwrap();
+    let _ = std::fs::remove_file(&file);
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follow_up_that_does_not_run_says_why() {
+    let t = TestNs::new();
+    let worker = t.spawn_worker(t.worker_args());
+    catalog_ready(&t.store().await).await;
+    let file = write_jsonl(sample::posts(30));
+    let path = file.to_str().unwrap();
+    // Every batch of the parent dies: `--then-on success` does not run, and says so.
+    let out = producer(
+        &t.ns,
+        &[
+            "enqueue",
+            "--file",
+            path,
+            "--task",
+            "chaos",
+            "--param",
+            "fail_rate=1",
+            "--param",
+            "fail=permanent",
+            "--job",
+            "dies",
+            "--then",
+            "post-stats",
+            "--then-on",
+            "success",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = producer(
+        &t.ns,
+        &["wait", "dies", "--chain", "--json", "--timeout", "60s"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let last = json(&out);
+    assert_eq!(last["job"], "dies", "{last}");
+    assert_eq!(last["state"], "completed_with_errors", "{last}");
+    let note = last["then_note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("skipped") && note.contains("success"),
+        "{last}"
+    );
+    assert!(last.get("then_job").is_none(), "{last}");
+    let out = producer(&t.ns, &["status", "dies.then1"]);
+    assert_eq!(out.status.code(), Some(4), "no follow-up job: {out:?}");
+
+    // With the default trigger (complete) it runs even so: over no results, it cannot be
+    // enqueued, and says that instead of waiting for ever.
+    let out = producer(
+        &t.ns,
+        &[
+            "enqueue",
+            "--file",
+            path,
+            "--task",
+            "chaos",
+            "--param",
+            "fail_rate=1",
+            "--param",
+            "fail=permanent",
+            "--job",
+            "dies2",
+            "--then",
+            "post-stats",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = producer(
+        &t.ns,
+        &["wait", "dies2", "--chain", "--json", "--timeout", "60s"],
+    );
+    let last = json(&out);
+    assert_eq!(last["job"], "dies2", "{last}");
+    assert!(
+        last["then_note"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("not enqueued")),
+        "{last}"
+    );
+
+    // A cancelled job fires nothing: `wait --chain` returns at once with its status.
+    let out = producer(
+        &t.ns,
+        &[
+            "enqueue",
+            "--file",
+            path,
+            "--queue",
+            "nobody",
+            "--job",
+            "stopped",
+            "--then",
+            "chaos",
+            "--no-check",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(producer(&t.ns, &["cancel", "stopped"]).status.success());
+    let out = producer(
+        &t.ns,
+        &["wait", "stopped", "--chain", "--json", "--timeout", "60s"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let last = json(&out);
+    assert_eq!(last["state"], "cancelled", "{last}");
+    assert!(last.get("then_fired_ms").is_none(), "{last}");
+
+    // A typo'd step is refused at the enqueue, by the catalog, and registers nothing; an
+    // option of a step before any --then is a usage error.
+    let out = producer(
+        &t.ns,
+        &[
+            "enqueue",
+            "--file",
+            path,
+            "--job",
+            "typo",
+            "--then",
+            "post-statz",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("follow-up step: unknown task"), "{said}");
+    assert_eq!(producer(&t.ns, &["status", "typo"]).status.code(), Some(4));
+    let out = producer(
+        &t.ns,
+        &[
+            "enqueue",
+            "--file",
+            path,
+            "--then-param",
+            "a=1",
+            "--then",
+            "chaos",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--then-param comes before any --then"));
+    worker.stop().await.unwrap();
+    let _ = std::fs::remove_file(&file);
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_as_the_job_finishes_loses_no_follow_up() {
+    let t = TestNs::new();
+    let store = t.store().await;
+    let spawn = || {
+        KillOnDrop(
+            Command::new(bin_path("worker"))
+                .env("TASKMILL_NAMESPACE", &t.ns)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut first = spawn();
+    catalog_ready(&store).await;
+    let file = write_jsonl(sample::posts(200));
+    let out = producer(
+        &t.ns,
+        &[
+            "enqueue",
+            "--file",
+            file.to_str().unwrap(),
+            "--job",
+            "k1",
+            "--then",
+            "chaos",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    // The moment the job is seen finished, its worker dies (kill -9): mostly before it swept
+    // the outbox (twice a second), sometimes after.
+    until("k1 finished", Duration::from_secs(60), || async {
+        store
+            .job_status("k1")
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.is_finished())
+    })
+    .await;
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let fired = store.job_status("k1").await.unwrap().unwrap();
+    assert!(
+        fired.then_fired_ms.is_some(),
+        "the follow-up fired with the last result"
+    );
+    eprintln!(
+        "when the worker died the follow-up was {}",
+        if fired.then_job.is_some() {
+            "published"
+        } else {
+            "in the outbox"
+        }
+    );
+    // Another worker publishes it (once) and runs it.
+    let second = t.spawn_worker(t.worker_args());
+    let out = producer(
+        &t.ns,
+        &["wait", "k1", "--chain", "--json", "--timeout", "60s"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let last = json(&out);
+    assert_eq!(last["job"], "k1.then1", "{last}");
+    assert_eq!(
+        last["records_total"], 20,
+        "one record a result of k1's 20 batches: {last}"
+    );
+    let out = producer(&t.ns, &["jobs", "--json"]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        listed.matches("\"job\":").count(),
+        2,
+        "k1 and one follow-up: {listed}"
+    );
+    let outbox: Vec<String> = store.outbox(10).await.unwrap();
+    assert!(outbox.is_empty(), "settled: {outbox:?}");
+    second.stop().await.unwrap();
+    let _ = std::fs::remove_file(&file);
+    t.cleanup().await;
+}

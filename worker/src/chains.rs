@@ -1,0 +1,134 @@
+//! Publishing follow-up jobs (`enqueue --then`): every worker looks at the namespace's outbox
+//! (see `taskmill_store::chains`) twice a second; for each finished job there it claims the
+//! entry, decides whether the next step runs (its trigger against the job's final state),
+//! enqueues it over the job's batch results (one record a result, in batch order) with the
+//! chain's derived id, and settles the entry. A refused registration (the id exists: an
+//! earlier worker published it and died before settling) counts as published.
+
+use futures::StreamExt as _;
+use taskmill_client::{Client, Error, JobSpec, JobState};
+use taskmill_common::store::{chains::Chain, chains::Trigger, Store};
+use tracing::{info, warn};
+
+/// How long a claim on an outbox entry lasts: a worker that dies holding it delays the
+/// follow-up this long at most.
+const CLAIM_MS: u64 = 60_000;
+
+/// Entries looked at per sweep.
+const PER_SWEEP: usize = 16;
+
+/// One sweep of the outbox with `client` (made on first use).
+pub(crate) async fn sweep(
+    store: Store,
+    client: &tokio::sync::Mutex<Option<Client>>,
+    settings: &taskmill_client::Settings,
+    who: &str,
+) {
+    let Ok(due) = store.outbox(PER_SWEEP).await else {
+        return;
+    };
+    if due.is_empty() {
+        return;
+    }
+    let mut guard = client.lock().await;
+    if guard.is_none() {
+        match Client::connect(settings.clone()).await {
+            Ok(c) => *guard = Some(c),
+            Err(e) => {
+                warn!("follow-up jobs: cannot connect: {e}");
+                return;
+            }
+        }
+    }
+    let Some(client) = guard.as_ref() else {
+        return;
+    };
+    for job in due {
+        match store.claim_outbox(&job, who, CLAIM_MS).await {
+            Ok(true) => {}
+            _ => continue,
+        }
+        let span = tracing::info_span!("follow-up", parent = %job);
+        let _enter = span.enter();
+        match fire(client, &store, &job).await {
+            Ok((child, note)) => {
+                info!(child = child.as_deref().unwrap_or("-"), "{note}");
+                if let Err(e) = store.settle_outbox(&job, child.as_deref(), &note).await {
+                    warn!("settling the follow-up of {job}: {e}");
+                }
+            }
+            Err(e) => {
+                warn!("publishing the follow-up of {job}: {e}; trying again");
+                let _ = store.release_outbox(&job).await;
+            }
+        }
+    }
+}
+
+/// Publishes `job`'s next step if it runs: the child's id (when one was published) and a note
+/// for the parent. Err: try again later (a passing error).
+async fn fire(
+    client: &Client,
+    store: &Store,
+    job: &str,
+) -> Result<(Option<String>, String), Error> {
+    let Some(status) = store.job_status(job).await? else {
+        return Ok((
+            None,
+            "not enqueued: the job is gone (expired or deleted)".into(),
+        ));
+    };
+    let Some(chain) = status
+        .then
+        .as_ref()
+        .and_then(|v| serde_json::from_value::<Chain>(v.clone()).ok())
+    else {
+        return Ok((
+            None,
+            "not enqueued: the job's follow-up steps cannot be read".into(),
+        ));
+    };
+    let Some(step) = chain.steps.first() else {
+        return Ok((None, "no follow-up step".into()));
+    };
+    let state = status.state;
+    let runs = match step.on {
+        Trigger::Complete => matches!(
+            state,
+            JobState::Completed | JobState::CompletedWithErrors | JobState::Stalled
+        ),
+        Trigger::Success => state == JobState::Completed,
+    };
+    if !runs {
+        return Ok((
+            None,
+            format!(
+                "skipped: the job ended {state} and {} runs on {}",
+                step.task,
+                step.on.as_str()
+            ),
+        ));
+    }
+    let child = chain.next_id();
+    let mut spec = JobSpec::new(&step.task)
+        .batch_size(step.batch_size)
+        .queue(&status.queue)
+        .id(&child);
+    spec.params = step.params.clone();
+    spec.then = chain.rest();
+    spec.parent = Some(job.to_string());
+    // The follow-up's records are the job's batch results, in batch order.
+    let handle = client.job(job);
+    let results = handle
+        .results()
+        .filter_map(|r| futures::future::ready(r.ok().map(|(_, v)| v)));
+    match client.enqueue_stream(&spec, results).await {
+        Ok(h) => Ok((Some(h.id().to_string()), format!("published {}", step.task))),
+        Err(Error::JobExists(_)) => Ok((
+            Some(child),
+            format!("published {} (found registered already)", step.task),
+        )),
+        Err(Error::Invalid(why)) => Ok((None, format!("not enqueued: {why}"))),
+        Err(e) => Err(e),
+    }
+}
