@@ -13,7 +13,8 @@ use std::{
 
 use serde_json::Value;
 use taskmill_tests::{
-    bin_path, catalog_ready, producer, sample, until, write_jsonl, KillOnDrop, TestNs,
+    bin_path, catalog_ready, producer, python_venv, sample, until, write_jsonl, Dashboard,
+    KillOnDrop, TestNs,
 };
 
 fn json(out: &std::process::Output) -> Value {
@@ -334,5 +335,100 @@ async fn a_worker_killed_as_the_job_finishes_loses_no_follow_up() {
     assert!(outbox.is_empty(), "settled: {outbox:?}");
     second.stop().await.unwrap();
     let _ = std::fs::remove_file(&file);
+    t.cleanup().await;
+}
+
+/// Through the Python client: a follow-up in batches of 5, waited for with `chain=True`; a
+/// bad trigger refused before anything is registered.
+const PYTHON: &str = r#"
+import json, os
+from taskmill import Client
+c = Client(namespace=os.environ["TASKMILL_NAMESPACE"])
+records = [json.loads(line) for line in open(os.environ["RECORDS"])]
+job = c.enqueue("post-stats", records, batch_size=10, job_id="py",
+                then=[{"task": "chaos", "params": {"sleep_ms": 1}, "batch_size": 5}])
+last = c.wait(job, timeout=60, chain=True)
+out = {"last": last, "first": c.status("py")}
+try:
+    c.enqueue("post-stats", records, job_id="py-bad", then=[{"task": "chaos", "on": "always"}])
+except ValueError as e:
+    out["bad"] = str(e)
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_api_and_the_python_client_take_follow_ups() {
+    let t = TestNs::new();
+    let venv = tokio::task::spawn_blocking(python_venv);
+    let worker = t.spawn_worker(t.worker_args());
+    catalog_ready(&t.store().await).await;
+    let dash = Dashboard::start(&t.ns, &[]);
+    let http = reqwest::Client::new();
+    let records: Vec<Value> = sample::posts(40).collect();
+    let body = serde_json::json!({
+        "task": "post-stats", "records": records, "job": "api", "batch_size": 10,
+        "then": [{"task": "chaos", "params": {"sleep_ms": 1}, "on": "success", "batch_size": 2}],
+    });
+    let r = http
+        .post(format!("{}api/jobs", dash.url))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{:?}", r.text().await);
+    let bad = serde_json::json!({"task": "post-stats", "records": [{}], "then": [{"task": "chaos", "on": "always"}]});
+    let r = http
+        .post(format!("{}api/jobs", dash.url))
+        .body(bad.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let said = r.text().await.unwrap();
+    assert!(said.contains("then[0].on"), "{said}");
+    let out = producer(
+        &t.ns,
+        &["wait", "api", "--chain", "--json", "--timeout", "60s"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let last = json(&out);
+    assert_eq!(last["job"], "api.then1", "{last}");
+    assert_eq!(last["records_total"], 4, "{last}");
+    assert_eq!(last["batches_total"], 2, "{last}");
+    assert_eq!(last["params"]["sleep_ms"], "1", "{last}");
+    dash.stop();
+
+    let venv = venv.await.unwrap();
+    let file = write_jsonl(sample::posts(30));
+    let out = Command::new(venv.join("bin/python"))
+        .args(["-c", PYTHON])
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .env("RECORDS", &file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&venv);
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = json(&out);
+    assert_eq!(got["last"]["job"], "py.then1", "{got}");
+    assert_eq!(got["last"]["records_total"], 3, "{got}");
+    assert_eq!(got["last"]["parent"], "py", "{got}");
+    assert_eq!(got["first"]["then_job"], "py.then1", "{got}");
+    assert!(
+        got["bad"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not complete or success"),
+        "{got}"
+    );
+    assert_eq!(
+        producer(&t.ns, &["status", "py-bad"]).status.code(),
+        Some(4)
+    );
+    worker.stop().await.unwrap();
     t.cleanup().await;
 }

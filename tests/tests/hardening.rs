@@ -64,6 +64,7 @@ async fn register(store: &Store, id: &str, task: &str) {
             token: "",
             then: "",
             parent: "",
+            group: "",
         })
         .await
         .unwrap();

@@ -23,6 +23,7 @@ async fn register(store: &Store, id: &str) {
             token: "",
             then: "",
             parent: "",
+            group: "",
         })
         .await
         .unwrap();

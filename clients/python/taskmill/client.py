@@ -80,7 +80,7 @@ _NUMBERS = (
 )
 _OPTIONAL_NUMBERS = (
     "batches_total", "started_ms", "finished_ms", "cancelled_ms", "interrupted_ms",
-    "eta_ms", "expires_ms",
+    "eta_ms", "expires_ms", "then_fired_ms",
 )
 
 
@@ -443,6 +443,8 @@ class Client:
         time_limit: Any = None,
         rate_limit: Optional[str] = None,
         rate_key: Optional[str] = None,
+        then: Optional[List[Dict[str, Any]]] = None,
+        group: Optional[str] = None,
     ) -> str:
         """Publishes ``records`` (JSON-like values) as a new job of ``task`` and returns its id
         once the broker confirmed every batch.
@@ -455,7 +457,10 @@ class Client:
         command line's: ``countdown`` (seconds or a ``timedelta``) or ``eta`` (an aware
         ``datetime``, or seconds since the epoch), ``expires`` and ``time_limit`` (seconds or
         a ``timedelta``), ``rate_limit`` (``"100/s"``, ``"30/m"``, ``"500/h"``) and its
-        ``rate_key``.
+        ``rate_key``. ``then`` is a chain of follow-up jobs (``enqueue --then``): a list of
+        ``{"task", "params"?, "on"?: "complete" | "success", "batch_size"?}``, each run over the
+        batch results of the job before it. ``group`` puts the job in a group
+        (``producer status --group``, ``wait --group``).
         """
         params = {str(k): _param_text(v) for k, v in (params or {}).items()}
         if not _NAME.match(queue):
@@ -465,17 +470,41 @@ class Client:
         if not 0 <= priority <= 9:
             raise ValueError("priority must be 0 to 9")
         job = job_id or uuid.uuid4().hex
-        for what, value in (("job id", job), ("unique key", unique_key), ("rate key", rate_key)):
+        for what, value in (("job id", job), ("unique key", unique_key), ("rate key", rate_key),
+                            ("group", group)):
             if value is not None and not _JOB_ID.match(value):
                 raise ValueError(f"{what} {value!r}: use 1 to 100 of A-Z a-z 0-9 - _ . (no ':')")
+        steps = []
+        for i, step in enumerate(then or []):
+            unknown = set(step) - {"task", "params", "on", "batch_size"}
+            if unknown or not isinstance(step.get("task"), str) or not step["task"]:
+                raise ValueError(f"then[{i}]: a step is {{task, params?, on?, batch_size?}}")
+            on = step.get("on", "complete")
+            if on not in ("complete", "success"):
+                raise ValueError(f"then[{i}].on {on!r} is not complete or success")
+            size = int(step.get("batch_size", 10))
+            if size < 1:
+                raise ValueError(f"then[{i}].batch_size must be at least 1")
+            steps.append({"task": step["task"], "on": on, "batch_size": size,
+                          "params": {str(k): _param_text(v)
+                                     for k, v in (step.get("params") or {}).items()}})
         if check:
             self.check(task, params)
+            for step in steps:
+                try:
+                    self.check(step["task"], step["params"])
+                except ValueError as e:
+                    raise ValueError(f"follow-up step: {e}") from None
+        chain = (json.dumps({"root": job, "next": 1, "steps": steps}, separators=(",", ":"))
+                 if steps else "")
         if self.redis.exists(self._job_key(job)):
             raise ValueError(f"job {job} already exists; choose another job_id")
         options = _options(countdown, eta, expires, time_limit, rate_limit, rate_key)
         if HEADER_RATE_INTERVAL in options and HEADER_RATE_KEY not in options:
             options[HEADER_RATE_KEY] = f"job-{job}"
         publishing = _Publishing(self, job, task, queue, params, priority, unique_key, options)
+        publishing.then = chain
+        publishing.group = group or ""
         try:
             # The broker first: a wrong password or a broker that is down fails now, once,
             # before anything is registered (no retries, no job left behind).
@@ -533,6 +562,15 @@ class Client:
                 out["summary"] = json.loads(raw["summary"])
             except ValueError:
                 pass
+        # Follow-up jobs: the job this one follows, the steps after it, what became of them.
+        for k in ("group", "parent", "then_job", "then_note"):
+            if k in raw:
+                out[k] = raw[k]
+        if "then" in raw:
+            try:
+                out["then"] = json.loads(raw["then"])
+            except ValueError:
+                pass
         return out
 
     @staticmethod
@@ -571,10 +609,30 @@ class Client:
             status["state"] == "interrupted" and "finished_ms" in status
         )
 
-    def wait(self, job: str, timeout: Optional[float] = None) -> dict:
+    def wait(self, job: str, timeout: Optional[float] = None, chain: bool = False) -> dict:
         """Waits until the job finishes and returns its final status (with the summary the
-        workers fold); raises ``Timeout`` (a ``TimeoutError``) after ``timeout`` seconds."""
+        workers fold); raises ``Timeout`` (a ``TimeoutError``) after ``timeout`` seconds.
+        With ``chain``, follows the job's follow-ups (``then``) to the last one that runs and
+        returns that job's status (``producer wait --chain``)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        status = self._wait_one(job, deadline, timeout)
+        while chain and "then" in status:
+            # The follow-up fires with the job's end (then_fired_ms) and is published by a
+            # worker (then_job), or not (then_note says why); a cancelled job never fires.
+            while ("then_job" not in status and "then_note" not in status
+                   and "then_fired_ms" in status):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Timeout(f"the follow-up of job {status['job']} was not published "
+                                  f"within {timeout} s", status)
+                time.sleep(POLL_SECONDS)
+                status = self.status(status["job"])
+            if "then_job" not in status:
+                break
+            status = self._wait_one(status["then_job"], deadline, timeout)
+        return status
+
+    def _wait_one(self, job: str, deadline: Optional[float], timeout: Optional[float]) -> dict:
+        """One job of :meth:`wait`."""
         while True:
             status = self.status(job)
             if self.finished(status):
@@ -739,6 +797,8 @@ class _Publishing:
             if priority >= least:
                 self.routing_key = f"{queue}.{band}"
         self.registered = False
+        self.then = ""
+        self.group = ""
         self.duplicate_of: Optional[str] = None
         self.reserved = 0
         self.batches = 0
@@ -933,10 +993,12 @@ class _Publishing:
         """Registers the job; False when another job holds the unique key (nothing to do)."""
         unique = f"{self.c.namespace}:unique:{self.unique_key}" if self.unique_key else ""
         got = self.c._register(
-            keys=[self.key, f"{self.c.namespace}:jobs", unique],
+            keys=[self.key, f"{self.c.namespace}:jobs", unique,
+                  f"{self.c.namespace}:group:{self.group}" if self.group else ""],
             args=[self.job, self.task, self.queue,
                   json.dumps(self.params, separators=(",", ":"), sort_keys=True),
-                  _now_ms(), self.c.result_ttl, self.c._job_key("")],
+                  _now_ms(), self.c.result_ttl, self.c._job_key(""), "", self.then, "",
+                  self.group],
         )
         if got == 0:
             raise ValueError(f"job {self.job} already exists; choose another job_id")

@@ -422,6 +422,7 @@ where
         token: &token,
         then: &then,
         parent: spec.parent.as_deref().unwrap_or(""),
+        group: spec.group.as_deref().unwrap_or(""),
     };
     let mut outlet = Outlet::new(
         store,

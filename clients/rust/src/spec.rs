@@ -85,6 +85,8 @@ pub struct JobSpec {
     pub then: Option<Chain>,
     /// The job this one follows up (set by the worker that publishes a follow-up).
     pub parent: Option<String>,
+    /// The group the job belongs to: `producer status --group`, `wait --group` read them.
+    pub group: Option<String>,
 }
 
 impl JobSpec {
@@ -110,6 +112,7 @@ impl JobSpec {
             lease: Duration::from_secs(30),
             then: None,
             parent: None,
+            group: None,
         }
     }
 
@@ -262,6 +265,9 @@ impl JobSpec {
         }
         if let Some(key) = &self.unique_key {
             validate_key("unique key", key).map_err(|e| ("unique_key", e))?;
+        }
+        if let Some(g) = &self.group {
+            validate_key("group", g).map_err(|e| ("group", e))?;
         }
         if let Some(key) = &self.rate_key {
             validate_key("rate key", key).map_err(|e| ("rate_key", e))?;

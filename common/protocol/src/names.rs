@@ -249,6 +249,10 @@ impl Keys {
     pub fn schedule(&self, name: &str) -> String {
         format!("{}:schedule:{name}", self.ns)
     }
+    /// The ids of the jobs of group `group` (`enqueue --group`).
+    pub fn group(&self, group: &str) -> String {
+        format!("{}:group:{group}", self.ns)
+    }
     /// Finished jobs whose follow-up is not settled yet (a sorted set by the time they fired).
     pub fn outbox(&self) -> String {
         format!("{}:outbox", self.ns)

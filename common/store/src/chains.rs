@@ -124,6 +124,18 @@ return 1
 });
 
 impl Store {
+    /// The ids of the jobs of `group` (those registered; ids of expired jobs are left out).
+    pub async fn group_jobs(&self, group: &str) -> Result<Vec<String>, StoreError> {
+        let mut con = self.con().await;
+        let mut ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.group(group))
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        ids.sort();
+        Ok(ids)
+    }
+
     /// The oldest `n` jobs of the outbox (finished, their follow-up not yet settled).
     pub async fn outbox(&self, n: usize) -> Result<Vec<String>, StoreError> {
         let mut con = self.con().await;

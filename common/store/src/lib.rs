@@ -205,6 +205,8 @@ pub struct NewJob<'a> {
     pub then: &'a str,
     /// The job this one follows up, empty for none.
     pub parent: &'a str,
+    /// The group the job belongs to (`enqueue --group`), empty for none.
+    pub group: &'a str,
 }
 
 /// What registering a job did.
@@ -407,6 +409,11 @@ impl Store {
             .key(self.keys.job(job.id))
             .key(self.keys.jobs())
             .key(unique)
+            .key(if job.group.is_empty() {
+                String::new()
+            } else {
+                self.keys.group(job.group)
+            })
             .arg(job.id)
             .arg(job.task)
             .arg(job.queue)
@@ -417,6 +424,7 @@ impl Store {
             .arg(job.token)
             .arg(job.then)
             .arg(job.parent)
+            .arg(job.group)
             .invoke_async(&mut con)
             .await
             .map_err(|e| self.err(e))?;

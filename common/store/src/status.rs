@@ -89,6 +89,9 @@ pub struct JobStatus {
     /// the producer is taken to be dead and publishing to have ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_until_ms: Option<u64>,
+    /// The group it belongs to (`enqueue --group`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// The job this one follows up (`enqueue --then`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
@@ -227,6 +230,7 @@ impl JobStatus {
             time_limit_ms: opt("time_limit_ms")?,
             rate_interval_ms: opt("rate_interval_ms")?,
             rate_key: f.get("rate_key").cloned(),
+            group: f.get("group").cloned(),
             parent: f.get("parent").cloned(),
             then: f.get("then").and_then(|v| serde_json::from_str(v).ok()),
             then_fired_ms: opt("then_fired_ms")?,

@@ -54,6 +54,10 @@ pub struct EnqueueArgs {
     /// Job id (default: a new UUID).
     #[arg(long)]
     pub job: Option<String>,
+    /// Put the job in group G: `producer status --group G` counts the group's jobs by state,
+    /// `producer wait --group G` waits for all of them.
+    #[arg(long, value_name = "G")]
+    pub group: Option<String>,
     /// Start no batch before this long from now: `30s`, `5m`, `2h`, `1d`, `500ms`.
     #[arg(
         long,
@@ -246,6 +250,7 @@ impl EnqueueArgs {
             batch_size: 10,
             queue: topology::DEFAULT_QUEUE.into(),
             job: None,
+            group: None,
             unique_key: None,
             countdown: None,
             eta: None,
@@ -350,6 +355,7 @@ impl EnqueueArgs {
             spec.params.insert(k.trim().to_string(), v.to_string());
         }
         spec.id = self.job.clone();
+        spec.group = self.group.clone();
         spec.unique_key = self.unique_key.clone();
         spec.rate_key = self.rate_key.clone();
         spec.check = !self.no_check;
@@ -586,7 +592,8 @@ pub async fn run(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<std::pro
     }
     if args.wait {
         let wait = crate::cmd::wait::WaitArgs {
-            job: report.job.clone(),
+            job: Some(report.job.clone()),
+            group: None,
             timeout: args.timeout,
             json: args.json,
             // With follow-ups, to the end of the chain.

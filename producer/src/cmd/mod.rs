@@ -3,6 +3,7 @@
 pub mod cancel;
 pub mod dlq;
 pub mod enqueue;
+pub mod group;
 pub mod jobs;
 pub mod namespace;
 pub mod queues;

@@ -10,7 +10,11 @@ use taskmill_common::{config::ConnArgs, store::JobStatus};
 #[derive(Args, Debug, Clone)]
 pub struct StatusArgs {
     /// Job id.
-    pub job: String,
+    #[arg(required_unless_present = "group")]
+    pub job: Option<String>,
+    /// A group's jobs instead (`enqueue --group`): how many are in each state, and each one.
+    #[arg(long, value_name = "G", conflicts_with = "job")]
+    pub group: Option<String>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -189,7 +193,11 @@ pub fn describe(status: &JobStatus) -> String {
 /// The command.
 pub async fn run(conn: &ConnArgs, args: &StatusArgs) -> anyhow::Result<std::process::ExitCode> {
     let client: Client = crate::client(conn).await?;
-    let status = match client.job(&args.job).status().await {
+    if let Some(g) = &args.group {
+        return super::group::status(&client, g, args.json).await;
+    }
+    let job = args.job.as_deref().unwrap_or_default();
+    let status = match client.job(job).status().await {
         Ok(s) => s,
         Err(e) => {
             // An unreadable job: what is wrong goes to stdout too (`--json` readers get an
@@ -207,7 +215,7 @@ pub async fn run(conn: &ConnArgs, args: &StatusArgs) -> anyhow::Result<std::proc
     // Results deleted or renamed by hand (or expired apart from their job): said, not hidden.
     // (A results key that cannot be counted, of another type say, is the `results`
     // command's to report: the status itself reads.)
-    let stored = client.store().results_count(&args.job).await.ok();
+    let stored = client.store().results_count(job).await.ok();
     let missing = stored.map_or(0, |n| status.batches_done.saturating_sub(n));
     if args.json {
         let mut v = status.to_json();
@@ -225,7 +233,7 @@ pub async fn run(conn: &ConnArgs, args: &StatusArgs) -> anyhow::Result<std::proc
             ));
         }
         if status.batches_dead > 0 {
-            if let Some(d) = describe_dead(&client.store().dead_batches(&args.job).await?) {
+            if let Some(d) = describe_dead(&client.store().dead_batches(job).await?) {
                 text.push('\n');
                 text.push_str(&d);
             }

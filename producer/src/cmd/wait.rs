@@ -17,7 +17,11 @@ use super::status::{describe, describe_dead, rate};
 #[derive(Args, Debug, Clone)]
 pub struct WaitArgs {
     /// Job id.
-    pub job: String,
+    #[arg(required_unless_present = "group")]
+    pub job: Option<String>,
+    /// Every job of a group instead (`enqueue --group`): exit 0 when all completed.
+    #[arg(long, value_name = "G", conflicts_with_all = ["job", "chain"])]
+    pub group: Option<String>,
     /// Give up after this long (exit 3): `90s`, `5m`, `1h`, `500ms`, or seconds (`2.5`).
     #[arg(long, value_name = "DURATION", value_parser = timeout_arg)]
     pub timeout: Option<Duration>,
@@ -159,7 +163,11 @@ pub async fn run(conn: &ConnArgs, args: &WaitArgs) -> anyhow::Result<ExitCode> {
     let timeout = args.timeout;
     let progress = std::io::stderr().is_terminal() && !args.json;
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-    let (mut status, mut end) = follow(&client, &args.job, timeout, progress).await?;
+    if let Some(g) = &args.group {
+        return super::group::wait(&client, g, timeout, args.json).await;
+    }
+    let first = args.job.as_deref().unwrap_or_default();
+    let (mut status, mut end) = follow(&client, first, timeout, progress).await?;
     if args.chain {
         while end != WaitEnd::TimedOut {
             let child = match follow_up(&client, &status, deadline).await? {

@@ -592,6 +592,40 @@ pub(crate) struct NewJob {
     rate_key: Option<String>,
     /// Check the task and parameters against the catalog (default true).
     check: Option<bool>,
+    /// Follow-up jobs (`enqueue --then`), in order.
+    #[serde(default)]
+    then: Vec<NewStep>,
+    /// The group the job belongs to (`enqueue --group`).
+    group: Option<String>,
+}
+
+/// A follow-up step of `POST /api/jobs`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewStep {
+    task: String,
+    #[serde(default)]
+    params: BTreeMap<String, Value>,
+    batch_size: Option<usize>,
+    /// `complete` (default) or `success`.
+    on: Option<String>,
+}
+
+/// Parameters as text (strings, numbers, booleans), or a 400 naming the field.
+fn param_texts(
+    field: &str,
+    params: &BTreeMap<String, Value>,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    params
+        .iter()
+        .map(|(k, v)| match v {
+            Value::String(s) => Ok((k.clone(), s.clone())),
+            Value::Number(_) | Value::Bool(_) => Ok((k.clone(), v.to_string())),
+            _ => Err(ApiError::bad(format!(
+                "{field}.{k}: a string, number or boolean, not {v}"
+            ))),
+        })
+        .collect()
 }
 
 /// How many records a body's `records` array holds (each skipped unparsed).
@@ -712,17 +746,20 @@ pub(crate) async fn enqueue(State(st): Shared, body: axum::body::Bytes) -> ApiRe
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| ApiError::bad(format!("the request body is not a job: {e}")))?;
     let mut job = JobSpec::new(&new.task);
-    for (k, v) in &new.params {
-        let text = match v {
-            Value::String(s) => s.clone(),
-            Value::Number(_) | Value::Bool(_) => v.to_string(),
-            _ => {
-                return Err(ApiError::bad(format!(
-                    "params.{k}: a string, number or boolean, not {v}"
-                )))
-            }
+    job.params = param_texts("params", &new.params)?;
+    for (i, step) in new.then.iter().enumerate() {
+        let on = match &step.on {
+            None => taskmill_client::Trigger::Complete,
+            Some(on) => on
+                .parse()
+                .map_err(|e: String| ApiError::bad(format!("then[{i}].on: {e}")))?,
         };
-        job = job.param(k, text);
+        job = job.then(taskmill_client::Step {
+            task: step.task.clone(),
+            params: param_texts(&format!("then[{i}].params"), &step.params)?,
+            batch_size: step.batch_size.unwrap_or(10),
+            on,
+        });
     }
     if let Some(n) = new.batch_size {
         job = job.batch_size(n);
@@ -739,6 +776,7 @@ pub(crate) async fn enqueue(State(st): Shared, body: axum::body::Bytes) -> ApiRe
     if let Some(k) = &new.unique_key {
         job = job.unique_key(k);
     }
+    job.group = new.group.clone();
     if new.countdown.is_some() && new.eta.is_some() {
         return Err(ApiError::bad("countdown and eta: give one of them"));
     }

@@ -819,6 +819,7 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
             token: "",
             then: "",
             parent: "",
+            group: "",
         })
         .await?;
     let total = (rate * seconds as f64) as u64;

@@ -1,4 +1,6 @@
--- Register a new job unless the id is taken. KEYS: job, jobs index, unique key (or '').
+-- Register a new job unless the id is taken. KEYS: job, jobs index, unique key (or ''), and
+-- optionally the set of its group's job ids (or '').
+
 -- ARGV: id, task, queue, params, now, ttl, prefix of job keys, and optionally a token of
 -- this registration (a retry of a registration whose answer was lost, or whose WAIT for
 -- replicas failed, finds its own token and counts as registered), the follow-up steps (JSON)
@@ -33,6 +35,12 @@ if KEYS[3] ~= '' then redis.call('HSET', KEYS[1], 'unique_key', KEYS[3]) end
 if token ~= '' then redis.call('HSET', KEYS[1], 'reg_token', token) end
 if (ARGV[9] or '') ~= '' then redis.call('HSET', KEYS[1], 'then', ARGV[9]) end
 if (ARGV[10] or '') ~= '' then redis.call('HSET', KEYS[1], 'parent', ARGV[10]) end
+if (ARGV[11] or '') ~= '' and (KEYS[4] or '') ~= '' then
+  redis.call('HSET', KEYS[1], 'group', ARGV[11])
+  local before = redis.call('TTL', KEYS[4])
+  redis.call('SADD', KEYS[4], ARGV[1])
+  if before == -2 or (before >= 0 and before < ttl) then redis.call('EXPIRE', KEYS[4], ttl) end
+end
 redis.call('EXPIRE', KEYS[1], ttl)
 touch_active(KEYS[1], ARGV[5])
 local before = redis.call('TTL', KEYS[2])
