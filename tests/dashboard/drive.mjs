@@ -2,7 +2,8 @@
 // shows. Run by tests/tests/dashboard.rs, which starts the services' side:
 //   URL          the dashboard (http://127.0.0.1:PORT/)
 //   TOKEN        its token (the page asks for it)
-//   JOB          a slow job enqueued by the CLI, running on two workers
+//   JOB          a slow job enqueued by the CLI, running on two workers (in group demo,
+//                with a chaos follow-up)
 //   DEAD_JOB     a finished job whose batches all died (chaos, permanent)
 //   BAD_JOB      a job whose state was edited by hand into nonsense (unreadable)
 //   WORKER_PIDS  the two workers' pids: the first is stopped (SIGTERM) during the run
@@ -69,6 +70,14 @@ try {
   seen.summary = summary;
   await page.waitForSelector("#job-results tbody tr");
   await shot(page, "job");
+  // Its group and its follow-up (enqueued with --group demo --then chaos): the link, shown
+  // once a worker published the follow-up, opens it; its page links back.
+  const child = `#job-chain a[href="#/jobs/${job}.then1"]`;
+  await page.waitForSelector(child);
+  seen.chain = (await page.textContent("#job-chain")).replace(/\s+/g, " ").trim();
+  await page.click(child);
+  await page.waitForSelector(`#job-chain a[href="#/jobs/${job}"]`);
+  seen.follow_up = (await page.textContent("#job-chain")).replace(/\s+/g, " ").trim();
 
   // An unreadable job: listed as such with what is wrong; its page says so and deletes it.
   const bad = `tr[data-job="${env("BAD_JOB")}"]`;

@@ -369,6 +369,10 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
             "sleep_ms=300",
             "--file",
             many.to_str().unwrap(),
+            "--group",
+            "demo",
+            "--then",
+            "chaos",
         ],
     );
     // A job whose state was edited by hand into nonsense.
@@ -478,6 +482,12 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
     let progress = seen["progress"].as_array().unwrap();
     assert!(progress[1].as_u64() > progress[0].as_u64(), "{seen}");
     assert_eq!(seen["summary"]["batches"], 200);
+    let chain = seen["chain"].as_str().unwrap_or_default();
+    assert!(
+        chain.contains("group demo") && chain.contains(&format!("then chaos: {job}.then1")),
+        "{seen}"
+    );
+    assert_eq!(seen["follow_up"], format!("follows {job}"), "{seen}");
     assert_eq!(seen["summary"]["records"], 2000);
     assert_eq!(
         seen["unreadable_row"], "state: holds \"weird\", not a job state",

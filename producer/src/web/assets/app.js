@@ -164,6 +164,7 @@ function jobView(id) {
   main.innerHTML = `<h1>Job <code>${esc(id)}</code> <span id="job-state"></span></h1>
     <div class="actions" id="job-actions"></div><div id="job-confirm"></div>
     <div id="job-progress"></div>
+    <div id="job-links"></div>
     <div class="grid" id="job-counters"></div>
     <div class="two"><div><h2>Times</h2><div id="job-times" class="card"></div><h2>Parameters</h2><div id="job-params"></div></div>
       <div><h2>Summary</h2><div id="job-summary"></div></div></div>
@@ -227,6 +228,17 @@ function jobView(id) {
       });
     }
     $("#job-progress").innerHTML = progress(j, true) + ` <span class="muted">· task ${esc(j.task)} · queue ${esc(j.queue)}</span>`;
+    // Its group, the job it follows up and its follow-ups (enqueue --group, --then).
+    const jobLink = id => `<a href="#/jobs/${encodeURIComponent(id)}"><code>${esc(id)}</code></a>`;
+    const links = [];
+    if (j.group) links.push(`group <code>${esc(j.group)}</code>`);
+    if (j.parent) links.push(`follows ${jobLink(j.parent)}`);
+    if (j.then) {
+      const steps = (j.then.steps || []).map(s => esc(s.task)).join(" → ");
+      links.push(`then ${steps}` + (j.then_job ? `: ${jobLink(j.then_job)}` : "") +
+        (j.then_note ? ` <span class="muted">(${esc(j.then_note)})</span>` : ""));
+    }
+    $("#job-links").innerHTML = links.length ? `<div class="card" id="job-chain">${links.join(" · ")}</div>` : "";
     const stat = (v, label) => `<div class="stat"><b>${num(v)}</b><span>${label}</span></div>`;
     $("#job-counters").innerHTML = [
       stat(j.batches_total ?? j.batches_published, j.batches_total === undefined ? "batches published so far" : "batches"),
