@@ -339,6 +339,34 @@ pub fn producer(ns: &str, args: &[&str]) -> std::process::Output {
         .expect("running the producer binary")
 }
 
+/// Writes posts `1..=n` as JSON Lines into `stdin` from a thread: the first half at once, the
+/// second half once `go` is sent (or dropped). Join the thread for the writing's outcome.
+pub fn posts_in_two_halves(
+    stdin: std::process::ChildStdin,
+    n: u64,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    std::thread::JoinHandle<std::io::Result<()>>,
+) {
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut stdin = std::io::BufWriter::new(stdin);
+        let posts: Vec<String> = sample::posts(n).map(|p| p.to_string()).collect();
+        let (first, second) = posts.split_at(posts.len() / 2);
+        for line in first {
+            writeln!(stdin, "{line}")?;
+        }
+        stdin.flush()?;
+        let _ = gate.recv();
+        for line in second {
+            writeln!(stdin, "{line}")?;
+        }
+        stdin.flush()
+    });
+    (go, writer)
+}
+
 /// Waits until a live worker has recorded its tasks in the namespace's catalog.
 pub async fn catalog_ready(store: &Store) {
     until("the workers' catalog", Duration::from_secs(30), || async {

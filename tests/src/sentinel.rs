@@ -148,11 +148,13 @@ impl SentinelSet {
                 ])),
             });
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Sentinels find the replicas by INFO every 10 s and each other every 2 s: on a loaded
+        // machine that can take a while.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             assert!(
                 Instant::now() < deadline,
-                "the sentinel set did not come up in 30 s"
+                "the sentinel set did not come up in 60 s"
             );
             if set.ready().await {
                 return set;
@@ -250,6 +252,77 @@ impl SentinelSet {
             .status()
             .is_ok_and(|s| s.success());
         assert!(ok, "kill {sig} {pid}");
+    }
+
+    /// Cuts both replicas of the primary on `primary` off at the same point: the primary's
+    /// writes paused (`CLIENT PAUSE WRITE`) until each replica has everything it had, the
+    /// replicas stopped (SIGSTOP), the writes let go. What the primary takes after this
+    /// reaches no replica (stopping them one after the other would let the second get writes
+    /// the first never sees: `WAIT 1` counts them, and the sentinels may promote the first).
+    pub async fn cut_replicas(&mut self, primary: u16) -> Vec<u16> {
+        let replicas = self.others(primary);
+        // The replicas' offsets as the primary has them, and its own.
+        let offsets = || async move {
+            let info: String = query(primary, redis::cmd("INFO").arg("replication"))
+                .await
+                .unwrap_or_default();
+            let master = info
+                .lines()
+                .find_map(|l| l.strip_prefix("master_repl_offset:"))
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            let theirs: Vec<u64> = info
+                .lines()
+                .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+                .filter_map(|l| {
+                    l.split(',')
+                        .find_map(|kv| kv.strip_prefix("offset="))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+                .collect();
+            (master, theirs, info)
+        };
+        // After a failover the replicas attach to their new primary one at a time, each with a
+        // full copy (which a write pause would hold up): first wait for both.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, theirs, info) = offsets().await;
+            if theirs.len() == replicas.len() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replicas did not attach: {info}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let paused: redis::RedisResult<String> = query(
+            primary,
+            redis::cmd("CLIENT").arg("PAUSE").arg(20_000).arg("WRITE"),
+        )
+        .await;
+        assert!(paused.is_ok(), "CLIENT PAUSE: {paused:?}");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (master, theirs, info) = offsets().await;
+            if master.is_some()
+                && theirs.len() == replicas.len()
+                && theirs.iter().all(|o| Some(*o) == master)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replicas did not catch up: {info}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for r in &replicas {
+            self.pause(*r, true);
+        }
+        let unpaused: redis::RedisResult<String> =
+            query(primary, redis::cmd("CLIENT").arg("UNPAUSE")).await;
+        assert!(unpaused.is_ok(), "CLIENT UNPAUSE: {unpaused:?}");
+        replicas
     }
 
     /// The ports of the data nodes still running other than `port`.

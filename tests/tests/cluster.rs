@@ -13,7 +13,7 @@ use std::{
 };
 
 use taskmill_tests::{
-    bin_path, catalog_ready, cluster::Cluster, sample, until, Dashboard, KillOnDrop, TestNs,
+    bin_path, catalog_ready, cluster::Cluster, until, Dashboard, KillOnDrop, TestNs,
 };
 
 /// Batches of one post each: enough that the producer is still publishing when the node goes.
@@ -131,22 +131,7 @@ async fn lose_a_node(cluster: &Cluster, victim: Victim) -> u8 {
         job.clone(),
         polling.clone(),
     ));
-    let (go, gate) = std::sync::mpsc::channel::<()>();
-    let writer = std::thread::spawn(move || {
-        use std::io::Write;
-        let mut stdin = std::io::BufWriter::new(stdin);
-        let posts: Vec<String> = sample::posts(BATCHES).map(|p| p.to_string()).collect();
-        let (first, second) = posts.split_at(posts.len() / 2);
-        for line in first {
-            writeln!(stdin, "{line}")?;
-        }
-        stdin.flush()?;
-        let _ = gate.recv();
-        for line in second {
-            writeln!(stdin, "{line}")?;
-        }
-        stdin.flush()
-    });
+    let (go, writer) = taskmill_tests::posts_in_two_halves(stdin, BATCHES);
     // The connection of whoever is to lose its node, as the management API lists it (once
     // its node has sampled it, within seconds).
     let name = match victim {

@@ -165,22 +165,7 @@ async fn the_fleet_loses_nothing_when_the_redis_primary_fails_over() {
         Stdio::piped(),
     );
     let stdin = producer.process.0.stdin.take().unwrap();
-    let (go, gate) = std::sync::mpsc::channel::<()>();
-    let writer = std::thread::spawn(move || {
-        use std::io::Write;
-        let mut stdin = std::io::BufWriter::new(stdin);
-        let posts: Vec<String> = sample::posts(BATCHES).map(|p| p.to_string()).collect();
-        let (first, second) = posts.split_at(posts.len() / 2);
-        for line in first {
-            writeln!(stdin, "{line}")?;
-        }
-        stdin.flush()?;
-        let _ = gate.recv();
-        for line in second {
-            writeln!(stdin, "{line}")?;
-        }
-        stdin.flush()
-    });
+    let (go, writer) = taskmill_tests::posts_in_two_halves(stdin, BATCHES);
     until(
         "the producer trying its registration again",
         Duration::from_secs(30),
@@ -219,11 +204,8 @@ async fn the_fleet_loses_nothing_when_the_redis_primary_fails_over() {
         started.elapsed().as_secs_f64()
     );
     // 2. Both replicas cut off, then the primary killed: what it took meanwhile dies with it.
-    let replicas = set.others(second);
     let mark = worker.said().len();
-    for r in &replicas {
-        set.pause(*r, true);
-    }
+    let replicas = set.cut_replicas(second).await;
     until(
         "the worker holding its acks for want of a replica",
         Duration::from_secs(30),

@@ -53,38 +53,14 @@ impl SentinelUrl {
     /// A `redis://` (or `rediss://`) URL of the primary found at `host:port`.
     pub fn primary_url(&self, host: &str, port: u16) -> String {
         let scheme = if self.tls { "rediss" } else { "redis" };
-        let host = if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]")
-        } else {
-            host.to_string()
-        };
-        let auth = match (&self.username, &self.password) {
-            (None, None) => String::new(),
-            (u, p) => format!(
-                "{}:{}@",
-                enc(u.as_deref().unwrap_or("")),
-                enc(p.as_deref().unwrap_or(""))
-            ),
-        };
-        format!("{scheme}://{auth}{host}:{port}/{}", self.db)
+        let auth = userinfo(&self.username, &self.password);
+        format!("{scheme}://{auth}{}:{port}/{}", bracketed(host), self.db)
     }
 
     /// A `redis://` URL of one sentinel (with the sentinels' credentials).
     pub fn sentinel_url(&self, host: &str, port: u16) -> String {
-        let host = if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]")
-        } else {
-            host.to_string()
-        };
-        let auth = match (&self.sentinel_username, &self.sentinel_password) {
-            (None, None) => String::new(),
-            (u, p) => format!(
-                "{}:{}@",
-                enc(u.as_deref().unwrap_or("")),
-                enc(p.as_deref().unwrap_or(""))
-            ),
-        };
-        format!("redis://{auth}{host}:{port}")
+        let auth = userinfo(&self.sentinel_username, &self.sentinel_password);
+        format!("redis://{auth}{}:{port}", bracketed(host))
     }
 
     /// The sentinels as `host:port,host:port`, for messages.
@@ -302,6 +278,27 @@ fn host_port(h: &str) -> Result<(String, u16), String> {
         }
         Some(_) => Err(bad()),
         None => Ok((h.to_string(), 26379)),
+    }
+}
+
+/// An IPv6 address in brackets, as a URL's host.
+fn bracketed(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+/// `user:password@` (encoded), or nothing without either.
+fn userinfo(user: &Option<String>, password: &Option<String>) -> String {
+    match (user, password) {
+        (None, None) => String::new(),
+        (u, p) => format!(
+            "{}:{}@",
+            enc(u.as_deref().unwrap_or("")),
+            enc(p.as_deref().unwrap_or(""))
+        ),
     }
 }
 
