@@ -80,6 +80,17 @@ impl ConnArgs {
             result_ttl: 24 * 3600,
         }
     }
+
+    /// The client library's settings for these connection options (the one conversion: the
+    /// producer's commands, the dashboard and the worker's outbox sweeper use it).
+    pub fn client_settings(&self) -> taskmill_client::Settings {
+        taskmill_client::Settings {
+            amqp_url: self.amqp_url.clone(),
+            redis_url: self.redis_url.clone(),
+            namespace: self.namespace.clone(),
+            result_ttl: self.result_ttl,
+        }
+    }
 }
 
 impl ConnArgs {

@@ -157,19 +157,9 @@ pub fn parse() -> Cli {
     cli
 }
 
-/// The client's settings from the command line's connection options.
-pub fn settings(conn: &ConnArgs) -> taskmill_client::Settings {
-    taskmill_client::Settings {
-        amqp_url: conn.amqp_url.clone(),
-        redis_url: conn.redis_url.clone(),
-        namespace: conn.namespace.clone(),
-        result_ttl: conn.result_ttl,
-    }
-}
-
 /// A client for the command line's connection options.
 pub async fn client(conn: &ConnArgs) -> anyhow::Result<taskmill_client::Client> {
-    Ok(taskmill_client::Client::connect(settings(conn)).await?)
+    Ok(taskmill_client::Client::connect(conn.client_settings()).await?)
 }
 
 /// Runs one command.

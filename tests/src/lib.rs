@@ -814,6 +814,62 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A binary of the workspace run with its stderr in a temporary file (read while it runs,
+/// removed when this is dropped), killed when dropped: the scenario tests' workers and
+/// producers, given the environment that points them at a cluster or a Sentinel set.
+pub struct Logged {
+    pub process: KillOnDrop,
+    stderr: std::path::PathBuf,
+}
+
+impl Logged {
+    /// Starts `bin` with `args` in namespace `ns`, with `env` added, stdin as given and stdout
+    /// discarded.
+    pub fn spawn(ns: &str, bin: &str, args: &[&str], env: &[(&str, String)], stdin: Stdio) -> Self {
+        let stderr = std::env::temp_dir().join(format!(
+            "taskmill-{bin}-{}.log",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let file = std::fs::File::create(&stderr).expect("a log file");
+        let process = KillOnDrop(
+            Command::new(bin_path(bin))
+                .args(args)
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                .env("TASKMILL_NAMESPACE", ns)
+                .stdin(stdin)
+                .stdout(Stdio::null())
+                .stderr(file)
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {bin}: {e}")),
+        );
+        Self { process, stderr }
+    }
+
+    /// What it has written to stderr so far.
+    pub fn said(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits for it to exit (blocking); its exit status and what it said.
+    pub fn wait(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.process.0.wait().expect("waiting for a child");
+        (status, self.said())
+    }
+
+    /// Waits without blocking the runtime's threads.
+    pub async fn exited(self) -> (std::process::ExitStatus, String) {
+        tokio::task::spawn_blocking(move || self.wait())
+            .await
+            .expect("the waiting thread")
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.stderr);
+    }
+}
+
 #[cfg(test)]
 mod kit_tests {
     use super::made_at;

@@ -27,6 +27,31 @@ fn json(out: &std::process::Output) -> Value {
     })
 }
 
+/// `producer enqueue --file FILE` and the rest of the arguments.
+fn enqueue(ns: &str, file: &str, rest: &[&str]) -> std::process::Output {
+    let args: Vec<&str> = ["enqueue", "--file", file]
+        .iter()
+        .chain(rest)
+        .copied()
+        .collect();
+    producer(ns, &args)
+}
+
+/// `producer wait JOB --chain --json`, a minute at most.
+fn wait_chain(ns: &str, job: &str) -> std::process::Output {
+    producer(ns, &["wait", job, "--chain", "--json", "--timeout", "60s"])
+}
+
+/// chaos with every batch dead-lettered.
+const ALL_DIE: [&str; 6] = [
+    "--task",
+    "chaos",
+    "--param",
+    "fail_rate=1",
+    "--param",
+    "fail=permanent",
+];
+
 fn status(ns: &str, job: &str) -> Value {
     let out = producer(ns, &["status", job, "--json"]);
     assert!(out.status.success(), "status {job}: {out:?}");
@@ -64,10 +89,7 @@ async fn a_chain_runs_each_step_over_the_results_of_the_one_before() {
         ],
     );
     assert!(out.status.success(), "{out:?}");
-    let out = producer(
-        &t.ns,
-        &["wait", "c1", "--chain", "--json", "--timeout", "60s"],
-    );
+    let out = wait_chain(&t.ns, "c1");
     assert!(out.status.success(), "{out:?}");
     let last = json(&out);
     assert_eq!(last["job"], "c1.then2", "{last}");
@@ -118,31 +140,24 @@ async fn a_follow_up_that_does_not_run_says_why() {
     let file = write_jsonl(sample::posts(30));
     let path = file.to_str().unwrap();
     // Every batch of the parent dies: `--then-on success` does not run, and says so.
-    let out = producer(
+    let out = enqueue(
         &t.ns,
+        path,
         &[
-            "enqueue",
-            "--file",
-            path,
-            "--task",
-            "chaos",
-            "--param",
-            "fail_rate=1",
-            "--param",
-            "fail=permanent",
-            "--job",
-            "dies",
-            "--then",
-            "post-stats",
-            "--then-on",
-            "success",
-        ],
+            &ALL_DIE[..],
+            &[
+                "--job",
+                "dies",
+                "--then",
+                "post-stats",
+                "--then-on",
+                "success",
+            ],
+        ]
+        .concat(),
     );
     assert!(out.status.success(), "{out:?}");
-    let out = producer(
-        &t.ns,
-        &["wait", "dies", "--chain", "--json", "--timeout", "60s"],
-    );
+    let out = wait_chain(&t.ns, "dies");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let last = json(&out);
     assert_eq!(last["job"], "dies", "{last}");
@@ -158,29 +173,13 @@ async fn a_follow_up_that_does_not_run_says_why() {
 
     // With the default trigger (complete) it runs even so: over no results, it cannot be
     // enqueued, and says that instead of waiting for ever.
-    let out = producer(
+    let out = enqueue(
         &t.ns,
-        &[
-            "enqueue",
-            "--file",
-            path,
-            "--task",
-            "chaos",
-            "--param",
-            "fail_rate=1",
-            "--param",
-            "fail=permanent",
-            "--job",
-            "dies2",
-            "--then",
-            "post-stats",
-        ],
+        path,
+        &[&ALL_DIE[..], &["--job", "dies2", "--then", "post-stats"]].concat(),
     );
     assert!(out.status.success(), "{out:?}");
-    let out = producer(
-        &t.ns,
-        &["wait", "dies2", "--chain", "--json", "--timeout", "60s"],
-    );
+    let out = wait_chain(&t.ns, "dies2");
     let last = json(&out);
     assert_eq!(last["job"], "dies2", "{last}");
     assert!(
@@ -191,12 +190,10 @@ async fn a_follow_up_that_does_not_run_says_why() {
     );
 
     // A cancelled job fires nothing: `wait --chain` returns at once with its status.
-    let out = producer(
+    let out = enqueue(
         &t.ns,
+        path,
         &[
-            "enqueue",
-            "--file",
-            path,
             "--queue",
             "nobody",
             "--job",
@@ -208,10 +205,7 @@ async fn a_follow_up_that_does_not_run_says_why() {
     );
     assert!(out.status.success(), "{out:?}");
     assert!(producer(&t.ns, &["cancel", "stopped"]).status.success());
-    let out = producer(
-        &t.ns,
-        &["wait", "stopped", "--chain", "--json", "--timeout", "60s"],
-    );
+    let out = wait_chain(&t.ns, "stopped");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let last = json(&out);
     assert_eq!(last["state"], "cancelled", "{last}");
@@ -219,34 +213,12 @@ async fn a_follow_up_that_does_not_run_says_why() {
 
     // A typo'd step is refused at the enqueue, by the catalog, and registers nothing; an
     // option of a step before any --then is a usage error.
-    let out = producer(
-        &t.ns,
-        &[
-            "enqueue",
-            "--file",
-            path,
-            "--job",
-            "typo",
-            "--then",
-            "post-statz",
-        ],
-    );
+    let out = enqueue(&t.ns, path, &["--job", "typo", "--then", "post-statz"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("follow-up step: unknown task"), "{said}");
     assert_eq!(producer(&t.ns, &["status", "typo"]).status.code(), Some(4));
-    let out = producer(
-        &t.ns,
-        &[
-            "enqueue",
-            "--file",
-            path,
-            "--then-param",
-            "a=1",
-            "--then",
-            "chaos",
-        ],
-    );
+    let out = enqueue(&t.ns, path, &["--then-param", "a=1", "--then", "chaos"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--then-param comes before any --then"));
     worker.stop().await.unwrap();
@@ -313,10 +285,7 @@ async fn a_worker_killed_as_the_job_finishes_loses_no_follow_up() {
     );
     // Another worker publishes it (once) and runs it.
     let second = t.spawn_worker(t.worker_args());
-    let out = producer(
-        &t.ns,
-        &["wait", "k1", "--chain", "--json", "--timeout", "60s"],
-    );
+    let out = wait_chain(&t.ns, "k1");
     assert!(out.status.success(), "{out:?}");
     let last = json(&out);
     assert_eq!(last["job"], "k1.then1", "{last}");
@@ -386,10 +355,7 @@ async fn the_http_api_and_the_python_client_take_follow_ups() {
     assert_eq!(r.status().as_u16(), 400);
     let said = r.text().await.unwrap();
     assert!(said.contains("then[0].on"), "{said}");
-    let out = producer(
-        &t.ns,
-        &["wait", "api", "--chain", "--json", "--timeout", "60s"],
-    );
+    let out = wait_chain(&t.ns, "api");
     assert!(out.status.success(), "{out:?}");
     let last = json(&out);
     assert_eq!(last["job"], "api.then1", "{last}");

@@ -10,9 +10,7 @@ use taskmill_client::{Client, Error, ErrorKind, JobSpec};
 use taskmill_tests::{bin_path, catalog_ready, sample, TestNs};
 
 async fn client(t: &TestNs) -> Client {
-    Client::connect(taskmill_producer::settings(&t.conn()))
-        .await
-        .unwrap()
+    Client::connect(t.conn().client_settings()).await.unwrap()
 }
 
 fn usage_error(e: &Error) -> String {

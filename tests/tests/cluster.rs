@@ -8,13 +8,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::{
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
-use taskmill_tests::{
-    bin_path, catalog_ready, cluster::Cluster, until, Dashboard, KillOnDrop, TestNs,
-};
+use taskmill_tests::{catalog_ready, cluster::Cluster, until, Dashboard, Logged, TestNs};
 
 /// Batches of one post each: enough that the producer is still publishing when the node goes.
 const BATCHES: u64 = 12_000;
@@ -40,80 +38,35 @@ async fn the_fleet_loses_nothing_when_a_broker_node_dies() {
     }
 }
 
-/// A child process with the cluster's URLs; what it writes on stderr goes to a file (a pipe
-/// nobody reads could fill and stop it).
-struct Child {
-    process: KillOnDrop,
-    stderr: std::path::PathBuf,
-}
-
-impl Child {
-    fn spawn(cluster: &Cluster, ns: &str, bin: &str, args: &[&str]) -> Self {
-        Self::spawn_with(cluster, ns, bin, args, Stdio::null())
-    }
-
-    fn spawn_with(cluster: &Cluster, ns: &str, bin: &str, args: &[&str], stdin: Stdio) -> Self {
-        let stderr = std::env::temp_dir().join(format!(
-            "taskmill-cluster-{bin}-{}.log",
-            uuid::Uuid::new_v4().simple()
-        ));
-        let file = std::fs::File::create(&stderr).expect("a log file");
-        let process = KillOnDrop(
-            Command::new(bin_path(bin))
-                .args(args)
-                .env("AMQP_URL", cluster.amqp_url())
-                .env("RABBITMQ_API_URL", cluster.api_url())
-                .env("TASKMILL_NAMESPACE", ns)
-                .env("RUST_LOG", "warn")
-                .stdin(stdin)
-                .stdout(Stdio::null())
-                .stderr(file)
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting {bin}: {e}")),
-        );
-        Self { process, stderr }
-    }
-
-    /// Waits for it to exit (blocking); its exit status and what it said.
-    fn wait(mut self) -> (std::process::ExitStatus, String) {
-        let status = self.process.0.wait().expect("waiting for a child");
-        let said = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let _ = std::fs::remove_file(&self.stderr);
-        (status, said)
-    }
-
-    /// Waits without blocking the runtime's threads.
-    async fn exited(self) -> (std::process::ExitStatus, String) {
-        tokio::task::spawn_blocking(move || self.wait())
-            .await
-            .expect("the waiting thread")
-    }
+/// A binary of the workspace pointed at the cluster.
+fn spawn(cluster: &Cluster, ns: &str, bin: &str, args: &[&str], stdin: Stdio) -> Logged {
+    let env = [
+        ("AMQP_URL", cluster.amqp_url()),
+        ("RABBITMQ_API_URL", cluster.api_url()),
+        ("RUST_LOG", "warn".to_string()),
+    ];
+    Logged::spawn(ns, bin, args, &env, stdin)
 }
 
 /// One scenario; the node it killed.
 async fn lose_a_node(cluster: &Cluster, victim: Victim) -> u8 {
     let t = TestNs::new();
     let store = t.store().await;
-    let workers: Vec<Child> = (0..2)
-        .map(|_| Child::spawn(cluster, &t.ns, "worker", &["--threads", "1"]))
+    let workers: Vec<Logged> = (0..2)
+        .map(|_| spawn(cluster, &t.ns, "worker", &["--threads", "1"], Stdio::null()))
         .collect();
     catalog_ready(&store).await;
     // The producer reads the posts from a pipe: the first half now, the second half once
     // the node is about to die (so that it is publishing a burst then).
     let job = format!("lose-{victim:?}").to_lowercase();
-    let mut producer = Child::spawn_with(
+    let mut producer = spawn(
         cluster,
         &t.ns,
         "producer",
         &["enqueue", "--file", "-", "--batch-size", "1", "--job", &job],
         Stdio::piped(),
     );
-    let stdin = producer
-        .process
-        .0
-        .stdin
-        .take()
-        .expect("the producer's stdin");
+    let stdin = producer.process.stdin.take().expect("the producer's stdin");
     // The dashboard, given the cluster's URLs, is asked for the job and the queues every
     // 100 ms throughout (it must answer while a node is gone).
     let dashboard = Dashboard::start(
@@ -238,11 +191,12 @@ async fn lose_a_node(cluster: &Cluster, victim: Victim) -> u8 {
     if reopened > 0 {
         eprintln!("{victim:?}: the producer replaced a refusing connection {reopened} times");
     }
-    let (code, said) = Child::spawn(
+    let (code, said) = spawn(
         cluster,
         &t.ns,
         "producer",
         &["wait", &job, "--timeout", "180s"],
+        Stdio::null(),
     )
     .exited()
     .await;

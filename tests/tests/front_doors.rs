@@ -85,9 +85,7 @@ async fn every_front_door_takes_every_enqueue_option() {
     assert_eq!(code, 201, "{}", resp.text().await.unwrap());
 
     // The Rust client.
-    let client = Client::connect(taskmill_producer::settings(&t.conn()))
-        .await
-        .unwrap();
+    let client = Client::connect(t.conn().client_settings()).await.unwrap();
     let spec = JobSpec::new("text-stats")
         .param("top", 3)
         .batch_size(10)

@@ -12,14 +12,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::{
-    path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
 
 use taskmill_common::store::Store;
 use taskmill_tests::{
-    bin_path, python_venv, sample, sentinel::SentinelSet, until, write_jsonl, KillOnDrop, TestNs,
+    python_venv, sample, sentinel::SentinelSet, until, write_jsonl, Logged, TestNs,
 };
 
 /// Batches of one post each, 30 ms of work a batch: the job lasts long enough to fail over
@@ -47,58 +46,13 @@ except Unavailable as e:
 print(json.dumps(out))
 "#;
 
-/// A process with the set's URL; its stderr goes to a file, read while it runs.
-struct Proc {
-    process: KillOnDrop,
-    stderr: PathBuf,
-}
-
-impl Proc {
-    fn spawn(ns: &str, redis_url: &str, bin: &str, args: &[&str]) -> Self {
-        Self::spawn_with(ns, redis_url, bin, args, Stdio::null())
-    }
-
-    fn spawn_with(ns: &str, redis_url: &str, bin: &str, args: &[&str], stdin: Stdio) -> Self {
-        let stderr = std::env::temp_dir().join(format!(
-            "taskmill-sentinel-{bin}-{}.log",
-            uuid::Uuid::new_v4().simple()
-        ));
-        let file = std::fs::File::create(&stderr).expect("a log file");
-        let process = KillOnDrop(
-            Command::new(bin_path(bin))
-                .args(args)
-                .env("REDIS_URL", redis_url)
-                .env("TASKMILL_NAMESPACE", ns)
-                .env("RUST_LOG", "warn,taskmill_store=info")
-                .stdin(stdin)
-                .stdout(Stdio::null())
-                .stderr(file)
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting {bin}: {e}")),
-        );
-        Self { process, stderr }
-    }
-
-    fn said(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    async fn exited(mut self) -> (std::process::ExitStatus, String) {
-        let status = tokio::task::spawn_blocking(move || {
-            let s = self.process.0.wait().expect("waiting for a child");
-            (s, self)
-        })
-        .await
-        .expect("the waiting thread");
-        let said = status.1.said();
-        (status.0, said)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.stderr);
-    }
+/// A binary of the workspace pointed at the Sentinel set.
+fn spawn(ns: &str, redis_url: &str, bin: &str, args: &[&str], stdin: Stdio) -> Logged {
+    let env = [
+        ("REDIS_URL", redis_url.to_string()),
+        ("RUST_LOG", "warn,taskmill_store=info".to_string()),
+    ];
+    Logged::spawn(ns, bin, args, &env, stdin)
 }
 
 async fn done(store: &Store, job: &str) -> u64 {
@@ -132,7 +86,7 @@ async fn the_fleet_loses_nothing_when_the_redis_primary_fails_over() {
     // A short WAIT, so that a worker with no replica answering says so soon.
     let url = set.url("wait_timeout_ms=300");
     let store = Store::connect(&url, &t.ns, 3600).await.unwrap();
-    let worker = Proc::spawn(&t.ns, &url, "worker", &["--threads", "1"]);
+    let worker = spawn(&t.ns, &url, "worker", &["--threads", "1"], Stdio::null());
     // 0. Both replicas stopped while the producer registers its job: the registration's WAIT
     // fails, the producer tries again (its registration token makes the retry of a
     // registration that did reach the primary count as registered) until they are back.
@@ -145,7 +99,7 @@ async fn the_fleet_loses_nothing_when_the_redis_primary_fails_over() {
     // the first failover has begun, so that it is still publishing (reserving batch numbers, counting
     // confirms) while the primary moves, and ends publishing on the new one.
     let job = "failover";
-    let mut producer = Proc::spawn_with(
+    let mut producer = spawn(
         &t.ns,
         &url,
         "producer",
@@ -164,7 +118,7 @@ async fn the_fleet_loses_nothing_when_the_redis_primary_fails_over() {
         ],
         Stdio::piped(),
     );
-    let stdin = producer.process.0.stdin.take().unwrap();
+    let stdin = producer.process.stdin.take().unwrap();
     let (go, writer) = taskmill_tests::posts_in_two_halves(stdin, BATCHES);
     until(
         "the producer trying its registration again",
@@ -228,9 +182,15 @@ async fn the_fleet_loses_nothing_when_the_redis_primary_fails_over() {
     );
 
     // Every batch is stored exactly once on the last primary, nothing dead.
-    let (code, said) = Proc::spawn(&t.ns, &url, "producer", &["wait", job, "--timeout", "180s"])
-        .exited()
-        .await;
+    let (code, said) = spawn(
+        &t.ns,
+        &url,
+        "producer",
+        &["wait", job, "--timeout", "180s"],
+        Stdio::null(),
+    )
+    .exited()
+    .await;
     assert!(
         code.success(),
         "producer wait: {said}\nworker: {}",

@@ -70,12 +70,7 @@ impl Upkeep {
             },
         )));
         // Follow-up jobs of finished jobs (`enqueue --then`), from the namespace's outbox.
-        let settings = taskmill_client::Settings {
-            amqp_url: args.conn.amqp_url.clone(),
-            redis_url: args.conn.redis_url.clone(),
-            namespace: args.conn.namespace.clone(),
-            result_ttl: args.conn.result_ttl,
-        };
+        let settings = args.conn.client_settings();
         let outbox_client = Arc::new(tokio::sync::Mutex::new(None));
         let who = beat.id.clone();
         tasks.push(tokio::spawn(every(

@@ -89,7 +89,7 @@ fn when(ms: i64) -> String {
 
 /// Lists dead letters (all, or one job's) without removing them.
 pub async fn list(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<Vec<DeadLetter>> {
-    Ok(taskmill_client::dead::list(&crate::settings(conn), job).await?)
+    Ok(taskmill_client::dead::list(&conn.client_settings(), job).await?)
 }
 
 /// Republishes matching dead letters (of those there when it starts) to their work queue.
@@ -99,12 +99,12 @@ pub async fn replay(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<Replay
 
 /// Deletes matching dead letters; returns how many.
 pub async fn purge(conn: &ConnArgs, job: Option<&str>) -> anyhow::Result<u64> {
-    Ok(taskmill_client::dead::purge(&crate::settings(conn), job).await?)
+    Ok(taskmill_client::dead::purge(&conn.client_settings(), job).await?)
 }
 
 /// One dead letter (by its message id `JOB:BATCH`) as JSON, None when it is not there.
 pub async fn find(conn: &ConnArgs, id: &str) -> anyhow::Result<Option<Value>> {
-    Ok(taskmill_client::dead::find(&crate::settings(conn), id).await?)
+    Ok(taskmill_client::dead::find(&conn.client_settings(), id).await?)
 }
 
 async fn show(conn: &ConnArgs, id: &str, as_json: bool) -> anyhow::Result<bool> {
