@@ -649,6 +649,32 @@ pub fn python_venv() -> PathBuf {
     dir
 }
 
+/// A fresh virtualenv with Celery installed by pip (`tests/celery/requirements.txt`), as a
+/// Celery shop's app has it.
+pub fn celery_venv() -> PathBuf {
+    let dir = workspace_root().join(format!(
+        "target/py-celery-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&dir)
+        .status()
+        .expect("python3");
+    assert!(ok.success(), "python3 -m venv failed");
+    let out = Command::new(dir.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(workspace_root().join("tests/celery/requirements.txt"))
+        .output()
+        .expect("pip");
+    assert!(
+        out.status.success(),
+        "pip install celery: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
 /// A running `producer dashboard` and its URL (it listens on a free port and prints it).
 pub struct Dashboard {
     /// The process.

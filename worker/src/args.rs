@@ -75,6 +75,10 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub retry: RetryPolicy,
 
+    /// Calls from Celery apps.
+    #[command(flatten)]
+    pub celery: CeleryArgs,
+
     /// Log format on stderr (`RUST_LOG` sets the filter).
     #[arg(
         long,
@@ -101,7 +105,89 @@ impl WorkerArgs {
             unknown_task_wait: 0,
             stall_after: 300,
             retry: RetryPolicy::default(),
+            celery: CeleryArgs::default(),
             log_format: LogFormat::Pretty,
         }
+    }
+}
+
+/// Celery ingress: the queues Celery apps publish to, and how their calls map to tasks.
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Celery ingress")]
+pub struct CeleryArgs {
+    /// Also consume this queue of Celery calls (Celery's default queue is `celery`; repeat or
+    /// separate with commas for several). Each call runs as a job of one batch whose id is
+    /// the Celery task id; its result goes where Celery's Redis result backend reads it, so
+    /// the app's `AsyncResult.get()` returns it.
+    #[arg(
+        id = "celery_queue",
+        long = "celery-queue",
+        env = "TASKMILL_CELERY_QUEUES",
+        value_delimiter = ','
+    )]
+    pub queues: Vec<String>,
+
+    /// A Celery task name and the task it runs, `NAME=TASK` (repeatable), for names that are
+    /// not a task's: `myapp.tasks.post_stats=post-stats`. Without one, a name runs the task
+    /// of that name, else the task named by its last dotted part with `_` as `-`.
+    #[arg(
+        id = "celery_alias",
+        long = "celery-alias",
+        env = "TASKMILL_CELERY_ALIASES",
+        value_delimiter = ','
+    )]
+    pub aliases: Vec<String>,
+
+    /// How long results stay in Celery's backend, in seconds (Celery's `result_expires`).
+    #[arg(
+        id = "celery_result_expires",
+        long = "celery-result-expires",
+        env = "TASKMILL_CELERY_RESULT_EXPIRES",
+        default_value_t = 86_400
+    )]
+    pub result_expires: u64,
+
+    /// The key prefix of Celery's Redis result backend (its `result_backend_transport_options`
+    /// `global_keyprefix` before `celery-task-meta-`).
+    #[arg(
+        id = "celery_key_prefix",
+        long = "celery-key-prefix",
+        env = "TASKMILL_CELERY_KEY_PREFIX",
+        default_value = "celery-task-meta-"
+    )]
+    pub key_prefix: String,
+
+    /// The type a Celery queue is declared with when the app has not declared it yet:
+    /// `classic` (Celery's default) or `quorum` (an app with task_default_queue_type
+    /// "quorum"). One declared already is used as it is.
+    #[arg(id = "celery_queue_type", long = "celery-queue-type", env = "TASKMILL_CELERY_QUEUE_TYPE", default_value = "classic", value_parser = ["classic", "quorum"])]
+    pub queue_type: String,
+}
+
+impl Default for CeleryArgs {
+    fn default() -> Self {
+        Self {
+            queues: Vec::new(),
+            aliases: Vec::new(),
+            result_expires: 86_400,
+            key_prefix: "celery-task-meta-".into(),
+            queue_type: "classic".into(),
+        }
+    }
+}
+
+impl CeleryArgs {
+    /// The alias table, checked: `NAME=TASK` pairs.
+    pub fn alias_table(&self) -> Result<std::collections::BTreeMap<String, String>, String> {
+        self.aliases
+            .iter()
+            .filter(|a| !a.trim().is_empty())
+            .map(|a| match a.split_once('=') {
+                Some((name, task)) if !name.trim().is_empty() && !task.trim().is_empty() => {
+                    Ok((name.trim().to_string(), task.trim().to_string()))
+                }
+                _ => Err(format!("--celery-alias {a:?} is not NAME=TASK")),
+            })
+            .collect()
     }
 }

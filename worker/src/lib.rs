@@ -37,6 +37,7 @@
 pub mod ack;
 pub mod analyse;
 mod args;
+mod celery;
 mod chains;
 mod dead_events;
 pub mod decide;
@@ -67,7 +68,7 @@ use taskmill_common::{
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-pub use args::WorkerArgs;
+pub use args::{CeleryArgs, WorkerArgs};
 pub use stats::Stats;
 
 /// A whole worker binary: reads the config file and the command line (the stock worker's
@@ -178,6 +179,14 @@ pub async fn run_with_stats(
         &cancelled,
         metrics_stop.clone(),
     );
+    // Calls from Celery apps (`--celery-queue`) become jobs beside the sessions.
+    let ingress = celery::wanted(&args).then(|| {
+        tokio::spawn(celery::run(
+            args.clone(),
+            registry.clone(),
+            shutdown.clone(),
+        ))
+    });
     let running: pool::Running = Arc::new((0..threads).map(|_| Default::default()).collect());
     let analyser = pool::Analyser {
         pumps: pumps::Pumps::new(Arc::new(pool)),
@@ -212,6 +221,9 @@ pub async fn run_with_stats(
             .load(std::sync::atomic::Ordering::Relaxed)
     {
         result = Err(ThreadsStuck.into());
+    }
+    if let Some(ingress) = ingress {
+        let _ = ingress.await;
     }
     metrics_stop.cancel();
     let _ = watchdog.await;
@@ -279,6 +291,10 @@ fn check(args: &WorkerArgs) -> anyhow::Result<()> {
     for q in &args.queues {
         topology::validate_queue(q).map_err(UsageError)?;
     }
+    for q in &args.celery.queues {
+        topology::validate_queue(q).map_err(|e| UsageError(format!("--celery-queue: {e}")))?;
+    }
+    args.celery.alias_table().map_err(UsageError)?;
     if args.prefetch == 0 {
         return Err(UsageError("--prefetch must be at least 1".into()).into());
     }

@@ -17,6 +17,7 @@
 //! stored with `HSETNX`, and the counters move only when that stored something. A batch that is
 //! delivered twice therefore never counts twice.
 
+pub mod celery;
 pub mod chains;
 mod conn;
 mod fleet;
@@ -267,6 +268,7 @@ struct Scripts {
     reopen: redis::Script,
     stall: redis::Script,
     add_problem: redis::Script,
+    celery_result: redis::Script,
 }
 
 impl Scripts {
@@ -287,6 +289,7 @@ impl Scripts {
             raise: with_finish(RAISE_LUA),
             reopen: with_finish(include_str!("lua/reopen.lua")),
             stall: with_finish(include_str!("lua/stall.lua")),
+            celery_result: with_finish(include_str!("lua/celery_result.lua")),
             add_problem: with_finish(
                 "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end\n\
                  append_problem(KEYS[1], ARGV[1])\nreturn 1",
@@ -397,16 +400,30 @@ impl Store {
     /// Registers a job; fails when its id is taken.
     #[tracing::instrument(level = "debug", skip_all, fields(job = %job.id))]
     pub async fn register_job(&self, job: &NewJob<'_>) -> Result<Registered, StoreError> {
+        match self.register(job, None).await? {
+            redis::Value::Int(1) => Ok(Registered::New),
+            redis::Value::BulkString(holder) => Ok(Registered::Duplicate(
+                String::from_utf8_lossy(&holder).into_owned(),
+            )),
+            _ => Err(StoreError::JobExists(job.id.to_string())),
+        }
+    }
+
+    /// Runs `register.lua` for `job`; `whole`: (batches, records, Celery settings) of a job
+    /// published whole in one go. The script's answer as it gave it.
+    async fn register(
+        &self,
+        job: &NewJob<'_>,
+        whole: Option<(u64, u64, &str)>,
+    ) -> Result<redis::Value, StoreError> {
         let params = serde_json::to_string(job.params).unwrap_or_else(|_| "{}".into());
         let mut con = self.con().await;
         let unique = job
             .unique_key
             .map(|k| self.keys.unique(k))
             .unwrap_or_default();
-        let created: redis::Value = self
-            .scripts
-            .register
-            .key(self.keys.job(job.id))
+        let mut call = self.scripts.register.prepare_invoke();
+        call.key(self.keys.job(job.id))
             .key(self.keys.jobs())
             .key(unique)
             .key(if job.group.is_empty() {
@@ -424,18 +441,13 @@ impl Store {
             .arg(job.token)
             .arg(job.then)
             .arg(job.parent)
-            .arg(job.group)
-            .invoke_async(&mut con)
-            .await
-            .map_err(|e| self.err(e))?;
-        self.replicated(&mut con).await?;
-        match created {
-            redis::Value::Int(1) => Ok(Registered::New),
-            redis::Value::BulkString(holder) => Ok(Registered::Duplicate(
-                String::from_utf8_lossy(&holder).into_owned(),
-            )),
-            _ => Err(StoreError::JobExists(job.id.to_string())),
+            .arg(job.group);
+        if let Some((batches, records, celery)) = whole {
+            call.arg(batches).arg(records).arg(celery);
         }
+        let created: redis::Value = call.invoke_async(&mut con).await.map_err(|e| self.err(e))?;
+        self.replicated(&mut con).await?;
+        Ok(created)
     }
 
     /// The job holding unique key `key` (pending or running), if any.

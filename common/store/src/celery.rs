@@ -1,0 +1,113 @@
+//! Celery ingress, the Redis side: a Celery call is a job of one batch whose id is the Celery
+//! task id, registered whole (its batches and records known at once) with its Celery settings
+//! in the job hash (`celery`: [`CelerySettings`] as JSON). The script that finishes the job
+//! (`celery_finish` in `prelude.lua`) writes the outcome where Celery's Redis result backend
+//! reads it, `SET` with expiry and `PUBLISH` on the key's channel, in the same atomic step as
+//! the result itself: SUCCESS with the task's result, FAILURE with the dead-letter reason,
+//! REVOKED when cancelled or expired. A stored SUCCESS is never overwritten.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{NewJob, Store, StoreError};
+
+/// What a job made from a Celery call keeps of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CelerySettings {
+    /// Where the result goes: the backend's key prefix and the task id.
+    pub key: String,
+    /// How long the result is kept, in seconds (Celery's `result_expires`).
+    pub expires: u64,
+    /// The call's parent in a Celery workflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// The Celery group it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+}
+
+/// What registering a Celery call did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CeleryRegistered {
+    /// Registered now, or by an earlier delivery of the same call that did not get as far as
+    /// its ack: publish its batch.
+    Publish,
+    /// An earlier delivery of the call ran it to the end: nothing to publish.
+    Finished,
+    /// Another job has this id: the call cannot be a job.
+    Taken,
+}
+
+/// A Celery outcome written without a job (a call refused before it became one).
+#[derive(Debug, Clone)]
+pub struct CeleryRefusal<'a> {
+    /// The Celery task id.
+    pub id: &'a str,
+    /// `FAILURE` (or `REVOKED`).
+    pub status: &'a str,
+    /// The exception's type, as `get()` raises it.
+    pub exc_type: &'a str,
+    /// The exception's module (`taskmill` is not loaded in the Python app, so Celery makes the
+    /// type up in `celery.exceptions`).
+    pub exc_module: &'a str,
+    /// What went wrong.
+    pub message: &'a str,
+}
+
+impl Store {
+    /// Registers the Celery call `job` (its token: derived from the task id, so that a
+    /// redelivery finds its own registration), published whole in `batches` batches of
+    /// `records` records in all.
+    pub async fn register_celery_call(
+        &self,
+        job: &NewJob<'_>,
+        batches: u64,
+        records: u64,
+        settings: &CelerySettings,
+    ) -> Result<CeleryRegistered, StoreError> {
+        let settings = serde_json::to_string(settings).unwrap_or_default();
+        match self
+            .register(job, Some((batches, records, &settings)))
+            .await?
+        {
+            redis::Value::Int(1) => Ok(CeleryRegistered::Publish),
+            redis::Value::Int(2) => Ok(CeleryRegistered::Finished),
+            _ => Ok(CeleryRegistered::Taken),
+        }
+    }
+
+    /// Writes a refused call's outcome at `settings.key`; false when a SUCCESS was there.
+    pub async fn celery_refuse(
+        &self,
+        settings: &CelerySettings,
+        refusal: &CeleryRefusal<'_>,
+    ) -> Result<bool, StoreError> {
+        let mut con = self.con().await;
+        let written: i64 = self
+            .scripts
+            .celery_result
+            .key(&settings.key)
+            .arg(refusal.id)
+            .arg(refusal.status)
+            .arg(refusal.exc_type)
+            .arg(refusal.exc_module)
+            .arg(refusal.message)
+            .arg(taskmill_protocol::now_ms())
+            .arg(settings.expires)
+            .arg(serde_json::to_string(settings).unwrap_or_default())
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        self.replicated(&mut con).await?;
+        Ok(written == 1)
+    }
+
+    /// The Celery result stored at `key`, as its JSON text.
+    pub async fn celery_result(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let mut con = self.con().await;
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))
+    }
+}
