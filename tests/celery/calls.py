@@ -17,7 +17,7 @@ from kombu.exceptions import ContentDisallowed
 
 QUEUE, PREFIX, MODE, N = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 BROKER = "amqp://guest:guest@127.0.0.1:5672//"
-BACKEND = "redis://127.0.0.1:6379/0"
+BACKEND = os.environ.get("CELERY_TEST_BACKEND", "redis://127.0.0.1:6379/0")
 RECORDS = [
     {"title": "Hello", "body": "world wide web"},
     {"title": "  Bye ", "body": "x"},
@@ -50,7 +50,7 @@ def many(a, n):
     calls = [a.send_task("text-stats", args=[[{"body": f"word {i} " * (i % 7 + 1)}]]) for i in range(n)]
     print("sent", n, flush=True)
     for i, c in enumerate(calls):
-        out = c.get(timeout=180)
+        out = c.get(timeout=60)
         assert out["records"] == 1, out
     return [c.id for c in calls]
 

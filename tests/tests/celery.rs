@@ -14,10 +14,17 @@ use std::{
 };
 
 use serde_json::Value;
-use taskmill_tests::{celery_venv, producer, until, workspace_root, Logged, TestNs};
+use taskmill_common::store::Store;
+use taskmill_tests::{
+    catalog_ready, celery_venv, mgmt, producer, until, workspace_root, Logged, TestNs,
+};
 
-/// A worker binary consuming the namespace's Celery queue (results under the namespace).
-fn worker(ns: &str) -> Logged {
+/// The machine's Redis.
+const LOCAL: &str = "redis://127.0.0.1:6379/0";
+
+/// A worker binary consuming the namespace's Celery queue (results under the namespace), on
+/// the Redis at `redis_url`.
+fn worker(ns: &str, redis_url: &str) -> Logged {
     let queue = format!("{ns}-celery");
     let prefix = format!("{ns}:celery-task-meta-");
     Logged::spawn(
@@ -31,14 +38,18 @@ fn worker(ns: &str) -> Logged {
             "--celery-key-prefix",
             &prefix,
         ],
-        &[("RUST_LOG", "warn".to_string())],
+        &[
+            ("RUST_LOG", "warn".to_string()),
+            ("REDIS_URL", redis_url.to_string()),
+        ],
         Stdio::null(),
     )
 }
 
-/// `tests/celery/calls.py` against the namespace's queue: (exit status, stdout, stderr).
-fn calls(venv: &Path, ns: &str, mode: &str, n: u64) -> std::process::Child {
+/// `tests/celery/calls.py` against the namespace's queue, results on the Redis at `redis_url`.
+fn calls(venv: &Path, ns: &str, redis_url: &str, mode: &str, n: u64) -> std::process::Child {
     Command::new(venv.join("bin/python"))
+        .env("CELERY_TEST_BACKEND", redis_url)
         .arg(workspace_root().join("tests/celery/calls.py"))
         .args([
             &format!("{ns}-celery"),
@@ -71,9 +82,13 @@ fn status(ns: &str, job: &str) -> Value {
 }
 
 /// Every call in `ids` is a completed job of one batch whose Celery result says SUCCESS.
-async fn each_succeeded_once(t: &TestNs, ids: &[Value]) {
-    let store = t.store().await;
-    let mut con = taskmill_tests::redis_con().await;
+async fn each_succeeded_once(ns: &str, redis_url: &str, ids: &[Value]) {
+    let store = Store::connect(redis_url, ns, 3600).await.unwrap();
+    let mut con = redis::Client::open(redis_url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     for id in ids {
         let id = id.as_str().unwrap();
         let s = store.job_status(id).await.unwrap().unwrap();
@@ -88,7 +103,7 @@ async fn each_succeeded_once(t: &TestNs, ids: &[Value]) {
             "{id}: {s:?}"
         );
         let meta: String = redis::cmd("GET")
-            .arg(format!("{}:celery-task-meta-{id}", t.ns))
+            .arg(format!("{ns}:celery-task-meta-{id}"))
             .query_async(&mut con)
             .await
             .unwrap();
@@ -102,21 +117,18 @@ async fn each_succeeded_once(t: &TestNs, ids: &[Value]) {
 async fn a_celery_app_calls_taskmill_workers_unchanged() {
     let venv = tokio::task::spawn_blocking(celery_venv);
     let t = TestNs::new();
-    let w = worker(&t.ns);
+    let w = worker(&t.ns, LOCAL);
     let venv = venv.await.unwrap();
     let ns = t.ns.clone();
     let v = venv.clone();
-    let out =
-        tokio::task::spawn_blocking(move || calls(&v, &ns, "checks", 2000).wait_with_output())
-            .await
-            .unwrap()
-            .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        calls(&v, &ns, LOCAL, "checks", 2000).wait_with_output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
     let ids = ids_of(out);
-    assert!(
-        w.said().is_empty() || !w.said().contains("panicked"),
-        "{}",
-        w.said()
-    );
+    assert!(!w.said().contains("panicked"), "{}", w.said());
 
     // Each call is a taskmill job, read like any other.
     let ok = status(&t.ns, ids["ok"].as_str().unwrap());
@@ -138,56 +150,100 @@ async fn a_celery_app_calls_taskmill_workers_unchanged() {
         eta["started_ms"].as_u64().unwrap() >= eta["created_ms"].as_u64().unwrap() + 1900,
         "ran before its ETA: {eta}"
     );
-    each_succeeded_once(&t, ids["many"].as_array().unwrap()).await;
+    each_succeeded_once(&t.ns, LOCAL, ids["many"].as_array().unwrap()).await;
     drop(w);
     let _ = std::fs::remove_dir_all(&venv);
     t.cleanup().await;
 }
 
+/// The worker is killed while its ingress holds calls it has not acked: Redis writes are
+/// paused (a private Redis, so that no other test waits) before the app sends, so the ingress
+/// takes a round from the broker and waits to register it. The other worker, started then,
+/// gets those calls from the broker; every call returns once. (An ingress that acked calls
+/// before their batches were confirmed loses that round: watched failing so.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_stream_loses_no_celery_call() {
     const CALLS: u64 = 4000;
     let venv = tokio::task::spawn_blocking(celery_venv);
     let t = TestNs::new();
-    let mut doomed = worker(&t.ns);
-    let other = worker(&t.ns);
-    let venv = venv.await.unwrap();
-    let app = calls(&venv, &t.ns, "many", CALLS);
-    // Killed once a quarter of the calls are jobs: it holds Celery messages not yet acked and
-    // batches not yet stored, which the broker gives to the other worker.
-    let mut con = taskmill_tests::redis_con().await;
-    let jobs = format!("{}:jobs", t.ns);
-    until(
-        "a quarter of the calls registered",
-        Duration::from_secs(120),
-        || {
-            let (mut con, jobs) = (con.clone(), jobs.clone());
+    let redis = taskmill_tests::redis_server::PrivateRedis::start().await;
+    let url = redis.url();
+    let store = Store::connect(&url, &t.ns, 3600).await.unwrap();
+    let mut doomed = worker(&t.ns, &url);
+    catalog_ready(&store).await;
+    let queue = format!("/api/queues/%2f/{}-celery", t.ns);
+    let queue_has = |field: &'static str, ok: fn(u64) -> bool| {
+        let queue = queue.clone();
+        move || {
+            let queue = queue.clone();
             async move {
-                let n: u64 = redis::cmd("ZCARD")
-                    .arg(&jobs)
-                    .query_async(&mut con)
+                let q = mgmt::Client::new()
+                    .get_json(&queue)
                     .await
-                    .unwrap_or(0);
-                n >= CALLS / 4
+                    .unwrap_or_default();
+                q[field].as_u64().is_some_and(ok)
             }
-        },
+        }
+    };
+    until(
+        "the ingress consuming",
+        Duration::from_secs(60),
+        queue_has("consumers", |n| n == 1),
     )
     .await;
-    doomed.process.kill().unwrap();
-    let out = tokio::task::spawn_blocking(move || app.wait_with_output())
-        .await
+    let mut con = redis::Client::open(url.as_str())
         .unwrap()
+        .get_multiplexed_async_connection()
+        .await
         .unwrap();
-    let ids = ids_of(out);
-    let many = ids["many"].as_array().unwrap();
-    assert_eq!(many.len() as u64, CALLS);
-    each_succeeded_once(&t, many).await;
-    let n: u64 = redis::cmd("ZCARD")
-        .arg(&jobs)
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(60_000)
+        .arg("WRITE")
         .query_async(&mut con)
         .await
         .unwrap();
-    assert_eq!(n, CALLS, "one job a call");
+    let venv = venv.await.unwrap();
+    let mut app = calls(&venv, &t.ns, &url, "many", CALLS);
+    let stdout = app.stdout.take().unwrap();
+    let stdout = tokio::task::spawn_blocking(move || {
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+        let sent = lines.next();
+        (sent, lines)
+    });
+    let (sent, rest) = stdout.await.unwrap();
+    assert_eq!(sent.unwrap().unwrap(), format!("sent {CALLS}"));
+    // Every call is in the broker; the ingress took some (its prefetch) and waits on Redis.
+    until(
+        "the ingress holding calls",
+        Duration::from_secs(60),
+        queue_has("messages_ready", |n| n < CALLS),
+    )
+    .await;
+    doomed.process.kill().unwrap();
+    let other = worker(&t.ns, &url);
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let (status, rest) = tokio::task::spawn_blocking(move || {
+        let rest: Vec<String> = rest.map_while(Result::ok).collect();
+        (app.wait().unwrap(), rest)
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "calls.py: {status:?}: {rest:?}");
+    let ids: Value = serde_json::from_str(rest.last().unwrap()).unwrap();
+    let many = ids["many"].as_array().unwrap();
+    assert_eq!(many.len() as u64, CALLS);
+    each_succeeded_once(&t.ns, &url, many).await;
+    let jobs: u64 = redis::cmd("ZCARD")
+        .arg(format!("{}:jobs", t.ns))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(jobs, CALLS, "one job a call");
     drop(other);
     let _ = std::fs::remove_dir_all(&venv);
     t.cleanup().await;
