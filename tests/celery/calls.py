@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from celery import Celery
+from celery import Celery, chain
 from celery.exceptions import NotRegistered, TaskRevokedError
 from kombu.exceptions import ContentDisallowed
 
@@ -71,6 +71,29 @@ def checks():
     # A msgpack app.
     m = app("msgpack")
     assert m.send_task("post-stats", args=[RECORDS]).get(timeout=30) == got
+    # Chains: each step over the result before it (one record: a result is an object), the
+    # frozen ids kept; an immutable step ignores it; a failure fails the rest.
+    two = chain(j.signature("post-stats", args=(RECORDS,)), j.signature("chaos"))()
+    assert two.get(timeout=30)["records"] == 1, two.get()
+    assert two.parent.get(timeout=5) == got
+    three = chain(
+        j.signature("post-stats", args=(RECORDS,)),
+        j.signature("chaos"),
+        j.signature("text-stats", args=([{"body": "a b a"}],), immutable=True),
+    )()
+    out = three.get(timeout=30)
+    assert out["records"] == 1 and out["words"] == 3, out
+    assert three.parent.get(timeout=5)["records"] == 1
+    ids["chain"] = [three.id, three.parent.id, three.parent.parent.id]
+    broken = chain(
+        j.signature("chaos", args=(RECORDS,), kwargs={"fail_rate": 1, "fail": "permanent"}),
+        j.signature("post-stats"),
+    )()
+    raises(Exception, broken, "permanent")
+    # The step after the failure is failed too (not left pending), as Celery's workers do.
+    alone = j.AsyncResult(broken.id)
+    raises(Exception, alone, "permanent")
+    assert alone.status == "FAILURE", alone.status
     # A task that fails raises with the task's message.
     bad = j.send_task("chaos", args=[RECORDS], kwargs={"fail_rate": 1, "fail": "permanent"})
     raises(Exception, bad, "permanent", "fails")

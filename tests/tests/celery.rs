@@ -150,7 +150,20 @@ async fn a_celery_app_calls_taskmill_workers_unchanged() {
         eta["started_ms"].as_u64().unwrap() >= eta["created_ms"].as_u64().unwrap() + 1900,
         "ran before its ETA: {eta}"
     );
-    each_succeeded_once(&t.ns, LOCAL, ids["many"].as_array().unwrap()).await;
+    // A chain's calls are jobs linked both ways, as taskmill's own follow-ups are.
+    let chain: Vec<&str> = ids["chain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let (last, middle, first) = (chain[0], chain[1], chain[2]);
+    assert_eq!(status(&t.ns, last)["parent"], middle);
+    assert_eq!(status(&t.ns, middle)["parent"], first);
+    assert_eq!(status(&t.ns, first)["then_job"], middle);
+    let mut all = ids["many"].as_array().unwrap().clone();
+    all.extend(ids["chain"].as_array().unwrap().iter().cloned());
+    each_succeeded_once(&t.ns, LOCAL, &all).await;
     drop(w);
     let _ = std::fs::remove_dir_all(&venv);
     t.cleanup().await;

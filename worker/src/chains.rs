@@ -17,10 +17,18 @@ const CLAIM_MS: u64 = 60_000;
 /// Entries looked at per sweep.
 const PER_SWEEP: usize = 16;
 
-/// One sweep of the outbox with `client` (made on first use).
+/// What the outbox publishes with: the client (for follow-up jobs, made on first use) and a
+/// channel for the next calls of Celery chains.
+#[derive(Default)]
+pub(crate) struct Outlets {
+    client: tokio::sync::Mutex<Option<Client>>,
+    celery: crate::celery::NextCalls,
+}
+
+/// One sweep of the outbox.
 pub(crate) async fn sweep(
     store: Store,
-    client: &tokio::sync::Mutex<Option<Client>>,
+    outlets: &Outlets,
     settings: &taskmill_client::Settings,
     who: &str,
 ) {
@@ -30,7 +38,7 @@ pub(crate) async fn sweep(
     if due.is_empty() {
         return;
     }
-    let mut guard = client.lock().await;
+    let mut guard = outlets.client.lock().await;
     if guard.is_none() {
         match Client::connect(settings.clone()).await {
             Ok(c) => *guard = Some(c),
@@ -50,7 +58,13 @@ pub(crate) async fn sweep(
         }
         let span = tracing::info_span!("follow-up", parent = %job);
         let _enter = span.enter();
-        match fire(client, &store, &job).await {
+        let fired = match store.celery_settings(&job).await {
+            Ok(Some(c)) if !c.chain.is_empty() => {
+                fire_celery(&outlets.celery, &settings.amqp_url, &store, &job, &c).await
+            }
+            _ => fire(client, &store, &job).await,
+        };
+        match fired {
             Ok((child, note)) => {
                 info!(child = child.as_deref().unwrap_or("-"), "{note}");
                 if let Err(e) = store.settle_outbox(&job, child.as_deref(), &note).await {
@@ -62,6 +76,30 @@ pub(crate) async fn sweep(
                 let _ = store.release_outbox(&job).await;
             }
         }
+    }
+}
+
+/// Publishes the next call of the Celery chain of `job` (which succeeded: only then is it in
+/// the outbox) over its result.
+async fn fire_celery(
+    next: &crate::celery::NextCalls,
+    amqp_url: &str,
+    store: &Store,
+    job: &str,
+    c: &taskmill_common::store::celery::CelerySettings,
+) -> Result<(Option<String>, String), Error> {
+    let retval = store
+        .results(job)
+        .await?
+        .into_iter()
+        .next()
+        .map_or(serde_json::Value::Null, |(_, v)| v);
+    match next.publish(amqp_url, job, c, retval).await {
+        Ok((id, task)) => Ok((
+            Some(id),
+            format!("published the chain's next Celery call, {task}"),
+        )),
+        Err(e) => Err(Error::Broker(taskmill_common::error_text(&*e))),
     }
 }
 

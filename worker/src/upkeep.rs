@@ -71,16 +71,15 @@ impl Upkeep {
         )));
         // Follow-up jobs of finished jobs (`enqueue --then`), from the namespace's outbox.
         let settings = args.conn.client_settings();
-        let outbox_client = Arc::new(tokio::sync::Mutex::new(None));
+        let outlets = Arc::new(crate::chains::Outlets::default());
         let who = beat.id.clone();
         tasks.push(tokio::spawn(every(
             background.clone(),
             OUTBOX_EVERY,
             stop.clone(),
             move |s| {
-                let (client, settings, who) =
-                    (outbox_client.clone(), settings.clone(), who.clone());
-                async move { crate::chains::sweep(s, &client, &settings, &who).await }
+                let (outlets, settings, who) = (outlets.clone(), settings.clone(), who.clone());
+                async move { crate::chains::sweep(s, &outlets, &settings, &who).await }
             },
         )));
         // Jobs whose batches can no longer arrive (a queue purged in the console) finish as

@@ -4,7 +4,10 @@
 //! (`celery_finish` in `prelude.lua`) writes the outcome where Celery's Redis result backend
 //! reads it, `SET` with expiry and `PUBLISH` on the key's channel, in the same atomic step as
 //! the result itself: SUCCESS with the task's result, FAILURE with the dead-letter reason,
-//! REVOKED when cancelled or expired. A stored SUCCESS is never overwritten.
+//! REVOKED when cancelled or expired. A stored SUCCESS is never overwritten. A call with the
+//! rest of a Celery chain goes to the namespace's outbox on SUCCESS (in that same step), and a
+//! worker publishes the chain's next call from there; a failure is written for every call
+//! left in the chain too, as Celery does.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +26,17 @@ pub struct CelerySettings {
     /// The Celery group it belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_id: Option<String>,
+    /// The workflow's first call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_id: Option<String>,
+    /// The Celery queue the call came from (a next step without a queue of its own goes there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// The rest of a Celery chain, as Celery sends it (signatures, the next one last): on
+    /// SUCCESS the job goes to the outbox and a worker publishes the next step; on a failure
+    /// every step left gets the same failure, as Celery's own workers do.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<serde_json::Value>,
 }
 
 /// What registering a Celery call did.
@@ -99,6 +113,18 @@ impl Store {
             .map_err(|e| self.err(e))?;
         self.replicated(&mut con).await?;
         Ok(written == 1)
+    }
+
+    /// The Celery settings of job `job`, when it was made from a Celery call.
+    pub async fn celery_settings(&self, job: &str) -> Result<Option<CelerySettings>, StoreError> {
+        let mut con = self.con().await;
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(self.keys.job(job))
+            .arg("celery")
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
     }
 
     /// The Celery result stored at `key`, as its JSON text.

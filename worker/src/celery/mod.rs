@@ -11,7 +11,10 @@
 //! result (`taskmill_store::celery`). A call that cannot be a job gets a FAILURE result
 //! saying why (unknown task, pickle, bad parameters), so `get()` raises instead of waiting.
 
+mod next;
 pub mod wire;
+
+pub(crate) use next::NextCalls;
 
 use std::collections::BTreeMap;
 
@@ -102,6 +105,8 @@ struct Ingress {
 /// A call ready to publish: its registration and its batches.
 struct Ready {
     call: Call,
+    /// The Celery queue it came from.
+    celery_queue: String,
     task: String,
     params: BTreeMap<String, String>,
     records: u64,
@@ -139,7 +144,8 @@ impl Ingress {
                     FieldTable::default(),
                 )
                 .await?;
-            consumers.push(consumer);
+            let queue = q.clone();
+            consumers.push(consumer.map(move |d| (queue.clone(), d)));
         }
         let mut publisher =
             Publisher::connect(&conn_args.amqp_url, self.names.clone(), &self.queue, ROUND)
@@ -157,8 +163,8 @@ impl Ingress {
                 anyhow::bail!("the broker ended the consumers (was a Celery queue deleted?)");
             };
             let mut got = Vec::with_capacity(round.len());
-            for d in round {
-                got.push(d?);
+            for (queue, d) in round {
+                got.push((queue, d?));
             }
             self.round(&store, &mut publisher, &channel, got).await?;
         }
@@ -175,13 +181,13 @@ impl Ingress {
         store: &Store,
         publisher: &mut Publisher,
         channel: &Channel,
-        deliveries: Vec<Delivery>,
+        deliveries: Vec<(String, Delivery)>,
     ) -> anyhow::Result<()> {
-        let Some(last) = deliveries.last().map(|d| d.delivery_tag) else {
+        let Some(last) = deliveries.last().map(|(_, d)| d.delivery_tag) else {
             return Ok(());
         };
         let mut ready = Vec::new();
-        for d in &deliveries {
+        for (queue, d) in &deliveries {
             let p = &d.properties;
             let decoded = wire::decode(
                 p.content_type().as_ref().map(|s| s.as_str()),
@@ -189,7 +195,7 @@ impl Ingress {
                 p.headers().as_ref(),
                 &d.data,
             )
-            .and_then(|call| self.prepare(call));
+            .and_then(|call| self.prepare(call, queue));
             match decoded {
                 Ok(r) => ready.push(r),
                 Err(refused) => self.refuse(store, &refused).await?,
@@ -230,7 +236,7 @@ impl Ingress {
     }
 
     /// The task, parameters and batch of a call, or why it cannot run.
-    fn prepare(&self, call: Call) -> Result<Ready, Refused> {
+    fn prepare(&self, call: Call, queue: &str) -> Result<Ready, Refused> {
         let refuse = |exc_type, why: String| refusal(&call.id, exc_type, why);
         if let Err(e) = validate_job_id(&call.id) {
             return Err(refuse(
@@ -320,6 +326,7 @@ impl Ingress {
             ));
         }
         Ok(Ready {
+            celery_queue: queue.to_string(),
             call,
             task,
             params,
@@ -341,17 +348,16 @@ impl Ingress {
         self.registry.get(&last).map(|_| last)
     }
 
-    fn settings(
-        &self,
-        id: &str,
-        parent_id: Option<&str>,
-        group_id: Option<&str>,
-    ) -> CelerySettings {
+    /// Where a call's result goes (a refused call's: nothing else is known).
+    fn settings(&self, id: &str) -> CelerySettings {
         CelerySettings {
             key: format!("{}{id}", self.args.celery.key_prefix),
             expires: self.args.celery.result_expires,
-            parent_id: parent_id.map(str::to_string),
-            group_id: group_id.map(str::to_string),
+            parent_id: None,
+            group_id: None,
+            root_id: None,
+            queue: None,
+            chain: Vec::new(),
         }
     }
 
@@ -372,11 +378,14 @@ impl Ingress {
             parent: r.call.parent_id.as_deref().unwrap_or(""),
             group: "",
         };
-        let settings = self.settings(
-            &r.call.id,
-            r.call.parent_id.as_deref(),
-            r.call.group.as_deref(),
-        );
+        let settings = CelerySettings {
+            parent_id: r.call.parent_id.clone(),
+            group_id: r.call.group.clone(),
+            root_id: r.call.root_id.clone(),
+            queue: Some(r.celery_queue.clone()),
+            chain: r.call.chain.clone(),
+            ..self.settings(&r.call.id)
+        };
         store
             .register_celery_call(&job, r.batches.len() as u64, r.records, &settings)
             .await
@@ -392,7 +401,7 @@ impl Ingress {
             return Ok(());
         };
         warn!(task_id = id, "celery call refused: {}", refused.why);
-        let settings = self.settings(id, None, None);
+        let settings = self.settings(id);
         store
             .celery_refuse(
                 &settings,

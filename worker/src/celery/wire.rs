@@ -32,9 +32,11 @@ pub struct Call {
     pub args: Vec<Value>,
     /// Keyword arguments: the task's parameters.
     pub kwargs: Map<String, Value>,
-    /// What else the call asked for that taskmill does not run yet (`chain`, `chord`,
-    /// `callbacks`, `errbacks`), by name.
+    /// What else the call asked for that taskmill does not run yet (`chord`, `callbacks`,
+    /// `errbacks`), by name.
     pub workflow: Vec<&'static str>,
+    /// The rest of its Celery chain (signatures, the next one last).
+    pub chain: Vec<Value>,
 }
 
 /// A message that cannot be a call, with what to tell the app.
@@ -212,7 +214,12 @@ pub fn decode(
         Some(_) => return Err(refuse("ProtocolError", "args is not a list".into())),
     };
     let mut workflow = Vec::new();
-    for name in ["chain", "chord", "callbacks", "errbacks"] {
+    let chain = match embed.get("chain") {
+        Some(Value::Array(a)) => a.clone(),
+        Some(Value::Null) | None => Vec::new(),
+        Some(_) => return Err(refuse("ProtocolError", "embed.chain is not a list".into())),
+    };
+    for name in ["chord", "callbacks", "errbacks"] {
         if embed.get(name).is_some_and(|v| match v {
             Value::Array(a) => !a.is_empty(),
             Value::Null => false,
@@ -257,6 +264,7 @@ pub fn decode(
         args,
         kwargs,
         workflow,
+        chain,
     })
 }
 
@@ -327,7 +335,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(call.args, vec![json!([{"n": 1}])]);
-        assert_eq!(call.workflow, vec!["chain"]);
+        assert!(call.workflow.is_empty());
+        assert_eq!(call.chain, vec![json!({"task": "t"})]);
 
         let tagged = br#"[[[{"at": {"__type__": "datetime", "__value__": "2026-01-01T00:00:00"}, "d": {"__type__": "decimal", "__value__": "1.5"}}]], {}, {}]"#;
         let call = decode(Some("application/json"), None, Some(&h), tagged).unwrap();

@@ -111,26 +111,49 @@ end
 local function celery_exc(exc_type, module, message)
   return cjson.encode({exc_type = exc_type, exc_message = {message}, exc_module = module})
 end
--- A job made from a Celery call (its `celery` field, JSON: key, expires, parent_id, group_id)
--- that has just ended (`j`: its fields as they are now) writes its outcome once: SUCCESS with
--- the batch's result, REVOKED when cancelled or expired unrun, FAILURE with the dead-letter
--- reason otherwise.
+-- The task ids of the calls left in a Celery chain (signatures with options.task_id).
+local function celery_chain_ids(c)
+  local ids = {}
+  if type(c.chain) ~= 'table' then return ids end
+  for _, sig in ipairs(c.chain) do
+    if type(sig) == 'table' and type(sig.options) == 'table'
+       and type(sig.options.task_id) == 'string' then
+      ids[#ids + 1] = sig.options.task_id
+    end
+  end
+  return ids
+end
+-- A job made from a Celery call (its `celery` field, JSON: key, expires, parent_id, group_id,
+-- chain) that has just ended (`j`: its fields as they are now) writes its outcome once:
+-- SUCCESS with the batch's result, REVOKED when cancelled or expired unrun, FAILURE with the
+-- dead-letter reason otherwise. On SUCCESS with calls left in its chain, the job goes to the
+-- namespace's outbox (a worker publishes the next call); otherwise those calls get the same
+-- outcome, as Celery's workers write it (so that get() on the chain raises, not waits).
 local function celery_finish(job, j, now)
   local raw = redis.call('HGET', job, 'celery')
   if not raw or redis.call('HSETNX', job, 'celery_sent_ms', now) == 0 then return end
   local ok, c = pcall(cjson.decode, raw)
   if not ok or type(c) ~= 'table' or type(c.key) ~= 'string' then return end
   local id = string.match(job, ':job:([^:]*)$') or ''
-  local meta
+  local prefix = string.sub(c.key, 1, #c.key - #id)
+  local rest = celery_chain_ids(c)
   if j.state == STATE.completed then
     local result = redis.call('HGET', job .. ':results', '0') or 'null'
-    meta = celery_meta(id, 'SUCCESS', result, 'null', now, c)
-  elseif j.state == STATE.cancelled or (num(j.batches_expired) > 0 and num(j.batches_done) == 0
+    celery_put(c.key, celery_meta(id, 'SUCCESS', result, 'null', now, c), c.expires)
+    if #rest > 0 and redis.call('HSETNX', job, 'then_fired_ms', now) == 1 then
+      local ns = string.match(job, '^(.*):job:[^:]*$')
+      if ns then redis.call('ZADD', ns .. ':outbox', now, id) end
+    end
+    return
+  end
+  local status, exc, tb = 'FAILURE', nil, nil
+  if j.state == STATE.cancelled or (num(j.batches_expired) > 0 and num(j.batches_done) == 0
       and num(j.batches_dead) == 0) then
     local why = 'cancelled'
     if j.state ~= STATE.cancelled then why = 'expired before it started' end
-    meta = celery_meta(id, 'REVOKED', celery_exc('TaskRevokedError', 'celery.exceptions', why),
-      'null', now, c)
+    status = 'REVOKED'
+    exc = celery_exc('TaskRevokedError', 'celery.exceptions', why)
+    tb = 'null'
   else
     local kind, message = 'stalled', 'its batch was lost (stalled)'
     local dead = redis.call('HGET', job .. ':dead', '0')
@@ -143,10 +166,14 @@ local function celery_finish(job, j, now)
     end
     local exc_type = string.gsub(kind, '^%l', string.upper)
     exc_type = string.gsub(exc_type, '_(%l)', function(l) return string.upper(l) end) .. 'Error'
-    meta = celery_meta(id, 'FAILURE', celery_exc(exc_type, 'taskmill', kind .. ': ' .. message),
-      cjson.encode(kind .. ': ' .. message), now, c)
+    exc = celery_exc(exc_type, 'taskmill', kind .. ': ' .. message)
+    tb = cjson.encode(kind .. ': ' .. message)
   end
-  celery_put(c.key, meta, c.expires)
+  celery_put(c.key, celery_meta(id, status, exc, tb, now, c), c.expires)
+  for _, next_id in ipairs(rest) do
+    celery_put(prefix .. next_id, celery_meta(next_id, status, exc, tb, now, {parent_id = id}),
+      c.expires)
+  end
 end
 -- Decides whether a job is finished and sets its state and finish time. Batches counted lost
 -- (`batches_lost`, set when a stalled job was given up on) finish it as `stalled`; a lost
