@@ -146,6 +146,11 @@ fn check_url(flag: &str, raw: &str, schemes: &[&str]) -> Result<(), String> {
 pub const SETTING_KEYS: &[&str] = &[
     "amqp_url",
     "batch_size",
+    "celery_alias",
+    "celery_key_prefix",
+    "celery_queue",
+    "celery_queue_type",
+    "celery_result_expires",
     "concurrency",
     "confirm_window",
     "follow_redirects",
