@@ -151,6 +151,7 @@ pub const SETTING_KEYS: &[&str] = &[
     "celery_queue",
     "celery_queue_type",
     "celery_result_expires",
+    "celery_result_serializer",
     "concurrency",
     "confirm_window",
     "follow_redirects",

@@ -25,10 +25,11 @@ RECORDS = [
 ]
 
 
-def app(serializer="json"):
+def app(serializer="json", queue=QUEUE, results="json"):
     a = Celery("calls", broker=BROKER, backend=BACKEND)
-    a.conf.task_default_queue = QUEUE
+    a.conf.task_default_queue = queue
     a.conf.task_serializer = serializer
+    a.conf.result_serializer = results
     a.conf.accept_content = ["json", "msgpack", "pickle"]
     # The result keys live under the test's namespace: global_keyprefix + celery-task-meta-.
     a.conf.result_backend_transport_options = {"global_keyprefix": PREFIX}
@@ -68,9 +69,13 @@ def checks():
     ids["ok"] = r.id
     # A name mapped by the documented rule (last dotted part, _ as -).
     assert j.send_task("myapp.tasks.post_stats", args=[RECORDS]).get(timeout=30) == got
-    # A msgpack app.
+    # A msgpack app; one whose results are msgpack too (its queue's worker writes them so).
     m = app("msgpack")
     assert m.send_task("post-stats", args=[RECORDS]).get(timeout=30) == got
+    mm = app("msgpack", queue=QUEUE + "-mp", results="msgpack")
+    assert mm.send_task("post-stats", args=[RECORDS]).get(timeout=30) == got
+    raises(Exception, mm.send_task("chaos", args=[RECORDS], kwargs={"fail_rate": 1, "fail": "permanent"}), "permanent")
+    raises(NotRegistered, mm.send_task("no.such.task", args=[RECORDS]), "no.such.task")
     # Chains: each step over the result before it (one record: a result is an object), the
     # frozen ids kept; an immutable step ignores it; a failure fails the rest.
     two = chain(j.signature("post-stats", args=(RECORDS,)), j.signature("chaos"))()

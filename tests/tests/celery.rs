@@ -25,19 +25,25 @@ const LOCAL: &str = "redis://127.0.0.1:6379/0";
 /// A worker binary consuming the namespace's Celery queue (results under the namespace), on
 /// the Redis at `redis_url`.
 fn worker(ns: &str, redis_url: &str) -> Logged {
-    let queue = format!("{ns}-celery");
+    worker_of(ns, redis_url, &format!("{ns}-celery"), &[])
+}
+
+/// A worker binary consuming Celery queue `queue`, with `extra` flags.
+fn worker_of(ns: &str, redis_url: &str, queue: &str, extra: &[&str]) -> Logged {
     let prefix = format!("{ns}:celery-task-meta-");
+    let mut args = vec![
+        "--threads",
+        "1",
+        "--celery-queue",
+        queue,
+        "--celery-key-prefix",
+        &prefix,
+    ];
+    args.extend_from_slice(extra);
     Logged::spawn(
         ns,
         "worker",
-        &[
-            "--threads",
-            "1",
-            "--celery-queue",
-            &queue,
-            "--celery-key-prefix",
-            &prefix,
-        ],
+        &args,
         &[
             ("RUST_LOG", "warn".to_string()),
             ("REDIS_URL", redis_url.to_string()),
@@ -118,6 +124,13 @@ async fn a_celery_app_calls_taskmill_workers_unchanged() {
     let venv = tokio::task::spawn_blocking(celery_venv);
     let t = TestNs::new();
     let w = worker(&t.ns, LOCAL);
+    // Results as msgpack, for an app with result_serializer = "msgpack".
+    let mp = worker_of(
+        &t.ns,
+        LOCAL,
+        &format!("{}-celery-mp", t.ns),
+        &["--celery-result-serializer", "msgpack"],
+    );
     let venv = venv.await.unwrap();
     let ns = t.ns.clone();
     let v = venv.clone();
@@ -161,10 +174,18 @@ async fn a_celery_app_calls_taskmill_workers_unchanged() {
     assert_eq!(status(&t.ns, last)["parent"], middle);
     assert_eq!(status(&t.ns, middle)["parent"], first);
     assert_eq!(status(&t.ns, first)["then_job"], middle);
+    let said = String::from_utf8_lossy(&producer(&t.ns, &["status", first]).stdout).into_owned();
+    assert!(
+        said.contains(&format!(
+            "celery:  a Celery call; its result at {}:celery-task-meta-{first}",
+            t.ns
+        )) && said.contains(&format!("next call {middle} published")),
+        "{said}"
+    );
     let mut all = ids["many"].as_array().unwrap().clone();
     all.extend(ids["chain"].as_array().unwrap().iter().cloned());
     each_succeeded_once(&t.ns, LOCAL, &all).await;
-    drop(w);
+    drop((w, mp));
     let _ = std::fs::remove_dir_all(&venv);
     t.cleanup().await;
 }
@@ -176,7 +197,7 @@ async fn a_celery_app_calls_taskmill_workers_unchanged() {
 /// before their batches were confirmed loses that round: watched failing so.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_stream_loses_no_celery_call() {
-    const CALLS: u64 = 4000;
+    const CALLS: u64 = 10_000;
     let venv = tokio::task::spawn_blocking(celery_venv);
     let t = TestNs::new();
     let redis = taskmill_tests::redis_server::PrivateRedis::start().await;

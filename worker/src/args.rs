@@ -162,6 +162,11 @@ pub struct CeleryArgs {
     /// "quorum"). One declared already is used as it is.
     #[arg(id = "celery_queue_type", long = "celery-queue-type", env = "TASKMILL_CELERY_QUEUE_TYPE", default_value = "classic", value_parser = ["classic", "quorum"])]
     pub queue_type: String,
+
+    /// How results are written for Celery's backend: `json` (Celery's default
+    /// result_serializer) or `msgpack` (an app with result_serializer = "msgpack").
+    #[arg(id = "celery_result_serializer", long = "celery-result-serializer", env = "TASKMILL_CELERY_RESULT_SERIALIZER", default_value = "json", value_parser = ["json", "msgpack"])]
+    pub result_serializer: String,
 }
 
 impl Default for CeleryArgs {
@@ -172,6 +177,7 @@ impl Default for CeleryArgs {
             result_expires: 86_400,
             key_prefix: "celery-task-meta-".into(),
             queue_type: "classic".into(),
+            result_serializer: "json".into(),
         }
     }
 }

@@ -37,6 +37,9 @@ pub struct CelerySettings {
     /// every step left gets the same failure, as Celery's own workers do.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chain: Vec<serde_json::Value>,
+    /// Results packed as msgpack (the app's `result_serializer = "msgpack"`), else JSON.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub msgpack: bool,
 }
 
 /// What registering a Celery call did.

@@ -107,6 +107,10 @@ pub struct JobStatus {
     /// What became of the follow-up: published, skipped (and why), or not enqueued (why).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub then_note: Option<String>,
+    /// A job made from a Celery call: where its Celery result goes, its workflow ids and the
+    /// rest of its chain ([`crate::celery::CelerySettings`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub celery: Option<Value>,
 }
 
 /// One job of a listing: its status, or why its hash cannot be read.
@@ -236,6 +240,7 @@ impl JobStatus {
             then_fired_ms: opt("then_fired_ms")?,
             then_job: f.get("then_job").cloned(),
             then_note: f.get("then_note").cloned(),
+            celery: f.get("celery").and_then(|v| serde_json::from_str(v).ok()),
         })
     }
 

@@ -135,6 +135,22 @@ pub fn describe(status: &JobStatus) -> String {
         };
         s.push_str(&format!("\n  then:    {} ({what})", steps.join(" → ")));
     }
+    if let Some(c) = &status.celery {
+        let left = c["chain"].as_array().map_or(0, Vec::len);
+        let mut line = format!(
+            "\n  celery:  a Celery call; its result at {}",
+            c["key"].as_str().unwrap_or("?")
+        );
+        if left > 0 {
+            let next = match (&status.then_job, status.then_fired_ms) {
+                (Some(next), _) => format!("next call {next} published"),
+                (None, Some(_)) => "publishing the next call".into(),
+                _ => "the next call runs on success".into(),
+            };
+            line.push_str(&format!(" ({left} call(s) left in its chain: {next})"));
+        }
+        s.push_str(&line);
+    }
     if status.interrupted_ms.is_some() {
         s.push_str(&format!(
             "\n  interrupted: the enqueue stopped before its input ended (a signal, or the producer died); the {} batches it published run",

@@ -1030,13 +1030,26 @@ pub async fn peer(
     file: &Path,
     size: usize,
 ) -> anyhow::Result<Value> {
-    let bin = venv_python.with_file_name(which);
+    // "taskmill-celery": Celery's producer (the same script) calling taskmill's worker through
+    // its Celery ingress, in a namespace named as the queue (so that it is cleaned up with it).
+    let bin = if which == "taskmill-celery" {
+        release_bin("worker")
+    } else {
+        venv_python.with_file_name(which)
+    };
     let queue = format!(
         "bench-{which}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
     let peers_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers");
     let (module, args): (&str, Vec<String>) = match which {
+        "taskmill-celery" => (
+            "celery_bench.py",
+            ["--celery-queue", &queue]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        ),
         "celery" => (
             "celery_bench.py",
             [
@@ -1080,6 +1093,8 @@ pub async fn peer(
             .args(&args)
             .current_dir(&peers_dir)
             .env("PEER_QUEUE", &queue)
+            .env("TASKMILL_NAMESPACE", &queue)
+            .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     )?;

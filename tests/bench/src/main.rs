@@ -603,7 +603,8 @@ async fn memory(data: &std::path::Path, rep: &mut Report) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Celery and Dramatiq on the same workload.
+/// Celery and Dramatiq on the same workload, and Celery's producer calling taskmill's worker
+/// through its Celery ingress (`taskmill-celery`).
 async fn peers(
     args: &Args,
     data: &std::path::Path,
@@ -624,7 +625,7 @@ async fn peers(
         Ok(python) => {
             let file = bench::posts_file(data, args.posts)?;
             let mut peers = serde_json::Map::new();
-            for which in ["celery", "dramatiq"] {
+            for which in ["celery", "dramatiq", "taskmill-celery"] {
                 eprintln!(
                     "bench: peers, {which} ({} posts, batches of 10)",
                     args.posts

@@ -358,6 +358,7 @@ impl Ingress {
             root_id: None,
             queue: None,
             chain: Vec::new(),
+            msgpack: self.args.celery.result_serializer == "msgpack",
         }
     }
 

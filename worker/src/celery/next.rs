@@ -162,6 +162,7 @@ mod tests {
             root_id: Some("root".into()),
             queue: Some("celery".into()),
             chain,
+            msgpack: false,
         }
     }
 

@@ -62,6 +62,129 @@ local function settled_j(j)
   return num(j.batches_done) + num(j.batches_dead) + num(j.batches_cancelled)
     + num(j.batches_expired)
 end
+-- The UTC time of `ms` (ms since the epoch) as Python's isoformat() writes an aware datetime,
+-- e.g. 2026-12-07T14:03:09.120000+00:00 (days to a civil date as in H. Hinnant's algorithm).
+local function iso_utc(ms)
+  ms = math.floor(tonumber(ms) or 0)
+  local s = math.floor(ms / 1000)
+  local days = math.floor(s / 86400)
+  local secs = s - days * 86400
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%06d+00:00', y, m, d,
+    math.floor(secs / 3600), math.floor(secs % 3600 / 60), secs % 60, (ms % 1000) * 1000)
+end
+-- A stored Celery result, decoded (JSON, else msgpack); nil when it is neither.
+local function celery_decode(raw)
+  local ok, got = pcall(cjson.decode, raw)
+  if ok and type(got) == 'table' then return got end
+  ok, got = pcall(cmsgpack.unpack, raw)
+  if ok and type(got) == 'table' then return got end
+  return nil
+end
+-- Celery ingress: writes `meta` (a Celery result, JSON; packed as msgpack when the call's
+-- settings `c` say the app's result_serializer is msgpack) at `key` for `expires` seconds and
+-- publishes it on the key's channel (what AsyncResult.get() listens to), as Celery's Redis
+-- backend does; a stored SUCCESS is never overwritten. Returns 1 when written.
+local function celery_put(key, meta, expires, c)
+  local old = redis.call('GET', key)
+  if old then
+    local got = celery_decode(old)
+    if got and got.status == 'SUCCESS' then return 0 end
+  end
+  if c.msgpack then meta = cmsgpack.pack(cjson.decode(meta)) end
+  redis.call('SET', key, meta, 'EX', math.max(1, math.floor(tonumber(expires) or 86400)))
+  redis.call('PUBLISH', key, meta)
+  return 1
+end
+-- A Celery result's JSON: `result` and `traceback` are JSON texts already; `c` the call's
+-- settings (parent_id and group_id when it had them).
+local function celery_meta(id, status, result, traceback, now, c)
+  local meta = '{"status": ' .. cjson.encode(status) .. ', "result": ' .. result
+    .. ', "traceback": ' .. traceback .. ', "children": [], "date_done": "' .. iso_utc(now)
+    .. '", "task_id": ' .. cjson.encode(id)
+  if type(c.parent_id) == 'string' then meta = meta .. ', "parent_id": ' .. cjson.encode(c.parent_id) end
+  if type(c.group_id) == 'string' then meta = meta .. ', "group_id": ' .. cjson.encode(c.group_id) end
+  return meta .. '}'
+end
+-- An exception as Celery stores one: get() raises exc_type (made up in celery.exceptions when
+-- exc_module is not loaded) with the message.
+local function celery_exc(exc_type, module, message)
+  return cjson.encode({exc_type = exc_type, exc_message = {message}, exc_module = module})
+end
+-- The task ids of the calls left in a Celery chain (signatures with options.task_id).
+local function celery_chain_ids(c)
+  local ids = {}
+  if type(c.chain) ~= 'table' then return ids end
+  for _, sig in ipairs(c.chain) do
+    if type(sig) == 'table' and type(sig.options) == 'table'
+       and type(sig.options.task_id) == 'string' then
+      ids[#ids + 1] = sig.options.task_id
+    end
+  end
+  return ids
+end
+-- A job made from a Celery call (its `celery` field, JSON: key, expires, parent_id, group_id,
+-- chain) that has just ended (`j`: its fields as they are now) writes its outcome once:
+-- SUCCESS with the batch's result, REVOKED when cancelled or expired unrun, FAILURE with the
+-- dead-letter reason otherwise. On SUCCESS with calls left in its chain, the job goes to the
+-- namespace's outbox (a worker publishes the next call); otherwise those calls get the same
+-- outcome, as Celery's workers write it (so that get() on the chain raises, not waits).
+local function celery_finish(job, j, now)
+  local raw = redis.call('HGET', job, 'celery')
+  if not raw or redis.call('HSETNX', job, 'celery_sent_ms', now) == 0 then return end
+  local ok, c = pcall(cjson.decode, raw)
+  if not ok or type(c) ~= 'table' or type(c.key) ~= 'string' then return end
+  local id = string.match(job, ':job:([^:]*)$') or ''
+  local prefix = string.sub(c.key, 1, #c.key - #id)
+  local rest = celery_chain_ids(c)
+  if j.state == STATE.completed then
+    local result = redis.call('HGET', job .. ':results', '0') or 'null'
+    celery_put(c.key, celery_meta(id, 'SUCCESS', result, 'null', now, c), c.expires, c)
+    if #rest > 0 and redis.call('HSETNX', job, 'then_fired_ms', now) == 1 then
+      local ns = string.match(job, '^(.*):job:[^:]*$')
+      if ns then redis.call('ZADD', ns .. ':outbox', now, id) end
+    end
+    return
+  end
+  local status, exc, tb = 'FAILURE', nil, nil
+  if j.state == STATE.cancelled or (num(j.batches_expired) > 0 and num(j.batches_done) == 0
+      and num(j.batches_dead) == 0) then
+    local why = 'cancelled'
+    if j.state ~= STATE.cancelled then why = 'expired before it started' end
+    status = 'REVOKED'
+    exc = celery_exc('TaskRevokedError', 'celery.exceptions', why)
+    tb = 'null'
+  else
+    local kind, message = 'stalled', 'its batch was lost (stalled)'
+    local dead = redis.call('HGET', job .. ':dead', '0')
+    if dead then
+      local okd, d = pcall(cjson.decode, dead)
+      if okd and type(d) == 'table' then
+        kind = tostring(d.kind or 'failed')
+        message = tostring(d.error or d.reason or dead)
+      end
+    end
+    local exc_type = string.gsub(kind, '^%l', string.upper)
+    exc_type = string.gsub(exc_type, '_(%l)', function(l) return string.upper(l) end) .. 'Error'
+    exc = celery_exc(exc_type, 'taskmill', kind .. ': ' .. message)
+    tb = cjson.encode(kind .. ': ' .. message)
+  end
+  celery_put(c.key, celery_meta(id, status, exc, tb, now, c), c.expires, c)
+  for _, next_id in ipairs(rest) do
+    celery_put(prefix .. next_id, celery_meta(next_id, status, exc, tb, now, {parent_id = id}),
+      c.expires, c)
+  end
+end
 -- Decides whether a job is finished and sets its state and finish time. Batches counted lost
 -- (`batches_lost`, set when a stalled job was given up on) finish it as `stalled`; a lost
 -- batch that comes back after all is stored and no longer counted lost, so a job whose lost
@@ -109,6 +232,7 @@ local function finish_j(job, j, w, now)
       end
     end
   end
+  if ended then celery_finish(job, j, now) end
   local key, id = active_of(job)
   -- A job with follow-up steps fires them once, in this same script: its id goes to the
   -- namespace's outbox, which workers publish from (see chains.rs).

@@ -4,14 +4,19 @@
 -- ARGV: id, task, queue, params, now, ttl, prefix of job keys, and optionally a token of
 -- this registration (a retry of a registration whose answer was lost, or whose WAIT for
 -- replicas failed, finds its own token and counts as registered), the follow-up steps (JSON)
--- and the job this one follows up ('' for none).
--- Returns 1 when registered, 0 when the id already exists, or the id of the job that holds
+-- and the job this one follows up ('' for none), its group, and for a job published whole in
+-- one go (a Celery call): its batches, its records and its Celery settings (JSON).
+-- Returns 1 when registered, 2 when this token registered it before and it has finished since
+-- (a call delivered again: nothing to publish), 0 when the id already exists, or the id of the job that holds
 -- the unique key while it is pending or running (nothing registered then).
 -- The job keeps its TTL in its hash; the index lives as long as its longest-lived job, and
 -- ids of expired jobs are dropped from it (the oldest few here, the rest when listed).
 local token = ARGV[8] or ''
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  if token ~= '' and redis.call('HGET', KEYS[1], 'reg_token') == token then return 1 end
+  if token ~= '' and redis.call('HGET', KEYS[1], 'reg_token') == token then
+    if redis.call('HEXISTS', KEYS[1], 'finished_ms') == 1 then return 2 end
+    return 1
+  end
   return 0
 end
 local ttl = tonumber(ARGV[6])
@@ -40,6 +45,10 @@ if (ARGV[11] or '') ~= '' and (KEYS[4] or '') ~= '' then
   local before = redis.call('TTL', KEYS[4])
   redis.call('SADD', KEYS[4], ARGV[1])
   if before == -2 or (before >= 0 and before < ttl) then redis.call('EXPIRE', KEYS[4], ttl) end
+end
+if (ARGV[12] or '') ~= '' then
+  redis.call('HSET', KEYS[1], 'batches_total', ARGV[12], 'batches_published', ARGV[12],
+    'records_total', ARGV[13], 'celery', ARGV[14])
 end
 redis.call('EXPIRE', KEYS[1], ttl)
 touch_active(KEYS[1], ARGV[5])

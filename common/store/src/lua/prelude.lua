@@ -83,15 +83,25 @@ local function iso_utc(ms)
   return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%06d+00:00', y, m, d,
     math.floor(secs / 3600), math.floor(secs % 3600 / 60), secs % 60, (ms % 1000) * 1000)
 end
--- Celery ingress: writes `meta` (a Celery result, JSON) at `key` for `expires` seconds and
+-- A stored Celery result, decoded (JSON, else msgpack); nil when it is neither.
+local function celery_decode(raw)
+  local ok, got = pcall(cjson.decode, raw)
+  if ok and type(got) == 'table' then return got end
+  ok, got = pcall(cmsgpack.unpack, raw)
+  if ok and type(got) == 'table' then return got end
+  return nil
+end
+-- Celery ingress: writes `meta` (a Celery result, JSON; packed as msgpack when the call's
+-- settings `c` say the app's result_serializer is msgpack) at `key` for `expires` seconds and
 -- publishes it on the key's channel (what AsyncResult.get() listens to), as Celery's Redis
 -- backend does; a stored SUCCESS is never overwritten. Returns 1 when written.
-local function celery_put(key, meta, expires)
+local function celery_put(key, meta, expires, c)
   local old = redis.call('GET', key)
   if old then
-    local ok, got = pcall(cjson.decode, old)
-    if ok and type(got) == 'table' and got.status == 'SUCCESS' then return 0 end
+    local got = celery_decode(old)
+    if got and got.status == 'SUCCESS' then return 0 end
   end
+  if c.msgpack then meta = cmsgpack.pack(cjson.decode(meta)) end
   redis.call('SET', key, meta, 'EX', math.max(1, math.floor(tonumber(expires) or 86400)))
   redis.call('PUBLISH', key, meta)
   return 1
@@ -139,7 +149,7 @@ local function celery_finish(job, j, now)
   local rest = celery_chain_ids(c)
   if j.state == STATE.completed then
     local result = redis.call('HGET', job .. ':results', '0') or 'null'
-    celery_put(c.key, celery_meta(id, 'SUCCESS', result, 'null', now, c), c.expires)
+    celery_put(c.key, celery_meta(id, 'SUCCESS', result, 'null', now, c), c.expires, c)
     if #rest > 0 and redis.call('HSETNX', job, 'then_fired_ms', now) == 1 then
       local ns = string.match(job, '^(.*):job:[^:]*$')
       if ns then redis.call('ZADD', ns .. ':outbox', now, id) end
@@ -169,10 +179,10 @@ local function celery_finish(job, j, now)
     exc = celery_exc(exc_type, 'taskmill', kind .. ': ' .. message)
     tb = cjson.encode(kind .. ': ' .. message)
   end
-  celery_put(c.key, celery_meta(id, status, exc, tb, now, c), c.expires)
+  celery_put(c.key, celery_meta(id, status, exc, tb, now, c), c.expires, c)
   for _, next_id in ipairs(rest) do
     celery_put(prefix .. next_id, celery_meta(next_id, status, exc, tb, now, {parent_id = id}),
-      c.expires)
+      c.expires, c)
   end
 end
 -- Decides whether a job is finished and sets its state and finish time. Batches counted lost
