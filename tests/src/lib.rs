@@ -613,10 +613,11 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A fresh virtualenv with the client installed by pip, as a user would.
-pub fn python_venv() -> PathBuf {
+/// A new virtualenv under `target/py-{kind}-…`, with `pip install ARGS` run in it (`what`
+/// names it in a failure).
+fn venv_with(kind: &str, args: &[&std::ffi::OsStr], what: &str) -> PathBuf {
     let dir = workspace_root().join(format!(
-        "target/py-client-{}",
+        "target/py-{kind}-{}",
         uuid::Uuid::new_v4().simple()
     ));
     let ok = Command::new("python3")
@@ -625,9 +626,25 @@ pub fn python_venv() -> PathBuf {
         .status()
         .expect("python3");
     assert!(ok.success(), "python3 -m venv failed");
+    let out = Command::new(dir.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(args)
+        .output()
+        .expect("pip");
+    assert!(
+        out.status.success(),
+        "pip install {what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+/// A fresh virtualenv with the client installed by pip, as a user would.
+pub fn python_venv() -> PathBuf {
     // pip builds a local project in place (build/, *.egg-info): install from a copy so that
     // the source tree stays as it is.
-    let src = dir.join("src");
+    let src =
+        std::env::temp_dir().join(format!("taskmill-py-src-{}", uuid::Uuid::new_v4().simple()));
     let copied = Command::new("cp")
         .arg("-r")
         .arg(workspace_root().join("clients/python"))
@@ -635,44 +652,25 @@ pub fn python_venv() -> PathBuf {
         .status()
         .expect("cp");
     assert!(copied.success(), "copying clients/python failed");
-    let out = Command::new(dir.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check", "-c"])
-        .arg(workspace_root().join("clients/python/test-constraints.txt"))
-        .arg(&src)
-        .output()
-        .expect("pip");
-    assert!(
-        out.status.success(),
-        "pip install ./clients/python: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let constraints = workspace_root().join("clients/python/test-constraints.txt");
+    let dir = venv_with(
+        "client",
+        &["-c".as_ref(), constraints.as_os_str(), src.as_os_str()],
+        "./clients/python",
     );
+    let _ = std::fs::remove_dir_all(&src);
     dir
 }
 
 /// A fresh virtualenv with Celery installed by pip (`tests/celery/requirements.txt`), as a
 /// Celery shop's app has it.
 pub fn celery_venv() -> PathBuf {
-    let dir = workspace_root().join(format!(
-        "target/py-celery-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    let ok = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&dir)
-        .status()
-        .expect("python3");
-    assert!(ok.success(), "python3 -m venv failed");
-    let out = Command::new(dir.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
-        .arg(workspace_root().join("tests/celery/requirements.txt"))
-        .output()
-        .expect("pip");
-    assert!(
-        out.status.success(),
-        "pip install celery: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir
+    let requirements = workspace_root().join("tests/celery/requirements.txt");
+    venv_with(
+        "celery",
+        &["-r".as_ref(), requirements.as_os_str()],
+        "celery",
+    )
 }
 
 /// A running `producer dashboard` and its URL (it listens on a free port and prints it).
