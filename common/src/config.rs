@@ -182,6 +182,7 @@ pub const SETTING_KEYS: &[&str] = &[
     "threads",
     "token",
     "unknown_task_wait",
+    "webhook_secret",
 ];
 
 /// The settings of a command line: (key, environment variable) for every flag of `cmd` and

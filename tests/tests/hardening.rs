@@ -65,6 +65,7 @@ async fn register(store: &Store, id: &str, task: &str) {
             then: "",
             parent: "",
             group: "",
+            on_complete: "",
         })
         .await
         .unwrap();

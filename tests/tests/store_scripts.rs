@@ -24,6 +24,7 @@ async fn register(store: &Store, id: &str) {
             then: "",
             parent: "",
             group: "",
+            on_complete: "",
         })
         .await
         .unwrap();

@@ -75,6 +75,11 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub retry: RetryPolicy,
 
+    /// Completion webhooks (`enqueue --on-complete`) are signed with this secret:
+    /// `X-Taskmill-Signature: sha256=HEX`, the HMAC-SHA256 of the body (unsigned without it).
+    #[arg(long, env = "TASKMILL_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
     /// Calls from Celery apps.
     #[command(flatten)]
     pub celery: CeleryArgs,
@@ -105,6 +110,7 @@ impl WorkerArgs {
             unknown_task_wait: 0,
             stall_after: 300,
             retry: RetryPolicy::default(),
+            webhook_secret: None,
             celery: CeleryArgs::default(),
             log_format: LogFormat::Pretty,
         }

@@ -42,6 +42,7 @@ mod chains;
 mod dead_events;
 pub mod decide;
 pub mod drain;
+pub mod hooks;
 pub mod metrics;
 mod pool;
 mod pumps;

@@ -82,6 +82,22 @@ impl Upkeep {
                 async move { crate::chains::sweep(s, &outlets, &settings, &who).await }
             },
         )));
+        // Completion webhooks of ended jobs (`enqueue --on-complete`).
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("taskmill/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
+        let secret = args.webhook_secret.clone();
+        let who = beat.id.clone();
+        tasks.push(tokio::spawn(every(
+            background.clone(),
+            OUTBOX_EVERY,
+            stop.clone(),
+            move |s| {
+                let (http, secret, who) = (http.clone(), secret.clone(), who.clone());
+                async move { crate::hooks::sweep(s, &http, secret.as_deref(), &who).await }
+            },
+        )));
         // Jobs whose batches can no longer arrive (a queue purged in the console) finish as
         // `stalled`, looked for by one worker of the namespace at a time.
         if args.stall_after > 0 {

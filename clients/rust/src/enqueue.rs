@@ -423,6 +423,7 @@ where
         then: &then,
         parent: spec.parent.as_deref().unwrap_or(""),
         group: spec.group.as_deref().unwrap_or(""),
+        on_complete: spec.on_complete.as_deref().unwrap_or(""),
     };
     let mut outlet = Outlet::new(
         store,

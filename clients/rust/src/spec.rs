@@ -87,6 +87,8 @@ pub struct JobSpec {
     pub parent: Option<String>,
     /// The group the job belongs to: `producer status --group`, `wait --group` read them.
     pub group: Option<String>,
+    /// When the job ends, its final status is POSTed here (http or https), with retries.
+    pub on_complete: Option<String>,
 }
 
 impl JobSpec {
@@ -113,6 +115,7 @@ impl JobSpec {
             then: None,
             parent: None,
             group: None,
+            on_complete: None,
         }
     }
 
@@ -269,6 +272,9 @@ impl JobSpec {
         if let Some(g) = &self.group {
             validate_key("group", g).map_err(|e| ("group", e))?;
         }
+        if let Some(url) = &self.on_complete {
+            check_hook_url(url).map_err(|e| ("on_complete", e))?;
+        }
         if let Some(key) = &self.rate_key {
             validate_key("rate key", key).map_err(|e| ("rate_key", e))?;
         }
@@ -340,6 +346,19 @@ pub fn parse_duration(raw: &str) -> Result<u64, String> {
         _ => return Err(format!("{raw:?}: unknown unit {unit:?} (ms, s, m, h or d)")),
     };
     Ok((n * ms).round() as u64)
+}
+
+/// Checks a completion webhook's URL: http or https, with a host.
+pub fn check_hook_url(raw: &str) -> std::result::Result<(), String> {
+    let rest = raw
+        .strip_prefix("http://")
+        .or_else(|| raw.strip_prefix("https://"))
+        .ok_or_else(|| format!("{raw:?} is not an http:// or https:// URL"))?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if host.is_empty() || raw.chars().any(char::is_whitespace) {
+        return Err(format!("{raw:?} is not a URL with a host"));
+    }
+    Ok(())
 }
 
 /// An RFC 3339 time (`2026-12-01T08:00:00Z`, `…+01:00`, with optional fractions) as ms since

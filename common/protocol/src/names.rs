@@ -261,6 +261,15 @@ impl Keys {
     pub fn outbox_claim(&self, job: &str) -> String {
         format!("{}:outbox-claim:{job}", self.ns)
     }
+    /// Finished jobs whose completion webhook (`enqueue --on-complete`) is not delivered yet:
+    /// a sorted set by the time the next attempt is due.
+    pub fn hooks(&self) -> String {
+        format!("{}:hooks", self.ns)
+    }
+    /// A worker's claim on one job's webhook while it delivers it.
+    pub fn hook_claim(&self, job: &str) -> String {
+        format!("{}:hook-claim:{job}", self.ns)
+    }
 }
 
 /// Checks that a namespace or queue name is safe inside AMQP names and Redis keys. `.` is the

@@ -21,6 +21,7 @@ pub mod celery;
 pub mod chains;
 mod conn;
 mod fleet;
+pub mod hooks;
 mod read;
 mod schedules;
 mod status;
@@ -208,6 +209,9 @@ pub struct NewJob<'a> {
     pub parent: &'a str,
     /// The group the job belongs to (`enqueue --group`), empty for none.
     pub group: &'a str,
+    /// The URL its final status is POSTed to when it ends (`enqueue --on-complete`), empty
+    /// for none.
+    pub on_complete: &'a str,
 }
 
 /// What registering a job did.
@@ -442,9 +446,11 @@ impl Store {
             .arg(job.then)
             .arg(job.parent)
             .arg(job.group);
-        if let Some((batches, records, celery)) = whole {
-            call.arg(batches).arg(records).arg(celery);
-        }
+        match whole {
+            Some((batches, records, celery)) => call.arg(batches).arg(records).arg(celery),
+            None => call.arg("").arg("").arg(""),
+        };
+        call.arg(job.on_complete);
         let created: redis::Value = call.invoke_async(&mut con).await.map_err(|e| self.err(e))?;
         self.replicated(&mut con).await?;
         Ok(created)

@@ -111,6 +111,21 @@ pub struct JobStatus {
     /// rest of its chain ([`crate::celery::CelerySettings`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub celery: Option<Value>,
+    /// The completion webhook's URL (`enqueue --on-complete`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_complete: Option<String>,
+    /// Attempts made to deliver it.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub hook_attempts: u64,
+    /// When it was delivered (a 2xx answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook_delivered_ms: Option<u64>,
+    /// The last attempt's error, while it is not delivered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook_error: Option<String>,
+    /// When the attempts were given up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook_gave_up_ms: Option<u64>,
 }
 
 /// One job of a listing: its status, or why its hash cannot be read.
@@ -241,6 +256,11 @@ impl JobStatus {
             then_job: f.get("then_job").cloned(),
             then_note: f.get("then_note").cloned(),
             celery: f.get("celery").and_then(|v| serde_json::from_str(v).ok()),
+            on_complete: f.get("on_complete").cloned(),
+            hook_attempts: opt("hook_attempts")?.unwrap_or(0),
+            hook_delivered_ms: opt("hook_delivered_ms")?,
+            hook_error: f.get("hook_error").cloned(),
+            hook_gave_up_ms: opt("hook_gave_up_ms")?,
         })
     }
 

@@ -58,6 +58,11 @@ pub struct EnqueueArgs {
     /// `producer wait --group G` waits for all of them.
     #[arg(long, value_name = "G")]
     pub group: Option<String>,
+    /// When the job ends (completed, with errors, cancelled, stalled...), POST its final
+    /// status as JSON to this URL; retried with backoff until it answers 2xx (workers deliver
+    /// it; `status` shows the attempts).
+    #[arg(long, value_name = "URL")]
+    pub on_complete: Option<String>,
     /// Start no batch before this long from now: `30s`, `5m`, `2h`, `1d`, `500ms`.
     #[arg(
         long,
@@ -251,6 +256,7 @@ impl EnqueueArgs {
             queue: topology::DEFAULT_QUEUE.into(),
             job: None,
             group: None,
+            on_complete: None,
             unique_key: None,
             countdown: None,
             eta: None,
@@ -356,6 +362,7 @@ impl EnqueueArgs {
         }
         spec.id = self.job.clone();
         spec.group = self.group.clone();
+        spec.on_complete = self.on_complete.clone();
         spec.unique_key = self.unique_key.clone();
         spec.rate_key = self.rate_key.clone();
         spec.check = !self.no_check;

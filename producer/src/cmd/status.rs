@@ -151,6 +151,24 @@ pub fn describe(status: &JobStatus) -> String {
         }
         s.push_str(&line);
     }
+    if let Some(url) = &status.on_complete {
+        let n = status.hook_attempts;
+        let what = if status.hook_delivered_ms.is_some() {
+            format!("delivered ({n} attempt(s))")
+        } else if status.hook_gave_up_ms.is_some() {
+            format!(
+                "given up after {n} attempts: {}",
+                status.hook_error.as_deref().unwrap_or("?")
+            )
+        } else if let Some(e) = &status.hook_error {
+            format!("{n} attempt(s) failed, retrying: {e}")
+        } else if status.is_finished() {
+            "being delivered".into()
+        } else {
+            "when the job ends".into()
+        };
+        s.push_str(&format!("\n  webhook: {url} ({what})"));
+    }
     if status.interrupted_ms.is_some() {
         s.push_str(&format!(
             "\n  interrupted: the enqueue stopped before its input ended (a signal, or the producer died); the {} batches it published run",

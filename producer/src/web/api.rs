@@ -597,6 +597,8 @@ pub(crate) struct NewJob {
     then: Vec<NewStep>,
     /// The group the job belongs to (`enqueue --group`).
     group: Option<String>,
+    /// Where the final status is POSTed when the job ends (`enqueue --on-complete`).
+    on_complete: Option<String>,
 }
 
 /// A follow-up step of `POST /api/jobs`.
@@ -777,6 +779,7 @@ pub(crate) async fn enqueue(State(st): Shared, body: axum::body::Bytes) -> ApiRe
         job = job.unique_key(k);
     }
     job.group = new.group.clone();
+    job.on_complete = new.on_complete.clone();
     if new.countdown.is_some() && new.eta.is_some() {
         return Err(ApiError::bad("countdown and eta: give one of them"));
     }

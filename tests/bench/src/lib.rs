@@ -820,6 +820,7 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
             then: "",
             parent: "",
             group: "",
+            on_complete: "",
         })
         .await?;
     let total = (rate * seconds as f64) as u64;

@@ -378,6 +378,7 @@ impl Ingress {
             then: "",
             parent: r.call.parent_id.as_deref().unwrap_or(""),
             group: "",
+            on_complete: "",
         };
         let settings = CelerySettings {
             parent_id: r.call.parent_id.clone(),

@@ -185,6 +185,16 @@ local function celery_finish(job, j, now)
       c.expires, c)
   end
 end
+-- A job with a completion webhook (`on_complete`) that has just ended queues it once, in the
+-- script that ended it: its id goes to the namespace's `hooks` set, due now (workers deliver
+-- from there; see hooks.rs).
+local function hook_fire(job, now)
+  if redis.call('HEXISTS', job, 'on_complete') == 1
+     and redis.call('HSETNX', job, 'hook_fired_ms', now) == 1 then
+    local ns, id = string.match(job, '^(.*):job:([^:]*)$')
+    if ns then redis.call('ZADD', ns .. ':hooks', now, id) end
+  end
+end
 -- Decides whether a job is finished and sets its state and finish time. Batches counted lost
 -- (`batches_lost`, set when a stalled job was given up on) finish it as `stalled`; a lost
 -- batch that comes back after all is stored and no longer counted lost, so a job whose lost
@@ -232,7 +242,10 @@ local function finish_j(job, j, w, now)
       end
     end
   end
-  if ended then celery_finish(job, j, now) end
+  if ended then
+    celery_finish(job, j, now)
+    hook_fire(job, now)
+  end
   local key, id = active_of(job)
   -- A job with follow-up steps fires them once, in this same script: its id goes to the
   -- namespace's outbox, which workers publish from (see chains.rs).

@@ -5,7 +5,8 @@
 -- this registration (a retry of a registration whose answer was lost, or whose WAIT for
 -- replicas failed, finds its own token and counts as registered), the follow-up steps (JSON)
 -- and the job this one follows up ('' for none), its group, and for a job published whole in
--- one go (a Celery call): its batches, its records and its Celery settings (JSON).
+-- one go (a Celery call): its batches, its records and its Celery settings (JSON) ('' for a
+-- job published batch by batch), and the URL of its completion webhook ('' for none).
 -- Returns 1 when registered, 2 when this token registered it before and it has finished since
 -- (a call delivered again: nothing to publish), 0 when the id already exists, or the id of the job that holds
 -- the unique key while it is pending or running (nothing registered then).
@@ -50,6 +51,7 @@ if (ARGV[12] or '') ~= '' then
   redis.call('HSET', KEYS[1], 'batches_total', ARGV[12], 'batches_published', ARGV[12],
     'records_total', ARGV[13], 'celery', ARGV[14])
 end
+if (ARGV[15] or '') ~= '' then redis.call('HSET', KEYS[1], 'on_complete', ARGV[15]) end
 redis.call('EXPIRE', KEYS[1], ttl)
 touch_active(KEYS[1], ARGV[5])
 local before = redis.call('TTL', KEYS[2])
