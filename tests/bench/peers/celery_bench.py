@@ -7,6 +7,11 @@ default).
 
     celery -A celery_bench worker ...          # the worker
     python celery_bench.py produce FILE SIZE   # sends every batch, waits for every result
+
+The workers alone (the app's client out of the figure): `preload FILE SIZE IDS` sends every
+batch before any worker runs and writes the task ids to IDS; `collect IDS`, once a worker
+runs, waits for every result and prints the span between the first and the last result's
+`date_done` (what the worker wrote, whichever worker it was).
 """
 import json
 import os
@@ -59,3 +64,36 @@ if __name__ == "__main__" and sys.argv[1:2] == ["produce"]:
     for i in range(0, len(keys), 1000):
         app.backend.client.delete(*keys[i : i + 1000])
     print(json.dumps({"tasks": len(work), "seconds": seconds}))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["preload"]:
+    path, size, ids_file = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    work = list(batches(path, size))
+    ids = [app.send_task("post_stats", args=[b], queue=QUEUE).id for b in work]
+    with open(ids_file, "w") as f:
+        json.dump(ids, f)
+    print(json.dumps({"tasks": len(ids)}))
+
+if __name__ == "__main__" and sys.argv[1:2] == ["collect"]:
+    from datetime import datetime
+
+    with open(sys.argv[2]) as f:
+        ids = json.load(f)
+    keys = [app.backend.get_key_for_task(i) for i in ids]
+    client = app.backend.client
+    deadline = time.time() + 600
+    metas = []
+    while True:
+        metas = []
+        for i in range(0, len(keys), 1000):
+            metas.extend(client.mget(keys[i : i + 1000]))
+        if all(m is not None for m in metas) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    done = [json.loads(m) for m in metas if m is not None]
+    assert len(done) == len(keys), f"{len(done)} of {len(keys)} results"
+    assert all(m["status"] == "SUCCESS" for m in done), [m for m in done if m["status"] != "SUCCESS"][:1]
+    times = [datetime.fromisoformat(m["date_done"]) for m in done]
+    for i in range(0, len(keys), 1000):
+        client.delete(*keys[i : i + 1000])
+    print(json.dumps({"tasks": len(done), "seconds": (max(times) - min(times)).total_seconds()}))

@@ -1031,6 +1031,28 @@ pub async fn peer(
     file: &Path,
     size: usize,
 ) -> anyhow::Result<Value> {
+    peer_run(venv_python, which, file, size, false).await
+}
+
+/// The workers alone: every task in the queue before the worker starts, the rate taken from
+/// the first and the last result's `date_done` (Celery's peers only: `celery`, and
+/// `taskmill-celery`, taskmill's worker taking the same Celery messages).
+pub async fn peer_drain(
+    venv_python: &Path,
+    which: &str,
+    file: &Path,
+    size: usize,
+) -> anyhow::Result<Value> {
+    peer_run(venv_python, which, file, size, true).await
+}
+
+async fn peer_run(
+    venv_python: &Path,
+    which: &str,
+    file: &Path,
+    size: usize,
+    drain: bool,
+) -> anyhow::Result<Value> {
     // "taskmill-celery": Celery's producer (the same script) calling taskmill's worker through
     // its Celery ingress, in a namespace named as the queue (so that it is cleaned up with it).
     let bin = if which == "taskmill-celery" {
@@ -1089,6 +1111,20 @@ pub async fn peer(
             .collect(),
         ),
     };
+    let ids = std::env::temp_dir().join(format!("{queue}.ids.json"));
+    if drain {
+        let out = Command::new(venv_python)
+            .arg(module)
+            .arg("preload")
+            .arg(std::fs::canonicalize(file)?)
+            .arg(size.to_string())
+            .arg(&ids)
+            .current_dir(&peers_dir)
+            .env("PEER_QUEUE", &queue)
+            .stderr(Stdio::inherit())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "preloading the {which} queue failed");
+    }
     let worker = Watched::spawn(
         Command::new(&bin)
             .args(&args)
@@ -1101,11 +1137,16 @@ pub async fn peer(
     )?;
     let result = async {
         wait_queue_consumers(&queue).await?;
-        let out = Command::new(venv_python)
-            .arg(module)
-            .args(["produce"])
-            .arg(std::fs::canonicalize(file)?)
-            .arg(size.to_string())
+        let mut cmd = Command::new(venv_python);
+        cmd.arg(module);
+        if drain {
+            cmd.arg("collect").arg(&ids);
+        } else {
+            cmd.args(["produce"])
+                .arg(std::fs::canonicalize(file)?)
+                .arg(size.to_string());
+        }
+        let out = cmd
             .current_dir(&peers_dir)
             .env("PEER_QUEUE", &queue)
             .stderr(Stdio::inherit())
@@ -1120,6 +1161,7 @@ pub async fn peer(
     worker.term();
     let _ = tokio::task::spawn_blocking(move || worker.finish()).await;
     kit::cleanup_namespace(&queue).await;
+    let _ = std::fs::remove_file(&ids);
     result
 }
 

@@ -661,6 +661,30 @@ async fn peers(
                 }
                 peers.insert(which.into(), j);
             }
+            // The workers alone, on the same Celery messages: Celery's prefork workers against
+            // taskmill's worker through its Celery ingress.
+            for which in ["celery", "taskmill-celery"] {
+                eprintln!("bench: peers, {which} workers alone (a preloaded queue)");
+                match bench::peer_drain(&python, which, &file, 10).await {
+                    Ok(j) => {
+                        let rate = j["tasks_per_s"].as_f64().unwrap_or(f64::NAN);
+                        rep.rows.push((
+                            "peers".into(),
+                            format!("{which} worker alone, tasks (batches)/s"),
+                            format!("{rate:.0}"),
+                        ));
+                        peers.insert(format!("{which}-drain"), j);
+                    }
+                    Err(e) => {
+                        eprintln!("bench: {which} drain FAILED: {e:#}");
+                        rep.rows.push((
+                            "peers".into(),
+                            format!("{which} worker alone, tasks (batches)/s"),
+                            format!("failed: {e}"),
+                        ));
+                    }
+                }
+            }
             rep.results.insert("peers".into(), Value::Object(peers));
         }
     }
