@@ -613,6 +613,17 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// `producer enqueue --file FILE` and the rest of the arguments, in namespace `ns`.
+pub fn enqueue_file(ns: &str, file: &Path, rest: &[&str]) -> std::process::Output {
+    let file = file.to_string_lossy();
+    let args: Vec<&str> = ["enqueue", "--file", &file]
+        .iter()
+        .copied()
+        .chain(rest.iter().copied())
+        .collect();
+    producer(ns, &args)
+}
+
 /// A new virtualenv under `target/py-{kind}-…`, with `pip install ARGS` run in it (`what`
 /// names it in a failure).
 fn venv_with(kind: &str, args: &[&std::ffi::OsStr], what: &str) -> PathBuf {

@@ -13,8 +13,8 @@ use std::{
 
 use serde_json::Value;
 use taskmill_tests::{
-    bin_path, catalog_ready, producer, python_venv, sample, until, write_jsonl, Dashboard,
-    KillOnDrop, TestNs,
+    bin_path, catalog_ready, enqueue_file, producer, python_venv, sample, until, write_jsonl,
+    Dashboard, KillOnDrop, TestNs,
 };
 
 fn json(out: &std::process::Output) -> Value {
@@ -25,16 +25,6 @@ fn json(out: &std::process::Output) -> Value {
             String::from_utf8_lossy(&out.stderr)
         )
     })
-}
-
-/// `producer enqueue --file FILE` and the rest of the arguments.
-fn enqueue(ns: &str, file: &str, rest: &[&str]) -> std::process::Output {
-    let args: Vec<&str> = ["enqueue", "--file", file]
-        .iter()
-        .chain(rest)
-        .copied()
-        .collect();
-    producer(ns, &args)
 }
 
 /// `producer wait JOB --chain --json`, a minute at most.
@@ -138,11 +128,10 @@ async fn a_follow_up_that_does_not_run_says_why() {
     let worker = t.spawn_worker(t.worker_args());
     catalog_ready(&t.store().await).await;
     let file = write_jsonl(sample::posts(30));
-    let path = file.to_str().unwrap();
     // Every batch of the parent dies: `--then-on success` does not run, and says so.
-    let out = enqueue(
+    let out = enqueue_file(
         &t.ns,
-        path,
+        &file,
         &[
             &ALL_DIE[..],
             &[
@@ -173,9 +162,9 @@ async fn a_follow_up_that_does_not_run_says_why() {
 
     // With the default trigger (complete) it runs even so: over no results, it cannot be
     // enqueued, and says that instead of waiting for ever.
-    let out = enqueue(
+    let out = enqueue_file(
         &t.ns,
-        path,
+        &file,
         &[&ALL_DIE[..], &["--job", "dies2", "--then", "post-stats"]].concat(),
     );
     assert!(out.status.success(), "{out:?}");
@@ -190,9 +179,9 @@ async fn a_follow_up_that_does_not_run_says_why() {
     );
 
     // A cancelled job fires nothing: `wait --chain` returns at once with its status.
-    let out = enqueue(
+    let out = enqueue_file(
         &t.ns,
-        path,
+        &file,
         &[
             "--queue",
             "nobody",
@@ -213,12 +202,12 @@ async fn a_follow_up_that_does_not_run_says_why() {
 
     // A typo'd step is refused at the enqueue, by the catalog, and registers nothing; an
     // option of a step before any --then is a usage error.
-    let out = enqueue(&t.ns, path, &["--job", "typo", "--then", "post-statz"]);
+    let out = enqueue_file(&t.ns, &file, &["--job", "typo", "--then", "post-statz"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("follow-up step: unknown task"), "{said}");
     assert_eq!(producer(&t.ns, &["status", "typo"]).status.code(), Some(4));
-    let out = enqueue(&t.ns, path, &["--then-param", "a=1", "--then", "chaos"]);
+    let out = enqueue_file(&t.ns, &file, &["--then-param", "a=1", "--then", "chaos"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--then-param comes before any --then"));
     worker.stop().await.unwrap();

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use serde_json::Value;
-use taskmill_tests::{catalog_ready, producer, sample, until, write_jsonl, Dashboard, TestNs};
+use taskmill_tests::{
+    catalog_ready, enqueue_file, producer, sample, until, write_jsonl, Dashboard, TestNs,
+};
 use wiremock::{
     matchers::{method, path},
     Mock, MockServer, ResponseTemplate,
@@ -47,18 +49,10 @@ async fn a_completion_webhook_is_signed_retried_and_delivered() {
     catalog_ready(&t.store().await).await;
     let file = write_jsonl(sample::posts(30));
     let url = format!("{}/hook", server.uri());
-    let out = producer(
+    let out = enqueue_file(
         &t.ns,
-        &[
-            "enqueue",
-            "--file",
-            file.to_str().unwrap(),
-            "--job",
-            "hooked",
-            "--on-complete",
-            &url,
-            "--wait",
-        ],
+        &file,
+        &["--job", "hooked", "--on-complete", &url, "--wait"],
     );
     assert!(out.status.success(), "{out:?}");
     until("the webhook delivered", Duration::from_secs(60), || async {
@@ -96,12 +90,10 @@ async fn a_completion_webhook_is_signed_retried_and_delivered() {
     }
 
     // A cancelled job reports too; an unreachable receiver's errors are kept and retried.
-    let out = producer(
+    let out = enqueue_file(
         &t.ns,
+        &file,
         &[
-            "enqueue",
-            "--file",
-            file.to_str().unwrap(),
             "--queue",
             "nobody",
             "--no-check",
@@ -154,17 +146,10 @@ async fn a_completion_webhook_is_signed_retried_and_delivered() {
     assert_eq!(status(&t.ns, "api-hooked")["hook_attempts"], 1);
 
     // Not http(s): refused before anything is registered.
-    let out = producer(
+    let out = enqueue_file(
         &t.ns,
-        &[
-            "enqueue",
-            "--file",
-            file.to_str().unwrap(),
-            "--job",
-            "badurl",
-            "--on-complete",
-            "ftp://example.com/x",
-        ],
+        &file,
+        &["--job", "badurl", "--on-complete", "ftp://example.com/x"],
     );
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--on-complete"));

@@ -151,9 +151,14 @@ impl Store {
     /// Claims `job`'s outbox entry for `ms` (true when this caller has it now): one worker at
     /// a time publishes a follow-up.
     pub async fn claim_outbox(&self, job: &str, who: &str, ms: u64) -> Result<bool, StoreError> {
+        self.claim(&self.keys.outbox_claim(job), who, ms).await
+    }
+
+    /// Takes claim `key` for `ms` unless someone holds it (true when this caller has it now).
+    pub(crate) async fn claim(&self, key: &str, who: &str, ms: u64) -> Result<bool, StoreError> {
         let mut con = self.con().await;
         let got: Option<String> = redis::cmd("SET")
-            .arg(self.keys.outbox_claim(job))
+            .arg(key)
             .arg(who)
             .arg("NX")
             .arg("PX")

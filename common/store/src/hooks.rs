@@ -68,17 +68,7 @@ impl Store {
 
     /// Claims `job`'s webhook for `ms` (true when this caller has it now).
     pub async fn claim_hook(&self, job: &str, who: &str, ms: u64) -> Result<bool, StoreError> {
-        let mut con = self.con().await;
-        let got: Option<String> = redis::cmd("SET")
-            .arg(self.keys.hook_claim(job))
-            .arg(who)
-            .arg("NX")
-            .arg("PX")
-            .arg(ms)
-            .query_async(&mut con)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(got.is_some())
+        self.claim(&self.keys.hook_claim(job), who, ms).await
     }
 
     /// Records an attempt to deliver `job`'s webhook and lets go of the claim; the attempts
