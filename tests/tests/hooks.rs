@@ -10,7 +10,8 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use taskmill_tests::{
-    catalog_ready, enqueue_file, producer, sample, until, write_jsonl, Dashboard, TestNs,
+    catalog_ready, enqueue_file, producer, python_venv, sample, until, write_jsonl, Dashboard,
+    TestNs,
 };
 use wiremock::{
     matchers::{method, path},
@@ -27,8 +28,24 @@ fn status_text(ns: &str, job: &str) -> String {
     String::from_utf8_lossy(&producer(ns, &["status", job]).stdout).into_owned()
 }
 
+/// Through the Python client: `on_complete=`; a URL that is not http(s) refused.
+const PYTHON: &str = r#"
+import json, os, sys
+from taskmill import Client
+c = Client(namespace=os.environ["TASKMILL_NAMESPACE"])
+records = [{"title": "a", "body": "b"}] * 5
+job = c.enqueue("post-stats", records, job_id="py-hooked", on_complete=sys.argv[1])
+out = {"job": job}
+try:
+    c.enqueue("post-stats", records, job_id="py-bad", on_complete="ftp://x")
+except ValueError as e:
+    out["bad"] = str(e)
+print(json.dumps(out))
+"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_webhook_is_signed_retried_and_delivered() {
+    let venv = tokio::task::spawn_blocking(python_venv);
     let server = MockServer::start().await;
     // Two failures, then the receiver takes it.
     Mock::given(method("POST"))
@@ -144,6 +161,33 @@ async fn a_completion_webhook_is_signed_retried_and_delivered() {
     )
     .await;
     assert_eq!(status(&t.ns, "api-hooked")["hook_attempts"], 1);
+    let venv = venv.await.unwrap();
+    let out = std::process::Command::new(venv.join("bin/python"))
+        .args(["-c", PYTHON, &url])
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let said: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        said["bad"].as_str().unwrap().contains("on_complete"),
+        "{said}"
+    );
+    until(
+        "the Python client's job's webhook delivered",
+        Duration::from_secs(60),
+        || async {
+            status(&t.ns, "py-hooked")
+                .get("hook_delivered_ms")
+                .is_some()
+        },
+    )
+    .await;
+    assert_eq!(
+        producer(&t.ns, &["status", "py-bad"]).status.code(),
+        Some(4)
+    );
+    let _ = std::fs::remove_dir_all(&venv);
 
     // Not http(s): refused before anything is registered.
     let out = enqueue_file(

@@ -72,6 +72,8 @@ _REFUSED = (pika.exceptions.ProbableAuthenticationError, pika.exceptions.Authent
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+# A completion webhook's URL (enqueue --on-complete): http or https, with a host.
+_HOOK_URL = re.compile(r"^https?://[^/?#\s]+[^\s]*$")
 # Fields of the job hash that are numbers, and those only present once set.
 _NUMBERS = (
     "ttl", "batches_published", "batches_done", "batches_dead", "records_total",
@@ -445,6 +447,7 @@ class Client:
         rate_key: Optional[str] = None,
         then: Optional[List[Dict[str, Any]]] = None,
         group: Optional[str] = None,
+        on_complete: Optional[str] = None,
     ) -> str:
         """Publishes ``records`` (JSON-like values) as a new job of ``task`` and returns its id
         once the broker confirmed every batch.
@@ -460,7 +463,8 @@ class Client:
         ``rate_key``. ``then`` is a chain of follow-up jobs (``enqueue --then``): a list of
         ``{"task", "params"?, "on"?: "complete" | "success", "batch_size"?}``, each run over the
         batch results of the job before it. ``group`` puts the job in a group
-        (``producer status --group``, ``wait --group``).
+        (``producer status --group``, ``wait --group``). ``on_complete`` is a URL the job's
+        final status is POSTed to when it ends (``enqueue --on-complete``), by the workers.
         """
         params = {str(k): _param_text(v) for k, v in (params or {}).items()}
         if not _NAME.match(queue):
@@ -474,6 +478,8 @@ class Client:
                             ("group", group)):
             if value is not None and not _JOB_ID.match(value):
                 raise ValueError(f"{what} {value!r}: use 1 to 100 of A-Z a-z 0-9 - _ . (no ':')")
+        if on_complete is not None and not _HOOK_URL.match(on_complete):
+            raise ValueError(f"on_complete {on_complete!r} is not an http:// or https:// URL")
         steps = []
         for i, step in enumerate(then or []):
             unknown = set(step) - {"task", "params", "on", "batch_size"}
@@ -505,6 +511,7 @@ class Client:
         publishing = _Publishing(self, job, task, queue, params, priority, unique_key, options)
         publishing.then = chain
         publishing.group = group or ""
+        publishing.on_complete = on_complete or ""
         try:
             # The broker first: a wrong password or a broker that is down fails now, once,
             # before anything is registered (no retries, no job left behind).
@@ -799,6 +806,7 @@ class _Publishing:
         self.registered = False
         self.then = ""
         self.group = ""
+        self.on_complete = ""
         self.duplicate_of: Optional[str] = None
         self.reserved = 0
         self.batches = 0
@@ -998,7 +1006,7 @@ class _Publishing:
             args=[self.job, self.task, self.queue,
                   json.dumps(self.params, separators=(",", ":"), sort_keys=True),
                   _now_ms(), self.c.result_ttl, self.c._job_key(""), "", self.then, "",
-                  self.group],
+                  self.group, "", "", "", self.on_complete],
         )
         if got == 0:
             raise ValueError(f"job {self.job} already exists; choose another job_id")
