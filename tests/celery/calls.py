@@ -116,6 +116,10 @@ def checks():
     assert late.get(timeout=30) == got
     assert time.time() - sent >= 2.0, time.time() - sent
     ids["eta"] = late.id
+    # Celery's priority (0 to 9, higher first) is taskmill's.
+    urgent = j.send_task("post-stats", args=[RECORDS], priority=9)
+    assert urgent.get(timeout=30) == got
+    ids["urgent"] = urgent.id
     # Due after it expires: revoked, never run.
     gone = j.send_task("post-stats", args=[RECORDS], countdown=3, expires=1.5)
     raises(TaskRevokedError, gone, "expired")

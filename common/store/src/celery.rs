@@ -73,17 +73,24 @@ pub struct CeleryRefusal<'a> {
 impl Store {
     /// Registers the Celery call `job` (its token: derived from the task id, so that a
     /// redelivery finds its own registration), published whole in `batches` batches of
-    /// `records` records in all.
+    /// `records` records in all, with its `options` (fields of the job hash that say how it
+    /// runs, for people: `eta_ms`, `expires_ms`, `priority`, `time_limit_ms`).
     pub async fn register_celery_call(
         &self,
         job: &NewJob<'_>,
         batches: u64,
         records: u64,
         settings: &CelerySettings,
+        options: &[(&str, u64)],
     ) -> Result<CeleryRegistered, StoreError> {
         let settings = serde_json::to_string(settings).unwrap_or_default();
+        let options: serde_json::Map<String, serde_json::Value> = options
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+            .collect();
+        let options = serde_json::Value::Object(options).to_string();
         match self
-            .register(job, Some((batches, records, &settings)))
+            .register(job, Some((batches, records, &settings, &options)))
             .await?
         {
             redis::Value::Int(1) => Ok(CeleryRegistered::Publish),

@@ -413,12 +413,13 @@ impl Store {
         }
     }
 
-    /// Runs `register.lua` for `job`; `whole`: (batches, records, Celery settings) of a job
-    /// published whole in one go. The script's answer as it gave it.
+    /// Runs `register.lua` for `job`; `whole`: (batches, records, Celery settings, options
+    /// as JSON of field -> text) of a job published whole in one go. The script's answer as
+    /// it gave it.
     async fn register(
         &self,
         job: &NewJob<'_>,
-        whole: Option<(u64, u64, &str)>,
+        whole: Option<(u64, u64, &str, &str)>,
     ) -> Result<redis::Value, StoreError> {
         let params = serde_json::to_string(job.params).unwrap_or_else(|_| "{}".into());
         let mut con = self.con().await;
@@ -446,11 +447,17 @@ impl Store {
             .arg(job.then)
             .arg(job.parent)
             .arg(job.group);
-        match whole {
-            Some((batches, records, celery)) => call.arg(batches).arg(records).arg(celery),
-            None => call.arg("").arg("").arg(""),
+        let options = match whole {
+            Some((batches, records, celery, options)) => {
+                call.arg(batches).arg(records).arg(celery);
+                options
+            }
+            None => {
+                call.arg("").arg("").arg("");
+                ""
+            }
         };
-        call.arg(job.on_complete);
+        call.arg(job.on_complete).arg(options);
         let created: redis::Value = call.invoke_async(&mut con).await.map_err(|e| self.err(e))?;
         self.replicated(&mut con).await?;
         Ok(created)

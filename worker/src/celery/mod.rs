@@ -39,7 +39,7 @@ use taskmill_common::{
         NewJob, Store,
     },
     task::Registry,
-    topology::Names,
+    topology::{priority_queue, Names},
     Backoff,
 };
 use tokio_util::sync::CancellationToken;
@@ -107,6 +107,8 @@ struct Ready {
     call: Call,
     /// The Celery queue it came from.
     celery_queue: String,
+    /// Its priority (the message's, 0 to 9).
+    priority: u8,
     task: String,
     params: BTreeMap<String, String>,
     records: u64,
@@ -147,10 +149,9 @@ impl Ingress {
             let queue = q.clone();
             consumers.push(consumer.map(move |d| (queue.clone(), d)));
         }
-        let mut publisher =
-            Publisher::connect(&conn_args.amqp_url, self.names.clone(), &self.queue, ROUND)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // One publisher a priority band the calls use (Celery's `priority`, 0 to 9 as
+        // taskmill's), made on first use.
+        let mut publishers: BTreeMap<String, Publisher> = BTreeMap::new();
         backoff.reset();
         info!(queues = %self.args.celery.queues.join(","), to = %self.queue, "celery ingress consuming");
         let mut deliveries = futures::stream::select_all(consumers).ready_chunks(ROUND);
@@ -166,9 +167,11 @@ impl Ingress {
             for (queue, d) in round {
                 got.push((queue, d?));
             }
-            self.round(&store, &mut publisher, &channel, got).await?;
+            self.round(&store, &mut publishers, &channel, got).await?;
         }
-        let _ = publisher.finish().await;
+        for p in publishers.values_mut() {
+            let _ = p.finish().await;
+        }
         let _ = conn.close(200, "worker stopping".into()).await;
         Ok(())
     }
@@ -179,7 +182,7 @@ impl Ingress {
     async fn round(
         &self,
         store: &Store,
-        publisher: &mut Publisher,
+        publishers: &mut BTreeMap<String, Publisher>,
         channel: &Channel,
         deliveries: Vec<(String, Delivery)>,
     ) -> anyhow::Result<()> {
@@ -195,7 +198,7 @@ impl Ingress {
                 p.headers().as_ref(),
                 &d.data,
             )
-            .and_then(|call| self.prepare(call, queue));
+            .and_then(|call| self.prepare(call, queue, p.priority().unwrap_or(0).min(9)));
             match decoded {
                 Ok(r) => ready.push(r),
                 Err(refused) => self.refuse(store, &refused).await?,
@@ -204,10 +207,13 @@ impl Ingress {
         // Registered together (one round trip for the round), then published together.
         let registered =
             futures::future::join_all(ready.iter().map(|r| self.register(store, r))).await;
-        let mut batches = Vec::new();
+        let mut batches: BTreeMap<String, Vec<_>> = BTreeMap::new();
         for (r, outcome) in ready.into_iter().zip(registered) {
             match outcome? {
-                CeleryRegistered::Publish => batches.extend(r.batches),
+                CeleryRegistered::Publish => batches
+                    .entry(priority_queue(&self.queue, r.priority))
+                    .or_default()
+                    .extend(r.batches),
                 CeleryRegistered::Finished => {}
                 CeleryRegistered::Taken => {
                     let why = format!(
@@ -219,7 +225,21 @@ impl Ingress {
                 }
             }
         }
-        if !batches.is_empty() {
+        for (routing_key, batches) in batches {
+            let publisher = match publishers.entry(routing_key.clone()) {
+                std::collections::btree_map::Entry::Occupied(p) => p.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => v.insert(
+                    Publisher::connect(
+                        &self.args.conn.amqp_url,
+                        self.names.clone(),
+                        &self.queue,
+                        ROUND,
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .with_routing_key(routing_key),
+                ),
+            };
             publisher
                 .publish_many(batches)
                 .await
@@ -236,7 +256,7 @@ impl Ingress {
     }
 
     /// The task, parameters and batch of a call, or why it cannot run.
-    fn prepare(&self, call: Call, queue: &str) -> Result<Ready, Refused> {
+    fn prepare(&self, call: Call, queue: &str, priority: u8) -> Result<Ready, Refused> {
         let refuse = |exc_type, why: String| refusal(&call.id, exc_type, why);
         if let Err(e) = validate_job_id(&call.id) {
             return Err(refuse(
@@ -326,6 +346,7 @@ impl Ingress {
             ));
         }
         Ok(Ready {
+            priority,
             celery_queue: queue.to_string(),
             call,
             task,
@@ -388,8 +409,19 @@ impl Ingress {
             chain: r.call.chain.clone(),
             ..self.settings(&r.call.id)
         };
+        let mut options: Vec<(&str, u64)> = Vec::new();
+        for (field, v) in [
+            ("eta_ms", r.call.eta_ms),
+            ("expires_ms", r.call.expires_ms),
+            ("time_limit_ms", r.call.time_limit.map(|t| t.as_millis() as u64)),
+            ("priority", (r.priority > 0).then_some(u64::from(r.priority))),
+        ] {
+            if let Some(v) = v {
+                options.push((field, v));
+            }
+        }
         store
-            .register_celery_call(&job, r.batches.len() as u64, r.records, &settings)
+            .register_celery_call(&job, r.batches.len() as u64, r.records, &settings, &options)
             .await
     }
 

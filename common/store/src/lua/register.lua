@@ -6,7 +6,8 @@
 -- replicas failed, finds its own token and counts as registered), the follow-up steps (JSON)
 -- and the job this one follows up ('' for none), its group, and for a job published whole in
 -- one go (a Celery call): its batches, its records and its Celery settings (JSON) ('' for a
--- job published batch by batch), and the URL of its completion webhook ('' for none).
+-- job published batch by batch), the URL of its completion webhook ('' for none), and the
+-- options of a job published whole (JSON of field -> text: eta_ms, priority...; '' for none).
 -- Returns 1 when registered, 2 when this token registered it before and it has finished since
 -- (a call delivered again: nothing to publish), 0 when the id already exists, or the id of the job that holds
 -- the unique key while it is pending or running (nothing registered then).
@@ -52,6 +53,14 @@ if (ARGV[12] or '') ~= '' then
     'records_total', ARGV[13], 'celery', ARGV[14])
 end
 if (ARGV[15] or '') ~= '' then redis.call('HSET', KEYS[1], 'on_complete', ARGV[15]) end
+if (ARGV[16] or '') ~= '' then
+  local ok, o = pcall(cjson.decode, ARGV[16])
+  if ok and type(o) == 'table' then
+    for k, v in pairs(o) do
+      if type(v) == 'string' then redis.call('HSET', KEYS[1], k, v) end
+    end
+  end
+end
 redis.call('EXPIRE', KEYS[1], ttl)
 touch_active(KEYS[1], ARGV[5])
 local before = redis.call('TTL', KEYS[2])
