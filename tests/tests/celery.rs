@@ -161,7 +161,10 @@ async fn a_celery_app_calls_taskmill_workers_unchanged() {
     let urgent = status(&t.ns, ids["urgent"].as_str().unwrap());
     assert_eq!(urgent["priority"], 9, "{urgent}");
     let eta = status(&t.ns, ids["eta"].as_str().unwrap());
-    assert!(eta["eta_ms"].as_u64().is_some(), "the ETA is not shown: {eta}");
+    assert!(
+        eta["eta_ms"].as_u64().is_some(),
+        "the ETA is not shown: {eta}"
+    );
     assert!(
         eta["started_ms"].as_u64().unwrap() >= eta["created_ms"].as_u64().unwrap() + 1900,
         "ran before its ETA: {eta}"

@@ -413,8 +413,14 @@ impl Ingress {
         for (field, v) in [
             ("eta_ms", r.call.eta_ms),
             ("expires_ms", r.call.expires_ms),
-            ("time_limit_ms", r.call.time_limit.map(|t| t.as_millis() as u64)),
-            ("priority", (r.priority > 0).then_some(u64::from(r.priority))),
+            (
+                "time_limit_ms",
+                r.call.time_limit.map(|t| t.as_millis() as u64),
+            ),
+            (
+                "priority",
+                (r.priority > 0).then_some(u64::from(r.priority)),
+            ),
         ] {
             if let Some(v) = v {
                 options.push((field, v));
