@@ -5,13 +5,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::{process::Stdio, time::Duration};
 
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use taskmill_tests::{
     catalog_ready, enqueue_file, producer, python_venv, sample, until, write_jsonl, Dashboard,
-    TestNs,
+    Logged, TestNs,
 };
 use wiremock::{
     matchers::{method, path},
@@ -202,6 +202,66 @@ async fn a_completion_webhook_is_signed_retried_and_delivered() {
         Some(4)
     );
     worker.stop().await.unwrap();
+    let _ = std::fs::remove_file(&file);
+    t.cleanup().await;
+}
+
+/// A worker killed while its POST waits for the receiver never records the attempt; another
+/// worker takes the webhook once the claim lapses and delivers it (at least once: the receiver
+/// saw two requests with the same idempotency key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_whose_worker_dies_mid_delivery_is_delivered_by_another() {
+    let server = MockServer::start().await;
+    // The first request hangs (the worker is killed meanwhile); the next is taken.
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(60)))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let t = TestNs::new();
+    let mut doomed = Logged::spawn(&t.ns, "worker", &["--threads", "1"], &[], Stdio::null());
+    catalog_ready(&t.store().await).await;
+    let file = write_jsonl(sample::posts(10));
+    let url = format!("{}/hook", server.uri());
+    let out = enqueue_file(
+        &t.ns,
+        &file,
+        &["--job", "orphan", "--on-complete", &url, "--wait"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    until("the first POST sent", Duration::from_secs(30), || async {
+        server.received_requests().await.unwrap_or_default().len() == 1
+    })
+    .await;
+    doomed.process.kill().unwrap();
+    let _ = doomed.process.wait();
+    let other = Logged::spawn(&t.ns, "worker", &["--threads", "1"], &[], Stdio::null());
+    until(
+        "delivered by the other worker",
+        Duration::from_secs(60),
+        || async { status(&t.ns, "orphan").get("hook_delivered_ms").is_some() },
+    )
+    .await;
+    let s = status(&t.ns, "orphan");
+    assert_eq!(
+        s["hook_attempts"], 1,
+        "the killed worker recorded nothing: {s}"
+    );
+    let got = server.received_requests().await.unwrap();
+    assert_eq!(got.len(), 2);
+    for r in &got {
+        assert_eq!(
+            r.headers
+                .get("idempotency-key")
+                .map(|v| v.to_str().unwrap()),
+            Some("orphan")
+        );
+    }
+    drop(other);
     let _ = std::fs::remove_file(&file);
     t.cleanup().await;
 }
