@@ -194,3 +194,103 @@ async fn an_interrupted_job_keeps_its_state_when_its_batches_are_lost() {
     );
     t.cleanup().await;
 }
+
+/// A Celery call's registration and result, through the store's scripts: a redelivery before
+/// the call ran publishes again, one after it finished publishes nothing, another job's token
+/// is refused; the finishing script writes SUCCESS (JSON, or msgpack when asked), and a later
+/// refusal for the same id never overwrites it.
+#[tokio::test]
+async fn a_celery_call_registers_once_and_its_success_is_never_overwritten() {
+    use taskmill_common::store::celery::{CeleryRefusal, CeleryRegistered, CelerySettings};
+    let t = TestNs::new();
+    let store = t.store().await;
+    let params = BTreeMap::new();
+    let job = |id: &'static str, token: &'static str| NewJob {
+        id,
+        task: "post-stats",
+        queue: "tasks",
+        params: &params,
+        unique_key: None,
+        token,
+        then: "",
+        parent: "",
+        group: "",
+        on_complete: "",
+    };
+    let settings = |id: &str, msgpack: bool| CelerySettings {
+        key: format!("{}:celery-task-meta-{id}", t.ns),
+        expires: 60,
+        parent_id: None,
+        group_id: None,
+        root_id: None,
+        queue: None,
+        chain: Vec::new(),
+        msgpack,
+    };
+    let register = |id: &'static str, token: &'static str, msgpack: bool| {
+        let (store, s) = (store.clone(), settings(id, msgpack));
+        let j = job(id, token);
+        async move {
+            store
+                .register_celery_call(&j, 1, 1, &s, &[("priority", 7)])
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        register("c1", "celery-c1", false).await,
+        CeleryRegistered::Publish
+    );
+    assert_eq!(
+        register("c1", "celery-c1", false).await,
+        CeleryRegistered::Publish
+    );
+    assert_eq!(
+        register("c1", "other", false).await,
+        CeleryRegistered::Taken
+    );
+    let s = store.job_status("c1").await.unwrap().unwrap();
+    assert_eq!((s.batches_total, s.priority), (Some(1), 7), "{s:?}");
+    assert_eq!(done(&store, "c1", 0).await, Recorded::Stored);
+    let key = settings("c1", false).key;
+    let meta: serde_json::Value =
+        serde_json::from_str(&store.celery_result(&key).await.unwrap().unwrap()).unwrap();
+    assert_eq!(meta["status"], "SUCCESS", "{meta}");
+    assert_eq!(meta["result"], json!({"batch": 0}), "{meta}");
+    assert_eq!(meta["task_id"], "c1", "{meta}");
+    assert_eq!(
+        register("c1", "celery-c1", false).await,
+        CeleryRegistered::Finished
+    );
+    let refusal = CeleryRefusal {
+        id: "c1",
+        status: "FAILURE",
+        exc_type: "ValueError",
+        exc_module: "builtins",
+        message: "late",
+    };
+    assert!(!store
+        .celery_refuse(&settings("c1", false), &refusal)
+        .await
+        .unwrap());
+    let again: serde_json::Value =
+        serde_json::from_str(&store.celery_result(&key).await.unwrap().unwrap()).unwrap();
+    assert_eq!(again, meta);
+
+    // Packed as msgpack for an app whose result_serializer is msgpack.
+    assert_eq!(
+        register("c2", "celery-c2", true).await,
+        CeleryRegistered::Publish
+    );
+    assert_eq!(done(&store, "c2", 0).await, Recorded::Stored);
+    let mut con = taskmill_tests::redis_con().await;
+    let raw: Vec<u8> = redis::cmd("GET")
+        .arg(settings("c2", true).key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let packed: serde_json::Value = rmp_serde::from_slice(&raw).unwrap();
+    assert_eq!(packed["status"], "SUCCESS", "{packed}");
+    assert_eq!(packed["children"], json!([]), "{packed}");
+    t.cleanup().await;
+}
