@@ -624,6 +624,16 @@ pub fn enqueue_file(ns: &str, file: &Path, rest: &[&str]) -> std::process::Outpu
     producer(ns, &args)
 }
 
+/// Enqueue options of a chaos job whose every batch is dead-lettered.
+pub const ALL_DIE: [&str; 6] = [
+    "--task",
+    "chaos",
+    "--param",
+    "fail_rate=1",
+    "--param",
+    "fail=permanent",
+];
+
 /// A new virtualenv under `target/py-{kind}-…`, with `pip install ARGS` run in it (`what`
 /// names it in a failure).
 fn venv_with(kind: &str, args: &[&std::ffi::OsStr], what: &str) -> PathBuf {
@@ -682,6 +692,18 @@ pub fn celery_venv() -> PathBuf {
         &["-r".as_ref(), requirements.as_os_str()],
         "celery",
     )
+}
+
+/// `POST /api/jobs` with `body` to the dashboard at `dash_url`; the answer's status code.
+pub async fn post_job(dash_url: &str, body: &serde_json::Value) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{dash_url}api/jobs"))
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("the dashboard answers")
+        .status()
+        .as_u16()
 }
 
 /// A running `producer dashboard` and its URL (it listens on a free port and prints it).

@@ -14,7 +14,7 @@ use std::{
 use serde_json::Value;
 use taskmill_tests::{
     bin_path, catalog_ready, enqueue_file, producer, python_venv, sample, until, write_jsonl,
-    Dashboard, KillOnDrop, TestNs,
+    Dashboard, KillOnDrop, TestNs, ALL_DIE,
 };
 
 fn json(out: &std::process::Output) -> Value {
@@ -31,16 +31,6 @@ fn json(out: &std::process::Output) -> Value {
 fn wait_chain(ns: &str, job: &str) -> std::process::Output {
     producer(ns, &["wait", job, "--chain", "--json", "--timeout", "60s"])
 }
-
-/// chaos with every batch dead-lettered.
-const ALL_DIE: [&str; 6] = [
-    "--task",
-    "chaos",
-    "--param",
-    "fail_rate=1",
-    "--param",
-    "fail=permanent",
-];
 
 fn status(ns: &str, job: &str) -> Value {
     let out = producer(ns, &["status", job, "--json"]);

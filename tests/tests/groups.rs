@@ -4,7 +4,9 @@
 #![allow(clippy::unwrap_used)]
 
 use serde_json::Value;
-use taskmill_tests::{catalog_ready, producer, sample, write_jsonl, Dashboard, TestNs};
+use taskmill_tests::{
+    catalog_ready, post_job, producer, sample, write_jsonl, Dashboard, TestNs, ALL_DIE,
+};
 
 fn json(out: &std::process::Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"))
@@ -24,28 +26,13 @@ async fn a_group_is_counted_and_waited_for_as_one() {
         assert!(out.status.success(), "{out:?}");
     };
     enqueue(&["--job", "g-a"]);
-    enqueue(&[
-        "--job",
-        "g-b",
-        "--task",
-        "chaos",
-        "--param",
-        "fail_rate=1",
-        "--param",
-        "fail=permanent",
-    ]);
+    enqueue(&[&ALL_DIE[..], &["--job", "g-b"]].concat());
     // No worker serves this queue: the job stays pending, so the group is not finished.
     enqueue(&["--job", "g-c", "--queue", "nobody", "--no-check"]);
     let dash = Dashboard::start(&t.ns, &[]);
     let records: Vec<Value> = sample::posts(20).collect();
     let body = serde_json::json!({"task": "post-stats", "records": records, "job": "g-d", "group": "nightly"});
-    let r = reqwest::Client::new()
-        .post(format!("{}api/jobs", dash.url))
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
+    assert_eq!(post_job(&dash.url, &body).await, 201);
     dash.stop();
 
     // The waiting ends at the timeout (exit 3) while g-c is pending, with the group's view.

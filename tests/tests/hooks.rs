@@ -10,8 +10,8 @@ use std::{process::Stdio, time::Duration};
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use taskmill_tests::{
-    catalog_ready, enqueue_file, producer, python_venv, sample, until, write_jsonl, Dashboard,
-    Logged, TestNs,
+    catalog_ready, enqueue_file, post_job, producer, python_venv, sample, until, write_jsonl,
+    Dashboard, Logged, TestNs,
 };
 use wiremock::{
     matchers::{method, path},
@@ -142,13 +142,7 @@ async fn a_completion_webhook_is_signed_retried_and_delivered() {
     let dash = Dashboard::start(&t.ns, &[]);
     let records: Vec<Value> = sample::posts(5).collect();
     let body = serde_json::json!({"task": "post-stats", "records": records, "job": "api-hooked", "on_complete": url});
-    let r = reqwest::Client::new()
-        .post(format!("{}api/jobs", dash.url))
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
+    assert_eq!(post_job(&dash.url, &body).await, 201);
     dash.stop();
     until(
         "the API's job's webhook delivered",

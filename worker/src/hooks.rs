@@ -76,7 +76,8 @@ async fn deliver(
     let status = match store.job_status(job).await {
         Ok(Some(s)) => s,
         Ok(None) => return HookAttempt::GaveUp("the job is gone (expired or deleted)".into()),
-        Err(e) => return failed(store, job, format!("reading the job: {e}")).await,
+        // Attempts unknown: tried again after the first backoff.
+        Err(e) => return failed(0, format!("reading the job: {e}")),
     };
     let Some(url) = status.on_complete.clone() else {
         return HookAttempt::GaveUp("the job has no webhook URL".into());
@@ -94,23 +95,21 @@ async fn deliver(
     }
     match req.body(body).send().await {
         Ok(resp) if resp.status().is_success() => HookAttempt::Delivered,
-        Ok(resp) => failed(store, job, format!("{url} answered {}", resp.status())).await,
+        Ok(resp) => failed(
+            status.hook_attempts,
+            format!("{url} answered {}", resp.status()),
+        ),
         Err(e) => {
             let why = taskmill_common::error_text(&e);
-            failed(store, job, format!("{url}: {why}")).await
+            failed(status.hook_attempts, format!("{url}: {why}"))
         }
     }
 }
 
-/// A failed attempt: again after the backoff, or given up after [`MAX_ATTEMPTS`].
-async fn failed(store: &Store, job: &str, why: String) -> HookAttempt {
-    let made = store
-        .job_status(job)
-        .await
-        .ok()
-        .flatten()
-        .map_or(0, |s| s.hook_attempts)
-        + 1;
+/// A failed attempt after `before` earlier ones: again after the backoff, or given up after
+/// [`MAX_ATTEMPTS`].
+fn failed(before: u64, why: String) -> HookAttempt {
+    let made = before + 1;
     if made >= MAX_ATTEMPTS {
         HookAttempt::GaveUp(format!("{why} (after {made} attempts)"))
     } else {
