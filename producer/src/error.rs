@@ -72,7 +72,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         }
         if let Some(s) = cause.downcast_ref::<StoreError>() {
             return match s {
-                StoreError::JobExists(_) => EXIT_USAGE,
+                StoreError::JobExists(_) | StoreError::GroupClosed(_) => EXIT_USAGE,
                 StoreError::BadJob(_) => EXIT_UNREADABLE,
                 _ => EXIT_SERVICE,
             };

@@ -80,6 +80,8 @@ pub enum Command {
     Dashboard(web::DashboardArgs),
     /// Remove a namespace: its queues, exchanges and Redis keys.
     Namespace(cmd::namespace::NamespaceArgs),
+    /// Groups of jobs (`enqueue --group`): close one, with a follow-up over all its results.
+    Group(cmd::group::GroupArgs),
     /// Periodic jobs: add, list, show, remove, pause and resume schedules.
     Schedule(cmd::schedule::ScheduleArgs),
     /// Run the namespace's schedules (several schedulers may run at once).
@@ -105,6 +107,7 @@ const USES: &[(&str, &[&str])] = &[
     ("delete", &["redis_url", "namespace"]),
     ("namespace", &["redis_url", "rabbitmq_api_url"]),
     ("schedule", &["redis_url", "namespace"]),
+    ("group", &["redis_url", "namespace"]),
     (
         "scheduler",
         &["amqp_url", "redis_url", "namespace", "result_ttl"],
@@ -152,7 +155,13 @@ pub fn parse() -> Cli {
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let (Command::Enqueue(args), Some(("enqueue", m))) = (&mut cli.command, matches.subcommand())
     {
-        args.then_at = cmd::enqueue::ThenAt::from_matches(m);
+        args.follow.then_at = cmd::enqueue::ThenAt::from_matches(m);
+    }
+    if let (Command::Group(args), Some(("group", m))) = (&mut cli.command, matches.subcommand()) {
+        let cmd::group::GroupAction::Close(c) = &mut args.action;
+        if let Some(("close", m)) = m.subcommand() {
+            c.follow.then_at = cmd::enqueue::ThenAt::from_matches(m);
+        }
     }
     cli
 }
@@ -179,6 +188,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Delete(a) => cmd::cancel::run_delete(&cli.conn, a).await,
         Command::Dashboard(a) => web::run(&cli.conn, a).await,
         Command::Namespace(a) => cmd::namespace::run(&cli.conn, a).await,
+        Command::Group(a) => cmd::group::run(&cli.conn, a).await,
         Command::Schedule(a) => cmd::schedule::run(&cli.conn, a).await,
         Command::Scheduler(a) => cmd::schedule::run_scheduler(&cli.conn, a).await,
     }

@@ -83,7 +83,7 @@ impl Schedule {
             .try_get_matches_from(argv)
             .and_then(|m| {
                 let mut o = EnqueueOptions::from_arg_matches(&m)?;
-                o.args.then_at = crate::cmd::enqueue::ThenAt::from_matches(&m);
+                o.args.follow.then_at = crate::cmd::enqueue::ThenAt::from_matches(&m);
                 Ok(o.args)
             })
             .map_err(|e| {

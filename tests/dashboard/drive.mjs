@@ -8,6 +8,7 @@
 //   BAD_JOB      a job whose state was edited by hand into nonsense (unreadable)
 //   WORKER_PIDS  the two workers' pids: the first is stopped (SIGTERM) during the run
 //   SCHEDULE     a schedule whose first tick was enqueued as SCHEDULE_JOB
+//   (group demo is closed with a chaos chord follow-up, demo.chord, once JOB ends)
 //   SHOTS        where to write one screenshot of each page (optional)
 // Prints one JSON object of what it saw; exits non-zero when a check fails.
 import { chromium } from "playwright-core";
@@ -150,6 +151,18 @@ try {
   await page.click(`${srow} .last-job a`);
   await page.waitForFunction(j => location.hash === "#/jobs/" + j, scheduleJob);
   seen.schedule_job_opened = await page.evaluate(() => location.hash);
+
+  // The group page: its jobs, then its chord follow-up once the slow job has ended; the chord's
+  // job page leads back to the group.
+  await page.goto(url + "#/groups/demo");
+  await page.waitForSelector(`#g-table tr[data-job="${job}"]`);
+  await page.waitForSelector(`#g-chord a[href="#/jobs/demo.chord"]`, { timeout: 120_000 });
+  seen.group_counts = (await page.textContent("#g-counts")).replace(/\s+/g, " ").trim();
+  seen.group_chord = (await page.textContent("#g-chord")).replace(/\s+/g, " ").trim();
+  await shot(page, "group");
+  await page.click(`#g-chord a[href="#/jobs/demo.chord"]`);
+  await page.waitForSelector(`#job-chain a[href="#/groups/demo"]`);
+  seen.chord_follows = (await page.textContent("#job-chain")).replace(/\s+/g, " ").trim();
 
   check(!seen.page_errors, "errors in the page: " + seen.page_errors);
   console.log(JSON.stringify(seen));

@@ -168,6 +168,54 @@ async fn a_follow_up_that_does_not_run_says_why() {
         "{last}"
     );
 
+    // Some batches die (which ones is a pure function of the seed): the `complete` follow-up
+    // runs over the others' results, and carries how its parent ended.
+    let killed = |seed: u64| {
+        (0..3u64)
+            .filter(|b| taskmill_common::tasks::chaos::fails(0.5, seed, "half", *b, 1))
+            .count()
+    };
+    let seed = (0..100).find(|s| (1..3).contains(&killed(*s))).unwrap();
+    let dead = killed(seed);
+    let seed_param = format!("seed={seed}");
+    let out = enqueue_file(
+        &t.ns,
+        &file,
+        &[
+            "--task",
+            "chaos",
+            "--param",
+            "fail_rate=0.5",
+            "--param",
+            &seed_param,
+            "--param",
+            "fail=permanent",
+            "--job",
+            "half",
+            "--then",
+            "chaos",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = wait_chain(&t.ns, "half");
+    assert!(out.status.success(), "{out:?}");
+    let last = json(&out);
+    assert_eq!(last["job"], "half.then1", "{last}");
+    assert_eq!(last["records_total"], 3 - dead, "{last}");
+    let outcome = &last["parent_outcome"];
+    assert_eq!(outcome["state"], "completed_with_errors", "{last}");
+    assert_eq!(outcome["batches_dead"], dead, "{last}");
+    assert_eq!(outcome["batches_done"], 3 - dead, "{last}");
+    let text =
+        String::from_utf8_lossy(&producer(&t.ns, &["status", "half.then1"]).stdout).into_owned();
+    assert!(
+        text.contains(&format!(
+            "follows: half, which ended completed_with_errors ({} batches done, {dead} dead)",
+            3 - dead
+        )),
+        "{text}"
+    );
+
     // A cancelled job fires nothing: `wait --chain` returns at once with its status.
     let out = enqueue_file(
         &t.ns,

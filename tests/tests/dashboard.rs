@@ -375,6 +375,9 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
             "chaos",
         ],
     );
+    // Its group closed, with a chord follow-up that runs once the job has ended.
+    let close = taskmill_tests::producer(&t.ns, &["group", "close", "demo", "--then", "chaos"]);
+    assert!(close.status.success(), "{close:?}");
     // A job whose state was edited by hand into nonsense.
     let bad_job = "edited-by-hand";
     let mut con = taskmill_tests::redis_con().await;
@@ -488,6 +491,18 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
         "{seen}"
     );
     assert_eq!(seen["follow_up"], format!("follows {job}"), "{seen}");
+    assert!(
+        seen["group_counts"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("1 job, finished"),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["group_chord"], "closed · then chaos: demo.chord (published chaos over 1 job)",
+        "{seen}"
+    );
+    assert_eq!(seen["chord_follows"], "follows group demo", "{seen}");
     assert_eq!(seen["summary"]["records"], 2000);
     assert_eq!(
         seen["unreadable_row"], "state: holds \"weird\", not a job state",

@@ -66,6 +66,7 @@ async fn register(store: &Store, id: &str, task: &str) {
             parent: "",
             group: "",
             on_complete: "",
+            parent_outcome: "",
         })
         .await
         .unwrap();

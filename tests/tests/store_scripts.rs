@@ -25,6 +25,7 @@ async fn register(store: &Store, id: &str) {
             parent: "",
             group: "",
             on_complete: "",
+            parent_outcome: "",
         })
         .await
         .unwrap();
@@ -216,6 +217,7 @@ async fn a_celery_call_registers_once_and_its_success_is_never_overwritten() {
         parent: "",
         group: "",
         on_complete: "",
+        parent_outcome: "",
     };
     let settings = |id: &str, msgpack: bool| CelerySettings {
         key: format!("{}:celery-task-meta-{id}", t.ns),
@@ -292,5 +294,143 @@ async fn a_celery_call_registers_once_and_its_success_is_never_overwritten() {
     let packed: serde_json::Value = rmp_serde::from_slice(&raw).unwrap();
     assert_eq!(packed["status"], "SUCCESS", "{packed}");
     assert_eq!(packed["children"], json!([]), "{packed}");
+    t.cleanup().await;
+}
+
+async fn register_in(store: &Store, id: &str, group: &str, total: u64) {
+    store
+        .register_job(&NewJob {
+            id,
+            task: "post-stats",
+            queue: "tasks",
+            params: &BTreeMap::new(),
+            unique_key: None,
+            token: "",
+            then: "",
+            parent: "",
+            group,
+            on_complete: "",
+            parent_outcome: "",
+        })
+        .await
+        .unwrap();
+    store.reserve_batches(id, total).await.unwrap();
+    let totals = PublishTotals {
+        batches: total,
+        records: total,
+        ..PublishTotals::default()
+    };
+    store.finish_publishing(id, &totals).await.unwrap();
+}
+
+/// A closed group's chord fires in the script that ends its last job, once: two jobs ending at
+/// the same moment on two connections (as two workers would), a cancel, a delete; never while a
+/// job is running, never for a group that is not closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chord_fires_once_when_the_last_job_of_a_closed_group_ends() {
+    use taskmill_common::store::chains::{chord_id, Chain, Closed, Step, Trigger};
+    let t = TestNs::new();
+    let (a, b) = (t.store().await, t.store().await);
+    let chain = |g: &str| Chain {
+        root: chord_id(g),
+        next: 1,
+        steps: vec![Step {
+            task: "chaos".into(),
+            params: BTreeMap::new(),
+            batch_size: 10,
+            on: Trigger::Complete,
+        }],
+    };
+    let outbox = |store: &Store| {
+        let store = store.clone();
+        async move { store.outbox(1000).await.unwrap() }
+    };
+    for round in 0..30 {
+        let g = format!("race{round}");
+        let (x, y) = (format!("{g}-x"), format!("{g}-y"));
+        register_in(&a, &x, &g, 1).await;
+        register_in(&a, &y, &g, 1).await;
+        assert_eq!(
+            a.close_group(&g, Some(&chain(&g))).await.unwrap(),
+            Closed::Now
+        );
+        assert!(a.group_info(&g).await.unwrap().fired_ms.is_none());
+        // The two last batches stored at once, from two connections.
+        let (dx, dy) = tokio::join!(done(&a, &x, 0), done(&b, &y, 0));
+        assert_eq!((dx, dy), (Recorded::Stored, Recorded::Stored));
+        let info = a.group_info(&g).await.unwrap();
+        let fired = info.fired_ms.expect("fired once both ended");
+        let entry = format!("group:{g}");
+        assert!(outbox(&a).await.contains(&entry), "round {round}");
+        // Fired once: the entry's time is the first firing's.
+        let score: f64 = {
+            let mut con = taskmill_tests::redis_con().await;
+            redis::cmd("ZSCORE")
+                .arg(format!("{}:outbox", t.ns))
+                .arg(&entry)
+                .query_async(&mut con)
+                .await
+                .unwrap()
+        };
+        assert_eq!(score as u64, fired, "round {round}");
+        assert_eq!(info.ended.len(), 2);
+    }
+
+    // Not closed: nothing fires however its jobs end; closing it then fires at once.
+    register_in(&a, "open-x", "open", 1).await;
+    done(&a, "open-x", 0).await;
+    assert!(!outbox(&a).await.contains(&"group:open".to_string()));
+    assert_eq!(
+        a.close_group("open", Some(&chain("open"))).await.unwrap(),
+        Closed::Now
+    );
+    assert!(outbox(&a).await.contains(&"group:open".to_string()));
+    // Closed without a follow-up: it takes no more jobs, fires nothing.
+    register_in(&a, "bare-x", "bare", 1).await;
+    assert_eq!(a.close_group("bare", None).await.unwrap(), Closed::Now);
+    done(&a, "bare-x", 0).await;
+    assert!(!outbox(&a).await.contains(&"group:bare".to_string()));
+    let refused = a
+        .register_job(&NewJob {
+            id: "bare-late",
+            task: "post-stats",
+            queue: "tasks",
+            params: &BTreeMap::new(),
+            unique_key: None,
+            token: "",
+            then: "",
+            parent: "",
+            group: "bare",
+            on_complete: "",
+            parent_outcome: "",
+        })
+        .await;
+    assert!(
+        matches!(refused, Err(taskmill_common::store::StoreError::GroupClosed(ref g)) if g == "bare"),
+        "{refused:?}"
+    );
+
+    // A running job holds the chord back; cancelled, it ends, and the chord fires.
+    register_in(&a, "c-x", "cancelled", 1).await;
+    register_in(&a, "c-y", "cancelled", 2).await;
+    done(&a, "c-x", 0).await;
+    done(&a, "c-y", 0).await;
+    a.close_group("cancelled", Some(&chain("cancelled")))
+        .await
+        .unwrap();
+    assert!(!outbox(&a).await.contains(&"group:cancelled".to_string()));
+    a.cancel("c-y").await.unwrap();
+    assert!(outbox(&a).await.contains(&"group:cancelled".to_string()));
+    // A deleted job leaves its group: the others ended, the chord fires.
+    register_in(&a, "d-x", "deleted", 1).await;
+    register_in(&a, "d-y", "deleted", 2).await;
+    done(&a, "d-x", 0).await;
+    a.close_group("deleted", Some(&chain("deleted")))
+        .await
+        .unwrap();
+    assert!(!outbox(&a).await.contains(&"group:deleted".to_string()));
+    assert!(a.delete_job("d-y").await.unwrap());
+    assert!(outbox(&a).await.contains(&"group:deleted".to_string()));
+    assert_eq!(a.group_jobs("deleted").await.unwrap(), ["d-x"]);
     t.cleanup().await;
 }

@@ -62,7 +62,10 @@ pub(crate) async fn sweep(
             Ok(Some(c)) if !c.chain.is_empty() => {
                 fire_celery(&outlets.celery, &settings.amqp_url, &store, &job, &c).await
             }
-            _ => fire(client, &store, &job).await,
+            _ => match job.strip_prefix("group:") {
+                Some(group) => fire_chord(client, &store, group).await,
+                None => fire(client, &store, &job).await,
+            },
         };
         match fired {
             Ok((child, note)) => {
@@ -155,6 +158,14 @@ async fn fire(
     spec.params = step.params.clone();
     spec.then = chain.rest();
     spec.parent = Some(job.to_string());
+    spec.parent_outcome = Some(serde_json::json!({
+        "state": state.as_str(),
+        "batches_total": status.batches_total,
+        "batches_done": status.batches_done,
+        "batches_dead": status.batches_dead,
+        "records_done": status.records_done,
+        "records_invalid": status.records_invalid,
+    }));
     // The follow-up's records are the job's batch results, in batch order.
     let handle = client.job(job);
     let results = handle
@@ -162,6 +173,100 @@ async fn fire(
         .filter_map(|r| futures::future::ready(r.ok().map(|(_, v)| v)));
     match client.enqueue_stream(&spec, results).await {
         Ok(h) => Ok((Some(h.id().to_string()), format!("published {}", step.task))),
+        Err(Error::JobExists(_)) => Ok((
+            Some(child),
+            format!("published {} (found registered already)", step.task),
+        )),
+        Err(Error::Invalid(why)) => Ok((None, format!("not enqueued: {why}"))),
+        Err(e) => Err(e),
+    }
+}
+
+/// Publishes the chord follow-up of closed group `group` (every job in it has ended) if its
+/// trigger says it runs: one job over the results of every job of the group (jobs in id order,
+/// each one's results in batch order), with the id the close gave it.
+async fn fire_chord(
+    client: &Client,
+    store: &Store,
+    group: &str,
+) -> Result<(Option<String>, String), Error> {
+    let info = store.group_info(group).await?;
+    let Some(chain) = info.then else {
+        return Ok((
+            None,
+            "not enqueued: the group's follow-up steps cannot be read".into(),
+        ));
+    };
+    let Some(step) = chain.steps.first() else {
+        return Ok((None, "no follow-up step".into()));
+    };
+    let ids = store.group_jobs(group).await?;
+    let mut counts = std::collections::BTreeMap::<&str, u64>::new();
+    let mut blocker = None;
+    for id in &ids {
+        let Some(status) = store.job_status(id).await? else {
+            return Ok((
+                None,
+                format!("not enqueued: job {id} of the group is gone (expired)"),
+            ));
+        };
+        let state = status.state;
+        *counts.entry(state.as_str()).or_default() += 1;
+        let runs = match step.on {
+            Trigger::Complete => matches!(
+                state,
+                JobState::Completed | JobState::CompletedWithErrors | JobState::Stalled
+            ),
+            Trigger::Success => state == JobState::Completed,
+        };
+        if !runs && blocker.is_none() {
+            blocker = Some(format!(
+                "skipped: job {id} ended {state} and {} runs on {}",
+                step.task,
+                step.on.as_str()
+            ));
+        }
+    }
+    if let Some(note) = blocker {
+        return Ok((None, note));
+    }
+    let all_completed = counts.keys().all(|s| *s == JobState::Completed.as_str());
+    let child = chain.root.clone();
+    let mut spec = JobSpec::new(&step.task)
+        .batch_size(step.batch_size)
+        .id(&child);
+    if let Some(first) = ids.first() {
+        if let Some(status) = store.job_status(first).await? {
+            spec = spec.queue(&status.queue);
+        }
+    }
+    spec.params = step.params.clone();
+    spec.then = (chain.steps.len() > 1).then(|| Chain {
+        root: chain.root.clone(),
+        next: chain.next,
+        steps: chain.steps[1..].to_vec(),
+    });
+    spec.parent = Some(taskmill_common::store::chains::group_entry(group));
+    spec.parent_outcome = Some(serde_json::json!({
+        "state": if all_completed { "completed" } else { "completed_with_errors" },
+        "jobs": ids.len(),
+        "counts": counts,
+    }));
+    // The follow-up's records: every job's batch results, jobs in id order.
+    let handles: Vec<_> = ids.iter().map(|id| client.job(id)).collect();
+    let results = futures::stream::iter(handles.iter())
+        .flat_map(|h| h.results())
+        .filter_map(|r| futures::future::ready(r.ok().map(|(_, v)| v)));
+    match client.enqueue_stream(&spec, results).await {
+        Ok(h) => Ok((
+            Some(h.id().to_string()),
+            format!(
+                "published {} over {} job{}",
+                step.task,
+                ids.len(),
+                if ids.len() == 1 { "" } else { "s" }
+            ),
+        )),
         Err(Error::JobExists(_)) => Ok((
             Some(child),
             format!("published {} (found registered already)", step.task),

@@ -180,6 +180,35 @@ def _connect_redis(spec: Dict[str, Any]) -> "redis.Redis":
                                 socket_timeout=30, **extra)
 
 
+def _steps(then: Optional[List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """Follow-up steps (``then``) checked and in the store's form."""
+    steps = []
+    for i, step in enumerate(then or []):
+        unknown = set(step) - {"task", "params", "on", "batch_size"}
+        if unknown or not isinstance(step.get("task"), str) or not step["task"]:
+            raise ValueError(f"then[{i}]: a step is {{task, params?, on?, batch_size?}}")
+        on = step.get("on", "complete")
+        if on not in ("complete", "success"):
+            raise ValueError(f"then[{i}].on {on!r} is not complete or success")
+        size = int(step.get("batch_size", 10))
+        if size < 1:
+            raise ValueError(f"then[{i}].batch_size must be at least 1")
+        steps.append({"task": step["task"], "on": on, "batch_size": size,
+                      "params": {str(k): _param_text(v)
+                                 for k, v in (step.get("params") or {}).items()}})
+    return steps
+
+
+def _chord_id(group: str) -> str:
+    """The id of group ``group``'s chord follow-up (the store's ``chord_id``)."""
+    if len(group) + 6 <= 100:
+        return group + ".chord"
+    h = 0xCBF29CE484222325
+    for b in group.encode():
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{group[:70]}.{h:016x}.chord"
+
+
 class _Durable:
     """A script whose writes must survive a failover: run with ``WAIT`` for the URL's
     ``wait_replicas`` after it, on the same connection (one pipeline)."""
@@ -377,6 +406,7 @@ class Client:
         self._check_lease = script(_with_finish(_lua("check_lease.lua")))
         self._cancel = _Durable(self, script(_with_finish(_lua("cancel.lua"))))
         self._delete = self.redis.register_script(_with_finish(_lua("delete.lua")))
+        self._close_group = _Durable(self, script(_with_finish(_lua("close_group.lua"))))
 
     # Life --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -480,27 +510,10 @@ class Client:
                 raise ValueError(f"{what} {value!r}: use 1 to 100 of A-Z a-z 0-9 - _ . (no ':')")
         if on_complete is not None and not _HOOK_URL.match(on_complete):
             raise ValueError(f"on_complete {on_complete!r} is not an http:// or https:// URL")
-        steps = []
-        for i, step in enumerate(then or []):
-            unknown = set(step) - {"task", "params", "on", "batch_size"}
-            if unknown or not isinstance(step.get("task"), str) or not step["task"]:
-                raise ValueError(f"then[{i}]: a step is {{task, params?, on?, batch_size?}}")
-            on = step.get("on", "complete")
-            if on not in ("complete", "success"):
-                raise ValueError(f"then[{i}].on {on!r} is not complete or success")
-            size = int(step.get("batch_size", 10))
-            if size < 1:
-                raise ValueError(f"then[{i}].batch_size must be at least 1")
-            steps.append({"task": step["task"], "on": on, "batch_size": size,
-                          "params": {str(k): _param_text(v)
-                                     for k, v in (step.get("params") or {}).items()}})
+        steps = _steps(then)
         if check:
             self.check(task, params)
-            for step in steps:
-                try:
-                    self.check(step["task"], step["params"])
-                except ValueError as e:
-                    raise ValueError(f"follow-up step: {e}") from None
+            self._check_steps(steps)
         chain = (json.dumps({"root": job, "next": 1, "steps": steps}, separators=(",", ":"))
                  if steps else "")
         if self.redis.exists(self._job_key(job)):
@@ -519,6 +532,68 @@ class Client:
             return publishing.run(records, batch_size)
         finally:
             publishing.close()
+
+    def _check_steps(self, steps: List[Dict[str, Any]]) -> None:
+        for step in steps:
+            try:
+                self.check(step["task"], step["params"])
+            except ValueError as e:
+                raise ValueError(f"follow-up step: {e}") from None
+
+    # Groups -----------------------------------------------------------------------------
+    def close_group(self, group: str, then: Optional[List[Dict[str, Any]]] = None,
+                    check: bool = True) -> Optional[str]:
+        """Closes ``group`` (``producer group close``): no more jobs join it, and its
+        follow-up ``then`` (a chord; steps as ``enqueue``'s ``then``) runs once over the results
+        of all its jobs when every one has ended. Returns the follow-up's job id (None without
+        ``then``). Closing again the same way is harmless; ``ValueError`` when it was closed
+        with another follow-up, ``NoSuchJob`` when the group has no job."""
+        if not _JOB_ID.match(group):
+            raise ValueError(f"group {group!r}: use 1 to 100 of A-Z a-z 0-9 - _ . (no ':')")
+        steps = _steps(then)
+        if check:
+            self._check_steps(steps)
+        root = _chord_id(group)
+        chain = (json.dumps({"root": root, "next": 1, "steps": steps}, separators=(",", ":"))
+                 if steps else "")
+        members = f"{self.namespace}:group:{group}"
+        got = self._close_group(keys=[members, members + ":info"],
+                                args=[group, _now_ms(), chain, self.result_ttl])
+        if got == 0:
+            raise NoSuchJob(f"group {group}", self.namespace)
+        if got == 3:
+            raise ValueError(f"group {group} is closed already, with another follow-up")
+        return root if steps else None
+
+    def group(self, group: str) -> dict:
+        """The group's jobs by state, whether they all finished, and its close and chord
+        follow-up: the dict ``producer status --group G --json`` prints (``NoSuchJob`` when it
+        has no job)."""
+        ids = sorted(self.redis.smembers(f"{self.namespace}:group:{group}"))
+        statuses = []
+        for job in ids:
+            try:
+                statuses.append(self.status(job))
+            except NoSuchJob:
+                pass
+        if not statuses:
+            raise NoSuchJob(f"group {group}", self.namespace)
+        counts: Dict[str, int] = {}
+        for st in statuses:
+            counts[st["state"]] = counts.get(st["state"], 0) + 1
+        info = self.redis.hgetall(f"{self.namespace}:group:{group}:info")
+        out = {"group": group, "jobs": len(statuses), "counts": counts,
+               "finished": all(self.finished(st) for st in statuses),
+               "closed": "closed_ms" in info, "statuses": statuses}
+        for k in ("then_job", "then_note"):
+            if k in info:
+                out[k] = info[k]
+        if "then" in info:
+            try:
+                out["then"] = json.loads(info["then"])
+            except ValueError:
+                pass
+        return out
 
     # Follow -----------------------------------------------------------------------------
     def _read(self, job: str) -> Optional[Dict[str, str]]:
@@ -573,11 +648,12 @@ class Client:
         for k in ("group", "parent", "then_job", "then_note"):
             if k in raw:
                 out[k] = raw[k]
-        if "then" in raw:
-            try:
-                out["then"] = json.loads(raw["then"])
-            except ValueError:
-                pass
+        for k in ("then", "parent_outcome"):
+            if k in raw:
+                try:
+                    out[k] = json.loads(raw[k])
+                except ValueError:
+                    pass
         return out
 
     @staticmethod
@@ -725,7 +801,7 @@ class Client:
         k = self._job_key(job)
         keys = [k, f"{k}:results", f"{k}:dead", f"{k}:dropped", f"{k}:retried",
                 f"{self.namespace}:jobs", f"{self.namespace}:cancelled"]
-        if self._delete(keys=keys, args=[job]) != 1:
+        if self._delete(keys=keys, args=[job, _now_ms()]) != 1:
             raise NoSuchJob(job, self.namespace)
 
     def dead(self, job: str) -> Dict[int, dict]:
@@ -1010,6 +1086,9 @@ class _Publishing:
         )
         if got == 0:
             raise ValueError(f"job {self.job} already exists; choose another job_id")
+        if got == 3:
+            raise ValueError(f"group {self.group} is closed (producer group close): "
+                             "a closed group takes no more jobs")
         if got != 1:
             self.duplicate_of = got
             return False

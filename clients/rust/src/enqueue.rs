@@ -413,6 +413,11 @@ where
             serde_json::to_string(&c).unwrap_or_default()
         })
         .unwrap_or_default();
+    let parent_outcome = spec
+        .parent_outcome
+        .as_ref()
+        .map(|v| v.to_string())
+        .unwrap_or_default();
     let new_job = NewJob {
         id: &job,
         task: &spec.task,
@@ -424,6 +429,7 @@ where
         parent: spec.parent.as_deref().unwrap_or(""),
         group: spec.group.as_deref().unwrap_or(""),
         on_complete: spec.on_complete.as_deref().unwrap_or(""),
+        parent_outcome: &parent_outcome,
     };
     let mut outlet = Outlet::new(
         store,

@@ -94,6 +94,7 @@ impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::JobExists(job) => Error::JobExists(job),
+            e @ StoreError::GroupClosed(_) => Error::Invalid(e.to_string()),
             StoreError::BadJob(bad) => Error::Unreadable(bad),
             other => Error::Store(other),
         }

@@ -83,8 +83,12 @@ pub struct JobSpec {
     /// batch results, then the next step over that one's, and so on ([`JobSpec::then`]).
     /// `root` empty: this job starts the chain.
     pub then: Option<Chain>,
-    /// The job this one follows up (set by the worker that publishes a follow-up).
+    /// The job this one follows up (set by the worker that publishes a follow-up), or
+    /// `group:G` for the chord follow-up of group G.
     pub parent: Option<String>,
+    /// How the job (or group) it follows up ended: its state and counters (set by the worker
+    /// that publishes a follow-up; shown by `status` as the follow-up's `parent_outcome`).
+    pub parent_outcome: Option<serde_json::Value>,
     /// The group the job belongs to: `producer status --group`, `wait --group` read them.
     pub group: Option<String>,
     /// When the job ends, its final status is POSTed here (http or https), with retries.
@@ -114,6 +118,7 @@ impl JobSpec {
             lease: Duration::from_secs(30),
             then: None,
             parent: None,
+            parent_outcome: None,
             group: None,
             on_complete: None,
         }

@@ -18,9 +18,9 @@
 //! name above has exactly one reading.
 
 pub use taskmill_protocol::names::{
-    band_rank, base_queue, priority_queue, tier_at_most, validate_queue, validate_routed_queue,
-    with_bands, Names, BAND_RANKS, DEAD_EVENTS_MAX, DEFAULT_QUEUE, DELAY_TIERS_MS, DELIVERY_LIMIT,
-    PRIORITY_BANDS,
+    band_rank, base_queue, priority_queue, tier_at_most, validate_key, validate_queue,
+    validate_routed_queue, with_bands, Names, BAND_RANKS, DEAD_EVENTS_MAX, DEFAULT_QUEUE,
+    DELAY_TIERS_MS, DELIVERY_LIMIT, PRIORITY_BANDS,
 };
 
 use lapin::{

@@ -253,7 +253,17 @@ impl Keys {
     pub fn group(&self, group: &str) -> String {
         format!("{}:group:{group}", self.ns)
     }
-    /// Finished jobs whose follow-up is not settled yet (a sorted set by the time they fired).
+    /// The ids of the jobs of group `group` that have ended.
+    pub fn group_done(&self, group: &str) -> String {
+        format!("{}:group:{group}:done", self.ns)
+    }
+    /// Group `group` once closed (`producer group close`): a hash of `closed_ms`, its chord
+    /// follow-up (`then`), `fired_ms`, `then_job`, `then_note`.
+    pub fn group_info(&self, group: &str) -> String {
+        format!("{}:group:{group}:info", self.ns)
+    }
+    /// Finished jobs (and closed groups, as `group:G`) whose follow-up is not settled yet (a
+    /// sorted set by the time they fired).
     pub fn outbox(&self) -> String {
         format!("{}:outbox", self.ns)
     }

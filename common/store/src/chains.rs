@@ -84,17 +84,7 @@ impl Chain {
     /// The id of the follow-up `steps[0]` becomes: `{root}.then{next}` (a root too long for
     /// the 100-character limit is cut and given a hash of itself).
     pub fn next_id(&self) -> String {
-        let suffix = format!(".then{}", self.next);
-        if self.root.len() + suffix.len() <= 100 {
-            return format!("{}{suffix}", self.root);
-        }
-        // FNV-1a: the same id from every worker.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in self.root.bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        let cut: String = self.root.chars().take(70).collect();
-        format!("{cut}.{h:016x}{suffix}")
+        derived_id(&self.root, &format!(".then{}", self.next))
     }
 
     /// The chain the follow-up keeps: the steps after its own.
@@ -105,6 +95,62 @@ impl Chain {
             steps: self.steps[1..].to_vec(),
         })
     }
+}
+
+/// What `close_group` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// The group is closed now.
+    Now,
+    /// It was closed already, with the same follow-up: nothing changed.
+    Already,
+    /// It was closed already with another follow-up: nothing changed.
+    Conflict,
+    /// The group has no job.
+    NoSuchGroup,
+}
+
+/// A closed group (`producer group close`) and its chord follow-up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct GroupInfo {
+    /// When it was closed (ms since the epoch).
+    pub closed_ms: Option<u64>,
+    /// Its chord follow-up, as given to the close (the chain's root is the follow-up's id).
+    pub then: Option<Chain>,
+    /// When every job had ended and the follow-up fired.
+    pub fired_ms: Option<u64>,
+    /// The follow-up job, once published.
+    pub then_job: Option<String>,
+    /// What happened to the follow-up (published, skipped and why).
+    pub then_note: Option<String>,
+    /// The ids of the group's jobs that have ended.
+    #[serde(skip)]
+    pub ended: Vec<String>,
+}
+
+/// The outbox entry of group `g`'s chord follow-up (job ids never hold `:`).
+pub fn group_entry(g: &str) -> String {
+    format!("group:{g}")
+}
+
+/// The id a chord follow-up of group `g` gets: `{g}.chord` (bounded like [`Chain::next_id`]).
+pub fn chord_id(g: &str) -> String {
+    derived_id(g, ".chord")
+}
+
+/// `{root}{suffix}`, a root too long for the 100-character limit cut and given a hash of
+/// itself.
+fn derived_id(root: &str, suffix: &str) -> String {
+    if root.len() + suffix.len() <= 100 {
+        return format!("{root}{suffix}");
+    }
+    // FNV-1a: the same id from every worker.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in root.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let cut: String = root.chars().take(70).collect();
+    format!("{cut}.{h:016x}{suffix}")
 }
 
 /// Settles an outbox entry. KEYS: parent job, outbox, claim. ARGV: parent id, child id (or
@@ -134,6 +180,63 @@ impl Store {
             .map_err(|e| self.err(e))?;
         ids.sort();
         Ok(ids)
+    }
+
+    /// Closes `group`: it takes no more jobs, and its chord follow-up `then` (if any; the
+    /// chain's root is the follow-up's id, see [`chord_id`]) fires once every job in it has
+    /// ended.
+    pub async fn close_group(
+        &self,
+        group: &str,
+        then: Option<&Chain>,
+    ) -> Result<Closed, StoreError> {
+        let then = then
+            .map(|c| serde_json::to_string(c).unwrap_or_default())
+            .unwrap_or_default();
+        let mut con = self.con().await;
+        let got: i64 = self
+            .scripts
+            .close_group
+            .key(self.keys.group(group))
+            .key(self.keys.group_info(group))
+            .arg(group)
+            .arg(taskmill_protocol::now_ms())
+            .arg(then)
+            .arg(self.ttl)
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        self.replicated(&mut con).await?;
+        Ok(match got {
+            1 => Closed::Now,
+            2 => Closed::Already,
+            3 => Closed::Conflict,
+            _ => Closed::NoSuchGroup,
+        })
+    }
+
+    /// Group `group`'s close and chord follow-up (all `None` while it is open), and which of
+    /// its jobs have ended.
+    pub async fn group_info(&self, group: &str) -> Result<GroupInfo, StoreError> {
+        let mut con = self.con().await;
+        let (fields, ended): (std::collections::HashMap<String, String>, Vec<String>) =
+            redis::pipe()
+                .hgetall(self.keys.group_info(group))
+                .smembers(self.keys.group_done(group))
+                .query_async(&mut con)
+                .await
+                .map_err(|e| self.err(e))?;
+        let num = |k: &str| fields.get(k).and_then(|v| v.parse().ok());
+        Ok(GroupInfo {
+            closed_ms: num("closed_ms"),
+            then: fields
+                .get("then")
+                .and_then(|v| serde_json::from_str(v).ok()),
+            fired_ms: num("fired_ms"),
+            then_job: fields.get("then_job").cloned(),
+            then_note: fields.get("then_note").cloned(),
+            ended,
+        })
     }
 
     /// The oldest `n` jobs of the outbox (finished, their follow-up not yet settled).
@@ -180,8 +283,9 @@ impl Store {
         Ok(())
     }
 
-    /// Settles `job`'s outbox entry: its follow-up `child` (when one was published) and a
-    /// note saying what happened, on the job; the entry and the claim removed.
+    /// Settles outbox entry `job` (a job id, or a group's [`group_entry`]): its follow-up
+    /// `child` (when one was published) and a note saying what happened, on the job (or the
+    /// group's info); the entry and the claim removed.
     pub async fn settle_outbox(
         &self,
         job: &str,
@@ -189,8 +293,12 @@ impl Store {
         note: &str,
     ) -> Result<(), StoreError> {
         let mut con = self.con().await;
+        let target = match job.strip_prefix("group:") {
+            Some(g) => self.keys.group_info(g),
+            None => self.keys.job(job),
+        };
         SETTLE
-            .key(self.keys.job(job))
+            .key(target)
             .key(self.keys.outbox())
             .key(self.keys.outbox_claim(job))
             .arg(job)

@@ -113,6 +113,9 @@ pub enum StoreError {
     /// A job id given by the user is taken.
     #[error("job {0} already exists; choose another --job id")]
     JobExists(String),
+    /// The group a job was to join is closed (`producer group close`).
+    #[error("group {0} is closed (producer group close): a closed group takes no more jobs")]
+    GroupClosed(String),
     /// A job's hash holds something that is not a job (written by something else).
     #[error(transparent)]
     BadJob(#[from] BadJobHash),
@@ -159,7 +162,7 @@ impl StoreError {
                     })
             }
             StoreError::NotReplicated { .. } => true,
-            StoreError::JobExists(_) | StoreError::BadJob(_) => false,
+            StoreError::JobExists(_) | StoreError::GroupClosed(_) | StoreError::BadJob(_) => false,
         }
     }
 
@@ -170,9 +173,10 @@ impl StoreError {
                 matches!(source.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
                     || source.kind() == redis::ErrorKind::AuthenticationFailed
             }
-            StoreError::JobExists(_) | StoreError::BadJob(_) | StoreError::NotReplicated { .. } => {
-                false
-            }
+            StoreError::JobExists(_)
+            | StoreError::GroupClosed(_)
+            | StoreError::BadJob(_)
+            | StoreError::NotReplicated { .. } => false,
         }
     }
 }
@@ -212,6 +216,8 @@ pub struct NewJob<'a> {
     /// The URL its final status is POSTed to when it ends (`enqueue --on-complete`), empty
     /// for none.
     pub on_complete: &'a str,
+    /// How the job (or group) it follows up ended (JSON: state and counters), empty for none.
+    pub parent_outcome: &'a str,
 }
 
 /// What registering a job did.
@@ -273,6 +279,7 @@ struct Scripts {
     stall: redis::Script,
     add_problem: redis::Script,
     celery_result: redis::Script,
+    close_group: redis::Script,
 }
 
 impl Scripts {
@@ -294,6 +301,7 @@ impl Scripts {
             reopen: with_finish(include_str!("lua/reopen.lua")),
             stall: with_finish(include_str!("lua/stall.lua")),
             celery_result: with_finish(include_str!("lua/celery_result.lua")),
+            close_group: with_finish(include_str!("lua/close_group.lua")),
             add_problem: with_finish(
                 "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end\n\
                  append_problem(KEYS[1], ARGV[1])\nreturn 1",
@@ -409,6 +417,7 @@ impl Store {
             redis::Value::BulkString(holder) => Ok(Registered::Duplicate(
                 String::from_utf8_lossy(&holder).into_owned(),
             )),
+            redis::Value::Int(3) => Err(StoreError::GroupClosed(job.group.to_string())),
             _ => Err(StoreError::JobExists(job.id.to_string())),
         }
     }
@@ -456,6 +465,13 @@ impl Store {
                 call.arg("").arg("").arg("");
                 ""
             }
+        };
+        let outcome;
+        let options = if job.parent_outcome.is_empty() {
+            options
+        } else {
+            outcome = serde_json::json!({ "parent_outcome": job.parent_outcome }).to_string();
+            &outcome
         };
         call.arg(job.on_complete).arg(options);
         let created: redis::Value = call.invoke_async(&mut con).await.map_err(|e| self.err(e))?;
@@ -873,6 +889,7 @@ impl Store {
             .key(self.keys.jobs())
             .key(self.keys.cancelled_jobs())
             .arg(job)
+            .arg(now_ms())
             .invoke_async(&mut con)
             .await
             .map_err(|e| self.err(e))?;

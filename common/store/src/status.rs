@@ -95,6 +95,9 @@ pub struct JobStatus {
     /// The job this one follows up (`enqueue --then`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// How the job (or group) it follows up ended: `state` and counters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_outcome: Option<Value>,
     /// The follow-up steps still to run after this job (a [`crate::chains::Chain`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub then: Option<Value>,
@@ -251,6 +254,9 @@ impl JobStatus {
             rate_key: f.get("rate_key").cloned(),
             group: f.get("group").cloned(),
             parent: f.get("parent").cloned(),
+            parent_outcome: f
+                .get("parent_outcome")
+                .and_then(|v| serde_json::from_str(v).ok()),
             then: f.get("then").and_then(|v| serde_json::from_str(v).ok()),
             then_fired_ms: opt("then_fired_ms")?,
             then_job: f.get("then_job").cloned(),

@@ -180,9 +180,19 @@ pub struct EnqueueArgs {
     /// second one, the final status.
     #[arg(long, help_heading = "Output")]
     pub json: bool,
-    /// Follow-up job: when this job finishes, run TASK over its batch results (one record a
-    /// result, in batch order). Repeat for a chain: each step runs over the results of the one
-    /// before. Its id is this job's with `.then1` (`.then2`, ...) added.
+    /// Follow-up jobs (`--then` and its options).
+    #[command(flatten)]
+    pub follow: ThenArgs,
+}
+
+/// `--then TASK` and its options: the follow-up steps of a job (`enqueue`) or of a group
+/// (`group close`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ThenArgs {
+    /// Follow-up job: when this job (or group) finishes, run TASK over its batch results (one
+    /// record a result, in batch order). Repeat for a chain: each step runs over the results of
+    /// the one before. Its id is this job's with `.then1` (`.then2`, ...) added (a group's:
+    /// `G.chord`).
     #[arg(long = "then", value_name = "TASK", help_heading = "Follow-up jobs")]
     pub then: Vec<String>,
     /// A parameter of the --then before it (repeatable).
@@ -279,16 +289,12 @@ impl EnqueueArgs {
             wait: false,
             timeout: None,
             json: false,
-            then: Vec::new(),
-            then_params: Vec::new(),
-            then_on: Vec::new(),
-            then_batch_size: Vec::new(),
-            then_at: ThenAt::default(),
+            follow: ThenArgs::default(),
         }
     }
 }
 
-impl EnqueueArgs {
+impl ThenArgs {
     /// The follow-up steps of `--then` and its options, each option given to the `--then`
     /// before it (all to the last, when the positions are unknown: arguments built in code).
     pub fn steps(&self) -> anyhow::Result<Vec<Step>> {
@@ -342,7 +348,9 @@ impl EnqueueArgs {
         }
         Ok(steps)
     }
+}
 
+impl EnqueueArgs {
     /// The job these flags describe, each text form parsed and every value checked, in one
     /// sentence naming the flag (before anything is connected).
     pub fn spec(&self) -> anyhow::Result<JobSpec> {
@@ -389,7 +397,7 @@ impl EnqueueArgs {
             let interval_ms = parse_rate(r).map_err(|e| usage(format!("--rate-limit {e}")))?;
             spec = spec.rate_limit(Rate { interval_ms });
         }
-        for step in self.steps()? {
+        for step in self.follow.steps()? {
             spec = spec.then(step);
         }
         spec.check().map_err(|(field, why)| {
@@ -604,7 +612,7 @@ pub async fn run(conn: &ConnArgs, args: &EnqueueArgs) -> anyhow::Result<std::pro
             timeout: args.timeout,
             json: args.json,
             // With follow-ups, to the end of the chain.
-            chain: !args.then.is_empty(),
+            chain: !args.follow.then.is_empty(),
         };
         return crate::cmd::wait::run(conn, &wait).await;
     }

@@ -1,12 +1,52 @@
-//! Groups of jobs (`enqueue --group G`): `status --group G` and `wait --group G`.
+//! Groups of jobs (`enqueue --group G`): `status --group G`, `wait --group G`, and
+//! `group close G [--then TASK]...` (no more jobs join; the chord follow-up runs once over the
+//! results of them all, when every one has ended).
 
 use std::{collections::BTreeMap, process::ExitCode, time::Duration};
 
+use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use taskmill_client::{Client, Error};
-use taskmill_common::store::JobStatus;
+use taskmill_common::{
+    config::ConnArgs,
+    store::{
+        chains::{chord_id, Chain, Closed, GroupInfo, Step},
+        JobStatus, Store,
+    },
+};
 
-use super::wait::WaitEnd;
+use super::{enqueue::ThenArgs, wait::WaitEnd};
+use crate::error::usage;
+
+/// Arguments of `group`.
+#[derive(Args, Debug, Clone)]
+pub struct GroupArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: GroupAction,
+}
+
+/// What `group` does.
+#[derive(Subcommand, Debug, Clone)]
+pub enum GroupAction {
+    /// Close a group: no more jobs join it (`enqueue --group` is refused), and its follow-up
+    /// (--then: a chord) runs once over the results of all its jobs when every one has ended.
+    Close(CloseArgs),
+}
+
+/// Arguments of `group close`.
+#[derive(Args, Debug, Clone)]
+pub struct CloseArgs {
+    /// The group.
+    pub group: String,
+    /// The follow-up (chord) and its options: `--then TASK [--then-param K=V]... [--then-on
+    /// complete|success]`, repeatable for a chain after it. Its id is `G.chord`.
+    #[command(flatten)]
+    pub follow: ThenArgs,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// A group's jobs as read now.
 pub struct GroupView {
@@ -16,6 +56,8 @@ pub struct GroupView {
     pub jobs: Vec<JobStatus>,
     /// Jobs whose hash cannot be read (each with why).
     pub unreadable: Vec<Value>,
+    /// Its close and chord follow-up.
+    pub info: GroupInfo,
 }
 
 impl GroupView {
@@ -27,6 +69,7 @@ impl GroupView {
             group: group.to_string(),
             jobs: Vec::new(),
             unreadable: Vec::new(),
+            info: client.store().group_info(group).await?,
         };
         for id in ids {
             match client.job(&id).status().await {
@@ -72,6 +115,12 @@ impl GroupView {
             "jobs": self.jobs.len() + self.unreadable.len(),
             "counts": self.counts(),
             "finished": self.finished(),
+            "closed": self.info.closed_ms.is_some(),
+            "closed_ms": self.info.closed_ms,
+            "then": self.info.then,
+            "then_fired_ms": self.info.fired_ms,
+            "then_job": self.info.then_job,
+            "then_note": self.info.then_note,
             "statuses": self.jobs.iter().map(JobStatus::to_json).chain(self.unreadable.iter().cloned()).collect::<Vec<_>>(),
         })
     }
@@ -94,6 +143,23 @@ impl GroupView {
             },
             counts.join(", ")
         );
+        if self.info.closed_ms.is_some() {
+            s.push_str("\n  closed");
+            if let Some(then) = &self.info.then {
+                let steps: Vec<&str> = then.steps.iter().map(|s| s.task.as_str()).collect();
+                let what = match (&self.info.then_job, &self.info.then_note) {
+                    (Some(child), Some(note)) => format!("{note}: job {child}"),
+                    (None, Some(note)) => note.clone(),
+                    _ if self.info.fired_ms.is_some() => "publishing".into(),
+                    _ => format!(
+                        "on {} of every job, as job {}",
+                        then.steps[0].on.as_str(),
+                        then.root
+                    ),
+                };
+                s.push_str(&format!("; then {} ({what})", steps.join(" → ")));
+            }
+        }
         for j in &self.jobs {
             let total = j
                 .batches_total
@@ -118,7 +184,7 @@ impl GroupView {
     }
 }
 
-fn no_group(group: &str) -> anyhow::Error {
+pub(crate) fn no_group(group: &str) -> anyhow::Error {
     Error::NoSuchJob(format!(
         "no job in group {group:?} in this namespace (wrong namespace, or they expired)"
     ))
@@ -139,11 +205,13 @@ pub async fn status(client: &Client, group: &str, json: bool) -> anyhow::Result<
 }
 
 /// `wait --group G`: until every job of the group finished (exit 0 when all completed, 1
-/// otherwise) or the timeout (3).
+/// otherwise) or the timeout (3). With `chain`, then until the group's chord follow-up is
+/// published (or will not be), and on along its chain: the last job's status is printed.
 pub async fn wait(
     client: &Client,
     group: &str,
     timeout: Option<Duration>,
+    chain: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
@@ -153,16 +221,37 @@ pub async fn wait(
             .ok_or_else(|| no_group(group))?;
         let timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
         if view.finished() || timed_out {
+            let mut end = if view.finished() {
+                view.end()
+            } else {
+                WaitEnd::TimedOut
+            };
+            if chain && end != WaitEnd::TimedOut && view.info.then.is_some() {
+                match chord_job(client, group, deadline).await? {
+                    Some(child) => {
+                        let left = deadline
+                            .map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+                        return super::wait::chain_from(client, &child, left, json).await;
+                    }
+                    None => {
+                        // Skipped (the group's note says why) or timed out.
+                        let info = client.store().group_info(group).await?;
+                        if info.then_note.is_none() {
+                            end = WaitEnd::TimedOut;
+                        } else if end == WaitEnd::Completed {
+                            end = WaitEnd::Failed;
+                        }
+                    }
+                }
+            }
+            let view = GroupView::read(client, group)
+                .await?
+                .ok_or_else(|| no_group(group))?;
             if json {
                 crate::out::line(&view.to_json().to_string());
             } else {
                 crate::out::line(&view.describe());
             }
-            let end = if view.finished() {
-                view.end()
-            } else {
-                WaitEnd::TimedOut
-            };
             if end == WaitEnd::TimedOut {
                 eprintln!("producer: timed out waiting for group {group}");
             }
@@ -170,4 +259,91 @@ pub async fn wait(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The group's chord follow-up once published; `None` when none runs (its note says why) or
+/// the deadline came first.
+async fn chord_job(
+    client: &Client,
+    group: &str,
+    deadline: Option<tokio::time::Instant>,
+) -> anyhow::Result<Option<String>> {
+    loop {
+        let info = client.store().group_info(group).await?;
+        if let Some(child) = info.then_job {
+            return Ok(Some(child));
+        }
+        if info.then_note.is_some() || deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Closes `group` with chord follow-up `steps` (none: it only takes no more jobs): what
+/// closing did, and the chain given (its root is the follow-up's id). A name that is not a
+/// group's is a usage error.
+pub(crate) async fn close(
+    store: &Store,
+    group: &str,
+    steps: Vec<Step>,
+) -> anyhow::Result<(Closed, Option<Chain>)> {
+    taskmill_common::topology::validate_key("group", group).map_err(usage)?;
+    for s in &steps {
+        if s.batch_size == 0 {
+            return Err(usage(format!(
+                "the batch size of follow-up {} is 0",
+                s.task
+            )));
+        }
+    }
+    let chain = (!steps.is_empty()).then(|| Chain {
+        root: chord_id(group),
+        next: 1,
+        steps,
+    });
+    let closed = store.close_group(group, chain.as_ref()).await?;
+    if closed == Closed::NoSuchGroup {
+        return Err(no_group(group));
+    }
+    Ok((closed, chain))
+}
+
+/// `group close G [--then TASK]...`.
+pub async fn run(conn: &ConnArgs, args: &GroupArgs) -> anyhow::Result<ExitCode> {
+    let GroupAction::Close(c) = &args.action;
+    let steps = c.follow.steps()?;
+    let client = crate::client(conn).await?;
+    let (closed, chain) = close(client.store(), &c.group, steps).await?;
+    let what = match closed {
+        Closed::Now => "closed",
+        Closed::Already | Closed::NoSuchGroup => "closed already",
+        Closed::Conflict => {
+            return Err(usage(format!(
+                "group {} is closed already, with another follow-up",
+                c.group
+            )))
+        }
+    };
+    if c.json {
+        crate::out::line(
+            &json!({
+                "group": c.group,
+                "closed": true,
+                "already": closed == Closed::Already,
+                "then_job_id": chain.as_ref().map(|c| c.root.clone()),
+            })
+            .to_string(),
+        );
+    } else {
+        let mut line = format!("group {} {what}", c.group);
+        if let Some(chain) = &chain {
+            line.push_str(&format!(
+                "; its follow-up {} runs as job {} once every job in it has ended",
+                chain.steps[0].task, chain.root
+            ));
+        }
+        crate::out::line(&line);
+    }
+    Ok(ExitCode::SUCCESS)
 }

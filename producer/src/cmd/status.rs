@@ -117,7 +117,14 @@ pub fn describe(status: &JobStatus) -> String {
         rate,
     );
     if let Some(parent) = &status.parent {
-        s.push_str(&format!("\n  follows: {parent}"));
+        let parent = parent.replacen("group:", "group ", 1);
+        match &status.parent_outcome {
+            Some(o) => s.push_str(&format!(
+                "\n  follows: {parent}, which ended {}",
+                outcome(o)
+            )),
+            None => s.push_str(&format!("\n  follows: {parent}")),
+        }
     }
     if let Some(then) = &status.then {
         let steps: Vec<&str> = then["steps"]
@@ -275,4 +282,18 @@ pub async fn run(conn: &ConnArgs, args: &StatusArgs) -> anyhow::Result<std::proc
         crate::out::line(&text);
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// How a parent ended, from its `parent_outcome`: `completed_with_errors (8 batches done, 2
+/// dead)`, or for a group `completed (20 jobs: 19 completed, 1 completed_with_errors)`.
+fn outcome(o: &serde_json::Value) -> String {
+    let state = o["state"].as_str().unwrap_or("?");
+    if let Some(counts) = o["counts"].as_object() {
+        let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        return format!("{state} ({} jobs: {})", o["jobs"], parts.join(", "));
+    }
+    format!(
+        "{state} ({} batches done, {} dead)",
+        o["batches_done"], o["batches_dead"]
+    )
 }

@@ -20,7 +20,7 @@ pub struct WaitArgs {
     #[arg(required_unless_present = "group")]
     pub job: Option<String>,
     /// Every job of a group instead (`enqueue --group`): exit 0 when all completed.
-    #[arg(long, value_name = "G", conflicts_with_all = ["job", "chain"])]
+    #[arg(long, value_name = "G", conflicts_with = "job")]
     pub group: Option<String>,
     /// Give up after this long (exit 3): `90s`, `5m`, `1h`, `500ms`, or seconds (`2.5`).
     #[arg(long, value_name = "DURATION", value_parser = timeout_arg)]
@@ -30,7 +30,8 @@ pub struct WaitArgs {
     pub json: bool,
     /// Wait for the job's follow-ups too (`enqueue --then`), to the last step of its chain,
     /// and print that job's status (a skipped step ends the chain: its reason is in the status
-    /// of the job before it).
+    /// of the job before it). With --group: the group's chord follow-up (`group close --then`)
+    /// and its chain.
     #[arg(long)]
     pub chain: bool,
 }
@@ -162,13 +163,30 @@ pub async fn run(conn: &ConnArgs, args: &WaitArgs) -> anyhow::Result<ExitCode> {
     let client = crate::client(conn).await?;
     let timeout = args.timeout;
     let progress = std::io::stderr().is_terminal() && !args.json;
-    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     if let Some(g) = &args.group {
-        return super::group::wait(&client, g, timeout, args.json).await;
+        return super::group::wait(&client, g, timeout, args.chain, args.json).await;
     }
     let first = args.job.as_deref().unwrap_or_default();
-    let (mut status, mut end) = follow(&client, first, timeout, progress).await?;
     if args.chain {
+        return chain_from(&client, first, timeout, args.json).await;
+    }
+    let (status, end) = follow(&client, first, timeout, progress).await?;
+    print_end(&client, &status, end, args.json).await
+}
+
+/// Waits for `first` and its follow-ups, to the last step of its chain, and prints that
+/// job's status.
+pub(crate) async fn chain_from(
+    client: &Client,
+    first: &str,
+    timeout: Option<Duration>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let progress = std::io::stderr().is_terminal() && !json;
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let client = client.clone();
+    let (mut status, mut end) = follow(&client, first, timeout, progress).await?;
+    {
         while end != WaitEnd::TimedOut {
             let child = match follow_up(&client, &status, deadline).await? {
                 Link::Next(child) => child,
@@ -186,11 +204,21 @@ pub async fn run(conn: &ConnArgs, args: &WaitArgs) -> anyhow::Result<ExitCode> {
             (status, end) = follow(&client, &child, left, progress).await?;
         }
     }
+    print_end(&client, &status, end, json).await
+}
+
+/// Prints how waiting ended: the status (and the dead batches), or one JSON object.
+async fn print_end(
+    client: &Client,
+    status: &JobStatus,
+    end: WaitEnd,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let job = status.job.clone();
-    if args.json {
+    if json {
         crate::out::line(&status.to_json().to_string());
     } else {
-        let mut text = describe(&status);
+        let mut text = describe(status);
         if status.batches_dead > 0 {
             if let Some(d) = describe_dead(&client.store().dead_batches(&job).await?) {
                 text.push('\n');

@@ -71,7 +71,7 @@ impl From<anyhow::Error> for ApiError {
                 return Self(status, c.to_string());
             }
             match cause.downcast_ref::<StoreError>() {
-                Some(StoreError::JobExists(_)) => {
+                Some(StoreError::JobExists(_) | StoreError::GroupClosed(_)) => {
                     return Self(StatusCode::CONFLICT, cause.to_string());
                 }
                 // Not a service that is down: data that is not a job's. 500, never 503.
@@ -613,6 +613,77 @@ pub(crate) struct NewStep {
     on: Option<String>,
 }
 
+/// The follow-up steps of a body's `then`, or a 400 naming the field.
+fn steps_of(then: &[NewStep]) -> Result<Vec<taskmill_client::Step>, ApiError> {
+    then.iter()
+        .enumerate()
+        .map(|(i, step)| {
+            let on = match &step.on {
+                None => taskmill_client::Trigger::Complete,
+                Some(on) => on
+                    .parse()
+                    .map_err(|e: String| ApiError::bad(format!("then[{i}].on: {e}")))?,
+            };
+            Ok(taskmill_client::Step {
+                task: step.task.clone(),
+                params: param_texts(&format!("then[{i}].params"), &step.params)?,
+                batch_size: step.batch_size.unwrap_or(10),
+                on,
+            })
+        })
+        .collect()
+}
+
+/// `GET /api/groups/{g}`: the group's jobs counted by state, each one's status, and its
+/// close and chord follow-up (as `producer status --group G --json`).
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "group"))]
+pub(crate) async fn group(State(st): Shared, Path(g): Path<String>) -> ApiResult {
+    let view = crate::cmd::group::GroupView::read(&st.client, &g)
+        .await?
+        .ok_or_else(|| crate::cmd::group::no_group(&g))?;
+    ok(view.to_json())
+}
+
+/// The body of `POST /api/groups/{g}/close`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CloseGroup {
+    /// The chord follow-up and the steps after it, as `then` of `POST /api/jobs`.
+    #[serde(default)]
+    then: Vec<NewStep>,
+}
+
+/// `POST /api/groups/{g}/close` `{"then": [steps]}` (body optional): closes the group (as
+/// `producer group close`); 200 with `then_job_id`, 404 when it has no job, 409 when it was
+/// closed already with another follow-up.
+#[tracing::instrument(level = "debug", name = "api", skip_all, fields(route = "close_group"))]
+pub(crate) async fn close_group(
+    State(st): Shared,
+    Path(g): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let new: CloseGroup = if body.iter().all(u8::is_ascii_whitespace) {
+        CloseGroup::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(format!("the request body is not a close: {e}")))?
+    };
+    let steps = steps_of(&new.then)?;
+    let (closed, chain) = crate::cmd::group::close(&st.store, &g, steps).await?;
+    if closed == taskmill_common::store::chains::Closed::Conflict {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("group {g} is closed already, with another follow-up"),
+        ));
+    }
+    ok(json!({
+        "group": g,
+        "closed": true,
+        "already": closed != taskmill_common::store::chains::Closed::Now,
+        "then_job_id": chain.map(|c| c.root),
+    }))
+}
+
 /// Parameters as text (strings, numbers, booleans), or a 400 naming the field.
 fn param_texts(
     field: &str,
@@ -749,19 +820,8 @@ pub(crate) async fn enqueue(State(st): Shared, body: axum::body::Bytes) -> ApiRe
         .map_err(|e| ApiError::bad(format!("the request body is not a job: {e}")))?;
     let mut job = JobSpec::new(&new.task);
     job.params = param_texts("params", &new.params)?;
-    for (i, step) in new.then.iter().enumerate() {
-        let on = match &step.on {
-            None => taskmill_client::Trigger::Complete,
-            Some(on) => on
-                .parse()
-                .map_err(|e: String| ApiError::bad(format!("then[{i}].on: {e}")))?,
-        };
-        job = job.then(taskmill_client::Step {
-            task: step.task.clone(),
-            params: param_texts(&format!("then[{i}].params"), &step.params)?,
-            batch_size: step.batch_size.unwrap_or(10),
-            on,
-        });
+    for step in steps_of(&new.then)? {
+        job = job.then(step);
     }
     if let Some(n) = new.batch_size {
         job = job.batch_size(n);

@@ -94,6 +94,8 @@ pub(crate) fn router(state: Arc<AppState>, limits: serve::Limits) -> Router {
         .route("/dead/replay", post(api::replay_dead))
         .route("/dead/purge", post(api::purge_dead))
         .route("/dead/{id}", get(api::dead_letter))
+        .route("/groups/{g}", get(api::group))
+        .route("/groups/{g}/close", post(api::close_group))
         .route("/queues", get(api::queues))
         .route("/workers", get(api::workers))
         .route("/schedules", get(api::schedules).post(api::add_schedule))

@@ -821,6 +821,7 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
             parent: "",
             group: "",
             on_complete: "",
+            parent_outcome: "",
         })
         .await?;
     let total = (rate * seconds as f64) as u64;

@@ -400,6 +400,7 @@ impl Ingress {
             parent: r.call.parent_id.as_deref().unwrap_or(""),
             group: "",
             on_complete: "",
+            parent_outcome: "",
         };
         let settings = CelerySettings {
             parent_id: r.call.parent_id.clone(),

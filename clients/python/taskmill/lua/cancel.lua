@@ -20,6 +20,7 @@ if active then redis.call('ZREM', active, id) end
 release_unique(KEYS[1])
 celery_finish(KEYS[1], {state = STATE.cancelled}, ARGV[2])
 hook_fire(KEYS[1], ARGV[2])
+group_done(KEYS[1], ARGV[2])
 local ttl = job_ttl(KEYS[1], 604800)
 if redis.call('TTL', KEYS[2]) < ttl then redis.call('EXPIRE', KEYS[2], ttl) end
 return {1, state}

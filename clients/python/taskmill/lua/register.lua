@@ -9,7 +9,8 @@
 -- job published batch by batch), the URL of its completion webhook ('' for none), and the
 -- options of a job published whole (JSON of field -> text: eta_ms, priority...; '' for none).
 -- Returns 1 when registered, 2 when this token registered it before and it has finished since
--- (a call delivered again: nothing to publish), 0 when the id already exists, or the id of the job that holds
+-- (a call delivered again: nothing to publish), 3 when its group is closed (`producer group
+-- close`: nothing registered), 0 when the id already exists, or the id of the job that holds
 -- the unique key while it is pending or running (nothing registered then).
 -- The job keeps its TTL in its hash; the index lives as long as its longest-lived job, and
 -- ids of expired jobs are dropped from it (the oldest few here, the rest when listed).
@@ -22,6 +23,10 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
 local ttl = tonumber(ARGV[6])
+if (ARGV[11] or '') ~= '' and (KEYS[4] or '') ~= ''
+   and redis.call('HEXISTS', KEYS[4] .. ':info', 'closed_ms') == 1 then
+  return 3
+end
 if KEYS[3] ~= '' then
   local holder = redis.call('GET', KEYS[3])
   if holder then

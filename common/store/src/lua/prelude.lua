@@ -195,6 +195,34 @@ local function hook_fire(job, now)
     if ns then redis.call('ZADD', ns .. ':hooks', now, id) end
   end
 end
+-- A group (`enqueue --group G`) keeps its job ids in `{ns}:group:G`, the ids of those that
+-- have ended in `{ns}:group:G:done`, and `{ns}:group:G:info` (a hash: closed_ms, then, fired_ms,
+-- then_job, then_note) once `producer group close G` closed it. A closed group whose every job
+-- has ended fires its chord follow-up (`then`) once: `group:G` joins the namespace's outbox, in
+-- the same script as the ending that completes it.
+local function chord_check(ns, g, now)
+  local members = ns .. ':group:' .. g
+  local info = members .. ':info'
+  if redis.call('HEXISTS', info, 'closed_ms') == 0 or redis.call('HEXISTS', info, 'then') == 0 then
+    return
+  end
+  if #redis.call('SDIFF', members, members .. ':done') > 0 then return end
+  if redis.call('HSETNX', info, 'fired_ms', now) == 1 then
+    redis.call('ZADD', ns .. ':outbox', now, 'group:' .. g)
+  end
+end
+-- A job that has just ended counts as ended in its group (once: a set), and may complete it.
+local function group_done(job, now)
+  local g = redis.call('HGET', job, 'group')
+  if not g or g == '' then return end
+  local ns, id = string.match(job, '^(.*):job:([^:]*)$')
+  if not ns then return end
+  local members = ns .. ':group:' .. g
+  redis.call('SADD', members .. ':done', id)
+  local ttl = redis.call('TTL', members)
+  if ttl > 0 then redis.call('EXPIRE', members .. ':done', ttl) end
+  chord_check(ns, g, now)
+end
 -- Decides whether a job is finished and sets its state and finish time. Batches counted lost
 -- (`batches_lost`, set when a stalled job was given up on) finish it as `stalled`; a lost
 -- batch that comes back after all is stored and no longer counted lost, so a job whose lost
@@ -245,6 +273,7 @@ local function finish_j(job, j, w, now)
   if ended then
     celery_finish(job, j, now)
     hook_fire(job, now)
+    group_done(job, now)
   end
   local key, id = active_of(job)
   -- A job with follow-up steps fires them once, in this same script: its id goes to the

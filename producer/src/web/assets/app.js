@@ -231,8 +231,9 @@ function jobView(id) {
     // Its group, the job it follows up and its follow-ups (enqueue --group, --then).
     const jobLink = id => `<a href="#/jobs/${encodeURIComponent(id)}"><code>${esc(id)}</code></a>`;
     const links = [];
-    if (j.group) links.push(`group <code>${esc(j.group)}</code>`);
-    if (j.parent) links.push(`follows ${jobLink(j.parent)}`);
+    const groupLink = g => `<a href="#/groups/${encodeURIComponent(g)}">group <code>${esc(g)}</code></a>`;
+    if (j.group) links.push(groupLink(j.group));
+    if (j.parent) links.push(j.parent.startsWith("group:") ? `follows ${groupLink(j.parent.slice(6))}` : `follows ${jobLink(j.parent)}`);
     if (j.then) {
       const steps = (j.then.steps || []).map(s => esc(s.task)).join(" → ");
       links.push(`then ${steps}` + (j.then_job ? `: ${jobLink(j.then_job)}` : "") +
@@ -411,6 +412,40 @@ function workersView() {
   return { refresh, every: 1000 };
 }
 
+// ------------------------------------------------------------------------------- Groups
+// A group (enqueue --group): its jobs counted by state, each job, and its chord follow-up
+// (group close --then) once it is closed.
+function groupView(name) {
+  const g = generation;
+  main.innerHTML = `<h1>Group <code>${esc(name)}</code></h1><div id="g-summary" class="card"></div><div id="g-table"></div>`;
+  async function refresh() {
+    let v;
+    try {
+      v = await api(`/groups/${encodeURIComponent(name)}`);
+    } catch (e) {
+      current(g);
+      if (e.status !== 404) throw e;
+      $("#g-summary").innerHTML = `<span class="empty">No job in group <code>${esc(name)}</code> in this namespace (wrong namespace, or they expired).</span>`;
+      $("#g-table").innerHTML = "";
+      return;
+    }
+    current(g);
+    const counts = Object.entries(v.counts).map(([s, n]) => `${badge(s)} ${num(n)}`).join(" ");
+    const link = id => `<a href="#/jobs/${encodeURIComponent(id)}"><code>${esc(id)}</code></a>`;
+    let chord = v.closed ? "closed" : "open (jobs may still join)";
+    if (v.then) {
+      const steps = (v.then.steps || []).map(s => esc(s.task)).join(" → ");
+      chord += ` · then ${steps}` + (v.then_job ? `: ${link(v.then_job)}` : ` (as <code>${esc(v.then.root)}</code>)`) +
+        (v.then_note ? ` <span class="muted">(${esc(v.then_note)})</span>` : "");
+    }
+    $("#g-summary").innerHTML = `<div id="g-counts">${num(v.jobs)} job${v.jobs === 1 ? "" : "s"}, ${v.finished ? "finished" : "not finished"}: ${counts}</div><div id="g-chord">${chord}</div>`;
+    $("#g-table").innerHTML = `<table><thead><tr><th>Job</th><th>State</th><th>Progress</th><th>Task</th></tr></thead><tbody>` +
+      v.statuses.map(j => `<tr data-job="${esc(j.job)}"><td>${link(j.job)}</td><td>${j.state ? badge(j.state) : badge("unreadable")}</td>
+        <td>${j.state ? progress(j) : esc(j.unreadable)}</td><td>${esc(j.task)}</td></tr>`).join("") + `</tbody></table>`;
+  }
+  return { refresh, every: 1000 };
+}
+
 // ------------------------------------------------------------------------------- Schedules
 function schedulesView() {
   const g = generation;
@@ -463,6 +498,7 @@ function route() {
   else if (parts[0] === "queues") v = queuesView();
   else if (parts[0] === "workers") v = workersView();
   else if (parts[0] === "schedules") v = schedulesView();
+  else if (parts[0] === "groups" && parts[1]) v = groupView(decodeURIComponent(parts.slice(1).join("/")));
   else v = jobsView(params);
   view = v;
   tick(v);
