@@ -28,13 +28,23 @@ pub struct Schedule {
     /// The period in ms, or
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub every_ms: Option<u64>,
-    /// a cron expression (UTC).
+    /// a cron expression (in `timezone`, UTC without).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cron: Option<String>,
+    /// The IANA time zone the cron expression's times are in (`Europe/Paris`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
     /// `skip` or `catch-up:N`.
     pub missed: String,
     /// The enqueue options.
     pub enqueue: Vec<String>,
+}
+
+/// An IANA time zone by name (`Europe/Paris`, `America/New_York`, `UTC`).
+fn time_zone(name: &str) -> Result<chrono_tz::Tz, String> {
+    name.parse::<chrono_tz::Tz>().map_err(|_| {
+        format!("--timezone {name:?} is not an IANA time zone name (such as Europe/Paris or UTC)")
+    })
 }
 
 /// `producer enqueue`'s flags alone, to parse a schedule's options.
@@ -56,8 +66,11 @@ impl Schedule {
             .map_err(|e| format!("--cron {expr:?} is not a cron expression: {e}"))?;
         let start = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(t_ms as i64)
             .ok_or_else(|| format!("{t_ms} ms is not a time"))?;
+        let tz = time_zone(self.timezone.as_deref().unwrap_or("UTC"))?;
+        // Cron times are wall-clock times of the zone: across a DST change, a time that does
+        // not exist runs at the first one after the gap, a time that exists twice runs once.
         let next = cron
-            .find_next_occurrence(&start, false)
+            .find_next_occurrence(&start.with_timezone(&tz), false)
             .map_err(|e| format!("--cron {expr:?} has no next time: {e}"))?;
         Ok(next.timestamp_millis().max(0) as u64)
     }
@@ -95,11 +108,24 @@ impl Schedule {
             })
     }
 
+    /// `ms` as an RFC 3339 time in the schedule's time zone (None without one).
+    pub fn local_time(&self, ms: u64) -> Option<String> {
+        let tz = time_zone(self.timezone.as_deref()?).ok()?;
+        let t = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms as i64)?;
+        Some(
+            t.with_timezone(&tz)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        )
+    }
+
     /// `every 30s` or `cron EXPR`.
     pub fn period(&self) -> String {
         match (&self.every_ms, &self.cron) {
             (Some(ms), _) => format!("every {}", human_ms(*ms)),
-            (_, Some(c)) => format!("cron {c}"),
+            (_, Some(c)) => match &self.timezone {
+                Some(tz) => format!("cron {c} ({tz})"),
+                None => format!("cron {c}"),
+            },
             _ => "?".into(),
         }
     }
@@ -124,9 +150,12 @@ pub struct NewSchedule {
     /// A period (`30s`, `5m`), or
     #[serde(default)]
     pub every: Option<String>,
-    /// a five-field cron expression (UTC).
+    /// a five-field cron expression (UTC, or in `timezone`).
     #[serde(default)]
     pub cron: Option<String>,
+    /// The IANA time zone of the cron expression (`Europe/Paris`).
+    #[serde(default)]
+    pub timezone: Option<String>,
     /// `skip` (the default) or `catch-up:N`.
     #[serde(default = "skip")]
     pub missed: String,
@@ -161,9 +190,18 @@ impl NewSchedule {
             }
             (None, Some(_)) => None,
         };
+        if let Some(tz) = &self.timezone {
+            if self.cron.is_none() {
+                return Err(
+                    "--timezone goes with --cron (an --every period has no time zone)".into(),
+                );
+            }
+            time_zone(tz)?;
+        }
         let schedule = Schedule {
             every_ms,
             cron: self.cron.clone(),
+            timezone: self.timezone.clone(),
             missed: self.missed.clone(),
             enqueue: self.enqueue.clone(),
         };
@@ -285,6 +323,11 @@ pub async fn view(store: &Store, name: &str) -> anyhow::Result<Option<Value>> {
         "period": schedule.as_ref().map_or("unreadable".into(), Schedule::period),
         "every_ms": schedule.as_ref().and_then(|s| s.every_ms),
         "cron": schedule.as_ref().and_then(|s| s.cron.clone()),
+        "timezone": schedule.as_ref().and_then(|s| s.timezone.clone()),
+        "next_local": schedule
+            .as_ref()
+            .zip(num("next_ms"))
+            .and_then(|(s, ms)| s.local_time(ms)),
         "missed": schedule.as_ref().map(|s| s.missed.clone()),
         "enqueue": schedule.as_ref().map(|s| s.enqueue.clone()),
         "paused": fields.get("paused").is_some_and(|p| p == "1"),
@@ -304,6 +347,7 @@ mod tests {
         Schedule {
             every_ms: Some(ms),
             cron: None,
+            timezone: None,
             missed: "skip".into(),
             enqueue: vec!["--file".into(), "x".into()],
         }
@@ -326,6 +370,47 @@ mod tests {
             ..cron
         };
         assert!(bad.next_after(0).is_err());
+    }
+
+    #[test]
+    fn cron_times_are_wall_clock_times_of_the_time_zone() {
+        let at = |cron: &str, tz: Option<&str>| Schedule {
+            every_ms: None,
+            cron: Some(cron.into()),
+            timezone: tz.map(Into::into),
+            ..every(1)
+        };
+        let ms = |rfc: &str| {
+            chrono::DateTime::parse_from_rfc3339(rfc)
+                .unwrap_or_else(|e| panic!("{rfc}: {e}"))
+                .timestamp_millis() as u64
+        };
+        let three = at("0 3 * * *", Some("Europe/Paris"));
+        // 03:00 in Paris is 02:00 UTC in winter (CET) and 01:00 UTC in summer (CEST).
+        assert_eq!(
+            three.next_after(ms("2026-12-07T00:00:00Z")),
+            Ok(ms("2026-12-07T02:00:00Z"))
+        );
+        assert_eq!(
+            three.next_after(ms("2026-07-01T00:00:00Z")),
+            Ok(ms("2026-07-01T01:00:00Z"))
+        );
+        // 02:30 does not exist in Paris on 2026-03-29 (02:00 → 03:00): it runs at 03:00 CEST.
+        let gap = at("30 2 * * *", Some("Europe/Paris"));
+        assert_eq!(
+            gap.next_after(ms("2026-03-28T12:00:00Z")),
+            Ok(ms("2026-03-29T01:00:00Z"))
+        );
+        // 02:30 exists twice on 2026-10-25 (03:00 → 02:00): it runs once, at the first.
+        let twice = at("30 2 * * *", Some("Europe/Paris"));
+        let first = twice.next_after(ms("2026-10-24T12:00:00Z"));
+        assert_eq!(first, Ok(ms("2026-10-25T00:30:00Z")));
+        assert_eq!(
+            twice.next_after(ms("2026-10-25T00:30:00Z")),
+            Ok(ms("2026-10-26T01:30:00Z"))
+        );
+        assert_eq!(three.period(), "cron 0 3 * * * (Europe/Paris)");
+        assert!(at("0 3 * * *", Some("Mars/Olympus")).next_after(0).is_err());
     }
 
     #[test]

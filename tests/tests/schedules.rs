@@ -1,7 +1,7 @@
 //! Periodic schedules (`producer schedule`, `producer scheduler`): what cannot run at each tick
-//! is refused when the schedule is added; three schedulers on one `--every 1s` schedule, one
-//! of them killed with kill -9 and started again every few ticks, enqueue exactly one job a
-//! tick (`sched-NAME-SECONDS`) and miss none.
+//! is refused when the schedule is added; three schedulers on one `--every 1s` schedule for a
+//! minute, one of them killed with kill -9 and started again every ten ticks, enqueue exactly
+//! one job a tick (`sched-NAME-SECONDS`) and miss none.
 
 #![allow(clippy::unwrap_used)]
 
@@ -73,6 +73,22 @@ async fn three_schedulers_enqueue_each_tick_once_and_miss_none() {
             "catch-up:N",
         ),
         (vec!["--every", "1s", "--", "--flie", f], "--flie"),
+        (
+            vec![
+                "--cron",
+                "0 3 * * *",
+                "--timezone",
+                "Mars/Olympus",
+                "--",
+                "--file",
+                f,
+            ],
+            "not an IANA time zone",
+        ),
+        (
+            vec!["--every", "1s", "--timezone", "UTC", "--", "--file", f],
+            "--cron",
+        ),
     ] {
         let mut argv = vec!["schedule", "add", "bad"];
         argv.extend(args.iter().copied());
@@ -100,14 +116,18 @@ async fn three_schedulers_enqueue_each_tick_once_and_miss_none() {
     assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
     assert!(stderr(&again).contains("exists"));
 
-    // Three schedulers; every four ticks one of them is killed and started again.
+    // Three schedulers for a minute; every ten ticks one of them is killed (kill -9) and
+    // started again.
     let mut schedulers: Vec<KillOnDrop> = (0..3).map(|_| scheduler(&t.ns)).collect();
     let mut kills = 0;
-    for round in 0..4 {
+    until("the first tick", Duration::from_secs(60), || async {
+        last_tick(&store, "tick").await > 0
+    })
+    .await;
+    for round in 0..6 {
         let from = last_tick(&store, "tick").await;
-        until("four more ticks", Duration::from_secs(60), || async {
-            last_tick(&store, "tick").await >= from + 4000 && from > 0
-                || from == 0 && last_tick(&store, "tick").await > 0
+        until("ten more ticks", Duration::from_secs(60), || async {
+            last_tick(&store, "tick").await >= from + 10_000
         })
         .await;
         let i = round % 3;
@@ -149,7 +169,7 @@ async fn three_schedulers_enqueue_each_tick_once_and_miss_none() {
         .filter_map(|(id, _)| id.strip_prefix("sched-tick-")?.parse().ok())
         .collect();
     ticks.sort_unstable();
-    assert!(ticks.len() >= 14, "{ticks:?}");
+    assert!(ticks.len() >= 62, "{ticks:?}");
     for pair in ticks.windows(2) {
         assert_eq!(
             pair[1],
@@ -230,6 +250,43 @@ async fn a_schedule_edited_by_hand_is_shown_and_does_not_stop_the_others() {
         .query_async(&mut con)
         .await
         .unwrap();
+    // A cron schedule in a time zone: its next tick at 03:00 there, whatever the offset.
+    let out = producer(
+        &t.ns,
+        &[
+            "schedule",
+            "add",
+            "paris",
+            "--cron",
+            "0 3 * * *",
+            "--timezone",
+            "Europe/Paris",
+            "--",
+            "--file",
+            f,
+            "--no-check",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("T03:00:00+0"), "{}", stderr(&out));
+    let out = producer(&t.ns, &["schedule", "show", "paris", "--json"]);
+    let paris: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(paris["timezone"], "Europe/Paris", "{paris}");
+    assert_eq!(paris["period"], "cron 0 3 * * * (Europe/Paris)", "{paris}");
+    let local = paris["next_local"].as_str().unwrap_or_default();
+    assert!(
+        local.contains("T03:00:00+01:00") || local.contains("T03:00:00+02:00"),
+        "{paris}"
+    );
+    let utc = paris["next"].as_str().unwrap_or_default();
+    assert!(
+        utc.contains("T01:00:00Z") || utc.contains("T02:00:00Z"),
+        "{paris}"
+    );
+    assert!(producer(&t.ns, &["schedule", "remove", "paris"])
+        .status
+        .success());
+
     let out = producer(&t.ns, &["schedule", "list", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();

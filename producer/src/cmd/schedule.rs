@@ -79,9 +79,14 @@ pub struct AddArgs {
     /// Unix epoch.
     #[arg(long, value_name = "DURATION", required_unless_present = "cron")]
     pub every: Option<String>,
-    /// Run at the times of this cron expression (five fields, UTC): `*/5 * * * *`.
+    /// Run at the times of this cron expression (five fields, UTC unless --timezone):
+    /// `*/5 * * * *`.
     #[arg(long, value_name = "EXPR", conflicts_with = "every")]
     pub cron: Option<String>,
+    /// The IANA time zone of --cron's times (`Europe/Paris`): wall-clock times, across DST
+    /// changes (a time skipped runs at the first after the gap, a time repeated runs once).
+    #[arg(long, value_name = "ZONE", requires = "cron")]
+    pub timezone: Option<String>,
     /// Ticks more than a minute late (every scheduler was down): `skip` them, or
     /// `catch-up:N` to run the last N of them.
     #[arg(long, default_value = "skip", value_name = "skip|catch-up:N")]
@@ -107,6 +112,7 @@ pub async fn run(conn: &ConnArgs, args: &ScheduleArgs) -> anyhow::Result<ExitCod
                 name: a.name.clone(),
                 every: a.every.clone(),
                 cron: a.cron.clone(),
+                timezone: a.timezone.clone(),
                 missed: a.missed.clone(),
                 enqueue: a.enqueue.clone(),
             };
@@ -125,7 +131,7 @@ pub async fn run(conn: &ConnArgs, args: &ScheduleArgs) -> anyhow::Result<ExitCod
                 "producer: schedule {} added ({}), first tick {}; `producer scheduler` runs it",
                 a.name,
                 schedule.period(),
-                rfc3339(next)
+                schedule.local_time(next).unwrap_or_else(|| rfc3339(next))
             );
         }
         ScheduleAction::List { json } => {
@@ -193,7 +199,11 @@ fn print_table(all: &[Value]) {
                 } else {
                     "active".into()
                 },
-                plain(&v["next"]),
+                if v["next_local"].is_string() {
+                    plain(&v["next_local"])
+                } else {
+                    plain(&v["next"])
+                },
                 plain(&v["last_job"]),
                 plain(&v["last_error"]),
             ]
