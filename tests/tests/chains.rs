@@ -253,40 +253,55 @@ async fn a_follow_up_that_does_not_run_says_why() {
     t.cleanup().await;
 }
 
+/// The worker that stores a job's last result is killed (kill -9) between that store and the
+/// follow-up's publish: held there deterministically by a claim on the outbox entry taken by
+/// the test first (as a worker that claimed it and died would hold it). Once the claim lapses,
+/// another worker publishes the follow-up, once, and the three-step chain over 10,000 posts
+/// completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_as_the_job_finishes_loses_no_follow_up() {
     let t = TestNs::new();
     let store = t.store().await;
-    let spawn = || {
-        KillOnDrop(
-            Command::new(bin_path("worker"))
-                .env("TASKMILL_NAMESPACE", &t.ns)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let mut first = spawn();
+    let mut first = KillOnDrop(
+        Command::new(bin_path("worker"))
+            .env("TASKMILL_NAMESPACE", &t.ns)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     catalog_ready(&store).await;
-    let file = write_jsonl(sample::posts(200));
+    let mut con = taskmill_tests::redis_con().await;
+    let claim = store.keys().outbox_claim("k1");
+    let _: () = redis::cmd("SET")
+        .arg(&claim)
+        .arg("the-test")
+        .arg("PX")
+        .arg(600_000)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let file = write_jsonl(sample::posts(10_000));
     let out = producer(
         &t.ns,
         &[
             "enqueue",
             "--file",
             file.to_str().unwrap(),
+            "--task",
+            "post-stats",
             "--job",
             "k1",
+            "--then",
+            "chaos",
             "--then",
             "chaos",
         ],
     );
     assert!(out.status.success(), "{out:?}");
-    // The moment the job is seen finished, its worker dies (kill -9): mostly before it swept
-    // the outbox (twice a second), sometimes after.
-    until("k1 finished", Duration::from_secs(60), || async {
+    // Finished and fired, in one script: the entry is in the outbox; nothing published.
+    until("k1 finished", Duration::from_secs(120), || async {
         store
             .job_status("k1")
             .await
@@ -295,38 +310,43 @@ async fn a_worker_killed_as_the_job_finishes_loses_no_follow_up() {
             .is_some_and(|s| s.is_finished())
     })
     .await;
+    let fired = store.job_status("k1").await.unwrap().unwrap();
+    assert_eq!(fired.batches_done, 1000, "{fired:?}");
+    assert!(fired.then_fired_ms.is_some(), "fired with the last result");
+    assert!(fired.then_job.is_none(), "{fired:?}");
+    assert_eq!(store.outbox(10).await.unwrap(), ["k1"]);
     first.0.kill().unwrap();
     first.0.wait().unwrap();
-    let fired = store.job_status("k1").await.unwrap().unwrap();
-    assert!(
-        fired.then_fired_ms.is_some(),
-        "the follow-up fired with the last result"
+    assert_eq!(
+        producer(&t.ns, &["status", "k1.then1"]).status.code(),
+        Some(4)
     );
-    eprintln!(
-        "when the worker died the follow-up was {}",
-        if fired.then_job.is_some() {
-            "published"
-        } else {
-            "in the outbox"
-        }
-    );
-    // Another worker publishes it (once) and runs it.
+    // The claim lapses in 2 s, as a dead worker's would; another worker publishes.
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(&claim)
+        .arg(2000)
+        .query_async(&mut con)
+        .await
+        .unwrap();
     let second = t.spawn_worker(t.worker_args());
     let out = wait_chain(&t.ns, "k1");
     assert!(out.status.success(), "{out:?}");
     let last = json(&out);
-    assert_eq!(last["job"], "k1.then1", "{last}");
-    assert_eq!(
-        last["records_total"], 20,
-        "one record a result of k1's 20 batches: {last}"
-    );
+    assert_eq!(last["job"], "k1.then2", "{last}");
+    assert_eq!(last["state"], "completed", "{last}");
+    // Each step's records are the step before's results: k1's 1,000 batches, then1's 100.
+    assert_eq!(last["records_total"], 100, "{last}");
+    let middle = status(&t.ns, "k1.then1");
+    assert_eq!(middle["records_total"], 1000, "{middle}");
+    assert_eq!(middle["batches_total"], 100, "{middle}");
     let out = producer(&t.ns, &["jobs", "--json"]);
     let listed = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         listed.matches("\"job\":").count(),
-        2,
-        "k1 and one follow-up: {listed}"
+        3,
+        "k1 and one job a step: {listed}"
     );
+    assert_eq!(status(&t.ns, "k1")["then_note"], "published chaos");
     let outbox: Vec<String> = store.outbox(10).await.unwrap();
     assert!(outbox.is_empty(), "settled: {outbox:?}");
     second.stop().await.unwrap();
