@@ -251,7 +251,7 @@ pub async fn add(store: &Store, new: &NewSchedule) -> anyhow::Result<Added> {
         Err(why) => return Ok(Added::Invalid(why)),
     };
     if !store
-        .add_schedule(&new.name, &serde_json::to_string(&schedule)?, next)
+        .add_schedule(&new.name, &serde_json::to_string(&schedule)?, Some(next))
         .await?
     {
         return Ok(Added::Exists);
@@ -286,7 +286,7 @@ pub async fn set_paused(store: &Store, name: &str, pause: bool) -> anyhow::Resul
             )))
         }
     };
-    Ok(if store.pause_schedule(name, pause, next).await? {
+    Ok(if store.pause_schedule(name, pause, Some(next)).await? {
         Paused::Done
     } else {
         Paused::NoSuch

@@ -327,3 +327,196 @@ async fn a_schedule_edited_by_hand_is_shown_and_does_not_stop_the_others() {
     let _ = std::fs::remove_file(file);
     t.cleanup().await;
 }
+
+/// Through the Python client: a schedule added, listed, paused, resumed; refusals at once.
+const PYTHON: &str = r#"
+import json, os
+from taskmill import Client
+c = Client(namespace=os.environ["TASKMILL_NAMESPACE"])
+c.add_schedule("py-every", ["--file", os.environ["RECORDS"], "--no-check"], every=1)
+out = {"refused": []}
+for kwargs in (dict(name="py-every", enqueue=["--file", "x"], every=1),
+               dict(name="py:bad", enqueue=["--file", "x"], every=1),
+               dict(name="py-tz", enqueue=["--file", "x"], every=1, timezone="UTC"),
+               dict(name="py-job", enqueue=["--file", "x", "--job", "j"], every=1),
+               dict(name="py-fast", enqueue=["--file", "x"], every=0.5)):
+    try:
+        c.add_schedule(**kwargs)
+    except ValueError as e:
+        out["refused"].append(str(e))
+out["listed"] = [s["name"] for s in c.schedules()]
+out["paused"] = c.pause_schedule("py-every") and c.schedule("py-every")["paused"]
+out["resumed"] = c.resume_schedule("py-every") and not c.schedule("py-every")["paused"]
+out["missing"] = c.pause_schedule("nope")
+print(json.dumps(out))
+"#;
+
+/// Schedules added from the Rust and the Python client: stored without a first tick, checked
+/// by the first scheduler that sees them (as `schedule add` checks), then run; one whose
+/// enqueue options or time zone the scheduler refuses is paused saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_added_by_the_clients_are_checked_then_run_by_the_scheduler() {
+    use taskmill_client::{Client, NewSchedule, Period};
+    let t = TestNs::new();
+    let venv = tokio::task::spawn_blocking(taskmill_tests::python_venv);
+    let store = t.store().await;
+    let client = Client::connect(t.conn().client_settings()).await.unwrap();
+    let file = write_jsonl(sample::posts(2));
+    let f = file.to_str().unwrap().to_string();
+    let new = |name: &str, period: Period, enqueue: &[&str]| NewSchedule {
+        name: name.into(),
+        period,
+        catch_up: None,
+        enqueue: enqueue.iter().map(|s| s.to_string()).collect(),
+    };
+    let every = Period::Every(Duration::from_secs(1));
+    client
+        .add_schedule(&new(
+            "rs-every",
+            every.clone(),
+            &["--file", &f, "--no-check"],
+        ))
+        .await
+        .unwrap();
+    client
+        .add_schedule(&new(
+            "rs-typo",
+            every.clone(),
+            &["--file", &f, "--prioritty", "3"],
+        ))
+        .await
+        .unwrap();
+    let mars = Period::Cron {
+        expr: "0 3 * * *".into(),
+        timezone: Some("Mars/Olympus".into()),
+    };
+    client
+        .add_schedule(&new("rs-mars", mars, &["--file", &f]))
+        .await
+        .unwrap();
+    for (bad, why) in [
+        (new("rs-every", every.clone(), &["--file", &f]), "exists"),
+        (new("rs:colon", every.clone(), &["--file", &f]), "schedule"),
+        (
+            new("rs-job", every.clone(), &["--file", &f, "--job", "j"]),
+            "--job",
+        ),
+        (new("rs-stdin", every.clone(), &["--file", "-"]), "stdin"),
+        (
+            new(
+                "rs-fast",
+                Period::Every(Duration::from_millis(500)),
+                &["--file", &f],
+            ),
+            "at least 1s",
+        ),
+    ] {
+        let e = client.add_schedule(&bad).await.unwrap_err();
+        assert_eq!(e.kind(), taskmill_client::ErrorKind::Invalid, "{e}");
+        assert!(e.to_string().contains(why), "{}: {e}", bad.name);
+    }
+    let info = client.schedule("rs-every").await.unwrap().unwrap();
+    assert_eq!(
+        info.next_ms, None,
+        "no first tick before a scheduler checked it"
+    );
+
+    let venv = venv.await.unwrap();
+    let out = Command::new(venv.join("bin/python"))
+        .args(["-c", PYTHON])
+        .env("TASKMILL_NAMESPACE", &t.ns)
+        .env("RECORDS", &file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&venv);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let py: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let refused: Vec<&str> = py["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(refused.len(), 5, "{py}");
+    for (said, why) in refused.iter().zip([
+        "exists",
+        "A-Z",
+        "timezone goes with cron",
+        "--job",
+        "at least 1 second",
+    ]) {
+        assert!(said.contains(why), "{said:?} does not say {why:?}");
+    }
+    assert_eq!(
+        py["listed"],
+        serde_json::json!(["py-every", "rs-every", "rs-mars", "rs-typo"]),
+        "{py}"
+    );
+    assert_eq!(py["paused"], true, "{py}");
+    assert_eq!(py["resumed"], true, "{py}");
+    assert_eq!(py["missing"], false, "{py}");
+
+    // A scheduler checks each, runs the good ones, pauses the others saying why.
+    let mut s = scheduler(&t.ns);
+    until(
+        "the clients' schedules checked and run",
+        Duration::from_secs(60),
+        || async {
+            let ran = |name: &'static str| {
+                let client = &client;
+                async move {
+                    client
+                        .schedule(name)
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some_and(|i| i.last_job.is_some())
+                }
+            };
+            let refused = |name: &'static str| {
+                let client = &client;
+                async move {
+                    client
+                        .schedule(name)
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some_and(|i| i.paused && i.last_error.is_some())
+                }
+            };
+            ran("rs-every").await
+                && ran("py-every").await
+                && refused("rs-typo").await
+                && refused("rs-mars").await
+        },
+    )
+    .await;
+    assert!(sigterm(s.id()));
+    assert!(s.0.wait().unwrap().success());
+    let typo = client.schedule("rs-typo").await.unwrap().unwrap();
+    let why = typo.last_error.unwrap_or_default();
+    assert!(
+        why.starts_with("refused by the scheduler") && why.contains("--prioritty"),
+        "{why}"
+    );
+    let mars = client.schedule("rs-mars").await.unwrap().unwrap();
+    assert!(
+        mars.last_error
+            .unwrap_or_default()
+            .contains("not an IANA time zone"),
+        "refused with the reason"
+    );
+    let every = client.schedule("rs-every").await.unwrap().unwrap();
+    let job = every.last_job.unwrap();
+    assert!(job.starts_with("sched-rs-every-"), "{job}");
+    assert!(
+        store.job_status(&job).await.unwrap().is_some(),
+        "{job} enqueued"
+    );
+    assert!(client.pause_schedule("rs-every").await.unwrap());
+    assert!(client.remove_schedule("rs-every").await.unwrap());
+    assert!(!client.remove_schedule("rs-every").await.unwrap());
+    assert!(client.schedule("rs-every").await.unwrap().is_none());
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}

@@ -595,6 +595,108 @@ class Client:
                 pass
         return out
 
+    # Schedules --------------------------------------------------------------------------
+    def add_schedule(self, name: str, enqueue: List[str], every: Any = None,
+                     cron: Optional[str] = None, timezone: Optional[str] = None,
+                     catch_up: Optional[int] = None) -> None:
+        """Adds a periodic schedule (``producer schedule add``): ``every`` (seconds or a
+        ``timedelta``, at least 1 s) or ``cron`` (five fields, in ``timezone``, an IANA name,
+        UTC without); ``catch_up`` runs the last N ticks missed while no scheduler ran
+        (default: skip them); ``enqueue`` the options of ``producer enqueue`` for each tick's
+        job (``["--file", "/data/posts.jsonl", "--task", "post-stats"]``). ``producer
+        scheduler`` runs it: the first scheduler that sees it checks it as ``schedule add``
+        does and sets its first tick, or pauses it with ``last_error`` saying why. ``ValueError``
+        for what can be checked here (name, period, options a tick cannot take, a name taken)."""
+        if not _NAME.match(name) or len(name) > 64:
+            raise ValueError(f"schedule {name!r}: use 1 to 64 of A-Z a-z 0-9 - _")
+        if (every is None) == (cron is None):
+            raise ValueError("give every or cron, not both and not neither")
+        if not enqueue or not all(isinstance(a, str) for a in enqueue):
+            raise ValueError("enqueue: the options of producer enqueue, as a list of strings")
+        spec: Dict[str, Any] = {"missed": "skip" if catch_up is None else f"catch-up:{int(catch_up)}",
+                                "enqueue": list(enqueue)}
+        if every is not None:
+            ms = int(round(_seconds("every", every) * 1000))
+            if ms < 1000:
+                raise ValueError("every: at least 1 second")
+            spec["every_ms"] = ms
+        else:
+            if len(str(cron).split()) < 5:
+                raise ValueError(f"cron {cron!r} is not a cron expression (five fields)")
+            spec["cron"] = cron
+            if timezone is not None:
+                spec["timezone"] = timezone
+        if timezone is not None and cron is None:
+            raise ValueError("timezone goes with cron (an every period has no time zone)")
+        for refused in ("--job", "--wait", "--timeout"):
+            if any(a == refused or a.startswith(refused + "=") for a in enqueue):
+                raise ValueError(f"{refused} is not an option of a schedule "
+                                 f"(each tick's job is sched-{name}-SECONDS)")
+        if any(a == "--file" and b == "-" for a, b in zip(enqueue, enqueue[1:])):
+            raise ValueError("--file - (stdin) cannot be read at each tick: name a file or a URL")
+        key = f"{self.namespace}:schedule:{name}"
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hsetnx(key, "spec", json.dumps(spec, separators=(",", ":")))
+        pipe.sadd(f"{self.namespace}:schedules", name)
+        added, _ = pipe.execute()
+        if not added:
+            raise ValueError(f"schedule {name!r} exists")
+        self.redis.hset(key, "paused", 0)
+
+    def schedule(self, name: str) -> Optional[dict]:
+        """One schedule: ``name``, ``spec`` (as stored; None when unreadable), ``next_ms``
+        (None until a scheduler has checked it), ``paused``, ``last_tick_ms``, ``last_job``,
+        ``last_error``; None when there is none."""
+        raw = self.redis.hgetall(f"{self.namespace}:schedule:{name}")
+        if "spec" not in raw:
+            return None
+        try:
+            spec = json.loads(raw["spec"])
+        except ValueError:
+            spec = None
+
+        def num(k: str) -> Optional[int]:
+            try:
+                return int(raw[k])
+            except (KeyError, ValueError):
+                return None
+        return {"name": name, "spec": spec, "next_ms": num("next_ms"),
+                "paused": raw.get("paused") == "1", "last_tick_ms": num("last_tick_ms"),
+                "last_job": raw.get("last_job") or None, "last_error": raw.get("last_error") or None}
+
+    def schedules(self) -> List[dict]:
+        """Every schedule of the namespace, by name (as ``schedule``)."""
+        names = sorted(self.redis.smembers(f"{self.namespace}:schedules"))
+        return [s for s in (self.schedule(n) for n in names) if s is not None]
+
+    def pause_schedule(self, name: str) -> bool:
+        """Pauses a schedule; False when there is none."""
+        key = f"{self.namespace}:schedule:{name}"
+        if not self.redis.hexists(key, "spec"):
+            return False
+        self.redis.hset(key, "paused", 1)
+        return True
+
+    def resume_schedule(self, name: str) -> bool:
+        """Resumes a schedule from the first tick after the next scheduler pass (the paused
+        ticks are not run); False when there is none."""
+        key = f"{self.namespace}:schedule:{name}"
+        if not self.redis.hexists(key, "spec"):
+            return False
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(key, "paused", 0)
+        pipe.hdel(key, "next_ms")
+        pipe.execute()
+        return True
+
+    def remove_schedule(self, name: str) -> bool:
+        """Removes a schedule (its jobs stay); False when there was none."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(f"{self.namespace}:schedule:{name}")
+        pipe.srem(f"{self.namespace}:schedules", name)
+        removed, _ = pipe.execute()
+        return removed > 0
+
     # Follow -----------------------------------------------------------------------------
     def _read(self, job: str) -> Optional[Dict[str, str]]:
         """The job hash as it is, None when there is none; ``UnreadableJob`` when the key

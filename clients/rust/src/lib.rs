@@ -40,6 +40,8 @@
 //! - [`batcher`] and [`publisher`]: records into encoded batches; confirm-window publishing
 //!   with republish on nack, return or reconnect.
 //! - [`problems`]: what could not be read or sent, counted and described.
+//! - [`schedules`]: periodic schedules (add, list, pause, resume, remove) and closing a group
+//!   with its chord follow-up.
 //! - [`error`]: [`Error`] and [`ErrorKind`].
 
 pub mod batcher;
@@ -49,6 +51,7 @@ pub mod error;
 pub mod handle;
 pub mod problems;
 pub mod publisher;
+pub mod schedules;
 pub mod spec;
 
 use futures::{Stream, StreamExt as _};
@@ -61,6 +64,7 @@ pub use enqueue::{EnqueueReport, Hooks};
 pub use error::{Error, ErrorKind, Result};
 pub use handle::JobHandle;
 pub use problems::{ProblemLog, Problems};
+pub use schedules::{NewSchedule, Period, ScheduleInfo};
 pub use spec::{Chain, JobSpec, Rate, Start, Step, Trigger};
 pub use taskmill_protocol::JobState;
 pub use taskmill_store::{Cancelled, JobStatus, Store};

@@ -10,8 +10,8 @@ use taskmill_client::{Client, Error};
 use taskmill_common::{
     config::ConnArgs,
     store::{
-        chains::{chord_id, Chain, Closed, GroupInfo, Step},
-        JobStatus, Store,
+        chains::{Closed, GroupInfo, Step},
+        JobStatus,
     },
 };
 
@@ -280,33 +280,20 @@ async fn chord_job(
     }
 }
 
-/// Closes `group` with chord follow-up `steps` (none: it only takes no more jobs): what
-/// closing did, and the chain given (its root is the follow-up's id). A name that is not a
-/// group's is a usage error.
+/// Closes `group` with chord follow-up `steps` (none: it only takes no more jobs): whether
+/// it was closed now or already, and the follow-up's id.
 pub(crate) async fn close(
-    store: &Store,
+    client: &Client,
     group: &str,
     steps: Vec<Step>,
-) -> anyhow::Result<(Closed, Option<Chain>)> {
-    taskmill_common::topology::validate_key("group", group).map_err(usage)?;
-    for s in &steps {
-        if s.batch_size == 0 {
-            return Err(usage(format!(
-                "the batch size of follow-up {} is 0",
-                s.task
-            )));
-        }
+) -> anyhow::Result<(Closed, Option<String>)> {
+    match client.close_group(group, steps).await {
+        Err(Error::Invalid(why)) => Err(usage(why)),
+        Ok((Closed::Conflict, _)) => Err(usage(format!(
+            "group {group} is closed already, with another follow-up"
+        ))),
+        other => Ok(other?),
     }
-    let chain = (!steps.is_empty()).then(|| Chain {
-        root: chord_id(group),
-        next: 1,
-        steps,
-    });
-    let closed = store.close_group(group, chain.as_ref()).await?;
-    if closed == Closed::NoSuchGroup {
-        return Err(no_group(group));
-    }
-    Ok((closed, chain))
 }
 
 /// `group close G [--then TASK]...`.
@@ -314,16 +301,11 @@ pub async fn run(conn: &ConnArgs, args: &GroupArgs) -> anyhow::Result<ExitCode> 
     let GroupAction::Close(c) = &args.action;
     let steps = c.follow.steps()?;
     let client = crate::client(conn).await?;
-    let (closed, chain) = close(client.store(), &c.group, steps).await?;
-    let what = match closed {
-        Closed::Now => "closed",
-        Closed::Already | Closed::NoSuchGroup => "closed already",
-        Closed::Conflict => {
-            return Err(usage(format!(
-                "group {} is closed already, with another follow-up",
-                c.group
-            )))
-        }
+    let (closed, chord) = close(&client, &c.group, steps.clone()).await?;
+    let what = if closed == Closed::Now {
+        "closed"
+    } else {
+        "closed already"
     };
     if c.json {
         crate::out::line(
@@ -331,16 +313,16 @@ pub async fn run(conn: &ConnArgs, args: &GroupArgs) -> anyhow::Result<ExitCode> 
                 "group": c.group,
                 "closed": true,
                 "already": closed == Closed::Already,
-                "then_job_id": chain.as_ref().map(|c| c.root.clone()),
+                "then_job_id": chord,
             })
             .to_string(),
         );
     } else {
         let mut line = format!("group {} {what}", c.group);
-        if let Some(chain) = &chain {
+        if let (Some(step), Some(chord)) = (steps.first(), &chord) {
             line.push_str(&format!(
-                "; its follow-up {} runs as job {} once every job in it has ended",
-                chain.steps[0].task, chain.root
+                "; its follow-up {} runs as job {chord} once every job in it has ended",
+                step.task
             ));
         }
         crate::out::line(&line);

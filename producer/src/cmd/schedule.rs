@@ -298,9 +298,12 @@ async fn run_due(store: &Store, conn: &ConnArgs, name: &str) -> Result<Option<u6
         let schedule: Schedule = serde_json::from_str(&fields["spec"])
             .map_err(|e| format!("the schedule's spec is not readable: {e}"))?;
         let now = now_ms();
-        let tick = match fields.get("next_ms").and_then(|n| n.parse::<u64>().ok()) {
-            Some(t) => t,
-            None => schedule.next_after(now)?,
+        let seen = fields.get("next_ms");
+        let Some(tick) = seen.and_then(|n| n.parse::<u64>().ok()) else {
+            // Added by a client (or resumed, or edited by hand): checked here as `schedule
+            // add` checks it, then its first tick set (or it is paused, saying why).
+            adopt(store, name, &schedule, seen.map(String::as_str)).await?;
+            continue;
         };
         if tick > now {
             return Ok(Some(tick));
@@ -339,6 +342,36 @@ async fn run_due(store: &Store, conn: &ConnArgs, name: &str) -> Result<Option<u6
             .map_err(|e| e.to_string())?;
     }
     Ok(Some(now_ms()))
+}
+
+/// Checks schedule `name` as `schedule add` would and sets its first tick; one that fails the
+/// check is paused, with `refused by the scheduler: WHY` as its last error.
+async fn adopt(
+    store: &Store,
+    name: &str,
+    schedule: &Schedule,
+    seen: Option<&str>,
+) -> Result<(), String> {
+    let new = NewSchedule {
+        name: name.to_string(),
+        every: schedule.every_ms.map(|ms| format!("{ms}ms")),
+        cron: schedule.cron.clone(),
+        timezone: schedule.timezone.clone(),
+        missed: schedule.missed.clone(),
+        enqueue: schedule.enqueue.clone(),
+    };
+    let (next, refused) = match new.checked().and_then(|s| s.next_after(now_ms())) {
+        Ok(next) => (next, None),
+        Err(why) => (0, Some(format!("refused by the scheduler: {why}"))),
+    };
+    if let Some(why) = &refused {
+        warn!(schedule = %name, "{why}; paused");
+    }
+    store
+        .adopt_schedule(name, seen, next, refused.as_deref())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 /// Enqueues one tick's job; what became of it (enqueued, or enqueued already by another

@@ -669,7 +669,7 @@ pub(crate) async fn close_group(
             .map_err(|e| ApiError::bad(format!("the request body is not a close: {e}")))?
     };
     let steps = steps_of(&new.then)?;
-    let (closed, chain) = crate::cmd::group::close(&st.store, &g, steps).await?;
+    let (closed, chord) = st.client.close_group(&g, steps).await?;
     if closed == taskmill_common::store::chains::Closed::Conflict {
         return Err(ApiError(
             StatusCode::CONFLICT,
@@ -680,7 +680,7 @@ pub(crate) async fn close_group(
         "group": g,
         "closed": true,
         "already": closed != taskmill_common::store::chains::Closed::Now,
-        "then_job_id": chain.map(|c| c.root),
+        "then_job_id": chord,
     }))
 }
 
