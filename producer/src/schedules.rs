@@ -207,18 +207,7 @@ impl NewSchedule {
         };
         schedule.catch_up()?;
         schedule.next_after(now_ms())?;
-        for refused in ["--job", "--wait", "--timeout"] {
-            if self
-                .enqueue
-                .iter()
-                .any(|a| a == refused || a.starts_with(&format!("{refused}=")))
-            {
-                return Err(format!(
-                    "{refused} is not an option of a schedule (each tick's job is sched-{}-SECONDS)",
-                    self.name
-                ));
-            }
-        }
+        taskmill_client::schedules::check_enqueue_options(&self.name, &self.enqueue)?;
         let parsed = schedule.enqueue_args(&tick_job(&self.name, 0))?;
         if parsed.files.iter().any(|f| f.as_os_str() == "-") {
             return Err(

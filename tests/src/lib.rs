@@ -660,6 +660,29 @@ fn venv_with(kind: &str, args: &[&std::ffi::OsStr], what: &str) -> PathBuf {
     dir
 }
 
+/// Runs `code` with the virtualenv's Python (`python -c`) in namespace `ns`, with `RECORDS`
+/// set to `records` when given; its stdout as one JSON value (the script's exit and stderr
+/// are checked first).
+pub fn run_python(venv: &Path, code: &str, ns: &str, records: Option<&Path>) -> serde_json::Value {
+    let mut cmd = Command::new(venv.join("bin/python"));
+    cmd.args(["-c", code]).env("TASKMILL_NAMESPACE", ns);
+    if let Some(r) = records {
+        cmd.env("RECORDS", r);
+    }
+    let out = cmd.output().expect("running python");
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "python printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
 /// A fresh virtualenv with the client installed by pip, as a user would.
 pub fn python_venv() -> PathBuf {
     // pip builds a local project in place (build/, *.egg-info): install from a copy so that

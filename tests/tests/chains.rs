@@ -413,20 +413,9 @@ async fn the_http_api_and_the_python_client_take_follow_ups() {
 
     let venv = venv.await.unwrap();
     let file = write_jsonl(sample::posts(30));
-    let out = Command::new(venv.join("bin/python"))
-        .args(["-c", PYTHON])
-        .env("TASKMILL_NAMESPACE", &t.ns)
-        .env("RECORDS", &file)
-        .output()
-        .unwrap();
+    let got = taskmill_tests::run_python(&venv, PYTHON, &t.ns, Some(&file));
     let _ = std::fs::remove_dir_all(&venv);
     let _ = std::fs::remove_file(&file);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got = json(&out);
     assert_eq!(got["last"]["job"], "py.then1", "{got}");
     assert_eq!(got["last"]["records_total"], 3, "{got}");
     assert_eq!(got["last"]["parent"], "py", "{got}");

@@ -411,20 +411,9 @@ async fn the_http_api_and_the_python_client_close_groups() {
 
     let venv = venv.await.unwrap();
     let file = write_jsonl(sample::posts(30));
-    let out = std::process::Command::new(venv.join("bin/python"))
-        .args(["-c", PYTHON])
-        .env("TASKMILL_NAMESPACE", &t.ns)
-        .env("RECORDS", &file)
-        .output()
-        .unwrap();
+    let got = taskmill_tests::run_python(&venv, PYTHON, &t.ns, Some(&file));
     let _ = std::fs::remove_dir_all(&venv);
     let _ = std::fs::remove_file(&file);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got = json(&out);
     assert_eq!(got["chord_id"], "py-g.chord", "{got}");
     assert_eq!(got["again"], "py-g.chord", "{got}");
     assert!(

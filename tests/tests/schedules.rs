@@ -422,15 +422,8 @@ async fn schedules_added_by_the_clients_are_checked_then_run_by_the_scheduler() 
     );
 
     let venv = venv.await.unwrap();
-    let out = Command::new(venv.join("bin/python"))
-        .args(["-c", PYTHON])
-        .env("TASKMILL_NAMESPACE", &t.ns)
-        .env("RECORDS", &file)
-        .output()
-        .unwrap();
+    let py = taskmill_tests::run_python(&venv, PYTHON, &t.ns, Some(&file));
     let _ = std::fs::remove_dir_all(&venv);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let py: Value = serde_json::from_slice(&out.stdout).unwrap();
     let refused: Vec<&str> = py["refused"]
         .as_array()
         .unwrap()

@@ -12,21 +12,26 @@ use taskmill_common::{
 };
 use taskmill_tests::TestNs;
 
+/// A post-stats job `id` (in `group`, '' for none) as the registration script writes it.
+fn new_job<'a>(id: &'a str, group: &'a str, params: &'a BTreeMap<String, String>) -> NewJob<'a> {
+    NewJob {
+        id,
+        task: "post-stats",
+        queue: "tasks",
+        params,
+        unique_key: None,
+        token: "",
+        then: "",
+        parent: "",
+        group,
+        on_complete: "",
+        parent_outcome: "",
+    }
+}
+
 async fn register(store: &Store, id: &str) {
     store
-        .register_job(&NewJob {
-            id,
-            task: "post-stats",
-            queue: "tasks",
-            params: &BTreeMap::new(),
-            unique_key: None,
-            token: "",
-            then: "",
-            parent: "",
-            group: "",
-            on_complete: "",
-            parent_outcome: "",
-        })
+        .register_job(&new_job(id, "", &BTreeMap::new()))
         .await
         .unwrap();
 }
@@ -299,19 +304,7 @@ async fn a_celery_call_registers_once_and_its_success_is_never_overwritten() {
 
 async fn register_in(store: &Store, id: &str, group: &str, total: u64) {
     store
-        .register_job(&NewJob {
-            id,
-            task: "post-stats",
-            queue: "tasks",
-            params: &BTreeMap::new(),
-            unique_key: None,
-            token: "",
-            then: "",
-            parent: "",
-            group,
-            on_complete: "",
-            parent_outcome: "",
-        })
+        .register_job(&new_job(id, group, &BTreeMap::new()))
         .await
         .unwrap();
     store.reserve_batches(id, total).await.unwrap();
@@ -391,19 +384,7 @@ async fn a_chord_fires_once_when_the_last_job_of_a_closed_group_ends() {
     done(&a, "bare-x", 0).await;
     assert!(!outbox(&a).await.contains(&"group:bare".to_string()));
     let refused = a
-        .register_job(&NewJob {
-            id: "bare-late",
-            task: "post-stats",
-            queue: "tasks",
-            params: &BTreeMap::new(),
-            unique_key: None,
-            token: "",
-            then: "",
-            parent: "",
-            group: "bare",
-            on_complete: "",
-            parent_outcome: "",
-        })
+        .register_job(&new_job("bare-late", "bare", &BTreeMap::new()))
         .await;
     assert!(
         matches!(refused, Err(taskmill_common::store::StoreError::GroupClosed(ref g)) if g == "bare"),

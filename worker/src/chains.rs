@@ -106,6 +106,18 @@ async fn fire_celery(
     }
 }
 
+/// Whether a step with trigger `on` runs after a job that ended `state`: `complete` after
+/// every batch settled (completed, with errors, stalled), `success` only after completed.
+fn runs(on: Trigger, state: JobState) -> bool {
+    match on {
+        Trigger::Complete => matches!(
+            state,
+            JobState::Completed | JobState::CompletedWithErrors | JobState::Stalled
+        ),
+        Trigger::Success => state == JobState::Completed,
+    }
+}
+
 /// Publishes `job`'s next step if it runs: the child's id (when one was published) and a note
 /// for the parent. Err: try again later (a passing error).
 async fn fire(
@@ -133,14 +145,7 @@ async fn fire(
         return Ok((None, "no follow-up step".into()));
     };
     let state = status.state;
-    let runs = match step.on {
-        Trigger::Complete => matches!(
-            state,
-            JobState::Completed | JobState::CompletedWithErrors | JobState::Stalled
-        ),
-        Trigger::Success => state == JobState::Completed,
-    };
-    if !runs {
+    if !runs(step.on, state) {
         return Ok((
             None,
             format!(
@@ -212,14 +217,7 @@ async fn fire_chord(
         };
         let state = status.state;
         *counts.entry(state.as_str()).or_default() += 1;
-        let runs = match step.on {
-            Trigger::Complete => matches!(
-                state,
-                JobState::Completed | JobState::CompletedWithErrors | JobState::Stalled
-            ),
-            Trigger::Success => state == JobState::Completed,
-        };
-        if !runs && blocker.is_none() {
+        if !runs(step.on, state) && blocker.is_none() {
             blocker = Some(format!(
                 "skipped: job {id} ended {state} and {} runs on {}",
                 step.task,

@@ -83,33 +83,33 @@ impl NewSchedule {
                 }
             }
         }
-        for refused in ["--job", "--wait", "--timeout"] {
-            if self
-                .enqueue
-                .iter()
-                .any(|a| a == refused || a.starts_with(&format!("{refused}=")))
-            {
-                return invalid(format!(
-                    "{refused} is not an option of a schedule (each tick's job is sched-{}-SECONDS)",
-                    self.name
-                ));
-            }
-        }
-        if self
-            .enqueue
-            .windows(2)
-            .any(|w| w[0] == "--file" && w[1] == "-")
-            || self.enqueue.iter().any(|a| a == "--file=-")
-        {
-            return invalid(
-                "--file - (stdin) cannot be read at each tick: name a file or a URL".into(),
-            );
-        }
+        check_enqueue_options(&self.name, &self.enqueue).map_err(Error::Invalid)?;
         if self.enqueue.is_empty() {
             return invalid("a schedule needs enqueue options (a source at least)".into());
         }
         Ok(spec)
     }
+}
+
+/// What every tick of schedule `name` cannot take among its enqueue options: `--job`,
+/// `--wait`, `--timeout` (each tick's job is `sched-NAME-SECONDS`), `--file -` (stdin).
+pub fn check_enqueue_options(name: &str, enqueue: &[String]) -> Result<(), String> {
+    for refused in ["--job", "--wait", "--timeout"] {
+        if enqueue
+            .iter()
+            .any(|a| a == refused || a.starts_with(&format!("{refused}=")))
+        {
+            return Err(format!(
+                "{refused} is not an option of a schedule (each tick's job is sched-{name}-SECONDS)"
+            ));
+        }
+    }
+    if enqueue.windows(2).any(|w| w[0] == "--file" && w[1] == "-")
+        || enqueue.iter().any(|a| a == "--file=-")
+    {
+        return Err("--file - (stdin) cannot be read at each tick: name a file or a URL".into());
+    }
+    Ok(())
 }
 
 /// A schedule as stored: its spec and its last run.
