@@ -415,3 +415,55 @@ async fn a_chord_fires_once_when_the_last_job_of_a_closed_group_ends() {
     assert_eq!(a.group_jobs("deleted").await.unwrap(), ["d-x"]);
     t.cleanup().await;
 }
+
+/// What a worker does with a batch delivered again: run it (counted), run it alone once it
+/// was started before, dead-letter it once it was running alone twice when workers died; a
+/// batch never started again and delivered half the delivery limit's times is renewed; a run
+/// to an end forgets it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_batch_is_run_suspected_or_found_out_by_its_starts() {
+    use taskmill_common::store::crashes::{Redelivered, RESET_AT, SOLO_LIMIT};
+    let t = TestNs::new();
+    let store = t.store().await;
+    register(&store, "r").await;
+    // Prefetched by a worker that died: never started again, so just run.
+    assert_eq!(
+        store.redelivered("r", 0, Some(1)).await.unwrap(),
+        Redelivered::Run
+    );
+    // It was running when that worker died too: a suspect, run alone.
+    assert_eq!(
+        store.redelivered("r", 0, Some(2)).await.unwrap(),
+        Redelivered::Alone
+    );
+    for n in 1..=SOLO_LIMIT {
+        store.solo_start("r", 0).await.unwrap();
+        let next = store.redelivered("r", 0, Some(2 + n as i64)).await.unwrap();
+        if n < SOLO_LIMIT {
+            assert_eq!(next, Redelivered::Alone);
+        } else {
+            assert_eq!(next, Redelivered::Culprit(SOLO_LIMIT));
+        }
+    }
+    // Never started again, delivered half the limit's times: renewed; below that, run.
+    assert_eq!(
+        store.redelivered("r", 1, Some(RESET_AT)).await.unwrap(),
+        Redelivered::Renew
+    );
+    assert_eq!(
+        store.redelivered("r", 2, Some(RESET_AT - 1)).await.unwrap(),
+        Redelivered::Run
+    );
+    // Batch 2 ran to an end (its ack lost with its worker): not a suspect next time.
+    store.ran_through(&[("r".into(), 2)]).await.unwrap();
+    assert_eq!(
+        store.redelivered("r", 2, Some(1)).await.unwrap(),
+        Redelivered::Run
+    );
+    // Unknown delivery count (no header): never renewed.
+    assert_eq!(
+        store.redelivered("r", 3, None).await.unwrap(),
+        Redelivered::Run
+    );
+    t.cleanup().await;
+}

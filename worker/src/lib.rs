@@ -198,6 +198,7 @@ pub async fn run_with_stats(
         running,
         rate_store: Default::default(),
         stuck: Default::default(),
+        alone: Default::default(),
     };
     // Batches past their time limit are settled without their threads; once every thread is
     // stuck, the worker drains and exits for its supervisor to restart it.

@@ -127,6 +127,10 @@ pub(crate) struct Analyser {
     /// Set once every analysis thread is stuck past a time limit: batches not started are
     /// given back unrun (the worker is on its way out).
     pub(crate) stuck: Arc<std::sync::atomic::AtomicBool>,
+    /// Held shared by every group while it runs, and alone by a suspect batch (one that was
+    /// running when a worker died): nothing else runs beside it (see
+    /// `taskmill_store::crashes`).
+    pub(crate) alone: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// A batch's rate limit: at most one start per `interval_ms` for rate key `key`.
@@ -272,31 +276,200 @@ impl Analyser {
     /// the threads. A group's batches come from queues of one priority rank, and run before
     /// the queued batches of lower ranks.
     pub(crate) fn analyse_group(&self, group: Vec<Arrived>) -> BoxFuture<'static, Vec<Processed>> {
-        if !group
+        let redelivered = group.iter().any(|(_, _, d, _)| d.redelivered);
+        let limited = group
             .iter()
-            .any(|(_, _, d, _)| rate_of(&d.properties).is_some())
-        {
-            return self.on_rayon(group);
+            .any(|(_, _, d, _)| rate_of(&d.properties).is_some());
+        if !redelivered && !limited {
+            return self.beside_others(group);
         }
         let this = self.clone();
         async move {
-            let (out, run) = this.rate_limit(group).await;
-            let mut out = out;
-            out.extend(this.on_rayon(run).await);
+            // Batches delivered again are counted as started just before they run, a pool's
+            // worth at a time: should the worker die, only what was running is suspected.
+            let chunk = if redelivered {
+                this.running.len().max(1)
+            } else {
+                group.len().max(1)
+            };
+            let mut out = Vec::with_capacity(group.len());
+            let mut rest = group.into_iter().peekable();
+            while rest.peek().is_some() {
+                let part: Vec<Arrived> = rest.by_ref().take(chunk).collect();
+                let (settled, run, alone) = if redelivered {
+                    this.sort_redelivered(part).await
+                } else {
+                    (Vec::new(), part, Vec::new())
+                };
+                out.extend(settled);
+                for (part, alone) in [(run, false), (alone, true)] {
+                    let (settled, run) = if limited {
+                        this.rate_limit(part).await
+                    } else {
+                        (Vec::new(), part)
+                    };
+                    out.extend(settled);
+                    let ran = if alone {
+                        let mut ran = Vec::new();
+                        for arrived in run {
+                            ran.extend(this.run_alone(arrived).await);
+                        }
+                        ran
+                    } else {
+                        this.beside_others(run).await
+                    };
+                    if redelivered {
+                        this.ran_through(&ran).await;
+                    }
+                    out.extend(ran);
+                }
+            }
             out
         }
         .boxed()
+    }
+
+    /// Runs a group while others run (a shared hold on [`Analyser::alone`]).
+    fn beside_others(&self, group: Vec<Arrived>) -> BoxFuture<'static, Vec<Processed>> {
+        if group.is_empty() {
+            return futures::future::ready(Vec::new()).boxed();
+        }
+        match self.alone.clone().try_read_owned() {
+            Ok(hold) => {
+                let running = self.on_rayon(group);
+                async move {
+                    let out = running.await;
+                    drop(hold);
+                    out
+                }
+                .boxed()
+            }
+            Err(_) => {
+                let this = self.clone();
+                async move {
+                    let hold = this.alone.clone().read_owned().await;
+                    let out = this.on_rayon(group).await;
+                    drop(hold);
+                    out
+                }
+                .boxed()
+            }
+        }
+    }
+
+    /// Runs a suspect batch with nothing else running in this worker, its solo start counted
+    /// first: if the worker dies now, this batch is what killed it.
+    async fn run_alone(&self, arrived: Arrived) -> Vec<Processed> {
+        let hold = self.alone.clone().write_owned().await;
+        let store = self.store();
+        let id = arrived
+            .2
+            .properties
+            .message_id()
+            .as_ref()
+            .and_then(|m| taskmill_common::envelope::parse_message_id(m.as_str()));
+        if let (Some(store), Some((job, batch))) = (store, id) {
+            tracing::info!(job = %job, batch, "running alone: it was running when a worker died");
+            if let Err(e) = store.solo_start(&job, batch).await {
+                tracing::warn!("counting a start alone: {e}");
+            }
+        }
+        let out = self.on_rayon(vec![arrived]).await;
+        drop(hold);
+        out
+    }
+
+    /// Forgets the starts of the batches that ran to an end (an analysis thread that vanished
+    /// did not).
+    async fn ran_through(&self, ran: &[Processed]) {
+        let Some(store) = self.store() else {
+            return;
+        };
+        let ended: Vec<(String, u64)> = ran
+            .iter()
+            .filter(|p| p.delivery.redelivered)
+            .filter_map(|p| match &p.analysed {
+                Some((
+                    BatchId {
+                        job: Some(job),
+                        batch: Some(batch),
+                        ..
+                    },
+                    _,
+                )) => Some((job.clone(), *batch)),
+                _ => None,
+            })
+            .collect();
+        if let Err(e) = store.ran_through(&ended).await {
+            tracing::warn!("forgetting the starts of batches that ran: {e}");
+        }
+    }
+
+    /// The session's store (set once a session is open).
+    fn store(&self) -> Option<taskmill_common::store::Store> {
+        self.rate_store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Sorts the deliveries of a group of which some came again after a delivery ended
+    /// without an ack: settled now (the culprit of workers' deaths, dead-lettered as
+    /// `worker_crash`; an innocent batch delivered many times, published again with a fresh
+    /// delivery count), to run as usual, and to run alone.
+    async fn sort_redelivered(
+        &self,
+        group: Vec<Arrived>,
+    ) -> (Vec<Processed>, Vec<Arrived>, Vec<Arrived>) {
+        use taskmill_common::store::crashes::Redelivered;
+        let store = self.store();
+        let (mut settled, mut run, mut alone) = (Vec::new(), Vec::new(), Vec::new());
+        for arrived in group {
+            let props = &arrived.2.properties;
+            let message_id = props.message_id().as_ref().map(|s| s.to_string());
+            let id = message_id
+                .as_deref()
+                .and_then(taskmill_common::envelope::parse_message_id);
+            let (Some(store), Some((job, batch)), true) = (&store, id, arrived.2.redelivered)
+            else {
+                run.push(arrived);
+                continue;
+            };
+            let count = amqp::header_i64(props, "x-delivery-count");
+            // Redis away: run it (its result cannot be stored either, and it comes back).
+            match store
+                .redelivered(&job, batch, count)
+                .await
+                .unwrap_or(Redelivered::Run)
+            {
+                Redelivered::Run => run.push(arrived),
+                Redelivered::Alone => alone.push(arrived),
+                Redelivered::Culprit(times) => {
+                    tracing::warn!(job = %job, batch, "dead-lettered: workers died while it ran alone");
+                    let why = format!(
+                        "workers died while this batch ran alone in them, {times} times: it kills \
+                         workers (an abort, a crash, running out of memory); the batches that \
+                         were in the same workers' hands went back to work"
+                    );
+                    let id = id_of(message_id.as_deref()).unwrap_or_default();
+                    let dead = Outcome::Dead(crate::analyse::DeadKind::WorkerCrash, why);
+                    settled.push(settled_now(arrived, Some((id, dead))));
+                }
+                Redelivered::Renew => {
+                    tracing::info!(job = %job, batch, "delivered {} times, never started: published again with a fresh delivery count", count.unwrap_or(0));
+                    let id = id_of(message_id.as_deref()).unwrap_or_default();
+                    settled.push(settled_now(arrived, Some((id, Outcome::NotYet(1)))));
+                }
+            }
+        }
+        (settled, run, alone)
     }
 
     /// Rate-limited deliveries take a slot in Redis (on tokio's side, never an analysis
     /// thread's); those that get none wait in the broker (`NotYet`), like early ones. Returns
     /// the settled ones and the ones to run.
     async fn rate_limit(&self, group: Vec<Arrived>) -> (Vec<Processed>, Vec<Arrived>) {
-        let store = self
-            .rate_store
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let store = self.store();
         let mut settled = Vec::new();
         let mut run = Vec::new();
         for arrived in group {

@@ -41,11 +41,14 @@ pub enum DeadKind {
     ResultTooLarge,
     /// The batch ran past its time limit (`--time-limit`) on every allowed attempt.
     TimeLimit,
+    /// Workers died while the batch ran alone in them: it kills workers (an abort, a crash,
+    /// memory). Batches that were merely in a dying worker's hands go back to work.
+    WorkerCrash,
 }
 
 impl DeadKind {
     /// Every kind.
-    pub const ALL: [DeadKind; 17] = [
+    pub const ALL: [DeadKind; 18] = [
         DeadKind::Undecodable,
         DeadKind::UnsupportedVersion,
         DeadKind::TooLarge,
@@ -63,6 +66,7 @@ impl DeadKind {
         DeadKind::QueueFull,
         DeadKind::ResultTooLarge,
         DeadKind::TimeLimit,
+        DeadKind::WorkerCrash,
     ];
 
     /// The header value.
@@ -85,6 +89,7 @@ impl DeadKind {
             DeadKind::QueueFull => "queue_full",
             DeadKind::ResultTooLarge => "result_too_large",
             DeadKind::TimeLimit => "time_limit",
+            DeadKind::WorkerCrash => "worker_crash",
         }
     }
 

@@ -20,6 +20,7 @@
 pub mod celery;
 pub mod chains;
 mod conn;
+pub mod crashes;
 mod fleet;
 pub mod hooks;
 mod read;

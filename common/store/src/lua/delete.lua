@@ -9,7 +9,7 @@ local t = redis.pcall('HGET', KEYS[1], 'ttl')
 local ttl = (type(t) == 'string' and tonumber(t)) or 604800
 local existed = redis.call('EXISTS', KEYS[1])
 local group = redis.pcall('HGET', KEYS[1], 'group')
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[1] .. ':starts')
 redis.call('ZREM', KEYS[6], ARGV[1])
 local active, id = active_of(KEYS[1])
 if active then redis.call('ZREM', active, id) end
