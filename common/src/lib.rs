@@ -13,7 +13,7 @@ pub mod logging;
 
 pub use taskmill_broker::{amqp, dead, Backoff};
 pub use taskmill_protocol::{
-    envelope, error_text, now_ms, panic_message, url_list, DeadKind, JobState,
+    envelope, error_text, now_ms, panic_message, redis_url, url_list, DeadKind, JobState,
 };
 pub use taskmill_store as store;
 pub use taskmill_task as task;

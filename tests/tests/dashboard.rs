@@ -498,8 +498,13 @@ async fn the_dashboard_page_in_chromium_follows_jobs_dead_letters_and_workers() 
             .starts_with("1 job, finished"),
         "{seen}"
     );
-    assert_eq!(
-        seen["group_chord"], "closed · then chaos: demo.chord (published chaos over 1 job)",
+    // "published chaos over 1 job", or "(found registered already)" when the worker stopped
+    // during the page's run published it and another settled it.
+    assert!(
+        seen["group_chord"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("closed · then chaos: demo.chord (published chaos"),
         "{seen}"
     );
     assert_eq!(seen["chord_follows"], "follows group demo", "{seen}");

@@ -89,12 +89,72 @@ fn compose_file_has_the_services_and_their_order() {
     .unwrap();
     assert_eq!(defs["users"][0]["name"], "taskmill");
     // The `producer queues` / `workers` views in the image need the management API.
-    assert!(worker["environment"]["RABBITMQ_API_URL"]
+    assert!(default_of(&worker["environment"]["RABBITMQ_API_URL"]).contains("@rabbitmq:15672/api"));
+    let url = default_of(&worker["environment"]["AMQP_URL"]);
+    assert!(
+        url.starts_with("amqp://taskmill:taskmill@rabbitmq:5672/"),
+        "{url}"
+    );
+
+    // The cluster profile: two nodes joining rabbit@rabbitmq with its cookie, a Redis replica
+    // and three sentinels; its env file gives every process the nodes and the sentinels.
+    let node_name = |s: &str| services[s]["hostname"].as_str().unwrap().to_string();
+    assert_eq!(node_name("rabbitmq"), "rabbitmq");
+    let cookie = services["rabbitmq"]["environment"]["RABBITMQ_ERLANG_COOKIE"].clone();
+    for s in ["rabbitmq-2", "redis-replica", "sentinel-1"] {
+        assert_eq!(services[s]["profiles"][0], "cluster", "{s}");
+    }
+    assert_eq!(
+        services["rabbitmq-2"]["environment"]["RABBITMQ_ERLANG_COOKIE"],
+        cookie
+    );
+    let conf = std::fs::read_to_string(root().join("deploy/rabbitmq/cluster-node.conf")).unwrap();
+    assert!(
+        conf.contains("classic_config.nodes.1 = rabbit@rabbitmq\n"),
+        "{conf}"
+    );
+    let env = std::fs::read_to_string(root().join("deploy/compose-cluster.env")).unwrap();
+    let var = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} not in compose-cluster.env"))
+            .to_string()
+    };
+    let amqp = var("TASKMILL_AMQP_URL");
+    let hosts: Vec<&str> = taskmill_common::url_list(&amqp)
+        .iter()
+        .map(|u| u.split('@').nth(1).unwrap().split(':').next().unwrap())
+        .collect();
+    assert_eq!(hosts, ["rabbitmq", "rabbitmq-2", "rabbitmq-3"]);
+    assert!(worker["environment"]["AMQP_URL"]
         .as_str()
         .unwrap()
-        .contains("@rabbitmq:15672/api"));
-    let url = worker["environment"]["AMQP_URL"].as_str().unwrap();
-    assert!(url.starts_with("amqp://taskmill:taskmill@rabbitmq:5672/"));
+        .starts_with("${TASKMILL_AMQP_URL:-"));
+    let redis = var("TASKMILL_REDIS_URL");
+    let spec = taskmill_common::redis_url::parse(&redis).unwrap();
+    let taskmill_common::redis_url::RedisTarget::Sentinel(s) = spec.target else {
+        panic!("{redis}")
+    };
+    for (host, _) in &s.sentinels {
+        assert!(
+            services[host.as_str()]["hostname"] == host.as_str(),
+            "{host}"
+        );
+    }
+    let sentinel_cmd = services["sentinel-1"]["command"][0].as_str().unwrap();
+    assert!(
+        sentinel_cmd.contains(&format!("sentinel monitor {} redis 6379 2", s.master)),
+        "{sentinel_cmd}"
+    );
+}
+
+/// The default of a compose value `${VAR:-default}` (the value itself when it is plain).
+fn default_of(v: &Yaml) -> String {
+    let v = v.as_str().unwrap();
+    match v.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
+        Some(inner) => inner.split_once(":-").map_or("", |(_, d)| d).to_string(),
+        None => v.to_string(),
+    }
 }
 
 #[test]
@@ -294,5 +354,77 @@ fn the_example_config_file_is_valid() {
         let settings = taskmill_common::config::settings_of(&cmd);
         let got = taskmill_common::config::read_config(&path, binary, &settings).unwrap();
         assert!(got.iter().any(|(env, _)| *env == "AMQP_URL"), "{binary}");
+    }
+}
+
+/// The cluster manifests (`deploy/k8s-cluster/`): a RabbitmqCluster of three and a Sentinel set
+/// of three Redis pods and three sentinels, and taskmill's URLs naming each RabbitMQ pod and
+/// each sentinel, under the name the sentinels monitor; the URLs parse as taskmill parses them.
+#[test]
+fn cluster_manifests_hang_together() {
+    let mut objs = std::collections::BTreeMap::new();
+    for f in std::fs::read_dir(root().join("deploy/k8s-cluster")).unwrap() {
+        for doc in yaml_docs(&f.unwrap().path()) {
+            let key = format!(
+                "{}/{}",
+                doc["kind"].as_str().unwrap(),
+                doc["metadata"]["name"].as_str().unwrap()
+            );
+            assert!(objs.insert(key.clone(), doc).is_none(), "two {key}");
+        }
+    }
+    let rabbit = &objs["RabbitmqCluster/rabbitmq"]["spec"];
+    assert_eq!(rabbit["replicas"], 3);
+    let conf = rabbit["rabbitmq"]["additionalConfig"].as_str().unwrap();
+    assert!(
+        conf.contains("quorum_queue.initial_cluster_size = 3"),
+        "{conf}"
+    );
+    let urls = &objs["Secret/taskmill-urls"]["stringData"];
+    let amqp = urls["AMQP_URL"].as_str().unwrap();
+    let nodes = taskmill_common::url_list(amqp);
+    assert_eq!(nodes.len(), 3, "{amqp}");
+    for (i, url) in nodes.iter().enumerate() {
+        assert!(
+            url.contains(&format!("@rabbitmq-server-{i}.rabbitmq-nodes.")),
+            "{url}"
+        );
+    }
+    let api = urls["RABBITMQ_API_URL"].as_str().unwrap();
+    assert_eq!(taskmill_common::url_list(api).len(), 3, "{api}");
+    // The Sentinel set: the URL's sentinels are the StatefulSet's pods, its name the monitored one.
+    let redis = urls["REDIS_URL"].as_str().unwrap();
+    let spec = taskmill_common::redis_url::parse(redis).unwrap();
+    let taskmill_common::redis_url::RedisTarget::Sentinel(s) = spec.target else {
+        panic!("REDIS_URL is not in the Sentinel form: {redis}")
+    };
+    assert_eq!(spec.wait.replicas, 1);
+    let sentinels = &objs["StatefulSet/redis-sentinel"]["spec"];
+    assert_eq!(
+        s.sentinels.len() as u64,
+        sentinels["replicas"].as_u64().unwrap()
+    );
+    for (i, (host, port)) in s.sentinels.iter().enumerate() {
+        assert!(
+            host.starts_with(&format!("redis-sentinel-{i}.redis-sentinel.")),
+            "{host}"
+        );
+        assert_eq!(*port, 26379);
+    }
+    let config = &objs["ConfigMap/redis-sentinel"]["data"];
+    let sentinel_conf = config["sentinel.conf"].as_str().unwrap();
+    assert!(
+        sentinel_conf.contains(&format!("sentinel monitor {} ", s.master)),
+        "{sentinel_conf}"
+    );
+    assert_eq!(objs["StatefulSet/redis"]["spec"]["replicas"], 3);
+    // The start scripts the pods run are in the ConfigMap they mount.
+    for (set, script) in [
+        ("redis", "start-redis.sh"),
+        ("redis-sentinel", "start-sentinel.sh"),
+    ] {
+        let c = &objs[&format!("StatefulSet/{set}")]["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["command"][1], format!("/config/{script}").as_str());
+        assert!(config[script].is_string(), "no {script}");
     }
 }
