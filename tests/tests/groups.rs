@@ -139,6 +139,14 @@ async fn a_closed_group_fires_its_chord_once_over_every_result() {
         );
         assert!(out.status.success(), "{out:?}");
     }
+    // A typo'd follow-up is refused by the catalog, and the group stays open.
+    let out = producer(&t.ns, &["group", "close", "g20", "--then", "chaoss"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("follow-up step: unknown task"),
+        "{out:?}"
+    );
+    assert!(store.group_info("g20").await.unwrap().closed_ms.is_none());
     let out = producer(
         &t.ns,
         &[

@@ -205,15 +205,27 @@ impl Client {
     /// every one has ended. What closing did ([`Closed::Now`], [`Closed::Already`] the same
     /// way, or [`Closed::Conflict`]: closed before with other steps, nothing changed), and
     /// the follow-up's id (`G.chord`), None without steps. [`Error::NoSuchJob`] when the group
-    /// has no job.
+    /// has no job. With `check`, each step's task and parameters are checked against the
+    /// catalog first, as an enqueue's follow-up steps are ([`Error::Invalid`] when refused).
     pub async fn close_group(
         &self,
         group: &str,
         then: Vec<Step>,
+        check: bool,
     ) -> Result<(Closed, Option<String>)> {
         validate_key("group", group).map_err(Error::Invalid)?;
         if then.iter().any(|s| s.batch_size == 0) {
             return Err(Error::Invalid("a follow-up step's batch size is 0".into()));
+        }
+        if check {
+            for step in &then {
+                crate::enqueue::check(&self.store, &step.task, &step.params)
+                    .await
+                    .map_err(|e| match e {
+                        Error::Invalid(m) => Error::Invalid(format!("follow-up step: {m}")),
+                        other => other,
+                    })?;
+            }
         }
         let chain = (!then.is_empty()).then(|| Chain {
             root: chord_id(group),

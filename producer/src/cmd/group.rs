@@ -43,6 +43,10 @@ pub struct CloseArgs {
     /// complete|success]`, repeatable for a chain after it. Its id is `G.chord`.
     #[command(flatten)]
     pub follow: ThenArgs,
+    /// Do not check the follow-up's task and parameters against the live workers' catalog
+    /// (a worker not deployed yet).
+    #[arg(long)]
+    pub no_check: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -286,8 +290,9 @@ pub(crate) async fn close(
     client: &Client,
     group: &str,
     steps: Vec<Step>,
+    check: bool,
 ) -> anyhow::Result<(Closed, Option<String>)> {
-    match client.close_group(group, steps).await {
+    match client.close_group(group, steps, check).await {
         Err(Error::Invalid(why)) => Err(usage(why)),
         Ok((Closed::Conflict, _)) => Err(usage(format!(
             "group {group} is closed already, with another follow-up"
@@ -301,7 +306,7 @@ pub async fn run(conn: &ConnArgs, args: &GroupArgs) -> anyhow::Result<ExitCode> 
     let GroupAction::Close(c) = &args.action;
     let steps = c.follow.steps()?;
     let client = crate::client(conn).await?;
-    let (closed, chord) = close(&client, &c.group, steps.clone()).await?;
+    let (closed, chord) = close(&client, &c.group, steps.clone(), !c.no_check).await?;
     let what = if closed == Closed::Now {
         "closed"
     } else {

@@ -651,6 +651,8 @@ pub(crate) struct CloseGroup {
     /// The chord follow-up and the steps after it, as `then` of `POST /api/jobs`.
     #[serde(default)]
     then: Vec<NewStep>,
+    /// Check the steps against the catalog (default true).
+    check: Option<bool>,
 }
 
 /// `POST /api/groups/{g}/close` `{"then": [steps]}` (body optional): closes the group (as
@@ -669,7 +671,10 @@ pub(crate) async fn close_group(
             .map_err(|e| ApiError::bad(format!("the request body is not a close: {e}")))?
     };
     let steps = steps_of(&new.then)?;
-    let (closed, chord) = st.client.close_group(&g, steps).await?;
+    let (closed, chord) = st
+        .client
+        .close_group(&g, steps, new.check.unwrap_or(true))
+        .await?;
     if closed == taskmill_common::store::chains::Closed::Conflict {
         return Err(ApiError(
             StatusCode::CONFLICT,
