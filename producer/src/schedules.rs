@@ -296,17 +296,13 @@ pub fn rfc3339(ms: u64) -> String {
 
 /// A schedule as `list` and `show` print it.
 pub async fn view(store: &Store, name: &str) -> anyhow::Result<Option<Value>> {
-    let Some(fields) = store.schedule(name).await? else {
+    let Some(info) = taskmill_client::ScheduleInfo::read(store, name).await? else {
         return Ok(None);
     };
-    let schedule: Option<Schedule> = serde_json::from_str(&fields["spec"]).ok();
-    let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok());
-    let text = |k: &str| {
-        fields
-            .get(k)
-            .filter(|v| !v.is_empty())
-            .map_or(Value::Null, |v| Value::from(v.as_str()))
-    };
+    let schedule: Option<Schedule> = info
+        .spec
+        .clone()
+        .and_then(|s| serde_json::from_value(s).ok());
     Ok(Some(json!({
         "name": name,
         "period": schedule.as_ref().map_or("unreadable".into(), Schedule::period),
@@ -315,16 +311,16 @@ pub async fn view(store: &Store, name: &str) -> anyhow::Result<Option<Value>> {
         "timezone": schedule.as_ref().and_then(|s| s.timezone.clone()),
         "next_local": schedule
             .as_ref()
-            .zip(num("next_ms"))
+            .zip(info.next_ms)
             .and_then(|(s, ms)| s.local_time(ms)),
         "missed": schedule.as_ref().map(|s| s.missed.clone()),
         "enqueue": schedule.as_ref().map(|s| s.enqueue.clone()),
-        "paused": fields.get("paused").is_some_and(|p| p == "1"),
-        "next_ms": num("next_ms"),
-        "next": num("next_ms").map(rfc3339),
-        "last_tick_ms": num("last_tick_ms"),
-        "last_job": text("last_job"),
-        "last_error": text("last_error"),
+        "paused": info.paused,
+        "next_ms": info.next_ms,
+        "next": info.next_ms.map(rfc3339),
+        "last_tick_ms": info.last_tick_ms,
+        "last_job": info.last_job,
+        "last_error": info.last_error,
     })))
 }
 

@@ -176,11 +176,24 @@ async fn fire(
     let results = handle
         .results()
         .filter_map(|r| futures::future::ready(r.ok().map(|(_, v)| v)));
-    match client.enqueue_stream(&spec, results).await {
-        Ok(h) => Ok((Some(h.id().to_string()), format!("published {}", step.task))),
+    let published = format!("published {}", step.task);
+    publish(client, &spec, results, published).await
+}
+
+/// Enqueues follow-up `spec` over `results`: its id and `published` as the parent's note; a
+/// registration refused because the id exists counts as published (a worker that published
+/// it died before settling), a refused job is settled with why. Err: try again later.
+async fn publish(
+    client: &Client,
+    spec: &JobSpec,
+    results: impl futures::Stream<Item = serde_json::Value>,
+    published: String,
+) -> Result<(Option<String>, String), Error> {
+    match client.enqueue_stream(spec, results).await {
+        Ok(h) => Ok((Some(h.id().to_string()), published)),
         Err(Error::JobExists(_)) => Ok((
-            Some(child),
-            format!("published {} (found registered already)", step.task),
+            spec.id.clone(),
+            format!("published {} (found registered already)", spec.task),
         )),
         Err(Error::Invalid(why)) => Ok((None, format!("not enqueued: {why}"))),
         Err(e) => Err(e),
@@ -208,6 +221,7 @@ async fn fire_chord(
     let ids = store.group_jobs(group).await?;
     let mut counts = std::collections::BTreeMap::<&str, u64>::new();
     let mut blocker = None;
+    let mut queue = None;
     for id in &ids {
         let Some(status) = store.job_status(id).await? else {
             return Ok((
@@ -215,6 +229,7 @@ async fn fire_chord(
                 format!("not enqueued: job {id} of the group is gone (expired)"),
             ));
         };
+        queue.get_or_insert(status.queue);
         let state = status.state;
         *counts.entry(state.as_str()).or_default() += 1;
         if !runs(step.on, state) && blocker.is_none() {
@@ -229,14 +244,12 @@ async fn fire_chord(
         return Ok((None, note));
     }
     let all_completed = counts.keys().all(|s| *s == JobState::Completed.as_str());
-    let child = chain.root.clone();
+    // On the queue of the group's first job.
     let mut spec = JobSpec::new(&step.task)
         .batch_size(step.batch_size)
-        .id(&child);
-    if let Some(first) = ids.first() {
-        if let Some(status) = store.job_status(first).await? {
-            spec = spec.queue(&status.queue);
-        }
+        .id(&chain.root);
+    if let Some(queue) = &queue {
+        spec = spec.queue(queue);
     }
     spec.params = step.params.clone();
     spec.then = (chain.steps.len() > 1).then(|| Chain {
@@ -255,21 +268,11 @@ async fn fire_chord(
     let results = futures::stream::iter(handles.iter())
         .flat_map(|h| h.results())
         .filter_map(|r| futures::future::ready(r.ok().map(|(_, v)| v)));
-    match client.enqueue_stream(&spec, results).await {
-        Ok(h) => Ok((
-            Some(h.id().to_string()),
-            format!(
-                "published {} over {} job{}",
-                step.task,
-                ids.len(),
-                if ids.len() == 1 { "" } else { "s" }
-            ),
-        )),
-        Err(Error::JobExists(_)) => Ok((
-            Some(child),
-            format!("published {} (found registered already)", step.task),
-        )),
-        Err(Error::Invalid(why)) => Ok((None, format!("not enqueued: {why}"))),
-        Err(e) => Err(e),
-    }
+    let published = format!(
+        "published {} over {} job{}",
+        step.task,
+        ids.len(),
+        if ids.len() == 1 { "" } else { "s" }
+    );
+    publish(client, &spec, results, published).await
 }

@@ -134,6 +134,14 @@ pub struct ScheduleInfo {
 }
 
 impl ScheduleInfo {
+    /// Schedule `name` as stored; None when there is none.
+    pub async fn read(store: &taskmill_store::Store, name: &str) -> Result<Option<Self>> {
+        Ok(store
+            .schedule(name)
+            .await?
+            .map(|f| Self::from_fields(name, &f)))
+    }
+
     fn from_fields(name: &str, f: &HashMap<String, String>) -> Self {
         let text = |k: &str| f.get(k).filter(|v| !v.is_empty()).cloned();
         let num = |k: &str| f.get(k).and_then(|v| v.parse().ok());
@@ -177,11 +185,7 @@ impl Client {
 
     /// One schedule; None when there is none.
     pub async fn schedule(&self, name: &str) -> Result<Option<ScheduleInfo>> {
-        Ok(self
-            .store
-            .schedule(name)
-            .await?
-            .map(|f| ScheduleInfo::from_fields(name, &f)))
+        ScheduleInfo::read(&self.store, name).await
     }
 
     /// Pauses a schedule (false when there is none).
