@@ -176,6 +176,7 @@ pub const SETTING_KEYS: &[&str] = &[
     "retry_factor",
     "retry_max_attempts",
     "retry_max_delay_ms",
+    "shards",
     "shutdown_timeout",
     "stall_after",
     "task",

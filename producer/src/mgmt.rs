@@ -165,7 +165,8 @@ fn rate(v: &Value, stat: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The namespace's queues: ready, unacked, consumers, publish and deliver rates.
+/// The namespace's queues: ready, unacked, consumers, publish and deliver rates, the node
+/// that leads each.
 pub async fn queues(api_url: &str, namespace: &str) -> Result<Vec<Value>> {
     let api = ManagementApi::new(api_url)?;
     let all = api.get("queues").await?;
@@ -186,6 +187,8 @@ pub async fn queues(api_url: &str, namespace: &str) -> Result<Vec<Value>> {
                 "publish_rate": rate(q, "publish"),
                 "deliver_rate": rate(q, "deliver_get"),
                 "ack_rate": rate(q, "ack"),
+                // Where the queue's leader runs (a quorum queue's; a classic queue's node).
+                "node": if q["leader"].is_string() { &q["leader"] } else { &q["node"] },
             })
         })
         .collect();

@@ -468,6 +468,23 @@ pub async fn queue_messages(conn: &lapin::Connection, queue: &str) -> Option<u32
     Some(q.message_count())
 }
 
+/// Consumers on `queue` (full name) now, as a passive declare tells; None when it does not
+/// exist.
+pub async fn queue_consumers(conn: &lapin::Connection, queue: &str) -> Option<u32> {
+    use lapin::{options::QueueDeclareOptions, types::FieldTable};
+    let ch = conn.create_channel().await.ok()?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let q = ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .ok()?;
+    let _ = ch.close(200, "done".into()).await;
+    Some(q.consumer_count())
+}
+
 /// Takes every message now in `queue` (basic.get until empty), acking each.
 pub async fn drain_queue(ch: &lapin::Channel, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
     use lapin::options::{BasicAckOptions, BasicGetOptions};

@@ -272,6 +272,7 @@ fn the_python_client_and_the_page_use_the_store_s_scripts_and_states() {
         "cancel",
         "delete",
         "close_group",
+        "shards",
     ] {
         let ours =
             std::fs::read_to_string(root().join(format!("common/store/src/lua/{f}.lua"))).unwrap();

@@ -31,6 +31,14 @@ pub struct WorkerArgs {
     )]
     pub queues: Vec<String>,
 
+    /// Spread each work queue over at least this many shards (quorum queues whose leaders a
+    /// cluster places on different nodes, 1 to 16). The queue's count is kept in Redis and
+    /// only grows; every worker consumes every shard, and one that sees the count grow
+    /// (a producer's `--shards`) finishes what it holds and consumes the new shards too.
+    #[arg(long, env = "TASKMILL_SHARDS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(topology::MAX_SHARDS)))]
+    pub shards: u16,
+
     /// Unacknowledged batches each consumer may hold (per-consumer QoS). Lower it for tasks
     /// that run long (a few per thread), so that workers share the end of a job.
     #[arg(long, env = "TASKMILL_PREFETCH", default_value_t = 256)]
@@ -101,6 +109,7 @@ impl WorkerArgs {
         Self {
             conn: ConnArgs::local(ns),
             queues: vec![topology::DEFAULT_QUEUE.into()],
+            shards: 1,
             prefetch: 256,
             threads: 0,
             shutdown_timeout: 30,

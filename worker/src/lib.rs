@@ -336,7 +336,8 @@ async fn sessions(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Resu
         shared.health.set_rabbitmq(false);
         shared.health.set_consuming(false);
         match outcome {
-            Ok(()) => {
+            Ok(session::Ended::Resharded) => continue,
+            Ok(session::Ended::Stopped) => {
                 shared.stats.report();
                 return Ok(());
             }

@@ -31,6 +31,9 @@ use crate::{
 /// Most deliveries handed to the rayon pool as one job.
 const RAYON_GROUP: usize = 64;
 
+/// How often a session looks whether its queues' shard counts grew.
+const SHARDS_CHECK: Duration = Duration::from_secs(5);
+
 /// A delivery stream item: channel index, short queue name, delivery or error.
 /// What a consumer gave: a delivery (or its error), or None once that consumer ended.
 type Incoming = (usize, String, Option<lapin::Result<Delivery>>);
@@ -50,22 +53,68 @@ struct Session {
     tx: Option<mpsc::Sender<Processed>>,
     hard_stop: CancellationToken,
     drain: Drain,
+    /// Cancelled when a queue's shard count grew beyond what this session consumes: it
+    /// drains as for a shutdown, and the next session consumes every shard.
+    resharded: CancellationToken,
 }
 
-/// Connects, consumes until shutdown (Ok) or until the connection fails (Err), closes.
+/// How a session that did not fail ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// Shut down (a signal, or every thread stuck).
+    Stopped,
+    /// A queue's shard count grew: the worker opens a new session at once.
+    Resharded,
+}
+
+/// Connects, consumes until shutdown or a queue's new shards (Ok) or until the connection
+/// fails (Err), closes.
 pub(crate) async fn session(
     shared: &Shared,
     shutdown: &CancellationToken,
     backoff: &mut taskmill_common::Backoff,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ended> {
     let mut s = Session::open(shared).await?;
     backoff.reset();
     let result = s.consume(shared, shutdown).await;
+    let resharded = s.resharded.is_cancelled() && !shutdown.is_cancelled();
     let closed = s.close(result).await;
     // Sessions run one at a time: whatever this one still counted in flight was settled or
     // went back to the broker with its connection.
     shared.stats.clear_in_flight();
-    closed
+    closed.map(|()| {
+        if resharded {
+            Ended::Resharded
+        } else {
+            Ended::Stopped
+        }
+    })
+}
+
+/// Every [`SHARDS_CHECK`] until `stop`: cancels `grown` once one of `queues` has more shards
+/// in Redis than the session consumes (a producer's `--shards`). Redis errors are the sink's
+/// to report; this only looks again later.
+async fn watch_shards(
+    store: Store,
+    queues: Vec<(String, u16)>,
+    grown: CancellationToken,
+    stop: CancellationToken,
+) {
+    let names: Vec<String> = queues.iter().map(|(q, _)| q.clone()).collect();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SHARDS_CHECK) => {}
+            _ = stop.cancelled() => return,
+        }
+        if let Ok(now) = store.shards_of(&names).await {
+            if let Some(((q, had), n)) = queues.iter().zip(now).find(|((_, had), n)| n > had) {
+                info!(queue = %q, shards = n, was = had,
+                    "the queue has new shards: finishing what is in hand to consume them all");
+                grown.cancel();
+                return;
+            }
+        }
+    }
 }
 
 impl Session {
@@ -83,6 +132,11 @@ impl Session {
             .rate_store
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(store.clone());
+        // Each queue's shards: raised to --shards, else as many as it has.
+        let mut queues = Vec::with_capacity(args.queues.len());
+        for q in &args.queues {
+            queues.push((q.clone(), store.shards(q, args.shards).await?));
+        }
         let conn = amqp::connect(&args.conn.amqp_url, "taskmill-worker").await?;
         // Retries and dead letters go out on a connection of their own: a broker alarm blocks
         // publishing connections, and this one must keep consuming and acking meanwhile.
@@ -91,12 +145,19 @@ impl Session {
         publish_ch
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        topology::declare(&publish_ch, &shared.names, &args.queues).await?;
+        topology::declare(&publish_ch, &shared.names, &queues).await?;
         let (events_ch, events) = consume(&conn, &shared.names.dead_events(), 32).await?;
         let events_stop = CancellationToken::new();
         let events_task =
             tokio::spawn(dead_events::run(events, store.clone(), events_stop.clone()));
-        let (channels, tags, deliveries) = consume_queues(&conn, shared).await?;
+        let (channels, tags, deliveries) = consume_queues(&conn, shared, &queues).await?;
+        let resharded = CancellationToken::new();
+        tokio::spawn(watch_shards(
+            store.clone(),
+            queues.clone(),
+            resharded.clone(),
+            events_stop.clone(),
+        ));
         // The delay queues this session declares, and a look at their heads now and then.
         let declared = crate::sweep::Declared::default();
         let sweep_ch = publish_conn.create_channel().await?;
@@ -130,7 +191,14 @@ impl Session {
             registry: shared.analyser.registry.clone(),
             unknown_task_wait: std::time::Duration::from_secs(args.unknown_task_wait),
         };
-        info!(queues = %args.queues.join(","), "consuming");
+        let shown: Vec<String> = queues
+            .iter()
+            .map(|(q, n)| match n {
+                1 => q.clone(),
+                n => format!("{q} ({n} shards)"),
+            })
+            .collect();
+        info!(queues = %shown.join(","), "consuming");
         shared.health.set_rabbitmq(true);
         shared.health.set_consuming(true);
         Ok(Self {
@@ -147,6 +215,7 @@ impl Session {
             tx: Some(tx),
             hard_stop,
             drain: Drain::new(Duration::from_secs(args.shutdown_timeout)),
+            resharded,
         })
     }
 
@@ -201,6 +270,7 @@ impl Session {
                     return Err(ended_with(res, "the dead-letter counter"));
                 }
                 _ = shutdown.cancelled(), if !draining => ended |= self.start_drain(shared, in_hand).await,
+                _ = self.resharded.cancelled(), if !draining => ended |= self.start_drain(shared, in_hand).await,
                 d = self.deliveries.next(), if !ended => match d {
                     Some((chan, queue, Some(Ok(delivery)))) => {
                         let (group, end) = self.gather((chan, queue, delivery))?;
@@ -264,7 +334,14 @@ impl Session {
         self.drain.signal(Instant::now());
         self.events_stop.cancel();
         shared.health.set_consuming(false);
-        info!(in_hand, "shutting down: finishing the batches in hand");
+        if self.resharded.is_cancelled() {
+            info!(
+                in_hand,
+                "new shards: finishing the batches in hand, then consuming again"
+            );
+        } else {
+            info!(in_hand, "shutting down: finishing the batches in hand");
+        }
         let mut failed = false;
         for (ch, tag) in self.channels.iter().zip(&self.tags) {
             if let Err(e) = ch
@@ -349,22 +426,21 @@ async fn consume(
     Ok((ch, consumer))
 }
 
-/// One channel and consumer a work queue and priority band (delivery tags then arrive in
+/// One channel and consumer a work queue's shard and priority band (delivery tags then arrive in
 /// order on each channel, which lets the sink acknowledge many batches with one
 /// multiple-ack), merged into one stream. A band's batches thus never wait behind the backlog
 /// of the queue beside it: each has its own prefetch.
 async fn consume_queues(
     conn: &Connection,
     shared: &Shared,
+    queues: &[(String, u16)],
 ) -> anyhow::Result<(Vec<Channel>, Vec<ShortString>, BoxStream<'static, Incoming>)> {
     let mut channels = Vec::new();
     let mut tags = Vec::new();
     let mut streams = Vec::new();
-    let routed = shared
-        .args
-        .queues
+    let routed = queues
         .iter()
-        .flat_map(|q| topology::with_bands(q));
+        .flat_map(|(q, shards)| topology::with_shards(q, *shards));
     for (i, q) in routed.enumerate() {
         let (ch, consumer) = consume(conn, &shared.names.queue(&q), shared.args.prefetch).await?;
         tags.push(consumer.tag());

@@ -513,7 +513,8 @@ impl Sink {
         self.settle_one(p, true).await
     }
 
-    /// Publishes a copy into the delay queue of `queue` for `delay_ms`: true once the broker
+    /// Publishes a copy into the delay queue of `queue` (a shard's: its work queue's) for
+    /// `delay_ms`: true once the broker
     /// took it. A copy returned unroutable means the queue is gone (deleted in the console,
     /// say, after this session declared it): it is declared again and the copy published
     /// once more, rather than the batch going back until its delivery limit.
@@ -524,6 +525,8 @@ impl Sink {
         body: &[u8],
         props: lapin::BasicProperties,
     ) -> anyhow::Result<bool> {
+        // A shard's batch waits in its work queue's delay queues and comes back to shard 0.
+        let queue = topology::retry_queue(queue);
         for _ in 0..2 {
             let name = self.delay_queue(queue, delay_ms).await?;
             if self

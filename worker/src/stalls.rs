@@ -191,7 +191,15 @@ impl Watcher {
                 return false;
             }
         };
-        let routed = topology::with_bands(queue);
+        // Every shard and band; a count that cannot be read means no verdict this time.
+        let shards = match store.shards_of(&[queue.to_string()]).await {
+            Ok(n) => n.first().copied().unwrap_or(1),
+            Err(e) => {
+                debug!("reading the shards of {queue}: {e}");
+                return false;
+            }
+        };
+        let routed = topology::with_shards(queue, shards);
         let mut names: Vec<(String, bool)> = routed
             .iter()
             .map(|r| (self.names.queue(r), false))

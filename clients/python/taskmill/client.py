@@ -42,6 +42,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 DELIVERY_LIMIT = 10
 DEAD_EVENTS_MAX = 1_000_000
 PRIORITY_BANDS = ((1, "p1"), (5, "p5"))
+# Most shards a work queue may be spread over (its shards: QUEUE, QUEUE.s1, ...).
+MAX_SHARDS = 16
 RETRY_PARAMS = ("retry_max_attempts", "retry_base_ms", "retry_factor", "retry_max_delay_ms")
 STATES = ("pending", "running", "completed", "completed_with_errors", "cancelled", "interrupted", "stalled")  # noqa: E501
 FINISHED = ("completed", "completed_with_errors", "cancelled", "stalled")
@@ -407,6 +409,7 @@ class Client:
         self._cancel = _Durable(self, script(_with_finish(_lua("cancel.lua"))))
         self._delete = self.redis.register_script(_with_finish(_lua("delete.lua")))
         self._close_group = _Durable(self, script(_with_finish(_lua("close_group.lua"))))
+        self._shards = _Durable(self, script(_lua("shards.lua")))
 
     # Life --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -478,6 +481,7 @@ class Client:
         then: Optional[List[Dict[str, Any]]] = None,
         group: Optional[str] = None,
         on_complete: Optional[str] = None,
+        shards: Optional[int] = None,
     ) -> str:
         """Publishes ``records`` (JSON-like values) as a new job of ``task`` and returns its id
         once the broker confirmed every batch.
@@ -495,6 +499,8 @@ class Client:
         batch results of the job before it. ``group`` puts the job in a group
         (``producer status --group``, ``wait --group``). ``on_complete`` is a URL the job's
         final status is POSTed to when it ends (``enqueue --on-complete``), by the workers.
+        ``shards`` spreads the queue over at least that many shards (``enqueue --shards``; the
+        queue's count is kept in Redis and only grows; batch n goes to shard n mod count).
         """
         params = {str(k): _param_text(v) for k, v in (params or {}).items()}
         if not _NAME.match(queue):
@@ -503,6 +509,8 @@ class Client:
             raise ValueError("batch_size must be at least 1")
         if not 0 <= priority <= 9:
             raise ValueError("priority must be 0 to 9")
+        if shards is not None and not (isinstance(shards, int) and 1 <= shards <= MAX_SHARDS):
+            raise ValueError(f"shards {shards!r} is out of range: 1 to {MAX_SHARDS}")
         job = job_id or uuid.uuid4().hex
         for what, value in (("job id", job), ("unique key", unique_key), ("rate key", rate_key),
                             ("group", group)):
@@ -522,6 +530,8 @@ class Client:
         if HEADER_RATE_INTERVAL in options and HEADER_RATE_KEY not in options:
             options[HEADER_RATE_KEY] = f"job-{job}"
         publishing = _Publishing(self, job, task, queue, params, priority, unique_key, options)
+        publishing.shards = max(1, min(MAX_SHARDS, int(self._shards(
+            keys=[f"{self.namespace}:shards"], args=[queue, shards or 1]))))
         publishing.then = chain
         publishing.group = group or ""
         publishing.on_complete = on_complete or ""
@@ -981,6 +991,7 @@ class _Publishing:
         for least, band in PRIORITY_BANDS:
             if priority >= least:
                 self.routing_key = f"{queue}.{band}"
+        self.shards = 1
         self.registered = False
         self.then = ""
         self.group = ""
@@ -1019,7 +1030,8 @@ class _Publishing:
                            (f"{ns}.dead.events", {**quorum, "x-max-length": DEAD_EVENTS_MAX})):
             declares.append(("queue_declare", (name,), {"durable": True, "arguments": args}))
             declares.append(("queue_bind", (name, f"{ns}.dlx"), {"routing_key": ""}))
-        for short in (self.queue, f"{self.queue}.p1", f"{self.queue}.p5"):
+        shards = [self.queue] + [f"{self.queue}.s{i}" for i in range(1, self.shards)]
+        for short in shards + [f"{self.queue}.{band}" for _, band in PRIORITY_BANDS]:
             args = {**quorum, "x-dead-letter-exchange": f"{ns}.dlx",
                     "x-delivery-limit": DELIVERY_LIMIT}
             declares.append(("queue_declare", (f"{ns}.{short}",),
@@ -1057,10 +1069,19 @@ class _Publishing:
             self.channel.close()
         self.channel = None
 
-    def publish(self, body: bytes, props: pika.BasicProperties) -> None:
+    def route(self, batch: Optional[int]) -> str:
+        """The routing key of batch `batch`: its shard (batch mod shards), or the priority
+        band (not sharded); shard 0 for a message of no batch."""
+        if self.routing_key != self.queue or self.shards <= 1 or not batch:
+            return self.routing_key
+        shard = batch % self.shards
+        return self.queue if shard == 0 else f"{self.queue}.s{shard}"
+
+    def publish(self, body: bytes, props: pika.BasicProperties,
+                batch: Optional[int] = None) -> None:
         """Publishes one message; its confirm is awaited later (`settle`), with at most
         CONFIRM_WINDOW of them in flight."""
-        self.again.append([body, props, 0])
+        self.again.append([body, props, 0, self.route(batch)])
         # Every 64 publishes the output is written out and what the broker sent is read
         # (confirms, returns), so the broker works while more are prepared.
         self.settle(CONFIRM_WINDOW - 1, flush=self.next_tag % 64 == 0)
@@ -1075,8 +1096,7 @@ class _Publishing:
                     self.connect()
                 while self.again:
                     item = self.again[0]
-                    self.channel.publish(f"{self.c.namespace}.work", self.routing_key,
-                                         item[0], item[1])
+                    self.channel.publish(f"{self.c.namespace}.work", item[3], item[0], item[1])
                     self.again.popleft()
                     self.unconfirmed[self.next_tag] = item
                     self.inflight_bytes += len(item[0])
@@ -1241,7 +1261,7 @@ class _Publishing:
             delivery_mode=2, content_type=CONTENT_TYPE, message_id=f"{self.job}:{self.batches}",
             timestamp=int(time.time()), headers=dict(self.options) or None,
         )  # no x-taskmill-attempt header: a first publish means attempt 1
-        self.publish(body, props)
+        self.publish(body, props, self.batches)
         self.batches += 1
         self.records += len(records)
         if self.batches % 64 == 0 and self.confirmed:

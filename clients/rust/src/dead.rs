@@ -233,7 +233,9 @@ impl Client {
                 .as_deref()
                 .and_then(|full| q.names.short_queue(full))
                 .filter(|s| topology::validate_routed_queue(s).is_ok())
-                .map(str::to_string);
+                // A shard's batch goes back to shard 0 (the work queue itself), which exists
+                // whatever the queue's shards became.
+                .map(|s| topology::retry_queue(s).to_string());
             let Some(short) = short else {
                 out.skipped.push(format!(
                     "{label}: its original queue {:?} is not a work queue of namespace {}",

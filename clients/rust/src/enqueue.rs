@@ -395,9 +395,20 @@ where
         Err(holder) => return Ok(EnqueueReport::duplicate(holder, started)),
     };
     let names = Names::new(&settings.namespace);
-    let publisher = Publisher::connect(&settings.amqp_url, names, &spec.queue, spec.confirm_window)
-        .await?
-        .with_routing_key(topology::priority_queue(&spec.queue, spec.priority));
+    // The queue's shards: raised to what the spec asks for, else as many as it has.
+    let shards = store
+        .shards(&spec.queue, spec.shards.unwrap_or(1))
+        .await
+        .map_err(Error::from)?;
+    let publisher = Publisher::connect(
+        &settings.amqp_url,
+        names,
+        &spec.queue,
+        shards,
+        spec.confirm_window,
+    )
+    .await?
+    .with_routing_key(topology::priority_queue(&spec.queue, spec.priority));
     let (headers, text_headers) = option_headers(spec, &job, eta_ms, expires_ms);
     let rate_key = text_headers.first().map(|(_, k)| k.clone());
     let token = uuid::Uuid::new_v4().simple().to_string();

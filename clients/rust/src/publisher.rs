@@ -62,6 +62,9 @@ pub struct Publisher {
     queue: String,
     /// Where batches are routed: the queue, or one of its priority bands.
     routing_key: String,
+    /// How many shards the queue is spread over: batch n of a job goes to shard n mod
+    /// shards (a priority band is not sharded).
+    shards: u16,
     window: usize,
     conn: Connection,
     channel: Channel,
@@ -83,7 +86,12 @@ pub struct Publisher {
     paused: Option<Instant>,
 }
 
-async fn open(amqp_url: &str, names: &Names, queue: &str) -> Result<(Connection, Channel)> {
+async fn open(
+    amqp_url: &str,
+    names: &Names,
+    queue: &str,
+    shards: u16,
+) -> Result<(Connection, Channel)> {
     let conn = amqp::connect(amqp_url, "taskmill-producer")
         .await
         .map_err(|e| Error::Broker(taskmill_protocol::error_text(&e)))?;
@@ -95,7 +103,7 @@ async fn open(amqp_url: &str, names: &Names, queue: &str) -> Result<(Connection,
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| Error::broker("enabling publisher confirms", &e))?;
-    topology::declare(&channel, names, &[queue.to_string()])
+    topology::declare(&channel, names, &[(queue.to_string(), shards)])
         .await
         .map_err(|e| Error::broker("declaring the topology", &e))?;
     Ok((conn, channel))
@@ -108,14 +116,23 @@ impl Publisher {
         self
     }
 
-    /// Connects, enables confirms and declares the topology for `queue`.
-    pub async fn connect(amqp_url: &str, names: Names, queue: &str, window: usize) -> Result<Self> {
-        let (conn, channel) = open(amqp_url, &names, queue).await?;
+    /// Connects, enables confirms and declares the topology for `queue`, spread over
+    /// `shards` shards.
+    pub async fn connect(
+        amqp_url: &str,
+        names: Names,
+        queue: &str,
+        shards: u16,
+        window: usize,
+    ) -> Result<Self> {
+        let shards = shards.max(1);
+        let (conn, channel) = open(amqp_url, &names, queue, shards).await?;
         Ok(Self {
             amqp_url: amqp_url.to_string(),
             names,
             queue: queue.to_string(),
             routing_key: queue.to_string(),
+            shards,
             window: window.max(1),
             conn,
             channel,
@@ -131,11 +148,19 @@ impl Publisher {
         })
     }
 
+    /// The routing key of batch `batch`: its shard of the queue, or the priority band.
+    fn route(&self, batch: u64) -> std::borrow::Cow<'_, str> {
+        if self.shards <= 1 || self.routing_key != self.queue {
+            return self.routing_key.as_str().into();
+        }
+        topology::shard_queue(&self.queue, (batch % u64::from(self.shards)) as u16).into()
+    }
+
     async fn send(&self, item: &InFlight) -> lapin::Result<PublisherConfirm> {
         self.channel
             .basic_publish(
                 self.names.work_exchange().into(),
-                self.routing_key.as_str().into(),
+                self.route(item.batch).as_ref().into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -361,7 +386,7 @@ impl Publisher {
                 "broker connection lost ({last}); reconnecting in {delay:?} (attempt {attempt})"
             );
             tokio::time::sleep(delay).await;
-            match open(&self.amqp_url, &self.names, &self.queue).await {
+            match open(&self.amqp_url, &self.names, &self.queue, self.shards).await {
                 Ok((conn, channel)) => {
                     let _ = self.conn.close(200, "reconnecting".into()).await;
                     self.conn = conn;

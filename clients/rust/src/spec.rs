@@ -56,6 +56,10 @@ pub struct JobSpec {
     pub id: Option<String>,
     /// Priority, 0 (default) to 9.
     pub priority: u8,
+    /// Spread the queue over at least this many shards (quorum queues whose leaders a
+    /// cluster places on different nodes; 1 to 16). None: as many as the queue has already
+    /// (1 for a new queue). A queue's shard count only grows.
+    pub shards: Option<u16>,
     /// While a job with this key is pending or running, nothing is enqueued.
     pub unique_key: Option<String>,
     /// No batch starts before then.
@@ -105,6 +109,7 @@ impl JobSpec {
             queue: topology::DEFAULT_QUEUE.into(),
             id: None,
             priority: 0,
+            shards: None,
             unique_key: None,
             start: None,
             expires: None,
@@ -167,6 +172,12 @@ impl JobSpec {
     /// Priority 0 (default) to 9.
     pub fn priority(mut self, priority: u8) -> Self {
         self.priority = priority;
+        self
+    }
+
+    /// Spread the queue over at least `n` shards (1 to 16; counts only grow).
+    pub fn shards(mut self, n: u16) -> Self {
+        self.shards = Some(n);
         self
     }
 
@@ -251,6 +262,7 @@ impl JobSpec {
         if let Some(k) = self.params.keys().find(|k| k.trim().is_empty()) {
             return Err(("params", format!("{k:?} is not a parameter name")));
         }
+        check_shards(self.shards).map_err(|e| ("shards", e))?;
         if let Some(id) = &self.id {
             validate_job_id(id).map_err(|e| ("id", e))?;
         }
@@ -312,6 +324,17 @@ impl JobSpec {
             }
         }
         Ok((eta, expires))
+    }
+}
+
+/// Checks a shard count asked for: 1 to [`topology::MAX_SHARDS`].
+pub fn check_shards(shards: Option<u16>) -> std::result::Result<(), String> {
+    match shards {
+        Some(n) if n == 0 || n > topology::MAX_SHARDS => Err(format!(
+            "{n} is out of range: 1 to {}",
+            topology::MAX_SHARDS
+        )),
+        _ => Ok(()),
     }
 }
 

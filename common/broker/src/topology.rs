@@ -13,14 +13,16 @@
 //!   consume to count every dead letter in its job, whoever dead-lettered it (a worker, or the
 //!   broker itself when a batch reached the delivery limit).
 //! - `{ns}.{queue}.delay.{ms}`: retry delay queues, one per tier of [`DELAY_TIERS_MS`].
+//! - `{ns}.{queue}.s{i}`: shards 1 to N−1 of a work queue spread over N (shard 0 is the work
+//!   queue itself), quorum queues like it, bound by their own routing key.
 //!
 //! Namespaces and queue names cannot contain `.` (see `config::validate_name`), so every
 //! name above has exactly one reading.
 
 pub use taskmill_protocol::names::{
-    band_rank, base_queue, priority_queue, tier_at_most, validate_key, validate_queue,
-    validate_routed_queue, with_bands, Names, BAND_RANKS, DEAD_EVENTS_MAX, DEFAULT_QUEUE,
-    DELAY_TIERS_MS, DELIVERY_LIMIT, PRIORITY_BANDS,
+    band_rank, base_queue, priority_queue, retry_queue, shard_queue, tier_at_most, validate_key,
+    validate_queue, validate_routed_queue, with_bands, with_shards, Names, BAND_RANKS,
+    DEAD_EVENTS_MAX, DEFAULT_QUEUE, DELAY_TIERS_MS, DELIVERY_LIMIT, MAX_SHARDS, PRIORITY_BANDS,
 };
 
 use lapin::{
@@ -70,9 +72,13 @@ pub async fn declare_delay_queue(
     Ok(name)
 }
 
-/// Declares the exchanges, the dead-letter queues and the given work queues (short names),
-/// each with its priority bands.
-pub async fn declare(channel: &Channel, names: &Names, queues: &[String]) -> lapin::Result<()> {
+/// Declares the exchanges, the dead-letter queues and the given work queues (short names,
+/// each with how many shards it is spread over), each with its shards and priority bands.
+pub async fn declare(
+    channel: &Channel,
+    names: &Names,
+    queues: &[(String, u16)],
+) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
@@ -120,7 +126,10 @@ pub async fn declare(channel: &Channel, names: &Names, queues: &[String]) -> lap
             )
             .await?;
     }
-    for queue in queues.iter().flat_map(|q| with_bands(q)) {
+    for queue in queues
+        .iter()
+        .flat_map(|(q, shards)| with_shards(q, *shards))
+    {
         let queue = &queue;
         let mut args = quorum_args();
         args.insert(

@@ -3,7 +3,7 @@
 //!
 //! Broker (namespace `ns`): `{ns}.work` (direct exchange), `{ns}.{queue}` (work queues),
 //! `{ns}.dlx` (dead-letter fanout) → `{ns}.dead` and `{ns}.dead.events`,
-//! `{ns}.{queue}.delay.{ms}` (retry delays). Redis: `{ns}:job:{job}`, `{ns}:job:{job}:results`,
+//! `{ns}.{queue}.delay.{ms}` (retry delays), `{ns}.{queue}.s{i}` (shards). Redis: `{ns}:job:{job}`, `{ns}:job:{job}:results`,
 //! `{ns}:job:{job}:dead`, `{ns}:jobs`.
 //!
 //! Namespaces and queue names cannot contain `.` and job ids cannot contain `:`, so every
@@ -56,12 +56,53 @@ pub fn priority_queue(queue: &str, priority: u8) -> String {
     }
 }
 
-/// The work queue a routed queue belongs to: `tasks` for `tasks` and its bands `tasks.p5`...
+/// The work queue a routed queue belongs to: `tasks` for `tasks`, its bands `tasks.p5`... and
+/// its shards `tasks.s1`...
 pub fn base_queue(routed: &str) -> &str {
+    let unsharded = retry_queue(routed);
     PRIORITY_BANDS
         .iter()
-        .find_map(|(_, band)| routed.strip_suffix(band)?.strip_suffix('.'))
-        .unwrap_or(routed)
+        .find_map(|(_, band)| unsharded.strip_suffix(band)?.strip_suffix('.'))
+        .unwrap_or(unsharded)
+}
+
+/// Most shards a work queue may be spread over.
+pub const MAX_SHARDS: u16 = 16;
+
+/// The short name (routing key) of shard `shard` of work queue `queue`: the queue itself for
+/// shard 0 (an unsharded queue is its own only shard), `{queue}.s{shard}` for the others.
+pub fn shard_queue(queue: &str, shard: u16) -> String {
+    if shard == 0 {
+        queue.to_string()
+    } else {
+        format!("{queue}.s{shard}")
+    }
+}
+
+/// The shard a routed queue is: `Some((queue, n))` for `{queue}.s{n}` (n ≥ 1).
+fn shard_of(routed: &str) -> Option<(&str, u16)> {
+    let (queue, shard) = routed.rsplit_once('.')?;
+    let n = shard.strip_prefix('s')?;
+    if n.starts_with('0') || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u16 = n.parse().ok()?;
+    (1..MAX_SHARDS).contains(&n).then_some((queue, n))
+}
+
+/// Where a batch of a routed queue comes back to after a retry or a countdown: a priority band
+/// to itself, a shard to its work queue (retries do not keep their shard: one set of delay
+/// queues a work queue, whatever its shards).
+pub fn retry_queue(routed: &str) -> &str {
+    shard_of(routed).map_or(routed, |(queue, _)| queue)
+}
+
+/// The short names a worker consumes for work queue `queue` spread over `shards` shards:
+/// every shard, then the priority bands (which are not sharded).
+pub fn with_shards(queue: &str, shards: u16) -> Vec<String> {
+    let mut out: Vec<String> = (0..shards.max(1)).map(|i| shard_queue(queue, i)).collect();
+    out.extend(PRIORITY_BANDS.iter().map(|(_, b)| format!("{queue}.{b}")));
+    out
 }
 
 /// How urgent a routed queue's batches are: 0 for a work queue, then 1, 2... for its priority
@@ -83,8 +124,12 @@ pub fn with_bands(queue: &str) -> Vec<String> {
         .collect()
 }
 
-/// Checks a short name that may carry a priority band (`tasks`, `tasks.p5`).
+/// Checks a short name that may carry a priority band or a shard (`tasks`, `tasks.p5`,
+/// `tasks.s2`).
 pub fn validate_routed_queue(short: &str) -> Result<(), String> {
+    if let Some((base, _)) = shard_of(short) {
+        return validate_queue(base);
+    }
     match short.rsplit_once('.') {
         Some((base, band)) if PRIORITY_BANDS.iter().any(|(_, b)| *b == band) => {
             validate_queue(base)
@@ -233,6 +278,11 @@ impl Keys {
     pub fn delay_queues(&self) -> String {
         format!("{}:delay-queues", self.ns)
     }
+    /// How many shards each work queue is spread over (a hash: short queue name → count;
+    /// absent means 1). Counts only grow: a producer or worker asking for more raises it.
+    pub fn shards(&self) -> String {
+        format!("{}:shards", self.ns)
+    }
     /// The lock of the worker that watches for stalled jobs.
     pub fn stall_watch(&self) -> String {
         format!("{}:stall-watch", self.ns)
@@ -359,6 +409,30 @@ mod tests {
         assert_eq!(with_bands("q"), ["q", "q.p1", "q.p5"]);
         assert!(validate_routed_queue("tasks.p5").is_ok());
         assert!(validate_routed_queue("tasks.delay.100").is_err());
+    }
+
+    #[test]
+    fn shards_have_one_reading() {
+        assert_eq!(shard_queue("tasks", 0), "tasks");
+        assert_eq!(shard_queue("tasks", 2), "tasks.s2");
+        assert_eq!(with_shards("q", 1), ["q", "q.p1", "q.p5"]);
+        assert_eq!(with_shards("q", 0), with_shards("q", 1));
+        assert_eq!(with_shards("q", 3), ["q", "q.s1", "q.s2", "q.p1", "q.p5"]);
+        assert_eq!(base_queue("tasks.s2"), "tasks");
+        assert_eq!(base_queue("tasks.p5"), "tasks");
+        assert_eq!(retry_queue("tasks.s2"), "tasks");
+        assert_eq!(retry_queue("tasks.p5"), "tasks.p5");
+        assert_eq!(retry_queue("tasks"), "tasks");
+        // Not shards: a leading zero, shard 0 by name, beyond the most, no number.
+        for q in ["tasks.s01", "tasks.s0", "tasks.s16", "tasks.s", "tasks.sx"] {
+            assert_eq!(retry_queue(q), q, "{q}");
+        }
+        assert!(validate_routed_queue("tasks.s15").is_ok());
+        assert!(validate_routed_queue("tasks.s16").is_err());
+        assert!(validate_routed_queue("dead.s1").is_err());
+        for (i, q) in with_shards("tasks", 3).iter().enumerate() {
+            assert_eq!(band_rank(q), i.saturating_sub(2));
+        }
     }
 
     #[test]

@@ -196,6 +196,42 @@ impl Store {
         Ok(())
     }
 
+    /// How many shards work queue `queue` is spread over, raised to `at_least` first when it
+    /// was fewer (counts only grow: a shard nobody consumed any more would strand its
+    /// batches). A value edited by hand that is not a count reads as 1; the answer is kept
+    /// within 1 to `MAX_SHARDS`.
+    pub async fn shards(&self, queue: &str, at_least: u16) -> Result<u16, StoreError> {
+        let mut con = self.con().await;
+        let n: i64 = redis::Script::new(include_str!("lua/shards.lua"))
+            .key(self.keys.shards())
+            .arg(queue)
+            .arg(at_least.clamp(1, taskmill_protocol::names::MAX_SHARDS))
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(clamp_shards(n))
+    }
+
+    /// How many shards each of `queues` is spread over, as [`Store::shards`] reads them.
+    pub async fn shards_of(&self, queues: &[String]) -> Result<Vec<u16>, StoreError> {
+        if queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut con = self.con().await;
+        let raw: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.keys.shards())
+            .arg(queues)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(raw
+            .into_iter()
+            .map(|v| {
+                clamp_shards(v.and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(1.0) as i64)
+            })
+            .collect())
+    }
+
     /// Takes the lock `key` for `owner`, or keeps it when `owner` holds it already; it lapses
     /// after `ttl` unless taken again. True when `owner` holds it now.
     pub async fn hold_lock(&self, key: &str, owner: &str, ttl: std::time::Duration) -> bool {
@@ -361,4 +397,9 @@ impl Store {
             .filter_map(|e| serde_json::from_str(e).ok())
             .collect())
     }
+}
+
+/// A shard count as stored, within 1 to `MAX_SHARDS`.
+fn clamp_shards(n: i64) -> u16 {
+    n.clamp(1, i64::from(taskmill_protocol::names::MAX_SHARDS)) as u16
 }

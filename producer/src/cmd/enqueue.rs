@@ -51,6 +51,12 @@ pub struct EnqueueArgs {
     /// Work queue (short name).
     #[arg(long, env = "TASKMILL_QUEUE", default_value = topology::DEFAULT_QUEUE)]
     pub queue: String,
+    /// Spread the queue over at least N shards: quorum queues (`QUEUE`, `QUEUE.s1`...) whose
+    /// leaders a RabbitMQ cluster places on different nodes, batch n going to shard n mod N.
+    /// Kept in Redis for the queue and only raised; workers consume every shard.
+    #[arg(long, env = "TASKMILL_SHARDS", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(topology::MAX_SHARDS)))]
+    pub shards: Option<u16>,
     /// Job id (default: a new UUID).
     #[arg(long)]
     pub job: Option<String>,
@@ -264,6 +270,7 @@ impl EnqueueArgs {
             params: Vec::new(),
             batch_size: 10,
             queue: topology::DEFAULT_QUEUE.into(),
+            shards: None,
             job: None,
             group: None,
             on_complete: None,
@@ -369,6 +376,7 @@ impl EnqueueArgs {
             spec.params.insert(k.trim().to_string(), v.to_string());
         }
         spec.id = self.job.clone();
+        spec.shards = self.shards;
         spec.group = self.group.clone();
         spec.on_complete = self.on_complete.clone();
         spec.unique_key = self.unique_key.clone();

@@ -15,7 +15,7 @@ pub struct ViewArgs {
     pub json: bool,
 }
 
-/// The namespace's queues: ready, unacked, consumers, publish and deliver rates.
+/// The namespace's queues: ready, unacked, consumers, publish and deliver rates, leader node.
 pub async fn queues(conn: &ConnArgs) -> anyhow::Result<Vec<Value>> {
     Ok(broker_views::queues(&conn.rabbitmq_api_url, &conn.namespace).await?)
 }
@@ -34,8 +34,8 @@ pub async fn run_queues(
     let mut out = String::new();
     if !args.json {
         out.push_str(&format!(
-            "{:<40} {:>9} {:>9} {:>10} {:>11} {:>11}\n",
-            "QUEUE", "READY", "UNACKED", "CONSUMERS", "PUBLISH/s", "DELIVER/s"
+            "{:<40} {:>9} {:>9} {:>10} {:>11} {:>11}  {}\n",
+            "QUEUE", "READY", "UNACKED", "CONSUMERS", "PUBLISH/s", "DELIVER/s", "LEADER"
         ));
     }
     for q in &list {
@@ -43,13 +43,14 @@ pub async fn run_queues(
             out.push_str(&q.to_string());
         } else {
             out.push_str(&format!(
-                "{:<40} {:>9} {:>9} {:>10} {:>11.1} {:>11.1}",
+                "{:<40} {:>9} {:>9} {:>10} {:>11.1} {:>11.1}  {}",
                 q["queue"].as_str().unwrap_or("?"),
                 q["ready"].as_u64().unwrap_or(0),
                 q["unacked"].as_u64().unwrap_or(0),
                 q["consumers"].as_u64().unwrap_or(0),
                 q["publish_rate"].as_f64().unwrap_or(0.0),
                 q["deliver_rate"].as_f64().unwrap_or(0.0),
+                q["node"].as_str().unwrap_or("-"),
             ));
         }
         out.push('\n');

@@ -577,6 +577,8 @@ pub(crate) struct NewJob {
     queue: Option<String>,
     job: Option<String>,
     priority: Option<u8>,
+    /// Spread the queue over at least this many shards (`enqueue --shards`).
+    shards: Option<u16>,
     unique_key: Option<String>,
     /// `30s`, `5m`, ... (or a number of seconds): no batch starts before then.
     countdown: Option<String>,
@@ -840,6 +842,7 @@ pub(crate) async fn enqueue(State(st): Shared, body: axum::body::Bytes) -> ApiRe
     if let Some(p) = new.priority {
         job = job.priority(p);
     }
+    job.shards = new.shards;
     if let Some(k) = &new.unique_key {
         job = job.unique_key(k);
     }

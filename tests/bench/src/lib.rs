@@ -832,7 +832,7 @@ pub async fn latency(rate: f64, seconds: u64, batch_size: usize) -> anyhow::Resu
     let conn = taskmill_common::amqp::connect(AMQP_URL, "bench-lat").await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    topology::declare(&ch, &names, &["tasks".to_string()]).await?;
+    topology::declare(&ch, &names, &[("tasks".to_string(), 1)]).await?;
     // The records in MessagePack beforehand, as the producer's readers hand them over (the
     // raw round trip's bodies are encoded beforehand too); the envelope is written around
     // them at each publish, as the producer's batcher does.

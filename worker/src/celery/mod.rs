@@ -233,6 +233,8 @@ impl Ingress {
                         &self.args.conn.amqp_url,
                         self.names.clone(),
                         &self.queue,
+                        // A call is one batch, batch 0: shard 0 whatever the queue's shards.
+                        1,
                         ROUND,
                     )
                     .await
