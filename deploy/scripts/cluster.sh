@@ -7,6 +7,10 @@
 #   deploy/scripts/cluster.sh status [DIR]   which nodes run, and the cluster's view
 #   deploy/scripts/cluster.sh kill N [DIR]   kill -9 RabbitMQ node N (1-3)
 #   deploy/scripts/cluster.sh start N [DIR]  start node N again (it rejoins the cluster)
+#   deploy/scripts/cluster.sh stop N [DIR]   stop RabbitMQ on node N as a rolling upgrade does
+#                                            (stop_app: its connections are closed, its queue
+#                                            replicas stop; the node's VM stays; `start N`)
+#   deploy/scripts/cluster.sh restart N [DIR] stop N, then start N
 #   deploy/scripts/cluster.sh kill redis     kill -9 the Redis primary (the sentinels promote
 #                                            a replica within seconds)
 #   deploy/scripts/cluster.sh start redis    start the Redis nodes that are down, as replicas
@@ -29,7 +33,7 @@ set -euo pipefail
 
 cmd=${1:-status}
 case "$cmd" in
-  kill | start) node=${2:?"usage: $0 $cmd N [DIR]"}; dir=${3:-} ;;
+  kill | start | stop | restart) node=${2:?"usage: $0 $cmd N [DIR]"}; dir=${3:-} ;;
   *) node=""; dir=${2:-} ;;
 esac
 dir=${dir:-${TASKMILL_CLUSTER_DIR:-/tmp/taskmill-cluster}}
@@ -93,9 +97,16 @@ EOF
 }
 
 start_node() { # N
-  local n=$1
+  local n=$1 pid
   if port_open "568$n"; then
     log "node tm$n is running (127.0.0.1:568$n)"
+    return 0
+  fi
+  pid=$(cat "$dir/n$n/pid" 2>/dev/null || true)
+  if [ -n "$pid" ] && [ -d "/proc/$pid" ]; then
+    # Stopped with `stop` (stop_app): its VM runs, RabbitMQ in it starts again.
+    log "starting RabbitMQ on tm$n again (start_app)"
+    ctl "$n" start_app >/dev/null
     return 0
   fi
   [ -f "$dir/n$n/rabbitmq.conf" ] || prepare "$n"
@@ -302,9 +313,19 @@ case "$cmd" in
       await_node "$node"
     fi
     ;;
+  stop)
+    log "stopping RabbitMQ on tm$node (stop_app)"
+    ctl "$node" stop_app >/dev/null
+    ;;
+  restart)
+    log "stopping RabbitMQ on tm$node (stop_app)"
+    ctl "$node" stop_app >/dev/null
+    start_node "$node"
+    await_node "$node"
+    ;;
   urls) urls ;;
   *)
-    echo "usage: $0 up|down|status|kill N|redis|start N|redis|urls [DIR]" >&2
+    echo "usage: $0 up|down|status|kill N|redis|start N|redis|stop N|restart N|urls [DIR]" >&2
     exit 2
     ;;
 esac

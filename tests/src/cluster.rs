@@ -44,12 +44,7 @@ impl Cluster {
     }
 
     fn script(&self, args: &[&str]) -> bool {
-        let mut cmd = Command::new("bash");
-        cmd.arg(workspace_root().join("deploy/scripts/cluster.sh"));
-        cmd.args(args);
-        cmd.arg(&self.dir);
-        cmd.stdout(Stdio::null());
-        cmd.status().is_ok_and(|s| s.success())
+        script(&self.dir, args)
     }
 
     /// The AMQP URL listing the three nodes.
@@ -78,6 +73,35 @@ impl Cluster {
         assert!(self.script(&["start", &n.to_string()]), "starting tm{n}");
     }
 
+    /// CPU seconds (user and system) the three nodes have used so far, from their pid files
+    /// and `/proc/PID/stat` (a node that is down counts nothing).
+    pub fn cpu_seconds(&self) -> f64 {
+        (1..=3)
+            .filter_map(|n| {
+                let pid = std::fs::read_to_string(self.dir.join(format!("n{n}/pid"))).ok()?;
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).ok()?;
+                // Fields after the command (which may hold spaces) in parentheses.
+                let rest = stat.rsplit_once(')')?.1;
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+                Some(ticks / 100.0)
+            })
+            .sum()
+    }
+
+    /// Stops RabbitMQ on node `n` as a rolling upgrade does (`stop_app`: its connections are
+    /// closed; its VM stays, and [`Cluster::starter`] or `start` brings it back).
+    pub fn stop(&self, n: u8) {
+        assert!(self.script(&["stop", &n.to_string()]), "stopping tm{n}");
+    }
+
+    /// What starts node `n` again and waits until it has booted: to run on a thread of its own
+    /// while a job runs.
+    pub fn starter(&self, n: u8) -> impl FnOnce() + Send + 'static {
+        let dir = self.dir.clone();
+        move || assert!(script(&dir, &["start", &n.to_string()]), "starting tm{n}")
+    }
+
     /// `GET path` of the management API from the first node that answers.
     pub async fn api(&self, path: &str) -> Option<Value> {
         for n in 1..=3 {
@@ -96,6 +120,32 @@ impl Cluster {
             }
         }
         None
+    }
+
+    /// Deletes the cluster's queues whose names start with `prefix` (a namespace's: the test
+    /// kit's cleanup talks to the machine's own broker). Quorum queues left behind would count
+    /// in where the leader policy puts the next ones.
+    pub async fn delete_queues(&self, prefix: &str) {
+        let Some(Value::Array(queues)) = self.api("queues").await else {
+            return;
+        };
+        for q in queues {
+            let Some(name) = q["name"].as_str().filter(|n| n.starts_with(prefix)) else {
+                continue;
+            };
+            for n in 1..=3 {
+                let deleted = self
+                    .http
+                    .delete(format!("http://127.0.0.1:1568{n}/api/queues/%2f/{name}"))
+                    .basic_auth("guest", Some("guest"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success() || r.status().as_u16() == 404);
+                if deleted {
+                    break;
+                }
+            }
+        }
     }
 
     /// The node (1-3) that leads quorum queue `queue`.
@@ -121,6 +171,16 @@ impl Cluster {
         found.sort();
         found
     }
+}
+
+/// `deploy/scripts/cluster.sh ARGS DIR`: whether it succeeded.
+fn script(dir: &std::path::Path, args: &[&str]) -> bool {
+    let mut cmd = Command::new("bash");
+    cmd.arg(workspace_root().join("deploy/scripts/cluster.sh"));
+    cmd.args(args);
+    cmd.arg(dir);
+    cmd.stdout(Stdio::null());
+    cmd.status().is_ok_and(|s| s.success())
 }
 
 /// `tmN@localhost` → N.

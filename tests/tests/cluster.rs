@@ -1,8 +1,10 @@
 //! Losing a broker node: a three-node RabbitMQ cluster (`deploy/scripts/cluster.sh`), the real
 //! `producer` and two real `worker`s given the three nodes' URLs, and a node killed with
 //! kill -9 mid-job: every batch's result stored and counted exactly once, nothing
-//! dead-lettered, the producer and `producer wait` exit 0. The cluster's ports are fixed, so
-//! both scenarios run in one test, one after the other, with the killed node started again in
+//! dead-lettered, the producer and `producer wait` exit 0. Then a queue spread over three
+//! shards (`--shards 3`): leaders on three nodes, done exactly once, priority and cancel across
+//! shards, time and broker CPU against one shard reported. The cluster's ports are fixed, so
+//! the scenarios run in one test, one after the other, with each killed node started again in
 //! between.
 
 #![allow(clippy::unwrap_used)]
@@ -14,8 +16,9 @@ use std::{
 
 use taskmill_tests::{catalog_ready, cluster::Cluster, until, Dashboard, Logged, TestNs};
 
-/// Batches of one post each: enough that the producer is still publishing when the node goes.
-const BATCHES: u64 = 12_000;
+/// Batches of one post each, as the issue's scenario has them: the producer is still
+/// publishing when the node goes.
+const BATCHES: u64 = 50_000;
 
 /// Which node to kill.
 #[derive(Clone, Copy, Debug)]
@@ -27,15 +30,208 @@ enum Victim {
     /// The node the producer is connected to, while it publishes a burst (it reconnects to
     /// another and publishes again what was unconfirmed).
     ProducersNode,
+    /// A node the workers are connected to, restarted mid-job as a rolling upgrade does
+    /// (`stop_app` closes its connections, `start_app` brings it back while the job runs).
+    Restarted,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_loses_nothing_when_a_broker_node_dies() {
     let cluster = tokio::task::spawn_blocking(Cluster::up).await.unwrap();
-    for victim in [Victim::Leader, Victim::WorkersNode, Victim::ProducersNode] {
-        let killed = lose_a_node(&cluster, victim).await;
-        tokio::task::block_in_place(|| cluster.start(killed));
+    spread_over_the_cluster(&cluster).await;
+    for victim in [
+        Victim::Leader,
+        Victim::WorkersNode,
+        Victim::ProducersNode,
+        Victim::Restarted,
+    ] {
+        let node = lose_a_node(&cluster, victim).await;
+        if !matches!(victim, Victim::Restarted) {
+            tokio::task::block_in_place(|| cluster.start(node));
+        }
     }
+}
+
+/// Batches of one post each in each job of the sharded scenario.
+const SHARDED_BATCHES: u64 = 10_000;
+
+/// A queue spread over three shards: their leaders on the three nodes, jobs done exactly
+/// once, a priority job ahead of a backlog and a cancel across shards; the time and broker CPU
+/// of the same job on one shard and on three are reported.
+async fn spread_over_the_cluster(cluster: &Cluster) {
+    let t = TestNs::new();
+    let store = t.store().await;
+    // Nothing else on the cluster leads a queue now (it is new, and each scenario deletes its
+    // queues), so the leader policy places the namespace's queues in turn.
+    let file = taskmill_tests::write_jsonl(taskmill_tests::sample::posts(SHARDED_BATCHES));
+    let path = file.to_string_lossy().to_string();
+    let mut reported = Vec::new();
+    for (queue, shards) in [("one", "1"), ("three", "3")] {
+        let cpu = cluster.cpu_seconds();
+        let started = Instant::now();
+        let (code, said) = spawn(
+            cluster,
+            &t.ns,
+            "producer",
+            &[
+                "enqueue",
+                "--file",
+                &path,
+                "--batch-size",
+                "1",
+                "--queue",
+                queue,
+                "--shards",
+                shards,
+                "--job",
+                queue,
+                "--no-check",
+            ],
+            Stdio::null(),
+        )
+        .exited()
+        .await;
+        assert!(code.success(), "producer: {said}");
+        if queue == "three" {
+            // Before any worker: each shard holds a third, led by a node of its own.
+            let mut leaders = Vec::new();
+            for q in ["three", "three.s1", "three.s2"] {
+                leaders.push(cluster.leader(&format!("{}.{q}", t.ns)).await);
+            }
+            let mut distinct = leaders.clone();
+            distinct.sort();
+            distinct.dedup();
+            assert_eq!(distinct.len(), 3, "the shards' leaders: {leaders:?}");
+            eprintln!("sharded: the three shards are led by {leaders:?}");
+        }
+        let workers: Vec<Logged> = (0..2)
+            .map(|_| {
+                spawn(
+                    cluster,
+                    &t.ns,
+                    "worker",
+                    &["--threads", "1", "--queue", queue],
+                    Stdio::null(),
+                )
+            })
+            .collect();
+        let (code, said) = spawn(
+            cluster,
+            &t.ns,
+            "producer",
+            &["wait", queue, "--timeout", "180s"],
+            Stdio::null(),
+        )
+        .exited()
+        .await;
+        assert!(code.success(), "producer wait: {said}");
+        let took = started.elapsed().as_secs_f64();
+        let cpu = cluster.cpu_seconds() - cpu;
+        let s = store.job_status(queue).await.unwrap().unwrap();
+        assert_eq!(s.state(), "completed", "{s:?}");
+        assert_eq!(s.batches_done, SHARDED_BATCHES, "{s:?}");
+        assert_eq!(s.batches_dead, 0, "{s:?}");
+        assert_eq!(
+            store.results(queue).await.unwrap().len() as u64,
+            SHARDED_BATCHES
+        );
+        reported.push(format!(
+            "{shards} shard(s): {SHARDED_BATCHES} batches in {took:.1} s ({:.0}/s), broker {:.3} \
+             CPU-s per 1,000 batches",
+            SHARDED_BATCHES as f64 / took,
+            cpu * 1000.0 / SHARDED_BATCHES as f64
+        ));
+        if queue == "one" {
+            for w in workers {
+                taskmill_tests::sigterm(w.process.id());
+                let (code, said) = w.exited().await;
+                assert!(code.success(), "worker: {said}");
+            }
+            continue;
+        }
+        // A backlog across the shards, a priority-9 job ahead of it, then the backlog
+        // cancelled: what is left of it in every shard is dropped.
+        let backlog = taskmill_tests::write_jsonl(taskmill_tests::sample::posts(1000));
+        let small = taskmill_tests::write_jsonl(taskmill_tests::sample::posts(5));
+        let enqueue = |job: &str, priority: &str, file: &std::path::Path| -> Vec<String> {
+            let file = file.to_string_lossy();
+            [
+                "enqueue",
+                "--file",
+                &file,
+                "--batch-size",
+                "1",
+                "--queue",
+                "three",
+                "--task",
+                "chaos",
+                "--param",
+                "sleep_ms=20",
+                "--job",
+                job,
+                "--priority",
+                priority,
+                "--no-check",
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+        };
+        let low = enqueue("low", "0", &backlog);
+        let low: Vec<&str> = low.iter().map(String::as_str).collect();
+        let (code, said) = spawn(cluster, &t.ns, "producer", &low, Stdio::null())
+            .exited()
+            .await;
+        assert!(code.success(), "producer: {said}");
+        taskmill_tests::wait_batches_done(&store, "low", 5).await;
+        let high = enqueue("high", "9", &small);
+        let mut high: Vec<&str> = high.iter().map(String::as_str).collect();
+        high.push("--wait");
+        let (code, said) = spawn(cluster, &t.ns, "producer", &high, Stdio::null())
+            .exited()
+            .await;
+        assert!(code.success(), "producer --wait: {said}");
+        let (code, said) = spawn(
+            cluster,
+            &t.ns,
+            "producer",
+            &["cancel", "low"],
+            Stdio::null(),
+        )
+        .exited()
+        .await;
+        assert!(code.success(), "producer cancel: {said}");
+        until(
+            "every batch of the backlog done or dropped",
+            Duration::from_secs(60),
+            || async {
+                let s = store.job_status("low").await.unwrap().unwrap();
+                s.batches_done + s.batches_cancelled == 1000
+            },
+        )
+        .await;
+        let l = store.job_status("low").await.unwrap().unwrap();
+        let h = store.job_status("high").await.unwrap().unwrap();
+        assert_eq!(h.state(), "completed", "{h:?}");
+        assert_eq!(l.state(), "cancelled", "{l:?}");
+        assert!(l.batches_cancelled > 0, "{l:?}");
+        assert!(h.finished_ms.unwrap() < l.cancelled_ms.unwrap());
+        for w in &workers {
+            taskmill_tests::sigterm(w.process.id());
+        }
+        for w in workers {
+            let (code, said) = w.exited().await;
+            assert!(code.success(), "worker: {said}");
+        }
+        let _ = std::fs::remove_file(small);
+        let _ = std::fs::remove_file(backlog);
+    }
+    for line in reported {
+        eprintln!("sharded: {line}");
+    }
+    let _ = std::fs::remove_file(file);
+    cluster.delete_queues(&format!("{}.", t.ns)).await;
+    t.cleanup().await;
 }
 
 /// A binary of the workspace pointed at the cluster.
@@ -89,7 +285,7 @@ async fn lose_a_node(cluster: &Cluster, victim: Victim) -> u8 {
     // its node has sampled it, within seconds).
     let name = match victim {
         Victim::Leader => None,
-        Victim::WorkersNode => Some("taskmill-worker@"),
+        Victim::WorkersNode | Victim::Restarted => Some("taskmill-worker@"),
         Victim::ProducersNode => Some("taskmill-producer@"),
     };
     if let Some(name) = name {
@@ -101,9 +297,14 @@ async fn lose_a_node(cluster: &Cluster, victim: Victim) -> u8 {
         .await;
     }
 
-    // Mid-job: a part published and some done.
+    // Mid-job: a part published and some done (a tenth for a restart, so that the node is
+    // back well before the end).
+    let part = match victim {
+        Victim::Restarted => BATCHES / 10,
+        _ => BATCHES / 4,
+    };
     until(
-        "a quarter of the batches published",
+        "a part of the batches published",
         Duration::from_secs(120),
         || async {
             store
@@ -111,7 +312,7 @@ async fn lose_a_node(cluster: &Cluster, victim: Victim) -> u8 {
                 .await
                 .ok()
                 .flatten()
-                .is_some_and(|s| s.batches_published >= BATCHES / 4 && s.batches_done > 0)
+                .is_some_and(|s| s.batches_published >= part && s.batches_done > 0)
         },
     )
     .await;
@@ -129,7 +330,21 @@ async fn lose_a_node(cluster: &Cluster, victim: Victim) -> u8 {
         .map_or(0, |s| s.batches_published);
     let _ = go.send(());
     let killed_at = Instant::now();
-    tokio::task::block_in_place(|| cluster.kill(node));
+    // A restarted node is started again at once, and comes back while the job runs.
+    match victim {
+        Victim::Restarted => tokio::task::block_in_place(|| cluster.stop(node)),
+        _ => tokio::task::block_in_place(|| cluster.kill(node)),
+    }
+    let back = matches!(victim, Victim::Restarted).then(|| {
+        let start = cluster.starter(node);
+        let store = store.clone();
+        let job = job.clone();
+        tokio::spawn(async move {
+            tokio::task::spawn_blocking(start).await.unwrap();
+            let done = taskmill_tests::batches_done(&store, &job).await;
+            (killed_at.elapsed(), done)
+        })
+    });
     let deadline = Instant::now() + Duration::from_secs(120);
     let resumed_at = (done_before + 200).min(BATCHES);
     while taskmill_tests::batches_done(&store, &job).await < resumed_at {
@@ -154,8 +369,20 @@ async fn lose_a_node(cluster: &Cluster, victim: Victim) -> u8 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let resumed = killed_at.elapsed();
+    if let Some(back) = back {
+        let (at, done) = back.await.unwrap();
+        eprintln!(
+            "Restarted: tm{node} back {:.1} s after it stopped, the job at {done} done of {BATCHES}",
+            at.as_secs_f64()
+        );
+    }
+    let gone = if matches!(victim, Victim::Restarted) {
+        None
+    } else {
+        Some(node)
+    };
     // Every worker is connected again, each through a live node: those that were on the dead
-    // node moved to another of the list.
+    // node moved to another of the list (after a restart, any node will do).
     let pids: Vec<String> = workers
         .iter()
         .map(|w| format!(":{}", w.process.id()))
@@ -168,13 +395,13 @@ async fn lose_a_node(cluster: &Cluster, victim: Victim) -> u8 {
             pids.iter().all(|pid| {
                 conns
                     .iter()
-                    .any(|(name, n)| name.ends_with(pid.as_str()) && *n != node)
-            }) && conns.iter().all(|(_, n)| *n != node)
+                    .any(|(name, n)| name.ends_with(pid.as_str()) && Some(*n) != gone)
+            }) && conns.iter().all(|(_, n)| Some(*n) != gone)
         },
     )
     .await;
     eprintln!(
-        "{victim:?}: killed tm{node} with {done_before} done and {published_before} published; \
+        "{victim:?}: lost tm{node} with {done_before} done and {published_before} published; \
          200 more done {:.1} s later, every worker connected through a live node {:.1} s later",
         resumed.as_secs_f64(),
         killed_at.elapsed().as_secs_f64()
@@ -239,6 +466,7 @@ async fn lose_a_node(cluster: &Cluster, victim: Victim) -> u8 {
         "the queue view did not come back: {polled}"
     );
     dashboard.stop();
+    cluster.delete_queues(&format!("{}.", t.ns)).await;
     t.cleanup().await;
     node
 }

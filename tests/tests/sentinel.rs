@@ -46,6 +46,18 @@ except Unavailable as e:
 print(json.dumps(out))
 "#;
 
+/// Through the Python client: waits for the big job across the primary's death (it polls
+/// before the kill, says so on its first line, and must not give up when Redis goes).
+const WAITER: &str = r#"
+import json, os, sys
+from taskmill import Client
+c = Client(redis_url=os.environ["REDIS_URL"], namespace=os.environ["TASKMILL_NAMESPACE"])
+c.status("failover")
+print("polling", flush=True)
+st = c.wait("failover", timeout=240)
+print(json.dumps({"state": st["state"], "done": st["batches_done"]}))
+"#;
+
 /// A binary of the workspace pointed at the Sentinel set.
 fn spawn(ns: &str, redis_url: &str, bin: &str, args: &[&str], stdin: Stdio) -> Logged {
     let env = [
@@ -166,6 +178,31 @@ async fn the_fleet_loses_nothing_when_the_redis_primary_fails_over() {
         || async { worker.said()[mark..].contains("replica(s) asked for") },
     )
     .await;
+    // A Python client waiting for the job meanwhile, through the same URL.
+    let venv = venv.await.unwrap();
+    let mut waiter = taskmill_tests::KillOnDrop(
+        Command::new(venv.join("bin/python"))
+            .args(["-c", WAITER])
+            .env("REDIS_URL", &url)
+            .env("TASKMILL_NAMESPACE", &t.ns)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut waiter_out = std::io::BufReader::new(waiter.stdout.take().unwrap());
+    let (first_line, waiter_out) = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut waiter_out, &mut line);
+        (line, waiter_out)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        first_line.trim(),
+        "polling",
+        "the Python waiter did not start"
+    );
     eprintln!(
         "{:.1} s: acks held; killing the primary",
         started.elapsed().as_secs_f64()
@@ -215,10 +252,27 @@ async fn the_fleet_loses_nothing_when_the_redis_primary_fails_over() {
         .unwrap();
     assert_eq!(stored, BATCHES, "results on the last primary");
 
+    // The Python waiter followed the failover and saw the job end.
+    let (waited, said) = tokio::task::spawn_blocking(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut { waiter_out }, &mut rest);
+        let status = waiter.wait().unwrap();
+        let mut err = String::new();
+        if let Some(mut e) = waiter.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        (status, format!("{rest}{err}"))
+    })
+    .await
+    .unwrap();
+    assert!(waited.success(), "the Python waiter: {said}");
+    let got: serde_json::Value = serde_json::from_str(said.lines().next().unwrap_or("")).unwrap();
+    assert_eq!(got["state"], "completed", "{got}");
+    assert_eq!(got["done"], BATCHES, "{got}");
+
     // The Python client through the same URL, on the last primary (one replica left): a job
     // enqueued, run and waited for; asking for more replicas than there are refuses the
     // enqueue with the reason.
-    let venv = venv.await.unwrap();
     let records = write_jsonl(sample::posts(100));
     let out = Command::new(venv.join("bin/python"))
         .args(["-c", PYTHON])

@@ -7,6 +7,10 @@
 //! are settled, so that groups finishing out of order still cost one ack frame, not one a
 //! batch (every ack is a command in the quorum queue's log). At most `defer_limit` stored tags
 //! wait on a channel; beyond that (a lower batch is slow) they are acknowledged one by one.
+//! A tag marked held (its settling waits on the broker for longer than a moment: a retry copy
+//! that a blocked connection cannot publish, during a memory alarm) holds nothing back: while
+//! the lowest outstanding tag is held, stored tags go one by one at once, or the batches that
+//! succeed would wait with it and their prefetch slots stay taken.
 //! No I/O here: the sink carries the plans out.
 
 use std::collections::BTreeSet;
@@ -23,6 +27,8 @@ pub struct AckTracker {
 struct Chan {
     outstanding: BTreeSet<u64>,
     stored: BTreeSet<u64>,
+    /// Outstanding tags whose settling waits on the broker (see the module's text).
+    held: BTreeSet<u64>,
 }
 
 /// How to acknowledge tags of one channel now.
@@ -80,9 +86,23 @@ impl AckTracker {
         match self.chans.get_mut(chan) {
             Some(c) => {
                 c.outstanding.remove(&tag);
+                c.held.remove(&tag);
                 c.release(limit)
             }
             None => AckPlan::default(),
+        }
+    }
+
+    /// Outstanding `tag` of `chan` waits on the broker for long: the stored tags above it stop
+    /// waiting for it (they go one by one).
+    pub fn hold(&mut self, chan: usize, tag: u64) -> AckPlan {
+        let limit = self.defer_limit;
+        match self.chans.get_mut(chan) {
+            Some(c) if c.outstanding.contains(&tag) => {
+                c.held.insert(tag);
+                c.release(limit)
+            }
+            _ => AckPlan::default(),
         }
     }
 
@@ -100,6 +120,7 @@ impl AckTracker {
         };
         for t in tags {
             if c.outstanding.remove(&t) {
+                c.held.remove(&t);
                 c.stored.insert(t);
             }
         }
@@ -132,7 +153,11 @@ impl Chan {
             1 => plan.singles.push(below[0]),
             _ => plan.multiple_up_to = below.last().copied(),
         }
-        if self.stored.len() > limit {
+        let held_below = self
+            .outstanding
+            .first()
+            .is_some_and(|t| self.held.contains(t));
+        if self.stored.len() > limit || held_below {
             plan.singles.extend(std::mem::take(&mut self.stored));
         }
         plan
@@ -185,6 +210,23 @@ mod tests {
         let plan = t.forget(0, 3);
         assert_eq!(plan.multiple_up_to, Some(5));
         assert_eq!((t.outstanding(0), t.waiting(0)), (0, 0));
+    }
+
+    #[test]
+    fn a_held_tag_holds_nothing_back() {
+        let mut t = tracker(&[1, 2, 3, 4, 5, 6]);
+        // 2 waits for its retry copy; 3-4 stored wait for it, as long as it is short.
+        assert_eq!(t.settle(0, vec![1]).singles, vec![1]);
+        assert!(t.settle(0, vec![3, 4]).is_empty());
+        // Its copy cannot go out (an alarm): 3-4 go now, and 5 at once when stored.
+        assert_eq!(t.hold(0, 2).singles, vec![3, 4]);
+        assert_eq!(t.settle(0, vec![5]).singles, vec![5]);
+        // Settled at last: 6 is the lowest outstanding tag again, and not held.
+        assert!(t.forget(0, 2).is_empty());
+        assert_eq!(t.settle(0, vec![6]).singles, vec![6]);
+        assert_eq!((t.outstanding(0), t.waiting(0)), (0, 0));
+        // A tag no longer outstanding cannot be held.
+        assert!(t.hold(0, 2).is_empty());
     }
 
     #[test]

@@ -190,6 +190,8 @@ impl Session {
             declared,
             registry: shared.analyser.registry.clone(),
             unknown_task_wait: std::time::Duration::from_secs(args.unknown_task_wait),
+            publishing: publish_conn.status().clone(),
+            id: uuid::Uuid::new_v4().simple().to_string(),
         };
         let shown: Vec<String> = queues
             .iter()

@@ -51,6 +51,10 @@ use crate::{
 /// Most batches stored in one Redis round trip.
 const MAX_GROUP: usize = 256;
 
+/// How long a copy of a batch (a retry, a delayed or dead copy) may wait for its confirm
+/// before the batch's tag stops holding back the acks of the stored batches above it.
+const HOLD_AFTER: Duration = Duration::from_millis(250);
+
 /// What the sink and its retry and dead-letter publishes share.
 pub(crate) struct Sink {
     pub(crate) store: Store,
@@ -73,7 +77,25 @@ pub(crate) struct Sink {
     pub(crate) registry: taskmill_common::task::Registry,
     /// How long a batch of a task no live worker of its queue serves waits for one.
     pub(crate) unknown_task_wait: std::time::Duration,
+    /// The publishing connection's status: blocked by a broker alarm or not.
+    pub(crate) publishing: lapin::ConnectionStatus,
+    /// Who claims parked copies (this session).
+    pub(crate) id: String,
 }
+
+/// A copy parked in Redis while the publishing connection was blocked: where it goes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ParkedCopy {
+    exchange: String,
+    routing_key: String,
+    /// A delay queue's work queue and delay: declared again before publishing.
+    delay: Option<(String, u64)>,
+    props: lapin::BasicProperties,
+}
+
+/// How often parked copies are looked for while the publishing connection is unblocked, and
+/// how often a pending copy checks whether the connection is blocked.
+const PARKED_CHECK: Duration = Duration::from_millis(500);
 
 /// How a Redis call ended, once transient errors were retried away.
 enum Stored<T> {
@@ -87,6 +109,8 @@ impl Sink {
     /// in progress is settled.
     pub(crate) async fn run(self, mut rx: mpsc::Receiver<Processed>) -> anyhow::Result<()> {
         let sink = Arc::new(self);
+        let parked = tokio::spawn(Arc::clone(&sink).publish_parked());
+        let _abort = AbortOnDrop(parked);
         let mut others = FuturesUnordered::new();
         let mut open = true;
         while open || !others.is_empty() {
@@ -384,6 +408,130 @@ impl Sink {
         .await
     }
 
+    /// Publishes a copy of batch `p` (a retry, a delayed or dead copy; `delay`: the delay
+    /// queue's work queue and delay) and waits for the confirm: true once the broker took it
+    /// or it is parked in Redis. While a broker alarm blocks the publishing connection, the
+    /// copy is parked instead (the original is then acked, and its prefetch slot goes to a
+    /// batch that may succeed); one already handed to the connection when the block came is
+    /// parked too, so it may reach the queue twice (the store counts each batch once). After
+    /// [`HOLD_AFTER`] without a confirm, `p`'s tag stops holding back the acks of the stored
+    /// batches above it.
+    async fn publish_for(
+        &self,
+        p: &Processed,
+        (exchange, routing_key): (&str, &str),
+        delay: Option<(&str, u64)>,
+        body: &[u8],
+        props: lapin::BasicProperties,
+    ) -> anyhow::Result<bool> {
+        let copy = || ParkedCopy {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            delay: delay.map(|(q, ms)| (q.to_string(), ms)),
+            props: props.clone(),
+        };
+        if self.publishing.blocked() && self.park(p, copy(), body).await {
+            return Ok(true);
+        }
+        let publish = self.publish_confirmed(exchange, routing_key, body, props.clone());
+        tokio::pin!(publish);
+        tokio::select! {
+            res = &mut publish => return res,
+            _ = tokio::time::sleep(HOLD_AFTER) => {}
+        }
+        let released = self
+            .tracker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .hold(p.chan, p.delivery.delivery_tag);
+        self.send_acks(p.chan, released).await?;
+        loop {
+            tokio::select! {
+                res = &mut publish => return res,
+                _ = tokio::time::sleep(PARKED_CHECK) => {
+                    if self.publishing.blocked() && self.park(p, copy(), body).await {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Parks a copy of batch `p` in Redis: false when it cannot be (Redis full of parked
+    /// copies, a large body, Redis failing), and the copy then waits for the broker.
+    async fn park(&self, p: &Processed, copy: ParkedCopy, body: &[u8]) -> bool {
+        let Ok(meta) = serde_json::to_string(&copy) else {
+            return false;
+        };
+        let id = format!(
+            "{}:{}",
+            identity(p).map_or_else(|| "-".to_string(), |(j, b)| format!("{j}:{b}")),
+            uuid::Uuid::new_v4().simple()
+        );
+        match self.store.park(&id, &meta, body).await {
+            Ok(true) => {
+                Stats::add(&self.stats.copies_parked, 1);
+                debug!(to = %copy.routing_key, "the broker blocks publishing (an alarm): copy parked in Redis");
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                warn!("parking a copy while the broker blocks publishing: {e}");
+                false
+            }
+        }
+    }
+
+    /// Until the session ends: publishes the namespace's parked copies (any worker's) while
+    /// the publishing connection is not blocked, each under a claim, and removes them once
+    /// confirmed. A copy that does not go out (blocked again, refused) is left for later.
+    async fn publish_parked(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(PARKED_CHECK).await;
+            if self.publishing.blocked() {
+                continue;
+            }
+            let copies = match self.store.claim_parked(&self.id, 100).await {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!("reading parked copies: {e}");
+                    continue;
+                }
+            };
+            for (id, meta, body) in copies {
+                let Ok(copy) = serde_json::from_str::<ParkedCopy>(&meta) else {
+                    warn!(%id, "a parked copy that cannot be read (edited by hand?): dropped");
+                    let _ = self.store.unpark(&id).await;
+                    continue;
+                };
+                let routing_key = match &copy.delay {
+                    Some((queue, ms)) => match self.delay_queue(queue, *ms).await {
+                        Ok(name) => name,
+                        Err(e) => {
+                            debug!("declaring a delay queue for a parked copy: {e:#}");
+                            let _ = self.store.release_parked(&id).await;
+                            break;
+                        }
+                    },
+                    None => copy.routing_key.clone(),
+                };
+                let sent = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    self.publish_confirmed(&copy.exchange, &routing_key, &body, copy.props),
+                )
+                .await;
+                if matches!(sent, Ok(Ok(true))) {
+                    if let Err(e) = self.store.unpark(&id).await {
+                        warn!(%id, "removing a published parked copy: {e}");
+                    }
+                } else {
+                    let _ = self.store.release_parked(&id).await;
+                    break;
+                }
+            }
+        }
+    }
+
     /// Publishes on the publishing channel and waits for the confirm.
     async fn publish_confirmed(
         &self,
@@ -482,7 +630,7 @@ impl Sink {
             ],
         );
         if !self
-            .publish_delayed(&p.queue, DEFER_MS, &p.body, props)
+            .publish_delayed(p, &p.queue, DEFER_MS, &p.body, props)
             .await?
         {
             warn!("the broker refused a deferred copy; the batch goes back to the queue");
@@ -503,7 +651,7 @@ impl Sink {
     async fn delay(&self, p: &Processed, delay_ms: u64) -> anyhow::Result<()> {
         let props = with_extra_headers(&p.delivery.properties, [delayed_at()]);
         if !self
-            .publish_delayed(&p.queue, delay_ms, &p.body, props)
+            .publish_delayed(p, &p.queue, delay_ms, &p.body, props)
             .await?
         {
             warn!("the broker refused a delayed copy; the batch goes back to the queue");
@@ -520,6 +668,7 @@ impl Sink {
     /// once more, rather than the batch going back until its delivery limit.
     async fn publish_delayed(
         &self,
+        p: &Processed,
         queue: &str,
         delay_ms: u64,
         body: &[u8],
@@ -530,7 +679,7 @@ impl Sink {
         for _ in 0..2 {
             let name = self.delay_queue(queue, delay_ms).await?;
             if self
-                .publish_confirmed("", &name, body, props.clone())
+                .publish_for(p, ("", &name), Some((queue, delay_ms)), body, props.clone())
                 .await?
             {
                 return Ok(true);
@@ -589,7 +738,7 @@ impl Sink {
             [(HEADER_ATTEMPT, attempt), delayed_at()],
         );
         if !self
-            .publish_delayed(&p.queue, delay_ms, &p.body, props)
+            .publish_delayed(p, &p.queue, delay_ms, &p.body, props)
             .await?
         {
             warn!("the broker refused a retry copy; the batch goes back to the queue");
@@ -623,7 +772,7 @@ impl Sink {
         let props = with_extra_headers(&p.delivery.properties, headers);
         let dlx = self.names.dead_exchange();
         if !self
-            .publish_confirmed(&dlx, &original, &p.body, props)
+            .publish_for(p, (&dlx, &original), None, &p.body, props)
             .await?
         {
             warn!("the broker refused a dead letter; the batch goes back to the queue");
@@ -901,5 +1050,14 @@ fn store_failed(error: &str) -> Action {
     Action::Dead {
         kind: DeadKind::StoreError,
         error: format!("Redis refused the result: {error}"),
+    }
+}
+
+/// Aborts a task when dropped (the parked copies' publisher ends with its sink).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

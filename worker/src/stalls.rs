@@ -191,6 +191,10 @@ impl Watcher {
                 return false;
             }
         };
+        // Copies parked in Redis during a broker alarm are batches on their way back.
+        if store.parked_count().await.map_or(true, |n| n > 0) {
+            return false;
+        }
         // Every shard and band; a count that cannot be read means no verdict this time.
         let shards = match store.shards_of(&[queue.to_string()]).await {
             Ok(n) => n.first().copied().unwrap_or(1),

@@ -13,6 +13,9 @@ pub struct Stats {
     pub batches_retried: AtomicU64,
     /// Batches dead-lettered.
     pub batches_dead: AtomicU64,
+    /// Copies of batches (retries, dead letters) parked in Redis while a broker alarm blocked
+    /// publishing, and published from there later (by any worker).
+    pub copies_parked: AtomicU64,
     /// Batches dropped unrun because their job was cancelled.
     pub batches_cancelled: AtomicU64,
     /// Batches dropped unrun, quietly, because their job was deleted.
@@ -43,6 +46,7 @@ impl Default for Stats {
             batches_duplicate: AtomicU64::new(0),
             batches_retried: AtomicU64::new(0),
             batches_dead: AtomicU64::new(0),
+            copies_parked: AtomicU64::new(0),
             batches_cancelled: AtomicU64::new(0),
             batches_deleted: AtomicU64::new(0),
             batches_deferred: AtomicU64::new(0),
@@ -97,6 +101,7 @@ impl Stats {
             "batches_duplicate": Self::get(&self.batches_duplicate),
             "batches_retried": Self::get(&self.batches_retried),
             "batches_dead": Self::get(&self.batches_dead),
+            "copies_parked": Self::get(&self.copies_parked),
             "batches_cancelled": Self::get(&self.batches_cancelled),
             "batches_deleted": Self::get(&self.batches_deleted),
             "batches_deferred": Self::get(&self.batches_deferred),

@@ -62,6 +62,10 @@ LEASE_SECONDS = 30
 # writes its lease right after registering): the store's LEASE_GRACE_MS.
 LEASE_GRACE_MS = 60_000
 POLL_SECONDS = 0.1
+# While waiting, Redis may be unreachable this long in a row (a failover, a restart) before
+# wait gives up with Unavailable: each poll asks again (a Sentinel URL's pool asks the
+# sentinels for the primary after a lost connection).
+REDIS_OUTAGE_SECONDS = 60
 RESULTS_PAGE = 500
 
 # What a lost connection or channel raises.
@@ -828,8 +832,23 @@ class Client:
 
     def _wait_one(self, job: str, deadline: Optional[float], timeout: Optional[float]) -> dict:
         """One job of :meth:`wait`."""
+        outage: Optional[float] = None
+        last: dict = {}
         while True:
-            status = self.status(job)
+            try:
+                status = last = self.status(job)
+                outage = None
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+                now = time.monotonic()
+                outage = outage or now
+                if now - outage > REDIS_OUTAGE_SECONDS:
+                    raise Unavailable(f"waiting for job {job}: Redis unreachable for "
+                                      f"{REDIS_OUTAGE_SECONDS} s: {e}") from None
+                if deadline is not None and now >= deadline:
+                    raise Timeout(f"job {job}: Redis unreachable at the end of {timeout} s: "
+                                  f"{e}", last) from None
+                time.sleep(min(1.0, POLL_SECONDS * 5))
+                continue
             if self.finished(status):
                 break
             if deadline is not None and time.monotonic() >= deadline:

@@ -283,6 +283,19 @@ impl Keys {
     pub fn shards(&self) -> String {
         format!("{}:shards", self.ns)
     }
+    /// Copies of batches parked while a broker alarm blocks publishing (a hash: id → where
+    /// and how to publish, JSON); their bodies are in [`Keys::parked_bodies`].
+    pub fn parked(&self) -> String {
+        format!("{}:parked", self.ns)
+    }
+    /// The bodies of the parked copies (a hash: id → body).
+    pub fn parked_bodies(&self) -> String {
+        format!("{}:parked-bodies", self.ns)
+    }
+    /// A worker's claim on parked copy `id` while it publishes it.
+    pub fn parked_claim(&self, id: &str) -> String {
+        format!("{}:parked-claim:{id}", self.ns)
+    }
     /// The lock of the worker that watches for stalled jobs.
     pub fn stall_watch(&self) -> String {
         format!("{}:stall-watch", self.ns)

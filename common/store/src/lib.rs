@@ -23,6 +23,7 @@ mod conn;
 pub mod crashes;
 mod fleet;
 pub mod hooks;
+pub mod parked;
 mod read;
 mod schedules;
 mod status;
