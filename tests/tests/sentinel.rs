@@ -301,3 +301,138 @@ async fn the_fleet_loses_nothing_when_the_redis_primary_fails_over() {
     drop(worker);
     t.cleanup().await;
 }
+
+/// The result keys (batch numbers) of `job` on the data node on `port`.
+async fn results_on(port: u16, store: &Store, job: &str) -> std::collections::BTreeSet<u64> {
+    let mut con = redis::Client::open(SentinelSet::node_url(port))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("HKEYS")
+        .arg(store.keys().results(job))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    keys.iter().filter_map(|k| k.parse().ok()).collect()
+}
+
+/// With `wait_replicas=0` the worker acks a batch once the primary has its result, so a
+/// primary that dies takes with it what its replicas had not received: exactly the results
+/// stored after the replicas last heard from it (the window the README states), and none
+/// before. Those batches were acked: nothing brings them back, and the stalled-job watcher
+/// counts them lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_wait_a_dying_primary_takes_what_its_replicas_had_not_received() {
+    let mut set = SentinelSet::start().await;
+    let t = TestNs::new();
+    let url = set.url("wait_replicas=0");
+    let store = Store::connect(&url, &t.ns, 3600).await.unwrap();
+    let worker = spawn(
+        &t.ns,
+        &url,
+        "worker",
+        &["--threads", "1", "--stall-after", "5"],
+        Stdio::null(),
+    );
+    let total = 600u64;
+    let file = write_jsonl(sample::posts(total));
+    let path = file.to_string_lossy().to_string();
+    let job = "no-wait";
+    let (code, said) = spawn(
+        &t.ns,
+        &url,
+        "producer",
+        &[
+            "enqueue",
+            "--file",
+            &path,
+            "--task",
+            "chaos",
+            "--param",
+            "sleep_ms=30",
+            "--batch-size",
+            "1",
+            "--job",
+            job,
+            "--no-check",
+        ],
+        Stdio::null(),
+    )
+    .exited()
+    .await;
+    assert!(code.success(), "enqueue: {said}");
+    until("50 batches done", Duration::from_secs(60), || async {
+        done(&store, job).await >= 50
+    })
+    .await;
+    // The replicas cut off: what the primary takes from now on reaches none of them.
+    let primary = set.primary_port().await.unwrap();
+    let before_cut = results_on(primary, &store, job).await;
+    let replicas = set.cut_replicas(primary).await;
+    // Stopped replicas still receive into their sockets what the primary sends (a few MB on
+    // loopback), and would apply it once they run again: their replication links are closed
+    // too, so that nothing sent after this point reaches them.
+    let mut con = redis::Client::open(SentinelSet::node_url(primary))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("replica")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(killed, 2, "the primary's replication links");
+    let after_cut = results_on(primary, &store, job).await;
+    until(
+        "100 more results on the primary alone",
+        Duration::from_secs(60),
+        || async { results_on(primary, &store, job).await.len() >= after_cut.len() + 100 },
+    )
+    .await;
+    let at_kill = results_on(primary, &store, job).await;
+    set.kill(primary);
+    for r in &replicas {
+        set.pause(*r, false);
+    }
+    let new = set
+        .await_new_primary(primary, Duration::from_secs(60))
+        .await;
+    // The job cannot complete: the watcher gives up on the batches it will never see again.
+    let (code, said) = spawn(
+        &t.ns,
+        &url,
+        "producer",
+        &["wait", job, "--timeout", "120s"],
+        Stdio::null(),
+    )
+    .exited()
+    .await;
+    assert_eq!(code.code(), Some(1), "producer wait: {said}");
+    let store = Store::connect(&url, &t.ns, 3600).await.unwrap();
+    let s = store.job_status(job).await.unwrap().unwrap();
+    assert_eq!(s.state(), "stalled", "{s:?}");
+    let kept = results_on(new, &store, job).await;
+    let lost: std::collections::BTreeSet<u64> = at_kill.difference(&kept).copied().collect();
+    let surely_lost: std::collections::BTreeSet<u64> =
+        at_kill.difference(&after_cut).copied().collect();
+    eprintln!(
+        "without WAIT: {} results stored on the primary after the cut, {} lost with it",
+        surely_lost.len(),
+        lost.len()
+    );
+    // Lost: every result stored after the cut was read, and nothing the replicas had before
+    // the cut; counted as lost in the job, and the rest of the job done.
+    assert!(surely_lost.is_subset(&lost), "{surely_lost:?} vs {lost:?}");
+    assert!(lost.is_disjoint(&before_cut), "{lost:?}");
+    assert!(lost.len() >= 100, "{}", lost.len());
+    assert_eq!(s.batches_lost, lost.len() as u64, "{s:?}");
+    assert_eq!(s.batches_done + s.batches_lost, total, "{s:?}");
+    assert_eq!(kept.len() as u64, s.batches_done);
+    drop(worker);
+    let _ = std::fs::remove_file(file);
+    t.cleanup().await;
+}
