@@ -454,23 +454,21 @@ pub async fn raw_channel() -> (lapin::Connection, lapin::Channel) {
 /// Messages ready in `queue`, asked of the broker with a passive declare on a channel of its
 /// own (a failed one closes its channel); None when the queue does not exist.
 pub async fn queue_messages(conn: &lapin::Connection, queue: &str) -> Option<u32> {
-    use lapin::{options::QueueDeclareOptions, types::FieldTable};
-    let ch = conn.create_channel().await.ok()?;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    let q = ch
-        .queue_declare(queue.into(), passive, FieldTable::default())
+    queue_counts(conn, queue)
         .await
-        .ok()?;
-    let _ = ch.close(200, "done".into()).await;
-    Some(q.message_count())
+        .map(|(messages, _)| messages)
 }
 
 /// Consumers on `queue` (full name) now, as a passive declare tells; None when it does not
 /// exist.
 pub async fn queue_consumers(conn: &lapin::Connection, queue: &str) -> Option<u32> {
+    queue_counts(conn, queue)
+        .await
+        .map(|(_, consumers)| consumers)
+}
+
+/// `queue`'s ready messages and consumers (a passive declare on a channel of its own).
+async fn queue_counts(conn: &lapin::Connection, queue: &str) -> Option<(u32, u32)> {
     use lapin::{options::QueueDeclareOptions, types::FieldTable};
     let ch = conn.create_channel().await.ok()?;
     let passive = QueueDeclareOptions {
@@ -482,7 +480,7 @@ pub async fn queue_consumers(conn: &lapin::Connection, queue: &str) -> Option<u3
         .await
         .ok()?;
     let _ = ch.close(200, "done".into()).await;
-    Some(q.consumer_count())
+    Some((q.message_count(), q.consumer_count()))
 }
 
 /// Takes every message now in `queue` (basic.get until empty), acking each.

@@ -433,7 +433,15 @@ impl Sink {
         if self.publishing.blocked() && self.park(p, copy(), body).await {
             return Ok(true);
         }
-        let publish = self.publish_confirmed(exchange, routing_key, body, props.clone());
+        // A delay queue is declared first: on a blocked connection the broker reads nothing,
+        // so the declaration waits as long as the publish (and is covered as it is).
+        let publish = async {
+            if let Some((queue, ms)) = delay {
+                self.delay_queue(queue, ms).await?;
+            }
+            self.publish_confirmed(exchange, routing_key, body, props.clone())
+                .await
+        };
         tokio::pin!(publish);
         tokio::select! {
             res = &mut publish => return res,
@@ -677,7 +685,7 @@ impl Sink {
         // A shard's batch waits in its work queue's delay queues and comes back to shard 0.
         let queue = topology::retry_queue(queue);
         for _ in 0..2 {
-            let name = self.delay_queue(queue, delay_ms).await?;
+            let name = self.names.delay_queue(queue, delay_ms);
             if self
                 .publish_for(p, ("", &name), Some((queue, delay_ms)), body, props.clone())
                 .await?
