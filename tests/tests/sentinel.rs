@@ -332,7 +332,9 @@ async fn without_wait_a_dying_primary_takes_what_its_replicas_had_not_received()
         &t.ns,
         &url,
         "worker",
-        &["--threads", "1", "--stall-after", "5"],
+        // Long enough that the progress and heartbeats lost with the primary (the new one
+        // has them as of the cut) do not look like a stall before the worker writes again.
+        &["--threads", "1", "--stall-after", "30"],
         Stdio::null(),
     );
     let total = 600u64;
