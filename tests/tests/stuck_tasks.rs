@@ -202,3 +202,92 @@ async fn a_drain_does_not_wait_for_a_stuck_thread() {
     let _ = std::fs::remove_file(one);
     t.cleanup().await;
 }
+
+/// A suspect batch (one that was running when a worker died) waiting for the only thread of a
+/// worker whose thread is stuck past a time limit is given back unrun when that worker exits 7:
+/// its start alone is not counted, since it never ran (two such counts would dead-letter it as
+/// `worker_crash`, an innocent batch of a healthy job; seen in CI under load), and the next
+/// worker runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspect_batch_given_back_unrun_is_not_counted_as_run_alone() {
+    use lapin::options::BasicGetOptions;
+    use redis::AsyncCommands;
+    let t = TestNs::new();
+    let names = taskmill_common::topology::Names::new(&t.ns);
+    let store = t.store().await;
+    let mut con = taskmill_tests::redis_con().await;
+    let ten = write_jsonl(sample::posts(10));
+    let mut args = EnqueueArgs::new("post-stats");
+    args.files = vec![ten.clone()];
+    let normal = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    // Held unacked, as by a worker that dies: it comes back redelivered. It was running then:
+    // started once.
+    let (conn, ch) = taskmill_tests::raw_channel().await;
+    let work = names.queue("tasks");
+    let _held = ch
+        .basic_get(work.as_str().into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .expect("the batch");
+    let starts = format!(
+        "{}:starts",
+        taskmill_common::store::Keys::new(&t.ns).job(&normal)
+    );
+    let _: () = con.hset(&starts, "0", 1).await.unwrap();
+    // A worker of one thread, stuck in a batch past its 1 s limit (for good 5 s later).
+    let mut w = KillOnDrop(
+        Command::new(bin_path("worker"))
+            .env("TASKMILL_NAMESPACE", &t.ns)
+            .env("TASKMILL_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let one = write_jsonl(sample::posts(1));
+    let mut args = EnqueueArgs::new("chaos");
+    args.files = vec![one.clone()];
+    args.time_limit = Some("1s".into());
+    args.params = vec!["sleep_ms=600000".into(), "retry_max_attempts=1".into()];
+    let stuck = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let s = t
+        .wait_finished(&store, &stuck, Duration::from_secs(30))
+        .await;
+    assert_eq!(s.batches_dead, 1, "{s:?}");
+    // The suspect comes back now, while the thread is still stuck.
+    let _ = ch.close(200, "".into()).await;
+    let exited = tokio::task::spawn_blocking(move || {
+        for _ in 0..600 {
+            if let Some(status) = w.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        exited,
+        Some(7),
+        "the stuck worker did not exit 7 within 60 s"
+    );
+    // The worker took it as a suspect (a second start) but never ran it.
+    let counted: std::collections::HashMap<String, u64> = con.hgetall(&starts).await.unwrap();
+    assert_eq!(counted.get("0"), Some(&2), "{counted:?}");
+    assert_eq!(counted.get("0:solo"), None, "{counted:?}");
+    // The next worker runs it, and the job completes.
+    let _w = t.spawn_worker(t.worker_args());
+    let s = t
+        .wait_finished(&store, &normal, Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        (s.state(), s.batches_done),
+        (taskmill_common::JobState::Completed, 1)
+    );
+    let _ = conn.close(200, "done".into()).await;
+    for f in [one, ten] {
+        let _ = std::fs::remove_file(f);
+    }
+    t.cleanup().await;
+}

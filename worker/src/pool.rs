@@ -110,6 +110,19 @@ pub(crate) fn settle_overtime(running: &Running) -> (usize, usize) {
 /// (every thread so stuck: the worker exits for its supervisor to restart it).
 pub(crate) const HOPELESS_AFTER: Duration = Duration::from_secs(5);
 
+/// What a pool thread about to run a suspect batch alone does first: it says so (`starting`)
+/// and waits for tokio's side to count the start in Redis (`counted`), so that a worker dying
+/// in the batch has counted it, and a batch that never reached a thread is not counted.
+pub(crate) struct StartGate {
+    starting: oneshot::Sender<()>,
+    counted: std::sync::mpsc::Receiver<()>,
+}
+
+impl StartGate {
+    /// The longest a thread waits for the count (Redis slow or away: it runs the batch).
+    const WAIT: Duration = Duration::from_secs(10);
+}
+
 /// The current session's store, for rate limits (None between sessions).
 pub(crate) type RateStore = Arc<std::sync::Mutex<Option<taskmill_common::store::Store>>>;
 
@@ -309,19 +322,22 @@ impl Analyser {
                         (Vec::new(), part)
                     };
                     out.extend(settled);
-                    let ran = if alone {
-                        let mut ran = Vec::new();
+                    if alone {
+                        // Each forgotten as soon as it ran: the next may wait behind a stuck
+                        // thread and go back unrun with this worker, and this one with it
+                        // (its outcome leaves with the group's), not to be suspected again.
                         for arrived in run {
-                            ran.extend(this.run_alone(arrived).await);
+                            let ran = this.run_alone(arrived).await;
+                            this.ran_through(&ran).await;
+                            out.extend(ran);
                         }
-                        ran
                     } else {
-                        this.beside_others(run).await
-                    };
-                    if redelivered {
-                        this.ran_through(&ran).await;
+                        let ran = this.beside_others(run).await;
+                        if redelivered {
+                            this.ran_through(&ran).await;
+                        }
+                        out.extend(ran);
                     }
-                    out.extend(ran);
                 }
             }
             out
@@ -358,7 +374,9 @@ impl Analyser {
     }
 
     /// Runs a suspect batch with nothing else running in this worker, its solo start counted
-    /// first: if the worker dies now, this batch is what killed it.
+    /// first: if the worker dies now, this batch is what killed it. The start is counted once
+    /// a pool thread is about to run it (see [`StartGate`]): a batch that waited behind a stuck
+    /// thread and went back unrun with its worker never started, and is not suspected more.
     async fn run_alone(&self, arrived: Arrived) -> Vec<Processed> {
         let hold = self.alone.clone().write_owned().await;
         let store = self.store();
@@ -368,13 +386,25 @@ impl Analyser {
             .message_id()
             .as_ref()
             .and_then(|m| taskmill_common::envelope::parse_message_id(m.as_str()));
-        if let (Some(store), Some((job, batch))) = (store, id) {
-            tracing::info!(job = %job, batch, "running alone: it was running when a worker died");
-            if let Err(e) = store.solo_start(&job, batch).await {
-                tracing::warn!("counting a start alone: {e}");
+        let (starting, starts) = oneshot::channel();
+        let (counted, wait_count) = std::sync::mpsc::sync_channel(1);
+        let running = self.on_rayon_gated(
+            vec![arrived],
+            Some(StartGate {
+                starting,
+                counted: wait_count,
+            }),
+        );
+        if starts.await.is_ok() {
+            if let (Some(store), Some((job, batch))) = (store, id) {
+                tracing::info!(job = %job, batch, "running alone: it was running when a worker died");
+                if let Err(e) = store.solo_start(&job, batch).await {
+                    tracing::warn!("counting a start alone: {e}");
+                }
             }
+            let _ = counted.send(());
         }
-        let out = self.on_rayon(vec![arrived]).await;
+        let out = running.await;
         drop(hold);
         out
     }
@@ -508,10 +538,16 @@ impl Analyser {
         message_id: Option<&str>,
         timing: Timing,
         (group, index): (&Arc<GroupResults>, usize),
+        gate: Option<StartGate>,
     ) {
         // Every thread is stuck: the worker gives back what it has not started, and exits.
         if self.stuck.load(std::sync::atomic::Ordering::Relaxed) {
             return group.put(index, (None, body));
+        }
+        if let Some(gate) = gate {
+            if gate.starting.send(()).is_ok() {
+                let _ = gate.counted.recv_timeout(StartGate::WAIT);
+            }
         }
         let analysed = self.run_timed(&body, attempt, message_id, timing, (group, index));
         group.put(index, (analysed, body));
@@ -584,6 +620,15 @@ impl Analyser {
 
     /// Hands deliveries to the rayon pool (see [`Analyser::analyse_group`]).
     fn on_rayon(&self, group: Vec<Arrived>) -> BoxFuture<'static, Vec<Processed>> {
+        self.on_rayon_gated(group, None)
+    }
+
+    /// [`Analyser::on_rayon`], the first batch's start behind `gate`.
+    fn on_rayon_gated(
+        &self,
+        group: Vec<Arrived>,
+        mut gate: Option<StartGate>,
+    ) -> BoxFuture<'static, Vec<Processed>> {
         let mut inputs = Vec::with_capacity(group.len());
         let mut metas = Vec::with_capacity(group.len());
         for (chan, queue, mut delivery, arrived) in group {
@@ -611,8 +656,10 @@ impl Analyser {
             .map(|(i, (body, attempt, message_id, timing))| {
                 let this = Arc::clone(&analyser);
                 let results = Arc::clone(&results);
+                let gate = gate.take();
                 Box::new(move || {
-                    this.run_one(body, attempt, message_id.as_deref(), timing, (&results, i));
+                    let at = (&results, i);
+                    this.run_one(body, attempt, message_id.as_deref(), timing, at, gate);
                 }) as crate::pumps::Job
             })
             .collect();
