@@ -155,6 +155,7 @@ pub const SETTING_KEYS: &[&str] = &[
     "concurrency",
     "confirm_window",
     "follow_redirects",
+    "gather_ms",
     "http_retries",
     "http_timeout",
     "lease_seconds",

@@ -237,10 +237,14 @@ impl Session {
         // band's batch never waits for groups of the backlog to finish.
         let mut urgent = 0;
         let mut ended = false;
+        // Set while deliveries wait for more to join them (see `WorkerArgs::gather_ms`): the
+        // consumers are not polled meanwhile, so that arrivals wake nobody.
+        let linger_for = Duration::from_millis(shared.args.gather_ms);
+        let mut linger: Option<Instant> = None;
         loop {
             // One group at a time while batches are short, else one a thread (the pumps'
             // rule: see `Pumps::groups_wanted`), asked only when deliveries wait.
-            while let Some(rank) = waiting.top_rank() {
+            while let Some(rank) = waiting.top_rank().filter(|_| linger.is_none()) {
                 let wanted = shared.analyser.pumps.groups_wanted();
                 let is_urgent = rank > 0;
                 let room = if is_urgent {
@@ -271,14 +275,31 @@ impl Session {
                 res = &mut self.events_task, if !draining => {
                     return Err(ended_with(res, "the dead-letter counter"));
                 }
-                _ = shutdown.cancelled(), if !draining => ended |= self.start_drain(shared, in_hand).await,
-                _ = self.resharded.cancelled(), if !draining => ended |= self.start_drain(shared, in_hand).await,
-                d = self.deliveries.next(), if !ended => match d {
+                // (A drain does not wait out a gather: what waits goes at once.)
+                _ = shutdown.cancelled(), if !draining => {
+                    ended |= self.start_drain(shared, in_hand).await;
+                    linger = None;
+                }
+                _ = self.resharded.cancelled(), if !draining => {
+                    ended |= self.start_drain(shared, in_hand).await;
+                    linger = None;
+                }
+                d = self.deliveries.next(), if !ended && linger.is_none() => match d {
                     Some((chan, queue, Some(Ok(delivery)))) => {
-                        let (group, end) = self.gather((chan, queue, delivery))?;
+                        let (group, end) = self.gather(vec![(chan, queue, delivery)])?;
                         ended |= end;
                         shared.stats.in_flight(group.len() as i64);
                         waiting.extend(group);
+                        // An idle pool and few ordinary batches: let more come first.
+                        if !linger_for.is_zero()
+                            && !ended
+                            && !draining
+                            && inflight.is_empty()
+                            && waiting.top_rank() == Some(0)
+                            && waiting.len() < RAYON_GROUP
+                        {
+                            linger = Some(Instant::now() + linger_for);
+                        }
                     }
                     Some((_, _, Some(Err(e)))) => return Err(anyhow::Error::new(e).context("consuming")),
                     // Ours, cancelled for the drain: the others may still deliver.
@@ -287,6 +308,19 @@ impl Session {
                     None if draining => ended = true,
                     None => anyhow::bail!("the broker cancelled the consumer"),
                 },
+                _ = sleep_until(linger), if linger.is_some() => {
+                    linger = None;
+                    loop {
+                        let before = waiting.len();
+                        let (group, end) = self.gather(Vec::new())?;
+                        ended |= end;
+                        shared.stats.in_flight(group.len() as i64);
+                        waiting.extend(group);
+                        if end || waiting.len() - before < RAYON_GROUP {
+                            break;
+                        }
+                    }
+                }
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     if self.drain.tick(Instant::now()) {
                         warn!(left = in_hand,
@@ -299,14 +333,14 @@ impl Session {
         }
     }
 
-    /// The delivery that arrived and whatever else has already arrived, up to a group; their
-    /// tags become outstanding. Also says whether the stream ended.
+    /// The deliveries that arrived (none or one) and whatever else has already arrived, up
+    /// to a group; their tags become outstanding. Also says whether the stream ended.
     fn gather(
         &mut self,
-        (c, q, d): (usize, String, Delivery),
+        first: Vec<(usize, String, Delivery)>,
     ) -> anyhow::Result<(Vec<Arrived>, bool)> {
         let now = std::time::Instant::now();
-        let mut group = vec![(c, q, d, now)];
+        let mut group: Vec<Arrived> = first.into_iter().map(|(c, q, d)| (c, q, d, now)).collect();
         let mut ended = false;
         while group.len() < RAYON_GROUP {
             match self.deliveries.next().now_or_never() {

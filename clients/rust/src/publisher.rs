@@ -207,7 +207,13 @@ impl Publisher {
             if let Some(e) = failure {
                 self.recover(e).await?;
             }
-            self.settle(self.window.saturating_sub(1)).await?;
+            // A full window waits for a quarter of it to be confirmed, not for one confirm:
+            // the next publishes then go out back to back, many chunks a wake-up, instead of
+            // a chunk for each confirm the broker sends.
+            if self.inflight.len() >= self.window || self.inflight_bytes > MAX_INFLIGHT_BYTES {
+                self.settle((self.window - self.window / 4).saturating_sub(1))
+                    .await?;
+            }
         }
     }
 

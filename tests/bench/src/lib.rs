@@ -40,7 +40,7 @@ use taskmill_sample_server as sample;
 use taskmill_tests as kit;
 
 /// CPU seconds and peak memory of one process.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ProcStats {
     /// User + system CPU seconds.
     pub cpu_s: f64,
@@ -49,21 +49,39 @@ pub struct ProcStats {
     /// Context switches of all its threads (voluntary: it waited; involuntary: it was
     /// preempted), as last seen before it exited.
     pub ctxt: (u64, u64),
+    /// The same by thread name (`/proc/PID/task/TID/comm`: the main thread, `lapin-io-loop`,
+    /// the analysis pumps...), summed over the threads of a name: which hops cost the switches.
+    pub ctxt_by_thread: std::collections::BTreeMap<String, (u64, u64)>,
 }
+
+/// A thread's name and its voluntary and involuntary context switches.
+type ThreadCtxt = (String, u64, u64);
 
 /// A child process whose CPU and peak RSS are watched through /proc.
 pub struct Watched {
     child: Child,
     peak_kb: Arc<AtomicU64>,
-    ctxt: Arc<(AtomicU64, AtomicU64)>,
+    /// Thread id → (name, voluntary, involuntary), as last seen.
+    threads: Arc<std::sync::Mutex<std::collections::HashMap<String, ThreadCtxt>>>,
 }
 
 /// Voluntary and involuntary context switches of every thread of `pid` now (the sum over
 /// `/proc/PID/task/*/status`), None once it is gone. A thread that ended takes its own with it:
 /// taskmill's threads live as long as the process.
 pub fn proc_ctxt(pid: u32) -> Option<(u64, u64)> {
+    let threads = proc_thread_ctxt(pid)?;
+    Some(
+        threads
+            .iter()
+            .fold((0, 0), |(v, i), (_, (_, tv, ti))| (v + tv, i + ti)),
+    )
+}
+
+/// Every thread of `pid` now: thread id → (its name, voluntary and involuntary context
+/// switches); None once the process is gone.
+fn proc_thread_ctxt(pid: u32) -> Option<Vec<(String, ThreadCtxt)>> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    let mut sum = (0, 0);
+    let mut out = Vec::new();
     for t in tasks.flatten() {
         let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
             continue;
@@ -75,10 +93,17 @@ pub fn proc_ctxt(pid: u32) -> Option<(u64, u64)> {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0)
         };
-        sum.0 += field("voluntary_ctxt_switches:");
-        sum.1 += field("nonvoluntary_ctxt_switches:");
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        out.push((
+            t.file_name().to_string_lossy().into_owned(),
+            (
+                name.trim().to_string(),
+                field("voluntary_ctxt_switches:"),
+                field("nonvoluntary_ctxt_switches:"),
+            ),
+        ));
     }
-    Some(sum)
+    Some(out)
 }
 
 fn proc_cpu_and_state(pid: u32) -> Option<(char, f64)> {
@@ -103,8 +128,8 @@ impl Watched {
         let child = cmd.spawn().context("starting a benchmark process")?;
         let pid = child.id();
         let peak_kb = Arc::new(AtomicU64::new(0));
-        let ctxt = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
-        let (peak, seen) = (peak_kb.clone(), ctxt.clone());
+        let threads: Arc<std::sync::Mutex<std::collections::HashMap<_, _>>> = Arc::default();
+        let (peak, seen) = (peak_kb.clone(), threads.clone());
         std::thread::spawn(move || loop {
             match proc_hwm_kb(pid) {
                 Some(kb) => {
@@ -112,16 +137,16 @@ impl Watched {
                 }
                 None => return,
             }
-            if let Some((v, i)) = proc_ctxt(pid) {
-                seen.0.fetch_max(v, Ordering::Relaxed);
-                seen.1.fetch_max(i, Ordering::Relaxed);
+            if let Some(now) = proc_thread_ctxt(pid) {
+                // A thread that ended keeps its last figures here.
+                seen.lock().unwrap_or_else(|e| e.into_inner()).extend(now);
             }
             std::thread::sleep(Duration::from_millis(20));
         });
         Ok(Self {
             child,
             peak_kb,
-            ctxt,
+            threads,
         })
     }
 
@@ -150,14 +175,41 @@ impl Watched {
         };
         let stderr = self.child.stderr.take();
         let status = self.child.wait()?;
+        let mut ctxt = (0, 0);
+        let mut ctxt_by_thread = std::collections::BTreeMap::new();
+        // Threads of one name (lapin's I/O thread of each connection, the analysis threads,
+        // whose names the kernel cuts at 15 bytes) apart, numbered in the order they started.
+        let mut threads: Vec<(u64, ThreadCtxt)> = self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(tid, t)| (tid.parse().unwrap_or(0), t.clone()))
+            .collect();
+        threads.sort_by_key(|(tid, _)| *tid);
+        let mut seen: std::collections::HashMap<String, usize> = Default::default();
+        let many: std::collections::HashSet<String> = threads
+            .iter()
+            .filter(|(_, (n, ..))| threads.iter().filter(|(_, (m, ..))| m == n).count() > 1)
+            .map(|(_, (n, ..))| n.clone())
+            .collect();
+        for (_, (name, v, i)) in threads {
+            ctxt = (ctxt.0 + v, ctxt.1 + i);
+            let key = if many.contains(&name) {
+                let k = seen.entry(name.clone()).or_default();
+                *k += 1;
+                format!("{name}#{k}")
+            } else {
+                name
+            };
+            ctxt_by_thread.insert(key, (v, i));
+        }
         Ok((
             ProcStats {
                 cpu_s: cpu,
                 peak_rss_mib: self.peak_kb.load(Ordering::Relaxed) as f64 / 1024.0,
-                ctxt: (
-                    self.ctxt.0.load(Ordering::Relaxed),
-                    self.ctxt.1.load(Ordering::Relaxed),
-                ),
+                ctxt,
+                ctxt_by_thread,
             },
             status.success(),
             stderr,
@@ -271,7 +323,17 @@ impl RunFigures {
             "worker_peak_rss_mib": self.worker.peak_rss_mib,
             "producer_ctxt_per_1000_batches": self.ctxt_per_k(self.producer.ctxt),
             "worker_ctxt_per_1000_batches": self.ctxt_per_k(self.worker.ctxt),
+            "producer_ctxt_by_thread_per_1000_batches": self.by_thread(&self.producer),
+            "worker_ctxt_by_thread_per_1000_batches": self.by_thread(&self.worker),
         })
+    }
+    /// Context switches a 1,000 batches by thread name.
+    fn by_thread(&self, p: &ProcStats) -> Value {
+        p.ctxt_by_thread
+            .iter()
+            .map(|(name, c)| (name.clone(), self.ctxt_per_k(*c)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
     }
     /// Context switches a 1,000 batches, voluntary and involuntary.
     fn ctxt_per_k(&self, (v, i): (u64, u64)) -> Value {

@@ -271,6 +271,28 @@ fn report_throughput(
                 c["involuntary"].as_f64().unwrap_or(0.0)
             ),
         ));
+        // By thread, the busiest first: which hop costs them.
+        let by = &j[format!("{who}_ctxt_by_thread_per_1000_batches")];
+        let mut threads: Vec<(String, f64, f64)> = by
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(name, c)| {
+                let v = c["voluntary"].as_f64().unwrap_or(0.0);
+                (name.clone(), v, c["involuntary"].as_f64().unwrap_or(0.0))
+            })
+            .collect();
+        threads.sort_by(|a, b| (b.1 + b.2).total_cmp(&(a.1 + a.2)));
+        let shown: Vec<String> = threads
+            .iter()
+            .filter(|(_, v, i)| v + i >= 1.0)
+            .map(|(name, v, i)| format!("{name} {v:.0}/{i:.0}"))
+            .collect();
+        rep.rows.push((
+            "throughput".into(),
+            format!("{who} context switches by thread / 1000 batches"),
+            shown.join(", "),
+        ));
     }
     rep.rows.push((
         "throughput".into(),
