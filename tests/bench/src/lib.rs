@@ -1326,8 +1326,38 @@ pub async fn split(file: &Path, n_posts: u64) -> anyhow::Result<Value> {
     }))
 }
 
-/// The producer enqueuing `file` in batches of 10 as job `bench`, with no worker running.
-async fn producer_only(ns: &str, file: &Path) -> anyhow::Result<()> {
+/// The producer's path apart (batches of 10 of `file`'s `n_posts` posts): reading the file
+/// alone (lines split, nothing parsed), transcoding every line alone (one thread, in
+/// process), and the producer binary alone into the broker with no worker (enqueue start to
+/// exit, every batch confirmed), each in batches a second, beside the producer's CPU a 1,000
+/// batches. The producer must never be what limits a job: each must be well above the end to
+/// end throughput.
+pub async fn producer_path(file: &Path, n_posts: u64) -> anyhow::Result<Value> {
+    let batches = n_posts.div_ceil(10).max(1) as f64;
+    let started = Instant::now();
+    let text = std::fs::read(file)?;
+    let lines = memchr::memchr_iter(b'\n', &text).count() as u64;
+    let read_s = started.elapsed().as_secs_f64();
+    anyhow::ensure!(lines >= n_posts, "the posts file has {lines} lines");
+    drop(text);
+    let (transcode, _) = inherent_work(file, n_posts, 10, "post-stats")?;
+    let ns = bench_ns("producer");
+    quiesce().await;
+    let started = Instant::now();
+    let cpu = producer_only(&ns, file).await?;
+    let alone_s = started.elapsed().as_secs_f64();
+    kit::cleanup_namespace(&ns).await;
+    Ok(json!({
+        "read_batches_per_s": batches / read_s.max(1e-9),
+        "transcode_batches_per_s": 1000.0 / transcode.max(1e-12),
+        "producer_alone_batches_per_s": batches / alone_s.max(1e-9),
+        "producer_alone_cpu_s_per_1000_batches": cpu / batches * 1000.0,
+    }))
+}
+
+/// The producer enqueuing `file` in batches of 10 as job `bench`, with no worker running; its
+/// CPU seconds.
+async fn producer_only(ns: &str, file: &Path) -> anyhow::Result<f64> {
     let mut cmd = Command::new(release_bin("producer"));
     cmd.env("TASKMILL_NAMESPACE", ns)
         .args(["enqueue", "--file"])
@@ -1343,9 +1373,9 @@ async fn producer_only(ns: &str, file: &Path) -> anyhow::Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let producer = Watched::spawn(&mut cmd)?;
-    let (_, ok, _) = tokio::task::spawn_blocking(move || producer.finish()).await??;
+    let (stats, ok, _) = tokio::task::spawn_blocking(move || producer.finish()).await??;
     anyhow::ensure!(ok, "the producer failed");
-    Ok(())
+    Ok(stats.cpu_s)
 }
 
 /// Each `ours[i] / theirs[i]` (runs made one after the other, so each pair saw the same

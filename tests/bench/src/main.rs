@@ -12,7 +12,9 @@ use taskmill_bench as bench;
 #[command(name = "bench", about = "taskmill benchmark harness")]
 struct Args {
     /// Workloads to run (comma-separated): throughput, raw, cpu, latency, sweep, memory, peers;
-    /// and split (a diagnostic: the broker's CPU for publishing and for consuming apart).
+    /// and the diagnostics split (the broker's CPU for publishing and for consuming apart) and
+    /// producer (the producer's path apart: the file read alone, the transcoding alone, the
+    /// producer alone into the broker).
     #[arg(
         long,
         value_delimiter = ',',
@@ -127,6 +129,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if want("split") {
         split(&args, &data, &mut rep).await?;
+    }
+    if want("producer") {
+        producer_path(&args, &data, throughput, &mut rep).await?;
     }
     if want("memory") {
         memory(&data, &mut rep).await?;
@@ -574,6 +579,66 @@ async fn split(args: &Args, data: &std::path::Path, rep: &mut Report) -> anyhow:
         out.insert(key.into(), json!(m));
     }
     rep.results.insert("split".into(), Value::Object(out));
+    Ok(())
+}
+
+/// The producer's path apart (see `bench::producer_path`), medians of the runs, beside the
+/// end-to-end throughput when this run measured it.
+async fn producer_path(
+    args: &Args,
+    data: &std::path::Path,
+    throughput: Option<f64>,
+    rep: &mut Report,
+) -> anyhow::Result<()> {
+    let file = bench::posts_file(data, args.posts)?;
+    let mut runs = Vec::new();
+    for run in 1..=args.runs.max(1) {
+        eprintln!("bench: the producer's path apart, run {run}");
+        let r = bench::producer_path(&file, args.posts).await?;
+        eprintln!("bench:   {r}");
+        runs.push(r);
+    }
+    let mut out = serde_json::Map::new();
+    for (key, what) in [
+        (
+            "read_batches_per_s",
+            "reading the file alone (lines split), batches/s",
+        ),
+        (
+            "transcode_batches_per_s",
+            "JSON → MessagePack of every record alone (one thread), batches/s",
+        ),
+        (
+            "producer_alone_batches_per_s",
+            "the producer alone into the broker (no worker), batches/s",
+        ),
+        (
+            "producer_alone_cpu_s_per_1000_batches",
+            "the producer alone, CPU s / 1000 batches",
+        ),
+    ] {
+        let mut v: Vec<f64> = runs.iter().filter_map(|r| r[key].as_f64()).collect();
+        v.sort_by(f64::total_cmp);
+        let Some(&m) = v.get(v.len() / 2) else {
+            continue;
+        };
+        let shown = if key.ends_with("per_s") {
+            format!("{m:.0}")
+        } else {
+            format!("{m:.3}")
+        };
+        rep.rows.push(("producer".into(), what.into(), shown));
+        out.insert(key.into(), json!(m));
+    }
+    if let Some(t) = throughput {
+        rep.rows.push((
+            "producer".into(),
+            "end to end (this run's throughput), batches/s".into(),
+            format!("{t:.0}"),
+        ));
+        out.insert("end_to_end_batches_per_s".into(), json!(t));
+    }
+    rep.results.insert("producer".into(), Value::Object(out));
     Ok(())
 }
 
