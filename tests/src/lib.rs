@@ -909,6 +909,25 @@ impl Drop for KillOnDrop {
     }
 }
 
+impl KillOnDrop {
+    /// Waits (without holding a tokio thread) until the process exits, at most `limit`:
+    /// its exit code (None for a signal), or Err when it still runs (it is killed on drop).
+    pub async fn exit_within(mut self, limit: Duration) -> Result<Option<i32>, String> {
+        tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + limit;
+            while std::time::Instant::now() < deadline {
+                if let Some(status) = self.0.try_wait().map_err(|e| e.to_string())? {
+                    return Ok(status.code());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(format!("still running after {limit:?}"))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
 /// A binary of the workspace run with its stderr in a temporary file (read while it runs,
 /// removed when this is dropped), killed when dropped: the scenario tests' workers and
 /// producers, given the environment that points them at a cluster or a Sentinel set.

@@ -161,7 +161,7 @@ async fn a_task_that_never_returns_does_not_stall_the_queue() {
 async fn a_drain_does_not_wait_for_a_stuck_thread() {
     let t = TestNs::new();
     let store = t.store().await;
-    let mut w = KillOnDrop(
+    let w = KillOnDrop(
         Command::new(bin_path("worker"))
             .env("TASKMILL_NAMESPACE", &t.ns)
             .env("TASKMILL_THREADS", "2")
@@ -183,20 +183,10 @@ async fn a_drain_does_not_wait_for_a_stuck_thread() {
     assert_eq!(dead[0].1["kind"], "time_limit", "{dead:?}");
     // The thread still sleeps; the worker drains without it.
     assert!(sigterm(w.id()));
-    let exited = tokio::task::spawn_blocking(move || {
-        for _ in 0..600 {
-            if let Some(status) = w.try_wait().unwrap() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        None
-    })
-    .await
-    .unwrap();
+    let exited = w.exit_within(Duration::from_secs(60)).await;
     assert_eq!(
         exited,
-        Some(0),
+        Ok(Some(0)),
         "the worker did not end within 60 s of SIGTERM"
     );
     let _ = std::fs::remove_file(one);
@@ -235,7 +225,7 @@ async fn a_suspect_batch_given_back_unrun_is_not_counted_as_run_alone() {
     );
     let _: () = con.hset(&starts, "0", 1).await.unwrap();
     // A worker of one thread, stuck in a batch past its 1 s limit (for good 5 s later).
-    let mut w = KillOnDrop(
+    let w = KillOnDrop(
         Command::new(bin_path("worker"))
             .env("TASKMILL_NAMESPACE", &t.ns)
             .env("TASKMILL_THREADS", "1")
@@ -256,20 +246,10 @@ async fn a_suspect_batch_given_back_unrun_is_not_counted_as_run_alone() {
     assert_eq!(s.batches_dead, 1, "{s:?}");
     // The suspect comes back now, while the thread is still stuck.
     let _ = ch.close(200, "".into()).await;
-    let exited = tokio::task::spawn_blocking(move || {
-        for _ in 0..600 {
-            if let Some(status) = w.try_wait().unwrap() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        None
-    })
-    .await
-    .unwrap();
+    let exited = w.exit_within(Duration::from_secs(60)).await;
     assert_eq!(
         exited,
-        Some(7),
+        Ok(Some(7)),
         "the stuck worker did not exit 7 within 60 s"
     );
     // The worker took it as a suspect (a second start) but never ran it.

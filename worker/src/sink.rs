@@ -110,7 +110,8 @@ impl Sink {
     pub(crate) async fn run(self, mut rx: mpsc::Receiver<Processed>) -> anyhow::Result<()> {
         let sink = Arc::new(self);
         let parked = tokio::spawn(Arc::clone(&sink).publish_parked());
-        let _abort = AbortOnDrop(parked);
+        // (The parked copies' publisher ends with its sink.)
+        let _abort = tokio_util::task::AbortOnDropHandle::new(parked);
         let mut others = FuturesUnordered::new();
         let mut open = true;
         while open || !others.is_empty() {
@@ -1058,14 +1059,5 @@ fn store_failed(error: &str) -> Action {
     Action::Dead {
         kind: DeadKind::StoreError,
         error: format!("Redis refused the result: {error}"),
-    }
-}
-
-/// Aborts a task when dropped (the parked copies' publisher ends with its sink).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

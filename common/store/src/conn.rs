@@ -86,6 +86,31 @@ impl Conn {
                 self.resolving.store(false, Ordering::Release);
             }
         }
+        if let RedisTarget::Direct(url) = &self.target {
+            // A connection that let a command time out is not trusted again: a new one.
+            if self.stale.load(Ordering::Acquire)
+                && self
+                    .resolving
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                let fresh = match redis::Client::open(url.as_str()) {
+                    Ok(c) => c.get_connection_manager_with_config(config()).await,
+                    Err(e) => Err(e),
+                };
+                match fresh {
+                    Ok(m) => {
+                        if let Ok(mut cur) = self.current.write() {
+                            *cur = m;
+                        }
+                        self.stale.store(false, Ordering::Release);
+                        tracing::info!("a Redis command timed out: connected to Redis again");
+                    }
+                    Err(e) => tracing::warn!("connecting to Redis again: {e}"),
+                }
+                self.resolving.store(false, Ordering::Release);
+            }
+        }
         match self.current.read() {
             Ok(cur) => cur.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -109,6 +134,13 @@ impl Conn {
             || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"))
         {
             self.suspect();
+        }
+        // One server: the connection manager reconnects by itself when the connection
+        // drops, not when a reply never comes (seen: a worker's connection that answered no
+        // command after its first, every call timing out for minutes, while Redis had sent
+        // every reply and served other clients).
+        if e.is_timeout() && matches!(self.target, RedisTarget::Direct(_)) {
+            self.stale.store(true, Ordering::Release);
         }
     }
 }
