@@ -98,6 +98,30 @@ impl Supervised {
     }
 }
 
+/// A worker process in namespace `ns` with `env` added, killed when dropped.
+fn worker(ns: &str, env: &[(&str, &str)]) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(bin_path("worker"))
+            .env("TASKMILL_NAMESPACE", ns)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Enqueues one batch that sleeps ten minutes under time limit `limit`, one attempt: its job
+/// and the records' file.
+async fn enqueue_stuck(t: &TestNs, limit: &str) -> (String, std::path::PathBuf) {
+    let one = write_jsonl(sample::posts(1));
+    let mut args = EnqueueArgs::new("chaos");
+    args.files = vec![one.clone()];
+    args.time_limit = Some(limit.into());
+    args.params = vec!["sleep_ms=600000".into(), "retry_max_attempts=1".into()];
+    (enqueue(&t.conn(), &args, |_| {}).await.unwrap().job, one)
+}
+
 /// Two workers of one thread each, two batches that would sleep ten minutes under a 1 s time
 /// limit, then a normal job: the normal job completes and the stuck batches are dead-lettered
 /// `time_limit`, both within a minute; the workers whose only thread was stuck exited with
@@ -161,22 +185,14 @@ async fn a_task_that_never_returns_does_not_stall_the_queue() {
 async fn a_drain_does_not_wait_for_a_stuck_thread() {
     let t = TestNs::new();
     let store = t.store().await;
-    let w = KillOnDrop(
-        Command::new(bin_path("worker"))
-            .env("TASKMILL_NAMESPACE", &t.ns)
-            .env("TASKMILL_THREADS", "2")
-            .env("TASKMILL_SHUTDOWN_TIMEOUT", "600")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let w = worker(
+        &t.ns,
+        &[
+            ("TASKMILL_THREADS", "2"),
+            ("TASKMILL_SHUTDOWN_TIMEOUT", "600"),
+        ],
     );
-    let one = write_jsonl(sample::posts(1));
-    let mut args = EnqueueArgs::new("chaos");
-    args.files = vec![one.clone()];
-    args.time_limit = Some("500ms".into());
-    args.params = vec!["sleep_ms=600000".into(), "retry_max_attempts=1".into()];
-    let job = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let (job, one) = enqueue_stuck(&t, "500ms").await;
     let s = t.wait_finished(&store, &job, Duration::from_secs(60)).await;
     assert_eq!(s.batches_dead, 1, "{s:?}");
     let dead = store.dead_batches(&job).await.unwrap();
@@ -225,21 +241,8 @@ async fn a_suspect_batch_given_back_unrun_is_not_counted_as_run_alone() {
     );
     let _: () = con.hset(&starts, "0", 1).await.unwrap();
     // A worker of one thread, stuck in a batch past its 1 s limit (for good 5 s later).
-    let w = KillOnDrop(
-        Command::new(bin_path("worker"))
-            .env("TASKMILL_NAMESPACE", &t.ns)
-            .env("TASKMILL_THREADS", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let one = write_jsonl(sample::posts(1));
-    let mut args = EnqueueArgs::new("chaos");
-    args.files = vec![one.clone()];
-    args.time_limit = Some("1s".into());
-    args.params = vec!["sleep_ms=600000".into(), "retry_max_attempts=1".into()];
-    let stuck = enqueue(&t.conn(), &args, |_| {}).await.unwrap().job;
+    let w = worker(&t.ns, &[("TASKMILL_THREADS", "1")]);
+    let (stuck, one) = enqueue_stuck(&t, "1s").await;
     let s = t
         .wait_finished(&store, &stuck, Duration::from_secs(30))
         .await;

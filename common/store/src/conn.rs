@@ -45,14 +45,7 @@ fn passing(what: &'static str, detail: String) -> redis::RedisError {
 impl Conn {
     pub(crate) async fn open(url: &str) -> Result<Self, redis::RedisError> {
         let spec = redis_url::parse(url).map_err(invalid)?;
-        let manager = match &spec.target {
-            RedisTarget::Direct(url) => {
-                redis::Client::open(url.as_str())?
-                    .get_connection_manager_with_config(config())
-                    .await?
-            }
-            RedisTarget::Sentinel(s) => resolve(s).await?,
-        };
+        let manager = connect(&spec.target).await?;
         Ok(Self {
             target: spec.target,
             wait: spec.wait,
@@ -62,54 +55,40 @@ impl Conn {
         })
     }
 
-    /// A handle on the current connection; under Sentinel, after an error that may mean the
-    /// primary moved, first the primary the sentinels name now (when they name one; else the
-    /// old connection, whose next error marks it stale again).
+    /// A handle on the current connection; after an error that marked it stale (see
+    /// [`Conn::saw`]), first a new one: under Sentinel to the primary the sentinels name now,
+    /// else to the one server (when that works; else the old connection, whose next error
+    /// marks it stale again).
     pub(crate) async fn get(&self) -> ConnectionManager {
-        if let RedisTarget::Sentinel(s) = &self.target {
-            if self.stale.load(Ordering::Acquire)
-                && self
-                    .resolving
-                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                match resolve(s).await {
-                    Ok(m) => {
-                        if let Ok(mut cur) = self.current.write() {
-                            *cur = m;
-                        }
-                        self.stale.store(false, Ordering::Release);
-                        tracing::info!(master = %s.master, "connected to the primary the sentinels name");
+        if self.stale.load(Ordering::Acquire)
+            && self
+                .resolving
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            match connect(&self.target).await {
+                Ok(m) => {
+                    if let Ok(mut cur) = self.current.write() {
+                        *cur = m;
                     }
-                    Err(e) => tracing::warn!(master = %s.master, "no primary yet: {e}"),
-                }
-                self.resolving.store(false, Ordering::Release);
-            }
-        }
-        if let RedisTarget::Direct(url) = &self.target {
-            // A connection that let a command time out is not trusted again: a new one.
-            if self.stale.load(Ordering::Acquire)
-                && self
-                    .resolving
-                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                let fresh = match redis::Client::open(url.as_str()) {
-                    Ok(c) => c.get_connection_manager_with_config(config()).await,
-                    Err(e) => Err(e),
-                };
-                match fresh {
-                    Ok(m) => {
-                        if let Ok(mut cur) = self.current.write() {
-                            *cur = m;
+                    self.stale.store(false, Ordering::Release);
+                    match &self.target {
+                        RedisTarget::Sentinel(s) => {
+                            tracing::info!(master = %s.master, "connected to the primary the sentinels name")
                         }
-                        self.stale.store(false, Ordering::Release);
-                        tracing::info!("a Redis command timed out: connected to Redis again");
+                        RedisTarget::Direct(_) => {
+                            tracing::info!("a Redis command timed out: connected to Redis again")
+                        }
                     }
-                    Err(e) => tracing::warn!("connecting to Redis again: {e}"),
                 }
-                self.resolving.store(false, Ordering::Release);
+                Err(e) => match &self.target {
+                    RedisTarget::Sentinel(s) => {
+                        tracing::warn!(master = %s.master, "no primary yet: {e}")
+                    }
+                    RedisTarget::Direct(_) => tracing::warn!("connecting to Redis again: {e}"),
+                },
             }
+            self.resolving.store(false, Ordering::Release);
         }
         match self.current.read() {
             Ok(cur) => cur.clone(),
@@ -142,6 +121,18 @@ impl Conn {
         if e.is_timeout() && matches!(self.target, RedisTarget::Direct(_)) {
             self.stale.store(true, Ordering::Release);
         }
+    }
+}
+
+/// A new connection: to the one server, or to the primary the sentinels name.
+async fn connect(target: &RedisTarget) -> Result<ConnectionManager, redis::RedisError> {
+    match target {
+        RedisTarget::Direct(url) => {
+            redis::Client::open(url.as_str())?
+                .get_connection_manager_with_config(config())
+                .await
+        }
+        RedisTarget::Sentinel(s) => resolve(s).await,
     }
 }
 

@@ -566,9 +566,7 @@ async fn split(args: &Args, data: &std::path::Path, rep: &mut Report) -> anyhow:
         ),
         ("bare_consume", "bare consumer draining its own queue"),
     ] {
-        let mut v: Vec<f64> = runs.iter().filter_map(|r| r[key].as_f64()).collect();
-        v.sort_by(f64::total_cmp);
-        let Some(&m) = v.get(v.len() / 2) else {
+        let Some(m) = median_of(&runs, key) else {
             continue;
         };
         rep.rows.push((
@@ -617,9 +615,7 @@ async fn producer_path(
             "the producer alone, CPU s / 1000 batches",
         ),
     ] {
-        let mut v: Vec<f64> = runs.iter().filter_map(|r| r[key].as_f64()).collect();
-        v.sort_by(f64::total_cmp);
-        let Some(&m) = v.get(v.len() / 2) else {
+        let Some(m) = median_of(&runs, key) else {
             continue;
         };
         let shown = if key.ends_with("per_s") {
@@ -640,6 +636,13 @@ async fn producer_path(
     }
     rep.results.insert("producer".into(), Value::Object(out));
     Ok(())
+}
+
+/// The median of field `key` over `runs` (None when no run has it).
+fn median_of(runs: &[Value], key: &str) -> Option<f64> {
+    let mut v: Vec<f64> = runs.iter().filter_map(|r| r[key].as_f64()).collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
 }
 
 /// Throughput by batch size, and its chart.
